@@ -1,0 +1,169 @@
+"""The direction spec, executable: ``z(seed, i)`` in plain PyTorch.
+
+Every backend (C++ CPU loop, CUDA kernel, Triton kernel) must produce the *same bits* as
+:func:`randn_reference`. The rules that make that possible (see ``docs/directions.md``):
+
+* Philox4x32-10 (Random123) with key ``(seed & 0xffffffff, seed >> 32)`` and counter
+  ``(n & 0xffffffff, n >> 32, 0, 0)`` where ``n = i // 4``; one call gives four 32-bit words
+  ``x0..x3`` and so four normals (coordinates ``4n .. 4n+3``).
+* Box-Muller on the pairs ``(x0, x1)`` and ``(x2, x3)``: the first word of a pair gives the
+  radius, the second the angle; the outputs are ``r*cos``, ``r*sin`` of pair one, then of pair two.
+* float32 math with ``+ - * /`` and ``sqrt`` only, each rounded on its own (no fused multiply-add),
+  evaluated in exactly the order written here. ``log``, ``sin`` and ``cos`` are the short
+  polynomials below, with the float32 constants below.
+
+Uniforms use 23 bits so that every step of their construction is exact and they lie strictly
+inside (0, 1): ``u = ((x >> 9) + 0.5) * 2**-23``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Constants. Each is an exact float32 value, written as a hex float; csrc/hosl_direction.h and
+# kernels/direction.py hold the same values (tests/test_spec_constants.py checks that).
+# ----------------------------------------------------------------------------------------------
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+LN2 = float.fromhex("0x1.62e430p-1")
+SQRT2 = float.fromhex("0x1.6a09e6p+0")
+TWO_POW_M23 = float.fromhex("0x1p-23")
+
+# ln(m) = 2*s*(1 + s^2*(L3 + s^2*(L5 + s^2*(L7 + s^2*L9)))),  s = (m-1)/(m+1),  m in [sqrt(.5), sqrt(2)]
+LOG_COEFFS = tuple(float.fromhex(h) for h in (
+    "0x1.555556p-2", "0x1.99999ap-3", "0x1.24924ap-3", "0x1.c71c72p-4"))  # L3, L5, L7, L9
+
+# sin(pi/2*f) = f*(S1 + f^2*(S3 + ... + f^2*S13)),  f in (0, 1)
+SIN_COEFFS = tuple(float.fromhex(h) for h in (
+    "0x1.921fb6p+0", "-0x1.4abbcep-1", "0x1.466bc6p-4", "-0x1.32d2ccp-8",
+    "0x1.507834p-13", "-0x1.e30750p-19", "0x1.e8f434p-25"))  # S1 .. S13
+
+# cos(pi/2*f) = C0 + f^2*(C2 + ... + f^2*C12)
+COS_COEFFS = tuple(float.fromhex(h) for h in (
+    "0x1p+0", "-0x1.3bd3ccp+0", "0x1.03c1f0p-2", "-0x1.55d3c8p-6",
+    "0x1.e1f506p-11", "-0x1.a6d1f2p-16", "0x1.f9d38ap-22"))  # C0 .. C12
+
+SEED_LIMIT = 1 << 64
+_MASK32 = 0xFFFFFFFF
+
+
+def split_seed(seed: int) -> tuple[int, int]:
+    """The Philox key of a seed in [0, 2**64): its low and high 32-bit halves."""
+    return seed & _MASK32, seed >> 32
+
+
+# ----------------------------------------------------------------------------------------------
+# Philox4x32-10 on int64 tensors that hold uint32 values (torch has no general uint32 math).
+# ----------------------------------------------------------------------------------------------
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * m, a a tensor of uint32 values, m a uint32 constant.
+
+    m is split in 16-bit halves so that no intermediate leaves int64's range.
+    """
+    m_lo, m_hi = m & 0xFFFF, m >> 16
+    t_lo = a * m_lo                      # < 2**48
+    t_hi = a * m_hi                      # < 2**48
+    low_sum = t_lo + ((t_hi & 0xFFFF) << 16)  # < 2**49
+    lo = low_sum & _MASK32
+    hi = (t_hi >> 16) + (low_sum >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32_10(counter: tuple[torch.Tensor, ...], key: tuple[int, int]):
+    """Ten Philox4x32 rounds; returns the four output words as int64 tensors of uint32 values."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+# ----------------------------------------------------------------------------------------------
+# Float part: every line is one correctly rounded float32 operation.
+# ----------------------------------------------------------------------------------------------
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _uniform_open(word: torch.Tensor) -> torch.Tensor:
+    """((word >> 9) + 0.5) * 2**-23: exact, strictly inside (0, 1)."""
+    k = (word >> 9).to(torch.float32)           # < 2**23, exact
+    return (k + 0.5) * TWO_POW_M23
+
+
+def _log(u: torch.Tensor) -> torch.Tensor:
+    """Natural log of u in (0, 1) with only + - * /: exponent split, then the atanh series."""
+    bits = u.view(torch.int32)
+    e = ((bits >> 23) & 0xFF) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # in [1, 2)
+    big = m > SQRT2
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1, e).to(torch.float32)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    p = _f32(LOG_COEFFS[-1])
+    for c in reversed(LOG_COEFFS[:-1]):
+        p = p * s2 + c
+    p = p * s2 + 1.0
+    log_m = (s + s) * p
+    return e * LN2 + log_m
+
+
+def _sincos_quarter(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sin, cos) of pi/2 * f for f in (0, 1)."""
+    f2 = f * f
+    s = _f32(SIN_COEFFS[-1])
+    for c in reversed(SIN_COEFFS[:-1]):
+        s = s * f2 + c
+    s = s * f
+    c_ = _f32(COS_COEFFS[-1])
+    for c in reversed(COS_COEFFS[:-1]):
+        c_ = c_ * f2 + c
+    return s, c_
+
+
+def _box_muller(radius_word: torch.Tensor, angle_word: torch.Tensor):
+    """Two normals from two words: r*cos(theta), r*sin(theta)."""
+    u = _uniform_open(radius_word)
+    r = torch.sqrt(_log(u) * -2.0)
+    quadrant = angle_word >> 30
+    f = (((angle_word >> 7) & 0x7FFFFF).to(torch.float32) + 0.5) * TWO_POW_M23
+    s, c = _sincos_quarter(f)
+    # rotate (cos, sin) of the angle inside its quadrant by quadrant * 90 degrees
+    cos_t = torch.where(quadrant == 0, c, torch.where(quadrant == 1, -s, torch.where(quadrant == 2, -c, s)))
+    sin_t = torch.where(quadrant == 0, s, torch.where(quadrant == 1, c, torch.where(quadrant == 2, -s, -c)))
+    return r * cos_t, r * sin_t
+
+
+def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """Coordinates ``offset .. offset+numel-1`` of the direction ``z(seed)``, float32, on CPU."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    if numel < 0 or offset < 0 or offset + numel > SEED_LIMIT:
+        raise ValueError(f"coordinates offset={offset}, numel={numel} must lie in [0, 2**64)")
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32)
+    first, last = offset // 4, (offset + numel - 1) // 4
+    n = torch.arange(last - first + 1, dtype=torch.int64)
+    # counters above 2**63 do not fit int64: add the base in 32-bit halves
+    base_lo, base_hi = first & _MASK32, first >> 32
+    lo = n + base_lo
+    c0 = lo & _MASK32
+    c1 = ((lo >> 32) + base_hi) & _MASK32
+    zero = torch.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10((c0, c1, zero, zero), split_seed(seed))
+    z0, z1 = _box_muller(x0, x1)
+    z2, z3 = _box_muller(x2, x3)
+    z = torch.stack((z0, z1, z2, z3), dim=1).reshape(-1)
+    start = offset - 4 * first
+    return z[start:start + numel].clone()
