@@ -1,0 +1,70 @@
+"""The direction ops declared once with ``torch.library``.
+
+Each op is registered for the CPU and CUDA dispatch keys; its kernel hands the call to the backend
+named by the ``backend`` argument, or to the fastest one available for the device
+(:mod:`hosl.ops.dispatch`). Callers therefore never branch on device. Arguments arrive here already
+validated by :mod:`hosl.ops.api`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hosl.ops.dispatch import backend_for
+
+
+@torch.library.custom_op("hosl::randn", mutates_args=())
+def randn_op(
+    key_lo: int, key_hi: int, numel: int, offset: int, device: torch.device, backend: Optional[str]
+) -> torch.Tensor:
+    return backend_for(device, backend).randn(key_lo, key_hi, numel, offset, device)
+
+
+@randn_op.register_fake
+def _(key_lo, key_hi, numel, offset, device, backend):
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op("hosl::perturb_", mutates_args=("tensors",))
+def perturb_inplace_op(
+    tensors: list[torch.Tensor],
+    offsets: list[int],
+    key_lo: int,
+    key_hi: int,
+    scale: float,
+    backend: Optional[str],
+) -> None:
+    if tensors:
+        backend_for(tensors[0].device, backend).perturb(tensors, tensors, offsets, key_lo, key_hi, scale)
+
+
+@torch.library.custom_op("hosl::perturb_into", mutates_args=("out",))
+def perturb_into_op(
+    tensors: list[torch.Tensor],
+    out: list[torch.Tensor],
+    offsets: list[int],
+    key_lo: int,
+    key_hi: int,
+    scale: float,
+    backend: Optional[str],
+) -> None:
+    if tensors:
+        backend_for(tensors[0].device, backend).perturb(tensors, out, offsets, key_lo, key_hi, scale)
+
+
+@torch.library.custom_op("hosl::zo_update_", mutates_args=("tensors",))
+def zo_update_op(
+    tensors: list[torch.Tensor],
+    offsets: list[int],
+    keys_lo: list[int],
+    keys_hi: list[int],
+    coeffs: list[float],
+    decay: float,
+    backend: Optional[str],
+) -> None:
+    if tensors and keys_lo:
+        backend_for(tensors[0].device, backend).zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)
+    elif tensors and decay:
+        backend_for(tensors[0].device, backend).zo_update(tensors, offsets, [], [], [], decay)

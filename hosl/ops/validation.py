@@ -1,0 +1,129 @@
+"""Argument checks for the direction ops.
+
+Everything is checked before anything is written, so a call that raises leaves every tensor as it
+was. Messages name the argument and say what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from hosl.directions.spec import SEED_LIMIT
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COORDINATE_LIMIT = 1 << 63  # coordinates are int64 in every backend
+
+
+def as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a tensor or a list of tensors, got {type(tensors).__name__}")
+    for j, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{j}] must be a torch.Tensor, got {type(t).__name__}")
+    return list(tensors)
+
+
+def check_weights(tensors: Sequence[torch.Tensor], name: str) -> None:
+    """Float dtype, contiguous, one device, no two tensors sharing memory."""
+    for j, t in enumerate(tensors):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}[{j}] has dtype {t.dtype}; expected float32, float16 or bfloat16")
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name}[{j}] is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
+                "the direction ops number coordinates in memory order and need contiguous tensors"
+            )
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{name} must all be on one device, got {sorted(map(str, devices))}")
+    _check_no_overlap(tensors, name)
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
+def _check_no_overlap(tensors: Sequence[torch.Tensor], name: str) -> None:
+    spans = sorted((*_memory_span(t), j) for j, t in enumerate(tensors) if t.numel())
+    for (s0, e0, j0), (s1, e1, j1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(
+                f"{name}[{j0}] and {name}[{j1}] share memory; each coordinate must be written once"
+            )
+
+
+def check_outputs(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> None:
+    if len(out) != len(tensors):
+        raise ValueError(f"out has {len(out)} tensors but tensors has {len(tensors)}; they must match")
+    for j, (t, o) in enumerate(zip(tensors, out)):
+        if o.shape != t.shape or o.dtype != t.dtype:
+            raise ValueError(
+                f"out[{j}] is {o.dtype}{list(o.shape)}; expected {t.dtype}{list(t.shape)} like tensors[{j}]"
+            )
+        if o.device != t.device:
+            raise ValueError(f"out[{j}] is on {o.device} but tensors[{j}] is on {t.device}")
+    check_weights(out, "out")
+    in_spans = [_memory_span(t) for t in tensors]
+    for j, o in enumerate(out):
+        if not o.numel():
+            continue
+        s, e = _memory_span(o)
+        for i, (ts, te) in enumerate(in_spans):
+            if i != j and s < te and ts < e:
+                raise ValueError(f"out[{j}] overlaps tensors[{i}]; out may alias only its own input")
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer in [0, 2**64), got {type(seed).__name__}")
+    seed = int(seed)
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**64), got {seed}")
+    return seed
+
+
+def check_index(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be a non-negative integer, got {type(value).__name__}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_coordinates(offset: int, total: int) -> None:
+    if offset + total > COORDINATE_LIMIT:
+        raise ValueError(
+            f"coordinates offset={offset} .. offset+{total} exceed 2**63; coordinate indices are int64"
+        )
+
+
+def finite_real(value, name: str) -> float:
+    """``value`` as a Python float, which must be finite."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        else:
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def to_float32(value, name: str) -> float:
+    """The float32 value of a finite real number (the exact scalar every backend computes with)."""
+    value = finite_real(value, name)
+    with np.errstate(over="ignore"):
+        rounded = float(np.float32(value))
+    if not math.isfinite(rounded):
+        raise ValueError(f"{name}={value} overflows float32")
+    return rounded
