@@ -1,0 +1,20 @@
+"""hosl: Hybrid-Order Split Learning.
+
+A model cut in two: the client (embeddings + first blocks) trains with zeroth-order estimates from
+seeded directions, the server (the rest) with first-order backprop and any torch optimizer.
+"""
+
+from hosl import ops
+from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer, per_copy_mean
+
+__version__ = "0.1.0"
+
+
+def split(model, cut: int):
+    """Cut a Hugging Face model after block ``cut``: returns ``(client, server)``. See hosl.models."""
+    from hosl.models import split as _split
+
+    return _split(model, cut=cut)
+
+
+__all__ = ["HybridOrderOptimizer", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "__version__"]

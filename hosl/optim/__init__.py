@@ -1,0 +1,8 @@
+"""Optimizers: the ZO client update, HOSL's hybrid step, and the plain ZO baseline."""
+
+from hosl.optim.hybrid import HybridOrderOptimizer
+from hosl.optim.layout import ParameterLayout
+from hosl.optim.losses import per_copy_mean
+from hosl.optim.zo import ZerothOrderOptimizer
+
+__all__ = ["HybridOrderOptimizer", "ParameterLayout", "ZerothOrderOptimizer", "per_copy_mean"]

@@ -1,0 +1,127 @@
+"""What every zeroth-order optimizer here shares: layouts, perturbed forwards, seeds, the update.
+
+A torch ``Optimizer`` subclass so LR schedulers and ``param_groups`` work as users expect: one
+param group per ZO-trained module, holding ``lr``, ``eps`` and ``weight_decay``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from hosl.optim import functional as F
+from hosl.optim.layout import ParameterLayout
+from hosl.optim.perturbed_forward import ModuleScratchPerturber
+
+DIFFERENCES = ("central", "forward")
+
+
+def _check_positive(value, name: str, *, integer: bool = False, allow_zero: bool = False):
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
+    return value
+
+
+class ZerothOrderBase(torch.optim.Optimizer):
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        *,
+        lr: float,
+        eps: float,
+        num_queries: int,
+        weight_decay: float,
+        difference: str,
+        seed: int,
+        backend: str | None,
+    ):
+        _check_positive(lr, "lr", allow_zero=True)
+        _check_positive(eps, "eps")
+        _check_positive(num_queries, "num_queries", integer=True)
+        _check_positive(weight_decay, "weight_decay", allow_zero=True)
+        if difference not in DIFFERENCES:
+            raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
+        for m in modules:
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"expected an nn.Module to train with ZO, got {type(m).__name__}")
+        self.layouts = [ParameterLayout(m) for m in modules]
+        self.perturbers = [ModuleScratchPerturber(m, lay, backend) for m, lay in zip(modules, self.layouts)]
+        groups = [{"params": lay.params(), "module_index": i} for i, lay in enumerate(self.layouts)]
+        super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.num_queries = num_queries
+        self.difference = difference
+        self.backend = backend
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps_taken = 0
+        self.skipped_updates = 0
+        self.last_seeds: list[int] = []
+        self.last_projected_grads: list[float] = []
+
+    # -- pieces the subclasses combine --------------------------------------------------------
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, sign: float):
+        """All ZO-trained modules at ``w + sign * eps * z(seed)`` (each in its own numbering)."""
+        with contextlib.ExitStack() as stack:
+            for group, perturber in zip(self.param_groups, self.perturbers):
+                stack.enter_context(perturber.perturbed(seed, sign * group["eps"]))
+            yield
+
+    def points(self, seeds: Sequence[int]) -> list[tuple[int, float]]:
+        signs = (1.0, -1.0) if self.difference == "central" else (1.0,)
+        return [(s, sign) for s in seeds for sign in signs]
+
+    def estimate(self, losses: Sequence[float], clean_loss: float | None) -> list[float]:
+        eps = self.param_groups[0]["eps"]
+        if self.difference == "central":
+            return F.projected_gradients(losses[0::2], losses[1::2], eps)
+        return F.projected_gradients(losses, None, eps, clean_loss)
+
+    def apply_update(self, seeds: Sequence[int], grads: Sequence[float]) -> None:
+        for group, layout in zip(self.param_groups, self.layouts):
+            F.zo_sgd(layout, seeds, grads, lr=group["lr"], weight_decay=group["weight_decay"], backend=self.backend)
+
+    def scratch_nbytes(self) -> int:
+        return sum(p.scratch_nbytes() for p in self.perturbers)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self):
+        state = super().state_dict()
+        state["hosl"] = {
+            "generator": self.generator.get_state(),
+            "steps_taken": self.steps_taken,
+            "skipped_updates": self.skipped_updates,
+            "num_queries": self.num_queries,
+            "difference": self.difference,
+        }
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("hosl", None)
+        if extra is None:
+            raise ValueError("state_dict has no 'hosl' entry: it was not saved by a hosl optimizer")
+        super().load_state_dict(state_dict)
+        self.generator.set_state(extra["generator"])
+        self.steps_taken = extra["steps_taken"]
+        self.skipped_updates = extra["skipped_updates"]
+
+
+def scalar_loss(value, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value, dtype=torch.float32)
+    if value.numel() != 1:
+        raise ValueError(f"{what} must return a scalar loss, got shape {tuple(value.shape)}")
+    return value.reshape(())
+
+
+def call_checked(fn: Callable, name: str) -> Callable:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    return fn
