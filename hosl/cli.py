@@ -1,0 +1,145 @@
+"""The ``hosl`` command: ``train`` one run, ``demo`` (HOSL vs ZO-SL side by side), ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from hosl.training.config import TrainConfig
+from hosl.training.modes import MODES
+
+DEFAULT_DATA_DIR = "../shared/data"
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    d = defaults
+    p.add_argument("--model", default=d.model,
+                   help="hub name, local folder, or minilm-l6 | smollm2-135m | opt-125m-random | opt-1.3b-random | "
+                        f"tiny-opt | tiny-llama | tiny-bert (default {d.model})")
+    p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc (default %(default)s)")
+    p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
+    p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
+    p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")
+    p.add_argument("--eps", type=float, default=d.eps, help="ZO smoothing scale (default %(default)s)")
+    p.add_argument("--difference", default=d.difference, choices=("central", "forward"),
+                   help="central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)")
+    p.add_argument("--lr-client", type=float, default=d.lr_client,
+                   help="client learning rate (default 1e-6 for ZO clients, 1e-3 for FO clients)")
+    p.add_argument("--lr-server", type=float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(not on biases and norms; default %(default)s)")
+    p.add_argument("--server-batch", type=int, default=d.server_batch,
+                   help="perturbed activations the server evaluates in one batch (default %(default)s: least memory)")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
+    p.add_argument("--train-size", type=int, default=d.train_size, help="training examples sampled (default %(default)s)")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help="evaluation examples (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default: 4 per run)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="(default: at each evaluation)")
+    p.add_argument("--data-dir", default=d.data_dir,
+                   help="local task data laid out as ../shared/data (default: the Hugging Face hub)")
+    p.add_argument("--out", default=d.out, help="run folder (default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="(default %(default)s)")
+    p.add_argument("--backend", default=None, choices=("reference", "cpu", "cuda", "triton"),
+                   help="direction-op backend (default: the fastest available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _config_from(args) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _cmd_train(args) -> int:
+    from hosl.training.loop import train
+
+    summary = train(_config_from(args))
+    print(json.dumps({k: summary[k] for k in ("mode", "task", "model", "steps", "eval_accuracy",
+                                              "client_peak_bytes", "seconds")}, indent=2))
+    return 0
+
+
+DEMO = dict(model="minilm-l6", task="sst2", cut=2, num_queries=2, eps=1e-3, steps=150, batch_size=16,
+            max_length=64, train_size=1000, eval_size=300, eval_every=50, lr_server=1e-2)
+DEMO_CLIENT_LR = {"hosl": 1e-5, "zo-sl": 1e-5}
+
+
+def _cmd_demo(args) -> int:
+    from hosl.training.loop import train
+
+    data_dir = args.data_dir
+    if data_dir is None and Path(DEFAULT_DATA_DIR).is_dir():
+        data_dir = DEFAULT_DATA_DIR
+    rows = []
+    for mode in ("hosl", "zo-sl"):
+        cfg = TrainConfig(mode=mode, data_dir=data_dir, out=str(Path(args.out) / mode), seed=args.seed,
+                          lr_client=DEMO_CLIENT_LR[mode], progress=args.progress, resume=args.resume,
+                          steps=args.steps or DEMO["steps"], **{k: v for k, v in DEMO.items() if k != "steps"})
+        print(f"[hosl] demo: {mode} on {cfg.model}/{cfg.task}, {cfg.steps} steps, Q={cfg.num_queries}, cut={cfg.cut}",
+              file=sys.stderr, flush=True)
+        rows.append(train(cfg))
+    header = f"{'mode':8} {'eval acc (start -> end)':>26} {'client bytes':>14} {'seconds':>8}"
+    print(header)
+    print("-" * len(header))
+    for s in rows:
+        start = s["eval_history"][0]["eval_accuracy"]
+        print(f"{s['mode']:8} {start:>12.3f} -> {s['eval_accuracy']:<11.3f} {s['client_peak_bytes']:>14,} {s['seconds']:>8.1f}")
+    (Path(args.out) / "demo.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import torch
+
+    import hosl
+    from hosl import ops
+
+    print(f"hosl {hosl.__version__}, torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    print(f"backends available: {', '.join(ops.available_backends())}")
+    for name, why in ops.unavailable_reasons().items():
+        print(f"  {name}: not available ({why})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hosl", description="Hybrid-Order Split Learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train one run (see --mode)")
+    _add_train_args(p_train, TrainConfig())
+    p_train.set_defaults(func=_cmd_train)
+    p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL side by side (CPU, a few minutes)")
+    p_demo.add_argument("--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)")
+    p_demo.add_argument("--out", default="runs/demo", help="(default %(default)s)")
+    p_demo.add_argument("--steps", type=int, default=None, help=f"steps per mode (default {DEMO['steps']})")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--resume", action="store_true")
+    p_demo.add_argument("--no-progress", dest="progress", action="store_false")
+    p_demo.set_defaults(func=_cmd_demo)
+    p_info = sub.add_parser("info", help="which kernels are built and available")
+    p_info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        if os.environ.get("HOSL_DEBUG"):
+            raise
+        print(f"hosl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""``train(config)``: load, split, train with one mode, evaluate, checkpoint, summarise.
+
+Files in ``config.out``: ``config.json``, ``metrics.jsonl`` (one line per step and per
+evaluation), ``checkpoints/`` (see checkpoint.py) and, at the end, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hosl.models import TASK_CAUSAL_LM, TASK_SEQUENCE_CLASSIFICATION, load_model, resolve_model, split
+from hosl.tasks import (
+    ShuffledBatches,
+    classification_loss,
+    evaluate,
+    get_task_spec,
+    lm_answer_loss,
+    make_collate_fn,
+    sample_task,
+)
+from hosl.training import checkpoint as ckpt
+from hosl.training.config import TrainConfig
+from hosl.training.modes import Hyper, make_mode
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+def _loss_fn(model_kind: str):
+    if model_kind == "classifier":
+        def loss_of(logits, batch, copies):
+            return classification_loss(logits, batch["labels"], reduction="mean" if copies == 1 else "per_copy")
+    else:
+        def loss_of(logits, batch, copies):
+            return lm_answer_loss(logits, batch, reduction="mean" if copies == 1 else "per_copy", num_copies=copies)
+    return loss_of
+
+
+def forward_passes_per_step(mode: str, q: int, difference: str) -> dict:
+    """Client and server forward passes (and backward passes) one step of ``mode`` costs."""
+    perturbed = 2 * q if difference == "central" else q
+    clean = 0 if difference == "central" else 1
+    table = {
+        "hosl": dict(client_forward=1 + perturbed, server_forward=1 + perturbed, client_backward=0, server_backward=1),
+        "fo-sl": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
+        "zo-sl": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),
+        "fo": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
+        "zo": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),
+    }
+    return table[mode]
+
+
+class _Log:
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self):
+        self.file.close()
+
+
+def _say(msg: str) -> None:
+    print(f"[hosl] {msg}", file=sys.stderr, flush=True)
+
+
+def train(cfg: TrainConfig) -> dict:
+    cfg.validate()
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and (run_dir / "metrics.jsonl").exists() and not cfg.resume:
+        raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # -- data and model ------------------------------------------------------------------------
+    spec = get_task_spec(cfg.task)  # raises for an unknown task, before any slow loading
+    source = resolve_model(cfg.model)
+    model_kind = "classifier" if source.encoder_only else "causal_lm"
+    task_kind = TASK_SEQUENCE_CLASSIFICATION if model_kind == "classifier" else TASK_CAUSAL_LM
+    data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=cfg.seed)
+    for note in data.notes:
+        _say(note)
+    _say(f"loading {cfg.model} ({task_kind})")
+    model, tokenizer = load_model(cfg.model, task_kind, num_labels=spec.num_labels if model_kind == "classifier" else None,
+                                  dtype=DTYPES[cfg.dtype], seed=cfg.seed)
+    client, server = split(model, cut=cfg.cut)
+    client.train(), server.train()
+    hp = Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.eps, num_queries=cfg.num_queries,
+               momentum=cfg.momentum, weight_decay=cfg.weight_decay, server_batch=cfg.server_batch,
+               difference=cfg.difference, seed=cfg.seed, backend=cfg.backend)
+    loss_of = _loss_fn(model_kind)
+    mode = make_mode(cfg.mode, client, server, hp, loss_of)
+    collate = make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length)
+    batches = ShuffledBatches(data.train, cfg.batch_size, seed=cfg.seed, collate_fn=collate)
+
+    step, elapsed, evals = 0, 0.0, []
+    if cfg.resume:
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            _say(f"--resume: no checkpoint in {run_dir}, starting from step 0")
+        else:
+            state = ckpt.load_checkpoint(latest, client, server)
+            mode.load_optimizer_state(state["optimizers"])
+            batches.load_state_dict(state["batches"])
+            torch.set_rng_state(state["torch_rng"])
+            step, elapsed, evals = state["step"], state["seconds"], state["evals"]
+            _say(f"resumed from {latest} (step {step})")
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def forward_fn(ids, mask):
+        return server(client(ids, mask), mask)
+
+    def run_eval(at_step: int) -> dict:
+        client.eval(), server.eval()
+        result = evaluate(forward_fn, data.eval, tokenizer, cfg.eval_batch_size, data.template,
+                          model_kind=model_kind, max_length=cfg.max_length)
+        client.train(), server.train()
+        record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
+        evals.append(record)
+        log.write({"event": "eval", **record})
+        _say(f"step {at_step}: eval accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
+        return record
+
+    def save(at_step: int) -> None:
+        state = {"step": at_step, "seconds": elapsed, "evals": evals, "optimizers": mode.optimizer_state(),
+                 "batches": batches.state_dict(), "torch_rng": torch.get_rng_state(), "config": cfg.to_dict()}
+        ckpt.save_checkpoint(run_dir, at_step, client, server, state)
+
+    log = _Log(run_dir / "metrics.jsonl")
+    eval_every, ckpt_every = cfg.resolved_eval_every(), cfg.resolved_checkpoint_every()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"{cfg.mode} {cfg.task}", unit="step", file=sys.stderr)
+    try:
+        if step == 0 and not evals:
+            run_eval(0)
+        while step < cfg.steps:
+            batch = next(batches)
+            t0 = time.perf_counter()
+            loss = mode.step(batch)
+            elapsed += time.perf_counter() - t0
+            step += 1
+            log.write({"step": step, "loss": loss, "seconds": elapsed, "skipped_updates": mode.skipped_updates})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if step % eval_every == 0 or step == cfg.steps:
+                run_eval(step)
+            if step % ckpt_every == 0 or step == cfg.steps:
+                save(step)
+    except KeyboardInterrupt:
+        latest = ckpt.latest_checkpoint(run_dir)
+        _say(f"interrupted at step {step}; last checkpoint: {latest or 'none'}; continue with --resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    summary = {
+        "mode": cfg.mode,
+        "task": cfg.task,
+        "model": cfg.model,
+        "cut": cfg.cut,
+        "steps": step,
+        "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "eval_history": evals,
+        "client_peak_bytes": mode.memory.peak_bytes(
+            client, fo_client=cfg.mode in ("fo-sl", "fo"),
+            optimizer_state_bytes=mode.client_optimizer_state_bytes(), scratch_bytes=mode.scratch_bytes()),
+        "client_weight_bytes": mode.memory.weight_bytes(client),
+        "seconds": elapsed,
+        "train_examples": step * cfg.batch_size,
+        "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference),
+        "skipped_updates": mode.skipped_updates,
+        "num_queries": cfg.num_queries,
+        "lr_client": cfg.resolved_lr_client(),
+        "lr_server": cfg.lr_server,
+        "data_notes": data.notes,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
