@@ -34,6 +34,25 @@ class RunExistsError(RuntimeError):
     pass
 
 
+ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2")
+
+
+def _model_kind(name: str, source) -> str:
+    """"classifier" for encoders (classification head), "causal_lm" for decoders."""
+    if source.encoder_only or source.kind != "pretrained":
+        return "classifier" if source.encoder_only else "causal_lm"
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"--model {name!r} is not an offline name (minilm-l6, smollm2-135m, opt-125m-random, opt-1.3b-random, "
+            f"tiny-opt, tiny-llama, tiny-bert), not a local model folder, and the hub could not provide it: {exc}"
+        ) from None
+    return "classifier" if config.model_type in ENCODER_MODEL_TYPES else "causal_lm"
+
+
 def _loss_fn(model_kind: str):
     if model_kind == "classifier":
         def loss_of(logits, batch, copies):
@@ -84,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
     # -- data and model ------------------------------------------------------------------------
     spec = get_task_spec(cfg.task)  # raises for an unknown task, before any slow loading
     source = resolve_model(cfg.model)
-    model_kind = "classifier" if source.encoder_only else "causal_lm"
+    model_kind = _model_kind(cfg.model, source)
     task_kind = TASK_SEQUENCE_CLASSIFICATION if model_kind == "classifier" else TASK_CAUSAL_LM
     data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=cfg.seed)
     for note in data.notes:

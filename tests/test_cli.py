@@ -1,0 +1,93 @@
+"""The training CLI end to end on a tiny model and real SST-2 rows."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hosl.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
+
+DATA = Path(os.environ.get("HOSL_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+
+
+def _args(out, *extra, steps=4, mode="hosl"):
+    return ["train", "--model", "tiny-opt", "--task", "sst2", "--data-dir", str(DATA), "--mode", mode,
+            "--cut", "1", "--steps", str(steps), "--batch-size", "4", "--train-size", "16", "--eval-size", "8",
+            "--num-queries", "2", "--max-length", "48", "--lr-client", "1e-3", "--lr-server", "1e-2",
+            "--eval-every", "2", "--checkpoint-every", "2", "--out", str(out), "--no-progress", *extra]
+
+
+def _losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@needs_data
+def test_train_writes_summary_metrics_and_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert main(_args(run)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds"):
+        assert key in summary
+    assert summary["steps"] == 4 and summary["mode"] == "hosl" and 0 <= summary["eval_accuracy"] <= 1
+    assert summary["client_peak_bytes"] > summary["client_weight_bytes"] > 0
+    assert len(_losses(run)) == 4 and all(l == l for l in _losses(run))
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-4"
+    assert load_file(str(run / "checkpoints" / latest / "client.safetensors"))
+
+
+@needs_data
+def test_resume_equals_uninterrupted(tmp_path):
+    straight, split_run = tmp_path / "straight", tmp_path / "split"
+    assert main(_args(straight, steps=4)) == 0
+    assert main(_args(split_run, steps=2)) == 0
+    assert main(_args(split_run, "--resume", steps=4)) == 0
+    assert _losses(split_run) == _losses(straight)
+    a = load_file(str(straight / "checkpoints" / "step-4" / "client.safetensors"))
+    b = load_file(str(split_run / "checkpoints" / "step-4" / "client.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(run, steps=2)) == 0
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(_args(run, steps=2)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+@needs_data
+@pytest.mark.parametrize("mode", ["fo-sl", "zo-sl", "fo", "zo"])
+def test_baseline_modes_train(tmp_path, mode):
+    run = tmp_path / mode
+    assert main(_args(run, steps=2, mode=mode)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == mode and summary["steps"] == 2
+    passes = summary["forward_passes_per_step"]
+    assert passes["client_backward"] == (1 if mode in ("fo-sl", "fo") else 0)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--cut", "9"], "cut"),
+        (["--num-queries", "0"], "num-queries"),
+        (["--eps", "0"], "eps"),
+        (["--eps=-1e-3"], "eps"),
+        (["--task", "mnli"], "mnli"),
+        (["--model", "no-such-model-anywhere"], "no-such-model-anywhere"),
+    ],
+)
+def test_bad_arguments_fail_clearly(tmp_path, capsys, extra, message):
+    assert main(_args(tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "hosl: error:" in err and message in err
