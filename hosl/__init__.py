@@ -4,8 +4,12 @@ A model cut in two: the client (embeddings + first blocks) trains with zeroth-or
 seeded directions, the server (the rest) with first-order backprop and any torch optimizer.
 """
 
-from hosl import ops
-from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer, per_copy_mean
+from hosl import _source_tree
+
+_source_tree.install()  # hosl.kernels from a source checkout; see hosl/_source_tree.py
+
+from hosl import ops  # noqa: E402
+from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer, per_copy_mean  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -112,7 +112,14 @@ def train(cfg: TrainConfig) -> dict:
     model, tokenizer = load_model(cfg.model, task_kind, num_labels=spec.num_labels if model_kind == "classifier" else None,
                                   dtype=DTYPES[cfg.dtype], seed=cfg.seed)
     client, server = split(model, cut=cfg.cut)
-    client.train(), server.train()
+    # Dropout stays off wherever a ZO estimate is taken: the + and - passes of a direction must
+    # see the same function, or the loss difference measures dropout noise, not the direction.
+    fo_only = cfg.mode in ("fo-sl", "fo")
+
+    def set_training(flag: bool) -> None:
+        client.train(flag and fo_only), server.train(flag and fo_only)
+
+    set_training(True)
     hp = Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.eps, num_queries=cfg.num_queries,
                momentum=cfg.momentum, weight_decay=cfg.weight_decay, server_batch=cfg.server_batch,
                difference=cfg.difference, seed=cfg.seed, backend=cfg.backend)
@@ -139,10 +146,10 @@ def train(cfg: TrainConfig) -> dict:
         return server(client(ids, mask), mask)
 
     def run_eval(at_step: int) -> dict:
-        client.eval(), server.eval()
+        set_training(False)
         result = evaluate(forward_fn, data.eval, tokenizer, cfg.eval_batch_size, data.template,
                           model_kind=model_kind, max_length=cfg.max_length)
-        client.train(), server.train()
+        set_training(True)
         record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
         evals.append(record)
         log.write({"event": "eval", **record})

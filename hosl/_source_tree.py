@@ -1,0 +1,31 @@
+"""Make ``hosl.kernels`` importable from a source checkout that was not pip-installed.
+
+setup.py installs the top-level ``kernels/`` folder as ``hosl.kernels`` (``package_dir``); an
+install (editable or not) therefore finds it on its own. From a bare checkout on ``sys.path`` only
+``hosl/`` is a package, so this finder, placed *last* on ``sys.meta_path``, maps the one name
+``hosl.kernels`` to ``<checkout>/kernels`` when nothing else found it.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
+class _SourceTreeKernels(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "hosl.kernels":
+            return None
+        init = os.path.join(_KERNELS_DIR, "__init__.py")
+        if not os.path.isfile(init):
+            return None
+        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[_KERNELS_DIR])
+
+
+def install() -> None:
+    if not any(isinstance(f, _SourceTreeKernels) for f in sys.meta_path):
+        sys.meta_path.append(_SourceTreeKernels())

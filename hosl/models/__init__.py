@@ -1,0 +1,20 @@
+"""Models: cutting a Hugging Face model into a client and a server half, and loading models offline."""
+
+from .halves import TASK_CAUSAL_LM, TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION, ClientHalf, ServerHalf
+from .registry import MODEL_NAMES, MissingModelPackageError, ModelSource, load_model, resolve_model
+from .split import SUPPORTED_MODEL_CLASSES, split
+
+__all__ = [
+    "split",
+    "SUPPORTED_MODEL_CLASSES",
+    "ClientHalf",
+    "ServerHalf",
+    "load_model",
+    "resolve_model",
+    "ModelSource",
+    "MODEL_NAMES",
+    "MissingModelPackageError",
+    "TASK_CAUSAL_LM",
+    "TASK_SEQUENCE_CLASSIFICATION",
+    "TASK_ENCODER",
+]
