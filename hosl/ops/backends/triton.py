@@ -1,0 +1,47 @@
+"""The Triton backend: the kernels of :mod:`hosl.kernels` behind the backend contract.
+
+On a GPU it runs on CUDA tensors. With ``TRITON_INTERPRET=1`` (set before this module is imported)
+Triton interprets the same kernels on CPU tensors; the test suite uses that on machines without a
+GPU, so there ``DEVICE_TYPES`` is ``("cpu",)``. The interpreter is far too slow for real use.
+"""
+
+from __future__ import annotations
+
+try:
+    import hosl.kernels as _k
+except ImportError as exc:  # triton missing, or a triton too old for the kernels
+    _k = None
+    _IMPORT_ERROR = f"cannot import hosl.kernels ({type(exc).__name__}: {exc})"
+else:
+    _IMPORT_ERROR = ""
+
+# Triton decides interpreted-or-compiled when the kernels are decorated, i.e. at that import.
+DEVICE_TYPES = ("cpu",) if _k is not None and _k.INTERPRET else ("cuda",)
+
+
+def unavailable_reason() -> str:
+    if _k is None:
+        return _IMPORT_ERROR
+    if _k.INTERPRET:
+        return ""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing hosl to interpret on CPU)"
+    return ""
+
+
+def is_available() -> bool:
+    return unavailable_reason() == ""
+
+
+def randn(key_lo, key_hi, numel, offset, device):
+    return _k.randn(key_lo, key_hi, numel, offset, device)
+
+
+def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
+    _k.perturb(tensors, outs, offsets, key_lo, key_hi, scale)
+
+
+def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
+    _k.zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)

@@ -1,0 +1,37 @@
+"""Triton kernels for the seeded directions (installed as ``hosl.kernels``).
+
+One op per module, kernel and launcher side by side:
+
+* :mod:`.direction`    device helpers: Philox4x32-10, uniforms, log, sin/cos, Box-Muller, loads and
+                       round-to-nearest-even stores (the spec of ``hosl/directions/spec.py``);
+* :mod:`.randn`        ``z(seed)`` for a range of coordinates;
+* :mod:`.perturb`      ``out = w + scale * z(seed)`` for a list of tensors, in place or not;
+* :mod:`.zo_update`    ``w = w - decay*w - sum_q coeffs[q] * z(seed_q)``, all directions in one pass;
+* :mod:`.multi_tensor` the int64 table that lets one launch cover all tensors of a dtype.
+
+The launchers take the arguments of the backend contract (``hosl/ops/backends/__init__.py``),
+already validated. Set ``TRITON_INTERPRET=1`` before importing this package to run on CPU tensors.
+"""
+
+from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, default_block_counters
+from hosl.kernels.perturb import perturb
+from hosl.kernels.randn import randn
+from hosl.kernels.zo_update import zo_update
+
+
+
+def aot_specs():
+    """(kernel, signature, constexprs) for every kernel: what the ahead-of-time PTX check compiles.
+
+    Each kernel module lists its own next to the kernel (``AOT``), so a changed kernel signature
+    and its entry are edited together.
+    """
+    import importlib
+
+    # import_module: the package attributes of these names are the launchers, not the modules
+    mods = [importlib.import_module(f"hosl.kernels.{name}") for name in ("randn", "perturb", "zo_update")]
+    return [spec for mod in mods for spec in mod.AOT]
+
+
+__all__ = ["COMPILE_OPTIONS", "INTERPRET", "aot_specs", "default_block_counters", "perturb", "randn",
+           "zo_update"]

@@ -1,0 +1,210 @@
+"""Device helpers for the direction ``z(seed, i)``: Triton transcription of ``hosl/directions/spec.py``.
+
+Every float step below is one correctly rounded float32 operation, in the spec's order; the
+kernels must be compiled with ``enable_fp_fusion=False`` (see :data:`hosl.kernels.COMPILE_OPTIONS`)
+so that no ``a * b + c`` becomes an FMA, and division/sqrt use ``tl.div_rn``/``tl.sqrt_rn``
+(plain ``/`` and ``tl.sqrt`` lower to approximate PTX instructions).
+
+Layout used by every kernel: a program owns ``BN`` consecutive Philox counters and so ``4 * BN``
+consecutive coordinates. A tensor whose first coordinate is ``offset`` starts at counter
+``offset // 4``, lane ``offset % 4``; the program's elements are therefore shifted by
+``offset % 4`` and the out-of-range ones masked (see :func:`block_elements`).
+
+bf16 is loaded and stored as raw 16-bit words (exact widening, round-to-nearest-even narrowing
+done with integer ops): the interpreter truncates on fp32->bf16 casts, and the integer form is the
+same code on the GPU. fp16 uses the native cast, which rounds to nearest even on both.
+"""
+
+import triton
+import triton.language as tl
+
+# Constants: the same values as hosl/directions/spec.py (exact float32 values, as hex floats).
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+PHILOX_ROUNDS = tl.constexpr(10)
+
+LN2 = tl.constexpr(float.fromhex("0x1.62e430p-1"))
+SQRT2 = tl.constexpr(float.fromhex("0x1.6a09e6p+0"))
+TWO_POW_M23 = tl.constexpr(float.fromhex("0x1p-23"))
+
+# log: L3, L5, L7, L9
+L3 = tl.constexpr(float.fromhex("0x1.555556p-2"))
+L5 = tl.constexpr(float.fromhex("0x1.99999ap-3"))
+L7 = tl.constexpr(float.fromhex("0x1.24924ap-3"))
+L9 = tl.constexpr(float.fromhex("0x1.c71c72p-4"))
+# sin(pi/2 f): S1 .. S13
+S1 = tl.constexpr(float.fromhex("0x1.921fb6p+0"))
+S3 = tl.constexpr(float.fromhex("-0x1.4abbcep-1"))
+S5 = tl.constexpr(float.fromhex("0x1.466bc6p-4"))
+S7 = tl.constexpr(float.fromhex("-0x1.32d2ccp-8"))
+S9 = tl.constexpr(float.fromhex("0x1.507834p-13"))
+S11 = tl.constexpr(float.fromhex("-0x1.e30750p-19"))
+S13 = tl.constexpr(float.fromhex("0x1.e8f434p-25"))
+# cos(pi/2 f): C0 .. C12
+C0 = tl.constexpr(float.fromhex("0x1p+0"))
+C2 = tl.constexpr(float.fromhex("-0x1.3bd3ccp+0"))
+C4 = tl.constexpr(float.fromhex("0x1.03c1f0p-2"))
+C6 = tl.constexpr(float.fromhex("-0x1.55d3c8p-6"))
+C8 = tl.constexpr(float.fromhex("0x1.e1f506p-11"))
+C10 = tl.constexpr(float.fromhex("-0x1.a6d1f2p-16"))
+C12 = tl.constexpr(float.fromhex("0x1.f9d38ap-22"))
+
+# Plain-Python views of the same constants, in the spec's tuple order (for constant checks).
+LOG_COEFFS = tuple(c.value for c in (L3, L5, L7, L9))
+SIN_COEFFS = tuple(c.value for c in (S1, S3, S5, S7, S9, S11, S13))
+COS_COEFFS = tuple(c.value for c in (C0, C2, C4, C6, C8, C10, C12))
+
+# Dtype codes (constexpr): one compiled variant per parameter dtype.
+DTYPE_F32 = tl.constexpr(0)
+DTYPE_F16 = tl.constexpr(1)
+DTYPE_BF16 = tl.constexpr(2)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors; ``k0``/``k1`` are uint32 scalars (the seed's halves)."""
+    for r in tl.static_range(PHILOX_ROUNDS):
+        if r > 0:
+            k0 = k0 + PHILOX_W0
+            k1 = k1 + PHILOX_W1
+        hi0 = tl.umulhi(c0, PHILOX_M0)
+        lo0 = c0 * PHILOX_M0
+        hi1 = tl.umulhi(c2, PHILOX_M1)
+        lo1 = c2 * PHILOX_M1
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def uniform_open(word):
+    """((word >> 9) + 0.5) * 2**-23: exact, strictly inside (0, 1)."""
+    k = (word >> 9).to(tl.float32)
+    return (k + 0.5) * TWO_POW_M23
+
+
+@triton.jit
+def log_open(u):
+    """Natural log of u in (0, 1): exponent split, then the atanh series (spec ``_log``)."""
+    bits = u.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+    big = m > SQRT2
+    m = tl.where(big, m * 0.5, m)
+    ef = tl.where(big, e + 1, e).to(tl.float32)
+    s = tl.div_rn(m - 1.0, m + 1.0)
+    s2 = s * s
+    p = L9 * s2 + L7
+    p = p * s2 + L5
+    p = p * s2 + L3
+    p = p * s2 + 1.0
+    log_m = (s + s) * p
+    return ef * LN2 + log_m
+
+
+@triton.jit
+def sincos_quarter(f):
+    """(sin, cos) of pi/2 * f for f in (0, 1) (spec ``_sincos_quarter``)."""
+    f2 = f * f
+    s = S13 * f2 + S11
+    s = s * f2 + S9
+    s = s * f2 + S7
+    s = s * f2 + S5
+    s = s * f2 + S3
+    s = s * f2 + S1
+    s = s * f
+    c = C12 * f2 + C10
+    c = c * f2 + C8
+    c = c * f2 + C6
+    c = c * f2 + C4
+    c = c * f2 + C2
+    c = c * f2 + C0
+    return s, c
+
+
+@triton.jit
+def box_muller(radius_word, angle_word):
+    """Two normals from two uint32 words: r*cos(theta), r*sin(theta)."""
+    u = uniform_open(radius_word)
+    r = tl.sqrt_rn(log_open(u) * -2.0)
+    quadrant = angle_word >> 30
+    f = (((angle_word >> 7) & 0x7FFFFF).to(tl.float32) + 0.5) * TWO_POW_M23
+    s, c = sincos_quarter(f)
+    cos_t = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    sin_t = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    return r * cos_t, r * sin_t
+
+
+@triton.jit
+def normal4(n, k0, k1):
+    """The four normals of counter ``n`` (int64 tensor, 0 <= n < 2**62): coordinates 4n .. 4n+3."""
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    z0, z1 = box_muller(x0, x1)
+    z2, z3 = box_muller(x2, x3)
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def seed_key(key_lo, key_hi):
+    """The Philox key as uint32 scalars; launchers pass the halves as int32 bit patterns."""
+    return key_lo.to(tl.uint32, bitcast=True), key_hi.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def block_elements(b, offset, BN: tl.constexpr):
+    """Element indices (int64, may be out of range: mask them) of program ``b`` of a tensor.
+
+    Program ``b`` owns counters ``offset // 4 + b*BN + [0, BN)``; coordinate ``offset + e`` is
+    element ``e``, so its elements are ``b*4*BN - offset % 4 + [0, 4*BN)``.
+    """
+    return b * (4 * BN) - offset % 4 + tl.arange(0, 4 * BN).to(tl.int64)
+
+
+@triton.jit
+def block_normals(b, offset, k0, k1, BN: tl.constexpr):
+    """z for the ``4*BN`` elements of :func:`block_elements`, float32, in element order."""
+    n = offset // 4 + b * BN + tl.arange(0, BN).to(tl.int64)
+    z0, z1, z2, z3 = normal4(n, k0, k1)
+    # join(join(z0, z2), join(z1, z3))[n, i, j] = z_{2i+j}: row-major flattening gives z0 z1 z2 z3
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * BN, ))
+
+
+@triton.jit
+def scalar_f32(bits):
+    """A float32 scalar passed as its int32 bit pattern (exact for every value, subnormals too)."""
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def load_f32(addr, idx, mask, DTYPE: tl.constexpr):
+    """Elements ``idx`` of the tensor at integer address ``addr``, widened exactly to float32."""
+    if DTYPE == DTYPE_BF16:
+        bits = tl.load(addr.to(tl.pointer_type(tl.uint16)) + idx, mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif DTYPE == DTYPE_F16:
+        return tl.load(addr.to(tl.pointer_type(tl.float16)) + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.load(addr.to(tl.pointer_type(tl.float32)) + idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def bf16_bits_rne(x):
+    """float32 -> bfloat16 bits, round to nearest even; NaN -> 0x7FC0 (as torch's scalar cast)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
+
+
+@triton.jit
+def store_rne(addr, idx, x, mask, DTYPE: tl.constexpr):
+    """Store float32 ``x`` into the tensor at integer address ``addr``, rounded to nearest even."""
+    if DTYPE == DTYPE_BF16:
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + idx, bf16_bits_rne(x), mask=mask)
+    elif DTYPE == DTYPE_F16:
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + idx, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + idx, x, mask=mask)

@@ -1,0 +1,97 @@
+"""One launch for a list of tensors: a small int64 table that the kernel reads.
+
+Table layout (int64, row-major), one row of :data:`ROW` words per non-empty tensor::
+
+    [src_address, dst_address, numel, offset, first_program]
+
+``first_program`` is the running sum of the tensors' program counts, so program ``pid`` belongs
+to the last row whose ``first_program <= pid`` (binary search, :func:`locate`). Kernels may append
+op-specific words after the rows (zo_update puts its per-direction keys and coefficients there),
+so one host-to-device copy carries everything.
+
+Addresses become pointers inside the kernel (``int64 -> pointer`` casts), which is why a kernel
+can serve tensors of different sizes in one launch; it still needs one launch per dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+ROW = 5
+ROW_C = tl.constexpr(ROW)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES[dtype]
+
+
+def f32_bits(x: float) -> int:
+    """The int32 bit pattern of float32 ``x`` (signed, so Triton types it as i32)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def i32(k: int) -> int:
+    """A uint32 value as the signed int32 with the same bits (keeps kernel argument types fixed)."""
+    return k - (1 << 32) if k >= 1 << 31 else k
+
+
+def group_by_dtype(items):
+    """Tuples grouped by the dtype of their first member (a tensor), order kept."""
+    groups: dict[torch.dtype, list] = {}
+    for item in items:
+        groups.setdefault(item[0].dtype, []).append(item)
+    return groups
+
+
+def build_rows(srcs, dsts, offsets, block_counters: int) -> tuple[list[int], int, int]:
+    """Rows for the non-empty tensors: (flat words, number of rows, total programs)."""
+    per_program = 4 * block_counters
+    words: list[int] = []
+    first = 0
+    for src, dst, offset in zip(srcs, dsts, offsets):
+        numel = src.numel()
+        if numel == 0:
+            continue
+        assert src.is_contiguous() and dst.is_contiguous(), "hosl.kernels needs contiguous tensors"
+        words += [src.data_ptr(), dst.data_ptr(), numel, offset, first]
+        first += -(-(numel + offset % 4) // per_program)
+    return words, len(words) // ROW, first
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(words: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(words, dtype=torch.int64, device=device)
+
+
+def device_table(words: list[int], device: torch.device, cache: bool) -> torch.Tensor:
+    """The table on ``device``. With ``cache`` a repeated call (same addresses, sizes, offsets:
+    the key is the whole content, so a hit is always right) costs no host-to-device copy."""
+    if cache:
+        return _cached_table(tuple(words), torch.device(device))
+    return torch.tensor(words, dtype=torch.int64, device=device)
+
+
+@triton.jit
+def locate(table, num_rows):
+    """(src, dst, numel, offset, b) for this program: its tensor's row and its index b in it."""
+    pid = tl.program_id(0)
+    lo = pid * 0
+    hi = lo + num_rows - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        up = tl.load(table + mid * ROW_C + 4) <= pid
+        lo = tl.where(up, mid, lo)
+        hi = tl.where(up, hi, mid - 1)
+    row = table + lo * ROW_C
+    src = tl.load(row)
+    dst = tl.load(row + 1)
+    numel = tl.load(row + 2)
+    offset = tl.load(row + 3)
+    b = pid - tl.load(row + 4)
+    return src, dst, numel, offset, b

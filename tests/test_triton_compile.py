@@ -1,0 +1,162 @@
+"""Every Triton kernel compiles ahead of time for a real GPU (sm_90) and its PTX keeps the spec's rules.
+
+The interpreter runs code the real compiler would reject and cannot see how floats are lowered, so
+this compiles each kernel listed by ``hosl.kernels.aot_specs()`` with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` -- no GPU needed, but ptxas must exist -- and reads the PTX.
+
+Under ``TRITON_INTERPRET=1`` (set by conftest.py on machines without a GPU) ``@triton.jit`` gives
+interpreted functions that cannot be compiled, so the compile runs in a child process without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_CHILD = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import hosl.kernels as K
+
+out = sys.argv[1]
+target = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, signature, constexprs, options):
+    sig = dict(signature)
+    sig.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                              options=options)
+    return {"name": fn.__name__, "constexprs": constexprs, "ptx": compiled.asm["ptx"],
+            "cubin_bytes": len(compiled.asm.get("cubin", b""))}
+
+
+results = {"kernels": [build(fn, sig, cst, dict(K.COMPILE_OPTIONS)) for fn, sig, cst in K.aot_specs()]}
+# the same kernel with fusion allowed: shows the PTX checks below can see an FMA when there is one
+fn, sig, cst = [s for s in K.aot_specs() if s[0].__name__ == "perturb_kernel"][0]
+results["fused_control"] = build(fn, sig, cst, dict(K.COMPILE_OPTIONS, enable_fp_fusion=True))
+
+# every @triton.jit kernel (name ending in _kernel) defined in the package must be in aot_specs()
+import importlib, pkgutil
+from triton.runtime.jit import JITFunction
+names = set()
+for mod in pkgutil.iter_modules(K.__path__):
+    m = importlib.import_module("hosl.kernels." + mod.name)
+    names |= {n for n, v in vars(m).items() if isinstance(v, JITFunction) and n.endswith("_kernel")}
+results["all_kernels"] = sorted(names)
+json.dump(results, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "ptx.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # really compile
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0:
+        if re.search(r"ptxas.*(not found|No such file)|Cannot find ptxas", proc.stderr):
+            pytest.skip("ptxas is not available: cannot compile for a real GPU target")
+        raise AssertionError(f"ahead-of-time compile failed:\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def _instructions(ptx: str) -> list[str]:
+    """Opcodes of the PTX body (predicates and operands stripped), e.g. ``mul.rn.f32``."""
+    ops = []
+    for line in ptx.splitlines():
+        m = re.match(r"\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9_.]*)\s", line)
+        if m and not line.lstrip().startswith((".", "//")):
+            ops.append(m.group(1))
+    return ops
+
+
+def _f32_ops(ptx: str) -> list[str]:
+    return [op for op in _instructions(ptx) if op.endswith(".f32")]
+
+
+def test_every_kernel_is_compiled(compiled):
+    built = {k["name"] for k in compiled["kernels"]}
+    assert built == set(compiled["all_kernels"]) and built >= {"randn_kernel", "perturb_kernel", "zo_update_kernel"}
+    for k in compiled["kernels"]:
+        assert k["cubin_bytes"] > 0, f"{k['name']}: ptxas produced no cubin"
+
+
+def test_ptx_has_no_fma(compiled):
+    for k in compiled["kernels"]:
+        fma = [op for op in _instructions(k["ptx"]) if op.startswith("fma.")]
+        assert not fma, f"{k['name']} {k['constexprs']}: {sorted(set(fma))}"
+
+
+def test_check_sees_fma_when_fusion_is_allowed(compiled):
+    """Control: the same kernel with enable_fp_fusion=True does contain fma.rn.f32."""
+    assert "fma.rn.f32" in _instructions(compiled["fused_control"]["ptx"])
+
+
+def test_ptx_float_ops_are_correctly_rounded(compiled):
+    """Every f32 add/sub/mul/div/sqrt carries ``.rn`` (explicit rounding: correctly rounded, and
+    ptxas may not contract it into an FMA), nothing flushes subnormals (``.ftz``), and nothing
+    approximate (``div.full``, ``.approx``: ex2, lg2, sin, cos, rsqrt, rcp) appears."""
+    for k in compiled["kernels"]:
+        where = f"{k['name']} {k['constexprs']}"
+        ops = _f32_ops(k["ptx"])
+        assert "div.rn.f32" in ops and "sqrt.rn.f32" in ops, where
+        arith = [op for op in ops if op.split(".")[0] in ("add", "sub", "mul", "div", "sqrt")]
+        assert arith and all(op in ("add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32", "sqrt.rn.f32")
+                             for op in arith), f"{where}: {sorted(set(arith))}"
+        bad = [op for op in _instructions(k["ptx"]) if ".ftz" in op or ".approx" in op or ".full" in op]
+        assert not bad, f"{where}: {sorted(set(bad))}"
+
+
+def test_ptx_per_counter_work(compiled):
+    """One Philox call per counter, feeding two Box-Muller pairs (one div.rn in the log and one
+    sqrt.rn each): at most 2 mul.hi.u32 x 10 rounds per pair of divisions. Guards against a layout
+    change that would run Philox once per element (4x the integer work)."""
+    for k in compiled["kernels"]:
+        ops = _instructions(k["ptx"])
+        n_div, n_sqrt = ops.count("div.rn.f32"), ops.count("sqrt.rn.f32")
+        n_mulhi = ops.count("mul.hi.u32")
+        assert n_div == n_sqrt and n_div % 2 == 0, k["name"]
+        counters = n_div // 2  # per thread (per loop iteration for zo_update)
+        assert n_mulhi <= 2 * 10 * counters, (k["name"], n_mulhi, counters)
+
+
+def test_launchers_pass_the_compile_options(monkeypatch):
+    """What the AOT check compiled with is what the launchers ask for at run time (the interpreter
+    ignores these options, so only this test sees them)."""
+    import importlib
+
+    import torch
+
+    seen = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    hk = importlib.import_module("hosl.kernels")
+    for mod_name, attr in [("randn", "randn_kernel"), ("perturb", "perturb_kernel"),
+                           ("zo_update", "zo_update_kernel")]:
+        monkeypatch.setattr(importlib.import_module(f"hosl.kernels.{mod_name}"), attr, Recorder())
+    w = torch.zeros(10)
+    hk.randn(0, 0, 10, 0, "cpu")
+    hk.perturb([w], [w], [0], 0, 0, 1.0)
+    hk.zo_update([w], [0], [1], [2], [0.5], 0.0)
+    assert len(seen) == 3
+    for kwargs in seen:
+        assert kwargs["enable_fp_fusion"] is False
+        assert {k: kwargs[k] for k in hk.COMPILE_OPTIONS} == hk.COMPILE_OPTIONS
