@@ -32,10 +32,14 @@ except ImportError:  # pragma: no cover - exercised only by a wrong install comm
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 
-HOST_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+# torch >= 2.14's headers require C++20 (#error otherwise); older ones build as C++17.
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+CXX_STD = "-std=c++20" if _TORCH_VERSION >= (2, 14) else "-std=c++17"
+
+HOST_FLAGS = ["-O3", CXX_STD, "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 NVCC_FLAGS = [
     "-O3",
-    "-std=c++17",
+    CXX_STD,
     "-fmad=false",
     "--prec-div=true",
     "--prec-sqrt=true",

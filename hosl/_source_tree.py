@@ -13,7 +13,8 @@ import importlib.util
 import os
 import sys
 
-_KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_KERNELS_DIR = os.path.join(_ROOT, "kernels")
 
 
 class _SourceTreeKernels(importlib.abc.MetaPathFinder):
@@ -21,7 +22,10 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
         if fullname != "hosl.kernels":
             return None
         init = os.path.join(_KERNELS_DIR, "__init__.py")
-        if not os.path.isfile(init):
+        # a checkout has setup.py beside kernels/; an installed hosl never needs this finder, and a
+        # top-level `kernels` package of another project in site-packages must not be picked up
+        if not (os.path.isfile(init) and os.path.isfile(os.path.join(_ROOT, "setup.py"))
+                and os.path.isfile(os.path.join(_KERNELS_DIR, "direction.py"))):
             return None
         return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[_KERNELS_DIR])
 

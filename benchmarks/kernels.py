@@ -1,0 +1,183 @@
+"""Kernel speed of the direction ops on CPU, single-threaded, against MeZO-style PyTorch and the memory roof.
+
+Per element of a 16M-element float32 parameter list (16 tensors of 1M):
+
+* ``perturb``     ``hosl.ops.perturb_`` in place      vs MeZO ``manual_seed`` + ``normal`` + ``add_`` per tensor
+* ``perturb_out`` ``hosl.ops.perturb_(out=...)``     vs the same, ``torch.add(out=...)``
+* ``update_q1``   ``hosl.ops.zo_update_``, Q=1       vs one MeZO update pass
+* ``update_q10``  ``hosl.ops.zo_update_``, Q=10      vs ten MeZO update passes (MeZO walks the weights once per direction)
+
+and the memory roof: ``add_`` of two tensors of the same sizes (``torch.add(out=)`` for ``perturb_out``).
+Times are the minimum over repeats (the development machine is shared and noisy).
+
+    python benchmarks/kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import os
+
+# single-threaded: set before torch (and its OpenMP runtime) is imported
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+# run from a checkout without `pip install -e .`: import hosl from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _ops():
+    """The public ops if hosl.ops exposes them, else the CPU backend called directly."""
+    try:
+        from hosl.ops import perturb_, zo_update_
+
+        return perturb_, zo_update_, "hosl.ops (public API, backend='cpu')"
+    except ImportError:
+        from itertools import accumulate
+
+        from hosl.directions.spec import split_seed
+        from hosl.ops.backends import cpu
+
+        def offsets(ts):
+            return list(accumulate([0] + [t.numel() for t in ts[:-1]]))
+
+        def perturb_(tensors, seed, scale, *, out=None, backend=None):
+            lo, hi = split_seed(seed)
+            cpu.perturb(tensors, out if out is not None else tensors, offsets(tensors), lo, hi, scale)
+
+        def zo_update_(tensors, seeds, coeffs, *, lr, weight_decay=0.0, backend=None):
+            keys = [split_seed(s) for s in seeds]
+            cpu.zo_update(tensors, offsets(tensors), [k[0] for k in keys], [k[1] for k in keys],
+                          [lr * c for c in coeffs], lr * weight_decay)
+
+        return perturb_, zo_update_, "hosl.ops.backends.cpu (direct; hosl.ops not importable)"
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up (first touch, lazy init)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--numel", type=int, default=1 << 20, help="elements per tensor")
+    parser.add_argument("--tensors", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    perturb_, zo_update_, via = _ops()
+    from hosl.ops.backends import cpu as cpu_backend
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(args.numel, generator=g) * 0.05 for _ in range(args.tensors)]
+    others = [torch.randn(args.numel, generator=g) for _ in range(args.tensors)]
+    outs = [torch.empty_like(w) for w in weights]
+    n = args.numel * args.tensors
+    seed, scale, lr = 2**63 + 12345, 1e-3, 1e-6
+    seeds = [seed + q for q in range(10)]
+    coeffs = [0.5 * (-1) ** q for q in range(10)]
+
+    # --- MeZO-style: one torch.manual_seed per pass, torch.normal + add_ per tensor ---------------
+    def mezo_perturb():
+        torch.manual_seed(seed)
+        for w in weights:
+            z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype)
+            w.add_(z, alpha=scale)
+
+    def mezo_perturb_out():
+        torch.manual_seed(seed)
+        for w, o in zip(weights, outs):
+            z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype)
+            torch.add(w, z, alpha=scale, out=o)
+
+    def mezo_update(q_count):
+        def run():
+            for q in range(q_count):  # MeZO regenerates z per direction: Q passes over the weights
+                torch.manual_seed(seeds[q])
+                for w in weights:
+                    z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype)
+                    w.add_(z, alpha=-lr * coeffs[q])
+        return run
+
+    # --- roof: add_ of two tensors of the same sizes ---------------------------------------------
+    def roof_inplace():
+        for w, o in zip(weights, others):
+            w.add_(o)
+
+    def roof_out():
+        for w, o, out in zip(weights, others, outs):
+            torch.add(w, o, out=out)
+
+    # --- hosl --------------------------------------------------------------------------------------
+    def hosl_perturb():
+        perturb_(weights, seed, scale, backend="cpu")
+
+    def hosl_perturb_out():
+        perturb_(weights, seed, scale, out=outs, backend="cpu")
+
+    def hosl_update(q_count):
+        def run():
+            zo_update_(weights, seeds[:q_count], coeffs[:q_count], lr=lr, backend="cpu")
+        return run
+
+    cases = {
+        "perturb": (hosl_perturb, mezo_perturb, roof_inplace),
+        "perturb_out": (hosl_perturb_out, mezo_perturb_out, roof_out),
+        "update_q1": (hosl_update(1), mezo_update(1), roof_inplace),
+        "update_q10": (hosl_update(10), mezo_update(10), roof_inplace),
+    }
+    results: dict = {}
+    for name, (hosl_fn, mezo_fn, roof_fn) in cases.items():
+        row = {
+            "hosl_ns": best_seconds(hosl_fn, args.repeats) / n * 1e9,
+            "mezo_ns": best_seconds(mezo_fn, args.repeats) / n * 1e9,
+            "roof_ns": best_seconds(roof_fn, args.repeats) / n * 1e9,
+        }
+        row["speedup_vs_mezo"] = row["mezo_ns"] / row["hosl_ns"]
+        row["hosl_over_roof"] = row["hosl_ns"] / row["roof_ns"]
+        results[name] = row
+
+    results["meta"] = {
+        "elements": n,
+        "tensors": args.tensors,
+        "dtype": "float32",
+        "threads": torch.get_num_threads(),
+        "cpu_isa": cpu_backend.isa(),
+        "via": via,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "timing": f"min of {args.repeats} after a warm-up",
+    }
+
+    print(f"hosl kernels, {n / 2**20:.0f}M float32 elements in {args.tensors} tensors, 1 thread, "
+          f"CPU variant {cpu_backend.isa()}, via {via}")
+    print(f"{'op':<12} {'hosl ns/el':>11} {'MeZO ns/el':>11} {'roof ns/el':>11} {'MeZO/hosl':>10} {'hosl/roof':>10}")
+    for name in cases:
+        r = results[name]
+        print(f"{name:<12} {r['hosl_ns']:>11.3f} {r['mezo_ns']:>11.3f} {r['roof_ns']:>11.3f} "
+              f"{r['speedup_vs_mezo']:>9.1f}x {r['hosl_over_roof']:>9.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+// hosl._C: torch-typed entry points for the CPU direction kernels (direction_cpu.h).
+//
+// Arguments are validated by hosl.ops (Python) before they reach this file: tensors are
+// contiguous CPU tensors of float32/float16/bfloat16, outs match their inputs, offsets and seeds
+// are in range. Nothing here checks again.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "cpu/direction_cpu.h"
+
+namespace {
+
+hosl::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return hosl::DType::kFloat16;
+    case at::kBFloat16: return hosl::DType::kBFloat16;
+    default: return hosl::DType::kFloat32;
+  }
+}
+
+std::vector<hosl::cpu::TensorSlot> slots_of(const std::vector<at::Tensor>& ins, const std::vector<at::Tensor>& outs,
+                                            const std::vector<uint64_t>& offsets) {
+  std::vector<hosl::cpu::TensorSlot> slots;
+  slots.reserve(ins.size());
+  for (size_t j = 0; j < ins.size(); ++j) {
+    if (ins[j].numel() == 0) continue;
+    slots.push_back({ins[j].data_ptr(), outs[j].data_ptr(), static_cast<uint64_t>(ins[j].numel()), offsets[j],
+                     dtype_of(ins[j])});
+  }
+  return slots;
+}
+
+at::Tensor randn(uint32_t key_lo, uint32_t key_hi, int64_t numel, uint64_t offset) {
+  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  if (numel > 0) {
+    const int threads = at::get_num_threads();
+    py::gil_scoped_release no_gil;
+    hosl::cpu::randn(key_lo, key_hi, offset, static_cast<uint64_t>(numel), out.data_ptr<float>(), threads);
+  }
+  return out;
+}
+
+void perturb(const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& outs,
+             const std::vector<uint64_t>& offsets, uint32_t key_lo, uint32_t key_hi, float scale) {
+  const auto slots = slots_of(tensors, outs, offsets);
+  const int threads = at::get_num_threads();
+  py::gil_scoped_release no_gil;
+  hosl::cpu::perturb(slots.data(), slots.size(), key_lo, key_hi, scale, threads);
+}
+
+void zo_update(const std::vector<at::Tensor>& tensors, const std::vector<uint64_t>& offsets,
+               const std::vector<uint32_t>& keys_lo, const std::vector<uint32_t>& keys_hi,
+               const std::vector<float>& coeffs, float decay) {
+  const auto slots = slots_of(tensors, tensors, offsets);
+  const int threads = at::get_num_threads();
+  py::gil_scoped_release no_gil;
+  hosl::cpu::zo_update(slots.data(), slots.size(), keys_lo.data(), keys_hi.data(), coeffs.data(), coeffs.size(),
+                       decay, threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hosl CPU direction kernels (see hosl/ops/backends/__init__.py for the contract)";
+  m.def("randn", &randn, "z(key, offset + e) for e < numel, float32", py::arg("key_lo"), py::arg("key_hi"),
+        py::arg("numel"), py::arg("offset"));
+  m.def("perturb", &perturb, "outs[j] = round(tensors[j] + scale * z(key, offsets[j] + e))", py::arg("tensors"),
+        py::arg("outs"), py::arg("offsets"), py::arg("key_lo"), py::arg("key_hi"), py::arg("scale"));
+  m.def("zo_update", &zo_update, "w = round(w - decay*w - sum_q coeffs[q] * z(key_q, offsets[j] + e)), one pass",
+        py::arg("tensors"), py::arg("offsets"), py::arg("keys_lo"), py::arg("keys_hi"), py::arg("coeffs"),
+        py::arg("decay"));
+  m.def("isa", &hosl::cpu::isa, "the SIMD variant in use: avx512, avx2 or scalar");
+  m.def("set_isa", [](const std::string& name) { return hosl::cpu::set_isa(name.c_str()); },
+        "use another SIMD variant (for tests); False if this CPU lacks it");
+}

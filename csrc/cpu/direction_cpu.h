@@ -1,0 +1,40 @@
+// Plain C++ interface of the CPU direction kernels (no torch types; bindings.cpp adds those).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hosl_direction.h"
+
+namespace hosl {
+namespace cpu {
+
+// One tensor of a multi-tensor op: `numel` contiguous elements of `dtype`, read from `in` and
+// written to `out` (the same pointer for in-place ops), holding coordinates offset .. offset+numel-1.
+struct TensorSlot {
+  const void* in;
+  void* out;
+  uint64_t numel;
+  uint64_t offset;
+  DType dtype;
+};
+
+// out[e] = z(key, offset + e) for e in [0, numel), float32.
+void randn(uint32_t key_lo, uint32_t key_hi, uint64_t offset, uint64_t numel, float* out, int num_threads);
+
+// out = round(in + scale * z(key, offset + e)) for every slot.
+void perturb(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, float scale,
+             int num_threads);
+
+// In place, one pass over each slot: acc = w - decay*w; acc -= coeffs[q] * z(key_q, .) for q < num_dirs.
+void zo_update(const TensorSlot* slots, size_t num_slots, const uint32_t* keys_lo, const uint32_t* keys_hi,
+               const float* coeffs, size_t num_dirs, float decay, int num_threads);
+
+// The SIMD variant in use ("avx512", "avx2" or "scalar"), picked at load time from the CPU (and the
+// environment variable HOSL_CPU_ISA, which can only lower it). set_isa returns false when the CPU
+// lacks the variant asked for. Meant for tests and benchmarks.
+const char* isa();
+bool set_isa(const char* name);
+
+}  // namespace cpu
+}  // namespace hosl

@@ -1,0 +1,192 @@
+// CUDA direction kernels (interface: direction_cuda.h; element math: hosl_direction.h).
+//
+// Work layout: each tensor's coordinates are covered by Philox counters (4 coordinates each);
+// a "chunk" is kCountersPerChunk consecutive counters of one tensor, aligned in coordinate space.
+// Each block of the grid takes chunks (grid-stride), finds their tensor by binary search in the
+// device table, and each thread does one counter at a time: four normals, four elements.
+// zo_update loops over all Q directions per counter with a float32 accumulator, so the weights
+// are read and written once.
+//
+// Build with nvcc -fmad=false --prec-div=true --prec-sqrt=true; the math also uses explicit
+// __f*_rn intrinsics, which nvcc never contracts into FMAs (.ci/check_cuda.sh checks the PTX).
+#include "cuda/direction_cuda.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace hosl {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr uint64_t kCountersPerChunk = 4 * kThreads;       // 4096 coordinates per chunk
+constexpr uint64_t kChunkCoords = 4 * kCountersPerChunk;
+constexpr unsigned kMaxGrid = 1u << 20;                    // blocks beyond this loop (grid-stride)
+
+// The device table: one entry per tensor, then the directions' keys and coefficients.
+struct DeviceSlot {
+  const void* in;
+  void* out;
+  uint64_t first;       // first coordinate (the tensor's offset)
+  uint64_t last;        // last coordinate, inclusive
+  uint64_t first_chunk; // global index of the tensor's first chunk
+};
+
+struct Table {
+  const DeviceSlot* slots;
+  const uint32_t* keys_lo;
+  const uint32_t* keys_hi;
+  const float* coeffs;
+  int num_slots;
+  int num_dirs;
+  uint64_t num_chunks;
+};
+
+enum class Op { kRandn, kPerturb, kUpdate };
+
+size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+__device__ __forceinline__ int find_slot(const Table& t, uint64_t chunk) {
+  int lo = 0, hi = t.num_slots - 1;  // the last slot whose first_chunk <= chunk
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (t.slots[mid].first_chunk <= chunk) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <class S, Op kOp>
+__global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scale, float decay) {
+  using T = typename S::T;
+  for (uint64_t chunk = blockIdx.x; chunk < t.num_chunks; chunk += gridDim.x) {
+    const DeviceSlot s = t.slots[find_slot(t, chunk)];
+    const uint64_t window = (s.first / kChunkCoords + (chunk - s.first_chunk)) * kChunkCoords;
+    for (uint64_t k = threadIdx.x; k < kCountersPerChunk; k += kThreads) {
+      const uint64_t counter = window / 4 + k;
+      const uint64_t coord0 = counter * 4;
+      if (coord0 + 3 < s.first || coord0 > s.last) continue;
+      if (kOp == Op::kUpdate) {
+        float acc[4];
+        T* w = static_cast<T*>(s.out);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t i = coord0 + j;
+          acc[j] = (i >= s.first && i <= s.last) ? update_start(S::load(w[i - s.first]), decay) : 0.0f;
+        }
+        for (int q = 0; q < t.num_dirs; ++q) {
+          const Philox4 x = philox4x32_10(counter, t.keys_lo[q], t.keys_hi[q]);
+          float z[4];
+          normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
+          const float c = t.coeffs[q];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[j] = update_step(acc[j], c, z[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t i = coord0 + j;
+          if (i >= s.first && i <= s.last) w[i - s.first] = S::store(acc[j]);
+        }
+      } else {
+        const Philox4 x = philox4x32_10(counter, t.keys_lo[0], t.keys_hi[0]);
+        float z[4];
+        normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t i = coord0 + j;
+          if (i < s.first || i > s.last) continue;
+          const uint64_t e = i - s.first;
+          if (kOp == Op::kRandn) {
+            static_cast<float*>(s.out)[e] = z[j];
+          } else {
+            const float v = perturb_element(S::load(static_cast<const T*>(s.in)[e]), scale, z[j]);
+            static_cast<T*>(s.out)[e] = S::store(v);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Pack the table on the host, copy it to `workspace`, launch one kernel.
+template <Op kOp>
+cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const uint32_t* keys_lo,
+                   const uint32_t* keys_hi, const float* coeffs, size_t num_dirs, float scale, float decay,
+                   void* workspace, cudaStream_t stream) {
+  std::vector<DeviceSlot> table;
+  table.reserve(num_slots);
+  uint64_t chunks = 0;
+  for (size_t j = 0; j < num_slots; ++j) {
+    if (slots[j].numel == 0) continue;
+    const uint64_t first = slots[j].offset, last = slots[j].offset + (slots[j].numel - 1);
+    table.push_back({slots[j].in, slots[j].out, first, last, chunks});
+    chunks += last / kChunkCoords - first / kChunkCoords + 1;
+  }
+  if (table.empty()) return cudaSuccess;
+
+  const size_t slots_bytes = align_up(table.size() * sizeof(DeviceSlot), 16);
+  const size_t dirs_bytes = align_up(num_dirs * sizeof(uint32_t), 16);
+  std::vector<unsigned char> packed(slots_bytes + 3 * dirs_bytes);
+  std::memcpy(packed.data(), table.data(), table.size() * sizeof(DeviceSlot));
+  if (num_dirs) {
+    std::memcpy(packed.data() + slots_bytes, keys_lo, num_dirs * sizeof(uint32_t));
+    std::memcpy(packed.data() + slots_bytes + dirs_bytes, keys_hi, num_dirs * sizeof(uint32_t));
+    std::memcpy(packed.data() + slots_bytes + 2 * dirs_bytes, coeffs, num_dirs * sizeof(float));
+  }
+  // From pageable memory: returns once the bytes are staged, so `packed` may die after it.
+  cudaError_t err = cudaMemcpyAsync(workspace, packed.data(), packed.size(), cudaMemcpyHostToDevice, stream);
+  if (err != cudaSuccess) return err;
+
+  unsigned char* base = static_cast<unsigned char*>(workspace);
+  Table t;
+  t.slots = reinterpret_cast<const DeviceSlot*>(base);
+  t.keys_lo = reinterpret_cast<const uint32_t*>(base + slots_bytes);
+  t.keys_hi = reinterpret_cast<const uint32_t*>(base + slots_bytes + dirs_bytes);
+  t.coeffs = reinterpret_cast<const float*>(base + slots_bytes + 2 * dirs_bytes);
+  t.num_slots = static_cast<int>(table.size());
+  t.num_dirs = static_cast<int>(num_dirs);
+  t.num_chunks = chunks;
+
+  const unsigned grid = static_cast<unsigned>(std::min<uint64_t>(chunks, kMaxGrid));
+  switch (dtype) {
+    case DType::kFloat32:
+      direction_kernel<Float32Storage, kOp><<<grid, kThreads, 0, stream>>>(t, scale, decay);
+      break;
+    case DType::kFloat16:
+      direction_kernel<Float16Storage, kOp><<<grid, kThreads, 0, stream>>>(t, scale, decay);
+      break;
+    case DType::kBFloat16:
+      direction_kernel<BFloat16Storage, kOp><<<grid, kThreads, 0, stream>>>(t, scale, decay);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t workspace_bytes(size_t num_slots, size_t num_dirs) {
+  const size_t dirs = num_dirs ? num_dirs : 1;
+  return align_up(num_slots * sizeof(DeviceSlot), 16) + 3 * align_up(dirs * sizeof(uint32_t), 16);
+}
+
+cudaError_t randn(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, void* workspace,
+                  cudaStream_t stream) {
+  const float one = 1.0f;
+  return launch<Op::kRandn>(slots, num_slots, DType::kFloat32, &key_lo, &key_hi, &one, 1, 0.0f, 0.0f, workspace,
+                            stream);
+}
+
+cudaError_t perturb(const TensorSlot* slots, size_t num_slots, DType dtype, uint32_t key_lo, uint32_t key_hi,
+                    float scale, void* workspace, cudaStream_t stream) {
+  return launch<Op::kPerturb>(slots, num_slots, dtype, &key_lo, &key_hi, &scale, 1, scale, 0.0f, workspace, stream);
+}
+
+cudaError_t zo_update(const TensorSlot* slots, size_t num_slots, DType dtype, const uint32_t* keys_lo,
+                      const uint32_t* keys_hi, const float* coeffs, size_t num_dirs, float decay, void* workspace,
+                      cudaStream_t stream) {
+  return launch<Op::kUpdate>(slots, num_slots, dtype, keys_lo, keys_hi, coeffs, num_dirs, 0.0f, decay, workspace,
+                             stream);
+}
+
+}  // namespace cuda
+}  // namespace hosl

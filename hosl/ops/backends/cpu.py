@@ -1,0 +1,45 @@
+"""The C++ CPU backend: ``hosl._C`` (csrc/cpu/), OpenMP over SIMD loops, bit-identical to the spec.
+
+Threads: the kernels use as many OpenMP threads as ``torch.get_num_threads()``. The SIMD variant
+(AVX-512 / AVX2 / scalar) is picked when ``hosl._C`` loads; ``isa()`` names it, and the environment
+variable ``HOSL_CPU_ISA`` can lower it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_TYPES = ("cpu",)
+
+try:
+    from hosl import _C
+except ImportError as exc:  # not built (pip install --no-build-isolation -e .) or built for another torch
+    _C = None
+    _IMPORT_ERROR = f"hosl._C is not importable ({exc}); build it with `pip install --no-build-isolation -e .`"
+else:
+    _IMPORT_ERROR = ""
+
+
+def is_available() -> bool:
+    return _C is not None
+
+
+def unavailable_reason() -> str:
+    return _IMPORT_ERROR
+
+
+def isa() -> str:
+    """The SIMD variant in use: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    return _C.isa()
+
+
+def randn(key_lo: int, key_hi: int, numel: int, offset: int, device) -> torch.Tensor:
+    return _C.randn(key_lo, key_hi, numel, offset)
+
+
+def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
+    _C.perturb(list(tensors), list(outs), list(offsets), key_lo, key_hi, scale)
+
+
+def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
+    _C.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay)

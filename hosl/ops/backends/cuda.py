@@ -1,0 +1,45 @@
+"""The CUDA backend: ``hosl._C_cuda`` (csrc/cuda/), one kernel launch per dtype, bit-identical to the spec."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_TYPES = ("cuda",)
+
+try:
+    from hosl import _C_cuda
+except ImportError as exc:  # a CPU torch, no nvcc at build time, or built for another torch
+    _C_cuda = None
+    _IMPORT_ERROR = (
+        f"hosl._C_cuda is not importable ({exc}); it is built by `pip install --no-build-isolation -e .` "
+        "when torch has CUDA and a CUDA toolkit is found (CUDA_HOME)"
+    )
+else:
+    _IMPORT_ERROR = ""
+
+
+def is_available() -> bool:
+    return _C_cuda is not None and torch.cuda.is_available()
+
+
+def unavailable_reason() -> str:
+    if _C_cuda is None:
+        return _IMPORT_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return ""
+
+
+def randn(key_lo: int, key_hi: int, numel: int, offset: int, device) -> torch.Tensor:
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _C_cuda.randn(key_lo, key_hi, numel, offset, device)
+
+
+def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
+    _C_cuda.perturb(list(tensors), list(outs), list(offsets), key_lo, key_hi, scale)
+
+
+def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
+    _C_cuda.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay)
