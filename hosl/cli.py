@@ -69,7 +69,8 @@ def _cmd_train(args) -> int:
 
 DEMO = dict(model="minilm-l6", task="sst2", cut=2, num_queries=2, eps=1e-3, steps=150, batch_size=16,
             max_length=64, train_size=1000, eval_size=300, eval_every=50, lr_server=1e-2)
-DEMO_CLIENT_LR = {"hosl": 1e-5, "zo-sl": 1e-5}
+DEMO_MODES = ("hosl", "zo-sl", "fo-sl")
+DEMO_CLIENT_LR = {"hosl": 1e-5, "zo-sl": 1e-5, "fo-sl": 1e-2}
 
 
 def _cmd_demo(args) -> int:
@@ -79,7 +80,7 @@ def _cmd_demo(args) -> int:
     if data_dir is None and Path(DEFAULT_DATA_DIR).is_dir():
         data_dir = DEFAULT_DATA_DIR
     rows = []
-    for mode in ("hosl", "zo-sl"):
+    for mode in DEMO_MODES:
         cfg = TrainConfig(mode=mode, data_dir=data_dir, out=str(Path(args.out) / mode), seed=args.seed,
                           lr_client=DEMO_CLIENT_LR[mode], progress=args.progress, resume=args.resume,
                           steps=args.steps or DEMO["steps"], **{k: v for k, v in DEMO.items() if k != "steps"})
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train one run (see --mode)")
     _add_train_args(p_train, TrainConfig())
     p_train.set_defaults(func=_cmd_train)
-    p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL side by side (CPU, a few minutes)")
+    p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL vs FO-SL side by side (CPU, ~5 minutes)")
     p_demo.add_argument("--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)")
     p_demo.add_argument("--out", default="runs/demo", help="(default %(default)s)")
     p_demo.add_argument("--steps", type=int, default=None, help=f"steps per mode (default {DEMO['steps']})")
