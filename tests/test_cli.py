@@ -91,3 +91,31 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys, extra, message):
     assert main(_args(tmp_path / "run", *extra)) == 2
     err = capsys.readouterr().err
     assert "hosl: error:" in err and message in err
+
+
+@needs_data
+def test_crash_mid_run_keeps_last_checkpoint_and_resume_matches(tmp_path, monkeypatch):
+    from hosl.training import modes
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(_args(straight, steps=4)) == 0
+
+    real_step = modes.HOSLMode.step
+    calls = {"n": 0}
+
+    def failing_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash in step 3")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(modes.HOSLMode, "step", failing_step)
+    assert main(_args(crashed, steps=4)) == 2
+    assert (crashed / "checkpoints" / "latest").read_text().strip() == "step-2"
+    assert not list((crashed / "checkpoints").glob(".*partial"))
+    monkeypatch.setattr(modes.HOSLMode, "step", real_step)
+    assert main(_args(crashed, "--resume", steps=4)) == 0
+    assert _losses(crashed) == _losses(straight)  # one line per step, none doubled
+    a = load_file(str(straight / "checkpoints" / "step-4" / "server.safetensors"))
+    b = load_file(str(crashed / "checkpoints" / "step-4" / "server.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -88,6 +88,16 @@ class _Log:
         self.file.close()
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics of steps after the checkpoint being resumed (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def _say(msg: str) -> None:
     print(f"[hosl] {msg}", file=sys.stderr, flush=True)
 
@@ -139,6 +149,7 @@ def train(cfg: TrainConfig) -> dict:
             batches.load_state_dict(state["batches"])
             torch.set_rng_state(state["torch_rng"])
             step, elapsed, evals = state["step"], state["seconds"], state["evals"]
+            _drop_metrics_after(run_dir / "metrics.jsonl", step)
             _say(f"resumed from {latest} (step {step})")
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
