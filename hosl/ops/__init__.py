@@ -1,11 +1,15 @@
-"""The ops surface the rest of hosl calls: seeded directions, perturbation and the ZO update.
+"""The ops surface the rest of hosl calls: seeded directions, perturbation, perturbed forwards
+(``perturbed_linear``, ``perturbed_embedding``: fused in Triton, materialised elsewhere) and the ZO update.
 
 Each op is declared once with ``torch.library`` and runs on the backend picked for the tensors'
 device (``backend=None``: the fastest available) or the one named: ``"reference"`` (pure PyTorch,
 the spec), ``"cpu"`` (C++/OpenMP), ``"cuda"`` (CUDA kernels), ``"triton"``.
 """
 
-from hosl.ops.api import perturb_, randn, zo_update_
-from hosl.ops.dispatch import BACKENDS, available_backends, unavailable_reasons
+from hosl.ops.api import perturb_, perturbed_embedding, perturbed_linear, randn, zo_update_
+from hosl.ops.dispatch import BACKENDS, available_backends, report_missing_cuda_kernels, unavailable_reasons
 
-__all__ = ["BACKENDS", "available_backends", "perturb_", "randn", "unavailable_reasons", "zo_update_"]
+report_missing_cuda_kernels()
+
+__all__ = ["BACKENDS", "available_backends", "perturb_", "perturbed_embedding", "perturbed_linear", "randn",
+           "unavailable_reasons", "zo_update_"]

@@ -104,3 +104,111 @@ def zo_update_(
         tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay, backend
     )
     return tensors
+
+
+def _directions(seeds, scales) -> tuple[list[int], list[int], list[float]]:
+    """Philox keys and exact float32 scales of the directions ``(seeds[d], scales[d])``."""
+    seeds = list(seeds) if not isinstance(seeds, torch.Tensor) else seeds.tolist()
+    scales = list(scales) if not isinstance(scales, torch.Tensor) else scales.tolist()
+    if len(seeds) != len(scales):
+        raise ValueError(f"seeds has {len(seeds)} entries but scales has {len(scales)}; one scale per seed")
+    if not seeds:
+        raise ValueError("seeds is empty: at least one direction is needed")
+    keys = [split_seed(validation.check_seed(s, f"seeds[{d}]")) for d, s in enumerate(seeds)]
+    scales = [validation.to_float32(s, f"scales[{d}]") for d, s in enumerate(scales)]
+    return [k[0] for k in keys], [k[1] for k in keys], scales
+
+
+def _split_directions(t: torch.Tensor, num_dirs: int, per_direction: bool, what: str) -> tuple[torch.Tensor, tuple]:
+    """``t`` as ``[D, rows, last]`` (per direction) or ``[rows, last]`` (shared), and the middle shape."""
+    if per_direction:
+        if t.ndim < 2 or t.shape[0] != num_dirs:
+            raise ValueError(f"{what} must be [D={num_dirs}, ...] with per_direction_input=True, got {tuple(t.shape)}")
+        return t.reshape(num_dirs, -1, t.shape[-1]).contiguous(), tuple(t.shape[1:-1])
+    return t.reshape(-1, t.shape[-1]).contiguous(), tuple(t.shape[:-1])
+
+
+@torch.no_grad()
+def perturbed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    seeds,
+    scales,
+    weight_offset: int,
+    bias_offset: int | None = None,
+    per_direction_input: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``F.linear`` at ``D`` perturbed points at once, forward only; ``weight`` and ``bias`` are never written.
+
+    ``y[d] = x[d] @ (W + scales[d] * Z_d)^T + (b + scales[d] * z_b,d)`` where ``Z_d[o, i] =
+    z(seeds[d], weight_offset + o*in_features + i)`` (W's coordinates in the caller's numbering)
+    and ``z_b,d[o] = z(seeds[d], bias_offset + o)``; ``bias_offset=None`` leaves the bias as is.
+    The perturbed element is ``perturb_``'s ``fp32(w) + scale*z`` rounded into W's dtype.
+
+    ``x`` is ``[..., in]``, the same for every direction, or with ``per_direction_input`` ``[D, ..., in]``.
+    Returns ``[D, ..., out]`` in ``x``'s dtype (which must be W's, as for ``F.linear``).
+    """
+    keys_lo, keys_hi, scales = _directions(seeds, scales)
+    validation.check_weights([weight] + ([bias] if bias is not None else []), "weight/bias")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}"
+                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    weight_offset = validation.check_index(weight_offset, "weight_offset")
+    validation.check_coordinates(weight_offset, weight.numel())
+    if bias_offset is not None:
+        if bias is None:
+            raise ValueError("bias_offset given without a bias")
+        bias_offset = validation.check_index(bias_offset, "bias_offset")
+        validation.check_coordinates(bias_offset, bias.numel())
+    x2, middle = _split_directions(x, len(scales), per_direction_input, "x")
+    y = library.perturbed_linear_op(x2, weight, bias, weight_offset, bias_offset, keys_lo, keys_hi, scales,
+                                    not per_direction_input, backend)
+    return y.view(len(scales), *middle, weight.shape[0])
+
+
+@torch.no_grad()
+def perturbed_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    seeds,
+    scales,
+    offset: int,
+    per_direction_input: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``F.embedding(ids, W + scales[d] * Z_d)`` for ``D`` directions, perturbing only the rows looked up.
+
+    ``Z_d[r, h] = z(seeds[d], offset + r*H + h)``; the rows are bit-identical to those of
+    ``perturb_(weight, seed, scale, out=...)``, at a cost of ``tokens x H`` per direction, never
+    ``vocab x H``. ``weight`` is never written. ``ids`` (integers in ``[0, vocab)``) is ``[...]``, the same
+    for every direction, or with ``per_direction_input`` ``[D, ...]``. Returns ``[D, ..., H]``.
+    """
+    keys_lo, keys_hi, scales = _directions(seeds, scales)
+    validation.check_weights([weight], "weight")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [num_embeddings, embedding_dim], got shape {tuple(weight.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
+    if ids.device != weight.device:
+        raise ValueError(f"ids is on {ids.device} but weight is on {weight.device}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise IndexError(f"ids must lie in [0, {weight.shape[0]}), got [{int(ids.min())}, {int(ids.max())}]")
+    offset = validation.check_index(offset, "offset")
+    validation.check_coordinates(offset, weight.numel())
+    ids2, middle = _split_directions(ids.long().unsqueeze(-1), len(scales), per_direction_input, "ids")
+    ids2 = ids2.squeeze(-1).contiguous()
+    y = library.perturbed_embedding_op(ids2, weight, offset, keys_lo, keys_hi, scales, not per_direction_input,
+                                       backend)
+    return y.view(len(scales), *middle, weight.shape[1])

@@ -74,3 +74,14 @@ def backend_for(device: torch.device, name: str | None) -> ModuleType:
                 )
             return module
     raise RuntimeError(f"no hosl backend runs on {device_type!r} tensors")
+
+
+def report_missing_cuda_kernels() -> None:
+    """Say once, at import, when a GPU is present but hosl's CUDA kernels were not built."""
+    if torch.cuda.is_available() and _load("cuda") is None:
+        fallback = "Triton kernels" if _load("triton") is not None else "the slow pure-PyTorch reference"
+        warnings.warn(
+            f"hosl: CUDA kernels are not built ({_load_errors.get('cuda', '')}); CUDA tensors use {fallback}. "
+            "Rebuild with a CUDA torch and the CUDA toolkit: pip install --no-build-isolation -e .",
+            stacklevel=2,
+        )

@@ -68,3 +68,47 @@ def zo_update_op(
         backend_for(tensors[0].device, backend).zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)
     elif tensors and decay:
         backend_for(tensors[0].device, backend).zo_update(tensors, offsets, [], [], [], decay)
+
+
+@torch.library.custom_op("hosl::perturbed_linear", mutates_args=())
+def perturbed_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_offset: int,
+    b_offset: Optional[int],
+    keys_lo: list[int],
+    keys_hi: list[int],
+    scales: list[float],
+    shared_x: bool,
+    backend: Optional[str],
+) -> torch.Tensor:
+    return backend_for(weight.device, backend).perturbed_linear(
+        x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x
+    )
+
+
+@perturbed_linear_op.register_fake
+def _(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, backend):
+    return x.new_empty((len(scales), x.shape[-2], weight.shape[0]))
+
+
+@torch.library.custom_op("hosl::perturbed_embedding", mutates_args=())
+def perturbed_embedding_op(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    w_offset: int,
+    keys_lo: list[int],
+    keys_hi: list[int],
+    scales: list[float],
+    shared_ids: bool,
+    backend: Optional[str],
+) -> torch.Tensor:
+    return backend_for(weight.device, backend).perturbed_embedding(
+        ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids
+    )
+
+
+@perturbed_embedding_op.register_fake
+def _(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, backend):
+    return weight.new_empty((len(scales), ids.shape[-1], weight.shape[1]))

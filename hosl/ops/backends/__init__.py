@@ -19,6 +19,18 @@ that are already validated (so backends do no checking of their own):
 
     ``coeffs`` (already ``lr * c_q``) and ``decay`` (``lr * weight_decay``) are exact float32 values.
 
+``perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x) -> Tensor``
+    ``[D, M, N]``: ``y[d] = x[d] @ round(W + scales[d]*Z_d)^T + round(b + scales[d]*z_b,d)`` with
+    ``Z_d[o, i] = z(seed_d, w_offset + o*K + i)``, ``z_b,d[o] = z(seed_d, b_offset + o)``; ``x`` is
+    ``[M, K]`` (``shared_x``: the same input for every direction) or ``[D, M, K]``; ``bias`` may be
+    None, ``b_offset`` None leaves it unperturbed. ``W`` and ``b`` are never written. Equal to the
+    materialised computation up to matmul summation order (Triton fuses it; the others materialise
+    with their ``perturb``, :mod:`.materialised`).
+
+``perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids) -> Tensor``
+    ``[D, T, H]``: rows ``ids`` (int64 ``[T]`` shared, or ``[D, T]``, all in range) of
+    ``round(W + scales[d]*Z_d)``, bit-identical in every backend.
+
 Tensors are contiguous, on one device, of dtype float32, float16 or bfloat16 (``outs[j]`` has the
 dtype and shape of ``tensors[j]``); ``round`` is round-to-nearest-even into that dtype. Seeds come
 as their two 32-bit halves (the Philox key). Offsets are below 2**63.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hosl.ops.backends import materialised
+
 DEVICE_TYPES = ("cuda",)
 
 try:
@@ -43,3 +45,14 @@ def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
 
 def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
     _C_cuda.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay)
+
+
+def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x) -> torch.Tensor:
+    """No fused kernel here: materialise W + scale*Z with this backend's perturb, then F.linear."""
+    return materialised.perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
+                                         shared_x)
+
+
+def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids) -> torch.Tensor:
+    """No fused kernel here: perturb only the rows looked up with this backend's perturb."""
+    return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hosl.directions.spec import randn_reference
+from hosl.ops.backends import materialised
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -42,3 +43,13 @@ def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
             z = randn_reference(seed, w.numel(), offset).to(w.device)
             acc = acc - torch.tensor(c, dtype=torch.float32, device=w.device) * z
         w.copy_(acc.view_as(w))
+
+
+def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x) -> torch.Tensor:
+    return materialised.perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
+                                         shared_x)
+
+
+def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids) -> torch.Tensor:
+    return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
+                                            rows_only=False)

@@ -45,3 +45,11 @@ def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
 
 def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
     _k.zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)
+
+
+def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x):
+    return _k.perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x)
+
+
+def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids):
+    return _k.perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids)
