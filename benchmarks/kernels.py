@@ -8,6 +8,12 @@ Per element of a 16M-element float32 parameter list (16 tensors of 1M):
 * ``update_q10``  ``hosl.ops.zo_update_``, Q=10      vs ten MeZO update passes (MeZO walks the weights once per direction)
 
 and the memory roof: ``add_`` of two tensors of the same sizes (``torch.add(out=)`` for ``perturb_out``).
+
+Direction families (``family=``), each against the same MeZO-style Gaussian path and roof:
+
+* ``perturb_rademacher``, ``perturb_out_rademacher``, ``update_q1_rademacher``, ``update_q10_rademacher``
+* ``perturb_sphere``, ``update_q10_sphere``: with the per-tensor factors computed beforehand (as an
+  optimizer does once per seed and step), and ``sphere_scales``: that norm pass on its own.
 Times are the minimum over repeats (the development machine is shared and noisy).
 
     python benchmarks/kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
@@ -51,14 +57,17 @@ def _ops():
         def offsets(ts):
             return list(accumulate([0] + [t.numel() for t in ts[:-1]]))
 
-        def perturb_(tensors, seed, scale, *, out=None, backend=None):
+        def perturb_(tensors, seed, scale, *, out=None, backend=None, family="gaussian", scales=None):
             lo, hi = split_seed(seed)
-            cpu.perturb(tensors, out if out is not None else tensors, offsets(tensors), lo, hi, scale)
+            cpu.perturb(tensors, out if out is not None else tensors, offsets(tensors), lo, hi, scale, family,
+                        scales)
 
-        def zo_update_(tensors, seeds, coeffs, *, lr, weight_decay=0.0, backend=None):
+        def zo_update_(tensors, seeds, coeffs, *, lr, weight_decay=0.0, backend=None, family="gaussian",
+                       scales=None):
             keys = [split_seed(s) for s in seeds]
             cpu.zo_update(tensors, offsets(tensors), [k[0] for k in keys], [k[1] for k in keys],
-                          [lr * c for c in coeffs], lr * weight_decay)
+                          [lr * c for c in coeffs], lr * weight_decay, family,
+                          None if scales is None else [f for row in scales for f in row])
 
         return perturb_, zo_update_, "hosl.ops.backends.cpu (direct; hosl.ops not importable)"
 
@@ -125,23 +134,42 @@ def main(argv=None) -> dict:
             torch.add(w, o, out=out)
 
     # --- hosl --------------------------------------------------------------------------------------
-    def hosl_perturb():
-        perturb_(weights, seed, scale, backend="cpu")
+    def hosl_perturb(family="gaussian", scales=None):
+        extra = {} if family == "gaussian" else {"family": family, "scales": scales}
+        return lambda: perturb_(weights, seed, scale, backend="cpu", **extra)
 
-    def hosl_perturb_out():
-        perturb_(weights, seed, scale, out=outs, backend="cpu")
+    def hosl_perturb_out(family="gaussian"):
+        extra = {} if family == "gaussian" else {"family": family}
+        return lambda: perturb_(weights, seed, scale, out=outs, backend="cpu", **extra)
 
-    def hosl_update(q_count):
+    def hosl_update(q_count, family="gaussian", scales=None):
+        extra = {} if family == "gaussian" else {"family": family, "scales": scales and scales[:q_count]}
+
         def run():
-            zo_update_(weights, seeds[:q_count], coeffs[:q_count], lr=lr, backend="cpu")
+            zo_update_(weights, seeds[:q_count], coeffs[:q_count], lr=lr, backend="cpu", **extra)
         return run
 
     cases = {
-        "perturb": (hosl_perturb, mezo_perturb, roof_inplace),
-        "perturb_out": (hosl_perturb_out, mezo_perturb_out, roof_out),
+        "perturb": (hosl_perturb(), mezo_perturb, roof_inplace),
+        "perturb_out": (hosl_perturb_out(), mezo_perturb_out, roof_out),
         "update_q1": (hosl_update(1), mezo_update(1), roof_inplace),
         "update_q10": (hosl_update(10), mezo_update(10), roof_inplace),
+        "perturb_rademacher": (hosl_perturb("rademacher"), mezo_perturb, roof_inplace),
+        "perturb_out_rademacher": (hosl_perturb_out("rademacher"), mezo_perturb_out, roof_out),
+        "update_q1_rademacher": (hosl_update(1, "rademacher"), mezo_update(1), roof_inplace),
+        "update_q10_rademacher": (hosl_update(10, "rademacher"), mezo_update(10), roof_inplace),
     }
+    try:
+        from hosl.ops import sphere_scales
+    except ImportError:  # hosl.ops not importable: the sphere rows need its host-side scale
+        sphere_scales = None
+    if sphere_scales is not None:
+        factors = [sphere_scales(weights, s, backend="cpu") for s in seeds]
+        cases.update({
+            "perturb_sphere": (hosl_perturb("sphere", factors[0]), mezo_perturb, roof_inplace),
+            "update_q10_sphere": (hosl_update(10, "sphere", factors), mezo_update(10), roof_inplace),
+            "sphere_scales": (lambda: sphere_scales(weights, seed, backend="cpu"), mezo_perturb, roof_inplace),
+        })
     results: dict = {}
     for name, (hosl_fn, mezo_fn, roof_fn) in cases.items():
         row = {
@@ -167,10 +195,10 @@ def main(argv=None) -> dict:
 
     print(f"hosl kernels, {n / 2**20:.0f}M float32 elements in {args.tensors} tensors, 1 thread, "
           f"CPU variant {cpu_backend.isa()}, via {via}")
-    print(f"{'op':<12} {'hosl ns/el':>11} {'MeZO ns/el':>11} {'roof ns/el':>11} {'MeZO/hosl':>10} {'hosl/roof':>10}")
+    print(f"{'op':<23} {'hosl ns/el':>11} {'MeZO ns/el':>11} {'roof ns/el':>11} {'MeZO/hosl':>10} {'hosl/roof':>10}")
     for name in cases:
         r = results[name]
-        print(f"{name:<12} {r['hosl_ns']:>11.3f} {r['mezo_ns']:>11.3f} {r['roof_ns']:>11.3f} "
+        print(f"{name:<23} {r['hosl_ns']:>11.3f} {r['mezo_ns']:>11.3f} {r['roof_ns']:>11.3f} "
               f"{r['speedup_vs_mezo']:>9.1f}x {r['hosl_over_roof']:>9.2f}x")
     if args.json:
         with open(args.json, "w") as f:

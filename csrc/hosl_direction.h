@@ -243,6 +243,33 @@ HOSL_HOST_DEVICE float normal_at(uint32_t key_lo, uint32_t key_hi, uint64_t i) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Direction families (spec.py FAMILIES). Sphere is the Gaussian direction times a per-tensor
+// float32 factor computed on the host from the fixed-point norm below.
+// ---------------------------------------------------------------------------------------------
+enum class Family : int { kGaussian = 0, kRademacher = 1, kSphere = 2 };
+
+// Rademacher: coordinate i uses counter i / 128 and bit i % 128 of its output: bit (i % 32) of
+// word x_{(i / 32) % 4}, least significant first. Bit 0 -> +1.0f, bit 1 -> -1.0f.
+constexpr int kRademacherShift = 7;  // log2(128 coordinates per counter)
+HOSL_HOST_DEVICE float rademacher_from_word(uint32_t word, uint32_t bit) {
+  return float_of(0x3F800000u | (((word >> bit) & 1u) << 31));
+}
+HOSL_HOST_DEVICE float rademacher_at(uint32_t key_lo, uint32_t key_hi, uint64_t i) {
+  const Philox4 w = philox4x32_10(i >> kRademacherShift, key_lo, key_hi);
+  const uint32_t which = static_cast<uint32_t>(i >> 5) & 3u;
+  const uint32_t word = which == 0 ? w.x0 : which == 1 ? w.x1 : which == 2 ? w.x2 : w.x3;
+  return rademacher_from_word(word, static_cast<uint32_t>(i) & 31u);
+}
+
+// Sphere norm term: floor(float32(z*z) * 2^24). z*z < 34, so the term is < 2^30: an exact int32
+// (the float -> int conversion truncates, i.e. floors a non-negative value). Summed in 64-bit
+// integers, the norm is exact whatever the summation order.
+constexpr float kSphereFixedOne = 0x1p+24f;
+HOSL_HOST_DEVICE uint32_t sphere_sq_term(float z) {
+  return static_cast<uint32_t>(static_cast<int32_t>(fmul(fmul(z, z), kSphereFixedOne)));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Storage conversions, done with integer operations (exact; round-to-nearest-even on the way down).
 // ---------------------------------------------------------------------------------------------
 HOSL_HOST_DEVICE float bf16_to_float(uint16_t h) { return float_of(static_cast<uint32_t>(h) << 16); }

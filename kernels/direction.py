@@ -173,6 +173,97 @@ def block_normals(b, offset, k0, k1, BN: tl.constexpr):
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * BN, ))
 
 
+# Direction families (constexpr FAMILY of the kernels; spec.FAMILIES order).
+FAMILY_GAUSSIAN = tl.constexpr(0)
+FAMILY_RADEMACHER = tl.constexpr(1)
+FAMILY_SPHERE = tl.constexpr(2)
+
+
+@triton.jit
+def block_signs(b, offset, k0, k1, BN: tl.constexpr):
+    """Rademacher z (+-1.0 float32) for program ``b`` of a tensor at ``offset``, element order.
+
+    The program owns Rademacher counters ``offset // 128 + b*BN + [0, BN)`` (128 coordinates
+    each); its elements are ``b*128*BN - offset % 128 + [0, 128*BN)`` (:func:`rademacher_elements`).
+    Coordinate ``128n + 32w + j`` takes bit ``j`` of word ``x_w`` of counter ``n``; a 1 bit is -1.
+    """
+    n = offset // 128 + b * BN + tl.arange(0, BN).to(tl.int64)
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    words = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BN, 4))  # x0 x1 x2 x3 per counter
+    bits = (words[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
+    return tl.where(tl.reshape(bits, (128 * BN, )) != 0, -1.0, 1.0)
+
+
+@triton.jit
+def rademacher_elements(b, offset, BN: tl.constexpr):
+    """Element indices (int64, mask them) of program ``b`` of a tensor in the Rademacher layout."""
+    return b * (128 * BN) - offset % 128 + tl.arange(0, 128 * BN).to(tl.int64)
+
+
+@triton.jit
+def family_elements(b, offset, FAMILY: tl.constexpr, BN: tl.constexpr):
+    """Element indices of program ``b``: BN counters of 128 (Rademacher) or of 4 coordinates."""
+    if FAMILY == FAMILY_RADEMACHER:
+        return rademacher_elements(b, offset, BN)
+    else:
+        return block_elements(b, offset, BN)
+
+
+@triton.jit
+def family_direction(b, offset, k0, k1, factor, FAMILY: tl.constexpr, BN: tl.constexpr):
+    """z of the family for the elements of :func:`family_elements`; sphere: ``factor * z``."""
+    if FAMILY == FAMILY_RADEMACHER:
+        return block_signs(b, offset, k0, k1, BN)
+    elif FAMILY == FAMILY_SPHERE:
+        return factor * block_normals(b, offset, k0, k1, BN)
+    else:
+        return block_normals(b, offset, k0, k1, BN)
+
+
+@triton.jit
+def row_normals(first, k0, k1, C: tl.constexpr):
+    """z for ``4*C`` consecutive coordinates from ``4*first`` on, for every counter in ``first``.
+
+    ``first`` is an int64 tensor ``[A, R]`` of Philox counters (each row's first coordinate must be a
+    multiple of 4, i.e. row-aligned); ``k0``/``k1`` broadcast against ``[A, R, C]`` (per-direction
+    keys as ``[A, 1, 1]``). Returns float32 ``[A, R, 4*C]`` in coordinate order -- the 2-D-tile
+    form of :func:`block_normals` used by the perturbed matmul and embedding.
+    """
+    n = first[:, :, None] + tl.arange(0, C).to(tl.int64)[None, None, :]
+    z0, z1, z2, z3 = normal4(n, k0, k1)
+    # [.., i, j] = z_{2i+j} as in block_normals: row-major flattening gives z0 z1 z2 z3 per counter
+    zz = tl.join(tl.join(z0, z2), tl.join(z1, z3))
+    return tl.reshape(zz, (z0.shape[0], z0.shape[1], 4 * C))
+
+
+@triton.jit
+def element_normals(coord, k0, k1):
+    """z at arbitrary int64 coordinates ``coord`` (any shape; keys broadcast against it).
+
+    One Philox call per element (4x the work of :func:`row_normals`): for tiles whose rows do not
+    start on a multiple of 4 and for small vectors such as biases.
+    """
+    lane = coord & 3
+    z0, z1, z2, z3 = normal4(coord >> 2, k0, k1)
+    return tl.where(lane == 0, z0, tl.where(lane == 1, z1, tl.where(lane == 2, z2, z3)))
+
+
+@triton.jit
+def load_direction_group(dirs, D, pid_d, DB: tl.constexpr):
+    """Keys (uint32 ``[DB]``), scales (float32 ``[DB]``), indices and mask of this program's directions.
+
+    ``dirs`` holds ``(key_lo, key_hi, scale_bits)`` per direction (int64 words)."""
+    d = pid_d * DB + tl.arange(0, DB)
+    dmask = d < D
+    k0 = tl.load(dirs + 3 * d, mask=dmask, other=0).to(tl.uint32)
+    k1 = tl.load(dirs + 3 * d + 1, mask=dmask, other=0).to(tl.uint32)
+    scale = scalar_f32(tl.load(dirs + 3 * d + 2, mask=dmask, other=0))
+    return d.to(tl.int64), dmask, k0, k1, scale
+
+
 @triton.jit
 def scalar_f32(bits):
     """A float32 scalar passed as its int32 bit pattern (exact for every value, subnormals too)."""

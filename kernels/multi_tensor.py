@@ -49,9 +49,13 @@ def group_by_dtype(items):
     return groups
 
 
-def build_rows(srcs, dsts, offsets, block_counters: int) -> tuple[list[int], int, int]:
-    """Rows for the non-empty tensors: (flat words, number of rows, total programs)."""
-    per_program = 4 * block_counters
+def build_rows(srcs, dsts, offsets, block_counters: int, coords_per_counter: int = 4) -> tuple[list[int], int, int]:
+    """Rows for the non-empty tensors: (flat words, number of rows, total programs).
+
+    A program owns ``block_counters`` Philox counters of ``coords_per_counter`` coordinates each
+    (4 for Gaussian directions, 128 for Rademacher), aligned in coordinate space.
+    """
+    per_program = coords_per_counter * block_counters
     words: list[int] = []
     first = 0
     for src, dst, offset in zip(srcs, dsts, offsets):
@@ -60,7 +64,7 @@ def build_rows(srcs, dsts, offsets, block_counters: int) -> tuple[list[int], int
             continue
         assert src.is_contiguous() and dst.is_contiguous(), "hosl.kernels needs contiguous tensors"
         words += [src.data_ptr(), dst.data_ptr(), numel, offset, first]
-        first += -(-(numel + offset % 4) // per_program)
+        first += -(-(numel + offset % coords_per_counter) // per_program)
     return words, len(words) // ROW, first
 
 
@@ -77,9 +81,37 @@ def device_table(words: list[int], device: torch.device, cache: bool) -> torch.T
     return torch.tensor(words, dtype=torch.int64, device=device)
 
 
+def direction_table(keys_lo, keys_hi, scales, device) -> torch.Tensor:
+    """``(key_lo, key_hi, scale_bits)`` per direction, int64, on ``device``. Cached: every layer of
+    one perturbed pass asks for the same table, so only the first pays the host-to-device copy."""
+    words = []
+    for lo, hi, s in zip(keys_lo, keys_hi, scales):
+        words += [lo, hi, f32_bits(s)]
+    return device_table(words, device, cache=True)
+
+
+FAMILY_CODES = {"gaussian": 0, "rademacher": 1, "sphere": 2}  # the FAMILY constexpr of the kernels
+
+
+def family_layout(family: str, block_counters: int) -> tuple[int, int]:
+    """(counters per program, coordinates per counter) of a family's launch. Rademacher programs
+    cover as many coordinates as Gaussian ones (4 * block_counters), in counters of 128."""
+    if family == "rademacher":
+        return max(1, block_counters // 32), 128
+    return block_counters, 4
+
+
 @triton.jit
 def locate(table, num_rows):
     """(src, dst, numel, offset, b) for this program: its tensor's row and its index b in it."""
+    _, src, dst, numel, offset, b = locate_row(table, num_rows)
+    return src, dst, numel, offset, b
+
+
+@triton.jit
+def locate_row(table, num_rows):
+    """(row, src, dst, numel, offset, b): :func:`locate` plus the row's index (for per-row data
+    that a kernel appends after the rows, such as the sphere factors)."""
     pid = tl.program_id(0)
     lo = pid * 0
     hi = lo + num_rows - 1
@@ -94,4 +126,4 @@ def locate(table, num_rows):
     numel = tl.load(row + 2)
     offset = tl.load(row + 3)
     b = pid - tl.load(row + 4)
-    return src, dst, numel, offset, b
+    return lo, src, dst, numel, offset, b

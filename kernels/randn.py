@@ -1,35 +1,100 @@
-"""``z(seed, offset + e)`` for ``e`` in ``[0, numel)`` into a new float32 tensor."""
+"""``z(seed, offset + e)`` for ``e`` in ``[0, numel)`` into a new float32 tensor, and the sphere
+family's fixed-point norms (``sq_norms``)."""
 
 import torch
 import triton
 import triton.language as tl
 
+from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, default_block_counters, on_device
-from hosl.kernels.direction import block_elements, block_normals, seed_key
+from hosl.kernels.direction import block_elements, block_normals, family_direction, family_elements, scalar_f32, \
+    seed_key
 from hosl.kernels.multi_tensor import i32
 
+SPHERE_FIXED_ONE = tl.constexpr(float.fromhex("0x1p+24"))  # spec.SPHERE_FRACTION_BITS
 
-@triton.jit(do_not_specialize=["numel", "offset", "key_lo", "key_hi"])
-def randn_kernel(out, numel, offset, key_lo, key_hi, BN: tl.constexpr):
+
+@triton.jit(do_not_specialize=["numel", "offset", "key_lo", "key_hi", "factor_bits"])
+def randn_kernel(out, numel, offset, key_lo, key_hi, factor_bits, BN: tl.constexpr, FAMILY: tl.constexpr = 0):
+    """FAMILY (direction.FAMILY_*); for sphere, z is ``factor * z_gaussian``."""
     b = tl.program_id(0).to(tl.int64)
     offset = offset.to(tl.int64)
     k0, k1 = seed_key(key_lo, key_hi)
-    e = block_elements(b, offset, BN)
-    z = block_normals(b, offset, k0, k1, BN)
+    e = family_elements(b, offset, FAMILY, BN)
+    z = family_direction(b, offset, k0, k1, scalar_f32(factor_bits), FAMILY, BN)
     tl.store(out + e, z, mask=(e >= 0) & (e < numel))
 
 
+@triton.jit(do_not_specialize=["num_rows", "key_lo", "key_hi"])
+def sq_norm_kernel(table, num_rows, partial, key_lo, key_hi, BN: tl.constexpr):
+    """partial[pid] = sum over this program's elements of floor(float32(z*z) * 2**24) (int64).
+
+    Integer sums are exact and order-free, so the host's per-tensor totals equal the spec's."""
+    src, dst, numel, offset, b = mt.locate(table, num_rows)
+    k0, k1 = seed_key(key_lo, key_hi)
+    e = block_elements(b, offset, BN)
+    z = block_normals(b, offset, k0, k1, BN)
+    term = ((z * z) * SPHERE_FIXED_ONE).to(tl.int32)  # < 2**30; float->int truncates
+    term = tl.where((e >= 0) & (e < numel), term, 0).to(tl.int64)
+    tl.store(partial + tl.program_id(0), tl.sum(term, axis=0))
+
+
 # For the ahead-of-time compile check: argument types of one representative launch.
-AOT = [(randn_kernel, {"out": "*fp32", "numel": "i64", "offset": "i64", "key_lo": "i32", "key_hi": "i32"},
+_SIG = {"out": "*fp32", "numel": "i64", "offset": "i64", "key_lo": "i32", "key_hi": "i32", "factor_bits": "i32"}
+AOT = [(randn_kernel, _SIG, {"BN": 256, "FAMILY": 0}), (randn_kernel, _SIG, {"BN": 8, "FAMILY": 1}),
+       (randn_kernel, _SIG, {"BN": 256, "FAMILY": 2}),
+       (sq_norm_kernel, {"table": "*i64", "num_rows": "i32", "partial": "*i64", "key_lo": "i32", "key_hi": "i32"},
         {"BN": 256})]
 
 
-def randn(key_lo: int, key_hi: int, numel: int, offset: int, device, block_counters=None) -> torch.Tensor:
+def randn(key_lo: int, key_hi: int, numel: int, offset: int, device, family: str = "gaussian", scale: float = 1.0,
+          block_counters=None) -> torch.Tensor:
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel == 0:
         return out
-    bn = block_counters or default_block_counters()
-    grid = (-(-(numel + offset % 4) // (4 * bn)), )
+    bn, per_counter = mt.family_layout(family, block_counters or default_block_counters())
+    grid = (-(-(numel + offset % per_counter) // (per_counter * bn)), )
     with on_device(out.device):
-        randn_kernel[grid](out, numel, offset, i32(key_lo), i32(key_hi), BN=bn, **COMPILE_OPTIONS)
+        randn_kernel[grid](out, numel, offset, i32(key_lo), i32(key_hi), mt.f32_bits(scale), BN=bn,
+                           FAMILY=mt.FAMILY_CODES[family], **COMPILE_OPTIONS)
+    return out
+
+
+class _Extent:
+    """Stands in for a tensor in :func:`multi_tensor.build_rows` (which reads numel and addresses)."""
+
+    def __init__(self, numel):
+        self._numel = numel
+
+    def numel(self):
+        return self._numel
+
+    def is_contiguous(self):
+        return True
+
+    def data_ptr(self):
+        return 0
+
+
+def sq_norms(numels, offsets, key_lo: int, key_hi: int, device, block_counters=None) -> list[int]:
+    """Per tensor, ``sum floor(float32(z*z) * 2**24)`` over its Gaussian slice, as exact Python ints."""
+    bn = block_counters or default_block_counters()
+    extents = [_Extent(n) for n in numels]
+    words, rows, programs = mt.build_rows(extents, extents, offsets, bn)
+    if programs == 0:
+        return [0] * len(numels)
+    table = mt.device_table(words, device, cache=False)
+    partial = torch.empty(programs, dtype=torch.int64, device=table.device)
+    with on_device(table.device):
+        sq_norm_kernel[(programs, )](table, rows, partial, i32(key_lo), i32(key_hi), BN=bn, **COMPILE_OPTIONS)
+    partial = partial.tolist()
+    out, r = [], 0
+    for n in numels:  # rows are the non-empty tensors, in order; first_program is word 4 of a row
+        if n == 0:
+            out.append(0)
+            continue
+        start = words[r * mt.ROW + 4]
+        end = words[(r + 1) * mt.ROW + 4] if r + 1 < rows else programs
+        out.append(sum(partial[start:end]))
+        r += 1
     return out

@@ -16,13 +16,16 @@ import triton.language as tl
 
 from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, default_block_counters, on_device
-from hosl.kernels.direction import block_elements, block_normals, load_f32, scalar_f32, store_rne
+from hosl.kernels.direction import FAMILY_SPHERE, family_direction, family_elements, load_f32, scalar_f32, store_rne
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_dirs", "decay_bits"])
-def zo_update_kernel(table, num_rows, num_dirs, decay_bits, DTYPE: tl.constexpr, BN: tl.constexpr):
-    src, dst, numel, offset, b = mt.locate(table, num_rows)
-    e = block_elements(b, offset, BN)
+def zo_update_kernel(table, num_rows, num_dirs, decay_bits, DTYPE: tl.constexpr, BN: tl.constexpr,
+                     FAMILY: tl.constexpr = 0):
+    """FAMILY (direction.FAMILY_*): sphere reads the factor of row r, direction q (float32 bits)
+    at ``dirs[3*num_dirs + r*num_dirs + q]``, after the per-direction triples."""
+    row, src, dst, numel, offset, b = mt.locate_row(table, num_rows)
+    e = family_elements(b, offset, FAMILY, BN)
     mask = (e >= 0) & (e < numel)
     w = load_f32(src, e, mask, DTYPE)
     decay = scalar_f32(decay_bits)
@@ -32,28 +35,41 @@ def zo_update_kernel(table, num_rows, num_dirs, decay_bits, DTYPE: tl.constexpr,
         k0 = tl.load(dirs + 3 * q).to(tl.uint32)
         k1 = tl.load(dirs + 3 * q + 1).to(tl.uint32)
         coeff = scalar_f32(tl.load(dirs + 3 * q + 2))
-        z = block_normals(b, offset, k0, k1, BN)
+        factor = 1.0
+        if FAMILY == FAMILY_SPHERE:
+            factor = scalar_f32(tl.load(dirs + 3 * num_dirs + row * num_dirs + q))
+        z = family_direction(b, offset, k0, k1, factor, FAMILY, BN)
         acc = acc - coeff * z
     store_rne(dst, e, acc, mask, DTYPE)
 
 
-AOT = [(zo_update_kernel, {"table": "*i64", "num_rows": "i32", "num_dirs": "i32", "decay_bits": "i32"},
-        {"DTYPE": dtype, "BN": 256}) for dtype in (0, 1, 2)]
+_SIG = {"table": "*i64", "num_rows": "i32", "num_dirs": "i32", "decay_bits": "i32"}
+AOT = ([(zo_update_kernel, _SIG, {"DTYPE": dtype, "BN": 256, "FAMILY": 0}) for dtype in (0, 1, 2)]
+       + [(zo_update_kernel, _SIG, {"DTYPE": dtype, "BN": 8, "FAMILY": 1}) for dtype in (0, 2)]
+       + [(zo_update_kernel, _SIG, {"DTYPE": 0, "BN": 256, "FAMILY": 2})])
 
 
-def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay: float, block_counters=None) -> None:
-    bn = block_counters or default_block_counters()
+def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay: float, family: str = "gaussian", dir_scales=None,
+              block_counters=None) -> None:
+    """``dir_scales[q * len(tensors) + j]``: sphere factor of tensor j, direction q (sphere only)."""
+    bn, per_counter = mt.family_layout(family, block_counters or default_block_counters())
+    num_dirs = len(coeffs)
     dirs = []
     for lo, hi, c in zip(keys_lo, keys_hi, coeffs):
         dirs += [lo, hi, mt.f32_bits(c)]
-    groups = mt.group_by_dtype(zip(tensors, offsets))
+    groups = mt.group_by_dtype([(t, o, j) for j, (t, o) in enumerate(zip(tensors, offsets))])
     for dtype, items in groups.items():
-        ws, offs = zip(*items)
-        words, rows, programs = mt.build_rows(ws, ws, offs, bn)
+        ws, offs, idx = zip(*items)
+        words, rows, programs = mt.build_rows(ws, ws, offs, bn, per_counter)
         if programs == 0:
             continue
+        extra = []
+        if family == "sphere":  # per row (non-empty tensor), its Q factors
+            for w, j in zip(ws, idx):
+                if w.numel():
+                    extra += [mt.f32_bits(dir_scales[q * len(tensors) + j]) for q in range(num_dirs)]
         # seeds differ every step: no caching, one small host-to-device copy per dtype
-        table = mt.device_table(words + dirs, ws[0].device, cache=False)
+        table = mt.device_table(words + dirs + extra, ws[0].device, cache=False)
         with on_device(table.device):
-            zo_update_kernel[(programs, )](table, rows, len(coeffs), mt.f32_bits(decay),
-                                           DTYPE=mt.dtype_code(dtype), BN=bn, **COMPILE_OPTIONS)
+            zo_update_kernel[(programs, )](table, rows, num_dirs, mt.f32_bits(decay), DTYPE=mt.dtype_code(dtype),
+                                           BN=bn, FAMILY=mt.FAMILY_CODES[family], **COMPILE_OPTIONS)

@@ -85,13 +85,26 @@ def _instructions(ptx: str) -> list[str]:
     return ops
 
 
+def _rademacher(kernel) -> bool:
+    return kernel["constexprs"].get("FAMILY") == 1
+
+
+def test_every_family_is_compiled(compiled):
+    """Each direction family has AOT variants of randn, perturb and zo_update (and the sphere norm)."""
+    built = {(k["name"], k["constexprs"].get("FAMILY", 0)) for k in compiled["kernels"]}
+    for name in ("randn_kernel", "perturb_kernel", "zo_update_kernel"):
+        assert {(name, f) for f in (0, 1, 2)} <= built, name
+    assert ("sq_norm_kernel", 0) in built
+
+
 def _f32_ops(ptx: str) -> list[str]:
     return [op for op in _instructions(ptx) if op.endswith(".f32")]
 
 
 def test_every_kernel_is_compiled(compiled):
     built = {k["name"] for k in compiled["kernels"]}
-    assert built == set(compiled["all_kernels"]) and built >= {"randn_kernel", "perturb_kernel", "zo_update_kernel"}
+    assert built == set(compiled["all_kernels"]) and built >= {"randn_kernel", "perturb_kernel", "zo_update_kernel",
+                                                              "perturbed_linear_kernel", "perturbed_embedding_kernel"}
     for k in compiled["kernels"]:
         assert k["cubin_bytes"] > 0, f"{k['name']}: ptxas produced no cubin"
 
@@ -114,9 +127,10 @@ def test_ptx_float_ops_are_correctly_rounded(compiled):
     for k in compiled["kernels"]:
         where = f"{k['name']} {k['constexprs']}"
         ops = _f32_ops(k["ptx"])
-        assert "div.rn.f32" in ops and "sqrt.rn.f32" in ops, where
+        if not _rademacher(k):  # Rademacher directions are sign bits: no log, no sqrt
+            assert "div.rn.f32" in ops and "sqrt.rn.f32" in ops, where
         arith = [op for op in ops if op.split(".")[0] in ("add", "sub", "mul", "div", "sqrt")]
-        assert arith and all(op in ("add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32", "sqrt.rn.f32")
+        assert (arith or _rademacher(k)) and all(op in ("add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32", "sqrt.rn.f32")
                              for op in arith), f"{where}: {sorted(set(arith))}"
         bad = [op for op in _instructions(k["ptx"]) if ".ftz" in op or ".approx" in op or ".full" in op]
         assert not bad, f"{where}: {sorted(set(bad))}"
@@ -130,6 +144,11 @@ def test_ptx_per_counter_work(compiled):
         ops = _instructions(k["ptx"])
         n_div, n_sqrt = ops.count("div.rn.f32"), ops.count("sqrt.rn.f32")
         n_mulhi = ops.count("mul.hi.u32")
+        if _rademacher(k):
+            # BN=8 counters of 128 coordinates per program of 128 threads: one Philox call per
+            # thread (per direction), shared by the thread's coordinates
+            assert n_div == n_sqrt == 0 and 0 < n_mulhi <= 2 * 10, (k["name"], n_mulhi)
+            continue
         assert n_div == n_sqrt and n_div % 2 == 0, k["name"]
         counters = n_div // 2  # per thread (per loop iteration for zo_update)
         assert n_mulhi <= 2 * 10 * counters, (k["name"], n_mulhi, counters)
@@ -150,13 +169,16 @@ def test_launchers_pass_the_compile_options(monkeypatch):
 
     hk = importlib.import_module("hosl.kernels")
     for mod_name, attr in [("randn", "randn_kernel"), ("perturb", "perturb_kernel"),
-                           ("zo_update", "zo_update_kernel")]:
+                           ("zo_update", "zo_update_kernel"), ("perturbed_linear", "perturbed_linear_kernel"),
+                           ("perturbed_embedding", "perturbed_embedding_kernel")]:
         monkeypatch.setattr(importlib.import_module(f"hosl.kernels.{mod_name}"), attr, Recorder())
     w = torch.zeros(10)
     hk.randn(0, 0, 10, 0, "cpu")
     hk.perturb([w], [w], [0], 0, 0, 1.0)
     hk.zo_update([w], [0], [1], [2], [0.5], 0.0)
-    assert len(seen) == 3
+    hk.perturbed_linear(torch.zeros(2, 5), w.view(2, 5), None, 0, None, [1], [2], [0.5], True)
+    hk.perturbed_embedding(torch.zeros(3, dtype=torch.int64), w.view(2, 5), 0, [1], [2], [0.5], True)
+    assert len(seen) == 5
     for kwargs in seen:
         assert kwargs["enable_fp_fusion"] is False
         assert {k: kwargs[k] for k in hk.COMPILE_OPTIONS} == hk.COMPILE_OPTIONS

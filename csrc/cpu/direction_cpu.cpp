@@ -10,6 +10,9 @@
 //     that combines the normals with the weights and stores.
 //   * zo_update keeps a float32 accumulator per tile and adds all Q directions to it before the
 //     single store, so weights are read and written once whatever Q is.
+//   * Families: Rademacher replaces steps (1)-(2) by expanding the bits of kTile/128 counters into
+//     +-1.0f (one Philox call per 128 coordinates: the ops become memory-bound); sphere is the
+//     Gaussian tile times the slot's factor; sq_norms sums sphere_sq_term over a chunk in uint64.
 //
 // SIMD variants (AVX-512, AVX2, baseline) are the same template compiled under different GCC
 // `target` attributes (the mechanism behind target_clones); the variant is picked once at load
@@ -171,7 +174,7 @@ HOSL_TARGET_AVX512 void philox_fill_avx512(uint64_t first, size_t count, uint32_
 // ---------------------------------------------------------------------------------------------
 // One job = one op over a table of slots, cut into aligned chunks.
 // ---------------------------------------------------------------------------------------------
-enum class Op { kRandn, kPerturb, kUpdate };
+enum class Op { kRandn, kPerturb, kUpdate, kSqNorm };
 
 struct Job {
   Op op;
@@ -182,6 +185,10 @@ struct Job {
   const float* coeffs;  // perturb: coeffs[0] is the scale
   size_t num_dirs;
   float decay;
+  Family family = Family::kGaussian;
+  const float* dir_scales = nullptr;  // sphere: [q * num_slots + j] (randn: [0])
+  size_t num_slots = 0;
+  std::vector<uint64_t> chunk_sums;   // kSqNorm: one partial sum per global chunk
 };
 
 // The aligned window [begin, end) of coordinates that contains `i`, of width `width`, clipped to
@@ -214,6 +221,45 @@ struct Tiles {
     }
   }
 
+  // z[0 .. 128*count) = +-1.0f for Rademacher counters first .. first+count-1 (count <= kTile/128).
+  __attribute__((always_inline)) inline void signs(uint64_t first, size_t count, uint32_t k0, uint32_t k1) {
+    kFill(first, 16, k0, k1, x0, x1, x2, x3);  // the SIMD fill works in groups of 16 counters
+    const uint32_t* words[4] = {x0, x1, x2, x3};
+    for (size_t k = 0; k < count; ++k) {
+      for (size_t w = 0; w < 4; ++w) {
+        const uint32_t word = words[w][k];
+        float* zw = z + 128 * k + 32 * w;
+        for (uint32_t b = 0; b < 32; ++b) zw[b] = rademacher_from_word(word, b);
+      }
+    }
+  }
+
+  // The direction of coordinates [begin, last] (inside one aligned tile) into z; returns the
+  // index in z of coordinate `begin`. Sphere multiplies the Gaussian tile by `factor`.
+  __attribute__((always_inline)) inline size_t direction(Family family, uint64_t begin, uint64_t last, uint32_t k0,
+                                                         uint32_t k1, float factor) {
+    if (family == Family::kRademacher) {
+      const uint64_t first = begin >> kRademacherShift;
+      signs(first, static_cast<size_t>((last >> kRademacherShift) - first + 1), k0, k1);
+      return static_cast<size_t>(begin & 127);
+    }
+    const uint64_t first = begin >> 2;
+    const size_t count = static_cast<size_t>((last >> 2) - first + 1);
+    normals(first, count, k0, k1);
+    if (family == Family::kSphere) {
+      for (size_t t = 0; t < 4 * count; ++t) z[t] = fmul(factor, z[t]);
+    }
+    return static_cast<size_t>(begin & 3);
+  }
+
+  // sum of sphere_sq_term over z[lead .. lead+n)
+  __attribute__((always_inline)) inline uint64_t sq_sum(size_t n, size_t lead) {
+    const float* zt = z + lead;
+    uint64_t sum = 0;
+    for (size_t t = 0; t < n; ++t) sum += sphere_sq_term(zt[t]);
+    return sum;
+  }
+
   template <class S>
   __attribute__((always_inline)) inline void perturb(const void* in_v, void* out_v, size_t n, size_t lead,
                                                      float scale) {
@@ -223,39 +269,99 @@ struct Tiles {
     for (size_t t = 0; t < n; ++t) out[t] = S::store(perturb_element(S::load(in[t]), scale, zt[t]));
   }
 
+  // The update's elements live at acc[acc_lead .. acc_lead + n): acc_lead is 0, except for the
+  // Rademacher update, which keeps them at their position in the tile's 128-aligned counters.
+  size_t acc_lead = 0;
+
   template <class S>
   __attribute__((always_inline)) inline void update_start(const void* w_v, size_t n, float decay) {
     const typename S::T* w = static_cast<const typename S::T*>(w_v);
-    for (size_t t = 0; t < n; ++t) acc[t] = hosl::update_start(S::load(w[t]), decay);
+    float* a = acc + acc_lead;
+    for (size_t t = 0; t < n; ++t) a[t] = hosl::update_start(S::load(w[t]), decay);
   }
 
   __attribute__((always_inline)) inline void update_step(size_t n, size_t lead, float coeff) {
     const float* zt = z + lead;
-    for (size_t t = 0; t < n; ++t) acc[t] = hosl::update_step(acc[t], coeff, zt[t]);
+    float* a = acc + acc_lead;
+    for (size_t t = 0; t < n; ++t) a[t] = hosl::update_step(a[t], coeff, zt[t]);
   }
 
   template <class S>
   __attribute__((always_inline)) inline void update_store(void* w_v, size_t n) {
     typename S::T* w = static_cast<typename S::T*>(w_v);
-    for (size_t t = 0; t < n; ++t) w[t] = S::store(acc[t]);
+    const float* a = acc + acc_lead;
+    for (size_t t = 0; t < n; ++t) w[t] = S::store(a[t]);
   }
 
-  // Coordinates [begin, last] of slot s (all inside one aligned tile).
-  __attribute__((always_inline)) inline void run_tile(const Job& job, const TensorSlot& s, uint64_t begin,
-                                                      uint64_t last) {
-    const uint64_t first_counter = begin >> 2;
-    const size_t count = static_cast<size_t>((last >> 2) - first_counter + 1);
-    const size_t lead = static_cast<size_t>(begin & 3);
+  // All Q Rademacher directions applied to acc[acc_lead .. acc_lead + n) (coordinates [begin, last]).
+  // coeff * (+-1) is coeff with its sign bit flipped by the coordinate's bit (exact, as the
+  // multiply), so each direction costs a shift, a mask/xor and a subtract per element; the
+  // accumulators of a 32-coordinate group (one Philox word per direction) stay in registers
+  // across the directions, which are taken in batches of kBatch. The SIMD Philox fill makes 16
+  // counters (2048 coordinates, two tiles): with a single batch, the next tile reuses them.
+  static constexpr size_t kBatch = 16, kFillCounters = 16;
+  alignas(64) uint32_t rad_words[kBatch][4 * kFillCounters];
+  uint64_t rad_first = ~uint64_t(0);  // counter of rad_words[.][0..3]; ~0: nothing cached
+
+  __attribute__((always_inline)) inline void rademacher_update(const Job& job, uint64_t begin, uint64_t last, size_t n) {
+    uint32_t coeff_bits[kBatch];
+    const uint64_t first = begin >> kRademacherShift;
+    const uint64_t last_counter = last >> kRademacherShift;
+    const size_t g0 = acc_lead / 32, g1 = (acc_lead + n - 1) / 32;
+    // the group edges outside the elements: defined values (never stored)
+    for (size_t t = 32 * g0; t < acc_lead; ++t) acc[t] = 0.0f;
+    for (size_t t = acc_lead + n; t < 32 * (g1 + 1); ++t) acc[t] = 0.0f;
+    for (size_t q0 = 0; q0 < job.num_dirs; q0 += kBatch) {
+      const size_t nq = std::min(kBatch, job.num_dirs - q0);
+      const bool cached = job.num_dirs <= kBatch && rad_first != ~uint64_t(0) && first >= rad_first &&
+                          last_counter < rad_first + kFillCounters;
+      if (!cached) {
+        rad_first = job.num_dirs <= kBatch ? first : ~uint64_t(0);
+        for (size_t q = 0; q < nq; ++q) {
+          kFill(first, kFillCounters, job.keys_lo[q0 + q], job.keys_hi[q0 + q], x0, x1, x2, x3);
+          for (size_t k = 0; k < kFillCounters; ++k) {
+            rad_words[q][4 * k] = x0[k];
+            rad_words[q][4 * k + 1] = x1[k];
+            rad_words[q][4 * k + 2] = x2[k];
+            rad_words[q][4 * k + 3] = x3[k];
+          }
+        }
+      }
+      const size_t word0 = 4 * static_cast<size_t>(first - (cached ? rad_first : first));  // group g0's word
+      for (size_t q = 0; q < nq; ++q) coeff_bits[q] = bits_of(job.coeffs[q0 + q]);
+      for (size_t g = g0; g <= g1; ++g) {
+        float a[32];
+        for (uint32_t b = 0; b < 32; ++b) a[b] = acc[32 * g + b];
+        for (size_t q = 0; q < nq; ++q) {
+          const uint32_t word = rad_words[q][word0 + g], cb = coeff_bits[q];
+          for (uint32_t b = 0; b < 32; ++b) a[b] = fsub(a[b], float_of(cb ^ ((word << (31 - b)) & 0x80000000u)));
+        }
+        for (uint32_t b = 0; b < 32; ++b) acc[32 * g + b] = a[b];
+      }
+    }
+  }
+
+  // Coordinates [begin, last] of slot j (all inside one aligned tile). Returns the sq-norm sum
+  // for Op::kSqNorm, else 0.
+  __attribute__((always_inline)) inline uint64_t run_tile(const Job& job, size_t j, uint64_t begin, uint64_t last) {
+    const TensorSlot& s = job.slots[j];
     const size_t n = static_cast<size_t>(last - begin + 1);
     const uint64_t e0 = begin - s.offset;  // element index of the tile's first coordinate
+    const bool sphere = job.family == Family::kSphere;
     switch (job.op) {
+      case Op::kSqNorm: {
+        const size_t lead = direction(Family::kGaussian, begin, last, job.keys_lo[0], job.keys_hi[0], 1.0f);
+        return sq_sum(n, lead);
+      }
       case Op::kRandn: {
-        normals(first_counter, count, job.keys_lo[0], job.keys_hi[0]);
+        const float factor = sphere ? job.dir_scales[0] : 1.0f;
+        const size_t lead = direction(job.family, begin, last, job.keys_lo[0], job.keys_hi[0], factor);
         std::memcpy(static_cast<float*>(s.out) + e0, z + lead, n * sizeof(float));
         break;
       }
       case Op::kPerturb: {
-        normals(first_counter, count, job.keys_lo[0], job.keys_hi[0]);
+        const float factor = sphere ? job.dir_scales[j] : 1.0f;
+        const size_t lead = direction(job.family, begin, last, job.keys_lo[0], job.keys_hi[0], factor);
         const float scale = job.coeffs[0];
         switch (s.dtype) {
           case DType::kFloat32:
@@ -274,14 +380,20 @@ struct Tiles {
         break;
       }
       case Op::kUpdate: {
+        acc_lead = job.family == Family::kRademacher ? static_cast<size_t>(begin & 127) : 0;
         switch (s.dtype) {
           case DType::kFloat32: update_start<Float32Storage>(static_cast<const float*>(s.in) + e0, n, job.decay); break;
           case DType::kFloat16: update_start<Float16Storage>(static_cast<const uint16_t*>(s.in) + e0, n, job.decay); break;
           case DType::kBFloat16: update_start<BFloat16Storage>(static_cast<const uint16_t*>(s.in) + e0, n, job.decay); break;
         }
-        for (size_t q = 0; q < job.num_dirs; ++q) {
-          normals(first_counter, count, job.keys_lo[q], job.keys_hi[q]);
-          update_step(n, lead, job.coeffs[q]);
+        if (job.family == Family::kRademacher && job.num_dirs) {
+          rademacher_update(job, begin, last, n);
+        } else {
+          for (size_t q = 0; q < job.num_dirs; ++q) {
+            const float factor = sphere ? job.dir_scales[q * job.num_slots + j] : 1.0f;
+            const size_t lead = direction(job.family, begin, last, job.keys_lo[q], job.keys_hi[q], factor);
+            update_step(n, lead, job.coeffs[q]);
+          }
         }
         switch (s.dtype) {
           case DType::kFloat32: update_store<Float32Storage>(static_cast<float*>(s.out) + e0, n); break;
@@ -291,6 +403,7 @@ struct Tiles {
         break;
       }
     }
+    return 0;
   }
 };
 
@@ -305,12 +418,14 @@ __attribute__((always_inline)) inline void run_chunk_impl(const Job& job, uint64
   uint64_t begin, last;
   clip_window(window, kChunk, lo, hi, begin, last);
   Tiles<kFill> tiles;  // ~13 KiB on the stack
+  uint64_t sum = 0;
   for (uint64_t tile = begin / kTile * kTile; tile <= last; tile += kTile) {
     uint64_t tile_begin, tile_last;
     clip_window(tile, kTile, begin, last, tile_begin, tile_last);
-    tiles.run_tile(job, s, tile_begin, tile_last);
+    sum += tiles.run_tile(job, j, tile_begin, tile_last);
     if (tile + kTile < tile) break;  // the last tile of the 2^64 coordinate space
   }
+  if (job.op == Op::kSqNorm) const_cast<Job&>(job).chunk_sums[chunk] = sum;  // one writer per chunk
 }
 
 using RunChunkFn = void (*)(const Job&, uint64_t);
@@ -366,6 +481,7 @@ const Variant* g_variant = [] {
 }();
 
 void run_job(Job& job, size_t num_slots, int num_threads) {
+  job.num_slots = num_slots;
   job.first_chunk.resize(num_slots + 1);
   uint64_t total = 0;
   for (size_t j = 0; j < num_slots; ++j) {
@@ -374,6 +490,7 @@ void run_job(Job& job, size_t num_slots, int num_threads) {
     if (s.numel) total += (s.offset + (s.numel - 1)) / kChunk - s.offset / kChunk + 1;
   }
   job.first_chunk[num_slots] = total;
+  if (job.op == Op::kSqNorm) job.chunk_sums.assign(total, 0);
   const RunChunkFn run = g_variant->run;
   if (num_threads <= 1 || total <= 1) {
     for (uint64_t c = 0; c < total; ++c) run(job, c);
@@ -386,22 +503,41 @@ void run_job(Job& job, size_t num_slots, int num_threads) {
 
 }  // namespace
 
-void randn(uint32_t key_lo, uint32_t key_hi, uint64_t offset, uint64_t numel, float* out, int num_threads) {
+void randn(uint32_t key_lo, uint32_t key_hi, uint64_t offset, uint64_t numel, float* out, int num_threads,
+           Family family, float factor) {
   const TensorSlot slot{nullptr, out, numel, offset, DType::kFloat32};
   Job job{Op::kRandn, &slot, {}, &key_lo, &key_hi, nullptr, 1, 0.0f};
+  job.family = family;
+  job.dir_scales = &factor;
   run_job(job, 1, num_threads);
 }
 
 void perturb(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, float scale,
-             int num_threads) {
+             int num_threads, Family family, const float* dir_scales) {
   Job job{Op::kPerturb, slots, {}, &key_lo, &key_hi, &scale, 1, 0.0f};
+  job.family = family;
+  job.dir_scales = dir_scales;
   run_job(job, num_slots, num_threads);
 }
 
 void zo_update(const TensorSlot* slots, size_t num_slots, const uint32_t* keys_lo, const uint32_t* keys_hi,
-               const float* coeffs, size_t num_dirs, float decay, int num_threads) {
+               const float* coeffs, size_t num_dirs, float decay, int num_threads, Family family,
+               const float* dir_scales) {
   Job job{Op::kUpdate, slots, {}, keys_lo, keys_hi, coeffs, num_dirs, decay};
+  job.family = family;
+  job.dir_scales = dir_scales;
   run_job(job, num_slots, num_threads);
+}
+
+void sq_norms(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, uint64_t* out,
+              int num_threads) {
+  Job job{Op::kSqNorm, slots, {}, &key_lo, &key_hi, nullptr, 1, 0.0f};
+  run_job(job, num_slots, num_threads);
+  for (size_t j = 0; j < num_slots; ++j) {  // integer sums: exact in any order
+    uint64_t sum = 0;
+    for (uint64_t c = job.first_chunk[j]; c < job.first_chunk[j + 1]; ++c) sum += job.chunk_sums[c];
+    out[j] = sum;
+  }
 }
 
 const char* isa() { return g_variant->name; }

@@ -19,16 +19,28 @@ struct TensorSlot {
   DType dtype;
 };
 
-// out[e] = z(key, offset + e) for e in [0, numel), float32.
-void randn(uint32_t key_lo, uint32_t key_hi, uint64_t offset, uint64_t numel, float* out, int num_threads);
+// Every op takes the direction family (hosl_direction.h). For Family::kSphere the kernels generate
+// the Gaussian z and use factor * z (rounded) in its place; the factors come from the host
+// (spec.sphere_scale of the norms from sq_norms below).
 
-// out = round(in + scale * z(key, offset + e)) for every slot.
+// out[e] = z(key, offset + e) for e in [0, numel), float32. Sphere: factor * z.
+void randn(uint32_t key_lo, uint32_t key_hi, uint64_t offset, uint64_t numel, float* out, int num_threads,
+           Family family = Family::kGaussian, float factor = 1.0f);
+
+// out = round(in + scale * z(key, offset + e)) for every slot. Sphere: z is dir_scales[j] * z for slot j.
 void perturb(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, float scale,
-             int num_threads);
+             int num_threads, Family family = Family::kGaussian, const float* dir_scales = nullptr);
 
 // In place, one pass over each slot: acc = w - decay*w; acc -= coeffs[q] * z(key_q, .) for q < num_dirs.
+// Sphere: z is dir_scales[q * num_slots + j] * z for slot j.
 void zo_update(const TensorSlot* slots, size_t num_slots, const uint32_t* keys_lo, const uint32_t* keys_hi,
-               const float* coeffs, size_t num_dirs, float decay, int num_threads);
+               const float* coeffs, size_t num_dirs, float decay, int num_threads,
+               Family family = Family::kGaussian, const float* dir_scales = nullptr);
+
+// out[j] = sum over slot j's coordinates of sphere_sq_term(z_gaussian(key, .)) (exact; numel <= 2^33).
+// Only numel and offset of the slots are used.
+void sq_norms(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, uint64_t* out,
+              int num_threads);
 
 // The SIMD variant in use ("avx512", "avx2" or "scalar"), picked at load time from the CPU (and the
 // environment variable HOSL_CPU_ISA, which can only lower it). set_isa returns false when the CPU

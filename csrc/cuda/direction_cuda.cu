@@ -6,6 +6,11 @@
 // device table, and each thread does one counter at a time: four normals, four elements.
 // zo_update loops over all Q directions per counter with a float32 accumulator, so the weights
 // are read and written once.
+// Families: a thread's four Rademacher coordinates are 4 bits of one Philox word; the 32 threads
+// of a warp cover 128 consecutive aligned coordinates, i.e. all use the same Philox counter (one
+// warp-uniform Philox call per 128 elements: memory-bound). Sphere multiplies the Gaussian z by
+// the slot's factor; sq_norms reduces sphere_sq_term per warp and adds it atomically (integers:
+// exact in any order).
 //
 // Build with nvcc -fmad=false --prec-div=true --prec-sqrt=true; the math also uses explicit
 // __f*_rn intrinsics, which nvcc never contracts into FMAs (.ci/check_cuda.sh checks the PTX).
@@ -38,12 +43,35 @@ struct Table {
   const uint32_t* keys_lo;
   const uint32_t* keys_hi;
   const float* coeffs;
+  const float* dir_scales;  // sphere: [slot * num_dirs + q]
+  unsigned long long* sums; // sq_norms: one per slot
   int num_slots;
   int num_dirs;
   uint64_t num_chunks;
 };
 
-enum class Op { kRandn, kPerturb, kUpdate };
+enum class Op { kRandn, kPerturb, kUpdate, kSqNorm };
+
+// z of the four coordinates coord0 .. coord0+3 (coord0 = 4 * counter) for the family.
+template <Family kFam>
+__device__ __forceinline__ void direction4(uint64_t counter, uint32_t k0, uint32_t k1, float factor, float z[4]) {
+  if (kFam == Family::kRademacher) {
+    const uint64_t coord0 = counter * 4;
+    const Philox4 x = philox4x32_10(coord0 >> kRademacherShift, k0, k1);
+    const uint32_t which = static_cast<uint32_t>(coord0 >> 5) & 3u;
+    const uint32_t word = which == 0 ? x.x0 : which == 1 ? x.x1 : which == 2 ? x.x2 : x.x3;
+    const uint32_t bit0 = static_cast<uint32_t>(coord0) & 31u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) z[j] = rademacher_from_word(word, bit0 + j);
+  } else {
+    const Philox4 x = philox4x32_10(counter, k0, k1);
+    normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
+    if (kFam == Family::kSphere) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) z[j] = fmul(factor, z[j]);
+    }
+  }
+}
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -56,15 +84,32 @@ __device__ __forceinline__ int find_slot(const Table& t, uint64_t chunk) {
   return lo;
 }
 
-template <class S, Op kOp>
+template <class S, Op kOp, Family kFam>
 __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scale, float decay) {
   using T = typename S::T;
   for (uint64_t chunk = blockIdx.x; chunk < t.num_chunks; chunk += gridDim.x) {
-    const DeviceSlot s = t.slots[find_slot(t, chunk)];
+    const int slot = find_slot(t, chunk);
+    const DeviceSlot s = t.slots[slot];
     const uint64_t window = (s.first / kChunkCoords + (chunk - s.first_chunk)) * kChunkCoords;
     for (uint64_t k = threadIdx.x; k < kCountersPerChunk; k += kThreads) {
       const uint64_t counter = window / 4 + k;
       const uint64_t coord0 = counter * 4;
+      if (kOp == Op::kSqNorm) {  // every lane reaches the warp reduction
+        unsigned long long sum = 0;
+        if (coord0 + 3 >= s.first && coord0 <= s.last) {
+          float z[4];
+          direction4<Family::kGaussian>(counter, t.keys_lo[0], t.keys_hi[0], 1.0f, z);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const uint64_t i = coord0 + j;
+            if (i >= s.first && i <= s.last) sum += sphere_sq_term(z[j]);
+          }
+        }
+#pragma unroll
+        for (int lane_step = 16; lane_step > 0; lane_step >>= 1) sum += __shfl_down_sync(0xFFFFFFFFu, sum, lane_step);
+        if ((threadIdx.x & 31) == 0 && sum) atomicAdd(t.sums + slot, sum);
+        continue;
+      }
       if (coord0 + 3 < s.first || coord0 > s.last) continue;
       if (kOp == Op::kUpdate) {
         float acc[4];
@@ -75,9 +120,9 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scal
           acc[j] = (i >= s.first && i <= s.last) ? update_start(S::load(w[i - s.first]), decay) : 0.0f;
         }
         for (int q = 0; q < t.num_dirs; ++q) {
-          const Philox4 x = philox4x32_10(counter, t.keys_lo[q], t.keys_hi[q]);
           float z[4];
-          normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
+          const float factor = kFam == Family::kSphere ? t.dir_scales[slot * t.num_dirs + q] : 1.0f;
+          direction4<kFam>(counter, t.keys_lo[q], t.keys_hi[q], factor, z);
           const float c = t.coeffs[q];
 #pragma unroll
           for (int j = 0; j < 4; ++j) acc[j] = update_step(acc[j], c, z[j]);
@@ -88,9 +133,9 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scal
           if (i >= s.first && i <= s.last) w[i - s.first] = S::store(acc[j]);
         }
       } else {
-        const Philox4 x = philox4x32_10(counter, t.keys_lo[0], t.keys_hi[0]);
         float z[4];
-        normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
+        const float factor = kFam == Family::kSphere ? t.dir_scales[slot] : 1.0f;
+        direction4<kFam>(counter, t.keys_lo[0], t.keys_hi[0], factor, z);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint64_t i = coord0 + j;
@@ -108,12 +153,23 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scal
   }
 }
 
+template <class S, Op kOp>
+void launch_family(Family family, unsigned grid, cudaStream_t stream, const Table& t, float scale, float decay) {
+  switch (family) {
+    case Family::kGaussian: direction_kernel<S, kOp, Family::kGaussian><<<grid, kThreads, 0, stream>>>(t, scale, decay); break;
+    case Family::kRademacher: direction_kernel<S, kOp, Family::kRademacher><<<grid, kThreads, 0, stream>>>(t, scale, decay); break;
+    case Family::kSphere: direction_kernel<S, kOp, Family::kSphere><<<grid, kThreads, 0, stream>>>(t, scale, decay); break;
+  }
+}
+
 // Pack the table on the host, copy it to `workspace`, launch one kernel.
 template <Op kOp>
 cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const uint32_t* keys_lo,
                    const uint32_t* keys_hi, const float* coeffs, size_t num_dirs, float scale, float decay,
-                   void* workspace, cudaStream_t stream) {
+                   void* workspace, cudaStream_t stream, Family family = Family::kGaussian,
+                   const float* dir_scales = nullptr, unsigned long long* sums = nullptr) {
   std::vector<DeviceSlot> table;
+  std::vector<float> factors;  // sphere: [kept slot * num_dirs + q]
   table.reserve(num_slots);
   uint64_t chunks = 0;
   for (size_t j = 0; j < num_slots; ++j) {
@@ -121,18 +177,22 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
     const uint64_t first = slots[j].offset, last = slots[j].offset + (slots[j].numel - 1);
     table.push_back({slots[j].in, slots[j].out, first, last, chunks});
     chunks += last / kChunkCoords - first / kChunkCoords + 1;
+    if (family == Family::kSphere && dir_scales)
+      for (size_t q = 0; q < num_dirs; ++q) factors.push_back(dir_scales[q * num_slots + j]);
   }
   if (table.empty()) return cudaSuccess;
 
   const size_t slots_bytes = align_up(table.size() * sizeof(DeviceSlot), 16);
   const size_t dirs_bytes = align_up(num_dirs * sizeof(uint32_t), 16);
-  std::vector<unsigned char> packed(slots_bytes + 3 * dirs_bytes);
+  std::vector<unsigned char> packed(slots_bytes + 3 * dirs_bytes + factors.size() * sizeof(float));
   std::memcpy(packed.data(), table.data(), table.size() * sizeof(DeviceSlot));
   if (num_dirs) {
     std::memcpy(packed.data() + slots_bytes, keys_lo, num_dirs * sizeof(uint32_t));
     std::memcpy(packed.data() + slots_bytes + dirs_bytes, keys_hi, num_dirs * sizeof(uint32_t));
     std::memcpy(packed.data() + slots_bytes + 2 * dirs_bytes, coeffs, num_dirs * sizeof(float));
   }
+  if (!factors.empty())
+    std::memcpy(packed.data() + slots_bytes + 3 * dirs_bytes, factors.data(), factors.size() * sizeof(float));
   // From pageable memory: returns once the bytes are staged, so `packed` may die after it.
   cudaError_t err = cudaMemcpyAsync(workspace, packed.data(), packed.size(), cudaMemcpyHostToDevice, stream);
   if (err != cudaSuccess) return err;
@@ -143,21 +203,21 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
   t.keys_lo = reinterpret_cast<const uint32_t*>(base + slots_bytes);
   t.keys_hi = reinterpret_cast<const uint32_t*>(base + slots_bytes + dirs_bytes);
   t.coeffs = reinterpret_cast<const float*>(base + slots_bytes + 2 * dirs_bytes);
+  t.dir_scales = reinterpret_cast<const float*>(base + slots_bytes + 3 * dirs_bytes);
+  t.sums = sums;
   t.num_slots = static_cast<int>(table.size());
   t.num_dirs = static_cast<int>(num_dirs);
   t.num_chunks = chunks;
 
   const unsigned grid = static_cast<unsigned>(std::min<uint64_t>(chunks, kMaxGrid));
+  if (kOp == Op::kSqNorm) {  // dtype-free: only coordinates are read
+    direction_kernel<Float32Storage, Op::kSqNorm, Family::kGaussian><<<grid, kThreads, 0, stream>>>(t, scale, decay);
+    return cudaGetLastError();
+  }
   switch (dtype) {
-    case DType::kFloat32:
-      direction_kernel<Float32Storage, kOp><<<grid, kThreads, 0, stream>>>(t, scale, decay);
-      break;
-    case DType::kFloat16:
-      direction_kernel<Float16Storage, kOp><<<grid, kThreads, 0, stream>>>(t, scale, decay);
-      break;
-    case DType::kBFloat16:
-      direction_kernel<BFloat16Storage, kOp><<<grid, kThreads, 0, stream>>>(t, scale, decay);
-      break;
+    case DType::kFloat32: launch_family<Float32Storage, kOp>(family, grid, stream, t, scale, decay); break;
+    case DType::kFloat16: launch_family<Float16Storage, kOp>(family, grid, stream, t, scale, decay); break;
+    case DType::kBFloat16: launch_family<BFloat16Storage, kOp>(family, grid, stream, t, scale, decay); break;
   }
   return cudaGetLastError();
 }
@@ -166,26 +226,36 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
 
 size_t workspace_bytes(size_t num_slots, size_t num_dirs) {
   const size_t dirs = num_dirs ? num_dirs : 1;
-  return align_up(num_slots * sizeof(DeviceSlot), 16) + 3 * align_up(dirs * sizeof(uint32_t), 16);
+  return align_up(num_slots * sizeof(DeviceSlot), 16) + 3 * align_up(dirs * sizeof(uint32_t), 16) +
+         num_slots * dirs * sizeof(float);
 }
 
 cudaError_t randn(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi, void* workspace,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, Family family, float factor) {
   const float one = 1.0f;
+  std::vector<float> factors(num_slots, factor);
   return launch<Op::kRandn>(slots, num_slots, DType::kFloat32, &key_lo, &key_hi, &one, 1, 0.0f, 0.0f, workspace,
-                            stream);
+                            stream, family, factors.data());
 }
 
 cudaError_t perturb(const TensorSlot* slots, size_t num_slots, DType dtype, uint32_t key_lo, uint32_t key_hi,
-                    float scale, void* workspace, cudaStream_t stream) {
-  return launch<Op::kPerturb>(slots, num_slots, dtype, &key_lo, &key_hi, &scale, 1, scale, 0.0f, workspace, stream);
+                    float scale, void* workspace, cudaStream_t stream, Family family, const float* dir_scales) {
+  return launch<Op::kPerturb>(slots, num_slots, dtype, &key_lo, &key_hi, &scale, 1, scale, 0.0f, workspace, stream,
+                              family, dir_scales);
 }
 
 cudaError_t zo_update(const TensorSlot* slots, size_t num_slots, DType dtype, const uint32_t* keys_lo,
                       const uint32_t* keys_hi, const float* coeffs, size_t num_dirs, float decay, void* workspace,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, Family family, const float* dir_scales) {
   return launch<Op::kUpdate>(slots, num_slots, dtype, keys_lo, keys_hi, coeffs, num_dirs, 0.0f, decay, workspace,
-                             stream);
+                             stream, family, dir_scales);
+}
+
+cudaError_t sq_norms(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32_t key_hi,
+                     unsigned long long* out, void* workspace, cudaStream_t stream) {
+  const float one = 1.0f;
+  return launch<Op::kSqNorm>(slots, num_slots, DType::kFloat32, &key_lo, &key_hi, &one, 1, 0.0f, 0.0f, workspace,
+                             stream, Family::kGaussian, nullptr, out);
 }
 
 }  // namespace cuda

@@ -14,6 +14,10 @@ Every backend (C++ CPU loop, CUDA kernel, Triton kernel) must produce the *same 
 
 Uniforms use 23 bits so that every step of their construction is exact and they lie strictly
 inside (0, 1): ``u = ((x >> 9) + 0.5) * 2**-23``.
+
+Direction families (end of this file, ``FAMILIES``): ``"gaussian"`` (the above), ``"rademacher"``
+(one Philox bit per coordinate, 128 coordinates per counter) and ``"sphere"`` (each tensor's
+Gaussian slice times one float32 factor, from an order-free fixed-point norm).
 """
 
 from __future__ import annotations
@@ -170,3 +174,90 @@ def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
     z = torch.stack((z0, z1, z2, z3), dim=1).reshape(-1)
     start = offset - 4 * first
     return z[start:start + numel].clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Direction families. "gaussian" is z above. The others are defined from the same Philox stream
+# (same key, counter words (n_lo, n_hi, 0, 0)); a run uses one family, so sharing the stream
+# between families does not matter.
+# ----------------------------------------------------------------------------------------------
+FAMILIES = ("gaussian", "rademacher", "sphere")
+
+RADEMACHER_COORDS_PER_COUNTER = 128  # one bit per coordinate: 4 words x 32 bits
+
+
+def rademacher_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """Coordinates ``offset .. offset+numel-1`` of the Rademacher direction, float32 +1.0 / -1.0.
+
+    Coordinate ``i`` uses Philox counter ``n = i // 128`` and bit ``b = i % 128`` of its output:
+    bit ``b % 32`` (least significant first) of word ``x_{b // 32}``. A 0 bit gives +1.0, a 1 bit
+    -1.0. ``scale * z`` is then exactly ``+-scale``, so the float formulas of the ops are unchanged.
+    """
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    if numel < 0 or offset < 0 or offset + numel > SEED_LIMIT:
+        raise ValueError(f"coordinates offset={offset}, numel={numel} must lie in [0, 2**64)")
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32)
+    per = RADEMACHER_COORDS_PER_COUNTER
+    first, last = offset // per, (offset + numel - 1) // per
+    n = torch.arange(last - first + 1, dtype=torch.int64)
+    lo = n + (first & _MASK32)
+    c0 = lo & _MASK32
+    c1 = ((lo >> 32) + (first >> 32)) & _MASK32
+    zero = torch.zeros_like(c0)
+    words = torch.stack(philox4x32_10((c0, c1, zero, zero), split_seed(seed)), dim=1)  # [counters, 4]
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int64)) & 1                # [counters, 4, 32]
+    z = (1 - 2 * bits).to(torch.float32).reshape(-1)
+    start = offset - per * first
+    return z[start:start + numel].clone()
+
+
+# Sphere: the Gaussian direction with each tensor's slice rescaled to norm sqrt(numel). The norm
+# must not depend on summation order (backends reduce in different orders), so it is summed in
+# integer fixed point: each z^2 (one float32 multiply) is truncated to a multiple of 2**-24. As
+# |z| < 5.77, z^2 < 34 and each term z^2 * 2**24 < 2**30 is an exact int32; their int64 sum is
+# exact and order-free for tensors of up to 2**33 elements.
+SPHERE_FRACTION_BITS = 24
+SPHERE_MAX_NUMEL = 1 << 33
+
+
+def sphere_sq_norm(z: torch.Tensor) -> int:
+    """``sum_i floor(float32(z_i * z_i) * 2**24)`` as a Python int (the fixed-point ``|z|^2 * 2**24``)."""
+    z2 = z.float() * z.float()                                    # float32, correctly rounded
+    fixed = (z2 * float(1 << SPHERE_FRACTION_BITS)).to(torch.int64)  # power of two: exact; truncates
+    return int(fixed.sum())
+
+
+def sphere_scale(numel: int, sq_norm: int) -> float:
+    """The float32 factor that takes a tensor's Gaussian slice to norm ``sqrt(numel)``.
+
+    ``float32(sqrt(numel / (float64(sq_norm) * 2**-24)))`` with float64 division and square root,
+    rounded to float32 once. A slice whose fixed-point norm is 0 (only possible for tiny slices:
+    every ``|z| < 2**-12``) keeps factor 1.0 rather than being blown up from noise.
+    """
+    import math
+
+    import numpy as np
+
+    if sq_norm == 0:
+        return 1.0
+    return float(np.float32(math.sqrt(numel / math.ldexp(float(sq_norm), -SPHERE_FRACTION_BITS))))
+
+
+def sphere_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """The sphere direction of ONE tensor holding coordinates ``offset .. offset+numel-1``:
+    ``float32(s * z)`` with ``s = sphere_scale(numel, sphere_sq_norm(z))``."""
+    z = randn_reference(seed, numel, offset)
+    return _f32(sphere_scale(numel, sphere_sq_norm(z))) * z
+
+
+def direction_reference(family: str, seed: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """Coordinates ``offset .. offset+numel-1`` of ``family``'s direction (sphere: as ONE tensor)."""
+    if family == "gaussian":
+        return randn_reference(seed, numel, offset)
+    if family == "rademacher":
+        return rademacher_reference(seed, numel, offset)
+    if family == "sphere":
+        return sphere_reference(seed, numel, offset)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

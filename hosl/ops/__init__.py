@@ -6,10 +6,10 @@ device (``backend=None``: the fastest available) or the one named: ``"reference"
 the spec), ``"cpu"`` (C++/OpenMP), ``"cuda"`` (CUDA kernels), ``"triton"``.
 """
 
-from hosl.ops.api import perturb_, perturbed_embedding, perturbed_linear, randn, zo_update_
+from hosl.ops.api import perturb_, perturbed_embedding, perturbed_linear, randn, sphere_scales, zo_update_
 from hosl.ops.dispatch import BACKENDS, available_backends, report_missing_cuda_kernels, unavailable_reasons
 
 report_missing_cuda_kernels()
 
 __all__ = ["BACKENDS", "available_backends", "perturb_", "perturbed_embedding", "perturbed_linear", "randn",
-           "unavailable_reasons", "zo_update_"]
+           "sphere_scales", "unavailable_reasons", "zo_update_"]

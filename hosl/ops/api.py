@@ -11,7 +11,7 @@ from itertools import accumulate
 
 import torch
 
-from hosl.directions.spec import split_seed
+from hosl.directions.spec import sphere_scale, split_seed
 from hosl.ops import library, validation
 
 
@@ -33,39 +33,113 @@ def _offsets(tensors, offset: int, offsets) -> list[int]:
     return checked
 
 
-def randn(seed: int, numel: int, offset: int = 0, *, device="cpu", backend: str | None = None) -> torch.Tensor:
-    """Coordinates ``offset .. offset+numel-1`` of ``z(seed)`` as a float32 tensor on ``device``."""
+def randn(
+    seed: int, numel: int, offset: int = 0, *, family: str = "gaussian", device="cpu", backend: str | None = None
+) -> torch.Tensor:
+    """Coordinates ``offset .. offset+numel-1`` of ``z(seed)`` as a float32 tensor on ``device``.
+
+    ``family``: ``"gaussian"`` (default), ``"rademacher"`` (+-1), or ``"sphere"``, for which the
+    ``numel`` coordinates are treated as ONE tensor and rescaled to norm ``sqrt(numel)`` (the
+    direction a tensor placed at ``offset`` gets from ``perturb_``/``zo_update_``).
+    """
+    family = validation.check_family(family)
     seed = validation.check_seed(seed)
     numel = validation.check_index(numel, "numel")
     offset = validation.check_index(offset, "offset")
     validation.check_coordinates(offset, numel)
     key_lo, key_hi = split_seed(seed)
-    return library.randn_op(key_lo, key_hi, numel, offset, torch.device(device), backend)
+    device = torch.device(device)
+    if family == "gaussian":
+        return library.randn_op(key_lo, key_hi, numel, offset, device, backend)
+    factor = 1.0
+    if family == "sphere":
+        validation.check_sphere_numels([numel], "numel")
+        factor = _sphere_factors([numel], [offset], seed, device, backend)[0]
+    return library.randn_op(key_lo, key_hi, numel, offset, device, backend, family, factor)
+
+
+def _sphere_factors(numels, offsets, seed: int, device, backend) -> list[float]:
+    """Per tensor, the float32 factor of the sphere family (norms from the backend, scale on the host)."""
+    if not numels:
+        return []
+    key_lo, key_hi = split_seed(seed)
+    norms = library.sq_norms_op(list(numels), list(offsets), key_lo, key_hi, torch.device(device), backend)
+    return [sphere_scale(n, int(sq)) for n, sq in zip(numels, norms.tolist())]
+
+
+def sphere_scales(tensors, seed: int, *, offset: int = 0, offsets=None, backend: str | None = None) -> list[float]:
+    """The per-tensor factors of the ``"sphere"`` family for direction ``seed``: one float per tensor.
+
+    ``perturb_``/``zo_update_`` compute them when ``family="sphere"`` is given without ``scales``;
+    an optimizer that perturbs with one seed several times (+eps, -eps, restore, update) computes
+    them once here and passes ``scales=`` (each computation is one extra pass of Philox+Box-Muller
+    over the coordinates, with no memory traffic). Tensors are only read for numel and device.
+    """
+    tensors = validation.as_tensor_list(tensors, "tensors")
+    seed = validation.check_seed(seed)
+    offsets = _offsets(tensors, offset, offsets)
+    numels = [t.numel() for t in tensors]
+    validation.check_sphere_numels(numels, "tensors")
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return _sphere_factors(numels, offsets, seed, device, backend)
+
+
+def _family_scales(tensors, offsets, family: str, seeds, scales, backend) -> list[float] | None:
+    """Checked sphere factors, flattened ``[q * len(tensors) + j]``; None for the other families."""
+    if family != "sphere":
+        if scales is not None:
+            raise ValueError(f"scales is only for family='sphere', not family={family!r}")
+        return None
+    numels = [t.numel() for t in tensors]
+    validation.check_sphere_numels(numels, "tensors")
+    if scales is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+        return [f for seed in seeds for f in _sphere_factors(numels, offsets, seed, device, backend)]
+    flat = []
+    for q, row in enumerate(scales):
+        flat += validation.check_scale_list(row, len(tensors), f"scales[{q}]" if len(seeds) > 1 else "scales")
+    return flat
 
 
 @torch.no_grad()
 def perturb_(
-    tensors, seed: int, scale: float, *, out=None, offset: int = 0, offsets=None, backend: str | None = None
+    tensors,
+    seed: int,
+    scale: float,
+    *,
+    out=None,
+    offset: int = 0,
+    offsets=None,
+    family: str = "gaussian",
+    scales=None,
+    backend: str | None = None,
 ):
     """``w + scale * z(seed)`` for every tensor ``w``: in place, or into ``out`` (weights untouched).
 
     ``offsets`` (one per tensor) places tensors at arbitrary coordinates instead of consecutively.
+    ``family`` picks the direction (``"gaussian"``, ``"rademacher"``, ``"sphere"``); for
+    ``"sphere"``, ``scales`` may pass the per-tensor factors from :func:`sphere_scales` (computed
+    here otherwise), and ``z = float32(scales[j] * z_gaussian)``.
 
     Math in float32, stored with round-to-nearest-even into each tensor's dtype. Returns the tensors
     written (``out`` if given, else ``tensors``).
     """
+    family = validation.check_family(family)
     tensors = validation.as_tensor_list(tensors, "tensors")
     validation.check_weights(tensors, "tensors")
     seed = validation.check_seed(seed)
     scale = validation.to_float32(scale, "scale")
     offsets = _offsets(tensors, offset, offsets)
+    if out is not None:
+        out = validation.as_tensor_list(out, "out")
+        validation.check_outputs(tensors, out)
     key_lo, key_hi = split_seed(seed)
+    factors = _family_scales(tensors, offsets, family, [seed], None if scales is None else [scales], backend)
+    extra = () if family == "gaussian" else (family, factors)
     if out is None:
-        library.perturb_inplace_op(tensors, offsets, key_lo, key_hi, scale, backend)
+        library.perturb_inplace_op(tensors, offsets, key_lo, key_hi, scale, backend, *extra)
         return tensors
-    out = validation.as_tensor_list(out, "out")
-    validation.check_outputs(tensors, out)
-    library.perturb_into_op(tensors, out, offsets, key_lo, key_hi, scale, backend)
+    library.perturb_into_op(tensors, out, offsets, key_lo, key_hi, scale, backend, *extra)
     return out
 
 
@@ -79,13 +153,18 @@ def zo_update_(
     weight_decay: float = 0.0,
     offset: int = 0,
     offsets=None,
+    family: str = "gaussian",
+    scales=None,
     backend: str | None = None,
 ):
     """``w -= lr * (sum_q coeffs[q] * z(seeds[q]) + weight_decay * w)``, all directions in one pass.
 
     In float32, per element: ``acc = w - (lr*wd)*w``, then ``acc -= (lr*c_q) * z_q`` for each q in
     order, where ``lr*wd`` and ``lr*c_q`` are rounded to float32 once; stored round-to-nearest-even.
+    ``family`` as in :func:`perturb_`; for ``"sphere"``, ``scales[q]`` (optional) is direction
+    ``q``'s per-tensor factor list from :func:`sphere_scales`.
     """
+    family = validation.check_family(family)
     tensors = validation.as_tensor_list(tensors, "tensors")
     validation.check_weights(tensors, "tensors")
     seeds = list(seeds) if not isinstance(seeds, torch.Tensor) else seeds.tolist()
@@ -99,9 +178,15 @@ def zo_update_(
     scaled = [validation.to_float32(lr * c, f"lr*coeffs[{q}]") for q, c in enumerate(coeffs)]
     decay = validation.to_float32(lr * weight_decay, "lr*weight_decay")
     offsets = _offsets(tensors, offset, offsets)
+    if scales is not None:
+        scales = list(scales) if not isinstance(scales, torch.Tensor) else scales.tolist()
+        if len(scales) != len(seeds):
+            raise ValueError(f"scales has {len(scales)} entries but seeds has {len(seeds)}; one list per seed")
+    factors = _family_scales(tensors, offsets, family, seeds, scales, backend)
+    extra = () if family == "gaussian" else (family, factors)
     keys = [split_seed(s) for s in seeds]
     library.zo_update_op(
-        tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay, backend
+        tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay, backend, *extra
     )
     return tensors
 

@@ -17,14 +17,37 @@ from hosl.ops.dispatch import backend_for
 
 @torch.library.custom_op("hosl::randn", mutates_args=())
 def randn_op(
-    key_lo: int, key_hi: int, numel: int, offset: int, device: torch.device, backend: Optional[str]
+    key_lo: int,
+    key_hi: int,
+    numel: int,
+    offset: int,
+    device: torch.device,
+    backend: Optional[str],
+    family: str = "gaussian",
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    return backend_for(device, backend).randn(key_lo, key_hi, numel, offset, device)
+    if family == "gaussian":  # the backends' original signature
+        return backend_for(device, backend).randn(key_lo, key_hi, numel, offset, device)
+    return backend_for(device, backend).randn(key_lo, key_hi, numel, offset, device, family, scale)
 
 
 @randn_op.register_fake
-def _(key_lo, key_hi, numel, offset, device, backend):
+def _(key_lo, key_hi, numel, offset, device, backend, family="gaussian", scale=1.0):
     return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+@torch.library.custom_op("hosl::direction_sq_norms", mutates_args=())
+def sq_norms_op(
+    numels: list[int], offsets: list[int], key_lo: int, key_hi: int, device: torch.device, backend: Optional[str]
+) -> torch.Tensor:
+    """Per tensor, the fixed-point squared norm of its Gaussian slice (spec.sphere_sq_norm), int64 on CPU."""
+    norms = backend_for(device, backend).sq_norms(numels, offsets, key_lo, key_hi, device)
+    return torch.tensor(norms, dtype=torch.int64)
+
+
+@sq_norms_op.register_fake
+def _(numels, offsets, key_lo, key_hi, device, backend):
+    return torch.empty(len(numels), dtype=torch.int64)
 
 
 @torch.library.custom_op("hosl::perturb_", mutates_args=("tensors",))
@@ -35,9 +58,12 @@ def perturb_inplace_op(
     key_hi: int,
     scale: float,
     backend: Optional[str],
+    family: str = "gaussian",
+    dir_scales: Optional[list[float]] = None,
 ) -> None:
     if tensors:
-        backend_for(tensors[0].device, backend).perturb(tensors, tensors, offsets, key_lo, key_hi, scale)
+        _perturb(backend_for(tensors[0].device, backend), tensors, tensors, offsets, key_lo, key_hi, scale, family,
+                 dir_scales)
 
 
 @torch.library.custom_op("hosl::perturb_into", mutates_args=("out",))
@@ -49,9 +75,19 @@ def perturb_into_op(
     key_hi: int,
     scale: float,
     backend: Optional[str],
+    family: str = "gaussian",
+    dir_scales: Optional[list[float]] = None,
 ) -> None:
     if tensors:
-        backend_for(tensors[0].device, backend).perturb(tensors, out, offsets, key_lo, key_hi, scale)
+        _perturb(backend_for(tensors[0].device, backend), tensors, out, offsets, key_lo, key_hi, scale, family,
+                 dir_scales)
+
+
+def _perturb(module, tensors, outs, offsets, key_lo, key_hi, scale, family, dir_scales):
+    if family == "gaussian":  # the backends' original signature
+        module.perturb(tensors, outs, offsets, key_lo, key_hi, scale)
+    else:
+        module.perturb(tensors, outs, offsets, key_lo, key_hi, scale, family, dir_scales)
 
 
 @torch.library.custom_op("hosl::zo_update_", mutates_args=("tensors",))
@@ -63,9 +99,15 @@ def zo_update_op(
     coeffs: list[float],
     decay: float,
     backend: Optional[str],
+    family: str = "gaussian",
+    dir_scales: Optional[list[float]] = None,
 ) -> None:
     if tensors and keys_lo:
-        backend_for(tensors[0].device, backend).zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)
+        module = backend_for(tensors[0].device, backend)
+        if family == "gaussian":  # the backends' original signature
+            module.zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)
+        else:
+            module.zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family, dir_scales)
     elif tensors and decay:
         backend_for(tensors[0].device, backend).zo_update(tensors, offsets, [], [], [], decay)
 

@@ -127,3 +127,34 @@ def to_float32(value, name: str) -> float:
     if not math.isfinite(rounded):
         raise ValueError(f"{name}={value} overflows float32")
     return rounded
+
+
+def check_family(family) -> str:
+    """One of the direction families of :data:`hosl.directions.spec.FAMILIES`."""
+    from hosl.directions.spec import FAMILIES
+
+    if not isinstance(family, str):
+        raise TypeError(f"family must be a string, one of {list(FAMILIES)}; got {type(family).__name__}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown direction family {family!r}; expected one of {list(FAMILIES)}")
+    return family
+
+
+def check_sphere_numels(numels, name: str) -> None:
+    """Sphere norms are exact int64 sums: at most spec.SPHERE_MAX_NUMEL elements per tensor."""
+    from hosl.directions.spec import SPHERE_MAX_NUMEL
+
+    for j, n in enumerate(numels):
+        if n > SPHERE_MAX_NUMEL:
+            raise ValueError(f"{name}[{j}] has {n} elements; family='sphere' supports at most 2**33 per tensor")
+
+
+def check_scale_list(values, length: int, name: str) -> list[float]:
+    """``length`` finite float32 factors (sphere scales), as exact float32 Python floats."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {length} floats, got {type(values).__name__}")
+    if len(values) != length:
+        raise ValueError(f"{name} has {len(values)} entries; expected {length}, one per tensor")
+    return [to_float32(v, f"{name}[{j}]") for j, v in enumerate(values)]

@@ -47,6 +47,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
         server_batch: int = 1,
         seed: int = 0,
         backend: str | None = None,
+        perturbed_forward: str = "auto",
     ):
         if server_optimizer is not None and not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -56,7 +57,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
             raise ValueError(f"server_batch must be an integer >= 1, got {server_batch!r}")
         super().__init__(
             [client], lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
-            difference=difference, seed=seed, backend=backend,
+            difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
         )
         self.client = client
         self.server_optimizer = server_optimizer

@@ -60,11 +60,12 @@ class ModuleScratchPerturber:
     def _scratch_sizes(self) -> dict:
         """Per dtype, the most scratch any chain of nested owners needs at once."""
         need: dict = {}
+        scratched = {id(s.param) for _, slots in self.owners for s in slots}
 
         def visit(mod: nn.Module, held: dict) -> None:
             held = dict(held)
             for p in mod.parameters(recurse=False):
-                if id(p) in self.layout.by_param:
+                if id(p) in scratched:
                     key = (p.dtype, p.device)
                     held[key] = held.get(key, 0) + p.numel()
             for key, n in held.items():

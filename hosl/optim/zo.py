@@ -16,7 +16,10 @@ from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
 class ZerothOrderOptimizer(ZerothOrderBase):
-    """``step(loss_fn)``: ``loss_fn()`` runs the modules and returns the loss (under ``no_grad``)."""
+    """``step(loss_fn)``: ``loss_fn()`` runs the modules and returns the loss (no gradient is used).
+
+    ``peers``: see :mod:`hosl.optim.zo_base` (ZO-SL with the server in another process).
+    """
 
     def __init__(
         self,
@@ -29,11 +32,14 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         difference: str = "central",
         seed: int = 0,
         backend: str | None = None,
+        perturbed_forward: str = "auto",
+        peers: Sequence = (),
     ):
         modules = [modules] if isinstance(modules, nn.Module) else list(modules)
         super().__init__(
             modules, lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
-            difference=difference, seed=seed, backend=backend,
+            difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
+            peers=peers,
         )
 
     def step(self, loss_fn: Callable[[], torch.Tensor]):

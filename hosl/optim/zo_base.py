@@ -2,11 +2,18 @@
 
 A torch ``Optimizer`` subclass so LR schedulers and ``param_groups`` work as users expect: one
 param group per ZO-trained module, holding ``lr``, ``eps`` and ``weight_decay``.
+
+``peers`` are halves trained with the same directions somewhere this optimizer cannot reach (the
+ZO-SL server in another process): each gives a context manager ``perturbed(seed, scale)`` entered
+together with the local perturbation (``scale = sign * eps`` of the first group), and
+``update(seeds, grads)``, called after the local update (not when a step's update is skipped).
+The peer applies its own learning rate and weight decay.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Callable, Sequence
 
@@ -15,7 +22,9 @@ from torch import nn
 
 from hosl.optim import functional as F
 from hosl.optim.layout import ParameterLayout
-from hosl.optim.perturbed_forward import ModuleScratchPerturber
+from hosl.optim.fused_forward import PERTURBED_FORWARDS, make_perturber
+
+logger = logging.getLogger("hosl.optim")
 
 DIFFERENCES = ("central", "forward")
 
@@ -41,6 +50,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
         difference: str,
         seed: int,
         backend: str | None,
+        perturbed_forward: str = "auto",
+        peers: Sequence = (),
     ):
         _check_positive(lr, "lr", allow_zero=True)
         _check_positive(eps, "eps")
@@ -51,13 +62,21 @@ class ZerothOrderBase(torch.optim.Optimizer):
         for m in modules:
             if not isinstance(m, nn.Module):
                 raise TypeError(f"expected an nn.Module to train with ZO, got {type(m).__name__}")
+        if perturbed_forward not in PERTURBED_FORWARDS:
+            raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
         self.layouts = [ParameterLayout(m) for m in modules]
-        self.perturbers = [ModuleScratchPerturber(m, lay, backend) for m, lay in zip(modules, self.layouts)]
+        # fused Linear/Embedding kernels on CUDA+Triton, module-at-a-time scratch otherwise
+        made = [make_perturber(m, lay, backend, perturbed_forward) for m, lay in zip(modules, self.layouts)]
+        self.perturbers = [p for p, _ in made]
+        self.perturbed_forward_info = [line for _, line in made]
+        for i, line in enumerate(self.perturbed_forward_info):
+            logger.info("%s module %d: %s", type(self).__name__, i, line)
         groups = [{"params": lay.params(), "module_index": i} for i, lay in enumerate(self.layouts)]
         super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         self.num_queries = num_queries
         self.difference = difference
         self.backend = backend
+        self.peers = list(peers)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_taken = 0
         self.skipped_updates = 0
@@ -71,6 +90,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
         with contextlib.ExitStack() as stack:
             for group, perturber in zip(self.param_groups, self.perturbers):
                 stack.enter_context(perturber.perturbed(seed, sign * group["eps"]))
+            for peer in self.peers:
+                stack.enter_context(peer.perturbed(seed, sign * self.param_groups[0]["eps"]))
             yield
 
     def points(self, seeds: Sequence[int]) -> list[tuple[int, float]]:
@@ -86,6 +107,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
     def apply_update(self, seeds: Sequence[int], grads: Sequence[float]) -> None:
         for group, layout in zip(self.param_groups, self.layouts):
             F.zo_sgd(layout, seeds, grads, lr=group["lr"], weight_decay=group["weight_decay"], backend=self.backend)
+        for peer in self.peers:
+            peer.update(seeds, grads)
 
     def scratch_nbytes(self) -> int:
         return sum(p.scratch_nbytes() for p in self.perturbers)

@@ -1,16 +1,23 @@
 """Backends: one module per implementation of the three direction ops.
 
-Every backend module exposes the same three functions, called by :mod:`hosl.ops` with arguments
-that are already validated (so backends do no checking of their own):
+Every backend module exposes the same six functions, called by :mod:`hosl.ops` with arguments
+that are already validated (so backends do no checking of their own). ``family`` is one of
+``hosl.directions.spec.FAMILIES``; ``z`` below is that family's direction
+(:func:`hosl.directions.spec.direction_reference`), except that for ``"sphere"`` the backend only
+generates the Gaussian ``z`` and multiplies it by the per-tensor factor it is given (the factors
+come from :func:`sq_norms` and :func:`hosl.directions.spec.sphere_scale`, on the host).
 
-``randn(key_lo, key_hi, numel, offset, device) -> Tensor``
-    float32 tensor of ``z(seed, offset + e)`` for ``e`` in ``[0, numel)``.
+``randn(key_lo, key_hi, numel, offset, device, family="gaussian", scale=1.0) -> Tensor``
+    float32 tensor of ``z(seed, offset + e)`` for ``e`` in ``[0, numel)``; for ``"sphere"``
+    ``float32(scale * z_gaussian)``.
 
-``perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None``
+``perturb(tensors, outs, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None) -> None``
     ``outs[j][e] = round(float32(tensors[j][e]) + scale * z(seed, offsets[j] + e))``.
-    ``outs`` may be ``tensors`` itself (in place). ``scale`` is an exact float32 value.
+    ``outs`` may be ``tensors`` itself (in place). ``scale`` is an exact float32 value. For
+    ``"sphere"``, ``dir_scales[j]`` is tensor ``j``'s factor and ``z = dir_scales[j] * z_gaussian``
+    (that product rounded first, then the formula above).
 
-``zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None``
+``zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None) -> None``
     per element, in float32, each operation rounded on its own and in this order::
 
         acc = w - decay * w
@@ -18,18 +25,24 @@ that are already validated (so backends do no checking of their own):
         w = round(acc)
 
     ``coeffs`` (already ``lr * c_q``) and ``decay`` (``lr * weight_decay``) are exact float32 values.
+    For ``"sphere"``, ``z = dir_scales[q * len(tensors) + j] * z_gaussian`` (rounded, then as above).
 
 ``perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x) -> Tensor``
-    ``[D, M, N]``: ``y[d] = x[d] @ round(W + scales[d]*Z_d)^T + round(b + scales[d]*z_b,d)`` with
-    ``Z_d[o, i] = z(seed_d, w_offset + o*K + i)``, ``z_b,d[o] = z(seed_d, b_offset + o)``; ``x`` is
+    Gaussian directions. ``[D, M, N]``: ``y[d] = x[d] @ round(W + scales[d]*Z_d)^T + round(b + scales[d]*z_b,d)``
+    with ``Z_d[o, i] = z(seed_d, w_offset + o*K + i)``, ``z_b,d[o] = z(seed_d, b_offset + o)``; ``x`` is
     ``[M, K]`` (``shared_x``: the same input for every direction) or ``[D, M, K]``; ``bias`` may be
     None, ``b_offset`` None leaves it unperturbed. ``W`` and ``b`` are never written. Equal to the
     materialised computation up to matmul summation order (Triton fuses it; the others materialise
     with their ``perturb``, :mod:`.materialised`).
 
 ``perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids) -> Tensor``
-    ``[D, T, H]``: rows ``ids`` (int64 ``[T]`` shared, or ``[D, T]``, all in range) of
-    ``round(W + scales[d]*Z_d)``, bit-identical in every backend.
+    Gaussian directions. ``[D, T, H]``: rows ``ids`` (int64 ``[T]`` shared, or ``[D, T]``, all in
+    range) of ``round(W + scales[d]*Z_d)``, bit-identical in every backend.
+
+``sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]``
+    per tensor, :func:`hosl.directions.spec.sphere_sq_norm` of its Gaussian slice: the exact
+    integer ``sum_e floor(float32(z*z) * 2**24)`` (order-free, so every backend gets the same
+    int). ``device`` is where to compute; numels are below ``spec.SPHERE_MAX_NUMEL``.
 
 Tensors are contiguous, on one device, of dtype float32, float16 or bfloat16 (``outs[j]`` has the
 dtype and shape of ``tensors[j]``); ``round`` is round-to-nearest-even into that dtype. Seeds come

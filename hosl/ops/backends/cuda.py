@@ -32,19 +32,32 @@ def unavailable_reason() -> str:
     return ""
 
 
-def randn(key_lo: int, key_hi: int, numel: int, offset: int, device) -> torch.Tensor:
+_FAMILY_CODES = {"gaussian": 0, "rademacher": 1, "sphere": 2}  # hosl::Family
+
+
+def _device(device):
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _C_cuda.randn(key_lo, key_hi, numel, offset, device)
+    return device
 
 
-def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
-    _C_cuda.perturb(list(tensors), list(outs), list(offsets), key_lo, key_hi, scale)
+def randn(key_lo: int, key_hi: int, numel: int, offset: int, device, family="gaussian", scale=1.0) -> torch.Tensor:
+    return _C_cuda.randn(key_lo, key_hi, numel, offset, _device(device), _FAMILY_CODES[family], scale)
 
 
-def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
-    _C_cuda.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay)
+def perturb(tensors, outs, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None) -> None:
+    _C_cuda.perturb(list(tensors), list(outs), list(offsets), key_lo, key_hi, scale, _FAMILY_CODES[family],
+                    list(dir_scales or []))
+
+
+def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None) -> None:
+    _C_cuda.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay,
+                      _FAMILY_CODES[family], list(dir_scales or []))
+
+
+def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
+    return _C_cuda.sq_norms(list(numels), list(offsets), key_lo, key_hi, _device(device))
 
 
 def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x) -> torch.Tensor:

@@ -35,16 +35,25 @@ def is_available() -> bool:
     return unavailable_reason() == ""
 
 
-def randn(key_lo, key_hi, numel, offset, device):
-    return _k.randn(key_lo, key_hi, numel, offset, device)
+def randn(key_lo, key_hi, numel, offset, device, family="gaussian", scale=1.0):
+    return _k.randn(key_lo, key_hi, numel, offset, device, family, scale)
 
 
-def perturb(tensors, outs, offsets, key_lo, key_hi, scale) -> None:
-    _k.perturb(tensors, outs, offsets, key_lo, key_hi, scale)
+def perturb(tensors, outs, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None) -> None:
+    _k.perturb(tensors, outs, offsets, key_lo, key_hi, scale, family, dir_scales)
 
 
-def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay) -> None:
-    _k.zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay)
+def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None) -> None:
+    _k.zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family, dir_scales)
+
+
+def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _k.sq_norms(numels, offsets, key_lo, key_hi, device)
 
 
 def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x):

@@ -1,0 +1,187 @@
+"""Perturbed forwards through the fused ops: ``nn.Linear`` and ``nn.Embedding`` never materialise ``W + s*eps*z``.
+
+:class:`FusedPerturber` is a :class:`~hosl.optim.perturbed_forward.ModuleScratchPerturber` whose
+``perturbed(seed, scale)`` block swaps the forward of every eligible ``nn.Linear`` / ``nn.Embedding``
+(an instance attribute ``forward``, removed on exit) for ``hosl.ops.perturbed_linear`` /
+``hosl.ops.perturbed_embedding``, which generate ``scale * z(seed)`` at the layer's coordinates inside
+the matmul / lookup (DESIGN.md section 4, second way). Every other module that owns parameters
+(LayerNorm, RMSNorm, ...: small) keeps the scratch path, and its scratch buffer now only needs the
+largest of *those* modules.
+
+Eligible: ``nn.Linear`` with ``nn.Linear.forward`` (a subclass that overrides ``forward`` may use its
+weight in other ways: scratch), whose own parameters are ``weight`` (trainable) and optionally
+``bias``; ``nn.Embedding`` without ``max_norm`` (which renormalises the weight in place). An
+``nn.Embedding`` subclass with its own ``forward`` (OPT's learned positions shift the ids, then call
+``nn.Embedding.forward``) runs that forward with ``F.embedding`` on its weight intercepted by a
+``TorchFunctionMode``; a forward that never calls it raises instead of silently running unperturbed.
+
+Difference from the scratch path: none in the perturbed weights (both round ``fp32(w) + scale*z`` to
+the weight dtype), embedding outputs are bit-identical, and linear outputs differ only by the
+matmul's summation order (and, on GPU, by Triton's tensor-core precision for fp32, which follows
+``torch.backends.cuda.matmul.allow_tf32``; see ``kernels/perturbed_linear.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from hosl import ops
+from hosl.optim.layout import ParameterLayout
+from hosl.optim.perturbed_forward import ModuleScratchPerturber
+
+LINEAR, EMBEDDING, EMBEDDING_INTERCEPT = "linear", "embedding", "embedding-intercept"
+
+
+def fused_kind(mod: nn.Module, slots: dict) -> str | None:
+    """How ``mod`` runs fused (``slots``: its trainable parameters by local name), or None for scratch."""
+    own = dict(mod.named_parameters(recurse=False))
+    if "weight" not in slots:
+        return None
+    if isinstance(mod, nn.Linear) and set(own) <= {"weight", "bias"}:
+        if type(mod).forward is not nn.Linear.forward:
+            return None
+        if "bias" in own and own["bias"] is not None and "bias" not in slots and own["bias"].requires_grad:
+            return None  # cannot happen with a layout of all trainable parameters; be safe
+        return LINEAR
+    if isinstance(mod, nn.Embedding) and set(own) == {"weight"} and mod.max_norm is None:
+        return EMBEDDING if type(mod).forward is nn.Embedding.forward else EMBEDDING_INTERCEPT
+    return None
+
+
+class _InterceptEmbedding(TorchFunctionMode):
+    """Within a module's forward: ``F.embedding(ids, weight, ...)`` on ``weight`` -> ``lookup(ids)``."""
+
+    def __init__(self, weight: torch.Tensor, lookup):
+        super().__init__()
+        self.weight, self.lookup, self.hits = weight, lookup, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.embedding and len(args) >= 2 and args[1] is self.weight:
+            self.hits += 1
+            return self.lookup(args[0])
+        return func(*args, **kwargs)
+
+
+class FusedPerturber(ModuleScratchPerturber):
+    """Perturbed forwards of one module tree: Linear/Embedding fused, other owners via scratch.
+
+    ``fused_backend`` is the ``hosl.ops`` backend of the fused ops (``"triton"`` fuses; the others
+    materialise, which is only useful to test this class without Triton).
+    """
+
+    def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None,
+                 fused_backend: str | None = "triton"):
+        super().__init__(module, layout, backend)
+        self.fused_backend = fused_backend
+        self.fused: list[tuple[nn.Module, str, dict]] = []
+        scratch_owners = []
+        for mod, slots in self.owners:
+            by_name = {s.name.rsplit(".", 1)[-1]: s for s in slots}
+            kind = fused_kind(mod, by_name)
+            if kind is None:
+                scratch_owners.append((mod, slots))
+            else:
+                self.fused.append((mod, kind, by_name))
+        self.owners = scratch_owners  # the scratch hooks and scratch size see only these
+
+    def describe(self) -> str:
+        kinds = [k for _, k, _ in self.fused]
+        return (f"fused ({self.fused_backend}): {kinds.count(LINEAR)} linear, "
+                f"{len(kinds) - kinds.count(LINEAR)} embedding layers; scratch: {len(self.owners)} other modules "
+                f"({self.scratch_nbytes()} bytes of scratch)")
+
+    # -- the swapped forwards -----------------------------------------------------------------
+    def _linear(self, mod: nn.Linear, slots: dict):
+        bias_slot = slots.get("bias")
+
+        def forward(x):
+            return ops.perturbed_linear(
+                x, mod.weight, mod.bias, seeds=[self._seed], scales=[self._scale],
+                weight_offset=slots["weight"].offset, bias_offset=bias_slot.offset if bias_slot else None,
+                backend=self.fused_backend)[0]
+        return forward
+
+    def _lookup(self, mod: nn.Embedding, slots: dict):
+        def lookup(ids):
+            return ops.perturbed_embedding(ids, mod.weight, seeds=[self._seed], scales=[self._scale],
+                                           offset=slots["weight"].offset, backend=self.fused_backend)[0]
+        return lookup
+
+    def _embedding_intercept(self, mod: nn.Embedding, slots: dict):
+        class_forward = type(mod).forward
+        lookup = self._lookup(mod, slots)
+
+        def forward(*args, **kwargs):
+            mode = _InterceptEmbedding(mod.weight, lookup)
+            with mode:
+                out = class_forward(mod, *args, **kwargs)
+            if mode.hits == 0:
+                raise RuntimeError(
+                    f"{type(mod).__name__}.forward did not call F.embedding on its weight, so the fused path "
+                    "cannot perturb it; use perturbed_forward='scratch'")
+            return out
+        return forward
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float) -> Iterator[None]:
+        with super().perturbed(seed, scale):
+            swapped = []
+            try:
+                for mod, kind, slots in self.fused:
+                    if "forward" in mod.__dict__:
+                        raise RuntimeError(f"{type(mod).__name__} already has an instance forward; "
+                                           "use perturbed_forward='scratch'")
+                    make = {LINEAR: self._linear, EMBEDDING: lambda m, s: self._lookup(m, s),
+                            EMBEDDING_INTERCEPT: self._embedding_intercept}[kind]
+                    mod.forward = make(mod, slots)
+                    swapped.append(mod)
+                yield
+            finally:
+                for mod in swapped:
+                    del mod.forward
+
+
+PERTURBED_FORWARDS = ("auto", "scratch", "fused")
+
+
+def fused_unavailable_reason(modules, backend: str | None) -> str:
+    """Why ``"auto"`` does not pick the fused path for ``modules`` ("" when it does)."""
+    from hosl.ops import dispatch
+
+    devices = {p.device.type for m in modules for p in m.parameters()}
+    if devices != {"cuda"}:
+        return f"parameters on {sorted(devices)}, fused kernels are for CUDA (the interpreter is for tests)"
+    if backend not in (None, "triton"):
+        return f"backend={backend!r} was asked for"
+    if "triton" not in dispatch.available_backends():
+        return f"Triton unavailable: {dispatch.unavailable_reasons().get('triton', '')}"
+    from hosl.ops.backends import triton as triton_backend
+
+    if "cuda" not in triton_backend.DEVICE_TYPES:
+        return "Triton runs interpreted (TRITON_INTERPRET=1)"
+    return ""
+
+
+def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None, perturbed_forward: str):
+    """The perturber for ``perturbed_forward`` (``"auto"``: fused where available, else scratch) and a
+    line saying which and why, for the log."""
+    if perturbed_forward not in PERTURBED_FORWARDS:
+        raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
+    if perturbed_forward == "scratch":
+        p = ModuleScratchPerturber(module, layout, backend)
+        return p, f"perturbed forward: scratch, module at a time (asked for; {p.scratch_nbytes()} bytes of scratch)"
+    if perturbed_forward == "auto":
+        reason = fused_unavailable_reason([module], backend)
+        if reason:
+            p = ModuleScratchPerturber(module, layout, backend)
+            return p, f"perturbed forward: scratch, module at a time ({reason}; {p.scratch_nbytes()} bytes of scratch)"
+    # "fused" (asked for, on any backend: off CUDA it runs the interpreter or the materialising ops)
+    p = FusedPerturber(module, layout, backend, fused_backend=backend if backend is not None else "triton")
+    return p, f"perturbed forward: {p.describe()}"
