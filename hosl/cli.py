@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from hosl import cli_remote
 from hosl.training.config import TrainConfig
 from hosl.training.modes import MODES
 
@@ -60,6 +61,9 @@ def _config_from(args) -> TrainConfig:
 
 def _cmd_train(args) -> int:
     from hosl.training.loop import train
+
+    if args.role != "local":
+        return cli_remote.cmd_train_remote(args)
 
     summary = train(_config_from(args))
     print(json.dumps({k: summary[k] for k in ("mode", "task", "model", "steps", "eval_accuracy",
@@ -115,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train one run (see --mode)")
     _add_train_args(p_train, TrainConfig())
+    cli_remote.add_role_arg(p_train)
+    cli_remote.add_connection_args(p_train)
     p_train.set_defaults(func=_cmd_train)
+    cli_remote.register(sub, _add_train_args, TrainConfig())
     p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL vs FO-SL side by side (CPU, ~5 minutes)")
     p_demo.add_argument("--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)")
     p_demo.add_argument("--out", default="runs/demo", help="(default %(default)s)")

@@ -54,6 +54,18 @@ def _logits_of(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def eval_outputs(logits, batch: dict, model_kind: str, score_reduction: str = "mean") -> tuple[torch.Tensor, float]:
+    """What evaluation needs from one batch's model output, and no more: option scores [N]
+    (causal LM) or class logits [B, C] (classifier), and the batch's summed loss.
+
+    A split model's server computes this on its side, so LM logits [N, T, vocab] never travel.
+    """
+    logits = _logits_of(logits)
+    if model_kind == "causal_lm":
+        return option_scores(logits, batch, score_reduction), lm_answer_loss(logits, batch, reduction="sum").item()
+    return logits, classification_loss(logits, batch["labels"], reduction="sum").item()
+
+
 @torch.no_grad()
 def evaluate(
     forward_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -65,6 +77,7 @@ def evaluate(
     max_length: int = 2048,
     score_reduction: str = "mean",
     device: torch.device | str | None = None,
+    outputs_fn: Callable[[dict], tuple[torch.Tensor, float]] | None = None,
 ) -> dict:
     """Accuracy and loss of ``forward_fn`` on ``examples``.
 
@@ -73,6 +86,8 @@ def evaluate(
     answer tokens' CE averaged over all of them (lm_answer_loss "mean" over the whole set).
     ``batch_size`` counts examples, so a forward holds batch_size x num_options rows.
     classifier: argmax of the class logits; ``loss`` is the mean CE over examples.
+    ``outputs_fn(batch) -> (scores or logits, loss sum)``, when given, replaces ``forward_fn`` +
+    :func:`eval_outputs` (a split model whose server computes them).
     Returns {"accuracy", "loss", "num_examples"}.
     """
     if batch_size < 1:
@@ -87,16 +102,19 @@ def evaluate(
         batch = collate(examples[start : start + batch_size])
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
-        logits = _logits_of(forward_fn(batch["input_ids"], batch["attention_mask"]))
+        if outputs_fn is not None:
+            out, batch_loss = outputs_fn(batch)
+        else:
+            logits = forward_fn(batch["input_ids"], batch["attention_mask"])
+            out, batch_loss = eval_outputs(logits, batch, model_kind, score_reduction)
+        loss_sum += batch_loss
         if model_kind == "causal_lm":
-            predictions = predict(option_scores(logits, batch, score_reduction), batch)
+            predictions = predict(out, batch)
             gold = batch["gold_option"]
-            loss_sum += lm_answer_loss(logits, batch, reduction="sum").item()
             loss_count += int((batch["labels"][:, 1:] != -100).sum().item())
         else:
-            predictions = predict(logits)
+            predictions = predict(out)
             gold = batch["labels"]
-            loss_sum += classification_loss(logits, gold, reduction="sum").item()
             loss_count += gold.shape[0]
         correct += int((predictions.cpu() == gold.cpu()).sum().item())
     return {

@@ -2,6 +2,11 @@
 
 Files in ``config.out``: ``config.json``, ``metrics.jsonl`` (one line per step and per
 evaluation), ``checkpoints/`` (see checkpoint.py) and, at the end, ``summary.json``.
+
+The split modes reach their server half through a ``Link``: in one process an ``InProcessLink``
+to a ``ServerHalf`` built here; as the client of a two-process run, the link that
+``connect_server`` returns (``hosl/training/remote.py``). The loop is the same either way; in
+the two-process case the checkpoint holds only the client, after the server has saved its half.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,6 +32,8 @@ from hosl.tasks import (
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.modes import Hyper, make_mode
+from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
+from hosl.transport import InProcessLink, Link
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -102,41 +110,79 @@ def _say(msg: str) -> None:
     print(f"[hosl] {msg}", file=sys.stderr, flush=True)
 
 
-def train(cfg: TrainConfig) -> dict:
-    cfg.validate()
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and (run_dir / "metrics.jsonl").exists() and not cfg.resume:
-        raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+def hyper(cfg: TrainConfig) -> Hyper:
+    return Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.eps, num_queries=cfg.num_queries,
+                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, server_batch=cfg.server_batch,
+                 difference=cfg.difference, seed=cfg.seed, backend=cfg.backend)
 
-    # -- data and model ------------------------------------------------------------------------
+
+def load_split_model(cfg: TrainConfig):
+    """(model_kind, tokenizer, client, server) as ``cfg`` says; both sides of a two-process run
+    call this with the same arguments and get the same weights."""
     spec = get_task_spec(cfg.task)  # raises for an unknown task, before any slow loading
     source = resolve_model(cfg.model)
     model_kind = _model_kind(cfg.model, source)
     task_kind = TASK_SEQUENCE_CLASSIFICATION if model_kind == "classifier" else TASK_CAUSAL_LM
-    data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=cfg.seed)
-    for note in data.notes:
-        _say(note)
     _say(f"loading {cfg.model} ({task_kind})")
     model, tokenizer = load_model(cfg.model, task_kind, num_labels=spec.num_labels if model_kind == "classifier" else None,
                                   dtype=DTYPES[cfg.dtype], seed=cfg.seed)
     client, server = split(model, cut=cfg.cut)
-    # Dropout stays off wherever a ZO estimate is taken: the + and - passes of a direction must
-    # see the same function, or the loss difference measures dropout noise, not the direction.
-    fo_only = cfg.mode in ("fo-sl", "fo")
+    return model_kind, tokenizer, client, server
+
+
+def train_dropout(mode: str) -> bool:
+    """Dropout stays off wherever a ZO estimate is taken: the + and - passes of a direction must
+    see the same function, or the loss difference measures dropout noise, not the direction."""
+    return mode in ("fo-sl", "fo")
+
+
+def check_new_run(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and (run_dir / "metrics.jsonl").exists() and not resume:
+        raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None) -> dict:
+    """One run. ``connect_server`` (two-process runs): called once the model is loaded, returns
+    the link to the server process; this process then holds only the client."""
+    cfg.validate()
+    remote = connect_server is not None
+    if remote and cfg.mode not in SPLIT_MODES:
+        raise ValueError(f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server")
+    run_dir = Path(cfg.out)
+    check_new_run(run_dir, cfg.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    # -- data and model ------------------------------------------------------------------------
+    get_task_spec(cfg.task)
+    data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=cfg.seed)
+    for note in data.notes:
+        _say(note)
+    model_kind, tokenizer, client, server = load_split_model(cfg)
+    fo_only = train_dropout(cfg.mode)
+    hp = hyper(cfg)
+    loss_of = _loss_fn(model_kind)
+    half = None
+    if remote:
+        server = None  # that half lives in the server process
+        link = connect_server()
+    elif cfg.mode in SPLIT_MODES:
+        half = ServerHalf(server, cfg.mode, hp, loss_of, model_kind, train_dropout=fo_only)
+        link = InProcessLink(half.handle, PHASE_NAMES)
+    else:
+        link = None
+    proxy = ServerProxy(link, model_kind) if link is not None else None
 
     def set_training(flag: bool) -> None:
-        client.train(flag and fo_only), server.train(flag and fo_only)
+        client.train(flag and fo_only)
+        if half is None and server is not None:  # a server half sets its own mode
+            server.train(flag and fo_only)
 
     set_training(True)
-    hp = Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.eps, num_queries=cfg.num_queries,
-               momentum=cfg.momentum, weight_decay=cfg.weight_decay, server_batch=cfg.server_batch,
-               difference=cfg.difference, seed=cfg.seed, backend=cfg.backend)
-    loss_of = _loss_fn(model_kind)
-    mode = make_mode(cfg.mode, client, server, hp, loss_of)
+    mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)
     collate = make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length)
     batches = ShuffledBatches(data.train, cfg.batch_size, seed=cfg.seed, collate_fn=collate)
+    modules = {"client": client} if remote else {"client": client, "server": server}
 
     step, elapsed, evals = 0, 0.0, []
     if cfg.resume:
@@ -144,22 +190,22 @@ def train(cfg: TrainConfig) -> dict:
         if latest is None:
             _say(f"--resume: no checkpoint in {run_dir}, starting from step 0")
         else:
-            state = ckpt.load_checkpoint(latest, client, server)
+            state = ckpt.load_checkpoint(latest, modules)
             mode.load_optimizer_state(state["optimizers"])
+            if half is not None:
+                half.load_state_dict(state["server_half"])
             batches.load_state_dict(state["batches"])
             torch.set_rng_state(state["torch_rng"])
             step, elapsed, evals = state["step"], state["seconds"], state["evals"]
-            _drop_metrics_after(run_dir / "metrics.jsonl", step)
             _say(f"resumed from {latest} (step {step})")
+    if remote:
+        proxy.resume(step)  # the server loads its half at the same step (or starts fresh at 0)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    def forward_fn(ids, mask):
-        return server(client(ids, mask), mask)
 
     def run_eval(at_step: int) -> dict:
         set_training(False)
-        result = evaluate(forward_fn, data.eval, tokenizer, cfg.eval_batch_size, data.template,
-                          model_kind=model_kind, max_length=cfg.max_length)
+        result = evaluate(None, data.eval, tokenizer, cfg.eval_batch_size, data.template, model_kind=model_kind,
+                          max_length=cfg.max_length, outputs_fn=lambda batch: mode.eval_outputs(batch, model_kind))
         set_training(True)
         record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
         evals.append(record)
@@ -168,12 +214,17 @@ def train(cfg: TrainConfig) -> dict:
         return record
 
     def save(at_step: int) -> None:
+        if remote:
+            proxy.save(at_step)  # the server's half first: a client checkpoint implies the server's
         state = {"step": at_step, "seconds": elapsed, "evals": evals, "optimizers": mode.optimizer_state(),
                  "batches": batches.state_dict(), "torch_rng": torch.get_rng_state(), "config": cfg.to_dict()}
-        ckpt.save_checkpoint(run_dir, at_step, client, server, state)
+        if half is not None:
+            state["server_half"] = half.state_dict()
+        ckpt.save_checkpoint(run_dir, at_step, modules, state)
 
     log = _Log(run_dir / "metrics.jsonl")
     eval_every, ckpt_every = cfg.resolved_eval_every(), cfg.resolved_checkpoint_every()
+    traffic = []  # (bytes_up, bytes_down) of each step of this session
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -184,11 +235,17 @@ def train(cfg: TrainConfig) -> dict:
             run_eval(0)
         while step < cfg.steps:
             batch = next(batches)
+            up0, down0 = (link.bytes_up, link.bytes_down) if link is not None else (0, 0)
             t0 = time.perf_counter()
+            mode.step_number = step + 1
             loss = mode.step(batch)
             elapsed += time.perf_counter() - t0
             step += 1
-            log.write({"step": step, "loss": loss, "seconds": elapsed, "skipped_updates": mode.skipped_updates})
+            record = {"step": step, "loss": loss, "seconds": elapsed, "skipped_updates": mode.skipped_updates}
+            if link is not None:
+                traffic.append((link.bytes_up - up0, link.bytes_down - down0))
+                record.update(bytes_up=traffic[-1][0], bytes_down=traffic[-1][1])
+            log.write(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
@@ -210,6 +267,7 @@ def train(cfg: TrainConfig) -> dict:
         "task": cfg.task,
         "model": cfg.model,
         "cut": cfg.cut,
+        "role": "client" if remote else "local",
         "steps": step,
         "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
         "eval_history": evals,
@@ -226,5 +284,9 @@ def train(cfg: TrainConfig) -> dict:
         "lr_server": cfg.lr_server,
         "data_notes": data.notes,
     }
+    if link is not None and traffic:
+        # bytes on the wire per training step (evaluation traffic not included), this session's steps
+        summary["bytes_up_per_step"] = sum(u for u, _ in traffic) / len(traffic)
+        summary["bytes_down_per_step"] = sum(d for _, d in traffic) / len(traffic)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

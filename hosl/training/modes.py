@@ -7,10 +7,13 @@
 * ``zo``    — the unsplit model, MeZO (ZO over one coordinate numbering of the whole model).
 
 All see the same batches and call the same loss; only who computes which gradient differs.
+The split modes hold only the client; their server half (``split_protocol.ServerHalf``) answers
+through a ``ServerProxy``, in this process or in another one.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +21,9 @@ import torch
 from torch import nn
 
 from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
+from hosl.tasks.evaluation import eval_outputs
 from hosl.training.memory import ClientMemory
+from hosl.training.split_protocol import SPLIT_MODES, ServerPerturbationPeer, ServerProxy
 
 MODES = ("hosl", "fo-sl", "zo-sl", "fo", "zo")
 ZO_CLIENT_MODES = ("hosl", "zo-sl", "zo")
@@ -45,20 +50,11 @@ def _inputs(batch):
     return batch["input_ids"], batch["attention_mask"]
 
 
-def _server_loss(server, batch, loss_of: LossFn):
-    ids, mask = _inputs(batch)
-
-    def loss(h):
-        copies = h.shape[0] // ids.shape[0]
-        return loss_of(server(h, mask.repeat(copies, 1) if copies > 1 else mask), batch, copies)
-
-    return loss
-
-
 class Mode:
     name: str
+    split = False  # split modes talk to their server half through a ServerProxy
 
-    def __init__(self, client: nn.Module, server: nn.Module, hp: Hyper, loss_of: LossFn):
+    def __init__(self, client: nn.Module, server: nn.Module | None, hp: Hyper, loss_of: LossFn):
         self.client, self.server, self.hp, self.loss_of = client, server, hp, loss_of
         self.memory = ClientMemory()
 
@@ -67,8 +63,17 @@ class Mode:
         self.memory.note_output(h)
         return h
 
+    # 1-based number of the step being run; the loop sets it, split modes label their messages with it
+    step_number = 0
+
     def step(self, batch) -> float:
+        """One training step on ``batch``."""
         raise NotImplementedError
+
+    def eval_outputs(self, batch, model_kind: str):
+        """(option scores or class logits, summed loss) of ``batch`` at the current weights."""
+        with torch.no_grad():
+            return eval_outputs(self.server(self.client(*_inputs(batch)), batch["attention_mask"]), batch, model_kind)
 
     def optimizer_state(self) -> dict:
         return {k: opt.state_dict() for k, opt in self.optimizers().items()}
@@ -95,24 +100,42 @@ def _sgd(params, lr, hp: Hyper):
     return torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-class HOSLMode(Mode):
+class SplitMode(Mode):
+    """The client's side of a split mode; the server half answers through ``proxy`` (in this
+    process or another: the mode cannot tell). The server's optimizer lives with the server."""
+
+    split = True
+
+    def __init__(self, client, proxy: ServerProxy, hp, loss_of):
+        super().__init__(client, None, hp, loss_of)
+        self.proxy = proxy
+
+    def eval_outputs(self, batch, model_kind: str):
+        with torch.no_grad():
+            h = self.client(*_inputs(batch))
+        return self.proxy.eval_outputs(h, batch)
+
+
+class HOSLMode(SplitMode):
     name = "hosl"
 
-    def __init__(self, client, server, hp, loss_of):
-        super().__init__(client, server, hp, loss_of)
-        self.server_opt = _sgd(server.parameters(), hp.lr_server, hp)
+    def __init__(self, client, proxy, hp, loss_of):
+        super().__init__(client, proxy, hp, loss_of)
         self.opt = HybridOrderOptimizer(
-            client, self.server_opt, lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
+            client, None, lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
             weight_decay=hp.weight_decay, difference=hp.difference, server_batch=hp.server_batch,
             seed=hp.seed, backend=hp.backend,
         )
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
-        return float(self.opt.step(lambda: self.run_client(ids, mask), _server_loss(self.server, batch, self.loss_of)))
+        self.proxy.begin_step(self.step_number, batch)
+        loss = float(self.opt.step(lambda: self.run_client(ids, mask), self.proxy.hosl_loss_fn()))
+        self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
+        return loss
 
     def optimizers(self):
-        return {"hybrid": self.opt}  # holds the server optimizer's state too
+        return {"hybrid": self.opt}
 
     def scratch_bytes(self):
         return self.opt.scratch_nbytes()
@@ -122,53 +145,62 @@ class HOSLMode(Mode):
         return self.opt.skipped_updates
 
 
-class FOSLMode(Mode):
+class FOSLMode(SplitMode):
     """Split backprop: the server returns dL/dh, the client back-props it."""
 
     name = "fo-sl"
 
-    def __init__(self, client, server, hp, loss_of):
-        super().__init__(client, server, hp, loss_of)
+    def __init__(self, client, proxy, hp, loss_of):
+        super().__init__(client, proxy, hp, loss_of)
         self.client_opt = _sgd(client.parameters(), hp.lr_client, hp)
-        self.server_opt = _sgd(server.parameters(), hp.lr_server, hp)
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
+        self.proxy.begin_step(self.step_number, batch)
         with self.memory.measure_saved():
             h = self.run_client(ids, mask)
-        h_server = h.detach().requires_grad_(True)  # what crosses the cut
-        loss = self.loss_of(self.server(h_server, mask), batch, 1)
-        loss.backward()
-        h.backward(h_server.grad)  # the activation gradient travels back down
-        if torch.isfinite(loss):
+        loss, grad = self.proxy.backprop(h)  # h crosses the cut; the activation gradient comes back
+        h.backward(grad.to(h.device))
+        if math.isfinite(loss):
             self.client_opt.step()
-            self.server_opt.step()
         self.client_opt.zero_grad(set_to_none=True)
-        self.server_opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        self.proxy.end_step()
+        return loss
 
     def optimizers(self):
-        return {"client": self.client_opt, "server": self.server_opt}
+        return {"client": self.client_opt}
 
     def client_optimizer_state_bytes(self):
         return sum(t.numel() * t.element_size() for s in self.client_opt.state.values()
                    for t in s.values() if isinstance(t, torch.Tensor))
 
 
-class ZOSLMode(Mode):
+class ZOSLMode(SplitMode):
+    """Both halves ZO with the same seeds: the server half is a peer of the client's optimizer."""
+
     name = "zo-sl"
 
-    def __init__(self, client, server, hp, loss_of):
-        super().__init__(client, server, hp, loss_of)
+    def __init__(self, client, proxy, hp, loss_of):
+        super().__init__(client, proxy, hp, loss_of)
+        self.peer = ServerPerturbationPeer()
         self.opt = ZerothOrderOptimizer(
-            [client, server], lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
+            [client], lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
             weight_decay=hp.weight_decay, difference=hp.difference, seed=hp.seed, backend=hp.backend,
+            peers=[self.peer],
         )
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
-        loss = _server_loss(self.server, batch, self.loss_of)
-        return float(self.opt.step(lambda: loss(self.run_client(ids, mask))))
+        self.proxy.begin_step(self.step_number, batch)
+
+        def loss():
+            with torch.no_grad():
+                h = self.run_client(ids, mask)
+            return self.proxy.losses(h, self.peer.point)
+
+        value = float(self.opt.step(loss))
+        self.proxy.end_step(*self.peer.take_update())  # empty when the update was skipped
+        return value
 
     def optimizers(self):
         return {"zo": self.opt}
@@ -237,8 +269,16 @@ class ZOMode(Mode):
         return self.opt.skipped_updates
 
 
-def make_mode(name: str, client, server, hp: Hyper, loss_of: LossFn) -> Mode:
+def make_mode(name: str, client, server, hp: Hyper, loss_of: LossFn, proxy: ServerProxy | None = None) -> Mode:
+    """The mode ``name``. Split modes (hosl, fo-sl, zo-sl) need ``proxy`` (their server half);
+    the unsplit baselines (fo, zo) need ``server``."""
     classes = {c.name: c for c in (HOSLMode, FOSLMode, ZOSLMode, FOMode, ZOMode)}
     if name not in classes:
         raise ValueError(f"mode must be one of {list(MODES)}, got {name!r}")
+    if name in SPLIT_MODES:
+        if proxy is None:
+            raise ValueError(f"mode {name!r} needs a ServerProxy to its server half")
+        return classes[name](client, proxy, hp, loss_of)
+    if server is None:
+        raise ValueError(f"mode {name!r} runs the unsplit model and needs the server half in this process")
     return classes[name](client, server, hp, loss_of)

@@ -1,0 +1,87 @@
+"""Command-line pieces of two-process runs: ``hosl serve`` and ``hosl train --role ...``.
+
+::
+
+    hosl serve --rank 1 --master-addr A --master-port P [train arguments]      # the server half
+    hosl train --role client --rank 0 --master-addr A --master-port P [...]    # the client half
+    torchrun --nproc-per-node 2 -m hosl train --role auto [...]                # rank 0 client, 1 server
+
+Both sides take the same training arguments (model, task, mode, cut, seed, ...); they compare the
+ones that matter at connect time. Each writes its own run folder under ``--out``: ``client/`` and
+``server/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+ROLES = ("local", "client", "server", "auto")
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("two-process runs (default: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
+    g.add_argument("--rank", type=int, default=None, help="0 or 1 (the client is usually 0)")
+    g.add_argument("--world-size", type=int, default=None, help="always 2")
+    g.add_argument("--master-addr", default=None, help="host of rank 0 (default 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None, help="rendezvous port on the master")
+    g.add_argument("--peer-timeout", type=float, default=30.0,
+                   help="seconds to wait for any one answer of the other side before giving up (default %(default)s)")
+    g.add_argument("--connect-timeout", type=float, default=300.0,
+                   help="seconds to wait for the other side to start and load its model (default %(default)s)")
+    g.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"),
+                   help="torch.distributed backend (default: nccl when CUDA is available, else gloo)")
+
+
+def add_role_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", default="local", choices=ROLES,
+                   help="local: both halves here (default); client/server: one half of a two-process run; "
+                        "auto: client on rank 0, server on rank 1 (for torchrun)")
+
+
+def register(sub, add_train_args, defaults) -> None:
+    """Add ``hosl serve`` (the training arguments plus the connection ones)."""
+    p = sub.add_parser("serve", help="run the server half of a two-process run (see also train --role client)")
+    add_train_args(p, defaults)
+    add_connection_args(p)
+    p.set_defaults(func=cmd_serve, role="server")
+
+
+def _connection(args):
+    from hosl.training.remote import Connection
+
+    return Connection(rank=args.rank, world_size=args.world_size, master_addr=args.master_addr,
+                      master_port=args.master_port, peer_timeout=args.peer_timeout,
+                      connect_timeout=args.connect_timeout, backend=args.dist_backend)
+
+
+def resolve_role(args) -> str:
+    if args.role != "auto":
+        return args.role
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "-1"))
+    if rank not in (0, 1):
+        raise ValueError("--role auto needs --rank or RANK (as torchrun sets) to be 0 (client) or 1 (server)")
+    return "client" if rank == 0 else "server"
+
+
+def cmd_serve(args) -> int:
+    from hosl.cli import _config_from
+    from hosl.training.remote import run_server
+
+    return run_server(_config_from(args), _connection(args))
+
+
+def cmd_train_remote(args) -> int:
+    """``hosl train --role client|server|auto``."""
+    from hosl.cli import _config_from
+    from hosl.training.remote import run_client, run_server
+
+    role = resolve_role(args)
+    if role == "server":
+        return run_server(_config_from(args), _connection(args))
+    summary = run_client(_config_from(args), _connection(args))
+    keys = ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds",
+            "bytes_up_per_step", "bytes_down_per_step")
+    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    return 0

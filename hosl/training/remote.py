@@ -1,0 +1,158 @@
+"""The two roles of a two-process run: the client (data, client half, the training loop) and the
+server (server half, its optimizer, the labels' loss), talking over ``hosl.transport``.
+
+Each side writes its own run folder: ``OUT/client`` and ``OUT/server`` (so both can share one
+``--out``, as they do under ``torchrun``). Order of events on each side: load the model (both
+build the same weights from the same arguments), rendezvous, compare configurations, then the
+client drives the conversation (``split_protocol``) and the server answers until the client says
+goodbye.
+
+Faults: a dead or silent peer ends this side within ``peer_timeout`` with a ``PeerLostError``
+naming the peer and the phase (the CLI exits with status 2). The first Ctrl-C asks for a clean
+stop: the client finishes the exchange in flight and sends a shutdown notice; the server answers
+the next request with one. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from hosl.training import checkpoint as ckpt
+from hosl.training.config import TrainConfig
+from hosl.training.loop import RunExistsError, _loss_fn, hyper, load_split_model, train, train_dropout
+from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf
+from hosl.transport import ShutdownCode
+from hosl.transport.distributed import DistributedLink, Endpoint, connect, disconnect, handshake, serve
+
+# What both sides must agree on. Fields that only the client uses (steps, data sizes, Q, ...)
+# are not compared: the server follows whatever the client sends.
+FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "seed", "eps", "lr_client", "lr_server", "momentum",
+                      "weight_decay")
+
+
+@dataclass
+class Connection:
+    rank: int | None = None  # None: from the environment (torchrun)
+    world_size: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    peer_timeout: float = 30.0  # longest wait for any one answer once running
+    connect_timeout: float = 300.0  # rendezvous, handshake and the first request (the peer may be loading)
+    backend: str | None = None  # gloo | nccl (default: nccl when CUDA is available)
+
+
+def fingerprint(cfg: TrainConfig) -> dict:
+    values = {name: getattr(cfg, name) for name in FINGERPRINT_FIELDS}
+    values["lr_client"] = cfg.resolved_lr_client()
+    return values
+
+
+def _say(msg: str) -> None:
+    print(f"[hosl] {msg}", file=sys.stderr, flush=True)
+
+
+class StopOnInterrupt:
+    """First SIGINT sets a flag (stop cleanly at the next exchange); a second one interrupts."""
+
+    def __init__(self, role: str):
+        self.role = role
+        self.flag = False
+        self._previous = None
+
+    def requested(self) -> bool:
+        return self.flag
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        _say(f"{self.role}: interrupted; stopping both sides at the next exchange (Ctrl-C again to abort now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_split_mode(cfg: TrainConfig) -> None:
+    cfg.validate()
+    if cfg.mode not in SPLIT_MODES:
+        raise ValueError(f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server")
+
+
+def run_client(cfg: TrainConfig, conn: Connection) -> dict:
+    """The client half: ``train`` with a link to the server process; returns the run's summary."""
+    _check_split_mode(cfg)
+    cfg = replace(cfg, out=str(Path(cfg.out) / "client"))
+    stop = StopOnInterrupt("client")
+    links: list[DistributedLink] = []
+
+    def connect_server() -> DistributedLink:
+        connect(rank=conn.rank, world_size=conn.world_size, master_addr=conn.master_addr,
+                master_port=conn.master_port, timeout_s=conn.connect_timeout, backend=conn.backend)
+        endpoint = Endpoint("server", conn.peer_timeout)
+        handshake(endpoint, "client", fingerprint(cfg), conn.connect_timeout)
+        _say(f"client: connected to the {endpoint.peer_name}")
+        links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested))
+        return links[0]
+
+    with stop:
+        try:
+            summary = train(cfg, connect_server=connect_server)
+            if links:
+                links[0].close(ShutdownCode.DONE)
+            return summary
+        except KeyboardInterrupt:
+            if links:
+                links[0].close(ShutdownCode.INTERRUPTED)
+            raise
+        except Exception:
+            if links:
+                links[0].close(ShutdownCode.FAILED)  # a no-op when the server is the one that failed
+            raise
+        finally:
+            disconnect()
+
+
+def run_server(cfg: TrainConfig, conn: Connection) -> int:
+    """The server half: answer the client until it says goodbye. Returns an exit status: 0 when
+    the client finished, 130 when it was interrupted, 1 when it failed."""
+    _check_split_mode(cfg)
+    run_dir = Path(cfg.out) / "server"
+    if ckpt.list_checkpoints(run_dir) and not cfg.resume:
+        raise RunExistsError(f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model_kind, _tokenizer, client, server = load_split_model(cfg)
+    del client  # that half lives in the client process
+    half = ServerHalf(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
+                      train_dropout=train_dropout(cfg.mode), checkpoint_dir=run_dir, resume_allowed=cfg.resume)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    stop = StopOnInterrupt("server")
+    with stop:
+        try:
+            connect(rank=conn.rank, world_size=conn.world_size, master_addr=conn.master_addr,
+                    master_port=conn.master_port, timeout_s=conn.connect_timeout, backend=conn.backend)
+            endpoint = Endpoint("client", conn.peer_timeout)
+            handshake(endpoint, "server", fingerprint(cfg), conn.connect_timeout)
+            _say(f"server: connected to the {endpoint.peer_name}; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
+            code = serve(endpoint, half.handle, phase_names=PHASE_NAMES, stop_requested=stop.requested,
+                         first_timeout_s=conn.connect_timeout)
+        finally:
+            disconnect()
+    reason = {int(c): c.name.lower() for c in ShutdownCode}.get(code, str(code))
+    _say(f"server: the client said goodbye ({reason})")
+    (run_dir / "summary.json").write_text(json.dumps({"role": "server", "mode": cfg.mode, "model": cfg.model,
+                                                      "client_shutdown": reason}, indent=2))
+    return {int(ShutdownCode.DONE): 0, int(ShutdownCode.INTERRUPTED): 130}.get(code, 1)

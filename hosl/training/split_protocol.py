@@ -1,0 +1,310 @@
+"""The conversation between the client half and the server half, for the split modes.
+
+One training step, as the client's modes (``hosl/training/modes.py``) drive it:
+
+==========  =====================================  ==========================================
+phase       up (client -> server)                  down (server -> client)
+==========  =====================================  ==========================================
+begin-step  attention mask + the batch's labels    (ack)
+clean-loss  h (hosl: the clean activation)         loss; the server back-propagates it
+losses      h (copies stacked) [+ zo-sl: seed,     one loss per copy, no grad
+            scale of the point]
+backprop    h (fo-sl)                              loss and dL/dh
+end-step    [zo-sl: seeds, projected grads]        (ack); the server's optimizer steps
+eval        h, mask, the batch's scoring tensors   option scores / class logits, loss sum
+save        step                                   (ack) once the server's checkpoint is on disk
+resume      step (0: fresh start)                  (ack) once the server has loaded that step
+==========  =====================================  ==========================================
+
+Labels travel up with the batch (``begin-step``), once per step: the client owns the data, and the
+server never reads a dataset, so the two can never disagree on the data order. The server
+sees labels, the attention mask and (for evaluation) the answer tokens, never the prompts.
+
+:class:`ServerHalf` answers these phases (it runs in-process behind ``InProcessLink`` or in the
+server process behind ``serve``); :class:`ServerProxy` is what the client's modes call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hosl.optim import ZerothOrderOptimizer
+from hosl.optim import functional as F
+from hosl.tasks.evaluation import eval_outputs
+from hosl.transport import Link, Message
+from hosl.transport.wire import Kind, from_int64, to_int64
+
+
+class Phase(enum.IntEnum):
+    BEGIN_STEP = 1
+    CLEAN_LOSS = 2
+    LOSSES = 3
+    BACKPROP = 4
+    END_STEP = 5
+    EVAL = 6
+    SAVE = 7
+    RESUME = 8
+
+
+PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
+SPLIT_MODES = ("hosl", "fo-sl", "zo-sl")
+
+# What of a batch the server needs, by model kind (training / evaluation), in wire order.
+_TRAIN_KEYS = ("labels",)
+_EVAL_KEYS = {"causal_lm": ("labels", "answer_mask", "answer_ids"), "classifier": ("labels",)}
+
+
+def server_side_of(batch: dict, model_kind: str, for_eval: bool) -> list[torch.Tensor]:
+    """The tensors of ``batch`` the server needs (after the attention mask)."""
+    keys = _EVAL_KEYS[model_kind] if for_eval else _TRAIN_KEYS
+    if "answer_ids" in keys:
+        # option scores read the input ids only at answer positions: send just those
+        batch = dict(batch, answer_ids=batch["input_ids"].masked_fill(~batch["answer_mask"], 0))
+    return [batch[k] for k in keys]
+
+
+def batch_from_server_side(tensors: list[torch.Tensor], model_kind: str, for_eval: bool) -> dict:
+    keys = _EVAL_KEYS[model_kind] if for_eval else _TRAIN_KEYS
+    batch = dict(zip(keys, tensors))
+    if "answer_ids" in batch:
+        batch["input_ids"] = batch.pop("answer_ids")
+    return batch
+
+
+class ServerHalf:
+    """The server's side of one split mode: its module, its optimizer, the loss, its RNG.
+
+    ``handle(request) -> reply`` is the whole interface. Dropout on the server draws from the
+    server's own random stream (swapped in around every server computation), so a two-process run
+    and an in-process run draw the same masks on both halves.
+    """
+
+    def __init__(self, server: nn.Module, mode: str, hp, loss_of: Callable, model_kind: str, *,
+                 train_dropout: bool, checkpoint_dir: Path | None = None, resume_allowed: bool = True):
+        if mode not in SPLIT_MODES:
+            raise ValueError(f"mode {mode!r} has no server half; split modes are {', '.join(SPLIT_MODES)}")
+        self.server, self.mode, self.hp, self.loss_of, self.model_kind = server, mode, hp, loss_of, model_kind
+        self.train_dropout = train_dropout
+        self.checkpoint_dir = checkpoint_dir
+        self.resume_allowed = resume_allowed
+        self.rng_state = torch.Generator().manual_seed(hp.seed + 1).get_state()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.zo: ZerothOrderOptimizer | None = None
+        if mode in ("hosl", "fo-sl"):
+            self.optimizer = torch.optim.SGD(server.parameters(), lr=hp.lr_server, momentum=hp.momentum,
+                                             weight_decay=hp.weight_decay)
+        else:  # zo-sl: perturbed and updated with the client's seeds (its generator is unused)
+            self.zo = ZerothOrderOptimizer(server, lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
+                                           weight_decay=hp.weight_decay, difference=hp.difference,
+                                           seed=hp.seed, backend=hp.backend)
+        self.batch: dict = {}
+        self.mask: torch.Tensor | None = None
+        self.clean_loss = math.nan
+        self.server.train(train_dropout)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def own_rng(self):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def _device(self) -> torch.device:
+        return next(self.server.parameters()).device
+
+    def _loss(self, h: torch.Tensor) -> torch.Tensor:
+        rows = self.mask.shape[0]
+        copies = h.shape[0] // rows
+        mask = self.mask.repeat(copies, 1) if copies > 1 else self.mask
+        return self.loss_of(self.server(h, mask), self.batch, copies)
+
+    @staticmethod
+    def _reply(request: Message, **kw) -> Message:
+        return Message(Kind.REPLY, request.phase, request.step, **kw)
+
+    # -- phases -----------------------------------------------------------------------------------
+    def handle(self, request: Message) -> Message:
+        dev = self._device()
+        tensors = [t.to(dev) for t in request.tensors]
+        phase = Phase(request.phase)
+        with self.own_rng():
+            if phase == Phase.BEGIN_STEP:
+                self.mask, *rest = tensors
+                self.batch = batch_from_server_side(rest, self.model_kind, for_eval=False)
+                return self._reply(request)
+            if phase == Phase.CLEAN_LOSS:  # hosl: FO at the clean point
+                loss = self._loss(tensors[0])
+                self.clean_loss = float(loss.detach())
+                if loss.requires_grad and math.isfinite(self.clean_loss):
+                    loss.backward()
+                return self._reply(request, floats=[self.clean_loss])
+            if phase == Phase.LOSSES:
+                point = self.zo.perturbers[0].perturbed(from_int64(request.ints[0]), request.floats[0]) \
+                    if request.ints else contextlib.nullcontext()
+                with torch.no_grad(), point:
+                    out = self._loss(tensors[0])
+                losses = [float(out)] if out.dim() == 0 else out.float().tolist()
+                return self._reply(request, floats=losses)
+            if phase == Phase.BACKPROP:  # fo-sl: dL/dh goes back down
+                h = tensors[0].detach().requires_grad_(True)
+                loss = self._loss(h)
+                loss.backward()
+                self.clean_loss = float(loss.detach())
+                return self._reply(request, floats=[self.clean_loss], tensors=[h.grad])
+            if phase == Phase.END_STEP:
+                self._end_step(request)
+                return self._reply(request)
+            if phase == Phase.EVAL:
+                return self._eval(request, tensors)
+        if phase == Phase.SAVE:
+            self.save(request.step)
+            return self._reply(request)
+        if phase == Phase.RESUME:
+            self.resume(request.step)
+            return self._reply(request)
+        raise ValueError(f"unknown phase {request.phase}")
+
+    def _end_step(self, request: Message) -> None:
+        if self.optimizer is not None:
+            if math.isfinite(self.clean_loss):
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        elif request.ints:  # zo-sl: the client's update, with the same seeds and estimates
+            self.zo.apply_update([from_int64(s) for s in request.ints], request.floats)
+        self.clean_loss = math.nan
+
+    def _eval(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        h, mask, *rest = tensors
+        batch = batch_from_server_side(rest, self.model_kind, for_eval=True)
+        self.server.train(False)
+        try:
+            with torch.no_grad():
+                out, loss_sum = eval_outputs(self.server(h, mask), batch, self.model_kind)
+        finally:
+            self.server.train(self.train_dropout)
+        return self._reply(request, floats=[loss_sum], tensors=[out])
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "rng_state": self.rng_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.rng_state = state["rng_state"]
+
+    def save(self, step: int) -> None:
+        """Server-process checkpoints (in-process runs save the server with the client instead)."""
+        from hosl.training import checkpoint as ckpt
+
+        if self.checkpoint_dir is None:
+            raise RuntimeError("this server half has no checkpoint folder")
+        # keep two: the client saves after the server, so it may die holding only the previous one
+        ckpt.save_checkpoint(self.checkpoint_dir, step, {"server": self.server},
+                             {"step": step, "server_half": self.state_dict()}, keep=2)
+
+    def resume(self, step: int) -> None:
+        from hosl.training import checkpoint as ckpt
+
+        if step == 0:
+            return
+        if not self.resume_allowed:
+            raise ValueError(f"the client resumes at step {step} but the server was not started with --resume")
+        if self.checkpoint_dir is None:
+            raise RuntimeError("this server half has no checkpoint folder")
+        path = ckpt.checkpoint_at(self.checkpoint_dir, step)
+        if path is None:
+            have = ", ".join(p.name for p in ckpt.list_checkpoints(self.checkpoint_dir)) or "none"
+            raise FileNotFoundError(f"the client resumes at step {step} but the server has no checkpoint for it "
+                                    f"in {self.checkpoint_dir} (has: {have})")
+        state = ckpt.load_checkpoint(path, {"server": self.server})
+        self.load_state_dict(state["server_half"])
+
+
+class ServerProxy:
+    """The server half as the client's modes see it: one method per phase, over any ``Link``."""
+
+    def __init__(self, link: Link, model_kind: str):
+        self.link, self.model_kind = link, model_kind
+        self.step = 0
+        self.rows = 0
+
+    def begin_step(self, step: int, batch: dict) -> None:
+        self.step, self.rows = step, batch["attention_mask"].shape[0]
+        self.link.call(Phase.BEGIN_STEP, step,
+                       tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)])
+
+    def clean_loss(self, h: torch.Tensor) -> float:
+        return self.link.call(Phase.CLEAN_LOSS, self.step, tensors=[h.detach()]).floats[0]
+
+    def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
+        """Losses without grad: a scalar for one copy of the batch, ``[copies]`` for several."""
+        ints, floats = ([to_int64(point[0])], [point[1]]) if point is not None else ([], [])
+        values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=[h.detach()]).floats
+        return torch.tensor(values[0] if h.shape[0] == self.rows else values, dtype=torch.float64)
+
+    def backprop(self, h: torch.Tensor) -> tuple[float, torch.Tensor]:
+        reply = self.link.call(Phase.BACKPROP, self.step, tensors=[h.detach()])
+        return reply.floats[0], reply.tensors[0]
+
+    def end_step(self, seeds=(), grads=()) -> None:
+        self.link.call(Phase.END_STEP, self.step, ints=[to_int64(s) for s in seeds], floats=list(grads))
+
+    def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
+        reply = self.link.call(Phase.EVAL, self.step, tensors=[
+            h.detach(), batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=True)])
+        return reply.tensors[0], reply.floats[0]
+
+    def save(self, step: int) -> None:
+        self.link.call(Phase.SAVE, step)
+
+    def resume(self, step: int) -> None:
+        self.link.call(Phase.RESUME, step)
+
+    def hosl_loss_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``server_loss_fn`` for ``HybridOrderOptimizer.step``: called with grad enabled it is the
+        clean point (the server back-propagates on its side and the returned loss carries no
+        graph); called under ``no_grad`` it evaluates perturbed activations."""
+
+        def server_loss(h: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return torch.tensor(self.clean_loss(h), dtype=torch.float64)
+            return self.losses(h)
+
+        return server_loss
+
+
+class ServerPerturbationPeer:
+    """ZO-SL: the server's half as a peer of the client's ``ZerothOrderOptimizer``. It records the
+    point being evaluated (sent with the activation) and the step's update (sent at step end)."""
+
+    def __init__(self):
+        self.point: tuple[int, float] | None = None
+        self.pending_update: tuple[list[int], list[float]] = ([], [])
+
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float):
+        self.point = (seed, scale)
+        try:
+            yield
+        finally:
+            self.point = None
+
+    def update(self, seeds, grads) -> None:
+        self.pending_update = (list(seeds), list(grads))
+
+    def take_update(self) -> tuple[list[int], list[float]]:
+        update, self.pending_update = self.pending_update, ([], [])
+        return update

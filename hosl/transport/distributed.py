@@ -1,0 +1,318 @@
+"""``torch.distributed`` point-to-point transport: gloo between CPUs, NCCL between GPUs.
+
+:func:`connect` joins a two-process group; :class:`Endpoint` sends and receives
+:class:`~hosl.transport.wire.Message` s to the one peer; :class:`DistributedLink` is the client's
+:class:`~hosl.transport.link.Link`; :func:`serve` is the server's loop around a handler;
+:func:`handshake` compares the two sides' configurations before anything else is said.
+
+Every wait is bounded. gloo closes the connection for good when a wait times out, and a peer that
+dies shows up as "connection closed" on the next wait; both become :class:`PeerLostError` naming the
+peer, the phase and the step. A blocking wait runs in a helper thread so the main thread stays
+responsive to signals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import re
+import struct
+import threading
+import time
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from hosl.transport.link import (
+    ConfigMismatchError,
+    Handler,
+    Link,
+    PeerLostError,
+    PeerShutdownError,
+    RemoteError,
+)
+from hosl.transport.wire import (
+    HEADER_LEN,
+    MAGIC,
+    PROTOCOL_VERSION,
+    TENSOR_HEADER_LEN,
+    Kind,
+    Message,
+    ShutdownCode,
+    as_bytes,
+    parse_tensor_header,
+    tensor_header,
+    tensor_text,
+    text_tensor,
+)
+
+TAG_HEADER, TAG_INTS, TAG_FLOATS, TAG_TENSOR_HEADERS, TAG_FIRST_TENSOR = 0, 1, 2, 3, 4
+
+
+def connect(
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    timeout_s: float = 300.0,
+    backend: str | None = None,
+) -> None:
+    """Join the two-process group. Anything not given comes from the environment that
+    ``torchrun`` sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). ``timeout_s`` bounds the
+    rendezvous (the other side may still be loading its model)."""
+    env = os.environ
+    rank = int(env["RANK"]) if rank is None and "RANK" in env else rank
+    world_size = int(env.get("WORLD_SIZE", 2)) if world_size is None else world_size
+    master_addr = master_addr or env.get("MASTER_ADDR") or "127.0.0.1"
+    master_port = master_port or (int(env["MASTER_PORT"]) if "MASTER_PORT" in env else None)
+    if rank is None or master_port is None:
+        raise ValueError("need --rank and --master-port (or RANK and MASTER_PORT in the environment, as torchrun sets)")
+    if world_size != 2:
+        raise ValueError(f"a split run has exactly two processes (client and server), got world size {world_size}")
+    if rank not in (0, 1):
+        raise ValueError(f"rank must be 0 or 1, got {rank}")
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def disconnect() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Endpoint:
+    """Messages to and from the single peer of this process (the other rank)."""
+
+    def __init__(self, peer_name: str, timeout_s: float, device: torch.device | str | None = None):
+        self.rank = dist.get_rank()
+        self.peer = 1 - self.rank
+        self.peer_name = f"{peer_name} (rank {self.peer})"
+        self.timeout_s = timeout_s
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        self.device = torch.device(device)
+
+    # -- waiting ----------------------------------------------------------------------------------
+    def _wait(self, works, what: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        done, failure = threading.Event(), []
+
+        def wait_all():
+            try:
+                for work in works:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("Timed out")
+                    work.wait(datetime.timedelta(seconds=left))
+            except BaseException as exc:  # handed to the main thread
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=wait_all, name="hosl-wire-wait", daemon=True).start()
+        done.wait()
+        if failure:
+            exc = failure[0]
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "timed out" in text.lower() or isinstance(exc, TimeoutError):
+                raise PeerLostError(f"no answer from the {self.peer_name} within {timeout_s:g} s while {what}") from None
+            detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:120]  # gloo: "[file:line] What. Hint."
+            raise PeerLostError(f"lost the {self.peer_name} while {what}: the connection closed "
+                                f"(did it die?) [{detail}]") from None
+
+    # -- messages ---------------------------------------------------------------------------------
+    def send(self, msg: Message, what: str, timeout_s: float | None = None) -> None:
+        dev = self.device
+        parts = [(TAG_HEADER, msg.header())]
+        if msg.ints:
+            parts.append((TAG_INTS, torch.tensor(msg.ints, dtype=torch.int64)))
+        if msg.floats:
+            parts.append((TAG_FLOATS, torch.tensor(msg.floats, dtype=torch.float64)))
+        if msg.tensors:
+            parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
+            parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
+        works = [dist.isend(t.to(dev), self.peer, tag=tag) for tag, t in parts]
+        self._wait(works, f"sending {what}", timeout_s or self.timeout_s)
+
+    def recv(self, what: str, timeout_s: float | None = None) -> Message:
+        timeout_s = timeout_s or self.timeout_s
+        dev = self.device
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
+        self._wait([dist.irecv(header, self.peer, tag=TAG_HEADER)], what, timeout_s)
+        magic, kind, phase, step, n_ints, n_floats, n_tensors, code = header.tolist()
+        if magic != MAGIC:
+            raise PeerLostError(f"the {self.peer_name} sent something that is not a hosl message while {what}")
+        ints = torch.empty(n_ints, dtype=torch.int64, device=dev)
+        floats = torch.empty(n_floats, dtype=torch.float64, device=dev)
+        theaders = torch.empty((n_tensors, TENSOR_HEADER_LEN), dtype=torch.int64, device=dev)
+        small = [(TAG_INTS, ints), (TAG_FLOATS, floats), (TAG_TENSOR_HEADERS, theaders)]
+        self._wait([dist.irecv(t, self.peer, tag=tag) for tag, t in small if t.numel()], what, timeout_s)
+        specs = [parse_tensor_header(h) for h in theaders.cpu()]
+        tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
+        works = [dist.irecv(as_bytes(t), self.peer, tag=TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()]
+        self._wait(works, what, timeout_s)
+        return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
+
+
+class DistributedLink(Link):
+    """The client's link to a server process. ``stop_requested()``, checked before each request,
+    turns a pending Ctrl-C into ``KeyboardInterrupt`` between exchanges, never inside one."""
+
+    def __init__(self, endpoint: Endpoint, phase_names: Mapping[int, str] | None = None,
+                 stop_requested: Callable[[], bool] | None = None):
+        super().__init__(phase_names)
+        self.endpoint = endpoint
+        self.stop_requested = stop_requested or (lambda: False)
+        self.closed = False
+
+    def _exchange(self, request: Message) -> Message:
+        if self.stop_requested():
+            raise KeyboardInterrupt
+        what = f"phase '{self.phase_name(request.phase)}' of step {request.step}"
+        self.endpoint.send(request, f"the request for {what}")
+        reply = self.endpoint.recv(f"waiting for the answer to {what}")
+        if reply.kind == Kind.REPLY:
+            return reply
+        peer = self.endpoint.peer_name
+        if reply.kind == Kind.ERROR:
+            self.closed = True
+            raise RemoteError(f"the {peer} failed in {what}: {tensor_text(reply.tensors[0]) if reply.tensors else '?'}")
+        if reply.kind == Kind.SHUTDOWN:
+            self.closed = True
+            raise PeerShutdownError(f"the {peer} shut down ({ShutdownCode(reply.code).name.lower()}) "
+                                    f"instead of answering {what}", reply.code)
+        raise PeerLostError(f"the {peer} answered {what} with an unexpected {reply.kind.name} message")
+
+    def close(self, code: ShutdownCode = ShutdownCode.DONE) -> None:
+        """Say goodbye and wait (briefly) for the server's acknowledgement; never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        grace = min(self.endpoint.timeout_s, 10.0)
+        try:
+            self.endpoint.send(Message(Kind.SHUTDOWN, code=int(code)), "the shutdown notice", grace)
+            self.endpoint.recv("waiting for the shutdown acknowledgement", grace)
+        except Exception:
+            pass
+
+
+def serve(
+    endpoint: Endpoint,
+    handler: Handler,
+    *,
+    phase_names: Mapping[int, str] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    first_timeout_s: float | None = None,
+) -> int:
+    """Answer requests with ``handler`` until the client says goodbye; returns its shutdown code.
+
+    A handler exception is reported to the client (an ERROR message) and re-raised here. When
+    ``stop_requested()`` turns true (Ctrl-C), the next request is answered with a SHUTDOWN notice
+    and ``KeyboardInterrupt`` is raised.
+    """
+    names = dict(phase_names or {})
+    stop_requested = stop_requested or (lambda: False)
+    last = "the start of the run"
+    timeout = first_timeout_s
+    while True:
+        msg = endpoint.recv(f"waiting for the next request from the client (last: {last})", timeout)
+        timeout = None
+        if msg.kind == Kind.SHUTDOWN:
+            try:
+                endpoint.send(Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement",
+                              min(endpoint.timeout_s, 10.0))
+            except PeerLostError:
+                pass
+            return msg.code
+        if msg.kind != Kind.REQUEST:
+            raise PeerLostError(f"the {endpoint.peer_name} sent an unexpected {msg.kind.name} message (last: {last})")
+        last = f"phase '{names.get(msg.phase, msg.phase)}' of step {msg.step}"
+        if stop_requested():
+            try:
+                endpoint.send(Message(Kind.SHUTDOWN, msg.phase, msg.step, code=int(ShutdownCode.INTERRUPTED)),
+                              "the shutdown notice", min(endpoint.timeout_s, 10.0))
+            except PeerLostError:
+                pass
+            raise KeyboardInterrupt
+        try:
+            reply = handler(msg)
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            try:
+                endpoint.send(Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]),
+                              "an error report", min(endpoint.timeout_s, 10.0))
+            except PeerLostError:
+                pass
+            raise
+        endpoint.send(reply, f"the answer to {last}")
+
+
+# -- handshake ----------------------------------------------------------------------------------
+ROLES = ("client", "server")
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little", signed=True)
+
+
+def _encode_value(value) -> int:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return _stable_hash(repr(value))
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    raise TypeError(f"cannot fingerprint a {type(value).__name__}")
+
+
+def _describe_peer_value(mine, encoded: int) -> str:
+    if isinstance(mine, bool) or mine is None or isinstance(mine, str):
+        return "a different value"
+    if isinstance(mine, int):
+        return repr(encoded)
+    return repr(struct.unpack("<d", struct.pack("<q", encoded))[0])
+
+
+def handshake(endpoint: Endpoint, role: str, fields: Mapping[str, object], timeout_s: float) -> None:
+    """Exchange (protocol version, role, named config fields) with the peer and compare.
+
+    Raises :class:`ConfigMismatchError` naming the first field that differs (on both sides).
+    Values travel as int64: integers as themselves, floats by their bits, strings as a hash.
+    """
+    names = list(fields)
+    ints = [PROTOCOL_VERSION, ROLES.index(role), len(names)]
+    for name in names:
+        ints += [_stable_hash(name), _encode_value(fields[name])]
+    hello = Message(Kind.HELLO, ints=ints)
+    what = "the configuration handshake"
+    if endpoint.rank == 0:
+        endpoint.send(hello, what, timeout_s)
+        theirs = endpoint.recv(f"waiting for {what}", timeout_s)
+    else:
+        theirs = endpoint.recv(f"waiting for {what}", timeout_s)
+        endpoint.send(hello, what, timeout_s)
+    peer = endpoint.peer_name
+    if theirs.kind != Kind.HELLO or len(theirs.ints) < 3:
+        raise ConfigMismatchError(f"the {peer} did not start with a hosl handshake")
+    version, their_role, count = theirs.ints[:3]
+    if version != PROTOCOL_VERSION:
+        raise ConfigMismatchError(f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, the {peer} {version}")
+    if their_role == ROLES.index(role):
+        raise ConfigMismatchError(f"both sides were started as the {role}; start one client and one server")
+    pairs = dict(zip(theirs.ints[3::2], theirs.ints[4::2]))
+    for name in names:
+        key = _stable_hash(name)
+        if key not in pairs:
+            raise ConfigMismatchError(f"configuration mismatch: the {peer} does not send '{name}' (different hosl version?)")
+        if pairs[key] != _encode_value(fields[name]):
+            raise ConfigMismatchError(
+                f"configuration mismatch with the {peer}: {name} is {fields[name]!r} here and "
+                f"{_describe_peer_value(fields[name], pairs[key])} there; start both sides with the same --{name.replace('_', '-')}"
+            )
+    if count != len(names):
+        raise ConfigMismatchError(f"configuration mismatch: the {peer} compares {count} fields, this side {len(names)}")
