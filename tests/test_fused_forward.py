@@ -93,12 +93,15 @@ def test_optimizer_fused_step_matches_scratch_step_and_keeps_weights():
     assert any(abs(g) > 1e-3 for g in grads["fused"])
 
 
-def test_auto_on_cpu_keeps_scratch_and_says_so(caplog):
+def test_auto_on_cpu_materialises_layer_by_layer_and_says_so(caplog):
     client = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.LayerNorm(4))
     with caplog.at_level(logging.INFO, logger="hosl.optim"):
         opt = hosl.HybridOrderOptimizer(client, None, num_queries=1)
+    assert isinstance(opt.perturbers[0], FusedPerturber) and opt.perturbers[0].fused_backend is None
+    assert "default backend" in caplog.text and "CUDA" in caplog.text and "materialising" in caplog.text
+    with caplog.at_level(logging.INFO, logger="hosl.optim"):
+        opt = hosl.HybridOrderOptimizer(client, None, num_queries=1, perturbed_forward="scratch")
     assert type(opt.perturbers[0]) is ModuleScratchPerturber
-    assert "scratch" in caplog.text and "CUDA" in caplog.text
     with caplog.at_level(logging.INFO, logger="hosl.optim"):
         opt = hosl.ZerothOrderOptimizer(client, num_queries=1, perturbed_forward="fused")
     assert isinstance(opt.perturbers[0], FusedPerturber) and "fused (triton): 1 linear, 1 embedding" in caplog.text

@@ -254,7 +254,7 @@ def test_failing_forward_restores_weights():
 
 def test_scratch_is_the_largest_module_not_the_whole_client():
     client, _ = _model()
-    opt = hosl.HybridOrderOptimizer(client, None)
+    opt = hosl.HybridOrderOptimizer(client, None, perturbed_forward="scratch")
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in client.modules()) * 4
     assert opt.scratch_nbytes() == largest
     assert opt.scratch_nbytes() < sum(p.numel() * 4 for p in client.parameters())
@@ -307,4 +307,21 @@ def test_bad_callables_and_server_shapes():
     before = _snapshot(client)
     with pytest.raises(ValueError, match="one loss per copy"):
         opt.step(lambda: client(x), lambda h: server(h).float().mean())
+    assert _same_bits(before, client)
+
+
+def test_auto_on_cpu_swaps_layers_and_matches_the_scratch_path_bit_for_bit():
+    torch.manual_seed(0)
+    client = nn.Sequential(nn.Embedding(500, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 8))
+    ids = torch.randint(0, 500, (4, 7))
+    before = _snapshot(client)
+    outs = {}
+    for pf in ("auto", "scratch"):
+        opt = hosl.HybridOrderOptimizer(client, None, perturbed_forward=pf)
+        with opt.perturbed(3, -1.0):
+            outs[pf] = client(ids)
+        if pf == "auto":
+            assert "fused" in opt.perturbed_forward_info[0]
+            assert opt.scratch_nbytes() == 16 * 2 * 4  # only the LayerNorm: no vocabulary-sized scratch
+    assert torch.equal(outs["auto"], outs["scratch"])
     assert _same_bits(before, client)

@@ -93,7 +93,7 @@ class FusedPerturber(ModuleScratchPerturber):
 
     def describe(self) -> str:
         kinds = [k for _, k, _ in self.fused]
-        return (f"fused ({self.fused_backend}): {kinds.count(LINEAR)} linear, "
+        return (f"fused ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
                 f"{len(kinds) - kinds.count(LINEAR)} embedding layers; scratch: {len(self.owners)} other modules "
                 f"({self.scratch_nbytes()} bytes of scratch)")
 
@@ -180,8 +180,11 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
     if perturbed_forward == "auto":
         reason = fused_unavailable_reason([module], backend)
         if reason:
-            p = ModuleScratchPerturber(module, layout, backend)
-            return p, f"perturbed forward: scratch, module at a time ({reason}; {p.scratch_nbytes()} bytes of scratch)"
+            # No fused kernels here, but the same swap with the device's materialising ops still wins:
+            # each Linear gets W + s*eps*Z for the length of its own call, and embeddings perturb only
+            # the rows looked up, so no vocabulary-sized scratch (bit-identical to the scratch path).
+            p = FusedPerturber(module, layout, backend, fused_backend=backend)
+            return p, f"perturbed forward: {p.describe()} ({reason}: materialising each layer in turn)"
     # "fused" (asked for, on any backend: off CUDA it runs the interpreter or the materialising ops)
     p = FusedPerturber(module, layout, backend, fused_backend=backend if backend is not None else "triton")
     return p, f"perturbed forward: {p.describe()}"

@@ -96,6 +96,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
         clean = float(loss0.detach())
         if loss0.requires_grad and torch.isfinite(loss0):
             loss0.backward()
+        del h0  # the clean activation is not needed again: free it before the perturbed passes
 
         seeds = F.draw_seeds(self.generator, self.num_queries)
         losses = self._perturbed_losses(client_fn, server_loss_fn, self.points(seeds))
