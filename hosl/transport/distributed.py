@@ -98,6 +98,20 @@ class Endpoint:
         self.device = torch.device(device)
 
     # -- waiting ----------------------------------------------------------------------------------
+    def _post(self, ops, what: str) -> list:
+        """Start point-to-point ops. gloo raises right here, not only in ``wait``, when the
+        connection is already closed (the peer died between two messages)."""
+        try:
+            return [op() for op in ops]
+        except RuntimeError as exc:
+            raise self._lost(exc, what) from None
+
+    def _lost(self, exc: BaseException, what: str) -> PeerLostError:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:120]  # gloo: "[file:line] What. Hint."
+        return PeerLostError(f"lost the {self.peer_name} while {what}: the connection closed "
+                             f"(did it die?) [{detail}]")
+
     def _wait(self, works, what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         done, failure = threading.Event(), []
@@ -121,9 +135,7 @@ class Endpoint:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "timed out" in text.lower() or isinstance(exc, TimeoutError):
                 raise PeerLostError(f"no answer from the {self.peer_name} within {timeout_s:g} s while {what}") from None
-            detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:120]  # gloo: "[file:line] What. Hint."
-            raise PeerLostError(f"lost the {self.peer_name} while {what}: the connection closed "
-                                f"(did it die?) [{detail}]") from None
+            raise self._lost(exc, what) from None
 
     # -- messages ---------------------------------------------------------------------------------
     def send(self, msg: Message, what: str, timeout_s: float | None = None) -> None:
@@ -136,14 +148,15 @@ class Endpoint:
         if msg.tensors:
             parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
             parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
-        works = [dist.isend(t.to(dev), self.peer, tag=tag) for tag, t in parts]
-        self._wait(works, f"sending {what}", timeout_s or self.timeout_s)
+        what = f"sending {what}"
+        works = self._post([lambda t=t, tag=tag: dist.isend(t.to(dev), self.peer, tag=tag) for tag, t in parts], what)
+        self._wait(works, what, timeout_s or self.timeout_s)
 
     def recv(self, what: str, timeout_s: float | None = None) -> Message:
         timeout_s = timeout_s or self.timeout_s
         dev = self.device
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
-        self._wait([dist.irecv(header, self.peer, tag=TAG_HEADER)], what, timeout_s)
+        self._wait(self._post([lambda: dist.irecv(header, self.peer, tag=TAG_HEADER)], what), what, timeout_s)
         magic, kind, phase, step, n_ints, n_floats, n_tensors, code = header.tolist()
         if magic != MAGIC:
             raise PeerLostError(f"the {self.peer_name} sent something that is not a hosl message while {what}")
@@ -151,11 +164,13 @@ class Endpoint:
         floats = torch.empty(n_floats, dtype=torch.float64, device=dev)
         theaders = torch.empty((n_tensors, TENSOR_HEADER_LEN), dtype=torch.int64, device=dev)
         small = [(TAG_INTS, ints), (TAG_FLOATS, floats), (TAG_TENSOR_HEADERS, theaders)]
-        self._wait([dist.irecv(t, self.peer, tag=tag) for tag, t in small if t.numel()], what, timeout_s)
+        posts = [lambda t=t, tag=tag: dist.irecv(t, self.peer, tag=tag) for tag, t in small if t.numel()]
+        self._wait(self._post(posts, what), what, timeout_s)
         specs = [parse_tensor_header(h) for h in theaders.cpu()]
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
-        works = [dist.irecv(as_bytes(t), self.peer, tag=TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()]
-        self._wait(works, what, timeout_s)
+        posts = [lambda t=t, i=i: dist.irecv(as_bytes(t), self.peer, tag=TAG_FIRST_TENSOR + i)
+                 for i, t in enumerate(tensors) if t.numel()]
+        self._wait(self._post(posts, what), what, timeout_s)
         return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
 
 
