@@ -10,10 +10,23 @@ from dataclasses import fields
 from pathlib import Path
 
 from hosl import cli_remote
+from hosl.directions.spec import FAMILIES
+from hosl.models.lora import LORA_HALVES
+from hosl.optim.functional import VARIANTS
 from hosl.training.config import TrainConfig
 from hosl.training.modes import MODES
 
 DEFAULT_DATA_DIR = "../shared/data"
+
+
+def _betas(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}")
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}") from None
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -25,14 +38,33 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
     p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")
-    p.add_argument("--eps", type=float, default=d.eps, help="ZO smoothing scale (default %(default)s)")
+    p.add_argument("--eps", type=float, default=d.eps, help="ZO smoothing scale (default 1e-3; 5e-3 with --lora)")
     p.add_argument("--difference", default=d.difference, choices=("central", "forward"),
                    help="central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)")
     p.add_argument("--lr-client", type=float, default=d.lr_client,
-                   help="client learning rate (default 1e-6 for ZO clients, 1e-3 for FO clients)")
+                   help="client learning rate (default 1e-6 for ZO clients, 5e-5 with --lora; 1e-3 for FO clients)")
     p.add_argument("--lr-server", type=float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(not on biases and norms; default %(default)s)")
+    g = p.add_argument_group("zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo)")
+    g.add_argument("--direction", default=d.direction, choices=FAMILIES,
+                   help="direction family: gaussian, rademacher (+-1), sphere (Gaussian, each tensor scaled to norm "
+                        "sqrt(numel)); non-Gaussian families use the scratch perturbed forward (default %(default)s)")
+    g.add_argument("--zo-optimizer", default=d.zo_optimizer, choices=VARIANTS,
+                   help="update rule on the ZO gradient estimate: sgd (no state), momentum, adam (float32 state on "
+                        "the client: 1x / 2x the trainable parameters), sign (default %(default)s)")
+    g.add_argument("--zo-momentum", type=float, default=d.zo_momentum, help="of --zo-optimizer momentum (default %(default)s)")
+    g.add_argument("--zo-betas", type=_betas, default=d.zo_betas, metavar="B1,B2",
+                   help="of --zo-optimizer adam (default 0.9,0.999)")
+    g = p.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters instead of all weights; checkpoints then hold the adapters only")
+    g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank (default %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)")
+    g.add_argument("--lora-targets", default=d.lora_targets, metavar="NAMES",
+                   help="comma-separated module names to adapt (default q_proj,v_proj for OPT/Llama, query,value for BERT)")
+    g.add_argument("--lora-halves", default=d.lora_halves, choices=LORA_HALVES,
+                   help="which half gets adapters; the other trains all its weights (default %(default)s)")
     p.add_argument("--server-batch", type=int, default=d.server_batch,
                    help="perturbed activations the server evaluates in one batch (default %(default)s: least memory)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")

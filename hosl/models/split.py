@@ -10,6 +10,7 @@ from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTForSequenceC
 from .bert import split_bert
 from .halves import ClientHalf, ServerHalf
 from .llama import split_llama
+from .lora import unwrap_peft
 from .opt import split_opt
 
 # (model classes, splitter); isinstance is used, so subclasses (e.g. MiniLM loaded as BertModel) match.
@@ -44,8 +45,13 @@ def split(model: nn.Module, cut: int) -> tuple[ClientHalf, ServerHalf]:
     according to the attention mask (HF uses ``input_ids != pad_token_id``; these agree when pads
     are exactly the masked positions).
 
+    A ``peft.PeftModel`` (LoRA, see :mod:`hosl.models.lora`) is split as the model it wraps, LoRA
+    layers included: each half holds the adapters of its own blocks, and only they (and whatever
+    else was left trainable) have ``requires_grad``.
+
     Raises ``ValueError`` for a cut outside ``[0, L]`` and ``TypeError`` for an unsupported model.
     """
+    model = unwrap_peft(model)
     for classes, splitter in _SPLITTERS:
         if isinstance(model, classes):
             client, server = splitter(model, cut)

@@ -1,19 +1,31 @@
 """Functional core of the zeroth-order update (the classes in this package are thin shells).
 
 ``projected_gradients`` turns losses at perturbed points into the directional-derivative estimates
-``g_q``; ``zo_sgd`` applies ``w -= lr * ((1/Q) sum_q g_q z(s_q) + wd * w)`` to every parameter in
-one fused pass per decay group.
+``g_q``. The update rules then use the gradient estimate ``g = (1/Q) sum_q g_q z(s_q)``:
+
+* ``zo_sgd`` (the default, the memory figure of record): ``w -= lr * (g + wd * w)`` in one fused
+  pass per decay group; ``g`` is never materialised.
+* ``momentum_step_``, ``adam_step_``, ``sign_step_`` (ZO-Bench's ZO-SGD-MMT, ZO-Adam and
+  ZO-SGD-Sign): ``g`` is materialised for one parameter tensor at a time
+  (``materialise_estimate``) and fed to the rule's float32 state. ``zo_step`` applies any rule to a
+  whole :class:`~hosl.optim.layout.ParameterLayout`.
+
+``direction`` is the direction family of ``hosl.ops`` (``"gaussian"``, ``"rademacher"``,
+``"sphere"``). For ``"sphere"``, ``scales[q][j]`` is slot ``j``'s factor for seed ``q`` (from
+:class:`~hosl.optim.layout.SphereScales`); None lets the ops compute them (one extra pass each).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import MutableMapping, Sequence
 
 import torch
 
 from hosl import ops
 from hosl.optim.layout import ParameterLayout
+
+VARIANTS = ("sgd", "momentum", "adam", "sign")
 
 
 def projected_gradients(
@@ -34,6 +46,13 @@ def all_finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def _slot_scales(scales, indices: Sequence[int]):
+    """``scales`` (per seed, per layout slot) restricted to the slots ``indices``; None stays None."""
+    if scales is None:
+        return None
+    return [[row[j] for j in indices] for row in scales]
+
+
 def zo_sgd(
     layout: ParameterLayout,
     seeds: Sequence[int],
@@ -41,6 +60,8 @@ def zo_sgd(
     *,
     lr: float,
     weight_decay: float = 0.0,
+    direction: str = "gaussian",
+    scales: Sequence[Sequence[float]] | None = None,
     backend: str | None = None,
 ) -> None:
     """One ZO-SGD step over all directions: ``w -= lr * (mean_q g_q z(s_q) + wd * w)``.
@@ -50,6 +71,7 @@ def zo_sgd(
     """
     q = len(seeds)
     coeffs = [g / q for g in grads]
+    index = {id(s.param): j for j, s in enumerate(layout.slots)}
     decayed, plain = layout.groups()
     for slots, wd in ((decayed, weight_decay), (plain, 0.0)):
         if slots:
@@ -60,8 +82,139 @@ def zo_sgd(
                 lr=lr,
                 weight_decay=wd,
                 offsets=[s.offset for s in slots],
+                family=direction,
+                scales=_slot_scales(scales, [index[id(s.param)] for s in slots]),
                 backend=backend,
             )
+
+
+def materialise_estimate(
+    like: torch.Tensor,
+    offset: int,
+    seeds: Sequence[int],
+    coeffs: Sequence[float],
+    *,
+    direction: str = "gaussian",
+    scales: Sequence[float] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``sum_q coeffs[q] * z(seeds[q])`` at the coordinates of a tensor shaped ``like`` placed at
+    ``offset``, as a new float32 tensor (accumulated in float32, directions in order).
+
+    ``scales[q]`` is the tensor's sphere factor for seed ``q`` (``direction="sphere"``). Written by
+    the ops' own update (``0 - (1 * -c_q) * z_q`` for each ``q``), so every backend gives the same bits.
+    """
+    out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    ops.zo_update_([out], seeds, [-c for c in coeffs], lr=1.0, offsets=[offset], family=direction,
+                   scales=None if scales is None else [[s] for s in scales], backend=backend)
+    return out
+
+
+def _write(param: torch.Tensor, value32: torch.Tensor) -> None:
+    """Store a float32 result into ``param`` (rounded to nearest even for half types)."""
+    if value32.data_ptr() != param.data_ptr():
+        param.copy_(value32)
+
+
+def _with_decay(grad: torch.Tensor, w32: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """``grad + wd * w`` in place on ``grad`` (L2 decay, as torch's SGD and Adam add it)."""
+    return grad.add_(w32, alpha=weight_decay) if weight_decay else grad
+
+
+@torch.no_grad()
+def momentum_step_(param: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *, lr: float, momentum: float,
+                   weight_decay: float = 0.0) -> None:
+    """ZO-SGD with momentum (torch's SGD, no dampening): ``b = mu*b + (g + wd*w)``; ``w -= lr*b``.
+
+    ``buf`` (float32, the state) is updated in place; ``grad`` (float32) is consumed.
+    """
+    w32 = param.float()
+    d = _with_decay(grad, w32, weight_decay)
+    buf.mul_(momentum).add_(d)
+    _write(param, w32.add_(buf, alpha=-lr))
+
+
+@torch.no_grad()
+def adam_step_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, *,
+               step: int, lr: float, betas: tuple[float, float], adam_eps: float, weight_decay: float = 0.0) -> None:
+    """ZO-Adam (torch's Adam with L2 decay) on the estimate; ``step`` is this update's 1-based count.
+
+    ``d = g + wd*w``; ``m = b1*m + (1-b1)*d``; ``v = b2*v + (1-b2)*d^2``;
+    ``w -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + adam_eps)``. ``exp_avg``/``exp_avg_sq``
+    (float32) are updated in place; ``grad`` (float32) is consumed and reused for the denominator.
+    """
+    beta1, beta2 = betas
+    w32 = param.float()
+    d = _with_decay(grad, w32, weight_decay)
+    exp_avg.mul_(beta1).add_(d, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
+    bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    denom = torch.sqrt(exp_avg_sq, out=grad).div_(math.sqrt(bias2)).add_(adam_eps)
+    _write(param, w32.addcdiv_(exp_avg, denom, value=-lr / bias1))
+
+
+@torch.no_grad()
+def sign_step_(param: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_decay: float = 0.0) -> None:
+    """ZO-sign-SGD: ``w -= lr * (sign(g) + wd*w)`` (the sign of the estimate, not of each ``g_q``)."""
+    w32 = param.float()
+    d = _with_decay(grad.sign_(), w32, weight_decay)
+    _write(param, w32.add_(d, alpha=-lr))
+
+
+def zo_step(
+    variant: str,
+    layout: ParameterLayout,
+    seeds: Sequence[int],
+    grads: Sequence[float],
+    state: MutableMapping[torch.Tensor, dict],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    direction: str = "gaussian",
+    scales: Sequence[Sequence[float]] | None = None,
+    backend: str | None = None,
+) -> None:
+    """One update of ``variant`` (see :data:`VARIANTS`) from ``Q`` seeds and their estimates ``g_q``.
+
+    ``state`` maps each parameter to its dict of float32 state tensors (an ``Optimizer.state``),
+    created here on first use: ``momentum_buffer`` (momentum), ``exp_avg``, ``exp_avg_sq`` and
+    ``step`` (adam); sgd and sign keep none. Weight decay applies to the layout's decay group only.
+    """
+    if variant == "sgd":
+        zo_sgd(layout, seeds, grads, lr=lr, weight_decay=weight_decay, direction=direction, scales=scales,
+               backend=backend)
+        return
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    coeffs = [g / len(seeds) for g in grads]
+    for j, slot in enumerate(layout.slots):
+        p = slot.param.data
+        wd = weight_decay if slot.decay else 0.0
+        g = materialise_estimate(p, slot.offset, seeds, coeffs, direction=direction,
+                                 scales=None if scales is None else [row[j] for row in scales], backend=backend)
+        st = state[slot.param]
+        if variant == "momentum":
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(g)
+            momentum_step_(p, st["momentum_buffer"], g, lr=lr, momentum=momentum, weight_decay=wd)
+        elif variant == "adam":
+            if "exp_avg" not in st:
+                st.update(step=0, exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
+            st["step"] += 1
+            adam_step_(p, st["exp_avg"], st["exp_avg_sq"], g, step=st["step"], lr=lr, betas=betas,
+                       adam_eps=adam_eps, weight_decay=wd)
+        else:
+            sign_step_(p, g, lr=lr, weight_decay=wd)
+        del g
+
+
+def state_nbytes(state: MutableMapping[torch.Tensor, dict]) -> int:
+    """Bytes of the tensors held in an optimizer ``state``."""
+    return sum(t.numel() * t.element_size() for st in state.values() for t in st.values()
+               if isinstance(t, torch.Tensor))
 
 
 def draw_seeds(generator: torch.Generator, count: int) -> list[int]:

@@ -169,14 +169,22 @@ def fused_unavailable_reason(modules, backend: str | None) -> str:
     return ""
 
 
-def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None, perturbed_forward: str):
+def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None, perturbed_forward: str,
+                   direction: str = "gaussian", sphere_scales=None):
     """The perturber for ``perturbed_forward`` (``"auto"``: fused where available, else scratch) and a
-    line saying which and why, for the log."""
+    line saying which and why, for the log.
+
+    The fused linear/embedding ops generate Gaussian directions only: any other ``direction`` runs
+    the scratch path (whatever ``perturbed_forward`` says), and the line says so.
+    """
     if perturbed_forward not in PERTURBED_FORWARDS:
         raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
-    if perturbed_forward == "scratch":
-        p = ModuleScratchPerturber(module, layout, backend)
-        return p, f"perturbed forward: scratch, module at a time (asked for; {p.scratch_nbytes()} bytes of scratch)"
+    if perturbed_forward == "scratch" or direction != "gaussian":
+        p = ModuleScratchPerturber(module, layout, backend, direction=direction, sphere_scales=sphere_scales)
+        why = "asked for" if perturbed_forward == "scratch" else (
+            f"perturbed_forward={perturbed_forward!r}, but the fused linear/embedding ops generate Gaussian "
+            f"directions only and direction={direction!r}")
+        return p, f"perturbed forward: scratch, module at a time ({why}; {p.scratch_nbytes()} bytes of scratch)"
     if perturbed_forward == "auto":
         reason = fused_unavailable_reason([module], backend)
         if reason:

@@ -32,6 +32,12 @@ class HybridOrderOptimizer(ZerothOrderBase):
     ``difference="central"`` spends ``2Q`` perturbed passes, ``"forward"`` ``Q`` (reusing the clean
     loss). Steps whose losses are not finite update nothing on the client (counted in
     ``skipped_updates``); the server steps only when the clean loss is finite.
+
+    ``direction``: the direction family, ``"gaussian"`` (default), ``"rademacher"`` or ``"sphere"``
+    (non-Gaussian families run the scratch perturbed forward). ``variant``: the client's update rule
+    on the estimate ``g = mean_q g_q z_q``: ``"sgd"`` (default; ``w -= lr (g + wd w)``, no state),
+    ``"momentum"`` (``momentum``), ``"adam"`` (``betas``, ``adam_eps``) or ``"sign"``, as in ZO-Bench;
+    momentum and adam keep float32 state on the client (:meth:`state_nbytes`).
     """
 
     def __init__(
@@ -48,6 +54,11 @@ class HybridOrderOptimizer(ZerothOrderBase):
         seed: int = 0,
         backend: str | None = None,
         perturbed_forward: str = "auto",
+        direction: str = "gaussian",
+        variant: str = "sgd",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
     ):
         if server_optimizer is not None and not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -58,6 +69,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
         super().__init__(
             [client], lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
             difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
+            direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
         )
         self.client = client
         self.server_optimizer = server_optimizer

@@ -7,10 +7,13 @@ device or backend. Only seeds need be kept to rebuild any direction.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from hosl import ops
 
 _NORM_HINTS = ("norm", "ln_", "layernorm")
 
@@ -51,6 +54,7 @@ class ParameterLayout:
         self.slots: list[ParameterSlot] = slots
         self.numel: int = offset
         self.by_param = {id(s.param): s for s in slots}
+        self.index = {id(s.param): j for j, s in enumerate(slots)}  # slot number by parameter
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -70,3 +74,31 @@ class ParameterLayout:
         current = sorted((n, p) for n, p in module.named_parameters() if p.requires_grad)
         if [(n, id(p)) for n, p in current] != [(s.name, id(s.param)) for s in self.slots]:
             raise RuntimeError("the module's trainable parameters changed after the optimizer was built")
+
+
+class SphereScales:
+    """The ``"sphere"`` family's per-tensor factors of one layout, computed once per seed.
+
+    ``scales(seed)`` is a list with one float per slot (layout order), from
+    ``hosl.ops.sphere_scales`` (a pass of direction generation that stores nothing). A step uses
+    each seed for its perturbed passes and for the update, so the factors of the last ``keep``
+    seeds are kept (a few floats per tensor each); ``computed`` counts the passes actually made.
+    """
+
+    def __init__(self, layout: ParameterLayout, backend: str | None = None, keep: int = 1):
+        self.layout, self.backend, self.keep = layout, backend, max(1, keep)
+        self._cache: OrderedDict[int, list[float]] = OrderedDict()
+        self.computed = 0
+
+    def __call__(self, seed: int) -> list[float]:
+        if seed in self._cache:
+            self._cache.move_to_end(seed)
+            return self._cache[seed]
+        slots = self.layout.slots
+        factors = ops.sphere_scales([s.param.data for s in slots], seed, offsets=[s.offset for s in slots],
+                                    backend=self.backend)
+        self.computed += 1
+        self._cache[seed] = factors
+        while len(self._cache) > self.keep:
+            self._cache.popitem(last=False)
+        return factors

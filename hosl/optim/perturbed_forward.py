@@ -5,6 +5,10 @@ perturbed into a scratch buffer (``hosl.ops.perturb_(..., out=scratch)``) and th
 pointed at the scratch views; just after, they are pointed back. The weights' own memory is never
 written, so they come back bit-exact in any dtype, and the extra memory is the scratch: the largest
 module's parameters (a stack, should a module with parameters nest inside another).
+
+``direction`` is the ``hosl.ops`` direction family; for ``"sphere"`` the per-tensor factors of the
+seed come from a :class:`~hosl.optim.layout.SphereScales` (shared with the optimizer's update, so
+they are computed once per seed and step) and are passed to ``perturb_`` as ``scales=``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 
 from hosl import ops
-from hosl.optim.layout import ParameterLayout
+from hosl.directions.spec import FAMILIES
+from hosl.optim.layout import ParameterLayout, SphereScales
 
 
 class _ScratchStack:
@@ -42,10 +47,18 @@ class _ScratchStack:
 class ModuleScratchPerturber:
     """Perturbed forwards of one module tree, one owning submodule at a time."""
 
-    def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None):
+    def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None,
+                 direction: str = "gaussian", sphere_scales: SphereScales | None = None):
+        if direction not in FAMILIES:
+            raise ValueError(f"direction must be one of {FAMILIES}, got {direction!r}")
         self.module = module
         self.layout = layout
         self.backend = backend
+        self.direction = direction
+        if direction == "sphere" and sphere_scales is None:
+            sphere_scales = SphereScales(layout, backend)
+        self.sphere_scales = sphere_scales if direction == "sphere" else None
+        self._factors: list[float] | None = None  # the current seed's sphere factors, per layout slot
         # submodules that own trainable parameters directly, with those parameters' slots
         self.owners: list[tuple[nn.Module, list]] = []
         for mod in module.modules():
@@ -79,13 +92,19 @@ class ModuleScratchPerturber:
     def scratch_nbytes(self) -> int:
         return sum(n * key[0].itemsize for key, n in self._scratch_sizes().items())
 
+    def factors_of(self, slots) -> list[float] | None:
+        """The current seed's sphere factors of ``slots`` (None for the other families)."""
+        if self._factors is None:
+            return None
+        return [self._factors[self.layout.index[id(s.param)]] for s in slots]
+
     # -- hooks ------------------------------------------------------------------------------
     def _pre_hook(self, slots):
         def hook(mod, args):
             params = [s.param for s in slots]
             outs = [self._scratch.take(p) for p in params]
-            ops.perturb_(params, self._seed, self._scale, out=outs,
-                         offsets=[s.offset for s in slots], backend=self.backend)
+            ops.perturb_(params, self._seed, self._scale, out=outs, offsets=[s.offset for s in slots],
+                         family=self.direction, scales=self.factors_of(slots), backend=self.backend)
             for p, out in zip(params, outs):
                 self._originals[id(p)] = p.data
                 p.data = out
@@ -107,7 +126,8 @@ class ModuleScratchPerturber:
             raise RuntimeError("perturbed() blocks of one module cannot nest")
         if self._scratch is None:
             self._scratch = _ScratchStack(self._scratch_sizes())
-        self._seed, self._scale = seed, scale
+        factors = self.sphere_scales(seed) if self.sphere_scales is not None else None
+        self._seed, self._scale, self._factors = seed, scale, factors
         handles = []
         try:
             for mod, slots in self.owners:
@@ -125,4 +145,4 @@ class ModuleScratchPerturber:
                     s.param.data = original
             for key in self._scratch.tops:
                 self._scratch.tops[key] = 0
-            self._seed = None
+            self._seed, self._factors = None, None

@@ -1,4 +1,4 @@
-"""``ZerothOrderOptimizer``: plain ZO-SGD (MeZO's estimator) on one or more modules.
+"""``ZerothOrderOptimizer``: ZO-SGD (MeZO's estimator; or a ZO variant) on one or more modules.
 
 The ZO-SL baseline (client and server both ZO) and MeZO on an unsplit model. Each module has its
 own coordinate numbering; one seed perturbs all of them at once.
@@ -19,6 +19,8 @@ class ZerothOrderOptimizer(ZerothOrderBase):
     """``step(loss_fn)``: ``loss_fn()`` runs the modules and returns the loss (no gradient is used).
 
     ``peers``: see :mod:`hosl.optim.zo_base` (ZO-SL with the server in another process).
+    ``direction``, ``variant``, ``momentum``, ``betas``, ``adam_eps``: as for
+    :class:`~hosl.optim.hybrid.HybridOrderOptimizer`.
     """
 
     def __init__(
@@ -34,12 +36,17 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         backend: str | None = None,
         perturbed_forward: str = "auto",
         peers: Sequence = (),
+        direction: str = "gaussian",
+        variant: str = "sgd",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
     ):
         modules = [modules] if isinstance(modules, nn.Module) else list(modules)
         super().__init__(
             modules, lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
             difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
-            peers=peers,
+            peers=peers, direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
         )
 
     def step(self, loss_fn: Callable[[], torch.Tensor]):

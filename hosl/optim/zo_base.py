@@ -8,6 +8,11 @@ ZO-SL server in another process): each gives a context manager ``perturbed(seed,
 together with the local perturbation (``scale = sign * eps`` of the first group), and
 ``update(seeds, grads)``, called after the local update (not when a step's update is skipped).
 The peer applies its own learning rate and weight decay.
+
+``direction`` picks the direction family (``"gaussian"``, ``"rademacher"``, ``"sphere"``) of every
+perturbation and update; ``variant`` the update rule (``"sgd"``, ``"momentum"``, ``"adam"``,
+``"sign"``; math in :mod:`hosl.optim.functional`). The rules' float32 state lives in
+``self.state`` (a torch ``Optimizer``'s), so ``state_dict()`` carries it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from torch import nn
 
 from hosl.optim import functional as F
-from hosl.optim.layout import ParameterLayout
+from hosl.directions.spec import FAMILIES
+from hosl.optim.layout import ParameterLayout, SphereScales
 from hosl.optim.fused_forward import PERTURBED_FORWARDS, make_perturber
 
 logger = logging.getLogger("hosl.optim")
@@ -38,6 +44,12 @@ def _check_positive(value, name: str, *, integer: bool = False, allow_zero: bool
     return value
 
 
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 class ZerothOrderBase(torch.optim.Optimizer):
     def __init__(
         self,
@@ -52,6 +64,11 @@ class ZerothOrderBase(torch.optim.Optimizer):
         backend: str | None,
         perturbed_forward: str = "auto",
         peers: Sequence = (),
+        direction: str = "gaussian",
+        variant: str = "sgd",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
     ):
         _check_positive(lr, "lr", allow_zero=True)
         _check_positive(eps, "eps")
@@ -64,15 +81,32 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 raise TypeError(f"expected an nn.Module to train with ZO, got {type(m).__name__}")
         if perturbed_forward not in PERTURBED_FORWARDS:
             raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
+        if direction not in FAMILIES:
+            raise ValueError(f"direction must be one of {FAMILIES}, got {direction!r}")
+        if variant not in F.VARIANTS:
+            raise ValueError(f"variant must be one of {F.VARIANTS}, got {variant!r}")
+        _check_fraction(momentum, "momentum")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = (_check_fraction(betas[0], "betas[0]"), _check_fraction(betas[1], "betas[1]"))
+        _check_positive(adam_eps, "adam_eps")
+        self.direction = direction
+        self.variant = variant
         self.layouts = [ParameterLayout(m) for m in modules]
+        # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
+        self.sphere_scales = [SphereScales(lay, backend, keep=num_queries) if direction == "sphere" else None
+                              for lay in self.layouts]
         # fused Linear/Embedding kernels on CUDA+Triton, module-at-a-time scratch otherwise
-        made = [make_perturber(m, lay, backend, perturbed_forward) for m, lay in zip(modules, self.layouts)]
+        made = [make_perturber(m, lay, backend, perturbed_forward, direction, sph)
+                for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)]
         self.perturbers = [p for p, _ in made]
         self.perturbed_forward_info = [line for _, line in made]
+        fell_back = perturbed_forward == "fused" and direction != "gaussian"
         for i, line in enumerate(self.perturbed_forward_info):
-            logger.info("%s module %d: %s", type(self).__name__, i, line)
+            logger.log(logging.WARNING if fell_back else logging.INFO, "%s module %d: %s", type(self).__name__, i, line)
         groups = [{"params": lay.params(), "module_index": i} for i, lay in enumerate(self.layouts)]
-        super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                                      betas=betas, adam_eps=adam_eps))
         self.num_queries = num_queries
         self.difference = difference
         self.backend = backend
@@ -105,14 +139,31 @@ class ZerothOrderBase(torch.optim.Optimizer):
         return F.projected_gradients(losses, None, eps, clean_loss)
 
     def apply_update(self, seeds: Sequence[int], grads: Sequence[float]) -> None:
-        for group, layout in zip(self.param_groups, self.layouts):
-            F.zo_sgd(layout, seeds, grads, lr=group["lr"], weight_decay=group["weight_decay"], backend=self.backend)
+        for group, layout, sphere in zip(self.param_groups, self.layouts, self.sphere_scales):
+            F.zo_step(
+                self.variant, layout, seeds, grads, self.state, lr=group["lr"], weight_decay=group["weight_decay"],
+                momentum=group["momentum"], betas=tuple(group["betas"]), adam_eps=group["adam_eps"],
+                direction=self.direction, scales=None if sphere is None else [sphere(s) for s in seeds],
+                backend=self.backend,
+            )
         for peer in self.peers:
             peer.update(seeds, grads)
 
     def scratch_nbytes(self) -> int:
+        """Bytes of the perturbed passes' scratch buffers."""
         return sum(p.scratch_nbytes() for p in self.perturbers)
 
+    def state_nbytes(self) -> int:
+        """Bytes of the update rule's state now held (float32; 0 for sgd and sign, 1x the trainable
+        parameters' element count in float32 for momentum, 2x for adam once the first update ran)."""
+        return F.state_nbytes(self.state)
+
+    def estimate_nbytes(self) -> int:
+        """Bytes of the transient float32 gradient estimate the non-sgd rules materialise: the
+        largest trainable tensor, one at a time (0 for sgd, whose fused update never builds it)."""
+        if self.variant == "sgd":
+            return 0
+        return max(s.param.numel() for lay in self.layouts for s in lay.slots) * 4
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self):
         state = super().state_dict()
@@ -122,6 +173,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
             "skipped_updates": self.skipped_updates,
             "num_queries": self.num_queries,
             "difference": self.difference,
+            "direction": self.direction,
+            "variant": self.variant,
         }
         return state
 
@@ -130,7 +183,20 @@ class ZerothOrderBase(torch.optim.Optimizer):
         extra = state_dict.pop("hosl", None)
         if extra is None:
             raise ValueError("state_dict has no 'hosl' entry: it was not saved by a hosl optimizer")
+        for key, mine in (("direction", self.direction), ("variant", self.variant)):
+            saved = extra.get(key, {"direction": "gaussian", "variant": "sgd"}[key])
+            if saved != mine:
+                raise ValueError(f"the state_dict was saved with {key}={saved!r}, this optimizer has {key}={mine!r}")
         super().load_state_dict(state_dict)
+        # torch casts loaded state to each parameter's dtype; this state is float32 whatever the weights' dtype
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[index]
+            self.state[p] = {k: v.to(device=p.device, dtype=v.dtype, copy=True) if isinstance(v, torch.Tensor) else v
+                             for k, v in saved.items()}
+        for group in self.param_groups:  # state saved before these options existed
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         self.generator.set_state(extra["generator"])
         self.steps_taken = extra["steps_taken"]
         self.skipped_updates = extra["skipped_updates"]

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from hosl.directions.spec import FAMILIES
+from hosl.models.lora import LORA_HALVES
+from hosl.optim.functional import VARIANTS
 from hosl.training.modes import MODES, ZO_CLIENT_MODES
+
+# the paper's ZO client settings: full fine-tuning, and LoRA (r=8, alpha=16)
+ZO_LR, ZO_EPS = 1e-6, 1e-3
+LORA_ZO_LR, LORA_ZO_EPS = 5e-5, 5e-3
+FO_CLIENT_LR = 1e-3
 
 
 @dataclass
@@ -14,12 +22,21 @@ class TrainConfig:
     mode: str = "hosl"
     cut: int = 2
     num_queries: int = 10
-    eps: float = 1e-3
-    lr_client: float | None = None  # None: 1e-6 for ZO clients, 1e-3 for FO clients (the paper's)
+    eps: float | None = None  # None: 1e-3, or 5e-3 with LoRA (the paper's)
+    lr_client: float | None = None  # None: 1e-6 for ZO clients (5e-5 with LoRA), 1e-3 for FO clients (the paper's)
     lr_server: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
     difference: str = "central"
+    direction: str = "gaussian"  # ZO direction family: gaussian | rademacher | sphere
+    zo_optimizer: str = "sgd"  # ZO update rule: sgd | momentum | adam | sign (ZO-Bench's)
+    zo_momentum: float = 0.9  # of zo_optimizer=momentum
+    zo_betas: tuple = (0.9, 0.999)  # of zo_optimizer=adam
+    lora: bool = False  # LoRA adapters (peft) instead of full fine-tuning
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str | None = None  # comma-separated module names; None: per architecture
+    lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
     server_batch: int = 1
     steps: int = 1000
     batch_size: int = 16
@@ -41,7 +58,19 @@ class TrainConfig:
     def resolved_lr_client(self) -> float:
         if self.lr_client is not None:
             return self.lr_client
-        return 1e-6 if self.mode in ZO_CLIENT_MODES else 1e-3
+        if self.mode not in ZO_CLIENT_MODES:
+            return FO_CLIENT_LR
+        return LORA_ZO_LR if self.lora else ZO_LR
+
+    def resolved_eps(self) -> float:
+        if self.eps is not None:
+            return self.eps
+        return LORA_ZO_EPS if self.lora else ZO_EPS
+
+    def lora_target_list(self) -> list[str] | None:
+        if not self.lora_targets:
+            return None
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def resolved_eval_every(self) -> int:
         return self.eval_every or max(1, self.steps // 4)
@@ -58,12 +87,14 @@ class TrainConfig:
 
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("num_queries", "steps", "batch_size", "max_length", "train_size", "eval_size",
+        for name in ("num_queries", "batch_size", "max_length", "train_size", "eval_size",
                      "eval_batch_size", "server_batch"):
             positive(name, integer=True)
-        for name in ("eval_every", "checkpoint_every", "cut"):
+        # steps=0: evaluate the starting weights once and write the summary (zero-shot)
+        for name in ("steps", "eval_every", "checkpoint_every", "cut"):
             positive(name, integer=True, allow_zero=True)
-        positive("eps")
+        if self.eps is not None:
+            positive("eps")
         positive("lr_server", allow_zero=True)
         positive("momentum", allow_zero=True)
         positive("weight_decay", allow_zero=True)
@@ -73,6 +104,22 @@ class TrainConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.difference not in ("central", "forward"):
             raise ValueError(f"--difference must be central or forward, got {self.difference!r}")
+        if self.direction not in FAMILIES:
+            raise ValueError(f"--direction must be one of {', '.join(FAMILIES)}, got {self.direction!r}")
+        if self.zo_optimizer not in VARIANTS:
+            raise ValueError(f"--zo-optimizer must be one of {', '.join(VARIANTS)}, got {self.zo_optimizer!r}")
+        betas = tuple(self.zo_betas) if isinstance(self.zo_betas, (tuple, list)) else ()
+        for name, value in (("--zo-momentum", self.zo_momentum), *((f"--zo-betas[{i}]", b) for i, b in enumerate(betas))):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if len(betas) != 2:
+            raise ValueError(f"--zo-betas must be two numbers (beta1,beta2), got {self.zo_betas!r}")
+        self.zo_betas = tuple(float(b) for b in betas)
+        if self.lora:
+            positive("lora_r", integer=True)
+            positive("lora_alpha")
+            if self.lora_halves not in LORA_HALVES:
+                raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from hosl.models import TASK_CAUSAL_LM, TASK_SEQUENCE_CLASSIFICATION, load_model, resolve_model, split
+from hosl.models.lora import apply_lora, lora_layers
 from hosl.tasks import (
     ShuffledBatches,
     classification_loss,
@@ -111,9 +112,11 @@ def _say(msg: str) -> None:
 
 
 def hyper(cfg: TrainConfig) -> Hyper:
-    return Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.eps, num_queries=cfg.num_queries,
-                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, server_batch=cfg.server_batch,
-                 difference=cfg.difference, seed=cfg.seed, backend=cfg.backend)
+    return Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.resolved_eps(),
+                 num_queries=cfg.num_queries, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                 server_batch=cfg.server_batch, difference=cfg.difference, seed=cfg.seed, backend=cfg.backend,
+                 direction=cfg.direction, zo_optimizer=cfg.zo_optimizer, zo_momentum=cfg.zo_momentum,
+                 zo_betas=tuple(cfg.zo_betas))
 
 
 def load_split_model(cfg: TrainConfig):
@@ -126,7 +129,13 @@ def load_split_model(cfg: TrainConfig):
     _say(f"loading {cfg.model} ({task_kind})")
     model, tokenizer = load_model(cfg.model, task_kind, num_labels=spec.num_labels if model_kind == "classifier" else None,
                                   dtype=DTYPES[cfg.dtype], seed=cfg.seed)
+    if cfg.lora:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
+                           layers=lora_layers(model.config.num_hidden_layers, cfg.cut, cfg.lora_halves),
+                           train_head=model_kind == "classifier", seed=cfg.seed)
     client, server = split(model, cut=cfg.cut)
+    if cfg.lora and cfg.lora_halves != "both":  # the half without adapters trains all its weights
+        (server if cfg.lora_halves == "client" else client).requires_grad_(True)
     return model_kind, tokenizer, client, server
 
 
@@ -167,7 +176,8 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         server = None  # that half lives in the server process
         link = connect_server()
     elif cfg.mode in SPLIT_MODES:
-        half = ServerHalf(server, cfg.mode, hp, loss_of, model_kind, train_dropout=fo_only)
+        half = ServerHalf(server, cfg.mode, hp, loss_of, model_kind, train_dropout=fo_only,
+                          trainable_only_checkpoints=cfg.lora)
         link = InProcessLink(half.handle, PHASE_NAMES)
     else:
         link = None
@@ -220,7 +230,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
                  "batches": batches.state_dict(), "torch_rng": torch.get_rng_state(), "config": cfg.to_dict()}
         if half is not None:
             state["server_half"] = half.state_dict()
-        ckpt.save_checkpoint(run_dir, at_step, modules, state)
+        ckpt.save_checkpoint(run_dir, at_step, modules, state, trainable_only=cfg.lora)
 
     log = _Log(run_dir / "metrics.jsonl")
     eval_every, ckpt_every = cfg.resolved_eval_every(), cfg.resolved_checkpoint_every()
@@ -275,12 +285,19 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
             client, fo_client=cfg.mode in ("fo-sl", "fo"),
             optimizer_state_bytes=mode.client_optimizer_state_bytes(), scratch_bytes=mode.scratch_bytes()),
         "client_weight_bytes": mode.memory.weight_bytes(client),
+        "client_trainable_bytes": mode.memory.trainable_bytes(client),
+        "client_optimizer_state_bytes": mode.client_optimizer_state_bytes(),
+        "client_scratch_bytes": mode.scratch_bytes(),
         "seconds": elapsed,
         "train_examples": step * cfg.batch_size,
         "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference),
         "skipped_updates": mode.skipped_updates,
         "num_queries": cfg.num_queries,
         "lr_client": cfg.resolved_lr_client(),
+        "eps": cfg.resolved_eps(),
+        "direction": cfg.direction,
+        "zo_optimizer": cfg.zo_optimizer,
+        "lora": cfg.lora,
         "lr_server": cfg.lr_server,
         "data_notes": data.notes,
     }

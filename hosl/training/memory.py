@@ -4,7 +4,12 @@ In one process the client and server share an allocator, so the client's peak ca
 the process. ``ClientMemory`` adds up what the client itself holds: weights, gradients, optimizer
 state, the ZO scratch buffer, and activations: for FO client passes the tensors autograd saves for
 the backward (measured with ``saved_tensors_hooks`` on the first step), for every pass the output
-activation that is sent up. ``benchmarks/memory.py`` measures whole-process peaks separately.
+activation that is sent up.
+
+Optimizer state is what the client's optimizer holds: nothing for ZO-SGD (the figure of record),
+one float32 buffer per trainable element for ZO momentum, two for ZO-Adam, the momentum buffers
+of an FO client's SGD. Gradients (FO clients) and state cover trainable parameters only, so a LoRA
+client pays for its adapters, not for the frozen base weights it also holds. ``benchmarks/memory.py`` measures whole-process peaks separately.
 """
 
 from __future__ import annotations
@@ -48,8 +53,12 @@ class ClientMemory:
     def weight_bytes(client) -> int:
         return sum(p.numel() * p.element_size() for p in client.parameters())
 
+    @staticmethod
+    def trainable_bytes(client) -> int:
+        return sum(p.numel() * p.element_size() for p in client.parameters() if p.requires_grad)
+
     def peak_bytes(self, client, *, fo_client: bool, optimizer_state_bytes: int, scratch_bytes: int) -> int:
         weights = self.weight_bytes(client)
-        grads = weights if fo_client else 0
+        grads = self.trainable_bytes(client) if fo_client else 0
         activations = self.saved_activation_bytes + self.output_bytes
         return weights + grads + optimizer_state_bytes + scratch_bytes + activations

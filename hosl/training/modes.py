@@ -44,6 +44,16 @@ class Hyper:
     difference: str = "central"
     seed: int = 0
     backend: str | None = None
+    direction: str = "gaussian"
+    zo_optimizer: str = "sgd"
+    zo_momentum: float = 0.9
+    zo_betas: tuple = (0.9, 0.999)
+
+    def zo_options(self) -> dict:
+        """The ZO optimizers' keyword arguments these settings give (every ZO-trained half uses them)."""
+        return dict(lr=self.lr_client, eps=self.eps, num_queries=self.num_queries, weight_decay=self.weight_decay,
+                    difference=self.difference, seed=self.seed, backend=self.backend, direction=self.direction,
+                    variant=self.zo_optimizer, momentum=self.zo_momentum, betas=tuple(self.zo_betas))
 
 
 def _inputs(batch):
@@ -89,6 +99,7 @@ class Mode:
         return 0
 
     def scratch_bytes(self) -> int:
+        """The ZO client's working buffers: perturbed-pass scratch and a non-SGD rule's transient estimate."""
         return 0
 
     @property
@@ -97,7 +108,23 @@ class Mode:
 
 
 def _sgd(params, lr, hp: Hyper):
-    return torch.optim.SGD(params, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    """The FO optimizers: SGD with momentum over the trainable parameters (LoRA: the adapters)."""
+    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=hp.momentum,
+                           weight_decay=hp.weight_decay)
+
+
+class _ZOClientMode:
+    """What the modes whose client runs a ZO optimizer (``self.opt``) report."""
+
+    def client_optimizer_state_bytes(self):
+        return self.opt.state_nbytes()
+
+    def scratch_bytes(self):
+        return self.opt.perturbers[0].scratch_nbytes() + self.opt.estimate_nbytes()
+
+    @property
+    def skipped_updates(self):
+        return self.opt.skipped_updates
 
 
 class SplitMode(Mode):
@@ -116,16 +143,12 @@ class SplitMode(Mode):
         return self.proxy.eval_outputs(h, batch)
 
 
-class HOSLMode(SplitMode):
+class HOSLMode(_ZOClientMode, SplitMode):
     name = "hosl"
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
-        self.opt = HybridOrderOptimizer(
-            client, None, lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
-            weight_decay=hp.weight_decay, difference=hp.difference, server_batch=hp.server_batch,
-            seed=hp.seed, backend=hp.backend,
-        )
+        self.opt = HybridOrderOptimizer(client, None, server_batch=hp.server_batch, **hp.zo_options())
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
@@ -136,13 +159,6 @@ class HOSLMode(SplitMode):
 
     def optimizers(self):
         return {"hybrid": self.opt}
-
-    def scratch_bytes(self):
-        return self.opt.scratch_nbytes()
-
-    @property
-    def skipped_updates(self):
-        return self.opt.skipped_updates
 
 
 class FOSLMode(SplitMode):
@@ -175,7 +191,7 @@ class FOSLMode(SplitMode):
                    for t in s.values() if isinstance(t, torch.Tensor))
 
 
-class ZOSLMode(SplitMode):
+class ZOSLMode(_ZOClientMode, SplitMode):
     """Both halves ZO with the same seeds: the server half is a peer of the client's optimizer."""
 
     name = "zo-sl"
@@ -183,11 +199,7 @@ class ZOSLMode(SplitMode):
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
         self.peer = ServerPerturbationPeer()
-        self.opt = ZerothOrderOptimizer(
-            [client], lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
-            weight_decay=hp.weight_decay, difference=hp.difference, seed=hp.seed, backend=hp.backend,
-            peers=[self.peer],
-        )
+        self.opt = ZerothOrderOptimizer([client], peers=[self.peer], **hp.zo_options())
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
@@ -204,13 +216,6 @@ class ZOSLMode(SplitMode):
 
     def optimizers(self):
         return {"zo": self.opt}
-
-    def scratch_bytes(self):
-        return self.opt.perturbers[0].scratch_nbytes()
-
-    @property
-    def skipped_updates(self):
-        return self.opt.skipped_updates
 
 
 class _Whole(nn.Module):
@@ -244,29 +249,19 @@ class FOMode(Mode):
         return {"fo": self.opt}
 
 
-class ZOMode(Mode):
+class ZOMode(_ZOClientMode, Mode):
     name = "zo"
 
     def __init__(self, client, server, hp, loss_of):
         super().__init__(client, server, hp, loss_of)
         self.whole = _Whole(client, server)
-        self.opt = ZerothOrderOptimizer(
-            self.whole, lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
-            weight_decay=hp.weight_decay, difference=hp.difference, seed=hp.seed, backend=hp.backend,
-        )
+        self.opt = ZerothOrderOptimizer(self.whole, **hp.zo_options())
 
     def step(self, batch) -> float:
         return float(self.opt.step(lambda: self.loss_of(self.whole(*_inputs(batch)), batch, 1)))
 
     def optimizers(self):
         return {"zo": self.opt}
-
-    def scratch_bytes(self):
-        return self.opt.scratch_nbytes()
-
-    @property
-    def skipped_updates(self):
-        return self.opt.skipped_updates
 
 
 def make_mode(name: str, client, server, hp: Hyper, loss_of: LossFn, proxy: ServerProxy | None = None) -> Mode:

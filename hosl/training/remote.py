@@ -34,7 +34,8 @@ from hosl.transport.distributed import DistributedLink, Endpoint, connect, disco
 # What both sides must agree on. Fields that only the client uses (steps, data sizes, Q, ...)
 # are not compared: the server follows whatever the client sends.
 FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "seed", "eps", "lr_client", "lr_server", "momentum",
-                      "weight_decay")
+                      "weight_decay", "direction", "zo_optimizer", "zo_momentum", "zo_betas", "lora", "lora_r",
+                      "lora_alpha", "lora_targets", "lora_halves")
 
 
 @dataclass
@@ -51,6 +52,11 @@ class Connection:
 def fingerprint(cfg: TrainConfig) -> dict:
     values = {name: getattr(cfg, name) for name in FINGERPRINT_FIELDS}
     values["lr_client"] = cfg.resolved_lr_client()
+    values["eps"] = cfg.resolved_eps()
+    values["lora_alpha"] = float(cfg.lora_alpha)
+    values["lora_targets"] = ",".join(cfg.lora_target_list() or ())  # "" : the architecture's default
+    del values["zo_betas"]  # the handshake compares scalars
+    values["zo_beta1"], values["zo_beta2"] = (float(b) for b in cfg.zo_betas)
     return values
 
 
@@ -137,7 +143,8 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client  # that half lives in the client process
     half = ServerHalf(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
-                      train_dropout=train_dropout(cfg.mode), checkpoint_dir=run_dir, resume_allowed=cfg.resume)
+                      train_dropout=train_dropout(cfg.mode), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
+                      trainable_only_checkpoints=cfg.lora)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     stop = StopOnInterrupt("server")
     with stop:

@@ -87,23 +87,24 @@ class ServerHalf:
     """
 
     def __init__(self, server: nn.Module, mode: str, hp, loss_of: Callable, model_kind: str, *,
-                 train_dropout: bool, checkpoint_dir: Path | None = None, resume_allowed: bool = True):
+                 train_dropout: bool, checkpoint_dir: Path | None = None, resume_allowed: bool = True,
+                 trainable_only_checkpoints: bool = False):
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode {mode!r} has no server half; split modes are {', '.join(SPLIT_MODES)}")
         self.server, self.mode, self.hp, self.loss_of, self.model_kind = server, mode, hp, loss_of, model_kind
         self.train_dropout = train_dropout
         self.checkpoint_dir = checkpoint_dir
         self.resume_allowed = resume_allowed
+        self.trainable_only_checkpoints = trainable_only_checkpoints  # LoRA: the adapters only
         self.rng_state = torch.Generator().manual_seed(hp.seed + 1).get_state()
         self.optimizer: torch.optim.Optimizer | None = None
         self.zo: ZerothOrderOptimizer | None = None
         if mode in ("hosl", "fo-sl"):
-            self.optimizer = torch.optim.SGD(server.parameters(), lr=hp.lr_server, momentum=hp.momentum,
-                                             weight_decay=hp.weight_decay)
-        else:  # zo-sl: perturbed and updated with the client's seeds (its generator is unused)
-            self.zo = ZerothOrderOptimizer(server, lr=hp.lr_client, eps=hp.eps, num_queries=hp.num_queries,
-                                           weight_decay=hp.weight_decay, difference=hp.difference,
-                                           seed=hp.seed, backend=hp.backend)
+            self.optimizer = torch.optim.SGD([p for p in server.parameters() if p.requires_grad], lr=hp.lr_server,
+                                             momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:  # zo-sl: perturbed and updated with the client's seeds, direction family and update rule
+            # (its generator is unused; a momentum/adam rule keeps its own state of the server's weights)
+            self.zo = ZerothOrderOptimizer(server, **hp.zo_options())
         self.batch: dict = {}
         self.mask: torch.Tensor | None = None
         self.clean_loss = math.nan
@@ -198,11 +199,14 @@ class ServerHalf:
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "zo": self.zo.state_dict() if self.zo is not None else None,
                 "rng_state": self.rng_state}
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.zo is not None and state.get("zo") is not None:
+            self.zo.load_state_dict(state["zo"])
         self.rng_state = state["rng_state"]
 
     def save(self, step: int) -> None:
@@ -213,7 +217,8 @@ class ServerHalf:
             raise RuntimeError("this server half has no checkpoint folder")
         # keep two: the client saves after the server, so it may die holding only the previous one
         ckpt.save_checkpoint(self.checkpoint_dir, step, {"server": self.server},
-                             {"step": step, "server_half": self.state_dict()}, keep=2)
+                             {"step": step, "server_half": self.state_dict()}, keep=2,
+                             trainable_only=self.trainable_only_checkpoints)
 
     def resume(self, step: int) -> None:
         from hosl.training import checkpoint as ckpt
