@@ -1,0 +1,614 @@
+"""Accuracy grid: HOSL vs FO-SL vs ZO-SL vs zero-shot, one ``hosl train`` process per cell.
+
+    python benchmarks/accuracy.py --config benchmarks/configs/cpu.yaml --out runs/accuracy-cpu
+    python benchmarks/accuracy.py --config ... --out ... --only 'minilm-l6/sst2/*' --dry-run
+    python benchmarks/accuracy.py --config ... --out ... --report-only     # rebuild the tables
+
+Run it from the repository root: relative paths in the config (``data_dir: ../shared/data``) are
+relative to the working directory, which every cell process inherits.
+
+A *cell* is one (model, task, variant, [cut,] mode, seed). Its id is
+``model/task/variant/[cutN/]mode/sSEED`` (``--only`` takes shell patterns on it, comma-separated)
+and its run folder is ``OUT/cells/<id>``. Resumability:
+
+* a cell whose folder holds ``summary.json`` is done and is never rerun;
+* a cell with a checkpoint (killed mid-run) is continued with ``--resume`` (if its flags are unchanged);
+* a cell folder with neither (killed before its first checkpoint) is cleared and started again;
+* failed cells (non-zero exit) are retried on the next invocation;
+* a finished cell's checkpoints are deleted (``--keep-checkpoints`` keeps them).
+
+While the runner waits on a cell it holds ``OUT/grid.lock``: a second runner on the same OUT stops.
+SIGTERM/SIGINT to the runner stops the running cell as well; the grid continues where it stopped
+the next time. Each cell's output goes to ``OUT/logs/<id with / as __>.log``.
+
+After every cell the runner rewrites ``OUT/results.md`` (tables), ``OUT/results.csv`` (one row per
+(model, task, variant, cut, mode): mean, std, min, max over seeds) and ``OUT/cells.csv`` (one row per
+cell). Cells that were not run say why.
+
+Config (YAML), see benchmarks/configs/cpu.yaml for a commented one::
+
+    description: text for the table's header
+    defaults: {flag: value}          # ``hosl train`` flags (dashes or underscores), every cell
+    models:   {label: {flags}}       # or a list of labels; ``model:`` defaults to the label
+    tasks:    {name: {flags}}        # or a list
+    variants: {full: {}, lora: {lora: true}}   # optional (default: full only)
+    modes:    {zero-shot: {}, fo-sl: {flags}, zo-sl: {...}, hosl: {...}}   # or a list; a label other
+                                     # than a --mode names its mode: fo-sl-lr1e-3: {mode: fo-sl, lr_client: 1.0e-3}
+    cuts:     [1, 2, 3, 5]           # optional axis; without it the cut is a flag like any other
+    seeds:    [0, 1]
+    rules:                           # applied in order, after the axes' flags
+      - when: {variant: lora, mode: [hosl, zo-sl]}    # keys: model task variant mode cut seed
+        set:  {lr_client: 5.0e-5, eps: 5.0e-3}
+      - when: {variant: lora, mode: zero-shot}
+        skip: same model as full zero-shot            # the cell is listed as not run, with this reason
+
+Flags merge in this order: defaults, model, task, variant, mode, cut, rules. ``zero-shot`` runs
+``hosl train --steps 0`` (evaluate the starting weights once; ``--mode`` then only picks how the
+halves are wired, default fo-sl). A flag the installed ``hosl train`` does not know (``--lora``
+before LoRA lands, say) marks the cells that need it "not run: --flag not available".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import fnmatch
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ZERO_SHOT = "zero-shot"
+AXES = ("model", "task", "variant", "cut", "mode", "seed")
+LABEL_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+# Flags the runner owns: a config must not set them.
+RESERVED_FLAGS = ("out", "resume", "progress", "no_progress")
+
+
+# ---------------------------------------------------------------------------------------------
+# config -> cells
+
+
+@dataclass
+class Cell:
+    axes: dict  # model, task, variant, cut (or None), mode, seed
+    flags: dict  # hosl train flags, underscores
+    skip: str | None = None  # reason from a rule
+
+    @property
+    def id(self) -> str:
+        a = self.axes
+        parts = [a["model"], a["task"], a["variant"]]
+        if a["cut"] is not None:
+            parts.append(f"cut{a['cut']}")
+        return "/".join(parts + [a["mode"], f"s{a['seed']}"])
+
+    @property
+    def group(self) -> tuple:
+        """Cells that differ only in seed."""
+        return tuple(self.axes[k] for k in AXES if k != "seed")
+
+
+def _norm_flags(flags: dict | None, where: str) -> dict:
+    out = {}
+    for key, value in (flags or {}).items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in RESERVED_FLAGS:
+            raise ValueError(f"{where}: --{name.replace('_', '-')} is set by the runner, not the config")
+        out[name] = value
+    return out
+
+
+def _axis(config: dict, name: str, default=None) -> dict:
+    """An axis as {label: flags}; a list means no per-entry flags."""
+    value = config.get(name, default)
+    if value is None:
+        raise ValueError(f"config: '{name}' is missing")
+    if isinstance(value, list):
+        value = {label: {} for label in value}
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"config: '{name}' must be a non-empty list or mapping")
+    out = {}
+    for label, flags in value.items():
+        label = str(label)
+        if not LABEL_RE.match(label):
+            raise ValueError(f"config: {name} label {label!r} must match {LABEL_RE.pattern} (it names a folder)")
+        out[label] = _norm_flags(flags, f"{name}.{label}")
+    return out
+
+
+def _matches(when: dict, axes: dict) -> bool:
+    for key, wanted in (when or {}).items():
+        if key not in AXES:
+            raise ValueError(f"config: rule key {key!r} is not one of {', '.join(AXES)}")
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if axes[key] not in allowed and str(axes[key]) not in [str(w) for w in allowed]:
+            return False
+    return True
+
+
+def expand(config: dict) -> list[Cell]:
+    """Every cell of the grid, in run order: model, task, variant, cut, seed, mode."""
+    defaults = _norm_flags(config.get("defaults"), "defaults")
+    models = _axis(config, "models")
+    tasks = _axis(config, "tasks")
+    variants = _axis(config, "variants", {"full": {}})
+    modes = _axis(config, "modes")
+    cuts = config.get("cuts") or [None]
+    seeds = config.get("seeds", [0])
+    rules = config.get("rules") or []
+    for rule in rules:
+        if not isinstance(rule, dict) or ("set" not in rule and "skip" not in rule):
+            raise ValueError(f"config: each rule needs 'when' and 'set' or 'skip', got {rule!r}")
+    cells = []
+    for model, model_flags in models.items():
+        for task, task_flags in tasks.items():
+            for variant, variant_flags in variants.items():
+                for cut in cuts:
+                    for seed in seeds:
+                        for mode, mode_flags in modes.items():
+                            axes = dict(model=model, task=task, variant=variant, cut=cut, mode=mode, seed=seed)
+                            flags = {"model": model, **defaults, **model_flags, "task": task, **task_flags,
+                                     **variant_flags, **mode_flags, "seed": seed}
+                            if cut is not None:
+                                flags["cut"] = cut
+                            skip = None
+                            for rule in rules:
+                                if _matches(rule.get("when"), axes):
+                                    flags.update(_norm_flags(rule.get("set"), "rules"))
+                                    if rule.get("skip"):
+                                        skip = str(rule["skip"])
+                            if mode == ZERO_SHOT:
+                                flags["steps"] = 0
+                                flags.setdefault("mode", "fo-sl")
+                            else:  # a mode label may name the --mode it runs: fo-sl-lr1e-3: {mode: fo-sl, ...}
+                                flags["mode"] = mode_flags.get("mode", mode)
+                            cells.append(Cell(axes, flags, skip))
+    ids = [c.id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError("config: two cells have the same id")
+    return cells
+
+
+def load_config(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    import yaml  # a dependency of transformers; listed in the bench extra
+
+    return yaml.safe_load(text)
+
+
+def select(cells: list[Cell], only: str | None) -> list[Cell]:
+    if not only:
+        return cells
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
+
+
+# ---------------------------------------------------------------------------------------------
+# running cells
+
+
+def cli_argv(python: str, flags: dict) -> list[str]:
+    argv = [python, "-m", "hosl.cli", "train"]
+    for name, value in flags.items():
+        opt = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(opt)
+        elif value is False or value is None:
+            continue
+        else:
+            argv += [opt, str(value)]
+    return argv
+
+
+def known_train_flags(python: str) -> set[str]:
+    """Option names ``hosl train --help`` lists, as underscores (``lora``, ``num_queries``...)."""
+    out = subprocess.run([python, "-m", "hosl.cli", "train", "--help"], capture_output=True, text=True,
+                         env=_child_env(), check=True).stdout
+    return {m.replace("-", "_") for m in re.findall(r"--([a-z0-9][a-z0-9-]*)", out)}
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    # the cells import this checkout's hosl, whatever is installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the cell process: get SIGTERM if the runner dies (Linux), so no cell outlives its grid."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.id
+
+
+def log_path(out: Path, cell: Cell) -> Path:
+    return out / "logs" / (cell.id.replace("/", "__") + ".log")
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    ckpts = run_dir / "checkpoints"
+    return ckpts.is_dir() and any(ckpts.iterdir())
+
+
+def stored_flags(run_dir: Path) -> dict | None:
+    path = run_dir / "cell.json"
+    return json.loads(path.read_text())["flags"] if path.exists() else None
+
+
+class Stop(Exception):
+    pass
+
+
+class Runner:
+    def __init__(self, out: Path, python: str, cell_timeout: float | None):
+        self.out, self.python, self.cell_timeout = out, python, cell_timeout
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+
+    def handle_signal(self, signum, _frame):
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+        raise Stop(signal.Signals(signum).name)
+
+    def run_cell(self, cell: Cell) -> dict:
+        """Run (or continue) one cell; returns its attempt record."""
+        run_dir = cell_dir(self.out, cell)
+        # continue from a checkpoint only if it was made with these very flags
+        resume = has_checkpoint(run_dir) and stored_flags(run_dir) == json.loads(json.dumps(cell.flags))
+        if run_dir.exists() and not resume:
+            shutil.rmtree(run_dir)  # no checkpoint (or one of other flags): nothing to keep
+        run_dir.mkdir(parents=True, exist_ok=True)
+        argv = cli_argv(self.python, {**cell.flags, "out": str(run_dir.resolve())})
+        argv += ["--no-progress"] + (["--resume"] if resume else [])
+        (run_dir / "cell.json").write_text(json.dumps({"id": cell.id, "axes": cell.axes, "flags": cell.flags,
+                                                       "argv": argv}, indent=2))
+        log = log_path(self.out, cell)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(log, "a") as fh:
+            fh.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+                     f"{'resume' if resume else 'start'}: {' '.join(argv)}\n")
+            fh.flush()
+            self.child = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(),
+                                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            try:
+                rc = self.child.wait(timeout=self.cell_timeout)
+            except subprocess.TimeoutExpired:
+                self.child.send_signal(signal.SIGTERM)
+                try:
+                    self.child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.child.kill()
+                    self.child.wait()
+                rc = "timeout"
+            finally:
+                if self.stopping and self.child.poll() is None:
+                    self.child.wait()
+                self.child = None
+        return {"rc": rc, "resumed": resume, "wall_seconds": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# status and tables
+
+
+def cell_status(out: Path, cell: Cell, unknown_flags: set[str], failures: dict) -> tuple[str, str, dict | None]:
+    """(status, note, summary): status in done, stale, skipped, unavailable, failed, partial, pending."""
+    run_dir = cell_dir(out, cell)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        stored = stored_flags(run_dir)
+        if stored is not None and stored != json.loads(json.dumps(cell.flags)):
+            changed = sorted(k for k in set(stored) | set(cell.flags) if stored.get(k) != cell.flags.get(k))
+            return "stale", "run with other flags (" + ", ".join(changed) + "); delete the folder to rerun", summary
+        return "done", "", summary
+    if cell.skip:
+        return "skipped", cell.skip, None
+    missing = sorted(f for f in cell.flags if f in unknown_flags)
+    if missing:
+        return "unavailable", ", ".join("--" + m.replace("_", "-") for m in missing) + " not available", None
+    if cell.id in failures:
+        f = failures[cell.id]
+        return "failed", f"exit {f['rc']}; see {log_path(Path('.'), cell).as_posix()}", None
+    if has_checkpoint(run_dir):
+        return "partial", "killed mid-run; resumes from its checkpoint", None
+    return "pending", "", None
+
+
+def _budget(summary: dict, cell: Cell) -> dict:
+    steps = summary.get("steps", 0)
+    per_step = summary.get("forward_passes_per_step") or {}
+    return {
+        "steps": steps,
+        "batch_size": cell.flags.get("batch_size", ""),
+        "num_queries": summary.get("num_queries", cell.flags.get("num_queries", "")),
+        "train_examples": summary.get("train_examples", 0),
+        **{f"{k}_total": steps * v for k, v in per_step.items()},
+    }
+
+
+CELL_COLUMNS = ["id", "model", "task", "variant", "cut", "mode", "seed", "status", "note", "start_accuracy",
+                "eval_accuracy", "steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
+                "server_forward_total", "client_backward_total", "server_backward_total", "seconds",
+                "client_peak_bytes", "lr_client", "lr_server"]
+
+
+def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict) -> dict:
+    status, note, summary = cell_status(out, cell, unknown, failures)
+    row = {"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": status, "note": note}
+    if summary is not None:
+        history = summary.get("eval_history") or []
+        row.update(_budget(summary, cell))
+        row.update(start_accuracy=history[0]["eval_accuracy"] if history else None,
+                   eval_accuracy=summary.get("eval_accuracy"), seconds=round(summary.get("seconds", 0.0), 1),
+                   client_peak_bytes=summary.get("client_peak_bytes"), lr_client=summary.get("lr_client"),
+                   lr_server=summary.get("lr_server"))
+    return row
+
+
+def _stats(values: list[float]) -> dict:
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
+    """One row per group of seeds; accuracy in points (0-100)."""
+    by_group: dict[tuple, list[tuple[Cell, dict]]] = {}
+    for cell, row in zip(cells, rows):
+        by_group.setdefault(cell.group, []).append((cell, row))
+    out = []
+    for group, members in by_group.items():
+        done = [r for _, r in members if r["status"] == "done"]
+        acc = _stats([100.0 * r["eval_accuracy"] for r in done if r["eval_accuracy"] is not None])
+        first = done[0] if done else {}
+        notes = sorted({_short_status(r) for _, r in members if r["status"] != "done"})
+        out.append({**dict(zip([k for k in AXES if k != "seed"], group)),
+                    "seeds_done": acc["n"], "seeds": len(members),
+                    "accuracy_mean": acc["mean"], "accuracy_std": acc["std"],
+                    "accuracy_min": acc["min"], "accuracy_max": acc["max"],
+                    **{k: first.get(k) for k in ("steps", "batch_size", "num_queries", "train_examples",
+                                                 "client_forward_total", "server_forward_total",
+                                                 "client_backward_total", "server_backward_total")},
+                    "seconds_mean": _stats([r["seconds"] for r in done])["mean"],
+                    "not_done": "; ".join(notes)})
+    return out
+
+
+def _short_status(row: dict) -> str:
+    """What a table cell says for a cell without a result (details are listed under the table)."""
+    if row["status"] == "unavailable":
+        return f"not run ({row['note']})"
+    if row["status"] == "failed":
+        return "failed"
+    return {"partial": "partial, resumes", "skipped": "skipped"}.get(row["status"], row["status"])
+
+
+def _fmt_acc(agg: dict | None) -> str:
+    if agg is None:
+        return "—"
+    if agg["seeds_done"] == 0:
+        return agg["not_done"] or "not run"
+    text = f"{agg['accuracy_mean']:.1f}"
+    if agg["seeds_done"] > 1:
+        text += f" ± {agg['accuracy_std']:.1f} [{agg['accuracy_min']:.1f}–{agg['accuracy_max']:.1f}]"
+    if agg["seeds_done"] < agg["seeds"]:
+        text += f" ({agg['seeds_done']}/{agg['seeds']} seeds)"
+    elif agg["seeds_done"] == 1:
+        text += " (1 seed)"
+    return text
+
+
+def _diff(a: dict | None, b: dict | None) -> str:
+    if not a or not b or a["accuracy_mean"] is None or b["accuracy_mean"] is None:
+        return "—"
+    return f"{a['accuracy_mean'] - b['accuracy_mean']:+.1f}"
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, torch {torch_version}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (``--report-only`` while a grid runs, say) never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _csv_text(fieldnames: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], rows: list[dict]) -> None:
+    aggs = aggregate(rows, cells)
+    _write_atomic(out / "cells.csv", _csv_text(CELL_COLUMNS, rows))
+    if aggs:
+        _write_atomic(out / "results.csv", _csv_text(list(aggs[0]), aggs))
+
+    modes = list(dict.fromkeys(c.axes["mode"] for c in cells))
+    index = {(a["model"], a["task"], a["variant"], a["cut"], a["mode"]): a for a in aggs}
+    row_keys = list(dict.fromkeys((a["model"], a["task"], a["variant"], a["cut"]) for a in aggs))
+    has_cut = any(k[3] is not None for k in row_keys)
+    counts = {s: sum(r["status"] == s for r in rows) for s in
+              ("done", "stale", "skipped", "unavailable", "failed", "partial", "pending")}
+
+    lines = [f"# Accuracy grid: {config_path.name}", ""]
+    if config.get("description"):
+        lines += [str(config["description"]).strip(), ""]
+    lines += [f"- command: `python benchmarks/accuracy.py --config {config_path.as_posix()} --out {out.as_posix()}`",
+              f"- machine: {machine_line()}",
+              f"- written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+              "- cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
+    lines += ["Accuracy (%) on the evaluation set at the end of training: mean ± sample std [min–max] over "
+              "seeds. Differences are of the means, in points.", ""]
+    head = ["model", "task", "variant"] + (["cut"] if has_cut else []) + modes
+    extra = []
+    if "hosl" in modes and "fo-sl" in modes:
+        extra.append(("HOSL − FO-SL", "hosl", "fo-sl"))
+    if "hosl" in modes and "zo-sl" in modes:
+        extra.append(("HOSL − ZO-SL", "hosl", "zo-sl"))
+    head += [e[0] for e in extra]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(modes) - len(extra)) +
+                                                            ["---:"] * (len(modes) + len(extra))) + "|"]
+    for key in row_keys:
+        cols = [key[0], key[1], key[2]] + ([str(key[3])] if has_cut else [])
+        cols += [_fmt_acc(index.get(key + (m,))) for m in modes]
+        cols += [_diff(index.get(key + (a,)), index.get(key + (b,))) for _, a, b in extra]
+        lines.append("| " + " | ".join(cols) + " |")
+
+    lines += ["", "Budget per run (same for every seed): training steps and examples, and forward/backward "
+              "passes over training batches (client and server halves; evaluation passes not counted).", ""]
+    bhead = ["model", "task", "variant"] + (["cut"] if has_cut else []) + [
+        "mode", "steps", "batch", "Q", "train examples", "client fwd", "server fwd", "client bwd", "server bwd",
+        "seconds (mean)"]
+    lines += ["| " + " | ".join(bhead) + " |", "|" + "|".join(["---"] * (len(bhead) - 9) + ["---:"] * 9) + "|"]
+    for a in aggs:
+        if not a["seeds_done"]:
+            continue
+        cols = [a["model"], a["task"], a["variant"]] + ([str(a["cut"])] if has_cut else []) + [a["mode"]]
+        uses_q = a["mode"] in ("hosl", "zo-sl", "zo")
+        cols += [str(a[k]) if a[k] is not None and (uses_q or k != "num_queries") else "—" for k in
+                 ("steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
+                  "server_forward_total", "client_backward_total", "server_backward_total")]
+        cols.append(f"{a['seconds_mean']:.0f}" if a["seconds_mean"] is not None else "")
+        lines.append("| " + " | ".join(cols) + " |")
+    reasons: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["status"] != "done":
+            reasons.setdefault((r["status"], r["note"]), []).append(r["id"])
+    if reasons:
+        lines += ["", "Cells without a result (pending: not run yet):", ""]
+        for (status, note), ids in sorted(reasons.items()):
+            shown = ", ".join(f"`{i}`" for i in ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+            lines.append(f"- {status}" + (f" ({note})" if note else "") + f": {len(ids)} cells: {shown}")
+    _write_atomic(out / "results.md", "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path, help="grid config (.yaml or .json)")
+    p.add_argument("--out", required=True, type=Path, help="grid folder (cells/, logs/, results.*)")
+    p.add_argument("--only", default=None, help="comma-separated shell patterns on cell ids, e.g. 'minilm-l6/sst2/*'")
+    p.add_argument("--dry-run", action="store_true", help="print each cell's status and command; run nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the tables from what is on disk; run nothing")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the cells (default: this one)")
+    p.add_argument("--cell-timeout", type=float, default=None,
+                   help="seconds before a cell is stopped (it resumes from its checkpoint next time)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a finished cell's checkpoints (default: delete them once summary.json is written)")
+    args = p.parse_args(argv)
+
+    config = load_config(args.config)
+    all_cells = expand(config)
+    cells = select(all_cells, args.only)
+    if not cells:
+        print(f"no cell matches --only {args.only!r}", file=sys.stderr)
+        return 2
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    failures_path = out / "failures.json"
+    failures = json.loads(failures_path.read_text()) if failures_path.exists() else {}
+    known = known_train_flags(args.python)
+    unknown = {f for c in all_cells for f in c.flags if f not in known}
+
+    def report():
+        rows = [cell_row(out, c, unknown, failures) for c in all_cells]
+        write_tables(out, config, args.config, all_cells, rows)
+
+    if args.dry_run or args.report_only:
+        if args.dry_run:
+            for cell in cells:
+                status, note, _ = cell_status(out, cell, unknown, failures)
+                print(f"{status:11} {cell.id}" + (f"  ({note})" if note else ""))
+                if status in ("pending", "partial", "failed"):
+                    print("            " + " ".join(cli_argv(args.python, cell.flags)))
+        else:
+            report()
+            print(f"wrote {out / 'results.md'}")
+        return 0
+
+    lock = open(out / "grid.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"another accuracy.py is running on {out}", file=sys.stderr)
+        return 3
+    runner = Runner(out, args.python, args.cell_timeout)
+    signal.signal(signal.SIGTERM, runner.handle_signal)
+    signal.signal(signal.SIGINT, runner.handle_signal)
+    todo = [c for c in cells if cell_status(out, c, unknown, failures)[0] in ("pending", "partial", "failed")]
+    print(f"[accuracy] {len(cells)} cells selected, {len(todo)} to run", flush=True)
+    try:
+        for i, cell in enumerate(todo, 1):
+            print(f"[accuracy] ({i}/{len(todo)}) {cell.id}", flush=True)
+            attempt = runner.run_cell(cell)
+            if attempt["rc"] == 0 and (cell_dir(out, cell) / "summary.json").exists():
+                failures.pop(cell.id, None)
+                if not args.keep_checkpoints:  # only unfinished cells need them (SmolLM2: ~1 GB each)
+                    shutil.rmtree(cell_dir(out, cell) / "checkpoints", ignore_errors=True)
+            else:
+                failures[cell.id] = attempt
+                print(f"[accuracy]   failed (exit {attempt['rc']}); log: {log_path(out, cell)}", flush=True)
+            failures_path.write_text(json.dumps(failures, indent=2))
+            report()
+    except Stop as why:
+        print(f"[accuracy] stopped by {why}; run the same command again to continue", file=sys.stderr)
+        report()
+        return 130
+    report()
+    print(f"[accuracy] tables: {out / 'results.md'}, {out / 'results.csv'}, {out / 'cells.csv'}")
+    return 1 if any(c.id in failures for c in cells) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

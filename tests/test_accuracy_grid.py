@@ -1,0 +1,127 @@
+"""benchmarks/accuracy.py: grid expansion, cells as processes, tables, and resumability.
+
+The end-to-end test runs two 2-step tiny-opt cells (zero-shot and HOSL) as separate processes,
+then runs the same grid again and checks that nothing is rerun.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("HOSL_DATA_DIR", ROOT / ".." / "shared" / "data"))
+needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+grid = _load_script("accuracy")
+
+TINY = {
+    "description": "tiny smoke grid",
+    "defaults": {"model": "tiny-opt", "data_dir": str(DATA), "cut": 1, "num_queries": 1, "steps": 2,
+                 "batch_size": 2, "train_size": 4, "eval_size": 4, "max_length": 32, "lr_client": 1e-3,
+                 "lr_server": 1e-2},
+    "models": ["tiny-opt"],
+    "tasks": ["sst2"],
+    "variants": {"full": {}, "bogus": {"no_such_flag": 1}},
+    "modes": ["zero-shot", "hosl"],
+    "seeds": [0],
+    "rules": [{"when": {"variant": "bogus", "mode": "zero-shot"}, "skip": "not needed"}],
+}
+
+
+def test_expand_merges_flags_in_order_and_applies_rules():
+    config = {
+        "defaults": {"steps": 10, "lr-client": 1.0},
+        "models": {"m": {"model": "tiny-opt", "cut": 2}},
+        "tasks": {"sst2": {"steps": 20}},
+        "variants": {"full": {}, "lora": {"lora": True}},
+        "modes": {"zero-shot": {}, "hosl": {"lr_client": 2.0}, "fo-sl-small-lr": {"mode": "fo-sl"}},
+        "cuts": [1, 3],
+        "seeds": [0, 1],
+        "rules": [{"when": {"variant": "lora", "mode": "hosl"}, "set": {"eps": 5e-3}},
+                  {"when": {"variant": "lora", "mode": "zero-shot"}, "skip": "same as full"}],
+    }
+    cells = {c.id: c for c in grid.expand(config)}
+    assert len(cells) == 1 * 1 * 2 * 2 * 2 * 3
+    assert cells["m/sst2/full/cut1/fo-sl-small-lr/s0"].flags["mode"] == "fo-sl"  # a label naming its mode
+    hosl = cells["m/sst2/lora/cut3/hosl/s1"]
+    assert hosl.flags["model"] == "tiny-opt" and hosl.flags["cut"] == 3 and hosl.flags["steps"] == 20
+    assert hosl.flags["lr_client"] == 2.0 and hosl.flags["eps"] == 5e-3 and hosl.flags["lora"] is True
+    assert hosl.flags["mode"] == "hosl" and hosl.flags["seed"] == 1 and hosl.skip is None
+    zs = cells["m/sst2/full/cut1/zero-shot/s0"]
+    assert zs.flags["steps"] == 0 and zs.flags["mode"] == "fo-sl" and "eps" not in zs.flags
+    assert cells["m/sst2/lora/cut1/zero-shot/s0"].skip == "same as full"
+    assert [c.id for c in grid.select(list(cells.values()), "m/sst2/full/*/hosl/s0")] == [
+        "m/sst2/full/cut1/hosl/s0", "m/sst2/full/cut3/hosl/s0"]
+    argv = grid.cli_argv("py", hosl.flags)
+    assert argv[:4] == ["py", "-m", "hosl.cli", "train"] and "--lora" in argv and "--lr-client" in argv
+    with pytest.raises(ValueError, match="set by the runner"):
+        grid.expand({**config, "defaults": {"out": "x"}})
+
+
+def test_status_marks_partial_and_stale_cells(tmp_path):
+    cell = grid.expand({**TINY, "variants": ["full"], "modes": ["hosl"]})[0]
+    run_dir = grid.cell_dir(tmp_path, cell)
+    assert grid.cell_status(tmp_path, cell, set(), {})[0] == "pending"
+    (run_dir / "checkpoints" / "step-1").mkdir(parents=True)
+    assert grid.cell_status(tmp_path, cell, set(), {})[0] == "partial"
+    (run_dir / "summary.json").write_text(json.dumps({"eval_accuracy": 0.5, "steps": 2}))
+    (run_dir / "cell.json").write_text(json.dumps({"flags": {**cell.flags, "steps": 3}}))
+    status, note, _ = grid.cell_status(tmp_path, cell, set(), {})
+    assert status == "stale" and "steps" in note
+
+
+@needs_data
+def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "grid"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--config", str(config), "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "2 to run" in first.stdout
+
+    summaries = sorted(out.glob("cells/**/summary.json"))
+    assert [p.parent.relative_to(out / "cells").as_posix() for p in summaries] == [
+        "tiny-opt/sst2/full/hosl/s0", "tiny-opt/sst2/full/zero-shot/s0"]
+    zero_shot = json.loads((out / "cells/tiny-opt/sst2/full/zero-shot/s0/summary.json").read_text())
+    assert zero_shot["steps"] == 0 and zero_shot["train_examples"] == 0 and len(zero_shot["eval_history"]) == 1
+    assert not (out / "cells/tiny-opt/sst2/full/hosl/s0/checkpoints").exists()  # finished: pruned
+
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "cells.csv"))}
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["status"] == "done"
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["train_examples"] == "4"  # 2 steps x batch 2
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["client_forward_total"] == "6"  # 2 x (1 + 2Q), Q=1
+    assert rows["tiny-opt/sst2/bogus/hosl/s0"]["status"] == "unavailable"
+    assert rows["tiny-opt/sst2/bogus/zero-shot/s0"]["status"] == "skipped"
+    table = (out / "results.md").read_text()
+    assert "| tiny-opt | sst2 | full |" in table and "not run" in table and "--no-such-flag not available" in table
+    assert (out / "results.csv").exists()
+
+    # the client-size plot reads the same cells
+    plot = _load_script("client_size")
+    assert plot.main(["--runs", str(out), "--model", "tiny-opt", "--out", str(tmp_path / "curves.png"),
+                      "--window", "1", "--last", "2"]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+    stamps = {p: p.stat().st_mtime_ns for p in summaries}
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "0 to run" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in summaries} == stamps
