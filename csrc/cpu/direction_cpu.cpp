@@ -303,6 +303,27 @@ struct Tiles {
   alignas(64) uint32_t rad_words[kBatch][4 * kFillCounters];
   uint64_t rad_first = ~uint64_t(0);  // counter of rad_words[.][0..3]; ~0: nothing cached
 
+  // G consecutive 32-coordinate groups from group g, all nq directions of the batch. G=4 keeps
+  // 4x32 independent accumulator chains in flight (about 6% faster at Q=10 than one group at a
+  // time; the loop is bound by its sign-select and subtract count, not by memory).
+  static constexpr size_t kGroups = 4;
+  template <size_t G>
+  __attribute__((always_inline)) inline void rademacher_groups(size_t g, size_t word0, size_t nq,
+                                                               const uint32_t* coeff_bits) {
+    float a[G][32];
+    for (size_t i = 0; i < G; ++i)
+      for (uint32_t b = 0; b < 32; ++b) a[i][b] = acc[32 * (g + i) + b];
+    for (size_t q = 0; q < nq; ++q) {
+      const uint32_t cb = coeff_bits[q];
+      for (size_t i = 0; i < G; ++i) {
+        const uint32_t word = rad_words[q][word0 + g + i];
+        for (uint32_t b = 0; b < 32; ++b) a[i][b] = fsub(a[i][b], float_of(cb ^ ((word << (31 - b)) & 0x80000000u)));
+      }
+    }
+    for (size_t i = 0; i < G; ++i)
+      for (uint32_t b = 0; b < 32; ++b) acc[32 * (g + i) + b] = a[i][b];
+  }
+
   __attribute__((always_inline)) inline void rademacher_update(const Job& job, uint64_t begin, uint64_t last, size_t n) {
     uint32_t coeff_bits[kBatch];
     const uint64_t first = begin >> kRademacherShift;
@@ -329,15 +350,9 @@ struct Tiles {
       }
       const size_t word0 = 4 * static_cast<size_t>(first - (cached ? rad_first : first));  // group g0's word
       for (size_t q = 0; q < nq; ++q) coeff_bits[q] = bits_of(job.coeffs[q0 + q]);
-      for (size_t g = g0; g <= g1; ++g) {
-        float a[32];
-        for (uint32_t b = 0; b < 32; ++b) a[b] = acc[32 * g + b];
-        for (size_t q = 0; q < nq; ++q) {
-          const uint32_t word = rad_words[q][word0 + g], cb = coeff_bits[q];
-          for (uint32_t b = 0; b < 32; ++b) a[b] = fsub(a[b], float_of(cb ^ ((word << (31 - b)) & 0x80000000u)));
-        }
-        for (uint32_t b = 0; b < 32; ++b) acc[32 * g + b] = a[b];
-      }
+      size_t g = g0;
+      for (; g + kGroups - 1 <= g1; g += kGroups) rademacher_groups<kGroups>(g, word0, nq, coeff_bits);
+      for (; g <= g1; ++g) rademacher_groups<1>(g, word0, nq, coeff_bits);
     }
   }
 
