@@ -119,3 +119,29 @@ def test_crash_mid_run_keeps_last_checkpoint_and_resume_matches(tmp_path, monkey
     a = load_file(str(straight / "checkpoints" / "step-4" / "server.safetensors"))
     b = load_file(str(crashed / "checkpoints" / "step-4" / "server.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _minilm_installed() -> bool:
+    try:
+        from hosl.models.registry import resolve_model
+
+        resolve_model("minilm-l6")
+        return True
+    except Exception:
+        return False
+
+
+@needs_data
+@pytest.mark.skipif(not _minilm_installed(), reason="minilm-l6 weights not installed (scripts/setup.sh installs them)")
+def test_demo_runs_the_three_modes_and_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--data-dir", str(DATA), "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    rows = json.loads((out / "demo.json").read_text())
+    assert [r["mode"] for r in rows] == ["hosl", "zo-sl", "fo-sl"]
+    for r in rows:
+        assert r["steps"] == 2 and [e["step"] for e in r["eval_history"]] == [0, 2]
+        assert (out / r["mode"] / "summary.json").exists()
+    # the same starting point for every mode: same seed, same head initialisation, same eval set
+    assert len({r["eval_history"][0]["eval_accuracy"] for r in rows}) == 1
+    table = capsys.readouterr().out
+    assert all(f"{m} " in table for m in ("hosl", "zo-sl", "fo-sl")) and "->" in table
