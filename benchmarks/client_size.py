@@ -18,7 +18,9 @@ import argparse
 import json
 from pathlib import Path
 
-MODE_STYLE = {"fo-sl": ("FO-SL", "black", "--"), "zo-sl": ("ZO-SL", "tab:red", ":")}
+MODE_STYLE = {"fo-sl": ("FO-SL", "black", "--"), "zo-sl": ("ZO-SL", "tab:red", ":"),
+              "frozen-client": ("frozen client (server FO only)", "tab:olive", "-."),
+              "fo-sl-lr1e-2": ("FO-SL, client lr 1e-2", "gray", "-.")}
 HOSL_COLORS = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:cyan"]
 
 
