@@ -51,9 +51,11 @@ before LoRA lands, say) marks the cells that need it "not run: --flag not availa
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import fcntl
 import fnmatch
+import functools
 import io
 import json
 import math
@@ -354,14 +356,15 @@ def _budget(summary: dict, cell: Cell) -> dict:
 
 
 CELL_COLUMNS = ["id", "model", "task", "variant", "cut", "mode", "seed", "status", "note", "start_accuracy",
-                "eval_accuracy", "steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
+                "eval_accuracy", "majority_accuracy", "steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
                 "server_forward_total", "client_backward_total", "server_backward_total", "seconds",
                 "client_peak_bytes", "lr_client", "lr_server"]
 
 
 def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict) -> dict:
     status, note, summary = cell_status(out, cell, unknown, failures)
-    row = {"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": status, "note": note}
+    row = {"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": status, "note": note,
+           "majority_accuracy": majority_share(cell.flags) if status == "done" else None}
     if summary is not None:
         history = summary.get("eval_history") or []
         row.update(_budget(summary, cell))
@@ -370,6 +373,30 @@ def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict) -> dict:
                    client_peak_bytes=summary.get("client_peak_bytes"), lr_client=summary.get("lr_client"),
                    lr_server=summary.get("lr_server"))
     return row
+
+
+@functools.lru_cache(maxsize=None)
+def _majority_share(task: str, data_dir: str | None, train_size: int, eval_size: int, seed: int) -> float | None:
+    try:
+        from hosl.tasks.sampling import sample_task
+
+        data = sample_task(task, data_dir, train_size, eval_size, seed=seed)
+    except Exception:  # no data here (a report written elsewhere), no hub: the column stays empty
+        return None
+    counts = collections.Counter(example["label"] for example in data.eval)
+    return max(counts.values()) / sum(counts.values()) if counts else None
+
+
+def majority_share(flags: dict) -> float | None:
+    """Share of the most common label in a cell's evaluation set: the accuracy of always giving that
+    answer. A run at this rate has learnt nothing the label counts do not give. The set is sampled
+    as ``hosl train`` samples it (same task, data folder, sizes and seed)."""
+    from hosl.training.config import TrainConfig
+
+    d = TrainConfig()
+    return _majority_share(str(flags.get("task", d.task)), flags.get("data_dir", d.data_dir),
+                           int(flags.get("train_size", d.train_size)), int(flags.get("eval_size", d.eval_size)),
+                           int(flags.get("seed", d.seed)))
 
 
 def _stats(values: list[float]) -> dict:
@@ -390,12 +417,16 @@ def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
     for group, members in by_group.items():
         done = [r for _, r in members if r["status"] == "done"]
         acc = _stats([100.0 * r["eval_accuracy"] for r in done if r["eval_accuracy"] is not None])
+        majority = _stats([100.0 * r["majority_accuracy"] for r in done if r["majority_accuracy"] is not None])
         first = done[0] if done else {}
         notes = sorted({_short_status(r) for _, r in members if r["status"] != "done"})
+        if len(notes) > 1 and "skipped" in notes:
+            notes.remove("skipped")  # a seed a rule leaves out says nothing beside a pending one
+        planned = [r for _, r in members if r["status"] != "skipped" or r in done]
         out.append({**dict(zip([k for k in AXES if k != "seed"], group)),
-                    "seeds_done": acc["n"], "seeds": len(members),
+                    "seeds_done": acc["n"], "seeds": len(planned) or len(members),
                     "accuracy_mean": acc["mean"], "accuracy_std": acc["std"],
-                    "accuracy_min": acc["min"], "accuracy_max": acc["max"],
+                    "accuracy_min": acc["min"], "accuracy_max": acc["max"], "majority_mean": majority["mean"],
                     **{k: first.get(k) for k in ("steps", "batch_size", "num_queries", "train_examples",
                                                  "client_forward_total", "server_forward_total",
                                                  "client_backward_total", "server_backward_total")},
@@ -473,7 +504,9 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
 
     modes = list(dict.fromkeys(c.axes["mode"] for c in cells))
     index = {(a["model"], a["task"], a["variant"], a["cut"], a["mode"]): a for a in aggs}
-    row_keys = list(dict.fromkeys((a["model"], a["task"], a["variant"], a["cut"]) for a in aggs))
+    # rows whose every cell a rule skips say nothing (the skipped cells are listed under the table)
+    row_keys = list(dict.fromkeys((a["model"], a["task"], a["variant"], a["cut"]) for a in aggs
+                                  if a["seeds_done"] or a["not_done"] != "skipped"))
     has_cut = any(k[3] is not None for k in row_keys)
     counts = {s: sum(r["status"] == s for r in rows) for s in
               ("done", "stale", "skipped", "unavailable", "failed", "partial", "pending")}
@@ -486,18 +519,22 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
               f"- written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
               "- cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
     lines += ["Accuracy (%) on the evaluation set at the end of training: mean ± sample std [min–max] over "
-              "seeds. Differences are of the means, in points.", ""]
-    head = ["model", "task", "variant"] + (["cut"] if has_cut else []) + modes
+              "seeds. Differences are of the means, in points. *majority*: the share of the evaluation set's "
+              "most common label (the accuracy of always giving that answer), mean over the seeds' sets.", ""]
+    head = ["model", "task", "variant"] + (["cut"] if has_cut else []) + ["majority"] + modes
     extra = []
     if "hosl" in modes and "fo-sl" in modes:
         extra.append(("HOSL − FO-SL", "hosl", "fo-sl"))
     if "hosl" in modes and "zo-sl" in modes:
         extra.append(("HOSL − ZO-SL", "hosl", "zo-sl"))
     head += [e[0] for e in extra]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - len(modes) - len(extra)) +
-                                                            ["---:"] * (len(modes) + len(extra))) + "|"]
+    numeric = 1 + len(modes) + len(extra)  # majority, the modes, the differences
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - numeric) + ["---:"] * numeric) + "|"]
     for key in row_keys:
         cols = [key[0], key[1], key[2]] + ([str(key[3])] if has_cut else [])
+        shares = [index[key + (m,)]["majority_mean"] for m in modes if key + (m,) in index]
+        shares = [v for v in shares if v is not None]
+        cols.append(f"{sum(shares) / len(shares):.1f}" if shares else "—")
         cols += [_fmt_acc(index.get(key + (m,))) for m in modes]
         cols += [_diff(index.get(key + (a,)), index.get(key + (b,))) for _, a, b in extra]
         lines.append("| " + " | ".join(cols) + " |")

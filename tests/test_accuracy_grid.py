@@ -110,7 +110,13 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert rows["tiny-opt/sst2/full/hosl/s0"]["client_forward_total"] == "6"  # 2 x (1 + 2Q), Q=1
     assert rows["tiny-opt/sst2/bogus/hosl/s0"]["status"] == "unavailable"
     assert rows["tiny-opt/sst2/bogus/zero-shot/s0"]["status"] == "skipped"
+    from hosl.tasks.sampling import sample_task
+
+    labels = [example["label"] for example in sample_task("sst2", DATA, 4, 4, seed=0).eval]
+    majority = max(labels.count(v) for v in set(labels)) / len(labels)
+    assert float(rows["tiny-opt/sst2/full/hosl/s0"]["majority_accuracy"]) == pytest.approx(majority)
     table = (out / "results.md").read_text()
+    assert f"| tiny-opt | sst2 | full | {100 * majority:.1f} |" in table
     assert "| tiny-opt | sst2 | full |" in table and "not run" in table and "--no-such-flag not available" in table
     assert (out / "results.csv").exists()
 
