@@ -75,6 +75,42 @@ def test_expand_merges_flags_in_order_and_applies_rules():
         grid.expand({**config, "defaults": {"out": "x"}})
 
 
+CONFIGS = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_give_valid_train_commands(path):
+    """Every cell a shipped config would run parses with ``hosl train``'s own parser and validates."""
+    from hosl import cli
+
+    parser = cli.build_parser()
+    cells = [c for c in grid.expand(grid.load_config(path)) if c.skip is None]
+    assert cells, f"{path.name} runs no cell"
+    for cell in cells:
+        args = parser.parse_args(grid.cli_argv("python", cell.flags)[3:])
+        config = cli._config_from(args)
+        config.validate()
+        assert config.model == cell.flags["model"] and config.task == cell.axes["task"], cell.id
+        assert config.steps == (0 if cell.axes["mode"] == "zero-shot" else cell.flags["steps"]), cell.id
+
+
+def test_cpu_config_covers_what_the_accuracy_issue_asks_for():
+    """Both offline models on all six tasks in every compared mode (seed 0); MiniLM with two seeds."""
+    cells = {c.id: c for c in grid.expand(grid.load_config(ROOT / "benchmarks" / "configs" / "cpu.yaml"))}
+    for model in ("minilm-l6", "smollm2-135m"):
+        for task in ("sst2", "rte", "cb", "boolq", "wsc", "wic"):
+            for mode in ("zero-shot", "fo-sl", "zo-sl", "hosl"):
+                seeds = (0, 1) if model == "minilm-l6" else (0,)
+                for seed in seeds:
+                    cell = cells[f"{model}/{task}/full/{mode}/s{seed}"]
+                    assert cell.skip is None, (cell.id, cell.skip)
+    # the same examples and passes per step for every trained mode of a (model, task, seed)
+    for model in ("minilm-l6", "smollm2-135m"):
+        budgets = {(cells[f"{model}/sst2/full/{m}/s0"].flags["steps"], cells[f"{model}/sst2/full/{m}/s0"].flags["batch_size"])
+                   for m in ("fo-sl", "zo-sl", "hosl")}
+        assert len(budgets) == 1, (model, budgets)
+
+
 def test_status_marks_partial_and_stale_cells(tmp_path):
     cell = grid.expand({**TINY, "variants": ["full"], "modes": ["hosl"]})[0]
     run_dir = grid.cell_dir(tmp_path, cell)
