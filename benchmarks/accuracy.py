@@ -422,7 +422,7 @@ def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
         notes = sorted({_short_status(r) for _, r in members if r["status"] != "done"})
         if len(notes) > 1 and "skipped" in notes:
             notes.remove("skipped")  # a seed a rule leaves out says nothing beside a pending one
-        planned = [r for _, r in members if r["status"] != "skipped" or r in done]
+        planned = [r for _, r in members if r["status"] != "skipped"]
         out.append({**dict(zip([k for k in AXES if k != "seed"], group)),
                     "seeds_done": acc["n"], "seeds": len(planned) or len(members),
                     "accuracy_mean": acc["mean"], "accuracy_std": acc["std"],
