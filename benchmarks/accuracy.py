@@ -560,7 +560,8 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
         if r["status"] != "done":
             reasons.setdefault((r["status"], r["note"]), []).append(r["id"])
     if reasons:
-        lines += ["", "Cells without a result (pending: not run yet):", ""]
+        legend = " (pending: not run yet)" if any(status == "pending" for status, _ in reasons) else ""
+        lines += ["", f"Cells without a result{legend}:", ""]
         for (status, note), ids in sorted(reasons.items()):
             shown = ", ".join(f"`{i}`" for i in ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
             lines.append(f"- {status}" + (f" ({note})" if note else "") + f": {len(ids)} cells: {shown}")

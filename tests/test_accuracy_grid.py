@@ -129,6 +129,11 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     config.write_text(json.dumps(TINY))
     out = tmp_path / "grid"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--config", str(config), "--out", str(out)]
+    planned = subprocess.run(cmd + ["--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stdout[-2000:] + planned.stderr[-2000:]
+    assert "- pending: 2 cells:" in (out / "results.md").read_text()
+    assert not list(out.glob("cells/**/summary.json"))  # a report runs nothing
+
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     assert "2 to run" in first.stdout
@@ -155,6 +160,7 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert f"| tiny-opt | sst2 | full | {100 * majority:.1f} |" in table
     assert "| tiny-opt | sst2 | full |" in table and "not run" in table and "--no-such-flag not available" in table
     assert (out / "results.csv").exists()
+    assert "pending" not in table  # the legend for pending cells only when some are
 
     # the client-size plot reads the same cells
     plot = _load_script("client_size")
