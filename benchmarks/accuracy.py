@@ -356,9 +356,9 @@ def _budget(summary: dict, cell: Cell) -> dict:
 
 
 CELL_COLUMNS = ["id", "model", "task", "variant", "cut", "mode", "seed", "status", "note", "start_accuracy",
-                "eval_accuracy", "majority_accuracy", "steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
-                "server_forward_total", "client_backward_total", "server_backward_total", "seconds",
-                "client_peak_bytes", "lr_client", "lr_server"]
+                "eval_accuracy", "majority_accuracy", "steps", "batch_size", "num_queries", "train_examples",
+                "client_forward_total", "server_forward_total", "client_backward_total", "server_backward_total",
+                "seconds", "client_peak_bytes", "lr_client", "lr_server"]
 
 
 def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict) -> dict:
@@ -529,7 +529,8 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
         extra.append(("HOSL − ZO-SL", "hosl", "zo-sl"))
     head += [e[0] for e in extra]
     numeric = 1 + len(modes) + len(extra)  # majority, the modes, the differences
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (len(head) - numeric) + ["---:"] * numeric) + "|"]
+    lines += ["| " + " | ".join(head) + " |",
+              "|" + "|".join(["---"] * (len(head) - numeric) + ["---:"] * numeric) + "|"]
     for key in row_keys:
         cols = [key[0], key[1], key[2]] + ([str(key[3])] if has_cut else [])
         shares = [index[key + (m,)]["majority_mean"] for m in modes if key + (m,) in index]
