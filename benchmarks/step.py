@@ -26,6 +26,10 @@ shared and noisy); ratios come from one run.
     python benchmarks/step.py --json step.json [--model opt-125m-random --cut 5 --batch 4 --seq 64
                                                 --queries 1,10 --threads 1 --repeats 2]
     python benchmarks/step.py --tiny --json /tmp/s.json      # tiny-opt, seconds (smoke test)
+    python benchmarks/step.py --device cuda --model opt-1.3b-random --batch 16 --seq 128 --queries 10
+
+On a GPU (``--device cuda``) every bucket and step is closed by ``torch.cuda.synchronize()`` so the
+times are the GPU's, not the launch queue's.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ def _threads_from_argv(argv) -> int:
 BUCKETS = ("client_forward", "server_forward", "server_backward", "perturb_update")
 
 
+def _no_sync():
+    pass
+
+
+_sync = _no_sync  # torch.cuda.synchronize with --device cuda (set in main)
+
+
 class Buckets:
     """Seconds per bucket; ``with b("name"):`` adds the block's time."""
 
@@ -62,31 +73,33 @@ class Buckets:
 
     @contextlib.contextmanager
     def __call__(self, name):
+        _sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            _sync()
             self.s[name] += time.perf_counter() - t0
 
 
-def build(model_name: str, cut: int, seed: int = 0):
+def build(model_name: str, cut: int, seed: int = 0, device: str = "cpu"):
     from hosl.models import load_model, split
 
     model, _ = load_model(model_name, "causal_lm", seed=seed)
-    client, server = split(model, cut)
+    client, server = split(model.to(device), cut)
     client.eval()
     server.eval()  # ZO estimates need the +/- passes to see the same function (no dropout)
     return client, server
 
 
-def make_batch(vocab: int, batch: int, seq: int):
+def make_batch(vocab: int, batch: int, seq: int, device: str = "cpu"):
     import torch
 
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
     labels = torch.randint(3, vocab, (batch,), generator=g)
-    return ids, mask, labels
+    return ids.to(device), mask.to(device), labels.to(device)
 
 
 def server_loss_fn(server, mask, labels, t: Buckets):
@@ -117,7 +130,7 @@ def mezo_step(client, server, server_opt, ids, mask, labels, *, q, eps, lr, gen,
     def walk(seed, scale):
         torch.manual_seed(seed)
         for p in params:
-            z = torch.normal(mean=0.0, std=1.0, size=p.size(), dtype=p.dtype)
+            z = torch.normal(mean=0.0, std=1.0, size=p.size(), dtype=p.dtype, device=p.device)
             p.data.add_(z, alpha=scale)
 
     with torch.no_grad(), t("client_forward"):
@@ -193,6 +206,7 @@ def run_variant(variant, q, client, server, batch, repeats):
             t = Buckets()
             t0 = time.perf_counter()
             mezo_step(client, server, server_opt, ids, mask, labels, q=q, eps=1e-3, lr=1e-6, gen=gen, t=t)
+            _sync()
             total = time.perf_counter() - t0
             if r and total < best:
                 best, best_t = total, dict(t.s)
@@ -203,6 +217,7 @@ def run_variant(variant, q, client, server, batch, repeats):
             t = Buckets()
             t0 = time.perf_counter()
             _hosl_step(opt, client, server, ids, mask, labels, t)
+            _sync()
             total = time.perf_counter() - t0
             if r and total < best:
                 best, best_t = total, dict(t.s)
@@ -225,6 +240,7 @@ def _hosl_step(opt, client, server, ids, mask, labels, t: Buckets):
         before = inner.s["perturb_update"]
         t0 = time.perf_counter()
         h = client(ids, mask)
+        _sync()
         spent = time.perf_counter() - t0
         inner.s["client_forward"] += spent - (inner.s["perturb_update"] - before)
         return h
@@ -232,6 +248,7 @@ def _hosl_step(opt, client, server, ids, mask, labels, t: Buckets):
     t0 = time.perf_counter()
     with timed_ops(inner):
         opt.step(client_fn, server_loss_fn(server, mask, labels, inner))
+    _sync()
     total = time.perf_counter() - t0
     for k in ("client_forward", "server_forward", "perturb_update"):
         t.s[k] = inner.s[k]
@@ -259,12 +276,19 @@ def main(argv=None) -> dict:
                         "whenever another process holds a core)")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per variant after one warm-up step")
     p.add_argument("--tiny", action="store_true", help="tiny-opt, cut 2, batch 2, seq 8, 1 repeat (smoke test; Q in 1,2)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the model and batch live (default %(default)s; cuda: times closed by synchronize)")
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch.cuda.is_available() is False")
+        global _sync
+        _sync = torch.cuda.synchronize
     if a.tiny:
         a.model, a.cut, a.batch, a.seq, a.repeats, a.queries = "tiny-opt", 2, 2, 8, 1, "1,2"
 
-    client, server = build(a.model, a.cut)
-    batch = make_batch(client.config.vocab_size, a.batch, a.seq)
+    client, server = build(a.model, a.cut, device=a.device)
+    batch = make_batch(client.config.vocab_size, a.batch, a.seq, a.device)
     n_client = sum(p.numel() for p in client.parameters())
     results: dict = {}
     for q in [int(x) for x in a.queries.split(",")]:
@@ -283,7 +307,8 @@ def main(argv=None) -> dict:
 
     results["meta"] = {
         "command": "python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": a.model, "cut": a.cut, "batch": a.batch, "seq": a.seq, "dtype": "float32",
+        "model": a.model, "cut": a.cut, "batch": a.batch, "seq": a.seq, "dtype": "float32", "device": a.device,
+        "device_name": torch.cuda.get_device_name() if a.device == "cuda" else None,
         "client_params": n_client, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "timing": f"min of {a.repeats} steps after a warm-up step, per variant",
