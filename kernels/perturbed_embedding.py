@@ -18,12 +18,14 @@ import triton.language as tl
 
 from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, on_device
-from hosl.kernels.direction import element_normals, load_direction_group, load_f32, row_normals, store_rne
+from hosl.kernels.direction import (FAMILY_RADEMACHER, FAMILY_SPHERE, element_normals, load_direction_group, load_f32,
+                                    row_normals, store_rne)
+from hosl.kernels.perturbed_linear import _factor_table, element_signs, load_factors
 
 
 @triton.jit(do_not_specialize=["T", "H", "D", "w_offset"])
-def perturbed_embedding_kernel(ids, w, y, dirs, T, H, D, w_offset, DTYPE: tl.constexpr, SHARED_IDS: tl.constexpr,
-                               ALIGNED: tl.constexpr, DB: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+def perturbed_embedding_kernel(ids, w, y, dirs, facs, T, H, D, w_offset, DTYPE: tl.constexpr, FAMILY: tl.constexpr,
+                               SHARED_IDS: tl.constexpr, ALIGNED: tl.constexpr, DB: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
     num_t = tl.cdiv(T, BT)
     pid_d = tl.program_id(0) // num_t
     pid_t = tl.program_id(0) % num_t
@@ -42,22 +44,27 @@ def perturbed_embedding_kernel(ids, w, y, dirs, T, H, D, w_offset, DTYPE: tl.con
         tok = tl.load(ids + d[:, None] * T64 + rt[None, :], mask=tmask, other=0).to(tl.int64)
     w_idx = tok[:, :, None] * H64 + rh[None, None, :]
     w_rows = load_f32(w, w_idx, tmask[:, :, None] & (rh < H64)[None, None, :], DTYPE)
-    if ALIGNED:  # w_offset % 4 == 0 and H % 4 == 0: every gathered row starts on a Philox counter
+    if FAMILY == FAMILY_RADEMACHER:
+        z = element_signs(w_offset + w_idx, k0[:, None, None], k1[:, None, None])
+    elif ALIGNED:  # w_offset % 4 == 0 and H % 4 == 0: every gathered row starts on a Philox counter
         z = row_normals((w_offset + tok * H64 + h0) >> 2, k0[:, None, None], k1[:, None, None], BH // 4)
     else:
         z = element_normals(w_offset + w_idx, k0[:, None, None], k1[:, None, None])
+    if FAMILY == FAMILY_SPHERE:  # z = float32(factor * z_gaussian), as perturb_ forms it
+        z = load_factors(facs, d, dmask, 0, 1)[:, None, None] * z
     out = w_rows + scale[:, None, None] * z  # [DB, BT, BH]
     y_idx = d[:, None, None] * (T64 * H64) + rt[None, :, None] * H64 + rh[None, None, :]
     y_mask = dmask[:, None, None] & (rt < T64)[None, :, None] & (rh < H64)[None, None, :]
     store_rne(y, y_idx, out, y_mask, DTYPE)
 
 
-_SIG = {"ids": "*i64", "w": "*fp32", "y": "*fp32", "dirs": "*i64", "T": "i32", "H": "i32", "D": "i32",
+_SIG = {"ids": "*i64", "w": "*fp32", "y": "*fp32", "dirs": "*i64", "facs": "*fp32", "T": "i32", "H": "i32", "D": "i32",
         "w_offset": "i64"}
 AOT = [(perturbed_embedding_kernel, {**_SIG, "w": ptr, "y": ptr},
-        {"DTYPE": dtype, "SHARED_IDS": shared, "ALIGNED": aligned, "DB": 4, "BT": 16, "BH": 128})
-       for dtype, ptr, shared, aligned in ((0, "*fp32", True, True), (1, "*fp16", False, False),
-                                           (2, "*bf16", True, False))]
+        {"DTYPE": dtype, "FAMILY": family, "SHARED_IDS": shared, "ALIGNED": aligned, "DB": 4, "BT": 16, "BH": 128})
+       for dtype, ptr, shared, aligned, family in ((0, "*fp32", True, True, 0), (1, "*fp16", False, False, 0),
+                                                   (2, "*bf16", True, False, 0), (2, "*bf16", True, True, 1),
+                                                   (0, "*fp32", False, True, 2))]
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
@@ -72,9 +79,10 @@ def block_sizes(num_dirs: int, tokens: int, hidden: int) -> dict:
 
 
 def perturbed_embedding(ids, weight, w_offset: int, keys_lo, keys_hi, scales, shared_ids: bool,
-                        blocks=None) -> torch.Tensor:
+                        blocks=None, family: str = "gaussian", factors=None) -> torch.Tensor:
     """``[D, T, H]`` perturbed rows: ``ids`` is ``[T]`` (``shared_ids``) or ``[D, T]``, int64, in range;
-    ``weight`` ``[V, H]`` contiguous float32/float16/bfloat16; scales exact float32."""
+    ``weight`` ``[V, H]`` contiguous float32/float16/bfloat16; scales exact float32. ``family`` as
+    for the perturbed linear; sphere ``factors``: one float32 per direction."""
     assert ids.is_contiguous() and weight.is_contiguous() and ids.dtype == torch.int64
     num_dirs = len(scales)
     tokens, hidden = ids.shape[-1], weight.shape[1]
@@ -83,9 +91,10 @@ def perturbed_embedding(ids, weight, w_offset: int, keys_lo, keys_hi, scales, sh
         return y
     blocks = blocks or block_sizes(num_dirs, tokens, hidden)
     table = mt.direction_table(keys_lo, keys_hi, scales, weight.device)
+    facs = _factor_table(family, factors, num_dirs, weight.device)
     grid = (triton.cdiv(num_dirs, blocks["DB"]) * triton.cdiv(tokens, blocks["BT"]), triton.cdiv(hidden, blocks["BH"]))
     with on_device(weight.device):
         perturbed_embedding_kernel[grid](
-            ids, weight, y, table, tokens, hidden, num_dirs, w_offset, DTYPE=mt.dtype_code(weight.dtype),
-            SHARED_IDS=shared_ids, ALIGNED=(w_offset % 4 == 0 and hidden % 4 == 0), **blocks, **COMPILE_OPTIONS)
+            ids, weight, y, table, facs, tokens, hidden, num_dirs, w_offset, DTYPE=mt.dtype_code(weight.dtype),
+            FAMILY=mt.FAMILY_CODES[family], SHARED_IDS=shared_ids, ALIGNED=(w_offset % 4 == 0 and hidden % 4 == 0), **blocks, **COMPILE_OPTIONS)
     return y

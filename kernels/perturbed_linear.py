@@ -9,7 +9,8 @@ the direction spec at the coordinates ``W`` and ``b`` have in the client's numbe
 Per program: one ``[BM, BN]`` output tile for a group of ``DB`` directions. Each ``k`` step loads
 the ``[BN, BK]`` tile of ``W`` once, generates ``Z`` for the ``DB`` directions from registers
 (``row_normals`` when every row of the tile starts on a multiple of 4 coordinates, else
-``element_normals``) and feeds a batched ``tl.dot`` of ``[DB, BM, BK] x [DB, BK, BN]``. When the
+``element_normals``; Rademacher: :func:`element_signs`; sphere: the Gaussian ``Z`` times the
+direction's per-tensor factor) and feeds a batched ``tl.dot`` of ``[DB, BM, BK] x [DB, BK, BN]``. When the
 input is shared by every direction (the client's first perturbed layer), its tile is loaded once and
 broadcast. The launcher makes ``DB`` cover all ``D`` directions when the accumulators fit.
 
@@ -33,8 +34,33 @@ import triton.language as tl
 
 from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, on_device
-from hosl.kernels.direction import (DTYPE_BF16, DTYPE_F16, bf16_bits_rne, element_normals, load_direction_group,
-                                    load_f32, row_normals, store_rne)
+from hosl.kernels.direction import (DTYPE_BF16, DTYPE_F16, FAMILY_RADEMACHER, FAMILY_SPHERE, bf16_bits_rne,
+                                    element_normals, load_direction_group, load_f32, philox4x32_10, row_normals,
+                                    store_rne)
+
+
+@triton.jit
+def element_signs(coord, k0, k1):
+    """Rademacher z (+-1.0 float32) at arbitrary int64 coordinates ``coord`` (keys broadcast).
+
+    Coordinate ``128n + 32w + j`` is bit ``j`` of word ``x_w`` of Philox counter ``n`` (a 1 bit
+    is -1), as :func:`hosl.kernels.direction.block_signs` lays it out. One Philox call per element.
+    """
+    n = coord >> 7
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    w = (coord >> 5) & 3
+    word = tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
+    bit = (word >> (coord & 31).to(tl.uint32)) & 1
+    return tl.where(bit != 0, -1.0, 1.0)
+
+
+@triton.jit
+def load_factors(facs, d, dmask, j, PER: tl.constexpr):
+    """Sphere: the float32 factor ``facs[d * PER + j]`` of each direction in ``d`` (1.0 where masked)."""
+    return tl.load(facs + d * PER + j, mask=dmask, other=1.0)
 
 
 @triton.jit
@@ -59,8 +85,8 @@ def round_to_dtype(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "D", "w_offset", "b_offset"])
-def perturbed_linear_kernel(x, w, b, y, dirs, M, N, K, D, w_offset, b_offset,
-                            DTYPE: tl.constexpr, SHARED_X: tl.constexpr, HAS_BIAS: tl.constexpr,
+def perturbed_linear_kernel(x, w, b, y, dirs, facs, M, N, K, D, w_offset, b_offset,
+                            DTYPE: tl.constexpr, FAMILY: tl.constexpr, SHARED_X: tl.constexpr, HAS_BIAS: tl.constexpr,
                             PERTURB_BIAS: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr,
                             PRECISION: tl.constexpr, DB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr):
@@ -82,10 +108,14 @@ def perturbed_linear_kernel(x, w, b, y, dirs, M, N, K, D, w_offset, b_offset,
         # the W tile: read once for all DB directions
         w_idx = rn[:, None] * K64 + rk[None, :]
         w_tile = load_f32(w, w_idx, (rn[:, None] < N) & kmask[None, :], DTYPE)
-        if ALIGNED:  # w_offset % 4 == 0 and K % 4 == 0: each row's tile starts on a counter
+        if FAMILY == FAMILY_RADEMACHER:
+            z = element_signs((w_offset + w_idx)[None, :, :], k0_3, k1_3)
+        elif ALIGNED:  # w_offset % 4 == 0 and K % 4 == 0: each row's tile starts on a counter
             z = row_normals(((w_offset + rn * K64 + k_start) >> 2)[None, :], k0_3, k1_3, BK // 4)
         else:
             z = element_normals((w_offset + w_idx)[None, :, :], k0_3, k1_3)
+        if FAMILY == FAMILY_SPHERE:  # z = float32(factor * z_gaussian), as perturb_ forms it
+            z = load_factors(facs, d, dmask, 0, 2)[:, None, None] * z
         w_pert = round_to_dtype(w_tile[None, :, :] + scale_3 * z, DTYPE, NATIVE)  # [DB, BN, BK]
 
         if SHARED_X:  # the input is the same for every direction: one load, broadcast
@@ -108,7 +138,12 @@ def perturbed_linear_kernel(x, w, b, y, dirs, M, N, K, D, w_offset, b_offset,
     if HAS_BIAS:
         b_tile = load_f32(b, rn, rn < N, DTYPE)[None, :]
         if PERTURB_BIAS:
-            z_b = element_normals((b_offset.to(tl.int64) + rn)[None, :], k0[:, None], k1[:, None])
+            if FAMILY == FAMILY_RADEMACHER:
+                z_b = element_signs((b_offset.to(tl.int64) + rn)[None, :], k0[:, None], k1[:, None])
+            else:
+                z_b = element_normals((b_offset.to(tl.int64) + rn)[None, :], k0[:, None], k1[:, None])
+            if FAMILY == FAMILY_SPHERE:
+                z_b = load_factors(facs, d, dmask, 1, 2)[:, None] * z_b
             b_tile = b_tile + scale[:, None] * z_b
         acc = acc + round_to_dtype(b_tile, DTYPE, False)[:, None, :]
 
@@ -117,19 +152,28 @@ def perturbed_linear_kernel(x, w, b, y, dirs, M, N, K, D, w_offset, b_offset,
     store_rne(y, y_idx, acc, y_mask, DTYPE)
 
 
-_SIG = {"x": "*fp32", "w": "*fp32", "b": "*fp32", "y": "*fp32", "dirs": "*i64", "M": "i32", "N": "i32",
-        "K": "i32", "D": "i32", "w_offset": "i64", "b_offset": "i64"}
+_SIG = {"x": "*fp32", "w": "*fp32", "b": "*fp32", "y": "*fp32", "dirs": "*i64", "facs": "*fp32", "M": "i32",
+        "N": "i32", "K": "i32", "D": "i32", "w_offset": "i64", "b_offset": "i64"}
 _SIG16 = {**_SIG, "x": "*fp16", "w": "*fp16", "b": "*fp16", "y": "*fp16"}
 _SIGBF = {**_SIG, "x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16"}
 _GPU_BLOCKS = {"DB": 4, "BM": 64, "BN": 64, "BK": 32}
 # What a GPU run compiles, each path at least once (4 variants keep the AOT check short): fp32 in
 # both precisions, fp16 and bf16 on tensor cores; row-aligned and per-element z; shared and
-# per-direction inputs.
+# per-direction inputs; the Rademacher and sphere families.
 AOT = [(perturbed_linear_kernel, sig,
-        {"DTYPE": dtype, "SHARED_X": shared, "HAS_BIAS": True, "PERTURB_BIAS": True, "ALIGNED": aligned,
-         "NATIVE": dtype != 0, "PRECISION": precision, **_GPU_BLOCKS})
-       for dtype, sig, precision, shared, aligned in ((0, _SIG, "tf32x3", True, True), (0, _SIG, "tf32", False, False),
-                                                      (1, _SIG16, "ieee", False, True), (2, _SIGBF, "ieee", True, False))]
+        {"DTYPE": dtype, "FAMILY": family, "SHARED_X": shared, "HAS_BIAS": True, "PERTURB_BIAS": True,
+         "ALIGNED": aligned, "NATIVE": dtype != 0, "PRECISION": precision, **_GPU_BLOCKS})
+       for dtype, sig, precision, shared, aligned, family in (
+           (0, _SIG, "tf32x3", True, True, 0), (0, _SIG, "tf32", False, False, 0), (1, _SIG16, "ieee", False, True, 0),
+           (2, _SIGBF, "ieee", True, False, 0), (2, _SIGBF, "ieee", False, True, 1), (0, _SIG, "tf32x3", True, True, 2))]
+
+def _factor_table(family: str, factors, count: int, device) -> torch.Tensor:
+    """The sphere factors as a float32 tensor on ``device`` (a 1-element dummy for the other families)."""
+    if family != "sphere":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    assert factors is not None and len(factors) == count
+    return torch.tensor(list(factors), dtype=torch.float32).to(device)
+
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
@@ -153,12 +197,14 @@ def fp32_precision() -> str:
 
 
 def perturbed_linear(x, weight, bias, w_offset: int, b_offset, keys_lo, keys_hi, scales, shared_x: bool,
-                     blocks=None) -> torch.Tensor:
+                     blocks=None, family: str = "gaussian", factors=None) -> torch.Tensor:
     """``y[d] = x[d] (W + s_d Z_d)^T + (b + s_d z_b,d)``: ``[D, M, N]`` in ``x``'s dtype.
 
     ``x`` is ``[M, K]`` with ``shared_x`` (one input for every direction) or ``[D, M, K]``;
     ``weight`` ``[N, K]``; ``bias`` ``[N]`` or None; ``b_offset`` None leaves the bias unperturbed.
     Contiguous tensors of one dtype (float32/float16/bfloat16) on one device; scales exact float32.
+    ``family``: ``"gaussian"``, ``"rademacher"`` or ``"sphere"``; for sphere, ``factors`` holds two
+    float32 factors per direction, ``[d*2]`` for the weight and ``[d*2 + 1]`` for the bias.
     """
     assert x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())
     num_dirs = len(scales)
@@ -170,13 +216,15 @@ def perturbed_linear(x, weight, bias, w_offset: int, b_offset, keys_lo, keys_hi,
     blocks = blocks or block_sizes(num_dirs, m, n, k)
     code = mt.dtype_code(weight.dtype)
     table = mt.direction_table(keys_lo, keys_hi, scales, x.device)
+    facs = _factor_table(family, factors, 2 * num_dirs, x.device)
     precision = fp32_precision() if code == 0 and not INTERPRET else "ieee"
     grid = (triton.cdiv(num_dirs, blocks["DB"]) * triton.cdiv(m, blocks["BM"]), triton.cdiv(n, blocks["BN"]))
     with on_device(x.device):
         perturbed_linear_kernel[grid](
-            x, weight, bias if bias is not None else weight, y, table, m, n, k, num_dirs, w_offset,
+            x, weight, bias if bias is not None else weight, y, table, facs, m, n, k, num_dirs, w_offset,
             b_offset if b_offset is not None else 0,
-            DTYPE=code, SHARED_X=shared_x, HAS_BIAS=bias is not None, PERTURB_BIAS=b_offset is not None,
+            DTYPE=code, FAMILY=mt.FAMILY_CODES[family], SHARED_X=shared_x, HAS_BIAS=bias is not None,
+            PERTURB_BIAS=b_offset is not None,
             ALIGNED=(w_offset % 4 == 0 and k % 4 == 0), NATIVE=(code != 0 and not INTERPRET),
             PRECISION=precision, **blocks, **COMPILE_OPTIONS)
     return y

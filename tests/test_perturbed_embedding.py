@@ -96,3 +96,20 @@ def test_argument_errors():
         ops.perturbed_embedding(torch.tensor([0.0]), w, seeds=[1], scales=[1.0], offset=0)
     with pytest.raises(ValueError, match="empty"):
         ops.perturbed_embedding(torch.tensor([0]), w, seeds=[], scales=[], offset=0)
+
+
+@pytest.mark.parametrize("family", ["rademacher", "sphere"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab,hidden,offset", [(37, 7, 5), (20, 8, 128)])
+def test_families_are_the_materialised_rows_bit_for_bit(family, dtype, vocab, hidden, offset):
+    w = _table(vocab, hidden, dtype)
+    ids = _ids((2, 5), vocab)
+    y = ops.perturbed_embedding(ids, w, seeds=SEEDS, scales=SCALES, offset=offset, family=family, backend="triton")
+    for d, (seed, scale) in enumerate(zip(SEEDS, SCALES)):
+        wp = torch.empty_like(w)
+        ops.perturb_(w, seed, scale, out=wp, offset=offset, family=family, backend="reference")
+        assert torch.equal(_bits(y[d]), _bits(F.embedding(ids, wp))), f"direction {d}"
+    # the materialising backend (only the rows looked up) gives the same bits
+    cpu = ops.perturbed_embedding(ids.cpu(), w.cpu(), seeds=SEEDS, scales=SCALES, offset=offset, family=family,
+                                  backend="cpu")
+    assert torch.equal(_bits(cpu), _bits(y))

@@ -152,3 +152,52 @@ def test_argument_errors():
                              per_direction_input=True)
     with pytest.raises(ValueError, match="contiguous"):
         ops.perturbed_linear(torch.zeros(2, 4), torch.zeros(3, 4).T, seeds=[1], scales=[1.0], weight_offset=0)
+
+
+FAMILIES = ["rademacher", "sphere"]
+
+
+def _perturbed_family(t, seed, scale, offset, family):
+    out = torch.empty_like(t)
+    ops.perturb_(t, seed, scale, out=out, offset=offset, family=family, backend="reference")
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,w_off", [(5, 7, 9, 3), (4, 6, 8, 200)])
+def test_families_identity_probe_bit_for_bit(family, dtype, m, n, k, w_off):
+    """x = identity rows, x = 0 for the bias: the kernel's perturbed weight and bias are perturb_'s
+    bits of the same family (sphere: the factor of the whole tensor at its own offset)."""
+    eye = torch.eye(k, dtype=dtype, device=DEVICE)
+    w, b = _tensor((n, k), dtype, 4, 0.2), _tensor((n,), dtype, 5, 0.2)
+    b_off = w_off + n * k + 1
+    y = ops.perturbed_linear(eye, w, seeds=SEEDS, scales=SCALES, weight_offset=w_off, family=family,
+                             backend="triton")
+    yb = ops.perturbed_linear(torch.zeros((2, k), dtype=dtype, device=DEVICE), w, b, seeds=SEEDS, scales=SCALES,
+                              weight_offset=w_off, bias_offset=b_off, family=family, backend="triton")
+    for d, (seed, scale) in enumerate(zip(SEEDS, SCALES)):
+        assert torch.equal(_bits(y[d].T), _bits(_perturbed_family(w, seed, scale, w_off, family))), f"direction {d}"
+        assert torch.equal(_bits(yb[d]), _bits(_perturbed_family(b, seed, scale, b_off, family).expand(2, n)))
+        assert not torch.equal(_bits(y[d].T), _bits(_perturbed(w, seed, scale, w_off)))  # not the Gaussian's
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_families_match_the_materialising_backends(family):
+    w, b = _tensor((6, 8), torch.float32, 10), _tensor((6,), torch.float32, 11)
+    x = _tensor((2, 3, 8), torch.float32, 12)
+    kw = dict(seeds=SEEDS[:2], scales=SCALES[:2], weight_offset=4, bias_offset=60, family=family)
+    want = ops.perturbed_linear(x, w, b, backend="reference", **kw)
+    torch.testing.assert_close(ops.perturbed_linear(x, w, b, backend="triton", **kw), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.perturbed_linear(x, w, b, backend="cpu", **kw), want, rtol=1e-5, atol=1e-5)
+
+
+def test_family_argument_errors():
+    w = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="family"):
+        ops.perturbed_linear(torch.zeros(2, 3), w, seeds=[1], scales=[1.0], weight_offset=0, family="uniform")
+    with pytest.raises(ValueError, match="factors is only for family='sphere'"):
+        ops.perturbed_linear(torch.zeros(2, 3), w, seeds=[1], scales=[1.0], weight_offset=0, factors=[[1.0]])
+    with pytest.raises(ValueError, match="one per direction"):
+        ops.perturbed_linear(torch.zeros(2, 3), w, seeds=[1, 2], scales=[1.0, 1.0], weight_offset=0,
+                             family="sphere", factors=[[1.0]])

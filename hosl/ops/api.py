@@ -204,6 +204,27 @@ def _directions(seeds, scales) -> tuple[list[int], list[int], list[float]]:
     return [k[0] for k in keys], [k[1] for k in keys], scales
 
 
+def _fused_factors(family, factors, seeds, tensors, offsets, per: int, backend) -> list[float] | None:
+    """Sphere factors of the fused ops, flattened ``[d * per + j]`` (1.0 pads a bias left unperturbed)."""
+    if family != "sphere":
+        if factors is not None:
+            raise ValueError(f"factors is only for family='sphere', not family={family!r}")
+        return None
+    seeds = list(seeds) if not isinstance(seeds, torch.Tensor) else seeds.tolist()
+    numels = [t.numel() for t in tensors]
+    validation.check_sphere_numels(numels, "weight/bias")
+    if factors is None:
+        factors = [_sphere_factors(numels, offsets, s, tensors[0].device, backend) for s in seeds]
+    factors = list(factors)
+    if len(factors) != len(seeds):
+        raise ValueError(f"factors has {len(factors)} entries but seeds has {len(seeds)}; one per direction")
+    flat = []
+    for d, row in enumerate(factors):
+        row = validation.check_scale_list(list(row)[: len(tensors)], len(tensors), f"factors[{d}]")
+        flat += row + [1.0] * (per - len(row))
+    return flat
+
+
 def _split_directions(t: torch.Tensor, num_dirs: int, per_direction: bool, what: str) -> tuple[torch.Tensor, tuple]:
     """``t`` as ``[D, rows, last]`` (per direction) or ``[rows, last]`` (shared), and the middle shape."""
     if per_direction:
@@ -224,6 +245,8 @@ def perturbed_linear(
     weight_offset: int,
     bias_offset: int | None = None,
     per_direction_input: bool = False,
+    family: str = "gaussian",
+    factors=None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``F.linear`` at ``D`` perturbed points at once, forward only; ``weight`` and ``bias`` are never written.
@@ -235,7 +258,14 @@ def perturbed_linear(
 
     ``x`` is ``[..., in]``, the same for every direction, or with ``per_direction_input`` ``[D, ..., in]``.
     Returns ``[D, ..., out]`` in ``x``'s dtype (which must be W's, as for ``F.linear``).
+
+    ``family``: the direction family, as for :func:`perturb_` (the rows of ``Z_d`` are the family's
+    z at W's coordinates: bit-identical to ``perturb_(W, seeds[d], scales[d], family=...)``).
+    ``"sphere"``: ``factors[d]`` is the pair ``(weight factor, bias factor)`` of direction ``d``
+    (:func:`sphere_scales` of ``[weight, bias]`` at their offsets; computed here when None; the bias
+    entry is unused when ``bias_offset`` is None).
     """
+    family = validation.check_family(family)
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     validation.check_weights([weight] + ([bias] if bias is not None else []), "weight/bias")
     if weight.ndim != 2:
@@ -256,9 +286,12 @@ def perturbed_linear(
             raise ValueError("bias_offset given without a bias")
         bias_offset = validation.check_index(bias_offset, "bias_offset")
         validation.check_coordinates(bias_offset, bias.numel())
+    flat = _fused_factors(family, factors, seeds, [weight] + ([bias] if bias_offset is not None else []),
+                          [weight_offset] + ([bias_offset] if bias_offset is not None else []), 2, backend)
     x2, middle = _split_directions(x, len(scales), per_direction_input, "x")
+    extra = () if family == "gaussian" else (family, flat)
     y = library.perturbed_linear_op(x2, weight, bias, weight_offset, bias_offset, keys_lo, keys_hi, scales,
-                                    not per_direction_input, backend)
+                                    not per_direction_input, backend, *extra)
     return y.view(len(scales), *middle, weight.shape[0])
 
 
@@ -271,6 +304,8 @@ def perturbed_embedding(
     scales,
     offset: int,
     per_direction_input: bool = False,
+    family: str = "gaussian",
+    factors=None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """``F.embedding(ids, W + scales[d] * Z_d)`` for ``D`` directions, perturbing only the rows looked up.
@@ -279,7 +314,10 @@ def perturbed_embedding(
     ``perturb_(weight, seed, scale, out=...)``, at a cost of ``tokens x H`` per direction, never
     ``vocab x H``. ``weight`` is never written. ``ids`` (integers in ``[0, vocab)``) is ``[...]``, the same
     for every direction, or with ``per_direction_input`` ``[D, ...]``. Returns ``[D, ..., H]``.
+    ``family`` as for :func:`perturbed_linear`; ``"sphere"``: ``factors[d]`` is direction ``d``'s
+    factor of the whole ``weight`` (:func:`sphere_scales`; computed here when None).
     """
+    family = validation.check_family(family)
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     validation.check_weights([weight], "weight")
     if weight.ndim != 2:
@@ -294,6 +332,10 @@ def perturbed_embedding(
     validation.check_coordinates(offset, weight.numel())
     ids2, middle = _split_directions(ids.long().unsqueeze(-1), len(scales), per_direction_input, "ids")
     ids2 = ids2.squeeze(-1).contiguous()
+    if family == "sphere" and factors is not None:
+        factors = [[f] for f in (factors.tolist() if isinstance(factors, torch.Tensor) else factors)]
+    flat = _fused_factors(family, factors, seeds, [weight], [offset], 1, backend)
+    extra = () if family == "gaussian" else (family, flat)
     y = library.perturbed_embedding_op(ids2, weight, offset, keys_lo, keys_hi, scales, not per_direction_input,
-                                       backend)
+                                       backend, *extra)
     return y.view(len(scales), *middle, weight.shape[1])

@@ -124,14 +124,18 @@ def perturbed_linear_op(
     scales: list[float],
     shared_x: bool,
     backend: Optional[str],
+    family: str = "gaussian",
+    factors: Optional[list[float]] = None,
 ) -> torch.Tensor:
+    extra = () if family == "gaussian" else (family, factors)  # Gaussian: the backends' original signature
     return backend_for(weight.device, backend).perturbed_linear(
-        x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x
+        x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, *extra
     )
 
 
 @perturbed_linear_op.register_fake
-def _(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, backend):
+def _(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, backend, family="gaussian",
+      factors=None):
     return x.new_empty((len(scales), x.shape[-2], weight.shape[0]))
 
 
@@ -145,12 +149,15 @@ def perturbed_embedding_op(
     scales: list[float],
     shared_ids: bool,
     backend: Optional[str],
+    family: str = "gaussian",
+    factors: Optional[list[float]] = None,
 ) -> torch.Tensor:
+    extra = () if family == "gaussian" else (family, factors)
     return backend_for(weight.device, backend).perturbed_embedding(
-        ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids
+        ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, *extra
     )
 
 
 @perturbed_embedding_op.register_fake
-def _(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, backend):
+def _(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, backend, family="gaussian", factors=None):
     return weight.new_empty((len(scales), ids.shape[-1], weight.shape[1]))

@@ -60,12 +60,15 @@ def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
     return _C_cuda.sq_norms(list(numels), list(offsets), key_lo, key_hi, _device(device))
 
 
-def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x) -> torch.Tensor:
+def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian",
+                     factors=None) -> torch.Tensor:
     """No fused kernel here: materialise W + scale*Z with this backend's perturb, then F.linear."""
     return materialised.perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
-                                         shared_x)
+                                         shared_x, family, factors)
 
 
-def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids) -> torch.Tensor:
+def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian",
+                        factors=None) -> torch.Tensor:
     """No fused kernel here: perturb only the rows looked up with this backend's perturb."""
-    return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids)
+    return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
+                                            family=family, factors=factors)

@@ -4,7 +4,9 @@ The backends without a fused kernel (reference, cpu, cuda) get ``perturbed_linea
 ``perturbed_embedding`` from here, bound to their ``perturb``. It is the definition the fused Triton
 kernels are tested against: ``W + scale*Z`` rounded into W's dtype exactly as ``perturb_`` writes
 it, then ``F.linear`` / row gather, one direction at a time. Memory: one weight-sized buffer (linear)
-or the gathered rows only (embedding with ``rows_only``, O(tokens x hidden)).
+or the gathered rows only (embedding with ``rows_only``, O(tokens x hidden)). ``family`` is any
+direction family; sphere ``factors`` are per direction (``[2d]`` weight, ``[2d+1]`` bias for the
+linear; ``[d]`` for the embedding), the factors of the WHOLE tensor (``ops.sphere_scales``).
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ import torch
 import torch.nn.functional as F
 
 
-def perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x):
+def _family_args(family, factors, index):
+    """The extra ``perturb`` arguments of a family: none for Gaussian (the backends' original
+    signature), else ``(family, [factor])`` with the sphere factor ``factors[index]``."""
+    if family == "gaussian":
+        return ()
+    return (family, [factors[index]] if family == "sphere" else None)
+
+
+def perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
+                     family="gaussian", factors=None):
     w_p = torch.empty_like(weight)
     b_p = torch.empty_like(bias) if bias is not None and b_offset is not None else bias
     outs = []
     for d, (lo, hi, scale) in enumerate(zip(keys_lo, keys_hi, scales)):
-        perturb([weight], [w_p], [w_offset], lo, hi, scale)
+        perturb([weight], [w_p], [w_offset], lo, hi, scale, *_family_args(family, factors, 2 * d))
         if b_offset is not None and bias is not None:
-            perturb([bias], [b_p], [b_offset], lo, hi, scale)
+            perturb([bias], [b_p], [b_offset], lo, hi, scale, *_family_args(family, factors, 2 * d + 1))
         outs.append(F.linear(x if shared_x else x[d], w_p, b_p))
     if not outs:
         return x.new_empty((0, x.shape[-2], weight.shape[0]))
     return torch.stack(outs)
 
 
-def perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, rows_only=True):
+def perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, rows_only=True,
+                        family="gaussian", factors=None):
     hidden = weight.shape[1]
     outs = []
     for d, (lo, hi, scale) in enumerate(zip(keys_lo, keys_hi, scales)):
@@ -36,12 +48,15 @@ def perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales
             rows = torch.unique(tok).tolist()
             srcs = [weight[r] for r in rows]
             dsts = list(torch.empty((len(rows), hidden), dtype=weight.dtype, device=weight.device).unbind(0))
-            perturb(srcs, dsts, [w_offset + r * hidden for r in rows], lo, hi, scale)
+            extra = _family_args(family, factors, d)
+            if family == "sphere":  # one factor for the whole weight, whichever rows are perturbed
+                extra = (family, extra[1] * len(rows))
+            perturb(srcs, dsts, [w_offset + r * hidden for r in rows], lo, hi, scale, *extra)
             table = torch.stack(dsts) if dsts else weight.new_empty((0, hidden))
             outs.append(table[torch.searchsorted(torch.tensor(rows, device=tok.device), tok)])
         else:
             w_p = torch.empty_like(weight)
-            perturb([weight], [w_p], [w_offset], lo, hi, scale)
+            perturb([weight], [w_p], [w_offset], lo, hi, scale, *_family_args(family, factors, d))
             outs.append(F.embedding(tok, w_p))
     if not outs:
         return weight.new_empty((0, ids.shape[-1], hidden))

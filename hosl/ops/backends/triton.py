@@ -56,9 +56,12 @@ def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
     return _k.sq_norms(numels, offsets, key_lo, key_hi, device)
 
 
-def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x):
-    return _k.perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x)
+def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian",
+                     factors=None):
+    return _k.perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
+                               family=family, factors=factors)
 
 
-def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids):
-    return _k.perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids)
+def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None):
+    return _k.perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
+                                  family=family, factors=factors)
