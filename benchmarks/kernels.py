@@ -16,7 +16,16 @@ Direction families (``family=``), each against the same MeZO-style Gaussian path
   optimizer does once per seed and step), and ``sphere_scales``: that norm pass on its own.
 Times are the minimum over repeats (the development machine is shared and noisy).
 
+On a GPU (``--device cuda``) the same cases run on CUDA tensors for each GPU backend (``cuda``: the
+hosl._C_cuda kernels, ``triton``), timed with ``torch.cuda.Event`` around each call, and the roof is
+the device's copy (``dst.copy_(src)``: one read and one write per element, the least any of these ops
+can move). Every row also gives GB/s counted as one read and one write of each weight (what an op
+that touches each weight once moves) and ``roof_fraction`` = hosl GB/s / roof GB/s.
+Rows of a second backend are named ``<case>[<backend>]``.
+
     python benchmarks/kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
+    python benchmarks/kernels.py --device cuda --json gpu.json [--numel 16777216 --repeats 20]
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --backends cpu,triton --numel 4096 --tensors 2 --repeats 1
 """
 
 from __future__ import annotations
@@ -72,14 +81,29 @@ def _ops():
         return perturb_, zo_update_, "hosl.ops.backends.cpu (direct; hosl.ops not importable)"
 
 
-def best_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (first touch, lazy init)
+def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
+    """Minimum seconds of ``fn()`` over ``repeats`` calls after a warm-up; CUDA events on a GPU."""
+    fn()  # warm-up (first touch, lazy init, Triton compile)
     best = float("inf")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return best
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _default_backends(device: str) -> str:
+    return "cpu" if device == "cpu" else "cuda,triton"
 
 
 def main(argv=None) -> dict:
@@ -88,14 +112,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--numel", type=int, default=1 << 20, help="elements per tensor")
     parser.add_argument("--tensors", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the tensors live (default %(default)s)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated hosl backends to time (default: cpu on cpu, cuda,triton on cuda; "
+                             "triton on cpu needs TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    backends = (args.backends or _default_backends(args.device)).split(",")
 
     perturb_, zo_update_, via = _ops()
+    from hosl.ops import available_backends
     from hosl.ops.backends import cpu as cpu_backend
 
+    missing = [b for b in backends if b not in available_backends()]
+    if missing:
+        parser.error(f"--backends: {', '.join(missing)} not available here (available: {available_backends()})")
+    dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(args.numel, generator=g) * 0.05 for _ in range(args.tensors)]
-    others = [torch.randn(args.numel, generator=g) for _ in range(args.tensors)]
+    weights = [(torch.randn(args.numel, generator=g) * 0.05).to(dev) for _ in range(args.tensors)]
+    others = [torch.randn(args.numel, generator=g).to(dev) for _ in range(args.tensors)]
     outs = [torch.empty_like(w) for w in weights]
     n = args.numel * args.tensors
     seed, scale, lr = 2**63 + 12345, 1e-3, 1e-6
@@ -106,13 +143,13 @@ def main(argv=None) -> dict:
     def mezo_perturb():
         torch.manual_seed(seed)
         for w in weights:
-            z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype)
+            z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype, device=dev)
             w.add_(z, alpha=scale)
 
     def mezo_perturb_out():
         torch.manual_seed(seed)
         for w, o in zip(weights, outs):
-            z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype)
+            z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype, device=dev)
             torch.add(w, z, alpha=scale, out=o)
 
     def mezo_update(q_count):
@@ -120,86 +157,116 @@ def main(argv=None) -> dict:
             for q in range(q_count):  # MeZO regenerates z per direction: Q passes over the weights
                 torch.manual_seed(seeds[q])
                 for w in weights:
-                    z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype)
+                    z = torch.normal(mean=0.0, std=1.0, size=w.size(), dtype=w.dtype, device=dev)
                     w.add_(z, alpha=-lr * coeffs[q])
         return run
 
-    # --- roof: add_ of two tensors of the same sizes ---------------------------------------------
+    # --- roof: on CPU add_ of two tensors of the same sizes; on a GPU the device copy --------------
     def roof_inplace():
+        if args.device == "cuda":
+            for w, o in zip(weights, others):
+                w.copy_(o)
+            return
         for w, o in zip(weights, others):
             w.add_(o)
 
     def roof_out():
+        if args.device == "cuda":
+            for w, out in zip(weights, outs):
+                out.copy_(w)
+            return
         for w, o, out in zip(weights, others, outs):
             torch.add(w, o, out=out)
 
     # --- hosl --------------------------------------------------------------------------------------
-    def hosl_perturb(family="gaussian", scales=None):
+    def hosl_perturb(backend, family="gaussian", scales=None):
         extra = {} if family == "gaussian" else {"family": family, "scales": scales}
-        return lambda: perturb_(weights, seed, scale, backend="cpu", **extra)
+        return lambda: perturb_(weights, seed, scale, backend=backend, **extra)
 
-    def hosl_perturb_out(family="gaussian"):
+    def hosl_perturb_out(backend, family="gaussian"):
         extra = {} if family == "gaussian" else {"family": family}
-        return lambda: perturb_(weights, seed, scale, out=outs, backend="cpu", **extra)
+        return lambda: perturb_(weights, seed, scale, out=outs, backend=backend, **extra)
 
-    def hosl_update(q_count, family="gaussian", scales=None):
+    def hosl_update(backend, q_count, family="gaussian", scales=None):
         extra = {} if family == "gaussian" else {"family": family, "scales": scales and scales[:q_count]}
 
         def run():
-            zo_update_(weights, seeds[:q_count], coeffs[:q_count], lr=lr, backend="cpu", **extra)
+            zo_update_(weights, seeds[:q_count], coeffs[:q_count], lr=lr, backend=backend, **extra)
         return run
 
-    cases = {
-        "perturb": (hosl_perturb(), mezo_perturb, roof_inplace),
-        "perturb_out": (hosl_perturb_out(), mezo_perturb_out, roof_out),
-        "update_q1": (hosl_update(1), mezo_update(1), roof_inplace),
-        "update_q10": (hosl_update(10), mezo_update(10), roof_inplace),
-        "perturb_rademacher": (hosl_perturb("rademacher"), mezo_perturb, roof_inplace),
-        "perturb_out_rademacher": (hosl_perturb_out("rademacher"), mezo_perturb_out, roof_out),
-        "update_q1_rademacher": (hosl_update(1, "rademacher"), mezo_update(1), roof_inplace),
-        "update_q10_rademacher": (hosl_update(10, "rademacher"), mezo_update(10), roof_inplace),
-    }
     try:
         from hosl.ops import sphere_scales
     except ImportError:  # hosl.ops not importable: the sphere rows need its host-side scale
         sphere_scales = None
-    if sphere_scales is not None:
-        factors = [sphere_scales(weights, s, backend="cpu") for s in seeds]
-        cases.update({
-            "perturb_sphere": (hosl_perturb("sphere", factors[0]), mezo_perturb, roof_inplace),
-            "update_q10_sphere": (hosl_update(10, "sphere", factors), mezo_update(10), roof_inplace),
-            "sphere_scales": (lambda: sphere_scales(weights, seed, backend="cpu"), mezo_perturb, roof_inplace),
-        })
+
+    cases = {}
+    for b_index, backend in enumerate(backends):
+        suffix = "" if b_index == 0 else f"[{backend}]"
+        rows = {
+            "perturb": (hosl_perturb(backend), mezo_perturb, roof_inplace),
+            "perturb_out": (hosl_perturb_out(backend), mezo_perturb_out, roof_out),
+            "update_q1": (hosl_update(backend, 1), mezo_update(1), roof_inplace),
+            "update_q10": (hosl_update(backend, 10), mezo_update(10), roof_inplace),
+            "perturb_rademacher": (hosl_perturb(backend, "rademacher"), mezo_perturb, roof_inplace),
+            "perturb_out_rademacher": (hosl_perturb_out(backend, "rademacher"), mezo_perturb_out, roof_out),
+            "update_q1_rademacher": (hosl_update(backend, 1, "rademacher"), mezo_update(1), roof_inplace),
+            "update_q10_rademacher": (hosl_update(backend, 10, "rademacher"), mezo_update(10), roof_inplace),
+        }
+        if sphere_scales is not None:
+            factors = [sphere_scales(weights, s, backend=backend) for s in seeds]
+            rows.update({
+                "perturb_sphere": (hosl_perturb(backend, "sphere", factors[0]), mezo_perturb, roof_inplace),
+                "update_q10_sphere": (hosl_update(backend, 10, "sphere", factors), mezo_update(10), roof_inplace),
+                "sphere_scales": (lambda backend=backend: sphere_scales(weights, seed, backend=backend),
+                                  mezo_perturb, roof_inplace),
+            })
+        cases.update({name + suffix: (backend, *fns) for name, fns in rows.items()})
+
+    element_bytes = weights[0].element_size()
     results: dict = {}
-    for name, (hosl_fn, mezo_fn, roof_fn) in cases.items():
+    for name, (backend, hosl_fn, mezo_fn, roof_fn) in cases.items():
         row = {
-            "hosl_ns": best_seconds(hosl_fn, args.repeats) / n * 1e9,
-            "mezo_ns": best_seconds(mezo_fn, args.repeats) / n * 1e9,
-            "roof_ns": best_seconds(roof_fn, args.repeats) / n * 1e9,
+            "backend": backend,
+            "hosl_ns": best_seconds(hosl_fn, args.repeats, args.device) / n * 1e9,
+            "mezo_ns": best_seconds(mezo_fn, args.repeats, args.device) / n * 1e9,
+            "roof_ns": best_seconds(roof_fn, args.repeats, args.device) / n * 1e9,
         }
         row["speedup_vs_mezo"] = row["mezo_ns"] / row["hosl_ns"]
         row["hosl_over_roof"] = row["hosl_ns"] / row["roof_ns"]
+        # one read and one write of each element (ns per element -> bytes per ns = GB/s)
+        for who in ("hosl", "mezo", "roof"):
+            row[f"{who}_gbps"] = 2 * element_bytes / row[f"{who}_ns"]
+        row["roof_fraction"] = row["hosl_gbps"] / row["roof_gbps"]
         results[name] = row
 
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     results["meta"] = {
         "elements": n,
         "tensors": args.tensors,
         "dtype": "float32",
+        "device": args.device,
+        "device_name": device_name,
+        "backends": backends,
         "threads": torch.get_num_threads(),
-        "cpu_isa": cpu_backend.isa(),
+        "cpu_isa": cpu_backend.isa() if cpu_backend.is_available() else None,
         "via": via,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "timing": f"min of {args.repeats} after a warm-up",
+        "roof": "dst.copy_(src)" if args.device == "cuda" else "add_ of two tensors (torch.add(out=) for *_out)",
+        "gbps_counts": "2 x element bytes per element (one read, one write)",
+        "timing": f"min of {args.repeats} after a warm-up" + (", torch.cuda.Event" if args.device == "cuda" else ""),
     }
 
-    print(f"hosl kernels, {n / 2**20:.0f}M float32 elements in {args.tensors} tensors, 1 thread, "
-          f"CPU variant {cpu_backend.isa()}, via {via}")
-    print(f"{'op':<23} {'hosl ns/el':>11} {'MeZO ns/el':>11} {'roof ns/el':>11} {'MeZO/hosl':>10} {'hosl/roof':>10}")
+    where = (f"{device_name}" if args.device == "cuda"
+             else f"1 thread, CPU variant {results['meta']['cpu_isa']}")
+    print(f"hosl kernels, {n / 2**20:.0f}M float32 elements in {args.tensors} tensors, {where}, via {via}")
+    print(f"{'op':<31} {'hosl ns/el':>11} {'MeZO ns/el':>11} {'roof ns/el':>11} {'MeZO/hosl':>10} {'hosl/roof':>10} "
+          f"{'hosl GB/s':>10} {'of roof':>8}")
     for name in cases:
         r = results[name]
-        print(f"{name:<23} {r['hosl_ns']:>11.3f} {r['mezo_ns']:>11.3f} {r['roof_ns']:>11.3f} "
-              f"{r['speedup_vs_mezo']:>9.1f}x {r['hosl_over_roof']:>9.2f}x")
+        print(f"{name:<31} {r['hosl_ns']:>11.3f} {r['mezo_ns']:>11.3f} {r['roof_ns']:>11.3f} "
+              f"{r['speedup_vs_mezo']:>9.1f}x {r['hosl_over_roof']:>9.2f}x {r['hosl_gbps']:>10.1f} "
+              f"{r['roof_fraction']:>7.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

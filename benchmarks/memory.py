@@ -259,11 +259,17 @@ def print_table(results: dict, details: dict) -> None:
                   f"{gib(r['optimizer_state']):>8} {gib(r['scratch']):>8} {gib(r['activations']):>8} "
                   f"{r['seconds']:>6.1f}")
     print()
+    def cell(r, mode):
+        return gib(r[mode]) if mode in r else "-"
+
+    def ratio(r, a, b):
+        return f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"
+
     print(f"{'config':<16} {'FO-SL GiB':>10} {'ZO-SL GiB':>10} {'HOSL GiB':>9} {'floor GiB':>10} "
           f"{'FO-SL/HOSL':>11} {'HOSL/floor':>11}")
     for key, r in results.items():
-        print(f"{key:<16} {gib(r['fo-sl']):>10} {gib(r['zo-sl']):>10} {gib(r['hosl']):>9} {gib(r['floor']):>10} "
-              f"{r['fo-sl'] / r['hosl']:>10.2f}x {r['hosl'] / r['floor']:>10.2f}x")
+        print(f"{key:<16} {cell(r, 'fo-sl'):>10} {cell(r, 'zo-sl'):>10} {cell(r, 'hosl'):>9} {cell(r, 'floor'):>10} "
+              f"{ratio(r, 'fo-sl', 'hosl'):>11} {ratio(r, 'hosl', 'floor'):>11}")
 
 
 def plot(results: dict, details: dict, path: str, title: str) -> None:
@@ -277,16 +283,20 @@ def plot(results: dict, details: dict, path: str, title: str) -> None:
     width = 0.2
     colors = {"fo-sl": "#d62728", "zo-sl": "#7f7f7f", "hosl": "#1f77b4", "floor": "#2ca02c"}
     for i, mode in enumerate(MODES):
+        if any(mode not in results[key] for key in keys):
+            continue
         xs = [k + (i - 1.5) * width for k in range(len(keys))]
         vals = [results[key][mode] / 2**30 for key in keys]
         ax.bar(xs, vals, width, label=mode.upper() if mode != "floor" else "floor (weights + 1 activation)",
                color=colors[mode])
     for k, key in enumerate(keys):
         r = results[key]
+        if "fo-sl" not in r or "hosl" not in r:
+            continue
         ax.annotate(f"{r['fo-sl'] / r['hosl']:.1f}x", (k - 1.5 * width, r["fo-sl"] / 2**30), ha="center",
                     va="bottom", fontsize=8)
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{key}\nB={details[key]['hosl']['batch']}" for key in keys], fontsize=8)
+    ax.set_xticklabels([f"{key}\nB={next(iter(details[key].values()))['batch']}" for key in keys], fontsize=8)
     ax.set_ylabel("client peak memory (GiB); FO-SL / HOSL above")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -312,6 +322,7 @@ def main(argv=None) -> dict:
     p.add_argument("--queries", type=int, default=1, help="Q of the ZO modes (the peak does not depend on it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
     p.add_argument("--perturbed-forward", default="auto", choices=("auto", "scratch", "fused"))
     p.add_argument("--tiny", action="store_true", help="tiny-opt, batch 4, seq 16, cut 2 (smoke test)")
     # internal: one configuration in this process, one JSON line on stdout
@@ -327,6 +338,15 @@ def main(argv=None) -> dict:
 
     if a.tiny:
         a.models, a.dtypes, a.batch, a.seq, a.cut = "tiny-opt", "float32", 4, 16, 2
+    modes = [m for m in MODES if m in a.modes.split(",")]
+    unknown = set(a.modes.split(",")) - set(MODES)
+    if unknown or not modes:
+        p.error(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {a.modes!r}")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch.cuda.is_available() is False")
     batch_for = dict(item.split("=") for item in a.batch_for)
     dtypes_for = dict(item.split("=") for item in a.dtypes_for)
 
@@ -349,12 +369,12 @@ def main(argv=None) -> dict:
             key = label + DTYPE_SUFFIX[dtype]
             batch = int(batch_for.get(key, batch_for.get(label, a.batch)))
             details[key] = {}
-            for mode in MODES:
+            for mode in modes:
                 row = run_one(MODELS[label], dtype, mode, batch, a)
                 row.update(batch=batch, seq=a.seq, dtype=dtype)
                 details[key][mode] = row
                 print(f"  {key} {mode}: {gib(row['peak'])} GiB in {row['seconds']:.1f} s", file=sys.stderr)
-            results[key] = {mode: details[key][mode]["peak"] for mode in MODES}
+            results[key] = {mode: details[key][mode]["peak"] for mode in modes}
             write({**results, "details": details, "meta": {**meta, "partial": True}})  # survive an interrupt
 
     print_table(results, details)

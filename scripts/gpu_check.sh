@@ -1,0 +1,323 @@
+#!/usr/bin/env bash
+# Everything in hosl that needs a CUDA GPU, in one command, in a few minutes (single GPU, H200 class).
+#
+#   bash scripts/gpu_check.sh              # on the GPU machine
+#   bash scripts/gpu_check.sh --dry-run    # the same sequence on CPU at tiny sizes (Triton interpreter; CI)
+#   bash scripts/gpu_check.sh --only tests,step      # some stages only (e.g. to rerun what failed)
+#
+# Stages (each under `timeout`; a failing stage is recorded and the next one runs; the exit status
+# is non-zero when any stage failed):
+#   build    python setup.py build_ext --inplace: hosl._C and hosl._C_cuda for this GPU's arch
+#            (TORCH_CUDA_ARCH_LIST defaults to the device's compute capability; MAX_JOBS to nproc)
+#   info     torch / device / backends; fails unless the cuda and triton backends are available
+#   tests    pytest of the tests that need CUDA for real: CUDA kernels, Triton compiled (not
+#            interpreted), perturbed linear/embedding, fused forward on CUDA, cpu == cuda == triton
+#            == reference (tests/test_backend_identity.py)
+#   kernels  benchmarks/kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
+#   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q
+#   step     benchmarks/step.py --device cuda, OPT-125M and OPT-1.3B (random weights), 16x128, cut 5,
+#            Q=10; the step variants step.py offers (batched / linear runs are added when its --help
+#            lists --query-batch / --server-estimate)
+#   memory   benchmarks/memory.py --device cuda: client max_memory_allocated, FO-SL vs HOSL vs the floor,
+#            OPT-125M and OPT-1.3B, batch 64, seq 256
+#
+# Output under $OUT (default gpu-results/): <stage>.json per stage, logs/<stage>.log, gpu_check.log
+# (everything), summary.json (stages with status/rc/seconds). scripts/gpu_report.py turns the folder
+# into the Markdown of docs/results.md's "GPU" section.
+#
+# Python: $PYTHON, else python3. It must have a CUDA build of torch with triton, transformers,
+# safetensors, numpy, pyyaml and pytest (nothing is downloaded when it does). Where it has no CUDA
+# torch and a package registry is reachable, HOSL_GPU_PIP_INSTALL=1 makes a venv (.venv-gpu) and
+# pip-installs torch and those packages first.
+# The dry run uses $PYTHON (else .venv/bin/python, else python3) with hosl installed; no build.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+DRY=0
+ONLY=""
+STAGE=""   # internal: run one stage's function in this process (what run_stage calls under `timeout`)
+ARGS=("$@")
+while (($#)); do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --_stage) STAGE="$2"; shift ;;
+    --only) ONLY="${2:?--only needs a comma-separated list of stages}"; shift ;;
+    --only=*) ONLY="${1#--only=}" ;;
+    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --only STAGES, --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+ALL_STAGES="build info tests kernels linear step memory"
+if [[ -n "$ONLY" ]]; then
+  for s in ${ONLY//,/ }; do
+    [[ " $ALL_STAGES " == *" $s "* ]] || { echo "gpu_check.sh: --only: unknown stage $s (stages: $ALL_STAGES)" >&2; exit 2; }
+  done
+fi
+
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT/logs" || exit 2
+OUT="$(cd "$OUT" && pwd)"
+export OUT
+LOG="$OUT/gpu_check.log"
+STAGES_TSV="$OUT/stages.tsv"
+if [[ -z "$STAGE" ]]; then
+  : > "$STAGES_TSV"
+  : > "$LOG"
+  exec > >(tee -a "$LOG") 2>&1
+fi
+
+say() { printf '[gpu_check %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+START=$(date +%s)
+
+# --------------------------------------------------------------------------------------------------
+# Python and the environment
+# --------------------------------------------------------------------------------------------------
+if ((DRY)); then
+  PY="${PYTHON:-}"
+  [[ -z "$PY" && -x "$ROOT/.venv/bin/python" ]] && PY="$ROOT/.venv/bin/python"
+  PY="${PY:-python3}"
+  export TRITON_INTERPRET=1          # Triton kernels on CPU tensors
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  DEVICE=cpu
+else
+  PY="${PYTHON:-python3}"
+  unset TRITON_INTERPRET             # compiled Triton, never the interpreter
+  DEVICE=cuda
+  if [[ -z "$STAGE" ]] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)' 2>/dev/null; then
+    if [[ "${HOSL_GPU_PIP_INSTALL:-0}" == 1 ]]; then
+      say "$PY has no CUDA torch with a visible GPU; HOSL_GPU_PIP_INSTALL=1: making .venv-gpu from the registry"
+      python3 -m venv "$ROOT/.venv-gpu" && PY="$ROOT/.venv-gpu/bin/python" \
+        && "$PY" -m pip install -q torch triton "transformers>=4.46" safetensors numpy pyyaml pytest peft setuptools ninja \
+        || { say "FAILED: could not install a CUDA torch into .venv-gpu"; exit 3; }
+    else
+      say "FAILED: $PY has no CUDA build of torch or no GPU is visible (torch.cuda.is_available() is False)."
+      say "Set PYTHON to an interpreter with a CUDA torch, or HOSL_GPU_PIP_INSTALL=1 where a registry is reachable."
+      exit 3
+    fi
+  fi
+fi
+export PYTHON="$PY"
+if [[ -z "$STAGE" ]]; then
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # the in-place build (hosl/_C*.so) of this tree
+  say "mode: $( ((DRY)) && echo dry-run || echo gpu ), python: $PY, out: $OUT"
+fi
+
+# sizes: the GPU run vs the dry run
+if ((DRY)); then
+  KERNEL_ARGS=(--device cpu --backends cpu,triton --numel 1024 --tensors 2 --repeats 1)
+  LINEAR_ARGS=(--device cpu --backends triton,cpu --shapes 32x48 --tokens 8 --directions 1,4 --dtypes float32 --repeats 1)
+  STEP_MODELS=(tiny-opt:tiny-opt)
+  STEP_ARGS=(--device cpu --cut 2 --batch 2 --seq 8 --queries 2 --repeats 1)
+  STEP_QB=4
+  MEMORY_ARGS=(--device cpu --models tiny-opt --dtypes float32 --batch 4 --seq 16 --cut 2 --threads 1 --modes fo-sl,hosl)
+  TEST_FILTER=(-m gpu)    # collect everything, run the GPU-marked tests (they skip without a GPU)
+  T_BUILD=60 T_INFO=60 T_TESTS=120 T_KERNELS=120 T_LINEAR=60 T_STEP=120 T_MEMORY=120
+else
+  KERNEL_ARGS=(--device cuda --numel $((1 << 24)) --tensors 16 --repeats 10)
+  LINEAR_ARGS=(--device cuda --repeats 10)
+  STEP_MODELS=(opt-125m:opt-125m-random opt-1.3b:opt-1.3b-random)
+  STEP_ARGS=(--device cuda --cut 5 --batch 16 --seq 128 --queries 10 --repeats 2 --threads "$(nproc)")
+  STEP_QB=20
+  MEMORY_ARGS=(--device cuda --models opt-125m,opt-1.3b --dtypes float32 --batch 64 --seq 256 --cut 5 --modes fo-sl,hosl,floor)
+  TEST_FILTER=()
+  T_BUILD=300 T_INFO=60 T_TESTS=300 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
+fi
+TEST_FILES=(tests/test_cuda_kernels.py tests/test_backend_identity.py tests/test_triton_backend.py
+            tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py
+            tests/test_triton_compile.py)
+
+# --------------------------------------------------------------------------------------------------
+# stage runner: run_stage NAME TIMEOUT_S COMMAND...; status ok | failed | timeout | skipped
+# --------------------------------------------------------------------------------------------------
+FAILED=0
+wanted() { [[ -z "$ONLY" || ",$ONLY," == *",$1,"* ]]; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES_TSV"; }
+
+run_stage() {
+  local name="$1" limit="$2"
+  if ! wanted "$name"; then record "$name" skipped 0 0; return 0; fi
+  local stage_log="$OUT/logs/$name.log" t0 rc status
+  say "stage $name (timeout ${limit}s)"
+  t0=$(date +%s)
+  # the stage runs as this script with --_stage NAME, so `timeout` can stop it and all its children
+  timeout --kill-after=15 "$limit" bash "$0" "${ARGS[@]}" --_stage "$name" 2>&1 | tee "$stage_log"
+  rc=${PIPESTATUS[0]}
+  local seconds=$(( $(date +%s) - t0 ))
+  if ((rc == 0)); then status=ok; elif ((rc == 124 || rc == 137)); then status=timeout; else status=failed; fi
+  [[ $status == ok ]] || FAILED=1
+  record "$name" "$status" "$rc" "$seconds"
+  say "stage $name: $status (rc $rc, ${seconds}s)"
+}
+
+# --------------------------------------------------------------------------------------------------
+# the stages
+# --------------------------------------------------------------------------------------------------
+stage_build() {
+  if [[ -z "${CUDA_HOME:-}" ]]; then
+    local nvcc
+    nvcc="$(command -v nvcc || true)"
+    if [[ -n "$nvcc" ]]; then CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$nvcc")")")"; fi
+    for candidate in /usr/local/cuda /usr/local/cuda-13.0; do
+      [[ -z "${CUDA_HOME:-}" && -x "$candidate/bin/nvcc" ]] && CUDA_HOME="$(readlink -f "$candidate")"
+    done
+  fi
+  [[ -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/nvcc" ]] || { echo "no nvcc found: set CUDA_HOME"; return 1; }
+  export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+  if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+    TORCH_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+  fi
+  export TORCH_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  echo "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*')), TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
+  "$PY" setup.py build_ext --inplace || return 1
+  "$PY" -c 'import hosl._C_cuda as m; print("built", m.__file__)'
+}
+
+stage_info() {
+  "$PY" - "$OUT/info.json" "$DEVICE" <<'EOF'
+import json, os, platform, subprocess, sys
+
+import torch
+
+import hosl
+from hosl import ops
+from hosl.cli import main as hosl_main
+
+if hosl_main(["info"]) != 0:  # what `hosl info` prints
+    sys.exit("hosl info failed")
+
+out, device = sys.argv[1], sys.argv[2]
+info = {
+    "device": device,
+    "device_name": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+    "capability": list(torch.cuda.get_device_capability()) if device == "cuda" else None,
+    "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
+    "hosl": hosl.__version__, "backends": ops.available_backends(), "unavailable": ops.unavailable_reasons(),
+    "triton_interpret": os.environ.get("TRITON_INTERPRET"), "cpus": os.cpu_count(),
+}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+try:
+    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+except Exception:
+    info["git_commit"] = None
+if device == "cuda":
+    try:
+        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                                        capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        info["driver"] = None
+json.dump(info, open(out, "w"), indent=2)
+print(json.dumps(info, indent=2))
+need = ["cuda", "triton"] if device == "cuda" else ["cpu", "triton"]
+missing = [b for b in need if b not in info["backends"]]
+if missing:
+    sys.exit(f"backends missing: {missing} ({info['unavailable']})")
+EOF
+}
+
+stage_tests() {
+  local rc=0
+  "$PY" -m pytest -q -p no:cacheprovider -rfEs "${TEST_FILTER[@]}" --junitxml "$OUT/tests.xml" "${TEST_FILES[@]}" || rc=$?
+  "$PY" - "$OUT/tests.xml" "$OUT/tests.json" "$rc" <<'EOF' || rc=1
+import json, sys
+import xml.etree.ElementTree as ET
+
+xml_path, out, rc = sys.argv[1], sys.argv[2], int(sys.argv[3])
+root = ET.parse(xml_path).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+failed = []
+for case in suite.iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        failed.append(f"{case.get('classname')}::{case.get('name')}")
+counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+json.dump({**counts, "failed": failed, "pytest_rc": rc, "seconds": float(suite.get("time", 0))}, open(out, "w"), indent=2)
+print("tests:", counts)
+EOF
+  return $rc
+}
+
+stage_kernels() {
+  "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --json "$OUT/kernels.json"
+}
+
+stage_linear() {
+  "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --json "$OUT/linear.json"
+}
+
+stage_step() {
+  local help rc=0 label model
+  help="$("$PY" benchmarks/step.py --help)" || return 1
+  for item in "${STEP_MODELS[@]}"; do
+    label="${item%%:*}" model="${item#*:}"
+    "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --json "$OUT/step-$label.json" || rc=1
+    # variants another change adds as options: run them when this step.py has them
+    if grep -q -- '--query-batch' <<<"$help"; then
+      "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants hosl --query-batch "$STEP_QB" \
+        --json "$OUT/step-$label-batched.json" || rc=1
+    fi
+    if grep -q -- '--server-estimate' <<<"$help"; then
+      "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants hosl --server-estimate linear \
+        --json "$OUT/step-$label-linear.json" || rc=1
+      if grep -q -- '--linear-on' <<<"$help"; then
+        "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants hosl --server-estimate linear \
+          --linear-on client --json "$OUT/step-$label-linear-client.json" || rc=1
+      fi
+    fi
+  done
+  return $rc
+}
+
+stage_memory() {
+  "$PY" benchmarks/memory.py "${MEMORY_ARGS[@]}" --json "$OUT/memory.json"
+}
+
+if [[ -n "$STAGE" ]]; then
+  "stage_$STAGE"
+  exit $?
+fi
+
+if ((DRY)); then
+  record build skipped 0 0
+  say "stage build: skipped (dry run: uses the installed hosl)"
+else
+  run_stage build "$T_BUILD"
+fi
+run_stage info "$T_INFO"
+run_stage tests "$T_TESTS"
+run_stage kernels "$T_KERNELS"
+run_stage linear "$T_LINEAR"
+run_stage step "$T_STEP"
+run_stage memory "$T_MEMORY"
+
+# --------------------------------------------------------------------------------------------------
+# summary.json
+# --------------------------------------------------------------------------------------------------
+"$PY" - "$OUT" "$DRY" "$START" <<'EOF'
+import json, sys, time
+from pathlib import Path
+
+out, dry, start = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
+stages = []
+for line in (out / "stages.tsv").read_text().splitlines():
+    name, status, rc, seconds = line.split("\t")
+    stages.append({"name": name, "status": status, "rc": int(rc), "seconds": int(seconds),
+                   "log": f"logs/{name}.log" if status != "skipped" else None,
+                   "json": sorted(p.name for p in out.glob(f"{name}*.json"))})
+summary = {"mode": "dry-run" if dry else "gpu", "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+           "seconds": int(time.time()) - start, "ok": all(s["status"] in ("ok", "skipped") for s in stages),
+           "stages": stages}
+(out / "summary.json").write_text(json.dumps(summary, indent=2))
+for s in stages:
+    print(f"  {s['name']:<8} {s['status']:<8} {s['seconds']:>4}s  {' '.join(s['json'])}")
+EOF
+say "done in $(( $(date +%s) - START ))s; $( ((FAILED)) && echo 'SOME STAGES FAILED' || echo 'all stages passed'); results in $OUT"
+exit $FAILED
