@@ -286,7 +286,8 @@ class Runner:
             shutil.rmtree(run_dir)  # no checkpoint (or one of other flags): nothing to keep
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = cli_argv(self.python, {**cell.flags, "out": str(run_dir.resolve())})
-        argv += ["--no-progress"] + (["--resume"] if resume else [])
+        # a fresh start: the folder holds cell.json, so hosl train needs --overwrite to use it
+        argv += ["--no-progress"] + (["--resume"] if resume else ["--overwrite"])
         (run_dir / "cell.json").write_text(json.dumps({"id": cell.id, "axes": cell.axes, "flags": cell.flags,
                                                        "argv": argv}, indent=2))
         log = log_path(self.out, cell)

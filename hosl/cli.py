@@ -1,9 +1,15 @@
-"""The ``hosl`` command: ``train`` one run, ``demo`` (HOSL vs ZO-SL side by side), ``info``."""
+"""The ``hosl`` command: ``train`` one run, ``demo`` (HOSL vs ZO-SL side by side), ``info``.
+
+Exit status: 0 done; 2 a usage error, a refused input (argument, run folder, checkpoint, data
+file) or a lost/refusing peer, reported as one ``hosl: error: ...`` line on stderr (set
+HOSL_DEBUG=1 for the traceback); 130 interrupted (Ctrl-C). See docs/reliability.md.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
@@ -13,10 +19,31 @@ from hosl import cli_remote
 from hosl.directions.spec import FAMILIES
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.functional import VARIANTS
-from hosl.training.config import TrainConfig
+from hosl.training.config import MAX_SEED, TrainConfig
 from hosl.training.modes import MODES
 
 DEFAULT_DATA_DIR = "../shared/data"
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``inf`` and ``nan`` are refused here, not found later in the weights)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {text}")
+    return value
 
 
 def _betas(text: str) -> tuple[float, float]:
@@ -24,9 +51,9 @@ def _betas(text: str) -> tuple[float, float]:
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}")
     try:
-        return float(parts[0]), float(parts[1])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected two numbers B1,B2, got {text!r}") from None
+        return finite_float(parts[0]), finite_float(parts[1])
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected two finite numbers B1,B2, got {text!r}") from None
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -38,14 +65,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
     p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")
-    p.add_argument("--eps", type=float, default=d.eps, help="ZO smoothing scale (default 1e-3; 5e-3 with --lora)")
+    p.add_argument("--eps", type=finite_float, default=d.eps, help="ZO smoothing scale (default 1e-3; 5e-3 with --lora)")
     p.add_argument("--difference", default=d.difference, choices=("central", "forward"),
                    help="central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)")
-    p.add_argument("--lr-client", type=float, default=d.lr_client,
+    p.add_argument("--lr-client", type=finite_float, default=d.lr_client,
                    help="client learning rate (default 1e-6 for ZO clients, 5e-5 with --lora; 1e-3 for FO clients)")
-    p.add_argument("--lr-server", type=float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(not on biases and norms; default %(default)s)")
+    p.add_argument("--lr-server", type=finite_float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
+    p.add_argument("--momentum", type=finite_float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)")
+    p.add_argument("--weight-decay", type=finite_float, default=d.weight_decay, help="(not on biases and norms; default %(default)s)")
     g = p.add_argument_group("zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo)")
     g.add_argument("--direction", default=d.direction, choices=FAMILIES,
                    help="direction family: gaussian, rademacher (+-1), sphere (Gaussian, each tensor scaled to norm "
@@ -53,14 +80,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--zo-optimizer", default=d.zo_optimizer, choices=VARIANTS,
                    help="update rule on the ZO gradient estimate: sgd (no state), momentum, adam (float32 state on "
                         "the client: 1x / 2x the trainable parameters), sign (default %(default)s)")
-    g.add_argument("--zo-momentum", type=float, default=d.zo_momentum, help="of --zo-optimizer momentum (default %(default)s)")
+    g.add_argument("--zo-momentum", type=finite_float, default=d.zo_momentum, help="of --zo-optimizer momentum (default %(default)s)")
     g.add_argument("--zo-betas", type=_betas, default=d.zo_betas, metavar="B1,B2",
                    help="of --zo-optimizer adam (default 0.9,0.999)")
     g = p.add_argument_group("LoRA (peft)")
     g.add_argument("--lora", action="store_true",
                    help="train LoRA adapters instead of all weights; checkpoints then hold the adapters only")
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank (default %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)")
+    g.add_argument("--lora-alpha", type=finite_float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)")
     g.add_argument("--lora-targets", default=d.lora_targets, metavar="NAMES",
                    help="comma-separated module names to adapt (default q_proj,v_proj for OPT/Llama, query,value for BERT)")
     g.add_argument("--lora-halves", default=d.lora_halves, choices=LORA_HALVES,
@@ -77,9 +104,18 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="(default: at each evaluation)")
     p.add_argument("--data-dir", default=d.data_dir,
                    help="local task data laid out as ../shared/data (default: the Hugging Face hub)")
-    p.add_argument("--out", default=d.out, help="run folder (default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    p.add_argument("--out", default=d.out,
+                   help="run folder: new or empty, or (with --resume/--overwrite) one that holds a run; "
+                        "any other folder is refused (default %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest intact checkpoint; every setting that "
+                        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change)")
+    p.add_argument("--override", dest="overrides", action="append", default=[], metavar="FIELD",
+                   help="with --resume: allow FIELD to differ from the run's (lr_client, lr_server, data_dir); "
+                        "repeatable; recorded in metrics.jsonl and resumes.jsonl")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one (hosl's files there are replaced)")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help="0 .. 2**63-1 (default %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="(default %(default)s)")
     p.add_argument("--backend", default=None, choices=("reference", "cpu", "cuda", "triton"),
                    help="direction-op backend (default: the fastest available)")
@@ -119,6 +155,7 @@ def _cmd_demo(args) -> int:
     for mode in DEMO_MODES:
         cfg = TrainConfig(mode=mode, data_dir=data_dir, out=str(Path(args.out) / mode), seed=args.seed,
                           lr_client=DEMO_CLIENT_LR[mode], progress=args.progress, resume=args.resume,
+                          overwrite=args.overwrite,
                           steps=args.steps or DEMO["steps"], **{k: v for k, v in DEMO.items() if k != "steps"})
         print(f"[hosl] demo: {mode} on {cfg.model}/{cfg.task}, {cfg.steps} steps, Q={cfg.num_queries}, cut={cfg.cut}",
               file=sys.stderr, flush=True)
@@ -159,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)")
     p_demo.add_argument("--out", default="runs/demo", help="(default %(default)s)")
     p_demo.add_argument("--steps", type=int, default=None, help=f"steps per mode (default {DEMO['steps']})")
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--resume", action="store_true")
+    p_demo.add_argument("--seed", type=seed_int, default=0)
+    p_demo.add_argument("--resume", action="store_true", help="continue the three runs in --out")
+    p_demo.add_argument("--overwrite", action="store_true", help="replace the three runs in --out")
     p_demo.add_argument("--no-progress", dest="progress", action="store_false")
     p_demo.set_defaults(func=_cmd_demo)
     p_info = sub.add_parser("info", help="which kernels are built and available")
@@ -174,11 +212,22 @@ def main(argv=None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
+        # the project's user-facing errors (bad input, refused folder or checkpoint, lost peer):
+        # one line, no traceback; anything else is a bug and keeps its traceback
         if os.environ.get("HOSL_DEBUG"):
             raise
-        print(f"hosl: error: {exc}", file=sys.stderr)
+        print(f"hosl: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (an OSError without one: its strerror and file name)."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror and not text.startswith(exc.strerror):
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = " ".join(text.split())
+    return text or exc.__class__.__name__
 
 
 if __name__ == "__main__":

@@ -20,6 +20,31 @@ import datasets
 
 from .registry import TaskSpec, canonical_split, get_task_spec
 
+# Columns each task's rows must have once normalised (idx is made up when missing).
+REQUIRED_COLUMNS = {
+    "sst2": ("sentence", "label"),
+    "rte": ("premise", "hypothesis", "label"),
+    "cb": ("premise", "hypothesis", "label"),
+    "boolq": ("question", "passage", "label"),
+    "wsc": ("text", "span1_index", "span2_index", "span1_text", "span2_text", "label"),
+    "wic": ("word", "sentence1", "sentence2", "label"),
+    "copa": ("premise", "choice1", "choice2", "question", "label"),
+    "multirc": ("paragraph", "question", "answer", "label"),
+}
+
+
+class DataError(ValueError):
+    """Task data that cannot be used; the message names the file (or hub dataset) and the column."""
+
+
+def _innermost(exc: BaseException) -> str:
+    """The root cause's message on one line (datasets wraps pandas/pyarrow errors)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
 EXPECTED_LAYOUT = (
     "expected layout: <data_dir>/sst2/{train,dev}.tsv (header 'text<TAB>label') and "
     "<data_dir>/superglue/<Task>/{train,val}.jsonl with Task in CB, RTE, WSC, BoolQ, WiC, COPA, MultiRC"
@@ -34,10 +59,29 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) 
     spec = get_task_spec(name)
     split = canonical_split(split)
     if data_dir is None:
-        raw = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
+        source = f"{spec.hub_id} ({spec.hub_config}) on the Hugging Face hub"
+        try:
+            raw = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
+        except Exception as exc:  # offline, moved, or a hub error: all end the same way for the user
+            cause = " ".join(f"{exc.__class__.__name__}: {exc}".split())
+            raise DataError(f"task {spec.name!r}: could not load {source} ({cause}); without network, "
+                            f"pass --data-dir with local files ({EXPECTED_LAYOUT})") from exc
     else:
+        source = str(Path(data_dir) / spec.local_files[split])
         raw = _load_local(spec, split, Path(data_dir))
-    return _normalise(spec, raw)
+    if "label" not in raw.column_names and not (spec.name == "multirc" and "passage" in raw.column_names):
+        raise DataError(f"{source}: no column 'label' (task {spec.name} needs {', '.join(REQUIRED_COLUMNS[spec.name])}; "
+                        f"found {', '.join(raw.column_names)})")
+    try:
+        rows = _normalise(spec, raw)
+    except (KeyError, ValueError, TypeError) as exc:
+        column = f"column {exc.args[0]!r} is missing" if isinstance(exc, KeyError) and exc.args else _innermost(exc)
+        raise DataError(f"{source}: {column} (task {spec.name} needs {', '.join(REQUIRED_COLUMNS[spec.name])})") from None
+    missing = [c for c in REQUIRED_COLUMNS[spec.name] if c not in rows.column_names]
+    if missing:
+        raise DataError(f"{source}: no column {', '.join(repr(c) for c in missing)} (task {spec.name} needs "
+                        f"{', '.join(REQUIRED_COLUMNS[spec.name])}; found {', '.join(raw.column_names)})")
+    return rows
 
 
 def local_path(name: str, split: str, data_dir: str | os.PathLike) -> Path:
@@ -54,18 +98,22 @@ def _load_local(spec: TaskSpec, split: str, data_dir: Path) -> datasets.Dataset:
         raise FileNotFoundError(
             f"task {spec.name!r} split {split!r}: no file at {str(path)!r}; {EXPECTED_LAYOUT}"
         )
-    if spec.local_format == "tsv":
-        # QUOTE_NONE: a quote character in a sentence is text, not a CSV quote.
-        # na_filter=False: a sentence like "null" or "nan" stays a string.
-        return datasets.load_dataset(
-            "csv",
-            data_files={split: str(path)},
-            split=split,
-            delimiter="\t",
-            quoting=csv.QUOTE_NONE,
-            na_filter=False,
-        )
-    return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+    try:
+        if spec.local_format == "tsv":
+            # QUOTE_NONE: a quote character in a sentence is text, not a CSV quote.
+            # na_filter=False: a sentence like "null" or "nan" stays a string.
+            return datasets.load_dataset(
+                "csv",
+                data_files={split: str(path)},
+                split=split,
+                delimiter="\t",
+                quoting=csv.QUOTE_NONE,
+                na_filter=False,
+            )
+        return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+    except Exception as exc:  # datasets wraps the parser's error (pandas, pyarrow) in its own classes
+        kind = "tab-separated text with a header line" if spec.local_format == "tsv" else "JSON lines"
+        raise DataError(f"{path}: cannot be read as {kind} ({_innermost(exc)})") from exc
 
 
 def label_to_int(value, label_names: tuple) -> int:

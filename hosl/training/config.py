@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from hosl.directions.spec import FAMILIES
@@ -13,6 +14,7 @@ from hosl.training.modes import MODES, ZO_CLIENT_MODES
 ZO_LR, ZO_EPS = 1e-6, 1e-3
 LORA_ZO_LR, LORA_ZO_EPS = 5e-5, 5e-3
 FO_CLIENT_LR = 1e-3
+MAX_SEED = 2**63 - 1  # seeds go through int64 (torch generators, the direction seed stream)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class TrainConfig:
     data_dir: str | None = None
     out: str = "runs/hosl"
     resume: bool = False
+    overwrite: bool = False  # start a new run in an --out that holds one (hosl's files there are replaced)
+    overrides: list = field(default_factory=list)  # settings a resume may change (run_folder.OVERRIDABLE)
     seed: int = 0
     dtype: str = "float32"
     backend: str | None = None
@@ -82,11 +86,14 @@ class TrainConfig:
         def positive(name, integer=False, allow_zero=False):
             v = getattr(self, name)
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-            if isinstance(v, bool) or not ok or v < 0 or (v == 0 and not allow_zero) or v != v:
-                raise ValueError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+            if isinstance(v, bool) or not ok or not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>= 0' if allow_zero else '> 0'}, "
+                                 f"got {v!r}")
 
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         for name in ("num_queries", "batch_size", "max_length", "train_size", "eval_size",
                      "eval_batch_size", "server_batch"):
             positive(name, integer=True)

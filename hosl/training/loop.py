@@ -1,7 +1,9 @@
 """``train(config)``: load, split, train with one mode, evaluate, checkpoint, summarise.
 
-Files in ``config.out``: ``config.json``, ``metrics.jsonl`` (one line per step and per
-evaluation), ``checkpoints/`` (see checkpoint.py) and, at the end, ``summary.json``.
+Files in ``config.out``: ``config.json`` (written once, when the run starts), ``metrics.jsonl``
+(one line per step, per evaluation and per resume), ``checkpoints/`` (see checkpoint.py),
+``resumes.jsonl`` (one line per resume) and, at the end, ``summary.json``. What ``--out`` may
+hold and when a resume is allowed: run_folder.py.
 
 The split modes reach their server half through a ``Link``: in one process an ``InProcessLink``
 to a ``ServerHalf`` built here; as the client of a two-process run, the link that
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +34,7 @@ from hosl.tasks import (
     sample_task,
 )
 from hosl.training import checkpoint as ckpt
+from hosl.training import run_folder
 from hosl.training.config import TrainConfig
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
@@ -98,10 +102,11 @@ class _Log:
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metrics of steps after the checkpoint being resumed (they will be redone)."""
+    """Forget metrics of steps after the checkpoint being resumed (they will be redone); step -1
+    forgets all. A torn last line (a kill mid-write) goes too."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = run_folder.metrics_up_to(path, step)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
@@ -145,9 +150,36 @@ def train_dropout(mode: str) -> bool:
     return mode in ("fo-sl", "fo")
 
 
-def check_new_run(run_dir: Path, resume: bool) -> None:
-    if run_dir.exists() and (run_dir / "metrics.jsonl").exists() and not resume:
-        raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+def _load_resume_state(state: dict, mode, half) -> None:
+    """Optimizer, server-half and data-order state from a checkpoint; learning rates stay those of
+    this command (equal to the run's unless changed with --override)."""
+    try:
+        mode.load_optimizer_state({k: ckpt.with_current_lr(opt, state["optimizers"][k])
+                                   for k, opt in mode.optimizers().items()})
+        if half is not None:
+            saved = dict(state["server_half"])
+            for key, opt in (("optimizer", half.optimizer), ("zo", half.zo)):
+                if opt is not None and saved.get(key) is not None:
+                    saved[key] = ckpt.with_current_lr(opt, saved[key])
+            half.load_state_dict(saved)
+    except (KeyError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{ckpt.STATE} of the checkpoint does not fit this run's optimizers "
+                                   f"({exc.__class__.__name__}: {exc})") from None
+
+
+def _record_resume(run_dir: Path, plan: "run_folder.ResumePlan", step: int, overrides: list) -> None:
+    """One record in metrics.jsonl and in resumes.jsonl (config.json keeps the run's first settings)."""
+    record = {"event": "resume", "step": step,
+              "checkpoint": plan.checkpoint.name if plan.checkpoint is not None else None,
+              "changes": plan.changes, "overrides": list(overrides or []),
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    line = json.dumps(record) + "\n"
+    with open(run_dir / run_folder.METRICS, "a") as f:
+        f.write(line)
+    with open(run_dir / run_folder.RESUMES, "a") as f:
+        f.write(line)
+    for name, change in plan.changes.items():
+        _say(f"--resume: {name} changes from {change['was']!r} to {change['now']!r}")
 
 
 def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None) -> dict:
@@ -158,8 +190,19 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
     if remote and cfg.mode not in SPLIT_MODES:
         raise ValueError(f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server")
     run_dir = Path(cfg.out)
-    check_new_run(run_dir, cfg.resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # every refusal (folder, settings, damaged checkpoint) comes before anything in --out changes
+    kind = run_folder.check_out(cfg)
+    plan = None
+    if cfg.resume and kind == "run":
+        for name in cfg.overrides or []:
+            run_folder.normalise_override(name)
+        plan = run_folder.resume_plan(cfg, ["client"] if remote else ["client", "server"])
+        for note in plan.notes:
+            _say(note)
+    elif cfg.resume:
+        _say(f"--resume: no run in {run_dir} yet, starting a new one")
+    elif cfg.overrides:
+        raise run_folder.RunFolderError("--override applies to --resume only")
     torch.manual_seed(cfg.seed)
 
     # -- data and model ------------------------------------------------------------------------
@@ -195,22 +238,26 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
     modules = {"client": client} if remote else {"client": client, "server": server}
 
     step, elapsed, evals = 0, 0.0, []
-    if cfg.resume:
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            _say(f"--resume: no checkpoint in {run_dir}, starting from step 0")
-        else:
-            state = ckpt.load_checkpoint(latest, modules)
-            mode.load_optimizer_state(state["optimizers"])
-            if half is not None:
-                half.load_state_dict(state["server_half"])
-            batches.load_state_dict(state["batches"])
-            torch.set_rng_state(state["torch_rng"])
-            step, elapsed, evals = state["step"], state["seconds"], state["evals"]
-            _say(f"resumed from {latest} (step {step})")
+    if plan is not None and plan.checkpoint is not None:
+        state = plan.state
+        ckpt.load_weights(plan.checkpoint, modules)
+        _load_resume_state(state, mode, half)
+        batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed, evals = state["step"], state["seconds"], state["evals"]
+        _say(f"resumed from {plan.checkpoint} (step {step})")
+    elif plan is not None:
+        _say(f"--resume: no checkpoint in {run_dir} yet, starting again from step 0")
     if remote:
         proxy.resume(step)  # the server loads its half at the same step (or starts fresh at 0)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if plan is not None:
+        _drop_metrics_after(run_dir / run_folder.METRICS, run_folder.resume_step(plan.state))
+        _record_resume(run_dir, plan, step, cfg.overrides)
+    else:
+        run_folder.create(run_dir)
+        if kind in ("run", "other"):  # --overwrite
+            run_folder.clear_hosl_files(run_dir)
+        (run_dir / run_folder.CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
 
     def run_eval(at_step: int) -> dict:
         set_training(False)
