@@ -25,6 +25,25 @@ After every cell the runner rewrites ``OUT/results.md`` (tables), ``OUT/results.
 (model, task, variant, cut, mode): mean, std, min, max over seeds) and ``OUT/cells.csv`` (one row per
 cell). Cells that were not run say why.
 
+Provenance: before each attempt the runner appends to ``cells/<id>/cell.json`` ``runs`` the git commit
+of this checkout, whether its tracked files differed from that commit (``dirty``, with the files), the
+time, and whether it resumed; ``config`` there is the full ``TrainConfig`` the flags resolve to (defaults
+and the lr/eps/eval-every a mode implies filled in). ``cells.csv`` repeats the commit, dirty flag and
+config per cell; ``results.csv`` lists the commits behind each row. Cells run before this bookkeeping
+have no ``runs`` (commit unknown).
+
+Superseded results: a config's ``superseded`` list (or ``--stale-before COMMIT`` for every cell) names
+cells whose results predate a fix::
+
+    superseded:
+      - when: {mode: zo-sl}            # same keys as rules; omit for every cell
+        before: 1a2b3c4                # the fixing commit
+        reason: tied-direction ZO-SL baseline
+
+A finished cell it matches is *superseded* when any of its runs was on a commit that does not contain
+``before`` (or on an unknown commit). Tables still show its number, marked, and list it with the
+reason; running the grid reruns it (its old folder is moved to ``OUT/superseded/``).
+
 Config (YAML), see benchmarks/configs/cpu.yaml for a commented one::
 
     description: text for the table's header
@@ -41,6 +60,7 @@ Config (YAML), see benchmarks/configs/cpu.yaml for a commented one::
         set:  {lr_client: 5.0e-5, eps: 5.0e-3}
       - when: {variant: lora, mode: zero-shot}
         skip: same model as full zero-shot            # the cell is listed as not run, with this reason
+    superseded: [{when: {...}, before: COMMIT, reason: text}]   # optional; see above
 
 Flags merge in this order: defaults, model, task, variant, mode, cut, rules. ``zero-shot`` runs
 ``hosl train --steps 0`` (evaluate the starting weights once; ``--mode`` then only picks how the
@@ -52,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import fcntl
 import fnmatch
@@ -261,6 +282,109 @@ def stored_flags(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())["flags"] if path.exists() else None
 
 
+# ---------------------------------------------------------------------------------------------
+# provenance: which code and which resolved config produced a cell
+
+
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+
+
+def checkout_state() -> dict:
+    """The commit of this checkout (the code every cell imports) and whether its tracked files differ
+    from it. ``commit``/``dirty`` are None where git or the repository is not available."""
+    head = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = head.stdout.strip() if head is not None and head.returncode == 0 else None
+    files = ([line[3:] for line in status.stdout.splitlines() if line.strip()]
+             if status is not None and status.returncode == 0 else None)
+    return {"commit": commit, "dirty": None if files is None else bool(files), "dirty_files": (files or [])[:50],
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def resolved_config(flags: dict) -> dict | None:
+    """The full ``TrainConfig`` ``hosl train`` builds from these flags, with the values it derives
+    (client lr and eps by mode/LoRA, evaluation and checkpoint intervals) filled in. None if this
+    checkout's ``hosl train`` does not accept them."""
+    from hosl import cli
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints, then exits, on an unknown flag
+            config = cli._config_from(cli.build_parser().parse_args(cli_argv("python", flags)[3:]))
+        config.validate()
+    except (SystemExit, ValueError):
+        return None
+    out = config.to_dict()
+    out.update(lr_client=config.resolved_lr_client(), eps=config.resolved_eps(),
+               eval_every=config.resolved_eval_every(), checkpoint_every=config.resolved_checkpoint_every(),
+               zo_betas=list(config.zo_betas))
+    for runner_owned in ("out", "resume", "progress", "notes"):
+        out.pop(runner_owned, None)
+    return out
+
+
+def cell_runs(run_dir: Path) -> list[dict]:
+    """The attempts recorded in a cell's cell.json (empty for cells run before provenance was kept)."""
+    path = run_dir / "cell.json"
+    return (json.loads(path.read_text()).get("runs") or []) if path.exists() else []
+
+
+def _commit_of(ref: str, where: str) -> str:
+    found = _git("rev-parse", "--verify", "--quiet", ref + "^{commit}")
+    if found is None or found.returncode != 0 or not found.stdout.strip():
+        raise ValueError(f"{where}: {ref!r} is not a commit of this repository ({REPO_ROOT})")
+    return found.stdout.strip()
+
+
+@functools.lru_cache(maxsize=None)
+def contains_commit(commit: str | None, fix: str) -> bool:
+    """Whether code at ``commit`` includes ``fix`` (fix is commit or one of its ancestors)."""
+    if not commit:
+        return False
+    result = _git("merge-base", "--is-ancestor", fix, commit)
+    return result is not None and result.returncode == 0
+
+
+@dataclass
+class Supersession:
+    """Results of the cells ``when`` matches are superseded unless every run had ``before``."""
+    when: dict
+    before: str  # full commit id
+    reason: str
+
+
+def supersessions(config: dict, stale_before: str | None) -> list[Supersession]:
+    entries = config.get("superseded") or []
+    if not isinstance(entries, list):
+        raise ValueError("config: 'superseded' must be a list of {when, before, reason}")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("before"):
+            raise ValueError(f"config: superseded[{i}] needs 'before' (a commit) and may have 'when' and "
+                             f"'reason', got {entry!r}")
+        when = entry.get("when") or {}
+        for key in when:
+            if key not in AXES:
+                raise ValueError(f"config: superseded[{i}].when key {key!r} is not one of {', '.join(AXES)}")
+        before = _commit_of(str(entry["before"]), f"config: superseded[{i}].before")
+        out.append(Supersession(when, before, str(entry.get("reason") or f"run before {entry['before']}")))
+    if stale_before:
+        out.append(Supersession({}, _commit_of(stale_before, "--stale-before"), f"run before {stale_before}"))
+    return out
+
+
+def superseded_reason(run_dir: Path, cell: Cell, rules: list[Supersession]) -> str | None:
+    for rule in rules:
+        if _matches(rule.when, cell.axes):
+            runs = cell_runs(run_dir)
+            if not runs or not all(contains_commit(r.get("commit"), rule.before) for r in runs):
+                return rule.reason
+    return None
+
+
 class Stop(Exception):
     pass
 
@@ -277,6 +401,14 @@ class Runner:
             self.child.send_signal(signal.SIGTERM)
         raise Stop(signal.Signals(signum).name)
 
+    def archive(self, cell: Cell) -> Path:
+        """Move a superseded cell's folder out of the grid (kept, never deleted) before it reruns."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = self.out / "superseded" / cell.id / stamp
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(cell_dir(self.out, cell)), str(dest))
+        return dest
+
     def run_cell(self, cell: Cell) -> dict:
         """Run (or continue) one cell; returns its attempt record."""
         run_dir = cell_dir(self.out, cell)
@@ -284,12 +416,15 @@ class Runner:
         resume = has_checkpoint(run_dir) and stored_flags(run_dir) == json.loads(json.dumps(cell.flags))
         if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)  # no checkpoint (or one of other flags): nothing to keep
+        runs = cell_runs(run_dir) if resume else []
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = cli_argv(self.python, {**cell.flags, "out": str(run_dir.resolve())})
         # a fresh start: the folder holds cell.json, so hosl train needs --overwrite to use it
         argv += ["--no-progress"] + (["--resume"] if resume else ["--overwrite"])
+        runs.append({**checkout_state(), "resumed": resume})
         (run_dir / "cell.json").write_text(json.dumps({"id": cell.id, "axes": cell.axes, "flags": cell.flags,
-                                                       "argv": argv}, indent=2))
+                                                       "argv": argv, "config": resolved_config(cell.flags),
+                                                       "runs": runs}, indent=2))
         log = log_path(self.out, cell)
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -320,8 +455,10 @@ class Runner:
 # status and tables
 
 
-def cell_status(out: Path, cell: Cell, unknown_flags: set[str], failures: dict) -> tuple[str, str, dict | None]:
-    """(status, note, summary): status in done, stale, skipped, unavailable, failed, partial, pending."""
+def cell_status(out: Path, cell: Cell, unknown_flags: set[str], failures: dict,
+                superseded: list[Supersession] = ()) -> tuple[str, str, dict | None]:
+    """(status, note, summary): status in done, superseded, stale, skipped, unavailable, failed, partial,
+    pending. A superseded cell has a result (shown, marked) that a later fix replaces; note says why."""
     run_dir = cell_dir(out, cell)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
@@ -330,6 +467,9 @@ def cell_status(out: Path, cell: Cell, unknown_flags: set[str], failures: dict) 
         if stored is not None and stored != json.loads(json.dumps(cell.flags)):
             changed = sorted(k for k in set(stored) | set(cell.flags) if stored.get(k) != cell.flags.get(k))
             return "stale", "run with other flags (" + ", ".join(changed) + "); delete the folder to rerun", summary
+        reason = superseded_reason(run_dir, cell, list(superseded))
+        if reason:
+            return "superseded", reason, summary
         return "done", "", summary
     if cell.skip:
         return "skipped", cell.skip, None
@@ -359,13 +499,28 @@ def _budget(summary: dict, cell: Cell) -> dict:
 CELL_COLUMNS = ["id", "model", "task", "variant", "cut", "mode", "seed", "status", "note", "start_accuracy",
                 "eval_accuracy", "majority_accuracy", "steps", "batch_size", "num_queries", "train_examples",
                 "client_forward_total", "server_forward_total", "client_backward_total", "server_backward_total",
-                "seconds", "client_peak_bytes", "lr_client", "lr_server"]
+                "seconds", "client_peak_bytes", "lr_client", "lr_server", "commit", "dirty", "config"]
+HAS_RESULT = ("done", "superseded")
 
 
-def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict) -> dict:
-    status, note, summary = cell_status(out, cell, unknown, failures)
+def _provenance(run_dir: Path) -> dict:
+    """commit (the attempts' distinct commits, space-separated), dirty (any attempt), config (JSON)."""
+    path = run_dir / "cell.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    runs = record.get("runs") or []
+    commits = list(dict.fromkeys(r.get("commit") or "unknown" for r in runs))
+    dirty = [r.get("dirty") for r in runs]
+    return {"commit": " ".join(commits),
+            "dirty": "" if not runs or None in dirty else any(dirty),
+            "config": json.dumps(record["config"], sort_keys=True) if record.get("config") else ""}
+
+
+def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict,
+             superseded: list[Supersession] = ()) -> dict:
+    status, note, summary = cell_status(out, cell, unknown, failures, superseded)
     row = {"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": status, "note": note,
-           "majority_accuracy": majority_share(cell.flags) if status == "done" else None}
+           "majority_accuracy": majority_share(cell.flags) if status in HAS_RESULT else None,
+           **({"commit": "", "dirty": "", "config": ""} if summary is None else _provenance(cell_dir(out, cell)))}
     if summary is not None:
         history = summary.get("eval_history") or []
         row.update(_budget(summary, cell))
@@ -416,11 +571,11 @@ def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
         by_group.setdefault(cell.group, []).append((cell, row))
     out = []
     for group, members in by_group.items():
-        done = [r for _, r in members if r["status"] == "done"]
+        done = [r for _, r in members if r["status"] in HAS_RESULT]
         acc = _stats([100.0 * r["eval_accuracy"] for r in done if r["eval_accuracy"] is not None])
         majority = _stats([100.0 * r["majority_accuracy"] for r in done if r["majority_accuracy"] is not None])
         first = done[0] if done else {}
-        notes = sorted({_short_status(r) for _, r in members if r["status"] != "done"})
+        notes = sorted({_short_status(r) for _, r in members if r["status"] not in HAS_RESULT})
         if len(notes) > 1 and "skipped" in notes:
             notes.remove("skipped")  # a seed a rule leaves out says nothing beside a pending one
         planned = [r for _, r in members if r["status"] != "skipped"]
@@ -432,6 +587,8 @@ def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
                                                  "client_forward_total", "server_forward_total",
                                                  "client_backward_total", "server_backward_total")},
                     "seconds_mean": _stats([r["seconds"] for r in done])["mean"],
+                    "superseded": sum(r["status"] == "superseded" for r in done),
+                    "commits": " ".join(dict.fromkeys(c for r in done for c in r["commit"].split())),
                     "not_done": "; ".join(notes)})
     return out
 
@@ -457,13 +614,16 @@ def _fmt_acc(agg: dict | None) -> str:
         text += f" ({agg['seeds_done']}/{agg['seeds']} seeds)"
     elif agg["seeds_done"] == 1:
         text += " (1 seed)"
-    return text
+    return text + (SUPERSEDED_MARK if agg["superseded"] else "")
+
+
+SUPERSEDED_MARK = " ‡"
 
 
 def _diff(a: dict | None, b: dict | None) -> str:
     if not a or not b or a["accuracy_mean"] is None or b["accuracy_mean"] is None:
         return "—"
-    return f"{a['accuracy_mean'] - b['accuracy_mean']:+.1f}"
+    return f"{a['accuracy_mean'] - b['accuracy_mean']:+.1f}" + (SUPERSEDED_MARK if a["superseded"] or b["superseded"] else "")
 
 
 def machine_line() -> str:
@@ -510,7 +670,7 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
                                   if a["seeds_done"] or a["not_done"] != "skipped"))
     has_cut = any(k[3] is not None for k in row_keys)
     counts = {s: sum(r["status"] == s for r in rows) for s in
-              ("done", "stale", "skipped", "unavailable", "failed", "partial", "pending")}
+              ("done", "superseded", "stale", "skipped", "unavailable", "failed", "partial", "pending")}
 
     lines = [f"# Accuracy grid: {config_path.name}", ""]
     if config.get("description"):
@@ -540,6 +700,9 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
         cols += [_fmt_acc(index.get(key + (m,))) for m in modes]
         cols += [_diff(index.get(key + (a,)), index.get(key + (b,))) for _, a, b in extra]
         lines.append("| " + " | ".join(cols) + " |")
+    if counts["superseded"]:
+        lines += ["", f"{SUPERSEDED_MARK.strip()}: includes results superseded by a later fix (listed under "
+                  "\"Superseded results\" below); rerun pending."]
 
     lines += ["", "Budget per run (same for every seed): training steps and examples, and forward/backward "
               "passes over training batches (client and server halves; evaluation passes not counted).", ""]
@@ -557,9 +720,17 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
                   "server_forward_total", "client_backward_total", "server_backward_total")]
         cols.append(f"{a['seconds_mean']:.0f}" if a["seconds_mean"] is not None else "")
         lines.append("| " + " | ".join(cols) + " |")
+    superseded: dict[str, list[str]] = {}
+    for r in rows:
+        if r["status"] == "superseded":
+            superseded.setdefault(r["note"], []).append(r["id"])
+    if superseded:
+        lines += ["", "Superseded results (shown above, marked; running the grid reruns them):", ""]
+        for note, ids in sorted(superseded.items()):
+            lines.append(f"- {note}: {len(ids)} cells: " + ", ".join(f"`{i}`" for i in ids))
     reasons: dict[tuple, list[str]] = {}
     for r in rows:
-        if r["status"] != "done":
+        if r["status"] not in HAS_RESULT:
             reasons.setdefault((r["status"], r["note"]), []).append(r["id"])
     if reasons:
         legend = " (pending: not run yet)" if any(status == "pending" for status, _ in reasons) else ""
@@ -573,6 +744,9 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
 # ---------------------------------------------------------------------------------------------
 
 
+TO_RUN = ("pending", "partial", "failed", "superseded")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -584,12 +758,20 @@ def main(argv=None) -> int:
     p.add_argument("--python", default=sys.executable, help="interpreter for the cells (default: this one)")
     p.add_argument("--cell-timeout", type=float, default=None,
                    help="seconds before a cell is stopped (it resumes from its checkpoint next time)")
+    p.add_argument("--stale-before", default=None, metavar="COMMIT",
+                   help="mark every finished cell whose runs were not all on COMMIT or a later commit as "
+                        "superseded (tables mark it; a run reruns it); see 'superseded' in the config")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep a finished cell's checkpoints (default: delete them once summary.json is written)")
     args = p.parse_args(argv)
 
     config = load_config(args.config)
-    all_cells = expand(config)
+    try:
+        all_cells = expand(config)
+        superseded = supersessions(config, args.stale_before)
+    except ValueError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
     cells = select(all_cells, args.only)
     if not cells:
         print(f"no cell matches --only {args.only!r}", file=sys.stderr)
@@ -602,15 +784,15 @@ def main(argv=None) -> int:
     unknown = {f for c in all_cells for f in c.flags if f not in known}
 
     def report():
-        rows = [cell_row(out, c, unknown, failures) for c in all_cells]
+        rows = [cell_row(out, c, unknown, failures, superseded) for c in all_cells]
         write_tables(out, config, args.config, all_cells, rows)
 
     if args.dry_run or args.report_only:
         if args.dry_run:
             for cell in cells:
-                status, note, _ = cell_status(out, cell, unknown, failures)
+                status, note, _ = cell_status(out, cell, unknown, failures, superseded)
                 print(f"{status:11} {cell.id}" + (f"  ({note})" if note else ""))
-                if status in ("pending", "partial", "failed"):
+                if status in TO_RUN:
                     print("            " + " ".join(cli_argv(args.python, cell.flags)))
         else:
             report()
@@ -626,11 +808,13 @@ def main(argv=None) -> int:
     runner = Runner(out, args.python, args.cell_timeout)
     signal.signal(signal.SIGTERM, runner.handle_signal)
     signal.signal(signal.SIGINT, runner.handle_signal)
-    todo = [c for c in cells if cell_status(out, c, unknown, failures)[0] in ("pending", "partial", "failed")]
+    todo = [c for c in cells if cell_status(out, c, unknown, failures, superseded)[0] in TO_RUN]
     print(f"[accuracy] {len(cells)} cells selected, {len(todo)} to run", flush=True)
     try:
         for i, cell in enumerate(todo, 1):
             print(f"[accuracy] ({i}/{len(todo)}) {cell.id}", flush=True)
+            if cell_status(out, cell, unknown, failures, superseded)[0] == "superseded":
+                print(f"[accuracy]   superseded result moved to {runner.archive(cell)}", flush=True)
             attempt = runner.run_cell(cell)
             if attempt["rc"] == 0 and (cell_dir(out, cell) / "summary.json").exists():
                 failures.pop(cell.id, None)

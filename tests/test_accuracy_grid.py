@@ -1,7 +1,8 @@
-"""benchmarks/accuracy.py: grid expansion, cells as processes, tables, and resumability.
+"""benchmarks/accuracy.py: grid expansion, cells as processes, tables, resumability, provenance.
 
 The end-to-end test runs two 2-step tiny-opt cells (zero-shot and HOSL) as separate processes,
-then runs the same grid again and checks that nothing is rerun.
+then runs the same grid again and checks that nothing is rerun; then marks the HOSL cell superseded
+and checks that the tables say so and that the next run reruns that cell only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HOSL_DATA_DIR", ROOT / ".." / "shared" / "data"))
+needs_git = pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git checkout")
 needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
 
 
@@ -123,6 +125,48 @@ def test_status_marks_partial_and_stale_cells(tmp_path):
     assert status == "stale" and "steps" in note
 
 
+def _git(*args) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@needs_git
+def test_superseded_means_some_run_lacks_the_fix(tmp_path):
+    """A cell is superseded when a run of it was on a commit that does not contain the fix, or on an
+    unknown commit; a cell the rule's ``when`` does not match never is."""
+    head, parent = _git("rev-parse", "HEAD"), _git("rev-parse", "HEAD~1")
+    cell = grid.expand({**TINY, "variants": ["full"], "modes": ["zo-sl"]})[0]
+    run_dir = grid.cell_dir(tmp_path, cell)
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"eval_accuracy": 0.5, "steps": 2}))
+    rules = grid.supersessions({"superseded": [{"when": {"mode": "zo-sl"}, "before": head, "reason": "tied"}]}, None)
+
+    def status(runs):
+        (run_dir / "cell.json").write_text(json.dumps({"flags": cell.flags, "runs": runs}))
+        return grid.cell_status(tmp_path, cell, set(), {}, rules)[:2]
+
+    assert status([{"commit": head}]) == ("done", "")
+    assert status([{"commit": parent}]) == ("superseded", "tied")  # before the fix
+    assert status([{"commit": parent}, {"commit": head}]) == ("superseded", "tied")  # resumed across it
+    assert status([]) == ("superseded", "tied")  # run before commits were recorded
+    assert status([{"commit": None}]) == ("superseded", "tied")
+    other = grid.supersessions({"superseded": [{"when": {"mode": "fo-sl"}, "before": head}]}, None)
+    (run_dir / "cell.json").write_text(json.dumps({"flags": cell.flags, "runs": [{"commit": parent}]}))
+    assert grid.cell_status(tmp_path, cell, set(), {}, other)[0] == "done"
+    # --stale-before applies to every cell; the fix's parent is contained in HEAD
+    assert grid.cell_status(tmp_path, cell, set(), {}, grid.supersessions({}, parent))[0] == "done"
+    assert grid.cell_status(tmp_path, cell, set(), {}, grid.supersessions({}, head))[0] == "superseded"
+    with pytest.raises(ValueError, match=r"superseded\[0\]\.before: 'no-such-commit' is not a commit"):
+        grid.supersessions({"superseded": [{"before": "no-such-commit"}]}, None)
+    with pytest.raises(ValueError, match="superseded\\[0\\] needs 'before'"):
+        grid.supersessions({"superseded": [{"when": {"mode": "zo-sl"}}]}, None)
+    with pytest.raises(ValueError, match="--stale-before: 'no-such-commit'"):
+        grid.supersessions({}, "no-such-commit")
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps(TINY))
+    assert grid.main(["--config", str(config), "--out", str(tmp_path / "o"), "--report-only",
+                      "--stale-before", "no-such-commit"]) == 2
+
+
 @needs_data
 def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     config = tmp_path / "tiny.json"
@@ -145,8 +189,23 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert zero_shot["steps"] == 0 and zero_shot["train_examples"] == 0 and len(zero_shot["eval_history"]) == 1
     assert not (out / "cells/tiny-opt/sst2/full/hosl/s0/checkpoints").exists()  # finished: pruned
 
+    # provenance: the checkout's commit, whether it was dirty, and the config the flags resolve to
+    record = json.loads((out / "cells/tiny-opt/sst2/full/hosl/s0/cell.json").read_text())
+    (run,) = record["runs"]
+    if (ROOT / ".git").exists():
+        assert len(run["commit"]) == 40 and _git("merge-base", "--is-ancestor", run["commit"], "HEAD") == ""
+        assert isinstance(run["dirty"], bool) and run["resumed"] is False
+    config = record["config"]
+    assert (config["mode"], config["num_queries"], config["steps"], config["cut"]) == ("hosl", 1, 2, 1)
+    assert config["lr_client"] == 1e-3 and config["lr_server"] == 1e-2
+    assert config["eps"] == 1e-3 and config["eval_every"] == 1  # defaults hosl train derives, filled in
+    assert "out" not in config and "resume" not in config
+
     rows = {r["id"]: r for r in csv.DictReader(open(out / "cells.csv"))}
     assert rows["tiny-opt/sst2/full/hosl/s0"]["status"] == "done"
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["commit"] == (run["commit"] or "unknown")
+    assert json.loads(rows["tiny-opt/sst2/full/hosl/s0"]["config"]) == config
+    assert rows["tiny-opt/sst2/bogus/hosl/s0"]["commit"] == "" and rows["tiny-opt/sst2/bogus/hosl/s0"]["config"] == ""
     assert rows["tiny-opt/sst2/full/hosl/s0"]["train_examples"] == "4"  # 2 steps x batch 2
     assert rows["tiny-opt/sst2/full/hosl/s0"]["client_forward_total"] == "6"  # 2 x (1 + 2Q), Q=1
     assert rows["tiny-opt/sst2/bogus/hosl/s0"]["status"] == "unavailable"
@@ -173,3 +232,36 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "0 to run" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in summaries} == stamps
+
+    if not (ROOT / ".git").exists():
+        return
+    # the HOSL cell ran before a fix: a cell run before commits were recorded (no "runs") is superseded
+    hosl_json = out / "cells/tiny-opt/sst2/full/hosl/s0/cell.json"
+    hosl_json.write_text(json.dumps({k: v for k, v in record.items() if k != "runs"}))
+    marked = tmp_path / "marked.json"
+    marked.write_text(json.dumps({**TINY, "superseded": [
+        {"when": {"mode": "hosl"}, "before": run["commit"], "reason": "tied-direction baseline"}]}))
+    cmd_marked = cmd[:3] + [str(marked)] + cmd[4:]
+    report = subprocess.run(cmd_marked + ["--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "cells.csv"))}
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["status"] == "superseded"
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["note"] == "tied-direction baseline"
+    assert rows["tiny-opt/sst2/full/zero-shot/s0"]["status"] == "done"
+    table = (out / "results.md").read_text()
+    hosl_acc = 100 * float(rows["tiny-opt/sst2/full/hosl/s0"]["eval_accuracy"])
+    assert f"{hosl_acc:.1f} (1 seed) ‡ |" in table  # the number stays, marked
+    assert "- tied-direction baseline: 1 cells: `tiny-opt/sst2/full/hosl/s0`" in table
+    assert "rerun pending" in table
+    (agg,) = [r for r in csv.DictReader(open(out / "results.csv")) if r["mode"] == "hosl" and r["variant"] == "full"]
+    assert agg["superseded"] == "1"
+
+    rerun = subprocess.run(cmd_marked, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "1 to run" in rerun.stdout and "superseded result moved to" in rerun.stdout
+    (archived,) = list((out / "superseded/tiny-opt/sst2/full/hosl/s0").iterdir())
+    assert (archived / "summary.json").exists() and "runs" not in json.loads((archived / "cell.json").read_text())
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "cells.csv"))}
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["status"] == "done"  # rerun on a commit with the fix
+    assert (out / "cells/tiny-opt/sst2/full/zero-shot/s0/summary.json").stat().st_mtime_ns == stamps[
+        out / "cells/tiny-opt/sst2/full/zero-shot/s0/summary.json"]
