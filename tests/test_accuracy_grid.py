@@ -96,6 +96,24 @@ def test_shipped_configs_give_valid_train_commands(path):
         assert config.steps == (0 if cell.axes["mode"] == "zero-shot" else cell.flags["steps"]), cell.id
 
 
+def test_paper_config_uses_the_authors_zo_settings():
+    """paper.yaml's ZO halves: per-layer normalised (sphere) directions, central differences, Q=10,
+    plain ZO-SGD; the flags reach ``hosl train`` and resolve to those values."""
+    from hosl import cli
+
+    cells = [c for c in grid.expand(grid.load_config(ROOT / "benchmarks" / "configs" / "paper.yaml"))
+             if c.skip is None and c.axes["mode"] in ("hosl", "zo-sl")]
+    assert cells
+    for cell in cells:
+        argv = grid.cli_argv("python", cell.flags)
+        assert argv[argv.index("--direction") + 1] == "sphere", cell.id
+        config = cli._config_from(cli.build_parser().parse_args(argv[3:]))
+        assert (config.direction, config.difference, config.num_queries, config.zo_optimizer, config.batch_size,
+                config.cut) == ("sphere", "central", 10, "sgd", 64, 5), cell.id
+        lora = cell.axes["variant"] == "lora"
+        assert (config.resolved_lr_client(), config.resolved_eps()) == ((5e-5, 5e-3) if lora else (1e-6, 1e-3))
+
+
 def test_cpu_config_covers_what_the_accuracy_issue_asks_for():
     """Both offline models on all six tasks in every compared mode (seed 0); MiniLM with two seeds."""
     cells = {c.id: c for c in grid.expand(grid.load_config(ROOT / "benchmarks" / "configs" / "cpu.yaml"))}
