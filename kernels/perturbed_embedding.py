@@ -20,12 +20,13 @@ from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, on_device
 from hosl.kernels.direction import (FAMILY_RADEMACHER, FAMILY_SPHERE, element_normals, load_direction_group, load_f32,
                                     row_normals, store_rne)
-from hosl.kernels.perturbed_linear import _factor_table, element_signs, load_factors
+from hosl.kernels.perturbed_linear import _factor_table, aligned, element_signs, load_factors, row_signs
 
 
 @triton.jit(do_not_specialize=["T", "H", "D", "w_offset"])
 def perturbed_embedding_kernel(ids, w, y, dirs, facs, T, H, D, w_offset, DTYPE: tl.constexpr, FAMILY: tl.constexpr,
-                               SHARED_IDS: tl.constexpr, ALIGNED: tl.constexpr, DB: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+                               SHARED_IDS: tl.constexpr, ALIGNED: tl.constexpr, DB: tl.constexpr, BT: tl.constexpr,
+                               BH: tl.constexpr):
     num_t = tl.cdiv(T, BT)
     pid_d = tl.program_id(0) // num_t
     pid_t = tl.program_id(0) % num_t
@@ -45,7 +46,10 @@ def perturbed_embedding_kernel(ids, w, y, dirs, facs, T, H, D, w_offset, DTYPE: 
     w_idx = tok[:, :, None] * H64 + rh[None, None, :]
     w_rows = load_f32(w, w_idx, tmask[:, :, None] & (rh < H64)[None, None, :], DTYPE)
     if FAMILY == FAMILY_RADEMACHER:
-        z = element_signs(w_offset + w_idx, k0[:, None, None], k1[:, None, None])
+        if ALIGNED:  # w_offset % 32 == 0, H % 32 == 0, BH % 32 == 0: one Philox word per 32
+            z = row_signs(w_offset + tok * H64 + h0, k0[:, None, None], k1[:, None, None], BH // 32)
+        else:
+            z = element_signs(w_offset + w_idx, k0[:, None, None], k1[:, None, None])
     elif ALIGNED:  # w_offset % 4 == 0 and H % 4 == 0: every gathered row starts on a Philox counter
         z = row_normals((w_offset + tok * H64 + h0) >> 2, k0[:, None, None], k1[:, None, None], BH // 4)
     else:
@@ -96,5 +100,6 @@ def perturbed_embedding(ids, weight, w_offset: int, keys_lo, keys_hi, scales, sh
     with on_device(weight.device):
         perturbed_embedding_kernel[grid](
             ids, weight, y, table, facs, tokens, hidden, num_dirs, w_offset, DTYPE=mt.dtype_code(weight.dtype),
-            FAMILY=mt.FAMILY_CODES[family], SHARED_IDS=shared_ids, ALIGNED=(w_offset % 4 == 0 and hidden % 4 == 0), **blocks, **COMPILE_OPTIONS)
+            FAMILY=mt.FAMILY_CODES[family], SHARED_IDS=shared_ids,
+            ALIGNED=aligned(family, w_offset, hidden, blocks["BH"]), **blocks, **COMPILE_OPTIONS)
     return y

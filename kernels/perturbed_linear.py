@@ -58,6 +58,32 @@ def element_signs(coord, k0, k1):
 
 
 @triton.jit
+def row_signs(first, k0, k1, W: tl.constexpr):
+    """Rademacher z for ``32*W`` consecutive coordinates from each ``first`` on (int64 ``[A, R]``, every
+    entry a multiple of 32): float32 ``[A, R, 32*W]`` (keys broadcast as ``[A, 1, 1]``). One Philox
+    call per 32 coordinates (its word ``(first >> 5) & 3``) instead of one per element."""
+    word = (first >> 5)[:, :, None] + tl.arange(0, W).to(tl.int64)[None, None, :]
+    n = word >> 2
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    sel = word & 3
+    bits32 = tl.where(sel == 0, x0, tl.where(sel == 1, x1, tl.where(sel == 2, x2, x3)))
+    bits = (bits32[:, :, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, None, :]) & 1
+    z = tl.where(bits != 0, -1.0, 1.0)
+    return tl.reshape(z, (bits32.shape[0], bits32.shape[1], 32 * W))
+
+
+def aligned(family: str, offset: int, row: int, block: int) -> bool:
+    """Whether every row tile starts where the row form of the family's z applies: a multiple of 4
+    coordinates (Gaussian, sphere: :func:`row_normals`) or of 32 with 32-wide blocks (Rademacher)."""
+    if family == "rademacher":
+        return offset % 32 == 0 and row % 32 == 0 and block % 32 == 0
+    return offset % 4 == 0 and row % 4 == 0
+
+
+@triton.jit
 def load_factors(facs, d, dmask, j, PER: tl.constexpr):
     """Sphere: the float32 factor ``facs[d * PER + j]`` of each direction in ``d`` (1.0 where masked)."""
     return tl.load(facs + d * PER + j, mask=dmask, other=1.0)
@@ -109,7 +135,10 @@ def perturbed_linear_kernel(x, w, b, y, dirs, facs, M, N, K, D, w_offset, b_offs
         w_idx = rn[:, None] * K64 + rk[None, :]
         w_tile = load_f32(w, w_idx, (rn[:, None] < N) & kmask[None, :], DTYPE)
         if FAMILY == FAMILY_RADEMACHER:
-            z = element_signs((w_offset + w_idx)[None, :, :], k0_3, k1_3)
+            if ALIGNED:  # w_offset % 32 == 0, K % 32 == 0, BK % 32 == 0: one Philox word per 32
+                z = row_signs((w_offset + rn * K64 + k_start)[None, :], k0_3, k1_3, BK // 32)
+            else:
+                z = element_signs((w_offset + w_idx)[None, :, :], k0_3, k1_3)
         elif ALIGNED:  # w_offset % 4 == 0 and K % 4 == 0: each row's tile starts on a counter
             z = row_normals(((w_offset + rn * K64 + k_start) >> 2)[None, :], k0_3, k1_3, BK // 4)
         else:
@@ -225,6 +254,6 @@ def perturbed_linear(x, weight, bias, w_offset: int, b_offset, keys_lo, keys_hi,
             b_offset if b_offset is not None else 0,
             DTYPE=code, FAMILY=mt.FAMILY_CODES[family], SHARED_X=shared_x, HAS_BIAS=bias is not None,
             PERTURB_BIAS=b_offset is not None,
-            ALIGNED=(w_offset % 4 == 0 and k % 4 == 0), NATIVE=(code != 0 and not INTERPRET),
+            ALIGNED=aligned(family, w_offset, k, blocks["BK"]), NATIVE=(code != 0 and not INTERPRET),
             PRECISION=precision, **blocks, **COMPILE_OPTIONS)
     return y

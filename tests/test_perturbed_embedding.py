@@ -100,7 +100,7 @@ def test_argument_errors():
 
 @pytest.mark.parametrize("family", ["rademacher", "sphere"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab,hidden,offset", [(37, 7, 5), (20, 8, 128)])
+@pytest.mark.parametrize("vocab,hidden,offset", [(37, 7, 5), (20, 8, 128), (9, 96, 2**35 + 64)])
 def test_families_are_the_materialised_rows_bit_for_bit(family, dtype, vocab, hidden, offset):
     w = _table(vocab, hidden, dtype)
     ids = _ids((2, 5), vocab)

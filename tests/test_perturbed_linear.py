@@ -165,7 +165,7 @@ def _perturbed_family(t, seed, scale, offset, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,w_off", [(5, 7, 9, 3), (4, 6, 8, 200)])
+@pytest.mark.parametrize("m,n,k,w_off", [(5, 7, 9, 3), (4, 6, 8, 200), (3, 5, 96, 2**33 + 32)])
 def test_families_identity_probe_bit_for_bit(family, dtype, m, n, k, w_off):
     """x = identity rows, x = 0 for the bias: the kernel's perturbed weight and bias are perturb_'s
     bits of the same family (sphere: the factor of the whole tensor at its own offset)."""
