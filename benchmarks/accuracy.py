@@ -37,7 +37,7 @@ cells whose results predate a fix::
 
     superseded:
       - when: {mode: zo-sl}            # same keys as rules; omit for every cell
-        before: 1a2b3c4                # the fixing commit
+        before: "1a2b3c4"              # the fixing commit (quoted: digits-only ids read as numbers)
         reason: tied-direction ZO-SL baseline
 
 A finished cell it matches is *superseded* when any of its runs was on a commit that does not contain

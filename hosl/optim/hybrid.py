@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 from hosl.optim import functional as F
+from hosl.optim import linear_estimate as LE
+from hosl.optim.query_batch import ForwardProbe
 from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
@@ -38,6 +42,16 @@ class HybridOrderOptimizer(ZerothOrderBase):
     on the estimate ``g = mean_q g_q z_q``: ``"sgd"`` (default; ``w -= lr (g + wd w)``, no state),
     ``"momentum"`` (``momentum``), ``"adam"`` (``betas``, ``adam_eps``) or ``"sign"``, as in ZO-Bench;
     momentum and adam keep float32 state on the client (:meth:`state_nbytes`).
+
+    ``query_batch=D`` (or ``"auto"``, sized by ``query_memory_budget`` bytes): ``D`` perturbed points
+    per client forward over a ``D x B`` batch (:mod:`hosl.optim.batched_forward`). ``client_fn`` is
+    unchanged: the optimizer repeats the client module's batch inputs itself; ``server_loss_fn``
+    receives the ``D`` activations stacked (``D*B`` rows) and returns ``[D]`` losses, as with
+    ``server_batch``. Default 1: one point per forward (the client's memory floor).
+
+    ``server_estimate="linear"`` replaces the server's perturbed forwards by ``<dL/dh, h+ - h->/2eps``
+    with ``dL/dh`` from the clean backward (:mod:`hosl.optim.linear_estimate`); ``linear_on`` says
+    who computes the dot products (``"server"``, or ``"client"``, which then holds ``dL/dh``).
     """
 
     def __init__(
@@ -59,7 +73,15 @@ class HybridOrderOptimizer(ZerothOrderBase):
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        query_batch: int | str = 1,
+        query_memory_budget: int | None = None,
+        server_estimate: str = "exact",
+        linear_on: str = "server",
     ):
+        LE.check_options(server_estimate, linear_on)
+        if query_batch != 1 and server_batch != 1:
+            raise ValueError(f"query_batch={query_batch!r} batches the perturbed points itself: it takes neither "
+                             "server_batch > 1 nor client_micro_batch")
         if server_optimizer is not None and not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"server_optimizer must be a torch.optim.Optimizer or None, got {type(server_optimizer).__name__}"
@@ -70,12 +92,45 @@ class HybridOrderOptimizer(ZerothOrderBase):
             [client], lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
             difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
             direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
+            query_batch=query_batch, query_memory_budget=query_memory_budget,
         )
+        self.server_estimate, self.linear_on = server_estimate, linear_on
+        self._probe: ForwardProbe | None = None
         self.client = client
         self.server_optimizer = server_optimizer
         self.server_batch = server_batch
 
+    def _clean_probe(self):
+        """Around the clean forward: measures one copy's working set when ``query_batch`` needs it."""
+        if self.query_batch == 1 or (self.query_batch != "auto" and self.query_memory_budget is None):
+            self._probe = None
+            return contextlib.nullcontext()
+        self._probe = ForwardProbe([self.client])
+        return self._probe
+
+    def _perturbed_activations(self, client_fn, points):
+        """``(chunk, h)`` for the perturbed points: one point per client forward, or with
+        ``query_batch`` ``D`` points per forward (``h`` holds the chunk's copies stacked along dim 0)."""
+        if self.query_batch == 1:
+            for seed, sign in points:
+                with self.perturbed(seed, sign):
+                    yield [(seed, sign)], client_fn().detach()
+            return
+        d = self.query_batch_for(self._probe.per_copy_bytes() if self._probe else 0, len(points))
+        for start in range(0, len(points), d):
+            chunk = points[start : start + d]
+            with self.batched(chunk):
+                h = client_fn().detach()
+            if not any(p.root_calls for p in self.batch_perturbers) or h.shape[0] % len(chunk):
+                raise RuntimeError(
+                    f"with query_batch={self.query_batch!r}, client_fn must run the client module (the optimizer "
+                    f"repeats its batch inputs {len(chunk)} times) and return one activation row per input row; "
+                    f"got {h.shape[0]} rows for {len(chunk)} copies")
+            yield chunk, h
+
     def _perturbed_losses(self, client_fn, server_loss_fn, points) -> list[float]:
+        if self.query_batch != 1:
+            return self._batched_losses(client_fn, server_loss_fn, points)
         losses: list[float] = []
         for start in range(0, len(points), self.server_batch):
             chunk = points[start : start + self.server_batch]
@@ -98,21 +153,83 @@ class HybridOrderOptimizer(ZerothOrderBase):
             del activations
         return losses
 
+    def _batched_losses(self, client_fn, server_loss_fn, points) -> list[float]:
+        """``query_batch``: each chunk's ``D`` activations go to the server as one batch of copies."""
+        losses: list[float] = []
+        for chunk, h in self._perturbed_activations(client_fn, points):
+            with torch.no_grad():
+                out = server_loss_fn(h)
+            if len(chunk) == 1:
+                losses.append(float(scalar_loss(out, "server_loss_fn")))
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),):
+                raise ValueError(
+                    f"with query_batch={self.query_batch!r}, server_loss_fn must return one loss per copy "
+                    f"(shape [{len(chunk)}]) for {len(chunk)} stacked activations, got "
+                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+            losses.extend(out.float().tolist())
+        return losses
+
+    def _linear_server(self, h: torch.Tensor, server_loss_fn) -> LE.LinearServer:
+        """Where ``dL/dh`` lives: on ``h`` (in-process) or behind the split protocol's server."""
+        if h.grad is not None:
+            return LE.LocalLinearServer(h.grad)
+        remote = getattr(server_loss_fn, "linear_server", None)
+        if remote is not None:
+            return remote()
+        if self.server_optimizer is not None:
+            self.server_optimizer.zero_grad(set_to_none=True)
+        raise ValueError(LE.NO_GRADIENT)
+
+    def _linear_grads(self, client_fn, server: LE.LinearServer, h0: torch.Tensor, points) -> list[float]:
+        """``g_q`` from the activation differences and ``dL/dh`` (:mod:`hosl.optim.linear_estimate`)."""
+        eps = self.param_groups[0]["eps"]
+        if self.linear_on == "client":
+            g = server.activation_grad()
+            dots = lambda deltas: LE.dot_per_copy(g, deltas)  # noqa: E731
+        else:
+            dots = server.directional
+        central = self.difference == "central"
+        rows, pending, out = h0.shape[0], {}, []
+        for chunk, h in self._perturbed_activations(client_fn, points):
+            deltas = []
+            for i, (seed, sign) in enumerate(chunk):
+                hi = h[i * rows : (i + 1) * rows].float()
+                if not central:
+                    deltas.append(hi - h0.float())
+                elif sign > 0:
+                    pending[seed] = hi
+                else:
+                    deltas.append(pending.pop(seed) - hi)
+            if deltas:
+                out += dots(torch.cat(deltas, dim=0))
+        return [v / (2 * eps if central else eps) for v in out]
+
     def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor]):
         """One HOSL step; returns the clean loss (detached)."""
         call_checked(client_fn, "client_fn")
         call_checked(server_loss_fn, "server_loss_fn")
-        with torch.no_grad():
+        with torch.no_grad(), self._clean_probe():
             h0 = client_fn()
-        loss0 = scalar_loss(server_loss_fn(h0.detach()), "server_loss_fn")
+        linear = self.server_estimate == "linear"  # keep dL/dh at the clean point
+        h0 = h0.detach().requires_grad_(True) if linear else h0.detach()
+        loss0 = scalar_loss(server_loss_fn(h0), "server_loss_fn")
         clean = float(loss0.detach())
         if loss0.requires_grad and torch.isfinite(loss0):
             loss0.backward()
-        del h0  # the clean activation is not needed again: free it before the perturbed passes
+        server = self._linear_server(h0, server_loss_fn) if linear and math.isfinite(clean) else None
+        if not linear:
+            del h0  # the clean activation is not needed again: free it before the perturbed passes
 
         seeds = F.draw_seeds(self.generator, self.num_queries)
-        losses = self._perturbed_losses(client_fn, server_loss_fn, self.points(seeds))
-        grads = self.estimate(losses, clean)
+        if linear:
+            losses = []
+            grads = ([math.nan] * len(seeds) if server is None  # a non-finite clean loss: the update is skipped
+                     else self._linear_grads(client_fn, server, h0.detach(), self.points(seeds)))
+            del h0, server
+        else:
+            losses = self._perturbed_losses(client_fn, server_loss_fn, self.points(seeds))
+            grads = self.estimate(losses, clean)
         self.last_seeds, self.last_projected_grads = seeds, grads
         if F.all_finite([clean, *losses, *grads]):
             self.apply_update(seeds, grads)

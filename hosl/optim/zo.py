@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hosl.optim import functional as F
+from hosl.optim.query_batch import ForwardProbe
 from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
@@ -21,6 +22,12 @@ class ZerothOrderOptimizer(ZerothOrderBase):
     ``peers``: see :mod:`hosl.optim.zo_base` (ZO-SL with the server in another process).
     ``direction``, ``variant``, ``momentum``, ``betas``, ``adam_eps``: as for
     :class:`~hosl.optim.hybrid.HybridOrderOptimizer`.
+
+    ``query_batch=D`` (or ``"auto"`` with ``query_memory_budget``; not with ``peers``): ``D`` points per
+    forward over the modules' batch inputs repeated ``D`` times (:mod:`hosl.optim.batched_forward`);
+    ``loss_fn()`` then sees outputs with ``D*B`` rows (copy ``d`` at rows ``d*B ..``) and returns
+    ``[D]`` losses, one per copy (:func:`hosl.per_copy_mean`). With ``"auto"`` the first point of a
+    step runs alone to measure one copy's working set.
     """
 
     def __init__(
@@ -41,13 +48,43 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        query_batch: int | str = 1,
+        query_memory_budget: int | None = None,
     ):
         modules = [modules] if isinstance(modules, nn.Module) else list(modules)
         super().__init__(
             modules, lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
             difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
             peers=peers, direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
+            query_batch=query_batch, query_memory_budget=query_memory_budget,
         )
+
+    def _perturbed_losses(self, loss_fn, points) -> list[float]:
+        if self.query_batch == 1:
+            losses = []
+            for seed, sign in points:
+                with self.perturbed(seed, sign):
+                    losses.append(float(scalar_loss(loss_fn(), "loss_fn")))
+            return losses
+        losses, start, per_copy = [], 0, 0
+        if self.query_batch == "auto" or self.query_memory_budget is not None:
+            with self.perturbed(*points[0]), ForwardProbe([p.module for p in self.perturbers]) as probe:
+                losses.append(float(scalar_loss(loss_fn(), "loss_fn")))
+            start, per_copy = 1, probe.per_copy_bytes()
+        d = self.query_batch_for(per_copy, len(points))
+        for i in range(start, len(points), d):
+            chunk = points[i : i + d]
+            with self.batched(chunk):
+                out = loss_fn()
+            if len(chunk) == 1:
+                losses.append(float(scalar_loss(out, "loss_fn")))
+                continue
+            if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),):
+                raise ValueError(
+                    f"with query_batch={self.query_batch!r}, loss_fn must return one loss per copy (shape "
+                    f"[{len(chunk)}]), got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+            losses.extend(out.float().tolist())
+        return losses
 
     def step(self, loss_fn: Callable[[], torch.Tensor]):
         call_checked(loss_fn, "loss_fn")
@@ -56,10 +93,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             with torch.no_grad():
                 clean = float(scalar_loss(loss_fn(), "loss_fn"))
         seeds = F.draw_seeds(self.generator, self.num_queries)
-        losses = []
-        for seed, sign in self.points(seeds):
-            with self.perturbed(seed, sign):
-                losses.append(float(scalar_loss(loss_fn(), "loss_fn")))
+        losses = self._perturbed_losses(loss_fn, self.points(seeds))
         grads = self.estimate(losses, clean)
         self.last_seeds, self.last_projected_grads = seeds, grads
         if F.all_finite([*losses, *grads]):

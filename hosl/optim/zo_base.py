@@ -28,7 +28,8 @@ from torch import nn
 from hosl.optim import functional as F
 from hosl.directions.spec import FAMILIES
 from hosl.optim.layout import ParameterLayout, SphereScales
-from hosl.optim.fused_forward import PERTURBED_FORWARDS, make_perturber
+from hosl.optim.fused_forward import PERTURBED_FORWARDS, make_batched_perturber, make_perturber
+from hosl.optim import query_batch as QB
 
 logger = logging.getLogger("hosl.optim")
 
@@ -69,7 +70,13 @@ class ZerothOrderBase(torch.optim.Optimizer):
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        query_batch: int | str = 1,
+        query_memory_budget: int | None = None,
     ):
+        query_batch = QB.check_query_batch(query_batch)
+        query_memory_budget = QB.check_budget(query_memory_budget)
+        if query_batch != 1 and peers:
+            raise ValueError("query_batch must be 1 with peers (a peer is perturbed one point at a time)")
         _check_positive(lr, "lr", allow_zero=True)
         _check_positive(eps, "eps")
         _check_positive(num_queries, "num_queries", integer=True)
@@ -101,6 +108,10 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)]
         self.perturbers = [p for p, _ in made]
         self.perturbed_forward_info = [line for _, line in made]
+        # query_batch: D points per client forward (hosl.optim.batched_forward), built on first use
+        self.query_batch, self.query_memory_budget = query_batch, query_memory_budget
+        self.batch_perturbers = None
+        self.last_query_batch = 1  # the D the last step ran
         fell_back = perturbed_forward == "fused" and direction != "gaussian"
         for i, line in enumerate(self.perturbed_forward_info):
             logger.log(logging.WARNING if fell_back else logging.INFO, "%s module %d: %s", type(self).__name__, i, line)
@@ -127,6 +138,27 @@ class ZerothOrderBase(torch.optim.Optimizer):
             for peer in self.peers:
                 stack.enter_context(peer.perturbed(seed, sign * self.param_groups[0]["eps"]))
             yield
+
+    @contextlib.contextmanager
+    def batched(self, points: Sequence[tuple[int, float]]):
+        """All ZO-trained modules run the ``D = len(points)`` points ``(seed, sign)`` in one forward
+        over their inputs repeated ``D`` times (:mod:`hosl.optim.batched_forward`)."""
+        if self.batch_perturbers is None:
+            self.batch_perturbers = [make_batched_perturber(p.module, lay, self.backend, self.direction, sph)
+                                     for p, lay, sph in zip(self.perturbers, self.layouts, self.sphere_scales)]
+        with contextlib.ExitStack() as stack:
+            for group, perturber in zip(self.param_groups, self.batch_perturbers):
+                stack.enter_context(perturber.perturbed([(seed, sign * group["eps"]) for seed, sign in points]))
+            yield
+
+    def query_batch_for(self, per_copy_bytes: int, points: int) -> int:
+        """The ``D`` of this step (``query_batch``, or the ``"auto"`` choice), checked against
+        ``query_memory_budget``: a ValueError before any weight is touched when it cannot fit."""
+        weight_bytes = sum(s.param.numel() * s.param.element_size() for lay in self.layouts for s in lay.slots)
+        device = self.layouts[0].slots[0].param.device if self.layouts and self.layouts[0].slots else None
+        self.last_query_batch = QB.resolve(self.query_batch, self.query_memory_budget, per_copy_bytes, weight_bytes,
+                                           points, device)
+        return self.last_query_batch
 
     def points(self, seeds: Sequence[int]) -> list[tuple[int, float]]:
         signs = (1.0, -1.0) if self.difference == "central" else (1.0,)
