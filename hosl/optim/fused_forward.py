@@ -196,3 +196,15 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
     # "fused" (asked for, on any backend: off CUDA it runs the interpreter or the materialising ops)
     p = FusedPerturber(module, layout, backend, fused_backend=backend if backend is not None else "triton")
     return p, f"perturbed forward: {p.describe()}"
+
+
+def make_batched_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None,
+                           direction: str = "gaussian", sphere_scales=None):
+    """The :class:`~hosl.optim.batched_forward.BatchedPerturber` of ``query_batch > 1``: the fused
+    Triton ops where ``"auto"`` would pick them (CUDA + Triton), else ``backend``'s materialising ops
+    (one perturbed copy of one layer at a time). Every direction family runs fused."""
+    from hosl.optim.batched_forward import BatchedPerturber
+
+    fused_backend = "triton" if not fused_unavailable_reason([module], backend) else backend
+    return BatchedPerturber(module, layout, backend, fused_backend=fused_backend, direction=direction,
+                            sphere_scales=sphere_scales)
