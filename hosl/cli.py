@@ -111,8 +111,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="continue the run in --out from its newest intact checkpoint; every setting that "
                         "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change)")
     p.add_argument("--override", dest="overrides", action="append", default=[], metavar="FIELD",
-                   help="with --resume: allow FIELD to differ from the run's (lr_client, lr_server, data_dir); "
-                        "repeatable; recorded in metrics.jsonl and resumes.jsonl")
+                   help="with --resume: allow FIELD to differ from the run's: lr_client, lr_server, data_dir, "
+                        "server_batch, client_micro_batch, client_memory_budget; repeatable; recorded in "
+                        "metrics.jsonl and resumes.jsonl")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds one (hosl's files there are replaced)")
     p.add_argument("--seed", type=seed_int, default=d.seed, help="0 .. 2**63-1 (default %(default)s)")

@@ -12,7 +12,9 @@ Files are read in place with datasets' "csv"/"json" builders; nothing is copied 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -99,21 +101,37 @@ def _load_local(spec: TaskSpec, split: str, data_dir: Path) -> datasets.Dataset:
             f"task {spec.name!r} split {split!r}: no file at {str(path)!r}; {EXPECTED_LAYOUT}"
         )
     try:
-        if spec.local_format == "tsv":
-            # QUOTE_NONE: a quote character in a sentence is text, not a CSV quote.
-            # na_filter=False: a sentence like "null" or "nan" stays a string.
-            return datasets.load_dataset(
-                "csv",
-                data_files={split: str(path)},
-                split=split,
-                delimiter="\t",
-                quoting=csv.QUOTE_NONE,
-                na_filter=False,
-            )
-        return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        with _quiet_datasets_log():  # its own ERROR line would repeat the message below
+            return _read_local(spec, split, path)
     except Exception as exc:  # datasets wraps the parser's error (pandas, pyarrow) in its own classes
         kind = "tab-separated text with a header line" if spec.local_format == "tsv" else "JSON lines"
         raise DataError(f"{path}: cannot be read as {kind} ({_innermost(exc)})") from exc
+
+
+@contextlib.contextmanager
+def _quiet_datasets_log():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_local(spec: TaskSpec, split: str, path: Path) -> datasets.Dataset:
+    if spec.local_format == "tsv":
+        # QUOTE_NONE: a quote character in a sentence is text, not a CSV quote.
+        # na_filter=False: a sentence like "null" or "nan" stays a string.
+        return datasets.load_dataset(
+            "csv",
+            data_files={split: str(path)},
+            split=split,
+            delimiter="\t",
+            quoting=csv.QUOTE_NONE,
+            na_filter=False,
+        )
+    return datasets.load_dataset("json", data_files={split: str(path)}, split=split)
 
 
 def label_to_int(value, label_names: tuple) -> int:

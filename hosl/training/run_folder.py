@@ -36,8 +36,10 @@ NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress",
 # Settings that change how long the run goes and what it records, not the trajectory of its steps:
 # a resume may change them freely (each change is recorded).
 FREE = frozenset({"steps", "eval_every", "checkpoint_every", "eval_batch_size"})
-# Settings that change the trajectory but that a resume may change with --override FIELD.
-OVERRIDABLE = frozenset({"lr_client", "lr_server", "data_dir"})
+# Settings that change the trajectory but that a resume may change with --override FIELD: the
+# learning rates, where the data lives, and how passes are batched (same math, other rounding).
+OVERRIDABLE = frozenset({"lr_client", "lr_server", "data_dir", "server_batch", "client_micro_batch",
+                         "client_memory_budget"})
 
 
 class RunFolderError(ValueError):
