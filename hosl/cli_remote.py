@@ -8,7 +8,8 @@
 
 Both sides take the same training arguments (model, task, mode, cut, seed, ...); they compare the
 ones that matter at connect time. Each writes its own run folder under ``--out``: ``client/`` and
-``server/``.
+``server/``. Both must hold the same secret (``--secret-file PATH`` or ``HOSL_SECRET``); ``hosl
+serve`` without one generates it into ``OUT/server/secret`` and says how to pass it to the client.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 ROLES = ("local", "client", "server", "auto")
 
@@ -32,6 +34,9 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the other side to start and load its model (default %(default)s)")
     g.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"),
                    help="torch.distributed backend (default: nccl when CUDA is available, else gloo)")
+    g.add_argument("--secret-file", default=None, metavar="PATH",
+                   help="file holding the secret both sides share (default: the HOSL_SECRET environment variable; "
+                        "hosl serve without either generates one in OUT/server/secret, mode 0600)")
 
 
 def add_role_arg(p: argparse.ArgumentParser) -> None:
@@ -48,12 +53,25 @@ def register(sub, add_train_args, defaults) -> None:
     p.set_defaults(func=cmd_serve, role="server")
 
 
-def _connection(args):
+def _connection(args, role: str):
     from hosl.training.remote import Connection
+    from hosl.transport.auth import SECRET_ENV, load_secret
 
+    for name in ("peer_timeout", "connect_timeout"):
+        value = getattr(args, name)
+        if not (0 < value < float("inf")):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
+    found = load_secret(args.secret_file)
+    if found is None and args.role == "auto":
+        raise ValueError(f"--role auto (torchrun) needs the same secret on both ranks: set {SECRET_ENV} (e.g. "
+                         f"{SECRET_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))') torchrun ...) "
+                         f"or pass --secret-file")
+    if found is not None:
+        print(f"[hosl] {role}: using the shared secret from {found[1]}", file=sys.stderr, flush=True)
     return Connection(rank=args.rank, world_size=args.world_size, master_addr=args.master_addr,
                       master_port=args.master_port, peer_timeout=args.peer_timeout,
-                      connect_timeout=args.connect_timeout, backend=args.dist_backend)
+                      connect_timeout=args.connect_timeout, backend=args.dist_backend,
+                      secret=found[0] if found else None)
 
 
 def resolve_role(args) -> str:
@@ -69,7 +87,7 @@ def cmd_serve(args) -> int:
     from hosl.cli import _config_from
     from hosl.training.remote import run_server
 
-    return run_server(_config_from(args), _connection(args))
+    return run_server(_config_from(args), _connection(args, "server"))
 
 
 def cmd_train_remote(args) -> int:
@@ -79,8 +97,8 @@ def cmd_train_remote(args) -> int:
 
     role = resolve_role(args)
     if role == "server":
-        return run_server(_config_from(args), _connection(args))
-    summary = run_client(_config_from(args), _connection(args))
+        return run_server(_config_from(args), _connection(args, "server"))
+    summary = run_client(_config_from(args), _connection(args, "client"))
     keys = ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds",
             "bytes_up_per_step", "bytes_down_per_step")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:hosl. no compiled kernels"), py
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HOSL_DATA_DIR", ROOT / ".." / "shared" / "data"))
+SECRET = "a-shared-secret-for-the-tests"
 needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
 
 
@@ -39,7 +40,8 @@ def _free_port() -> int:
 def _start(out, mode="hosl", steps=4, *extra, port, peer_timeout=20):
     conn = ["--master-addr", "127.0.0.1", "--master-port", str(port), "--peer-timeout", str(peer_timeout)]
     cmd = [sys.executable, "-m", "hosl"]
-    common = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, HOSL_SECRET=SECRET)  # both sides prove it (hosl/transport/auth.py)
+    common = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     server = subprocess.Popen([*cmd, "serve", "--rank", "1", *_args(out, mode, steps, *extra), *conn], **common)
     client = subprocess.Popen([*cmd, "train", "--role", "client", "--rank", "0", *_args(out, mode, steps, *extra), *conn],
                               **common)

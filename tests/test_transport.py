@@ -18,10 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PEER = textwrap.dedent('''
     import json, os, sys, time, torch
     from hosl.transport import Kind, Message
+    from hosl.transport.auth import confirm_channel
     from hosl.transport.distributed import DistributedLink, Endpoint, connect, disconnect, handshake, serve
     rank, port, scenario, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    connect(rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port, timeout_s=60)
+    secret = b"a test secret of enough bytes"
+    run_id = connect(secret=secret, rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port, timeout_s=60)
     ep = Endpoint("server" if rank == 0 else "client", timeout_s=float(os.environ.get("PEER_TIMEOUT", "20")))
+    confirm_channel(ep, secret, run_id, 30)
     fields = {"model": "tiny-opt", "cut": 1, "eps": 1e-3}
     if scenario == "mismatch" and rank == 1:
         fields["cut"] = 2

@@ -3,23 +3,24 @@ server (server half, its optimizer, the labels' loss), talking over ``hosl.trans
 
 Each side writes its own run folder: ``OUT/client`` and ``OUT/server`` (so both can share one
 ``--out``, as they do under ``torchrun``). Order of events on each side: load the model (both
-build the same weights from the same arguments), rendezvous, compare configurations, then the
-client drives the conversation (``split_protocol``) and the server answers until the client says
+build the same weights from the same arguments), rendezvous, prove the shared secret both ways
+(``hosl/transport/auth.py``), compare configurations, then the client drives the conversation (``split_protocol``) and the server answers until the client says
 goodbye.
 
 Faults: a dead or silent peer ends this side within ``peer_timeout`` with a ``PeerLostError``
 naming the peer and the phase (the CLI exits with status 2). The first Ctrl-C asks for a clean
 stop: the client finishes the exchange in flight and sends a shutdown notice; the server answers
-the next request with one. A second Ctrl-C stops at once.
+the next request with one; while connecting, the first Ctrl-C stops at once. Exit status 130.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,13 +29,14 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import RunExistsError, _loss_fn, hyper, load_split_model, train, train_dropout
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf
-from hosl.transport import ShutdownCode
+from hosl.transport import SECRET_ENV, ShutdownCode
+from hosl.transport.auth import confirm_channel, write_secret_file
 from hosl.transport.distributed import DistributedLink, Endpoint, connect, disconnect, handshake, serve
 
 # What both sides must agree on. Fields that only the client uses (steps, data sizes, Q, ...)
 # are not compared: the server follows whatever the client sends.
 FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "seed", "eps", "lr_client", "lr_server", "momentum",
-                      "weight_decay", "direction", "zo_optimizer", "zo_momentum", "zo_betas", "lora", "lora_r",
+                      "weight_decay", "dropout", "direction", "zo_optimizer", "zo_momentum", "zo_betas", "lora", "lora_r",
                       "lora_alpha", "lora_targets", "lora_halves")
 
 
@@ -47,6 +49,17 @@ class Connection:
     peer_timeout: float = 30.0  # longest wait for any one answer once running
     connect_timeout: float = 300.0  # rendezvous, handshake and the first request (the peer may be loading)
     backend: str | None = None  # gloo | nccl (default: nccl when CUDA is available)
+    secret: bytes | None = field(default=None, repr=False)  # shared by both sides; see hosl/transport/auth.py
+
+    def where(self) -> str:
+        addr = self.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+        return f"{addr}:{self.master_port or os.environ.get('MASTER_PORT', '?')}"
+
+    def connect(self, stop_requested) -> str:
+        """Rendezvous and prove the secret (both ways); returns the run id."""
+        return connect(secret=self.secret, rank=self.rank, world_size=self.world_size, master_addr=self.master_addr,
+                       master_port=self.master_port, timeout_s=self.connect_timeout, backend=self.backend,
+                       stop_requested=stop_requested)
 
 
 def fingerprint(cfg: TrainConfig) -> dict:
@@ -100,14 +113,18 @@ def _check_split_mode(cfg: TrainConfig) -> None:
 def run_client(cfg: TrainConfig, conn: Connection) -> dict:
     """The client half: ``train`` with a link to the server process; returns the run's summary."""
     _check_split_mode(cfg)
+    if not conn.secret:
+        raise ValueError(f"the client needs the server's shared secret: pass --secret-file PATH (the file `hosl serve` "
+                         f"wrote, e.g. OUT/server/secret, copied over a secure channel) or set {SECRET_ENV}")
     cfg = replace(cfg, out=str(Path(cfg.out) / "client"))
     stop = StopOnInterrupt("client")
     links: list[DistributedLink] = []
 
     def connect_server() -> DistributedLink:
-        connect(rank=conn.rank, world_size=conn.world_size, master_addr=conn.master_addr,
-                master_port=conn.master_port, timeout_s=conn.connect_timeout, backend=conn.backend)
+        _say(f"client: waiting for the server on {conn.where()} (up to {conn.connect_timeout:g} s)")
+        run_id = conn.connect(stop.requested)
         endpoint = Endpoint("server", conn.peer_timeout)
+        confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
         handshake(endpoint, "client", fingerprint(cfg), conn.connect_timeout)
         _say(f"client: connected to the {endpoint.peer_name}")
         links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested))
@@ -139,19 +156,26 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:
         raise RunExistsError(f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not conn.secret:
+        secret_path = run_dir / "secret"
+        conn = replace(conn, secret=write_secret_file(secret_path))
+        _say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600). "
+             f"Start the client with --secret-file {secret_path} (copy the file over a secure channel, e.g. scp) "
+             f"or {SECRET_ENV}=\"$(cat {secret_path})\"")
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client  # that half lives in the client process
     half = ServerHalf(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
-                      train_dropout=train_dropout(cfg.mode), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
+                      train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
                       trainable_only_checkpoints=cfg.lora)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     stop = StopOnInterrupt("server")
     with stop:
         try:
-            connect(rank=conn.rank, world_size=conn.world_size, master_addr=conn.master_addr,
-                    master_port=conn.master_port, timeout_s=conn.connect_timeout, backend=conn.backend)
+            _say(f"server: waiting for the client on {conn.where()} (up to {conn.connect_timeout:g} s)")
+            run_id = conn.connect(stop.requested)
             endpoint = Endpoint("client", conn.peer_timeout)
+            confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
             handshake(endpoint, "server", fingerprint(cfg), conn.connect_timeout)
             _say(f"server: connected to the {endpoint.peer_name}; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
             code = serve(endpoint, half.handle, phase_names=PHASE_NAMES, stop_requested=stop.requested,

@@ -252,16 +252,17 @@ class ServerProxy:
                        tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)])
 
     def clean_loss(self, h: torch.Tensor) -> float:
-        return self.link.call(Phase.CLEAN_LOSS, self.step, tensors=[h.detach()]).floats[0]
+        return self.link.call(Phase.CLEAN_LOSS, self.step, tensors=[h.detach()], expect_floats=1).floats[0]
 
     def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
         """Losses without grad: a scalar for one copy of the batch, ``[copies]`` for several."""
         ints, floats = ([to_int64(point[0])], [point[1]]) if point is not None else ([], [])
-        values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=[h.detach()]).floats
+        values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=[h.detach()],
+                                expect_floats=max(1, h.shape[0] // max(self.rows, 1))).floats
         return torch.tensor(values[0] if h.shape[0] == self.rows else values, dtype=torch.float64)
 
     def backprop(self, h: torch.Tensor) -> tuple[float, torch.Tensor]:
-        reply = self.link.call(Phase.BACKPROP, self.step, tensors=[h.detach()])
+        reply = self.link.call(Phase.BACKPROP, self.step, tensors=[h.detach()], expect_floats=1, expect_tensors=1)
         return reply.floats[0], reply.tensors[0]
 
     def end_step(self, seeds=(), grads=()) -> None:
@@ -269,7 +270,8 @@ class ServerProxy:
 
     def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         reply = self.link.call(Phase.EVAL, self.step, tensors=[
-            h.detach(), batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=True)])
+            h.detach(), batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=True)],
+            expect_floats=1, expect_tensors=1)
         return reply.tensors[0], reply.floats[0]
 
     def save(self, step: int) -> None:

@@ -4,19 +4,23 @@ Knows nothing of ZO or of models: a phase is an opaque small integer, a payload 
 float64s and tensors. See docs/transport.md.
 """
 
+from hosl.transport.auth import SECRET_ENV, AuthError, ConnectError
 from hosl.transport.link import (
     ConfigMismatchError,
     Handler,
+    HandlerError,
     InProcessLink,
     Link,
     PeerError,
     PeerLostError,
+    PeerProtocolError,
     PeerShutdownError,
     RemoteError,
 )
 from hosl.transport.wire import PROTOCOL_VERSION, Kind, Message, ShutdownCode, message_nbytes
 
 __all__ = [
-    "ConfigMismatchError", "Handler", "InProcessLink", "Kind", "Link", "Message", "PROTOCOL_VERSION", "PeerError",
-    "PeerLostError", "PeerShutdownError", "RemoteError", "ShutdownCode", "message_nbytes",
+    "AuthError", "ConnectError", "SECRET_ENV", "ConfigMismatchError", "Handler", "HandlerError", "InProcessLink", "Kind", "Link", "Message", "PROTOCOL_VERSION",
+    "PeerError", "PeerLostError", "PeerProtocolError", "PeerShutdownError", "RemoteError", "ShutdownCode",
+    "message_nbytes",
 ]

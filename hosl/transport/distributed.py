@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import os
 import re
+import socket
 import struct
 import threading
 import time
@@ -25,20 +26,24 @@ from typing import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from hosl.transport.auth import ConnectError, authenticate_over_store
 from hosl.transport.link import (
     ConfigMismatchError,
     Handler,
+    HandlerError,
     Link,
     PeerLostError,
+    PeerProtocolError,
     PeerShutdownError,
     RemoteError,
 )
+from hosl.transport.waiting import call_bounded
 from hosl.transport.wire import (
     HEADER_LEN,
-    MAGIC,
     PROTOCOL_VERSION,
     TENSOR_HEADER_LEN,
     Kind,
+    check_header,
     Message,
     ShutdownCode,
     as_bytes,
@@ -53,16 +58,25 @@ TAG_HEADER, TAG_INTS, TAG_FLOATS, TAG_TENSOR_HEADERS, TAG_FIRST_TENSOR = 0, 1, 2
 
 def connect(
     *,
+    secret: bytes,
     rank: int | None = None,
     world_size: int | None = None,
     master_addr: str | None = None,
     master_port: int | None = None,
     timeout_s: float = 300.0,
     backend: str | None = None,
-) -> None:
-    """Join the two-process group. Anything not given comes from the environment that
-    ``torchrun`` sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). ``timeout_s`` bounds the
-    rendezvous (the other side may still be loading its model)."""
+    stop_requested: Callable[[], bool] | None = None,
+) -> str:
+    """Join the two-process group, after both sides proved they hold ``secret``; returns the run id.
+
+    Anything not given comes from the environment that ``torchrun`` sets (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT). Rank 0 hosts the rendezvous store (under torchrun, the agent does).
+    Everything (opening the store, the proof of the secret, forming the group) ends within
+    ``timeout_s`` (the other side may still be loading its model) with :class:`ConnectError` naming
+    the port and the cause, or :class:`AuthError`; ``stop_requested()`` turning true (Ctrl-C) raises
+    ``KeyboardInterrupt``. The caller confirms the secret over the new connection
+    (:func:`hosl.transport.auth.confirm_channel`) before sending anything else.
+    """
     env = os.environ
     rank = int(env["RANK"]) if rank is None and "RANK" in env else rank
     world_size = int(env.get("WORLD_SIZE", 2)) if world_size is None else world_size
@@ -74,10 +88,73 @@ def connect(
         raise ValueError(f"a split run has exactly two processes (client and server), got world size {world_size}")
     if rank not in (0, 1):
         raise ValueError(f"rank must be 0 or 1, got {rank}")
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = master_addr, str(master_port)
+    if not 0 < master_port < 65536:
+        raise ValueError(f"--master-port must be between 1 and 65535, got {master_port}")
+    if not secret:
+        raise ValueError("a two-process run needs a shared secret (--secret-file or HOSL_SECRET)")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    deadline = time.monotonic() + timeout_s
+    where = f"{master_addr}:{master_port}"
+    store = open_store(master_addr, master_port, rank, deadline, timeout_s, stop_requested)
+    run_id = authenticate_over_store(store, is_host=rank == 0, secret=secret, deadline=deadline, where=where,
+                                     stop_requested=stop_requested)
+    group_store = dist.PrefixStore(f"hosl/run/{run_id}/", store)
+    call_bounded(lambda: dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size,
+                                                 timeout=datetime.timedelta(seconds=timeout_s)),
+                 deadline + 1.0,
+                 lambda: ConnectError(f"the {backend} process group on {where} did not form within {timeout_s:g} s "
+                                      f"after both sides proved the secret (did the other side die?)"),
+                 stop_requested)
+    return run_id
+
+
+def open_store(addr: str, port: int, rank: int, deadline: float, timeout_s: float,
+               stop_requested: Callable[[], bool] | None = None):
+    """The rendezvous store: rank 0 listens on ``port`` (unless torchrun's agent already does),
+    rank 1 connects to ``addr:port``. A taken port, nobody listening, or a port held by a program
+    that does not answer as a store all end by ``deadline`` with a :class:`ConnectError` naming
+    the port and the cause."""
+    where = f"{addr}:{port}"
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    host = rank == 0 and not agent
+    store_timeout = datetime.timedelta(seconds=max(timeout_s, 1.0))
+
+    def make():
+        return dist.TCPStore(addr, port, 2, host, store_timeout, wait_for_workers=False, multi_tenant=True)
+
+    def on_timeout():
+        return ConnectError(f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}")
+
+    try:
+        return call_bounded(make, deadline, on_timeout, stop_requested)
+    except ConnectError:
+        raise
+    except RuntimeError as exc:
+        text = str(exc)
+        if host and ("EADDRINUSE" in text or "address already in use" in text.lower()):
+            raise ConnectError(f"cannot host the rendezvous on port {port}: the port is already in use (another run "
+                               f"or program holds it); choose another --master-port") from None
+        if host:
+            raise ConnectError(f"cannot host the rendezvous on port {port}: {_first_line(exc)}") from None
+        raise ConnectError(f"could not reach the rendezvous on {where}: {_port_cause(addr, port)} "
+                           f"[{_first_line(exc)}]") from None
+
+
+def _port_cause(addr: str, port: int) -> str:
+    """Why a connection to ``addr:port`` did not turn into a rendezvous, as far as a probe can tell."""
+    try:
+        with socket.create_connection((addr, port), timeout=2.0):
+            return (f"something listens on port {port} but does not answer as a torch.distributed store (the port "
+                    f"is taken by another program? check --master-port)")
+    except ConnectionRefusedError:
+        return f"nothing listens on port {port} (is the client, rank 0, started? check --master-addr/--master-port)"
+    except OSError as exc:
+        return f"cannot connect to {addr}:{port} ({exc.strerror or exc})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def disconnect() -> None:
@@ -157,16 +234,21 @@ class Endpoint:
         dev = self.device
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
         self._wait(self._post([lambda: dist.irecv(header, self.peer, tag=TAG_HEADER)], what), what, timeout_s)
-        magic, kind, phase, step, n_ints, n_floats, n_tensors, code = header.tolist()
-        if magic != MAGIC:
-            raise PeerLostError(f"the {self.peer_name} sent something that is not a hosl message while {what}")
+        values = header.tolist()
+        problem = check_header(values)
+        if problem is not None:
+            raise PeerProtocolError(f"the {self.peer_name} sent {problem} while {what}")
+        _magic, kind, phase, step, n_ints, n_floats, n_tensors, code = values
         ints = torch.empty(n_ints, dtype=torch.int64, device=dev)
         floats = torch.empty(n_floats, dtype=torch.float64, device=dev)
         theaders = torch.empty((n_tensors, TENSOR_HEADER_LEN), dtype=torch.int64, device=dev)
         small = [(TAG_INTS, ints), (TAG_FLOATS, floats), (TAG_TENSOR_HEADERS, theaders)]
         posts = [lambda t=t, tag=tag: dist.irecv(t, self.peer, tag=tag) for tag, t in small if t.numel()]
         self._wait(self._post(posts, what), what, timeout_s)
-        specs = [parse_tensor_header(h) for h in theaders.cpu()]
+        try:
+            specs = [parse_tensor_header(h) for h in theaders.cpu()]
+        except ValueError as exc:
+            raise PeerProtocolError(f"the {self.peer_name} sent a {exc} while {what}") from None
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
         posts = [lambda t=t, i=i: dist.irecv(as_bytes(t), self.peer, tag=TAG_FIRST_TENSOR + i)
                  for i, t in enumerate(tensors) if t.numel()]
@@ -182,6 +264,7 @@ class DistributedLink(Link):
                  stop_requested: Callable[[], bool] | None = None):
         super().__init__(phase_names)
         self.endpoint = endpoint
+        self.peer_label = endpoint.peer_name
         self.stop_requested = stop_requested or (lambda: False)
         self.closed = False
 
@@ -201,7 +284,7 @@ class DistributedLink(Link):
             self.closed = True
             raise PeerShutdownError(f"the {peer} shut down ({ShutdownCode(reply.code).name.lower()}) "
                                     f"instead of answering {what}", reply.code)
-        raise PeerLostError(f"the {peer} answered {what} with an unexpected {reply.kind.name} message")
+        raise PeerProtocolError(f"the {peer} answered {what} with an unexpected {reply.kind.name} message")
 
     def close(self, code: ShutdownCode = ShutdownCode.DONE) -> None:
         """Say goodbye and wait (briefly) for the server's acknowledgement; never raises."""
@@ -245,7 +328,8 @@ def serve(
                 pass
             return msg.code
         if msg.kind != Kind.REQUEST:
-            raise PeerLostError(f"the {endpoint.peer_name} sent an unexpected {msg.kind.name} message (last: {last})")
+            raise PeerProtocolError(f"the {endpoint.peer_name} sent an unexpected {msg.kind.name} message "
+                                    f"(last: {last})")
         last = f"phase '{names.get(msg.phase, msg.phase)}' of step {msg.step}"
         if stop_requested():
             try:
@@ -263,7 +347,7 @@ def serve(
                               "an error report", min(endpoint.timeout_s, 10.0))
             except PeerLostError:
                 pass
-            raise
+            raise HandlerError(f"could not answer {last} from the {endpoint.peer_name}: {text}") from exc
         endpoint.send(reply, f"the answer to {last}")
 
 

@@ -43,12 +43,22 @@ class RemoteError(PeerError):
     """The peer's handler raised; the text is the peer's error message."""
 
 
+class PeerProtocolError(PeerError):
+    """The peer sent a malformed message, or a reply without the fields the phase needs."""
+
+
+class HandlerError(RuntimeError):
+    """This side's handler failed to answer a request (the peer was told; the cause is chained)."""
+
+
 class ConfigMismatchError(ValueError):
     """The two sides were started with configurations that cannot work together."""
 
 
 class Link:
     """Client end of a request/reply conversation. Subclasses implement :meth:`_exchange`."""
+
+    peer_label = "server"  # how messages name the other side; DistributedLink adds its rank
 
     def __init__(self, phase_names: Mapping[int, str] | None = None):
         self.phase_names = dict(phase_names or {})
@@ -66,11 +76,21 @@ class Link:
         ints: Sequence[int] = (),
         floats: Sequence[float] = (),
         tensors: Sequence[torch.Tensor] = (),
+        expect_floats: int = 0,
+        expect_tensors: int = 0,
     ) -> Message:
+        """Send a request, return the reply. A reply with fewer than ``expect_floats`` floats or
+        ``expect_tensors`` tensors raises :class:`PeerProtocolError` naming the peer and the phase
+        (instead of an ``IndexError`` further up)."""
         request = Message(Kind.REQUEST, phase, step, list(ints), list(floats), list(tensors))
         self.bytes_up += message_nbytes(request)
         reply = self._exchange(request)
         self.bytes_down += message_nbytes(reply)
+        if len(reply.floats) < expect_floats or len(reply.tensors) < expect_tensors:
+            raise PeerProtocolError(
+                f"the {self.peer_label} answered phase '{self.phase_name(phase)}' of step {step} with "
+                f"{len(reply.floats)} floats and {len(reply.tensors)} tensors; expected at least {expect_floats} and "
+                f"{expect_tensors} (a different hosl version?)")
         return reply
 
     def _exchange(self, request: Message) -> Message:

@@ -37,6 +37,7 @@ class Kind(enum.IntEnum):
     ERROR = 3
     SHUTDOWN = 4
     HELLO = 5
+    AUTH = 6  # a nonce or an HMAC proof of the shared secret (hosl/transport/auth.py)
 
 
 class ShutdownCode(enum.IntEnum):
@@ -72,6 +73,24 @@ class Message:
         )
 
 
+MAX_SMALL_PAYLOAD = 1 << 24  # ints/floats in one message; a header claiming more is malformed
+MAX_TENSORS = 1 << 16
+
+
+def check_header(values: list[int]) -> str | None:
+    """What is wrong with a received header (``int64[8]``), or None when it is well formed."""
+    magic, kind, _phase, _step, n_ints, n_floats, n_tensors, _code = values
+    if magic != MAGIC:
+        return "something that is not a hosl message (bad magic number)"
+    if kind not in {int(k) for k in Kind}:
+        return f"a message of unknown kind {kind}"
+    for name, n, limit in (("ints", n_ints, MAX_SMALL_PAYLOAD), ("floats", n_floats, MAX_SMALL_PAYLOAD),
+                           ("tensors", n_tensors, MAX_TENSORS)):
+        if not 0 <= n <= limit:
+            return f"a malformed header ({n} {name})"
+    return None
+
+
 def tensor_header(t: torch.Tensor) -> torch.Tensor:
     if t.dtype not in DTYPE_CODES:
         raise TypeError(f"cannot send a {t.dtype} tensor; supported: {', '.join(map(str, DTYPES))}")
@@ -83,7 +102,7 @@ def tensor_header(t: torch.Tensor) -> torch.Tensor:
 
 def parse_tensor_header(h: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
     code, ndim, *shape = h.tolist()
-    if not 0 <= code < len(DTYPES) or not 0 <= ndim <= MAX_DIMS:
+    if not 0 <= code < len(DTYPES) or not 0 <= ndim <= MAX_DIMS or any(n < 0 for n in shape):
         raise ValueError(f"malformed tensor header {h.tolist()}")
     return DTYPES[code], tuple(shape[:ndim])
 
