@@ -68,6 +68,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--eps", type=finite_float, default=d.eps, help="ZO smoothing scale (default 1e-3; 5e-3 with --lora)")
     p.add_argument("--difference", default=d.difference, choices=("central", "forward"),
                    help="central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)")
+    p.add_argument("--dropout", default=d.dropout, choices=("off", "on"),
+                   help="dropout while training, the same in every mode (default %(default)s, as MeZO: a ZO "
+                        "estimate needs its + and - passes to see the same function)")
     p.add_argument("--lr-client", type=finite_float, default=d.lr_client,
                    help="client learning rate (default 1e-6 for ZO clients, 5e-5 with --lora; 1e-3 for FO clients)")
     p.add_argument("--lr-server", type=finite_float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")

@@ -3,6 +3,10 @@
 The direction ``z(seed)`` is indexed by the coordinate's position in the module's flattened
 parameter list, ordered by parameter name, so the numbering does not depend on construction order,
 device or backend. Only seeds need be kept to rebuild any direction.
+
+``offset`` places the module's first coordinate: a half of a split model numbered as part of the
+whole (ZO-SL's server half starts where the client's coordinates end, as in the unsplit model's
+numbering, where ``client.*`` sorts before ``server.*``).
 """
 
 from __future__ import annotations
@@ -33,13 +37,15 @@ def _is_norm(module: nn.Module) -> bool:
 class ParameterLayout:
     """The trainable parameters of ``module``, by name, with coordinate offsets and decay flags."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, offset: int = 0):
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be an integer >= 0, got {offset!r}")
         owner = {}
         for mod_name, mod in module.named_modules():
             for p_name, _ in mod.named_parameters(recurse=False):
                 owner[f"{mod_name}.{p_name}" if mod_name else p_name] = mod
         named = sorted((n, p) for n, p in module.named_parameters() if p.requires_grad)
-        slots, offset = [], 0
+        slots, start = [], offset
         for name, p in named:
             no_decay = (
                 name.endswith("bias")
@@ -47,12 +53,14 @@ class ParameterLayout:
                 or _is_norm(owner[name])
                 or any(h in name.lower() for h in _NORM_HINTS)
             )
-            slots.append(ParameterSlot(name, p, offset, not no_decay))
-            offset += p.numel()
+            slots.append(ParameterSlot(name, p, start, not no_decay))
+            start += p.numel()
         if not slots:
             raise ValueError("the module has no trainable parameters to optimise with ZO")
         self.slots: list[ParameterSlot] = slots
-        self.numel: int = offset
+        self.offset: int = offset  # first coordinate
+        self.numel: int = start - offset  # number of coordinates
+        self.end: int = start  # one past the last coordinate
         self.by_param = {id(s.param): s for s in slots}
         self.index = {id(s.param): j for j, s in enumerate(slots)}  # slot number by parameter
 

@@ -1,7 +1,8 @@
 """``ZerothOrderOptimizer``: ZO-SGD (MeZO's estimator; or a ZO variant) on one or more modules.
 
-The ZO-SL baseline (client and server both ZO) and MeZO on an unsplit model. Each module has its
-own coordinate numbering; one seed perturbs all of them at once.
+The ZO-SL baseline (client and server both ZO) and MeZO on an unsplit model. The modules share one
+coordinate numbering (each starts where the previous one ends, from ``coordinate_offset``), so
+``[client, server]`` is MeZO on the whole model; one seed perturbs all of them at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class ZerothOrderOptimizer(ZerothOrderBase):
     """``step(loss_fn)``: ``loss_fn()`` runs the modules and returns the loss (no gradient is used).
 
     ``peers``: see :mod:`hosl.optim.zo_base` (ZO-SL with the server in another process).
+    ``coordinate_offset``: the first module's first coordinate (ZO-SL's server half: the client's
+    coordinate count).
     ``direction``, ``variant``, ``momentum``, ``betas``, ``adam_eps``: as for
     :class:`~hosl.optim.hybrid.HybridOrderOptimizer`.
 
@@ -48,6 +51,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        coordinate_offset: int = 0,
         query_batch: int | str = 1,
         query_memory_budget: int | None = None,
     ):
@@ -56,7 +60,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             modules, lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
             difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
             peers=peers, direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
-            query_batch=query_batch, query_memory_budget=query_memory_budget,
+            coordinate_offset=coordinate_offset, query_batch=query_batch, query_memory_budget=query_memory_budget,
         )
 
     def _perturbed_losses(self, loss_fn, points) -> list[float]:

@@ -3,8 +3,10 @@
 A torch ``Optimizer`` subclass so LR schedulers and ``param_groups`` work as users expect: one
 param group per ZO-trained module, holding ``lr``, ``eps`` and ``weight_decay``.
 
-``peers`` are halves trained with the same directions somewhere this optimizer cannot reach (the
-ZO-SL server in another process): each gives a context manager ``perturbed(seed, scale)`` entered
+The modules share one coordinate numbering, in the order given, starting at ``coordinate_offset``
+(the ZO-SL server half passes the client's coordinate count, so the two halves are numbered as the
+unsplit model is). ``peers`` are halves trained with the same directions somewhere this optimizer
+cannot reach (the ZO-SL server in another process): each gives a context manager ``perturbed(seed, scale)`` entered
 together with the local perturbation (``scale = sign * eps`` of the first group), and
 ``update(seeds, grads)``, called after the local update (not when a step's update is skipped).
 The peer applies its own learning rate and weight decay.
@@ -70,6 +72,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        coordinate_offset: int = 0,
         query_batch: int | str = 1,
         query_memory_budget: int | None = None,
     ):
@@ -99,7 +102,10 @@ class ZerothOrderBase(torch.optim.Optimizer):
         _check_positive(adam_eps, "adam_eps")
         self.direction = direction
         self.variant = variant
-        self.layouts = [ParameterLayout(m) for m in modules]
+        # one numbering over all the modules (MeZO on the whole): each starts where the previous ends
+        self.layouts = []
+        for m in modules:
+            self.layouts.append(ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else coordinate_offset))
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
         self.sphere_scales = [SphereScales(lay, backend, keep=num_queries) if direction == "sphere" else None
                               for lay in self.layouts]

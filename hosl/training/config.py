@@ -30,6 +30,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     difference: str = "central"
+    dropout: str = "off"  # off | on, the same for every mode (ZO estimates need off, as MeZO)
     direction: str = "gaussian"  # ZO direction family: gaussian | rademacher | sphere
     zo_optimizer: str = "sgd"  # ZO update rule: sgd | momentum | adam | sign (ZO-Bench's)
     zo_momentum: float = 0.9  # of zo_optimizer=momentum
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.difference not in ("central", "forward"):
             raise ValueError(f"--difference must be central or forward, got {self.difference!r}")
+        if self.dropout not in ("off", "on"):
+            raise ValueError(f"--dropout must be off or on, got {self.dropout!r}")
         if self.direction not in FAMILIES:
             raise ValueError(f"--direction must be one of {', '.join(FAMILIES)}, got {self.direction!r}")
         if self.zo_optimizer not in VARIANTS:

@@ -144,10 +144,10 @@ def load_split_model(cfg: TrainConfig):
     return model_kind, tokenizer, client, server
 
 
-def train_dropout(mode: str) -> bool:
-    """Dropout stays off wherever a ZO estimate is taken: the + and - passes of a direction must
-    see the same function, or the loss difference measures dropout noise, not the direction."""
-    return mode in ("fo-sl", "fo")
+def train_dropout(cfg: TrainConfig) -> bool:
+    """``--dropout``, one policy for every mode (default off, as MeZO: the + and - passes of a ZO
+    direction must see the same function, or the loss difference measures dropout noise)."""
+    return cfg.dropout == "on"
 
 
 def _load_resume_state(state: dict, mode, half) -> None:
@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
     for note in data.notes:
         _say(note)
     model_kind, tokenizer, client, server = load_split_model(cfg)
-    fo_only = train_dropout(cfg.mode)
+    dropout_on = train_dropout(cfg)
     hp = hyper(cfg)
     loss_of = _loss_fn(model_kind)
     half = None
@@ -219,7 +219,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         server = None  # that half lives in the server process
         link = connect_server()
     elif cfg.mode in SPLIT_MODES:
-        half = ServerHalf(server, cfg.mode, hp, loss_of, model_kind, train_dropout=fo_only,
+        half = ServerHalf(server, cfg.mode, hp, loss_of, model_kind, train_dropout=dropout_on,
                           trainable_only_checkpoints=cfg.lora)
         link = InProcessLink(half.handle, PHASE_NAMES)
     else:
@@ -227,9 +227,9 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
     proxy = ServerProxy(link, model_kind) if link is not None else None
 
     def set_training(flag: bool) -> None:
-        client.train(flag and fo_only)
+        client.train(flag and dropout_on)
         if half is None and server is not None:  # a server half sets its own mode
-            server.train(flag and fo_only)
+            server.train(flag and dropout_on)
 
     set_training(True)
     mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)

@@ -192,7 +192,8 @@ class FOSLMode(SplitMode):
 
 
 class ZOSLMode(_ZOClientMode, SplitMode):
-    """Both halves ZO with the same seeds: the server half is a peer of the client's optimizer."""
+    """Both halves ZO with the same seeds: the server half is a peer of the client's optimizer, its
+    coordinates numbered after the client's (one numbering of the whole model, as ``zo`` has)."""
 
     name = "zo-sl"
 
@@ -203,7 +204,7 @@ class ZOSLMode(_ZOClientMode, SplitMode):
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
-        self.proxy.begin_step(self.step_number, batch)
+        self.proxy.begin_step(self.step_number, batch, client_coordinates=self.opt.layouts[0].numel)
 
         def loss():
             with torch.no_grad():

@@ -6,6 +6,8 @@ One training step, as the client's modes (``hosl/training/modes.py``) drive it:
 phase       up (client -> server)                  down (server -> client)
 ==========  =====================================  ==========================================
 begin-step  attention mask + the batch's labels    (ack)
+            [+ zo-sl: the client's coordinate
+            count]
 clean-loss  h (hosl: the clean activation)         loss; the server back-propagates it
 losses      h (copies stacked) [+ zo-sl: seed,     one loss per copy, no grad
             scale of the point]
@@ -15,6 +17,12 @@ eval        h, mask, the batch's scoring tensors   option scores / class logits,
 save        step                                   (ack) once the server's checkpoint is on disk
 resume      step (0: fresh start)                  (ack) once the server has loaded that step
 ==========  =====================================  ==========================================
+
+ZO-SL numbers the coordinates of the whole model once, as the unsplit ``zo`` mode does: the server
+half's first coordinate is the client's coordinate count, which the client sends with every
+``begin-step`` (the server builds its ZO optimizer from the first one and refuses a different count
+later). The two halves' perturbations are therefore independent parts of one direction, and ZO-SL
+is MeZO on the whole model.
 
 Labels travel up with the batch (``begin-step``), once per step: the client owns the data, and the
 server never reads a dataset, so the two can never disagree on the data order. The server
@@ -98,13 +106,12 @@ class ServerHalf:
         self.trainable_only_checkpoints = trainable_only_checkpoints  # LoRA: the adapters only
         self.rng_state = torch.Generator().manual_seed(hp.seed + 1).get_state()
         self.optimizer: torch.optim.Optimizer | None = None
+        # zo-sl: built once the client's coordinate count is known (the first begin-step)
         self.zo: ZerothOrderOptimizer | None = None
+        self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
         if mode in ("hosl", "fo-sl"):
             self.optimizer = torch.optim.SGD([p for p in server.parameters() if p.requires_grad], lr=hp.lr_server,
                                              momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:  # zo-sl: perturbed and updated with the client's seeds, direction family and update rule
-            # (its generator is unused; a momentum/adam rule keeps its own state of the server's weights)
-            self.zo = ZerothOrderOptimizer(server, **hp.zo_options())
         self.batch: dict = {}
         self.mask: torch.Tensor | None = None
         self.clean_loss = math.nan
@@ -120,6 +127,21 @@ class ServerHalf:
         finally:
             self.rng_state = torch.get_rng_state()
             torch.set_rng_state(outer)
+
+    def zo_for(self, client_coordinates: int) -> ZerothOrderOptimizer:
+        """ZO-SL: the server's ZO optimizer, its coordinates numbered after the client's
+        ``client_coordinates`` (built on first use; a later different count is refused)."""
+        if self.zo is None:
+            # perturbed and updated with the client's seeds, direction family and update rule (its
+            # generator is unused; a momentum/adam rule keeps its own state of the server's weights)
+            self.zo = ZerothOrderOptimizer(self.server, coordinate_offset=client_coordinates, **self.hp.zo_options())
+            if self._pending_zo_state is not None:
+                self.zo.load_state_dict(self._pending_zo_state)
+                self._pending_zo_state = None
+        elif self.zo.layouts[0].offset != client_coordinates:
+            raise ValueError(f"the client now counts {client_coordinates} coordinates, but the server half's "
+                             f"numbering starts at {self.zo.layouts[0].offset}: the two halves do not belong to one model")
+        return self.zo
 
     def _device(self) -> torch.device:
         return next(self.server.parameters()).device
@@ -143,6 +165,10 @@ class ServerHalf:
             if phase == Phase.BEGIN_STEP:
                 self.mask, *rest = tensors
                 self.batch = batch_from_server_side(rest, self.model_kind, for_eval=False)
+                if self.mode == "zo-sl":
+                    if len(request.ints) != 1:
+                        raise ValueError("a zo-sl begin-step must carry the client's coordinate count")
+                    self.zo_for(request.ints[0])
                 return self._reply(request)
             if phase == Phase.CLEAN_LOSS:  # hosl: FO at the clean point
                 loss = self._loss(tensors[0])
@@ -199,14 +225,17 @@ class ServerHalf:
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "zo": self.zo.state_dict() if self.zo is not None else None,
+                "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
                 "rng_state": self.rng_state}
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        if self.zo is not None and state.get("zo") is not None:
-            self.zo.load_state_dict(state["zo"])
+        if self.mode == "zo-sl" and state.get("zo") is not None:
+            if self.zo is not None:
+                self.zo.load_state_dict(state["zo"])
+            else:
+                self._pending_zo_state = state["zo"]
         self.rng_state = state["rng_state"]
 
     def save(self, step: int) -> None:
@@ -246,9 +275,10 @@ class ServerProxy:
         self.step = 0
         self.rows = 0
 
-    def begin_step(self, step: int, batch: dict) -> None:
+    def begin_step(self, step: int, batch: dict, client_coordinates: int | None = None) -> None:
+        """``client_coordinates`` (zo-sl): where the server half's coordinate numbering starts."""
         self.step, self.rows = step, batch["attention_mask"].shape[0]
-        self.link.call(Phase.BEGIN_STEP, step,
+        self.link.call(Phase.BEGIN_STEP, step, ints=[] if client_coordinates is None else [client_coordinates],
                        tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)])
 
     def clean_loss(self, h: torch.Tensor) -> float:
