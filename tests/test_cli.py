@@ -145,3 +145,16 @@ def test_demo_runs_the_three_modes_and_writes_its_table(tmp_path, capsys):
     assert len({r["eval_history"][0]["eval_accuracy"] for r in rows}) == 1
     table = capsys.readouterr().out
     assert all(f"{m} " in table for m in ("hosl", "zo-sl", "fo-sl")) and "->" in table
+
+
+@needs_data
+def test_resume_with_other_settings_is_refused_and_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(run, steps=2)) == 0
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert main(_args(run, "--resume", "--lr-client", "2e-3", steps=4)) == 2
+    err = capsys.readouterr().err
+    assert "--lr-client was 0.001, now 0.002" in err and "--override lr_client" in err
+    assert main(_args(run, "--resume", "--seed", "7", steps=4)) == 2
+    assert "--seed was 0, now 7" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
