@@ -30,7 +30,11 @@ PEER = textwrap.dedent('''
         fields["cut"] = 2
     try:
         handshake(ep, "client" if rank == 0 else "server", fields, 30)
-        if rank == 1:
+        if rank == 1 and scenario == "garbage":  # answer the first request with a header that is not hosl's
+            ep.recv("waiting for the request")
+            torch.distributed.send(torch.arange(8, dtype=torch.int64), 0, tag=0)
+            time.sleep(2)
+        elif rank == 1:
             def handle(req):
                 if scenario == "die" and req.phase == 7:
                     os._exit(9)
@@ -119,6 +123,13 @@ def test_mismatched_configuration_is_refused_on_both_sides(tmp_path):
     assert rc0 == 3 and rc1 == 3
     assert "ConfigMismatchError" in out0 and "cut is 1 here and 2 there" in out0 and "server (rank 1)" in out0
     assert "cut is 2 here and 1 there" in out1 and "client (rank 0)" in out1
+
+
+def test_a_malformed_reply_is_one_line_naming_the_peer_and_the_phase(tmp_path):
+    (rc0, out0), (rc1, out1) = _pair(tmp_path, "garbage")[0]
+    assert rc0 == 3 and rc1 == 0, out0 + out1
+    assert "PeerProtocolError: the server (rank 1) sent something that is not a hosl message" in out0
+    assert "phase 'phase 3' of step 11" in out0 and "Traceback" not in out0
 
 
 @pytest.mark.parametrize("scenario,peer_timeout", [("die", "20"), ("silent", "2")])
