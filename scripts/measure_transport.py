@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -74,9 +76,11 @@ def step_times(args) -> dict:
                    stdout=subprocess.DEVNULL)
     port = _free_port()
     conn = ["--master-addr", "127.0.0.1", "--master-port", str(port), "--out", str(out / "two")]
-    server = subprocess.Popen([*cmd, "serve", "--rank", "1", *common, *conn], cwd=ROOT, stdout=subprocess.DEVNULL)
+    env = dict(os.environ, HOSL_SECRET=secrets.token_hex(32))  # the two sides' shared secret
+    server = subprocess.Popen([*cmd, "serve", "--rank", "1", *common, *conn], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              env=env)
     subprocess.run([*cmd, "train", "--role", "client", "--rank", "0", *common, *conn], cwd=ROOT, check=True,
-                   timeout=1800, stdout=subprocess.DEVNULL)
+                   timeout=1800, stdout=subprocess.DEVNULL, env=env)
     server.wait(timeout=60)
     one = json.loads((out / "one" / "summary.json").read_text())
     two = json.loads((out / "two" / "client" / "summary.json").read_text())
