@@ -21,4 +21,11 @@ def split(model, cut: int):
     return _split(model, cut=cut)
 
 
-__all__ = ["HybridOrderOptimizer", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "__version__"]
+def merge(client, server, *, fold_lora: bool = True):
+    """The two halves of a split back as one Hugging Face model (``save_pretrained``-able). See hosl.export."""
+    from hosl.export import merge as _merge
+
+    return _merge(client, server, fold_lora=fold_lora)
+
+
+__all__ = ["HybridOrderOptimizer", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "merge", "__version__"]

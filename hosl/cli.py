@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from hosl import cli_remote
+from hosl import cli_export, cli_remote
 from hosl.directions.spec import FAMILIES
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.functional import VARIANTS
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_remote.add_connection_args(p_train)
     p_train.set_defaults(func=_cmd_train)
     cli_remote.register(sub, _add_train_args, TrainConfig())
+    cli_export.register(sub)
     p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL vs FO-SL side by side (CPU, ~5 minutes)")
     p_demo.add_argument("--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)")
     p_demo.add_argument("--out", default="runs/demo", help="(default %(default)s)")
