@@ -46,6 +46,18 @@ def seed_int(text: str) -> int:
     return value
 
 
+def _query_batch(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}")
+    return value
+
+
 def _betas(text: str) -> tuple[float, float]:
     parts = text.split(",")
     if len(parts) != 2:
@@ -97,6 +109,20 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="which half gets adapters; the other trains all its weights (default %(default)s)")
     p.add_argument("--server-batch", type=int, default=d.server_batch,
                    help="perturbed activations the server evaluates in one batch (default %(default)s: least memory)")
+    p.add_argument("--query-batch", type=_query_batch, default=d.query_batch, metavar="D",
+                   help="hosl / zo: run D perturbed points in one client forward over a D x B batch (fused "
+                        "linear/embedding with D directions on CUDA), or 'auto' (the largest D within "
+                        "--query-memory-budget); default %(default)s: one point per forward, the least memory")
+    p.add_argument("--query-memory-budget", type=int, default=d.query_memory_budget, metavar="BYTES",
+                   help="bytes the batched points may add to the client's peak (--query-batch auto picks D from "
+                        "it; an explicit D beyond it is refused; default for auto: 1/4 of the client's weights)")
+    p.add_argument("--server-estimate", default=d.server_estimate, choices=("exact", "linear"),
+                   help="hosl: exact (the server runs every perturbed activation, default) or linear "
+                        "(dL/dh . (h+ - h-) / 2eps from the server's clean backward: one server forward per step)")
+    p.add_argument("--linear-on", default=d.linear_on, choices=("server", "client"),
+                   help="linear estimate: the server computes the Q dot products (default; the client uploads "
+                        "Q activation differences) or the client does, after receiving dL/dh (which tells it "
+                        "about the labels; see docs/optimizer.md)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")

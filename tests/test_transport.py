@@ -2,9 +2,11 @@
 
 import json
 import socket
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,15 @@ PEER = textwrap.dedent('''
             ep.recv("waiting for the request")
             torch.distributed.send(torch.arange(8, dtype=torch.int64), 0, tag=0)
             time.sleep(2)
+        elif rank == 1 and scenario == "idle":  # Ctrl-C (SIGINT) while no request comes
+            import signal
+            flag = []
+            signal.signal(signal.SIGINT, lambda *a: flag.append(1))
+            try:
+                serve(ep, lambda req: Message(Kind.REPLY, req.phase, req.step), stop_requested=lambda: bool(flag))
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
+                sys.exit(130)
         elif rank == 1:
             def handle(req):
                 if scenario == "die" and req.phase == 7:
@@ -53,7 +64,10 @@ PEER = textwrap.dedent('''
             torch.save({"sent": tensors, "got": reply.tensors, "ints": reply.ints, "floats": reply.floats,
                         "phase": reply.phase, "step": reply.step,
                         "bytes": [link.bytes_up, link.bytes_down]}, out)
-            if scenario in ("die", "silent"):
+            if scenario == "idle":  # the server is interrupted meanwhile; then ask again
+                while not os.path.exists(out + ".go"):
+                    time.sleep(0.1)
+            if scenario in ("die", "silent", "idle"):
                 link.call(7, 12, tensors=[torch.ones(4)])
             link.close()
             result = {}
@@ -139,3 +153,29 @@ def test_a_dead_or_silent_server_is_reported_with_the_phase(tmp_path, scenario, 
     assert rc0 == 3, out0
     assert "PeerLostError" in out0 and "server (rank 1)" in out0 and "phase 'seven' of step 12" in out0
     assert ("within 2 s" in out0) if scenario == "silent" else ("connection closed" in out0)
+
+
+def test_ctrl_c_on_an_idle_server_ends_it_with_130_and_the_client_is_told(tmp_path):
+    port, out = _free_port(), tmp_path / "reply.pt"
+    env = {"PEER_TIMEOUT": "20", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    client, server = (subprocess.Popen([sys.executable, "-c", PEER, str(rank), str(port), "idle", str(out)], cwd=ROOT,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                      for rank in (0, 1))
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and time.monotonic() < deadline:  # the first exchange is done; the server idles
+            assert client.poll() is None and server.poll() is None
+            time.sleep(0.1)
+        server.send_signal(signal.SIGINT)
+        out_s, _ = server.communicate(timeout=60)
+        assert server.returncode == 130 and "INTERRUPTED" in out_s, out_s
+        Path(str(out) + ".go").touch()
+        out_c, _ = client.communicate(timeout=60)
+        # the server is gone: the client reads its notice, or finds the connection closed; either way one
+        # line naming the server and the phase it asked for
+        assert client.returncode == 3 and "the server (rank 1)" in out_c and "phase 'seven' of step 12" in out_c, out_c
+        assert "shut down (interrupted)" in out_c or "connection closed" in out_c, out_c
+    finally:
+        for p in (client, server):
+            if p.poll() is None:
+                p.kill()

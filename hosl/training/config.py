@@ -41,6 +41,10 @@ class TrainConfig:
     lora_targets: str | None = None  # comma-separated module names; None: per architecture
     lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
     server_batch: int = 1
+    query_batch: int | str = 1  # hosl, zo: perturbed points per client forward, or "auto" (query_memory_budget)
+    query_memory_budget: int | None = None  # bytes the batched points may add; "auto"'s budget
+    server_estimate: str = "exact"  # hosl: exact (a server forward per point) | linear (dL/dh . (h+ - h-))
+    linear_on: str = "server"  # hosl linear: who computes the dot products: server | client (receives dL/dh)
     steps: int = 1000
     batch_size: int = 16
     max_length: int = 128
@@ -125,11 +129,32 @@ class TrainConfig:
         if len(betas) != 2:
             raise ValueError(f"--zo-betas must be two numbers (beta1,beta2), got {self.zo_betas!r}")
         self.zo_betas = tuple(float(b) for b in betas)
+        self._validate_step_options()
         if self.lora:
             positive("lora_r", integer=True)
             positive("lora_alpha")
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
+
+    def _validate_step_options(self) -> None:
+        """--query-batch, --query-memory-budget, --server-estimate, --linear-on (docs/optimizer.md)."""
+        qb = self.query_batch
+        if qb != "auto" and (isinstance(qb, bool) or not isinstance(qb, int) or qb < 1):
+            raise ValueError(f"--query-batch must be an integer >= 1 or auto, got {qb!r}")
+        if qb != 1 and self.mode not in ("hosl", "zo"):
+            raise ValueError(f"--query-batch batches the perturbed points of --mode hosl or zo (zo-sl perturbs its "
+                             f"server one point at a time), got --mode {self.mode}")
+        budget = self.query_memory_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"--query-memory-budget must be a number of bytes >= 0, got {budget!r}")
+        if self.server_estimate not in ("exact", "linear"):
+            raise ValueError(f"--server-estimate must be exact or linear, got {self.server_estimate!r}")
+        if self.server_estimate == "linear" and self.mode != "hosl":
+            raise ValueError(f"--server-estimate linear needs the server's gradient (--mode hosl), got --mode {self.mode}")
+        if self.linear_on not in ("server", "client"):
+            raise ValueError(f"--linear-on must be server or client, got {self.linear_on!r}")
+        if self.linear_on == "client" and self.server_estimate != "linear":
+            raise ValueError("--linear-on client applies to --server-estimate linear")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -121,6 +121,8 @@ def hyper(cfg: TrainConfig) -> Hyper:
                  num_queries=cfg.num_queries, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                  server_batch=cfg.server_batch, difference=cfg.difference, seed=cfg.seed, backend=cfg.backend,
                  direction=cfg.direction, zo_optimizer=cfg.zo_optimizer, zo_momentum=cfg.zo_momentum,
+                 query_batch=cfg.query_batch, query_memory_budget=cfg.query_memory_budget,
+                 server_estimate=cfg.server_estimate, linear_on=cfg.linear_on,
                  zo_betas=tuple(cfg.zo_betas))
 
 

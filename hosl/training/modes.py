@@ -48,12 +48,21 @@ class Hyper:
     zo_optimizer: str = "sgd"
     zo_momentum: float = 0.9
     zo_betas: tuple = (0.9, 0.999)
+    query_batch: int | str = 1  # hosl, zo: perturbed points per client forward (or "auto")
+    query_memory_budget: int | None = None  # bytes the batched points may add ("auto"'s budget)
+    server_estimate: str = "exact"  # hosl: "exact" (a server forward per point) or "linear" (dL/dh . dh)
+    linear_on: str = "server"  # hosl linear: who computes the dot products (the server, or the client)
 
     def zo_options(self) -> dict:
         """The ZO optimizers' keyword arguments these settings give (every ZO-trained half uses them)."""
         return dict(lr=self.lr_client, eps=self.eps, num_queries=self.num_queries, weight_decay=self.weight_decay,
                     difference=self.difference, seed=self.seed, backend=self.backend, direction=self.direction,
                     variant=self.zo_optimizer, momentum=self.zo_momentum, betas=tuple(self.zo_betas))
+
+    def hosl_options(self) -> dict:
+        """The HOSL client optimizer's own options: batched points and the server's estimate."""
+        return dict(query_batch=self.query_batch, query_memory_budget=self.query_memory_budget,
+                    server_estimate=self.server_estimate, linear_on=self.linear_on)
 
 
 def _inputs(batch):
@@ -148,12 +157,14 @@ class HOSLMode(_ZOClientMode, SplitMode):
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
-        self.opt = HybridOrderOptimizer(client, None, server_batch=hp.server_batch, **hp.zo_options())
+        self.opt = HybridOrderOptimizer(client, None, server_batch=hp.server_batch, **hp.zo_options(),
+                                        **hp.hosl_options())
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
         self.proxy.begin_step(self.step_number, batch)
-        loss = float(self.opt.step(lambda: self.run_client(ids, mask), self.proxy.hosl_loss_fn()))
+        server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
+        loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss))
         self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
         return loss
 
@@ -256,10 +267,14 @@ class ZOMode(_ZOClientMode, Mode):
     def __init__(self, client, server, hp, loss_of):
         super().__init__(client, server, hp, loss_of)
         self.whole = _Whole(client, server)
-        self.opt = ZerothOrderOptimizer(self.whole, **hp.zo_options())
+        self.opt = ZerothOrderOptimizer(self.whole, query_batch=hp.query_batch,
+                                        query_memory_budget=hp.query_memory_budget, **hp.zo_options())
 
     def step(self, batch) -> float:
-        return float(self.opt.step(lambda: self.loss_of(self.whole(*_inputs(batch)), batch, 1)))
+        def loss():  # with query_batch, the output holds D copies of the batch: one loss per copy
+            out = self.whole(*_inputs(batch))
+            return self.loss_of(out, batch, out.shape[0] // batch["input_ids"].shape[0])
+        return float(self.opt.step(loss))
 
     def optimizers(self):
         return {"zo": self.opt}

@@ -16,7 +16,16 @@ end-step    [zo-sl: seeds, projected grads]        (ack); the server's optimizer
 eval        h, mask, the batch's scoring tensors   option scores / class logits, loss sum
 save        step                                   (ack) once the server's checkpoint is on disk
 resume      step (0: fresh start)                  (ack) once the server has loaded that step
+linear-     (hosl linear, --linear-on client)      dL/dh at the clean point (once per step)
+grad
+linear-     h+ - h- per direction (copies          <dL/dh, difference> per copy
+dots        stacked; hosl linear, on the server)
 ==========  =====================================  ==========================================
+
+HOSL's linear estimate (``--server-estimate linear``): the clean-loss request asks the server to
+keep dL/dh (ints ``[1]``); the client then asks for the Q scalars (``linear-dots``, Q activation
+differences up) or, only when the server was started with ``--linear-on client``, for dL/dh itself
+(``linear-grad``, once). No ``losses`` phase runs.
 
 ZO-SL numbers the coordinates of the whole model once, as the unsplit ``zo`` mode does: the server
 half's first coordinate is the client's coordinate count, which the client sends with every
@@ -59,6 +68,8 @@ class Phase(enum.IntEnum):
     EVAL = 6
     SAVE = 7
     RESUME = 8
+    LINEAR_GRAD = 9
+    LINEAR_DOTS = 10
 
 
 PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
@@ -115,6 +126,7 @@ class ServerHalf:
         self.batch: dict = {}
         self.mask: torch.Tensor | None = None
         self.clean_loss = math.nan
+        self.activation_grad: torch.Tensor | None = None  # hosl linear: dL/dh at this step's clean point
         self.server.train(train_dropout)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -171,11 +183,18 @@ class ServerHalf:
                     self.zo_for(request.ints[0])
                 return self._reply(request)
             if phase == Phase.CLEAN_LOSS:  # hosl: FO at the clean point
-                loss = self._loss(tensors[0])
+                h = tensors[0]
+                keep_grad = bool(request.ints) and request.ints[0] == 1  # hosl linear: keep dL/dh
+                if keep_grad:
+                    h = h.detach().requires_grad_(True)
+                loss = self._loss(h)
                 self.clean_loss = float(loss.detach())
                 if loss.requires_grad and math.isfinite(self.clean_loss):
                     loss.backward()
+                self.activation_grad = h.grad if keep_grad else None
                 return self._reply(request, floats=[self.clean_loss])
+            if phase in (Phase.LINEAR_GRAD, Phase.LINEAR_DOTS):
+                return self._linear_reply(request, phase, tensors)
             if phase == Phase.LOSSES:
                 point = self.zo.perturbers[0].perturbed(from_int64(request.ints[0]), request.floats[0]) \
                     if request.ints else contextlib.nullcontext()
@@ -202,6 +221,20 @@ class ServerHalf:
             return self._reply(request)
         raise ValueError(f"unknown phase {request.phase}")
 
+    def _linear_reply(self, request: Message, phase: Phase, tensors: list[torch.Tensor]) -> Message:
+        """hosl's linear estimate: dL/dh itself (only with linear_on='client') or its dot products."""
+        if self.activation_grad is None:
+            raise ValueError("no dL/dh at the clean point for this step (the clean-loss request did not ask to "
+                             "keep it, the clean loss was not finite, or the server half has no gradient)")
+        if phase == Phase.LINEAR_GRAD:
+            if getattr(self.hp, "linear_on", "server") != "client":
+                raise ValueError("the client asked for dL/dh but this server keeps it (linear_on='server'); "
+                                 "start both sides with --linear-on client to send it down")
+            return self._reply(request, tensors=[self.activation_grad])
+        from hosl.optim.linear_estimate import dot_per_copy
+
+        return self._reply(request, floats=dot_per_copy(self.activation_grad, tensors[0]))
+
     def _end_step(self, request: Message) -> None:
         if self.optimizer is not None:
             if math.isfinite(self.clean_loss):
@@ -210,6 +243,7 @@ class ServerHalf:
         elif request.ints:  # zo-sl: the client's update, with the same seeds and estimates
             self.zo.apply_update([from_int64(s) for s in request.ints], request.floats)
         self.clean_loss = math.nan
+        self.activation_grad = None
 
     def _eval(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         h, mask, *rest = tensors
@@ -281,8 +315,11 @@ class ServerProxy:
         self.link.call(Phase.BEGIN_STEP, step, ints=[] if client_coordinates is None else [client_coordinates],
                        tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)])
 
-    def clean_loss(self, h: torch.Tensor) -> float:
-        return self.link.call(Phase.CLEAN_LOSS, self.step, tensors=[h.detach()], expect_floats=1).floats[0]
+    def clean_loss(self, h: torch.Tensor, keep_grad: bool = False) -> float:
+        """The server's loss at the clean point, back-propagated there (``keep_grad``: and dL/dh kept
+        for the linear estimate)."""
+        ints = [1] if keep_grad else []
+        return self.link.call(Phase.CLEAN_LOSS, self.step, ints=ints, tensors=[h.detach()], expect_floats=1).floats[0]
 
     def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
         """Losses without grad: a scalar for one copy of the batch, ``[copies]`` for several."""
@@ -310,17 +347,34 @@ class ServerProxy:
     def resume(self, step: int) -> None:
         self.link.call(Phase.RESUME, step)
 
-    def hosl_loss_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hosl_loss_fn(self, linear: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         """``server_loss_fn`` for ``HybridOrderOptimizer.step``: called with grad enabled it is the
         clean point (the server back-propagates on its side and the returned loss carries no
-        graph); called under ``no_grad`` it evaluates perturbed activations."""
+        graph); called under ``no_grad`` it evaluates perturbed activations. ``linear``: the server
+        keeps dL/dh and ``server_loss.linear_server()`` reaches it (``server_estimate="linear"``)."""
 
         def server_loss(h: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled():
-                return torch.tensor(self.clean_loss(h), dtype=torch.float64)
+                return torch.tensor(self.clean_loss(h, keep_grad=linear), dtype=torch.float64)
             return self.losses(h)
 
+        server_loss.linear_server = lambda: RemoteLinearServer(self)  # hosl's linear estimate
         return server_loss
+
+
+class RemoteLinearServer:
+    """:class:`hosl.optim.linear_estimate.LinearServer` over the link: dL/dh stays on the server
+    (``directional``: the differences go up, one scalar per copy comes down) unless the server
+    allows ``activation_grad`` (``--linear-on client``)."""
+
+    def __init__(self, proxy: ServerProxy):
+        self.proxy = proxy
+
+    def activation_grad(self) -> torch.Tensor:
+        return self.proxy.link.call(Phase.LINEAR_GRAD, self.proxy.step).tensors[0]
+
+    def directional(self, deltas: torch.Tensor) -> list[float]:
+        return list(self.proxy.link.call(Phase.LINEAR_DOTS, self.proxy.step, tensors=[deltas.detach()]).floats)
 
 
 class ServerPerturbationPeer:

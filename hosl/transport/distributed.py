@@ -189,7 +189,9 @@ class Endpoint:
         return PeerLostError(f"lost the {self.peer_name} while {what}: the connection closed "
                              f"(did it die?) [{detail}]")
 
-    def _wait(self, works, what: str, timeout_s: float) -> None:
+    def _wait(self, works, what: str, timeout_s: float, stop_requested: Callable[[], bool] | None = None) -> None:
+        """Wait for ``works``; ``stop_requested()`` turning true meanwhile raises ``KeyboardInterrupt``
+        (only for waits where stopping loses nothing: the server idle between requests)."""
         deadline = time.monotonic() + timeout_s
         done, failure = threading.Event(), []
 
@@ -206,7 +208,9 @@ class Endpoint:
                 done.set()
 
         threading.Thread(target=wait_all, name="hosl-wire-wait", daemon=True).start()
-        done.wait()
+        while not done.wait(0.2):
+            if stop_requested is not None and stop_requested():
+                raise KeyboardInterrupt
         if failure:
             exc = failure[0]
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -229,11 +233,14 @@ class Endpoint:
         works = self._post([lambda t=t, tag=tag: dist.isend(t.to(dev), self.peer, tag=tag) for tag, t in parts], what)
         self._wait(works, what, timeout_s or self.timeout_s)
 
-    def recv(self, what: str, timeout_s: float | None = None) -> Message:
+    def recv(self, what: str, timeout_s: float | None = None,
+             stop_requested: Callable[[], bool] | None = None) -> Message:
+        """The next message. ``stop_requested`` applies while waiting for it to begin."""
         timeout_s = timeout_s or self.timeout_s
         dev = self.device
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
-        self._wait(self._post([lambda: dist.irecv(header, self.peer, tag=TAG_HEADER)], what), what, timeout_s)
+        self._wait(self._post([lambda: dist.irecv(header, self.peer, tag=TAG_HEADER)], what), what, timeout_s,
+                   stop_requested)
         values = header.tolist()
         problem = check_header(values)
         if problem is not None:
@@ -282,8 +289,8 @@ class DistributedLink(Link):
             raise RemoteError(f"the {peer} failed in {what}: {tensor_text(reply.tensors[0]) if reply.tensors else '?'}")
         if reply.kind == Kind.SHUTDOWN:
             self.closed = True
-            raise PeerShutdownError(f"the {peer} shut down ({ShutdownCode(reply.code).name.lower()}) "
-                                    f"instead of answering {what}", reply.code)
+            why = {int(c): c.name.lower() for c in ShutdownCode}.get(reply.code, f"code {reply.code}")
+            raise PeerShutdownError(f"the {peer} shut down ({why}) instead of answering {what}", reply.code)
         raise PeerProtocolError(f"the {peer} answered {what} with an unexpected {reply.kind.name} message")
 
     def close(self, code: ShutdownCode = ShutdownCode.DONE) -> None:
@@ -299,6 +306,9 @@ class DistributedLink(Link):
             pass
 
 
+IDLE_STOP_GRACE_S = 2.0  # after a Ctrl-C, how long the server waits for a request to answer with the notice
+
+
 def serve(
     endpoint: Endpoint,
     handler: Handler,
@@ -309,16 +319,35 @@ def serve(
 ) -> int:
     """Answer requests with ``handler`` until the client says goodbye; returns its shutdown code.
 
-    A handler exception is reported to the client (an ERROR message) and re-raised here. When
-    ``stop_requested()`` turns true (Ctrl-C), the next request is answered with a SHUTDOWN notice
-    and ``KeyboardInterrupt`` is raised.
+    A handler exception is reported to the client (an ERROR message) and re-raised here as a
+    :class:`HandlerError`. When ``stop_requested()`` turns true (Ctrl-C), the next request is
+    answered with a SHUTDOWN notice and ``KeyboardInterrupt`` is raised; if no request comes
+    within ``IDLE_STOP_GRACE_S``, the notice is sent unasked (the client reads it as the answer to
+    its next request) and ``KeyboardInterrupt`` is raised all the same.
     """
     names = dict(phase_names or {})
     stop_requested = stop_requested or (lambda: False)
+    first_seen: list[float] = []
+
+    def stop_while_idle() -> bool:
+        if not stop_requested():
+            return False
+        first_seen[:] = first_seen or [time.monotonic()]
+        return time.monotonic() - first_seen[0] >= IDLE_STOP_GRACE_S
+
     last = "the start of the run"
     timeout = first_timeout_s
     while True:
-        msg = endpoint.recv(f"waiting for the next request from the client (last: {last})", timeout)
+        try:
+            msg = endpoint.recv(f"waiting for the next request from the client (last: {last})", timeout,
+                                stop_while_idle)
+        except KeyboardInterrupt:  # Ctrl-C while idle: the client reads the notice as its next answer
+            try:
+                endpoint.send(Message(Kind.SHUTDOWN, code=int(ShutdownCode.INTERRUPTED)), "the shutdown notice",
+                              min(endpoint.timeout_s, 5.0))
+            except PeerLostError:
+                pass
+            raise
         timeout = None
         if msg.kind == Kind.SHUTDOWN:
             try:
