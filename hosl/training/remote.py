@@ -4,8 +4,8 @@ server (server half, its optimizer, the labels' loss), talking over ``hosl.trans
 Each side writes its own run folder: ``OUT/client`` and ``OUT/server`` (so both can share one
 ``--out``, as they do under ``torchrun``). Order of events on each side: load the model (both
 build the same weights from the same arguments), rendezvous, prove the shared secret both ways
-(``hosl/transport/auth.py``), compare configurations, then the client drives the conversation (``split_protocol``) and the server answers until the client says
-goodbye.
+(``hosl/transport/auth.py``), compare configurations, then the client drives the conversation
+(``split_protocol``) and the server answers until the client says goodbye.
 
 Faults: a dead or silent peer ends this side within ``peer_timeout`` with a ``PeerLostError``
 naming the peer and the phase (the CLI exits with status 2). The first Ctrl-C asks for a clean

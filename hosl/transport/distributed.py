@@ -123,7 +123,8 @@ def open_store(addr: str, port: int, rank: int, deadline: float, timeout_s: floa
         return dist.TCPStore(addr, port, 2, host, store_timeout, wait_for_workers=False, multi_tenant=True)
 
     def on_timeout():
-        return ConnectError(f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}")
+        return ConnectError(f"could not reach the rendezvous on {where} within {timeout_s:g} s: "
+                            f"{_port_cause(addr, port)}")
 
     try:
         return call_bounded(make, deadline, on_timeout, stop_requested)
