@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from hosl.models.masks import create_bidirectional_mask, create_causal_mask
 from transformers.models.bert.modeling_bert import BertForSequenceClassification
 
 from .halves import TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION, ClientHalf, ServerHalf, check_cut

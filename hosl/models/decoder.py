@@ -21,7 +21,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from hosl.models.masks import create_causal_mask, create_sliding_window_causal_mask
 
 from .halves import (
     TASK_CAUSAL_LM,

@@ -16,7 +16,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
+from hosl.models.masks import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaForSequenceClassification
 
 from .halves import (

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
+from hosl.models.masks import create_causal_mask
 from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTForSequenceClassification
 
 from .halves import (
