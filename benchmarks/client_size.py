@@ -8,8 +8,10 @@ Reads the finished cells of one model/task/variant from the grid folder(s) (``ce
 next to the ``cell.json`` the grid runner writes; a warning names any flag other than the cut, mode,
 client lr and seed that differs between them), draws HOSL at each cut and the other modes on the same two
 panels (left: training loss, moving average; right: eval accuracy at each evaluation), and prints
-a Markdown table: client size d_c (parameters), final and best accuracy, mean loss over the last
-steps. ``--seed`` picks one seed when a grid has several (default: the smallest per curve).
+a Markdown table: the cell each row comes from and the commit it ran on (from the runner's
+``cell.json``; "not recorded" for cells run before the runner kept commits), client size d_c
+(parameters), final and best accuracy, mean loss over the last steps. ``--seed`` picks one seed
+when a grid has several (default: the smallest per curve).
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ def collect(run_roots: list[Path], seed: int | None, model: str, task: str, vari
             if key in runs and runs[key]["seed"] <= axes["seed"]:
                 continue
             losses, accs = read_metrics(run_dir)
+            commits = list(dict.fromkeys((r.get("commit") or "unknown")[:10] for r in cell.get("runs") or []))
             runs[key] = {"mode": axes["mode"], "cut": summary["cut"], "seed": axes["seed"], "summary": summary,
-                         "flags": cell["flags"], "dir": run_dir,
+                         "flags": cell["flags"], "dir": run_dir, "id": cell.get("id", run_dir.name),
+                         "commit": " ".join(commits) or "not recorded",
                          "losses": losses, "accs": accs,
                          # fp32 weights: 4 bytes a parameter
                          "client_params": summary.get("client_weight_bytes", 0) // 4}
@@ -135,16 +139,19 @@ def plot(runs: list[dict], path: Path, window: int, title: str) -> None:
 
 
 def table(runs: list[dict], last: int) -> str:
-    lines = ["| run | client params d_c | steps | eval acc at step 0 (%) | final eval acc (%) | best eval acc (%) "
-             f"| mean loss, last {last} steps | seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | cell | commit | client params d_c | steps | eval acc at step 0 (%) | final eval acc (%) "
+             f"| best eval acc (%) | mean loss, last {last} steps | seconds |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         steps = sorted(run["losses"])
         tail = [run["losses"][s] for s in steps[-last:]]
         accs = [run["accs"][s] for s in sorted(run["accs"])]
-        lines.append(f"| {label_of(run)} | {run['client_params']:,} | {run['summary']['steps']} | "
+        lines.append(f"| {label_of(run)} | `{run['id']}` | {run['commit']} | {run['client_params']:,} | "
+                     f"{run['summary']['steps']} | "
                      f"{100 * accs[0]:.1f} | {100 * accs[-1]:.1f} | {100 * max(accs):.1f} | "
                      f"{sum(tail) / len(tail):.4f} | {run['summary']['seconds']:.0f} |")
+    lines += ["", f"Loss: training loss as each cell trained (with dropout if its mode trained with it), mean of "
+              f"the last {last} steps; compare modes' losses only where they trained with the same dropout."]
     return "\n".join(lines)
 
 

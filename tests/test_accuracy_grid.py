@@ -244,6 +244,9 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert plot.main(["--runs", str(out), "--model", "tiny-opt", "--out", str(tmp_path / "curves.png"),
                       "--window", "1", "--last", "2"]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # its table names each row's cell and the commit that cell ran on
+    text = plot.table(plot.collect([out], None, "tiny-opt", "sst2", "full"), 2)
+    assert f"| `tiny-opt/sst2/full/hosl/s0` | {(run['commit'] or 'unknown')[:10]} |" in text
 
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
