@@ -12,6 +12,7 @@ from torch import nn
 from hosl.optim import functional as F
 from hosl.optim import linear_estimate as LE
 from hosl.optim.query_batch import ForwardProbe
+from hosl.optim.micro_batch import check_micro_batch, wrap_client_fn
 from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
@@ -43,6 +44,11 @@ class HybridOrderOptimizer(ZerothOrderBase):
     ``"momentum"`` (``momentum``), ``"adam"`` (``betas``, ``adam_eps``) or ``"sign"``, as in ZO-Bench;
     momentum and adam keep float32 state on the client (:meth:`state_nbytes`).
 
+    ``client_micro_batch=M``: every client pass (clean and perturbed) runs the batch ``M`` rows at a
+    time and assembles the activation in one preallocated output (:mod:`hosl.optim.micro_batch`).
+    ``client_fn`` then takes the rows to run, ``client_fn(rows: slice)``, and :meth:`step` needs
+    ``batch_size=B``; ``None`` (default) keeps the whole batch and the zero-argument ``client_fn()``.
+
     ``query_batch=D`` (or ``"auto"``, sized by ``query_memory_budget`` bytes): ``D`` perturbed points
     per client forward over a ``D x B`` batch (:mod:`hosl.optim.batched_forward`). ``client_fn`` is
     unchanged: the optimizer repeats the client module's batch inputs itself; ``server_loss_fn``
@@ -73,15 +79,17 @@ class HybridOrderOptimizer(ZerothOrderBase):
         momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        client_micro_batch: int | None = None,
         query_batch: int | str = 1,
         query_memory_budget: int | None = None,
         server_estimate: str = "exact",
         linear_on: str = "server",
     ):
+        check_micro_batch(client_micro_batch)
         LE.check_options(server_estimate, linear_on)
         if query_batch != 1 and server_batch != 1:
-            raise ValueError(f"query_batch={query_batch!r} batches the perturbed points itself: it takes neither "
-                             "server_batch > 1 nor client_micro_batch")
+            raise ValueError(f"query_batch={query_batch!r} batches the perturbed points itself: it does not take "
+                             "server_batch > 1 (client_micro_batch composes: M rows of each of the D copies)")
         if server_optimizer is not None and not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"server_optimizer must be a torch.optim.Optimizer or None, got {type(server_optimizer).__name__}"
@@ -99,6 +107,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
         self.client = client
         self.server_optimizer = server_optimizer
         self.server_batch = server_batch
+        self.client_micro_batch = client_micro_batch
+        self.last_client_fn = None  # the step's (wrapped) client_fn: its ``slicings`` when micro-batched
 
     def _clean_probe(self):
         """Around the clean forward: measures one copy's working set when ``query_batch`` needs it."""
@@ -205,9 +215,11 @@ class HybridOrderOptimizer(ZerothOrderBase):
                 out += dots(torch.cat(deltas, dim=0))
         return [v / (2 * eps if central else eps) for v in out]
 
-    def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor]):
-        """One HOSL step; returns the clean loss (detached)."""
+    def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor],
+             *, batch_size: int | None = None):
+        """One HOSL step; returns the clean loss (detached). ``batch_size``: with ``client_micro_batch``."""
         call_checked(client_fn, "client_fn")
+        client_fn = self.last_client_fn = wrap_client_fn(client_fn, self.client_micro_batch, batch_size)
         call_checked(server_loss_fn, "server_loss_fn")
         with torch.no_grad(), self._clean_probe():
             h0 = client_fn()
