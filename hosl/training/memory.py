@@ -10,13 +10,23 @@ Optimizer state is what the client's optimizer holds: nothing for ZO-SGD (the fi
 one float32 buffer per trainable element for ZO momentum, two for ZO-Adam, the momentum buffers
 of an FO client's SGD. Gradients (FO clients) and state cover trainable parameters only, so a LoRA
 client pays for its adapters, not for the frozen base weights it also holds. ``benchmarks/memory.py`` measures whole-process peaks separately.
+
+A micro-batched ZO client (``--client-micro-batch`` / ``--client-memory-budget``) is planned here
+too: :func:`probe_row_cost` measures the transient bytes of a client forward at 1 and 2 rows (the
+peak of the tensors the forward allocates, :class:`LiveTensorPeak`), and :func:`plan_micro_batch`
+picks the largest slice that keeps weights + scratch + output activation + transients within a budget.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _storage_key(t: torch.Tensor):
@@ -49,6 +59,10 @@ class ClientMemory:
     def note_output(self, h: torch.Tensor) -> None:
         self.output_bytes = max(self.output_bytes, h.numel() * h.element_size())
 
+    def note_output_rows(self, h: torch.Tensor, batch_rows: int) -> None:
+        """A slice ``h`` of a micro-batched pass: the activation sent is ``batch_rows`` such rows."""
+        self.output_bytes = max(self.output_bytes, h.numel() * h.element_size() // max(h.shape[0], 1) * batch_rows)
+
     @staticmethod
     def weight_bytes(client) -> int:
         return sum(p.numel() * p.element_size() for p in client.parameters())
@@ -62,3 +76,138 @@ class ClientMemory:
         grads = self.trainable_bytes(client) if fo_client else 0
         activations = self.saved_activation_bytes + self.output_bytes
         return weights + grads + optimizer_state_bytes + scratch_bytes + activations
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batched ZO clients: a memory budget -> rows per slice
+# ---------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text, name: str = "--client-memory-budget") -> int:
+    """``"1.0GiB"``, ``"512MiB"``, ``"2GB"`` or a plain number of bytes -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{name} must be a size such as 1.0GiB, 512MiB, 2GB or a number of bytes, got {text!r}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def gib(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps it >= 1 (3 decimals)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{n} bytes"
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """The peak bytes of tensor storages allocated inside the block and alive at once.
+
+    Every op's output is looked at; a storage not seen before and not one of the op's inputs (a
+    view or an in-place result of a tensor from outside, e.g. a weight) is a new allocation and
+    counts until the last tensor on it is garbage collected. Allocator slack and kernels' private
+    workspaces are not seen: this is the transient activation memory a forward asks for.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, list] = {}  # storage pointer -> [bytes, tensors alive on it]
+        self._seen = weakref.WeakSet()
+
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t in self._seen:
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key == 0:
+                continue
+            if key not in self._refs:
+                if key in inputs:
+                    continue  # aliases a tensor from outside the block
+                self._refs[key] = [t.untyped_storage().nbytes(), 0]
+                self.live += self._refs[key][0]
+                self.peak = max(self.peak, self.live)
+            self._refs[key][1] += 1
+            self._seen.add(t)
+            weakref.finalize(t, self._release, key)
+        return out
+
+
+def probe_row_cost(run_rows: Callable[[int], torch.Tensor]) -> tuple[int, int, int]:
+    """``(fixed, per_row, output_per_row)`` bytes of a client forward: ``run_rows(n)`` runs it on
+    ``n`` rows (at the longest sequence, inside a perturbed pass) and returns the activation. The
+    transient peak is measured at 1 and 2 rows, ``peak(n) = fixed + per_row * n`` (fixed: what does
+    not grow with rows, e.g. a perturbed weight materialised per layer), with :class:`LiveTensorPeak`
+    on any device."""
+    peaks, out_bytes = [], 0
+    for n in (1, 2):
+        probe = LiveTensorPeak()
+        with torch.no_grad(), probe:
+            h = run_rows(n)
+        out_bytes = h.numel() * h.element_size() // n
+        del h
+        peaks.append(probe.peak)
+    per_row = max(peaks[1] - peaks[0], 0)
+    return max(peaks[0] - per_row, 0), per_row, out_bytes
+
+
+@dataclass
+class MicroBatchPlan:
+    """What a memory budget leaves a micro-batched ZO client (bytes), and the rows per slice."""
+
+    budget: int
+    weights: int
+    scratch: int
+    output: int
+    fixed_transient: int
+    per_row_transient: int
+    batch_size: int
+    micro_batch: int
+
+    def planned_peak(self) -> int:
+        return (self.weights + self.scratch + self.output + self.fixed_transient
+                + self.per_row_transient * self.micro_batch)
+
+    def describe(self) -> str:
+        return (f"client memory budget {gib(self.budget)}: weights {gib(self.weights)} + scratch {gib(self.scratch)} "
+                f"+ output activation {gib(self.output)} + transients {gib(self.fixed_transient)} + "
+                f"{self.per_row_transient / 2**20:.1f} MiB/row -> {self.micro_batch} of {self.batch_size} rows per "
+                f"slice (planned peak {gib(self.planned_peak())})")
+
+
+def plan_micro_batch(budget: int, *, weights: int, scratch: int, output: int, fixed_transient: int,
+                     per_row_transient: int, batch_size: int) -> MicroBatchPlan:
+    """The largest ``M <= batch_size`` whose planned peak fits ``budget``; a ValueError naming the
+    numbers when not even the weights and the output activation fit, or not one row on top of them."""
+    if budget < weights + output:
+        raise ValueError(f"--client-memory-budget {gib(budget)} cannot hold the client's weights ({gib(weights)}) "
+                         f"and its output activation ({gib(output)}): {gib(weights + output)} at the least")
+    free = budget - weights - scratch - output - fixed_transient
+    rows = batch_size if per_row_transient == 0 else min(batch_size, free // per_row_transient)
+    if rows < 1:
+        raise ValueError(
+            f"--client-memory-budget {gib(budget)} holds the weights ({gib(weights)}) and the output activation "
+            f"({gib(output)}) but not the perturbed pass on one row: + scratch {gib(scratch)} + transients "
+            f"{gib(fixed_transient + per_row_transient)} = {gib(weights + output + scratch + fixed_transient + per_row_transient)}")
+    return MicroBatchPlan(budget, weights, scratch, output, fixed_transient, per_row_transient, batch_size, int(rows))

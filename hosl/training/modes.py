@@ -22,7 +22,8 @@ from torch import nn
 
 from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
 from hosl.tasks.evaluation import eval_outputs
-from hosl.training.memory import ClientMemory
+from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
+from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost
 from hosl.training.split_protocol import SPLIT_MODES, ServerPerturbationPeer, ServerProxy
 
 MODES = ("hosl", "fo-sl", "zo-sl", "fo", "zo")
@@ -52,6 +53,7 @@ class Hyper:
     query_memory_budget: int | None = None  # bytes the batched points may add ("auto"'s budget)
     server_estimate: str = "exact"  # hosl: "exact" (a server forward per point) or "linear" (dL/dh . dh)
     linear_on: str = "server"  # hosl linear: who computes the dot products (the server, or the client)
+    client_micro_batch: int | None = None  # ZO clients (hosl, zo-sl): rows per client slice; None: whole batch
 
     def zo_options(self) -> dict:
         """The ZO optimizers' keyword arguments these settings give (every ZO-trained half uses them)."""
@@ -81,6 +83,14 @@ class Mode:
         h = self.client(ids, mask)
         self.memory.note_output(h)
         return h
+
+    def client_rows_fn(self, ids, mask):
+        """``client_fn(rows)`` of a micro-batched client pass (:mod:`hosl.optim.micro_batch`)."""
+        def run(rows: slice):
+            h = self.client(ids[rows], mask[rows])
+            self.memory.note_output_rows(h, ids.shape[0])  # the assembled activation is what is sent
+            return h
+        return run
 
     # 1-based number of the step being run; the loop sets it, split modes label their messages with it
     step_number = 0
@@ -135,6 +145,29 @@ class _ZOClientMode:
     def skipped_updates(self):
         return self.opt.skipped_updates
 
+    def set_client_micro_batch(self, rows: int | None) -> None:
+        self.hp.client_micro_batch = check_micro_batch(rows, "--client-micro-batch")
+        if hasattr(self.opt, "client_micro_batch"):  # HOSL: the optimizer slices its own passes
+            self.opt.client_micro_batch = rows
+
+    def plan_client_memory(self, budget: int, batch_size: int, seq_len: int):
+        """Set the rows per client slice from ``budget`` (bytes; see :func:`plan_micro_batch`) and
+        return the plan. The probe runs the client on 1 and 2 full-length rows inside a perturbed pass
+        (weights untouched); a budget too small raises before any training step."""
+        weights = ClientMemory.weight_bytes(self.client)
+        device = next(self.client.parameters()).device
+        ids = torch.full((2, seq_len), 3, dtype=torch.long, device=device)
+        mask = torch.ones_like(ids)
+        with self.opt.perturbers[0].perturbed(0, self.opt.param_groups[0]["eps"]):
+            fixed, per_row, out_row = probe_row_cost(lambda n: self.client(ids[:n], mask[:n]))
+        state = {"momentum": 4, "adam": 8}.get(self.opt.variant, 0) * sum(
+            p.numel() for p in self.client.parameters() if p.requires_grad)
+        plan = plan_micro_batch(budget, weights=weights, scratch=self.scratch_bytes() + state,
+                                output=out_row * batch_size, fixed_transient=fixed, per_row_transient=per_row,
+                                batch_size=batch_size)
+        self.set_client_micro_batch(plan.micro_batch)
+        return plan
+
 
 class SplitMode(Mode):
     """The client's side of a split mode; the server half answers through ``proxy`` (in this
@@ -157,14 +190,18 @@ class HOSLMode(_ZOClientMode, SplitMode):
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
-        self.opt = HybridOrderOptimizer(client, None, server_batch=hp.server_batch, **hp.zo_options(),
+        self.opt = HybridOrderOptimizer(client, None, server_batch=hp.server_batch,
+                                        client_micro_batch=hp.client_micro_batch, **hp.zo_options(),
                                         **hp.hosl_options())
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
         self.proxy.begin_step(self.step_number, batch)
         server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
-        loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss))
+        if self.opt.client_micro_batch is None:
+            loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss))
+        else:  # the optimizer runs every pass in slices of client_micro_batch rows
+            loss = float(self.opt.step(self.client_rows_fn(ids, mask), server_loss, batch_size=ids.shape[0]))
         self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
         return loss
 
@@ -219,7 +256,10 @@ class ZOSLMode(_ZOClientMode, SplitMode):
 
         def loss():
             with torch.no_grad():
-                h = self.run_client(ids, mask)
+                if self.hp.client_micro_batch is None:
+                    h = self.run_client(ids, mask)
+                else:  # inside the optimizer's perturbed block: every slice at the same point
+                    h = MicroBatchedClient(self.client_rows_fn(ids, mask), ids.shape[0], self.hp.client_micro_batch)()
             return self.proxy.losses(h, self.peer.point)
 
         value = float(self.opt.step(loss))
