@@ -15,7 +15,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from hosl import cli_export, cli_remote
+from hosl import cli_export, cli_options, cli_remote
 from hosl.directions.spec import FAMILIES
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.functional import VARIANTS
@@ -73,7 +73,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--model", default=d.model,
                    help="hub name, local folder, or minilm-l6 | smollm2-135m | opt-125m-random | opt-1.3b-random | "
                         f"tiny-opt | tiny-llama | tiny-bert (default {d.model})")
-    p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc (default %(default)s)")
+    p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc, or custom | lm "
+                   "with --train-file (your own data; default %(default)s)")
+    cli_options.add_data_args(p, d)
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
     p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")
@@ -123,12 +125,6 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="linear estimate: the server computes the Q dot products (default; the client uploads "
                         "Q activation differences) or the client does, after receiving dL/dh (which tells it "
                         "about the labels; see docs/optimizer.md)")
-    p.add_argument("--client-micro-batch", type=int, default=d.client_micro_batch, metavar="M",
-                   help="hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the "
-                        "assembled activation; same update up to matmul rounding (default: the whole batch)")
-    p.add_argument("--client-memory-budget", default=d.client_memory_budget, metavar="SIZE",
-                   help="hosl / zo-sl: e.g. 1.0GiB; pick --client-micro-batch from the client's measured per-row "
-                        "cost, refusing a budget below weights + output activation (default: none)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")

@@ -19,6 +19,7 @@ from .causal_lm import (
     option_scores,
     scores_by_example,
 )
+from .custom import FileTaskOptions, configured_num_labels, sample_configured_task, sample_file_task
 from .classifier import classification_loss, collate_classifier, encode_classifier_text
 from .data import load_task, local_path
 from .evaluation import evaluate, make_collate_fn, predict
@@ -28,7 +29,11 @@ from .templates import PromptTemplate, get_template
 from .tokenization import special_affixes, special_prefix_ids
 
 __all__ = [
+    "FileTaskOptions",
     "ShuffledBatches",
+    "configured_num_labels",
+    "sample_configured_task",
+    "sample_file_task",
     "PromptTemplate",
     "TaskData",
     "TaskSpec",

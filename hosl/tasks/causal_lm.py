@@ -45,15 +45,21 @@ IGNORE_INDEX = -100
 
 
 def encode_prompt_and_option(
-    prompt: str, option: str, tokenizer, max_length: int, prefix: Sequence[int] | None = None
+    prompt: str, option: str, tokenizer, max_length: int, prefix: Sequence[int] | None = None,
+    truncate_option: bool = False,
 ) -> tuple[list[int], int]:
-    """Token ids of ``prefix + prompt + option`` (prompt cut from the left to fit) and the option's length."""
+    """Token ids of ``prefix + prompt + option`` (prompt cut from the left to fit) and the option's length.
+
+    ``truncate_option``: an option too long for ``max_length`` is cut from the right (``--task lm``,
+    whose texts are options of an empty prompt) instead of refused."""
     if prefix is None:
         prefix = special_prefix_ids(tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     option_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
     if not option_ids:
         raise ValueError(f"option {option!r} tokenizes to nothing")
+    if truncate_option and len(prefix) + len(option_ids) > max_length:
+        option_ids = option_ids[: max(1, max_length - len(prefix))]
     budget = max_length - len(prefix) - len(option_ids)
     if budget < 0:
         raise ValueError(
@@ -82,6 +88,7 @@ def collate_causal_lm(
     if len(examples) == 0:
         raise ValueError("cannot collate an empty list of examples")
     prefix = special_prefix_ids(tokenizer)
+    truncate_option = bool(getattr(template, "truncate_option", False))
     rows: list[list[int]] = []
     answer_lens: list[int] = []
     is_gold: list[bool] = []
@@ -97,7 +104,8 @@ def collate_causal_lm(
         gold_option.append(gold)
         chosen = [gold] if options == "gold" else range(len(candidates))
         for opt_i in chosen:
-            ids, n_answer = encode_prompt_and_option(prompt, candidates[opt_i], tokenizer, max_length, prefix)
+            ids, n_answer = encode_prompt_and_option(prompt, candidates[opt_i], tokenizer, max_length, prefix,
+                                                     truncate_option)
             rows.append(ids)
             answer_lens.append(n_answer)
             is_gold.append(opt_i == gold)

@@ -67,7 +67,8 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) 
         except Exception as exc:  # offline, moved, or a hub error: all end the same way for the user
             cause = " ".join(f"{exc.__class__.__name__}: {exc}".split())
             raise DataError(f"task {spec.name!r}: could not load {source} ({cause}); without network, "
-                            f"pass --data-dir with local files ({EXPECTED_LAYOUT})") from exc
+                            f"pass --data-dir with local files ({EXPECTED_LAYOUT}), or train on your own "
+                            f"files with --task custom or --task lm and --train-file F") from exc
     else:
         source = str(Path(data_dir) / spec.local_files[split])
         raw = _load_local(spec, split, Path(data_dir))

@@ -37,7 +37,7 @@ class TaskData:
 
     @property
     def num_labels(self) -> int:
-        return get_task_spec(self.name).num_labels
+        return self.template.num_options
 
 
 def mezo_subset_indices(num_rows: int, size: int, seed: int) -> list[int]:

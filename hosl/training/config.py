@@ -8,8 +8,6 @@ from dataclasses import asdict, dataclass, field
 from hosl.directions.spec import FAMILIES
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.functional import VARIANTS
-from hosl.optim.micro_batch import check_micro_batch
-from hosl.training.memory import parse_bytes
 from hosl.training.modes import MODES, ZO_CLIENT_MODES
 
 # the paper's ZO client settings: full fine-tuning, and LoRA (r=8, alpha=16)
@@ -23,6 +21,14 @@ MAX_SEED = 2**63 - 1  # seeds go through int64 (torch generators, the direction 
 class TrainConfig:
     model: str = "minilm-l6"
     task: str = "sst2"
+    # --task custom / lm: your own files (csv, tsv, json, jsonl); see hosl/tasks/custom.py
+    train_file: str | None = None
+    eval_file: str | None = None  # None: evaluation rows are held out of train_file
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    template: str | None = None  # format string over the row's columns ({text}, {text_pair}, ...)
+    verbalizer: str | None = None  # "LABEL=WORD,..." or a JSON object; None: labels from the data, each its own word
     mode: str = "hosl"
     cut: int = 2
     num_queries: int = 10
@@ -47,8 +53,6 @@ class TrainConfig:
     query_memory_budget: int | None = None  # bytes the batched points may add; "auto"'s budget
     server_estimate: str = "exact"  # hosl: exact (a server forward per point) | linear (dL/dh . (h+ - h-))
     linear_on: str = "server"  # hosl linear: who computes the dot products: server | client (receives dL/dh)
-    client_micro_batch: int | None = None  # hosl / zo-sl: client passes in slices of this many rows; None: whole batch
-    client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
     steps: int = 1000
     batch_size: int = 16
     max_length: int = 128
@@ -99,6 +103,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>= 0' if allow_zero else '> 0'}, "
                                  f"got {v!r}")
 
+        from hosl.tasks.custom import FileTaskOptions, check_options
+
+        check_options(FileTaskOptions.of(self))  # which data flags go with which --task (no file is read)
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
@@ -139,21 +146,6 @@ class TrainConfig:
             positive("lora_alpha")
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
-        self._validate_client_slicing()
-
-    def _validate_client_slicing(self) -> None:
-        if self.client_micro_batch is None and self.client_memory_budget is None:
-            return
-        flag = "--client-micro-batch" if self.client_micro_batch is not None else "--client-memory-budget"
-        if self.mode not in ("hosl", "zo-sl"):
-            raise ValueError(f"{flag} slices the passes of a ZO client that sends its activation (--mode hosl or "
-                             f"zo-sl), got --mode {self.mode}")
-        if self.client_micro_batch is not None and self.client_memory_budget is not None:
-            raise ValueError("give --client-micro-batch or --client-memory-budget, not both (the budget picks the rows)")
-        if self.client_micro_batch is not None:
-            check_micro_batch(self.client_micro_batch, "--client-micro-batch")
-        else:
-            parse_bytes(self.client_memory_budget)
 
     def _validate_step_options(self) -> None:
         """--query-batch, --query-memory-budget, --server-estimate, --linear-on (docs/optimizer.md)."""

@@ -14,6 +14,7 @@ the two-process case the checkpoint holds only the client, after the server has 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -33,10 +34,10 @@ from hosl.tasks import (
     make_collate_fn,
     sample_task,
 )
+from hosl.tasks.custom import configured_num_labels, sample_configured_task
 from hosl.training import checkpoint as ckpt
 from hosl.training import run_folder
 from hosl.training.config import TrainConfig
-from hosl.training.memory import parse_bytes
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
 from hosl.transport import InProcessLink, Link
@@ -124,18 +125,20 @@ def hyper(cfg: TrainConfig) -> Hyper:
                  direction=cfg.direction, zo_optimizer=cfg.zo_optimizer, zo_momentum=cfg.zo_momentum,
                  query_batch=cfg.query_batch, query_memory_budget=cfg.query_memory_budget,
                  server_estimate=cfg.server_estimate, linear_on=cfg.linear_on,
-                 zo_betas=tuple(cfg.zo_betas), client_micro_batch=cfg.client_micro_batch)
+                 zo_betas=tuple(cfg.zo_betas))
 
 
 def load_split_model(cfg: TrainConfig):
     """(model_kind, tokenizer, client, server) as ``cfg`` says; both sides of a two-process run
     call this with the same arguments and get the same weights."""
-    spec = get_task_spec(cfg.task)  # raises for an unknown task, before any slow loading
+    num_labels = configured_num_labels(cfg)  # raises for an unknown task or unusable data files, before any slow loading
     source = resolve_model(cfg.model)
     model_kind = _model_kind(cfg.model, source)
+    if model_kind == "classifier" and num_labels is None:
+        raise ValueError(f"--task {cfg.task} trains a causal LM on plain text; {cfg.model} is an encoder")
     task_kind = TASK_SEQUENCE_CLASSIFICATION if model_kind == "classifier" else TASK_CAUSAL_LM
     _say(f"loading {cfg.model} ({task_kind})")
-    model, tokenizer = load_model(cfg.model, task_kind, num_labels=spec.num_labels if model_kind == "classifier" else None,
+    model, tokenizer = load_model(cfg.model, task_kind, num_labels=num_labels if model_kind == "classifier" else None,
                                   dtype=DTYPES[cfg.dtype], seed=cfg.seed)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
@@ -209,8 +212,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
     torch.manual_seed(cfg.seed)
 
     # -- data and model ------------------------------------------------------------------------
-    get_task_spec(cfg.task)
-    data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=cfg.seed)
+    data = sample_configured_task(cfg)  # built-in, or --task custom / lm files; checked before the model loads
     for note in data.notes:
         _say(note)
     model_kind, tokenizer, client, server = load_split_model(cfg)
@@ -236,8 +238,6 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
 
     set_training(True)
     mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)
-    if cfg.client_memory_budget is not None:  # refuses a budget too small before any step or file write
-        _say(mode.plan_client_memory(parse_bytes(cfg.client_memory_budget), cfg.batch_size, cfg.max_length).describe())
     collate = make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length)
     batches = ShuffledBatches(data.train, cfg.batch_size, seed=cfg.seed, collate_fn=collate)
     modules = {"client": client} if remote else {"client": client, "server": server}
@@ -270,9 +270,13 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
                           max_length=cfg.max_length, outputs_fn=lambda batch: mode.eval_outputs(batch, model_kind))
         set_training(True)
         record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
+        if getattr(data.template, "reports_perplexity", False):  # --task lm: one continuation per text
+            record.update(eval_accuracy=None, eval_perplexity=math.exp(min(result["loss"], 700.0)))
         evals.append(record)
         log.write({"event": "eval", **record})
-        _say(f"step {at_step}: eval accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}")
+        shown = (f"perplexity {record['eval_perplexity']:.4f}" if "eval_perplexity" in record
+                 else f"accuracy {result['accuracy']:.4f}")
+        _say(f"step {at_step}: eval {shown}, loss {result['loss']:.4f}")
         return record
 
     def save(at_step: int) -> None:
@@ -332,6 +336,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         "role": "client" if remote else "local",
         "steps": step,
         "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        "eval_perplexity": evals[-1].get("eval_perplexity") if evals else None,
         "eval_history": evals,
         "client_peak_bytes": mode.memory.peak_bytes(
             client, fo_client=cfg.mode in ("fo-sl", "fo"),
@@ -344,7 +349,6 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         "train_examples": step * cfg.batch_size,
         "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference),
         "skipped_updates": mode.skipped_updates,
-        "client_micro_batch": hp.client_micro_batch,
         "num_queries": cfg.num_queries,
         "lr_client": cfg.resolved_lr_client(),
         "eps": cfg.resolved_eps(),
