@@ -125,6 +125,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="linear estimate: the server computes the Q dot products (default; the client uploads "
                         "Q activation differences) or the client does, after receiving dL/dh (which tells it "
                         "about the labels; see docs/optimizer.md)")
+    p.add_argument("--client-micro-batch", type=int, default=d.client_micro_batch, metavar="M",
+                   help="hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the "
+                        "assembled activation; same update up to matmul rounding (default: the whole batch)")
+    p.add_argument("--client-memory-budget", default=d.client_memory_budget, metavar="SIZE",
+                   help="hosl / zo-sl: e.g. 1.0GiB; pick --client-micro-batch from the client's measured per-row "
+                        "cost, refusing a budget below weights + output activation (default: none)")
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from hosl.directions.spec import FAMILIES
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.functional import VARIANTS
+from hosl.optim.micro_batch import check_micro_batch
+from hosl.training.memory import parse_bytes
 from hosl.training.modes import MODES, ZO_CLIENT_MODES
 
 # the paper's ZO client settings: full fine-tuning, and LoRA (r=8, alpha=16)
@@ -53,6 +55,8 @@ class TrainConfig:
     query_memory_budget: int | None = None  # bytes the batched points may add; "auto"'s budget
     server_estimate: str = "exact"  # hosl: exact (a server forward per point) | linear (dL/dh . (h+ - h-))
     linear_on: str = "server"  # hosl linear: who computes the dot products: server | client (receives dL/dh)
+    client_micro_batch: int | None = None  # hosl / zo-sl: client passes in slices of this many rows; None: whole batch
+    client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
     steps: int = 1000
     batch_size: int = 16
     max_length: int = 128
@@ -146,6 +150,21 @@ class TrainConfig:
             positive("lora_alpha")
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
+        self._validate_client_slicing()
+
+    def _validate_client_slicing(self) -> None:
+        if self.client_micro_batch is None and self.client_memory_budget is None:
+            return
+        flag = "--client-micro-batch" if self.client_micro_batch is not None else "--client-memory-budget"
+        if self.mode not in ("hosl", "zo-sl"):
+            raise ValueError(f"{flag} slices the passes of a ZO client that sends its activation (--mode hosl or "
+                             f"zo-sl), got --mode {self.mode}")
+        if self.client_micro_batch is not None and self.client_memory_budget is not None:
+            raise ValueError("give --client-micro-batch or --client-memory-budget, not both (the budget picks the rows)")
+        if self.client_micro_batch is not None:
+            check_micro_batch(self.client_micro_batch, "--client-micro-batch")
+        else:
+            parse_bytes(self.client_memory_budget)
 
     def _validate_step_options(self) -> None:
         """--query-batch, --query-memory-budget, --server-estimate, --linear-on (docs/optimizer.md)."""

@@ -38,6 +38,7 @@ from hosl.tasks.custom import configured_num_labels, sample_configured_task
 from hosl.training import checkpoint as ckpt
 from hosl.training import run_folder
 from hosl.training.config import TrainConfig
+from hosl.training.memory import parse_bytes
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
 from hosl.transport import InProcessLink, Link
@@ -125,7 +126,7 @@ def hyper(cfg: TrainConfig) -> Hyper:
                  direction=cfg.direction, zo_optimizer=cfg.zo_optimizer, zo_momentum=cfg.zo_momentum,
                  query_batch=cfg.query_batch, query_memory_budget=cfg.query_memory_budget,
                  server_estimate=cfg.server_estimate, linear_on=cfg.linear_on,
-                 zo_betas=tuple(cfg.zo_betas))
+                 zo_betas=tuple(cfg.zo_betas), client_micro_batch=cfg.client_micro_batch)
 
 
 def load_split_model(cfg: TrainConfig):
@@ -238,6 +239,8 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
 
     set_training(True)
     mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)
+    if cfg.client_memory_budget is not None:  # refuses a budget too small before any step or file write
+        _say(mode.plan_client_memory(parse_bytes(cfg.client_memory_budget), cfg.batch_size, cfg.max_length).describe())
     collate = make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length)
     batches = ShuffledBatches(data.train, cfg.batch_size, seed=cfg.seed, collate_fn=collate)
     modules = {"client": client} if remote else {"client": client, "server": server}
@@ -349,6 +352,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         "train_examples": step * cfg.batch_size,
         "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference),
         "skipped_updates": mode.skipped_updates,
+        "client_micro_batch": hp.client_micro_batch,
         "num_queries": cfg.num_queries,
         "lr_client": cfg.resolved_lr_client(),
         "eps": cfg.resolved_eps(),
