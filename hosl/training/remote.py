@@ -10,7 +10,8 @@ build the same weights from the same arguments), rendezvous, prove the shared se
 Faults: a dead or silent peer ends this side within ``peer_timeout`` with a ``PeerLostError``
 naming the peer and the phase (the CLI exits with status 2). The first Ctrl-C asks for a clean
 stop: the client finishes the exchange in flight and sends a shutdown notice; the server answers
-the next request with one; while connecting, the first Ctrl-C stops at once. Exit status 130.
+the next request with one; before the two are connected, the first Ctrl-C stops at once. Exit
+status 130.
 """
 
 from __future__ import annotations
@@ -78,18 +79,21 @@ def _say(msg: str) -> None:
 
 
 class StopOnInterrupt:
-    """First SIGINT sets a flag (stop cleanly at the next exchange); a second one interrupts."""
+    """Once connected (``connected = True``), the first SIGINT sets a flag (stop cleanly at the next
+    exchange) and a second one interrupts. Before that (loading, connecting) there is no exchange
+    to finish, so the first one interrupts at once."""
 
     def __init__(self, role: str):
         self.role = role
         self.flag = False
+        self.connected = False
         self._previous = None
 
     def requested(self) -> bool:
         return self.flag
 
     def _handler(self, signum, frame):
-        if self.flag:
+        if self.flag or not self.connected:
             raise KeyboardInterrupt
         self.flag = True
         _say(f"{self.role}: interrupted; stopping both sides at the next exchange (Ctrl-C again to abort now)")
@@ -127,6 +131,7 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
         confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
         handshake(endpoint, "client", fingerprint(cfg), conn.connect_timeout)
         _say(f"client: connected to the {endpoint.peer_name}")
+        stop.connected = True
         links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested))
         return links[0]
 
@@ -178,6 +183,7 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
             confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
             handshake(endpoint, "server", fingerprint(cfg), conn.connect_timeout)
             _say(f"server: connected to the {endpoint.peer_name}; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
+            stop.connected = True
             code = serve(endpoint, half.handle, phase_names=PHASE_NAMES, stop_requested=stop.requested,
                          first_timeout_s=conn.connect_timeout)
         finally:
