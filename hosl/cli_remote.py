@@ -31,7 +31,8 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--peer-timeout", type=float, default=30.0,
                    help="seconds to wait for any one answer of the other side before giving up (default %(default)s)")
     g.add_argument("--connect-timeout", type=float, default=300.0,
-                   help="seconds to wait for the other side to start and load its model (default %(default)s)")
+                   help="seconds for the start: the other side loading its model, the rendezvous, the proof of the "
+                        "secret; a taken port or an absent peer ends after it (default %(default)s)")
     g.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"),
                    help="torch.distributed backend (default: nccl when CUDA is available, else gloo)")
     g.add_argument("--secret-file", default=None, metavar="PATH",
