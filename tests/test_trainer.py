@@ -1,0 +1,88 @@
+"""HOSLTrainer: the transformers.Trainer drives HOSL steps; the server trains with the Trainer's
+optimizer and scheduler, the client with the ZO estimate, on the schedule's learning rates."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from hosl.integrations import HOSLTrainer, default_split_loss
+from hosl.models import load_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore:hosl. no compiled kernels"), pytest.mark.filterwarnings("ignore")]
+
+
+def _dataset(n=8, seq=10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 250, (n, seq), generator=g)
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()} for row in ids]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, learning_rate=0.1,
+                optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
+                report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    return TrainingArguments(**{**base, **kw})
+
+
+def test_one_step_is_the_server_sgd_step_and_the_client_stays_exact_at_zo_lr_0(tmp_path):
+    model, _ = load_model("tiny-llama", "causal_lm")
+    data = _dataset(4)
+    trainer = HOSLTrainer(model, _args(tmp_path, max_steps=1), cut=1, zo_lr=0.0, zo_eps=1e-2, num_queries=2,
+                          train_dataset=data)
+    client_before = {n: p.detach().clone() for n, p in trainer.client.named_parameters()}
+    server_before = {n: p.detach().clone() for n, p in trainer.server.named_parameters()}
+    # the expected server update, computed here: w - lr * dL/dw at the starting weights on the one batch
+    batch = {k: torch.stack([ex[k] for ex in data]) for k in data[0]}
+    trainer.server.zero_grad()
+    loss = default_split_loss(trainer.server(trainer.client(batch["input_ids"], batch["attention_mask"]),
+                                             batch["attention_mask"]), batch)
+    loss.backward()
+    expected = {n: server_before[n] - 0.1 * p.grad for n, p in trainer.server.named_parameters()}
+    trainer.server.zero_grad(set_to_none=True)
+    trainer.train()
+    assert all(torch.equal(client_before[n], p) for n, p in trainer.client.named_parameters())
+    for n, p in trainer.server.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=1e-7)
+
+
+def test_both_halves_follow_the_trainers_schedule_and_the_loss_falls(tmp_path):
+    model, _ = load_model("tiny-llama", "causal_lm")
+    data = _dataset(4)  # one batch, seen at every step
+    trainer = HOSLTrainer(model, _args(tmp_path, max_steps=8, optim="adamw_torch", learning_rate=1e-2,
+                                       lr_scheduler_type="linear", warmup_steps=2),
+                          cut=1, zo_lr=1e-3, zo_eps=1e-2, num_queries=2, train_dataset=data)
+    client_before = {n: p.detach().clone() for n, p in trainer.client.named_parameters()}
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      torch.optim.AdamW)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    # linear decay to 0 after 8 steps: both the server's and the client's learning rates
+    assert trainer.zo_optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    lrs = [r["learning_rate"] for r in trainer.state.log_history if "learning_rate" in r]
+    assert lrs[0] < lrs[1]  # warmup
+    assert any(not torch.equal(client_before[n], p) for n, p in trainer.client.named_parameters())
+    server_params = {id(p) for p in trainer.server.parameters()}
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert {id(p) for g in opt.param_groups for p in g["params"]} <= server_params
+
+
+def test_save_model_writes_a_from_pretrained_folder_with_the_split_logits(tmp_path):
+    model, _ = load_model("tiny-qwen2", "causal_lm")
+    trainer = HOSLTrainer(model, _args(tmp_path, max_steps=2), cut=2, zo_lr=1e-3, zo_eps=1e-2, num_queries=2,
+                          train_dataset=_dataset(8))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = _dataset(2)[0]["input_ids"][None]
+    mask = torch.ones_like(ids)
+    trainer.split_model.eval()
+    assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, trainer.server(trainer.client(ids, mask), mask))
+    assert loaded.config.tie_word_embeddings is False  # the server's head copy trained, the embedding too
+
+
+def test_gradient_accumulation_is_refused(tmp_path):
+    model, _ = load_model("tiny-opt", "causal_lm")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
+        HOSLTrainer(model, _args(tmp_path, gradient_accumulation_steps=2), cut=1)
