@@ -98,7 +98,7 @@ ZERO_SHOT = "zero-shot"
 AXES = ("model", "task", "variant", "cut", "mode", "seed")
 LABEL_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 # Flags the runner owns: a config must not set them.
-RESERVED_FLAGS = ("out", "resume", "progress", "no_progress")
+RESERVED_FLAGS = ("out", "resume", "overwrite", "progress", "no_progress")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def resolved_config(flags: dict) -> dict | None:
     out.update(lr_client=config.resolved_lr_client(), eps=config.resolved_eps(),
                eval_every=config.resolved_eval_every(), checkpoint_every=config.resolved_checkpoint_every(),
                zo_betas=list(config.zo_betas))
-    for runner_owned in ("out", "resume", "progress", "notes"):
+    for runner_owned in ("out", "resume", "overwrite", "progress", "notes"):
         out.pop(runner_owned, None)
     return out
 
