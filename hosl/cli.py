@@ -76,6 +76,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc, or custom | lm "
                    "with --train-file (your own data; default %(default)s)")
     cli_options.add_data_args(p, d)
+    cli_options.add_config_arg(p)
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
     p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")
@@ -246,7 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = cli_options.parse_with_config(build_parser(), argv)
+    except ValueError as exc:  # an unusable --config file
+        print(f"hosl: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except KeyboardInterrupt:

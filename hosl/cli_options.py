@@ -23,3 +23,56 @@ def add_data_args(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--verbalizer", default=d.verbalizer, metavar="L=W,...",
                    help="custom: the answer word of each label, e.g. 'neg=terrible,pos=great' or a JSON object "
                         "(default: each label's own text)")
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a .json or .yaml file (keys: TrainConfig's field names, e.g. a run's "
+                        "config.json, which reproduces that run); flags given on the command line win")
+
+
+def read_config_file(path: str) -> dict:
+    """{TrainConfig field: value} from a .json/.yaml file; a one-line ValueError for anything else."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from hosl.training.config import TrainConfig
+
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            import json
+
+            values = json.loads(text)
+    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
+        first = " ".join(str(exc).split())
+        raise ValueError(f"--config {path}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                         f"({first})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown[:5]))}; the keys are "
+                         "TrainConfig's field names (hosl/training/config.py), as in a run's config.json")
+    return values
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; when the command got ``--config FILE``, the file's values become
+    that command's defaults and the arguments are parsed again, so explicit flags still win."""
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    if not path:
+        return args
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    subparsers.choices[args.command].set_defaults(**read_config_file(path))
+    return parser.parse_args(argv)
