@@ -108,6 +108,15 @@ def test_override_lets_a_learning_rate_change_uses_it_and_records_it(base_run, d
     assert resume in _records(run)
 
 
+def test_override_of_lr_client_reaches_both_zo_halves_of_zo_sl(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(_args(run, data, mode="zo-sl")) == 0
+    assert main(_args(run, data, "--resume", "--lr-client", "4e-3", "--override", "lr_client", steps=4, mode="zo-sl")) == 0
+    state = torch.load(run / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+    assert [g["lr"] for g in state["optimizers"]["zo"]["param_groups"]] == [4e-3]
+    assert [g["lr"] for g in state["server_half"]["zo"]["param_groups"]] == [4e-3]  # the server's ZO half too
+
+
 def test_override_of_a_trajectory_setting_is_refused(base_run, data, tmp_path, capsys):
     run = _copy(base_run, tmp_path)
     before = _snapshot(run)

@@ -277,3 +277,11 @@ def with_current_lr(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
     if not groups or len(groups) != len(optimizer.param_groups):
         return saved
     return {**saved, "param_groups": [{**g, "lr": cur["lr"]} for g, cur in zip(groups, optimizer.param_groups)]}
+
+
+def with_lr(saved: dict, lr: float) -> dict:
+    """``saved`` (an optimizer state dict) with every param group's ``lr`` set to ``lr``."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not groups:
+        return saved
+    return {**saved, "param_groups": [{**g, "lr": lr} for g in groups]}

@@ -165,9 +165,10 @@ def _load_resume_state(state: dict, mode, half) -> None:
                                    for k, opt in mode.optimizers().items()})
         if half is not None:
             saved = dict(state["server_half"])
-            for key, opt in (("optimizer", half.optimizer), ("zo", half.zo)):
-                if opt is not None and saved.get(key) is not None:
-                    saved[key] = ckpt.with_current_lr(opt, saved[key])
+            if half.optimizer is not None and saved.get("optimizer") is not None:
+                saved["optimizer"] = ckpt.with_current_lr(half.optimizer, saved["optimizer"])
+            if saved.get("zo") is not None:  # ZO-SL's server optimizer (built on first use) runs at lr_client
+                saved["zo"] = ckpt.with_lr(saved["zo"], half.hp.lr_client)
             half.load_state_dict(saved)
     except (KeyError, ValueError) as exc:
         raise ckpt.CheckpointError(f"{ckpt.STATE} of the checkpoint does not fit this run's optimizers "
