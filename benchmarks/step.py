@@ -13,6 +13,25 @@ without grad, the client ZO update over all ``Q`` directions, and the server's S
             ``zo_update_`` for all ``Q`` directions.
 * ``hosl-sb`` the same with ``server_batch=2Q``: the server evaluates all perturbed activations as
             one batch (DESIGN.md section 5).
+* ``hosl-qb``  ``query_batch=D`` (``--query-batch``, default ``2Q``): ``D`` perturbed points per client
+            forward over a ``D x B`` batch (fused perturbed linear/embedding with ``D`` directions on
+            CUDA, the materialising ops on CPU), the server evaluating the ``D`` activations at once.
+* ``hosl-auto`` ``query_batch="auto"`` within ``--query-memory-budget`` bytes (default: the
+            optimizer's, a quarter of the client's weights); the ``D`` it picked is in the JSON.
+* ``hosl-linear`` / ``hosl-linear-client`` ``server_estimate="linear"``: no server forward per point,
+            ``<dL/dh, h+ - h->`` instead; the dot products on the server / on the client (the same
+            work in one process; the placements differ in bytes, which the table states).
+            ``--query-batch`` applies to these too.
+* ``hosl``    takes ``--query-batch`` / ``--server-estimate`` / ``--linear-on`` as given (defaults: today's
+            sequential exact step).
+* ``fo-sl``   FO-SL's step: client forward with autograd, server forward and backward, client backward
+            with dL/dh, both SGD steps.
+
+Forward-equivalents per step: the client's and the server's passes counted in batches of ``B`` rows,
+a backward as two forwards, weighted by each half's share of the model's matmul weights (the
+``fwd_equiv`` column: 1.0 is one forward of the whole model). Bytes per step between the halves
+(fp32 activations ``B x T x H``): exact ``2Q+1`` up, linear on the server ``Q+1`` up (differences),
+linear on the client and FO-SL one up and one down.
 
 Breakdown per step: client forwards (without the perturbation), server forwards, server backward
 (+ the server's SGD step), perturbation and update (client side). For HOSL the perturbation is
@@ -26,6 +45,8 @@ shared and noisy); ratios come from one run.
     python benchmarks/step.py --json step.json [--model opt-125m-random --cut 5 --batch 4 --seq 64
                                                 --queries 1,10 --threads 1 --repeats 2]
     python benchmarks/step.py --tiny --json /tmp/s.json      # tiny-opt, seconds (smoke test)
+    python benchmarks/step.py --batches 1x32,4x64,16x128 --queries 10 --repeats 1 --warmup 0 \
+        --variants hosl,hosl-qb,hosl-auto,hosl-linear,hosl-linear-client,fo-sl --json step_issue15.json
     python benchmarks/step.py --device cuda --model opt-1.3b-random --batch 16 --seq 128 --queries 10
 
 On a GPU (``--device cuda``) every bucket and step is closed by ``torch.cuda.synchronize()`` so the
@@ -55,7 +76,7 @@ def _threads_from_argv(argv) -> int:
     return 1
 
 
-BUCKETS = ("client_forward", "server_forward", "server_backward", "perturb_update")
+BUCKETS = ("client_forward", "server_forward", "server_backward", "perturb_update", "client_backward")
 
 
 def _no_sync():
@@ -102,13 +123,27 @@ def make_batch(vocab: int, batch: int, seq: int, device: str = "cpu"):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def server_loss_fn(server, mask, labels, t: Buckets):
+class Passes:
+    """Rows each half ran forward (and backward) in one step, in batches of ``B`` rows."""
+
+    def __init__(self, rows: int):
+        self.rows, self.client_fwd, self.server_fwd, self.client_bwd, self.server_bwd = rows, 0.0, 0.0, 0, 0
+
+    def fwd_equiv(self, client_share: float) -> float:
+        return (client_share * (self.client_fwd + 2 * self.client_bwd)
+                + (1 - client_share) * (self.server_fwd + 2 * self.server_bwd))
+
+
+def server_loss_fn(server, mask, labels, t: Buckets, passes: Passes | None = None):
     """LM cross-entropy of the answer token at the last position (one loss per concatenated copy)."""
     import torch
     import torch.nn.functional as F
 
     def loss(h):
         copies = h.shape[0] // labels.shape[0]
+        if passes is not None:
+            passes.server_fwd += copies
+            passes.server_bwd += int(torch.is_grad_enabled())  # the clean point: its loss is back-propagated
         with t("server_forward"):
             logits = server(h, mask.repeat(copies, 1) if copies > 1 else mask)[:, -1]
             per_row = F.cross_entropy(logits.float(), labels.repeat(copies), reduction="none")
@@ -192,41 +227,111 @@ def timed_ops(t: Buckets):
 
 # ---------------------------------------------------------------------------------------------
 
-def run_variant(variant, q, client, server, batch, repeats):
+def fosl_step(client, server, client_opt, server_opt, ids, mask, labels, t: Buckets, passes: Passes):
+    """FO-SL: the client forward with autograd, the server's loss and backward, dL/dh back down."""
+    with t("client_forward"):
+        h = client(ids, mask)
+    passes.client_fwd += 1
+    hd = h.detach().requires_grad_(True)
+    loss = server_loss_fn(server, mask, labels, t, passes)(hd)
+    with t("server_backward"):
+        loss.backward()
+        server_opt.step()
+        server_opt.zero_grad(set_to_none=True)
+    with t("client_backward"):
+        h.backward(hd.grad)
+        client_opt.step()
+        client_opt.zero_grad(set_to_none=True)
+    passes.client_bwd += 1
+    return float(loss.detach())
+
+
+def hosl_options(variant: str, q: int, a) -> dict:
+    """HybridOrderOptimizer options of a hosl variant (see the module docstring)."""
+    qb = a.query_batch
+    if variant == "hosl":
+        return dict(query_batch=qb, server_estimate=a.server_estimate, linear_on=a.linear_on,
+                    query_memory_budget=a.query_memory_budget)
+    if variant == "hosl-sb":
+        return dict(server_batch=2 * q)
+    if variant == "hosl-qb":
+        return dict(query_batch=2 * q if qb == 1 else qb, query_memory_budget=a.query_memory_budget)
+    if variant == "hosl-auto":
+        return dict(query_batch="auto", query_memory_budget=a.query_memory_budget)
+    if variant in ("hosl-linear", "hosl-linear-client"):
+        return dict(server_estimate="linear", linear_on="client" if variant.endswith("client") else "server",
+                    query_batch=qb, query_memory_budget=a.query_memory_budget)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+VARIANTS = ("mezo", "hosl", "hosl-sb", "hosl-qb", "hosl-auto", "hosl-linear", "hosl-linear-client", "fo-sl")
+
+
+def bytes_per_step(variant: str, opts: dict, q: int, activation: int) -> tuple[int, int]:
+    """(up, down) bytes between the halves per step, activations only (losses are a few floats)."""
+    if variant == "fo-sl":
+        return activation, activation
+    if variant == "mezo":
+        return 0, 0
+    if opts.get("server_estimate") == "linear":
+        return ((activation, activation) if opts.get("linear_on") == "client" else ((q + 1) * activation, 0))
+    return (2 * q + 1) * activation, 0
+
+
+def run_variant(variant, q, client, server, batch, repeats, a=None, warmup=1):
     import torch
 
     import hosl
 
     ids, mask, labels = batch
     server_opt = torch.optim.SGD(server.parameters(), lr=1e-3, momentum=0.9)
-    best, best_t = float("inf"), None
-    if variant == "mezo":
+    best, best_t, best_passes, extra = float("inf"), None, None, {}
+    if variant == "fo-sl":
+        client_opt = torch.optim.SGD(client.parameters(), lr=1e-3, momentum=0.9)
+        for r in range(repeats + warmup):
+            t, passes = Buckets(), Passes(ids.shape[0])
+            t0 = time.perf_counter()
+            fosl_step(client, server, client_opt, server_opt, ids, mask, labels, t, passes)
+            _sync()
+            total = time.perf_counter() - t0
+            if r >= warmup and total < best:
+                best, best_t, best_passes = total, dict(t.s), passes
+    elif variant == "mezo":
         gen = torch.Generator().manual_seed(0)
-        for r in range(repeats + 1):  # the first is the warm-up
+        for r in range(repeats + warmup):
             t = Buckets()
             t0 = time.perf_counter()
             mezo_step(client, server, server_opt, ids, mask, labels, q=q, eps=1e-3, lr=1e-6, gen=gen, t=t)
             _sync()
             total = time.perf_counter() - t0
-            if r and total < best:
+            if r >= warmup and total < best:
                 best, best_t = total, dict(t.s)
+        best_passes = Passes(ids.shape[0])
+        best_passes.client_fwd = best_passes.server_fwd = 2 * q + 1
+        best_passes.server_bwd = 1
     else:
-        opt = hosl.HybridOrderOptimizer(client, server_opt, lr=1e-6, eps=1e-3, num_queries=q,
-                                        server_batch=1 if variant == "hosl" else 2 * q)
-        for r in range(repeats + 1):
-            t = Buckets()
+        opts = hosl_options(variant, q, a) if a is not None else {"server_batch": 1 if variant == "hosl" else 2 * q}
+        opt = hosl.HybridOrderOptimizer(client, server_opt, lr=1e-6, eps=1e-3, num_queries=q, **opts)
+        for r in range(repeats + warmup):
+            t, passes = Buckets(), Passes(ids.shape[0])
             t0 = time.perf_counter()
-            _hosl_step(opt, client, server, ids, mask, labels, t)
+            _hosl_step(opt, client, server, ids, mask, labels, t, passes)
             _sync()
             total = time.perf_counter() - t0
-            if r and total < best:
-                best, best_t = total, dict(t.s)
+            if r >= warmup and total < best:
+                best, best_t, best_passes = total, dict(t.s), passes
+        extra = {"query_batch_used": opt.last_query_batch,
+                 **{k: v for k, v in opts.items() if k in ("query_batch", "server_estimate", "linear_on")}}
     row = {"step_s": best, **{k: best_t.get(k, 0.0) for k in BUCKETS}}
     row["other_s"] = best - sum(row[k] for k in BUCKETS)
+    row["passes"] = {"client_fwd": best_passes.client_fwd, "server_fwd": best_passes.server_fwd,
+                     "client_bwd": best_passes.client_bwd, "server_bwd": best_passes.server_bwd}
+    row["_passes"] = best_passes
+    row.update(extra)
     return row
 
 
-def _hosl_step(opt, client, server, ids, mask, labels, t: Buckets):
+def _hosl_step(opt, client, server, ids, mask, labels, t: Buckets, passes: Passes | None = None):
     """One HOSL step with its time split into the buckets.
 
     Client forwards and server forwards are timed around ``client_fn`` / ``server_loss_fn``;
@@ -241,13 +346,15 @@ def _hosl_step(opt, client, server, ids, mask, labels, t: Buckets):
         t0 = time.perf_counter()
         h = client(ids, mask)
         _sync()
+        if passes is not None:
+            passes.client_fwd += h.shape[0] / ids.shape[0]
         spent = time.perf_counter() - t0
         inner.s["client_forward"] += spent - (inner.s["perturb_update"] - before)
         return h
 
     t0 = time.perf_counter()
     with timed_ops(inner):
-        opt.step(client_fn, server_loss_fn(server, mask, labels, inner))
+        opt.step(client_fn, server_loss_fn(server, mask, labels, inner, passes))
     _sync()
     total = time.perf_counter() - t0
     for k in ("client_forward", "server_forward", "perturb_update"):
@@ -270,7 +377,16 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--queries", default="1,10")
-    p.add_argument("--variants", default="mezo,hosl,hosl-sb")
+    p.add_argument("--variants", default="mezo,hosl,hosl-sb", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--batches", default=None, metavar="BxT[,BxT...]",
+                   help="several batch shapes in one run, e.g. 1x32,4x64,16x128 (overrides --batch/--seq)")
+    p.add_argument("--query-batch", type=lambda v: v if v == "auto" else int(v), default=1, metavar="D|auto",
+                   help="hosl, hosl-linear*: points per client forward; hosl-qb: D (default 2Q when 1)")
+    p.add_argument("--query-memory-budget", type=int, default=None, metavar="BYTES",
+                   help="hosl-auto (and an explicit D): the bytes the batched points may add")
+    p.add_argument("--server-estimate", default="exact", choices=("exact", "linear"), help="of the hosl variant")
+    p.add_argument("--linear-on", default="server", choices=("server", "client"), help="of the hosl variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the timed ones")
     p.add_argument("--threads", type=int, default=1,
                    help="torch/OpenMP threads, read before torch loads (1: on a shared machine 2 threads stall "
                         "whenever another process holds a core)")
@@ -288,42 +404,63 @@ def main(argv=None) -> dict:
         a.model, a.cut, a.batch, a.seq, a.repeats, a.queries = "tiny-opt", 2, 2, 8, 1, "1,2"
 
     client, server = build(a.model, a.cut, device=a.device)
-    batch = make_batch(client.config.vocab_size, a.batch, a.seq, a.device)
     n_client = sum(p.numel() for p in client.parameters())
+    linear_numel = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, torch.nn.Linear))  # noqa: E731
+    client_share = linear_numel(client) / (linear_numel(client) + linear_numel(server))
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in a.batches.split(",")] if a.batches
+              else [(a.batch, a.seq)])
+    hidden = client.config.hidden_size
     results: dict = {}
-    for q in [int(x) for x in a.queries.split(",")]:
-        for variant in a.variants.split(","):
-            # every variant starts from the same weights (MeZO's walk and the updates change them)
-            state_c = {k: v.clone() for k, v in client.state_dict().items()}
-            state_s = {k: v.clone() for k, v in server.state_dict().items()}
-            results[f"{variant}/q{q}"] = run_variant(variant, q, client, server, batch, a.repeats)
-            client.load_state_dict(state_c)
-            server.load_state_dict(state_s)
-            print(f"  {variant} Q={q}: {results[f'{variant}/q{q}']['step_s']:.3f} s", file=sys.stderr)
-        for variant in a.variants.split(","):
-            if variant != "mezo" and f"mezo/q{q}" in results:
-                results[f"{variant}/q{q}"]["speedup_vs_mezo"] = (
-                    results[f"mezo/q{q}"]["step_s"] / results[f"{variant}/q{q}"]["step_s"])
+    for b, seq in shapes:
+        a.batch, a.seq = b, seq
+        batch = make_batch(client.config.vocab_size, b, seq, a.device)
+        tag = f"/b{b}x{seq}" if a.batches else ""
+        for q in [int(x) for x in a.queries.split(",")]:
+            for variant in a.variants.split(","):
+                # every variant starts from the same weights (MeZO's walk and the updates change them)
+                state_c = {k: v.clone() for k, v in client.state_dict().items()}
+                state_s = {k: v.clone() for k, v in server.state_dict().items()}
+                row = run_variant(variant, q, client, server, batch, a.repeats, a, a.warmup)
+                row["fwd_equiv"] = row.pop("_passes").fwd_equiv(client_share)
+                opts = {k: row.get(k) for k in ("server_estimate", "linear_on")}
+                row["bytes_up"], row["bytes_down"] = bytes_per_step(variant, opts, q, b * seq * hidden * 4)
+                results[f"{variant}/q{q}{tag}"] = row
+                client.load_state_dict(state_c)
+                server.load_state_dict(state_s)
+                print(f"  {variant} Q={q} {b}x{seq}: {row['step_s']:.3f} s", file=sys.stderr, flush=True)
+                if a.json:  # as we go: a long run stopped early keeps what it measured
+                    Path(a.json).write_text(json.dumps(results, indent=2))
+            for variant in a.variants.split(","):
+                base = f"mezo/q{q}{tag}"
+                if variant != "mezo" and base in results:
+                    results[f"{variant}/q{q}{tag}"]["speedup_vs_mezo"] = (
+                        results[base]["step_s"] / results[f"{variant}/q{q}{tag}"]["step_s"])
+                if variant != "hosl" and f"hosl/q{q}{tag}" in results:
+                    results[f"{variant}/q{q}{tag}"]["vs_hosl"] = (
+                        results[f"{variant}/q{q}{tag}"]["step_s"] / results[f"hosl/q{q}{tag}"]["step_s"])
 
     results["meta"] = {
         "command": "python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": a.model, "cut": a.cut, "batch": a.batch, "seq": a.seq, "dtype": "float32", "device": a.device,
+        "model": a.model, "cut": a.cut, "batch": a.batch, "seq": a.seq, "batches": a.batches, "dtype": "float32",
+        "device": a.device, "client_matmul_share": client_share,
         "device_name": torch.cuda.get_device_name() if a.device == "cuda" else None,
         "client_params": n_client, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "timing": f"min of {a.repeats} steps after a warm-up step, per variant",
+        "timing": f"min of {a.repeats} steps after {a.warmup} warm-up step(s), per variant",
     }
     print(f"step time, {a.model} cut {a.cut}, batch {a.batch} x seq {a.seq}, fp32, "
           f"{torch.get_num_threads()} threads, {n_client / 1e6:.1f}M client parameters")
-    print(f"{'variant':<10} {'Q':>3} {'step s':>8} {'client fwd':>11} {'server fwd':>11} {'server bwd':>11} "
-          f"{'perturb+upd':>12} {'vs MeZO':>8}")
+    print(f"{'variant':<19} {'Q':>8} {'step s':>8} {'client fwd':>11} {'server fwd':>11} {'server bwd':>11} "
+          f"{'perturb+upd':>12} {'D':>3} {'fwd-eq':>7} {'MB up':>8} {'MB down':>8} {'vs hosl':>8} {'vs MeZO':>8}")
     for key, r in results.items():
         if key == "meta":
             continue
-        variant, q = key.split("/q")
+        variant, q = key.split("/q", 1)
         speed = f"{r['speedup_vs_mezo']:.2f}x" if "speedup_vs_mezo" in r else ""
-        print(f"{variant:<10} {q:>3} {r['step_s']:>8.3f} {r['client_forward']:>11.3f} {r['server_forward']:>11.3f} "
-              f"{r['server_backward']:>11.3f} {r['perturb_update']:>12.3f} {speed:>8}")
+        rel = f"{r['vs_hosl']:.2f}x" if "vs_hosl" in r else ""
+        print(f"{variant:<19} {q:>8} {r['step_s']:>8.3f} {r['client_forward']:>11.3f} {r['server_forward']:>11.3f} "
+              f"{r['server_backward']:>11.3f} {r['perturb_update']:>12.3f} {r.get('query_batch_used', ''):>3} "
+              f"{r['fwd_equiv']:>7.2f} {r['bytes_up'] / 1e6:>8.2f} {r['bytes_down'] / 1e6:>8.2f} {rel:>8} {speed:>8}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -43,14 +43,18 @@ def test_memory_script_tiny(tmp_path):
 
 def test_step_script_tiny(tmp_path):
     out = tmp_path / "step.json"
-    run_script("step.py", "--tiny", "--variants", "mezo,hosl", "--json", str(out))
+    run_script("step.py", "--tiny", "--variants", "mezo,hosl,hosl-qb,hosl-linear,fo-sl", "--json", str(out))
     data = json.loads(out.read_text())
-    assert set(data) == {"mezo/q1", "hosl/q1", "mezo/q2", "hosl/q2", "meta"}
-    for key in ("mezo/q1", "hosl/q2"):
+    assert set(data) == {f"{v}/q{q}" for v in ("mezo", "hosl", "hosl-qb", "hosl-linear", "fo-sl") for q in (1, 2)} | {"meta"}
+    timing = ("step_s", "client_forward", "server_forward", "server_backward", "perturb_update", "fwd_equiv")
+    for key in ("mezo/q1", "hosl/q2", "fo-sl/q2"):
         row = data[key]
-        assert {"step_s", "client_forward", "server_forward", "server_backward", "perturb_update"} <= set(row)
-        assert all(isinstance(row[k], float) for k in row)
+        assert all(isinstance(row[k], float) for k in timing)
     assert "speedup_vs_mezo" in data["hosl/q2"]
+    # Q=2, central: 5 client passes; batched: all 4 perturbed points in one forward; linear: one server pass
+    assert data["hosl-qb/q2"]["query_batch_used"] == 4 and data["hosl-qb/q2"]["passes"]["client_fwd"] == 5
+    assert data["hosl/q2"]["passes"]["server_fwd"] == 5 and data["hosl-linear/q2"]["passes"]["server_fwd"] == 1
+    assert data["hosl-linear/q2"]["bytes_up"] == 3 / 5 * data["hosl/q2"]["bytes_up"]  # Q+1 vs 2Q+1 activations
     assert data["meta"]["model"] == "tiny-opt"
 
 
