@@ -147,10 +147,11 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                         "any other folder is refused (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest intact checkpoint; every setting that "
-                        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change)")
+                        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change; "
+                        "steps under a linear/cosine --lr-schedule only with --override steps)")
     p.add_argument("--override", dest="overrides", action="append", default=[], metavar="FIELD",
                    help="with --resume: allow FIELD to differ from the run's: lr_client, lr_server, data_dir, "
-                        "server_batch, client_micro_batch, client_memory_budget; repeatable; recorded in "
+                        "server_batch, client_micro_batch, client_memory_budget, steps; repeatable; recorded in "
                         "metrics.jsonl and resumes.jsonl")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds one (hosl's files there are replaced)")

@@ -76,3 +76,14 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     subparsers.choices[args.command].set_defaults(**read_config_file(path))
     return parser.parse_args(argv)
+
+
+def add_schedule_args(p: argparse.ArgumentParser, d) -> None:
+    g = p.add_argument_group("optimizers and learning-rate schedule (hosl/training/schedule.py)")
+    g.add_argument("--server-optimizer", default=d.server_optimizer, choices=("sgd", "adamw"),
+                   help="the server half's optimizer in hosl and fo-sl: SGD with --momentum, or AdamW "
+                        "(default %(default)s)")
+    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "linear", "cosine"),
+                   help="every optimizer's learning rate over --steps, after the warmup (default %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear warmup over the first N steps (default %(default)s)")

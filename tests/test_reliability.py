@@ -117,6 +117,21 @@ def test_override_of_lr_client_reaches_both_zo_halves_of_zo_sl(data, tmp_path):
     assert [g["lr"] for g in state["server_half"]["zo"]["param_groups"]] == [4e-3]  # the server's ZO half too
 
 
+def test_steps_may_change_freely_unless_a_schedule_runs_over_them():
+    from dataclasses import fields
+
+    from hosl.training.run_folder import RunFolderError, compare
+
+    run = TrainConfig(steps=10).to_dict()
+    assert compare(run, TrainConfig(steps=20))["steps"] == {"was": 10, "now": 20}
+    if "lr_schedule" not in {f.name for f in fields(TrainConfig)}:
+        pytest.skip("no --lr-schedule in this checkout")
+    scheduled = TrainConfig(steps=10, lr_schedule="linear").to_dict()
+    with pytest.raises(RunFolderError, match="--steps was 10, now 20.*--override steps"):
+        compare(scheduled, TrainConfig(steps=20, lr_schedule="linear"))
+    assert compare(scheduled, TrainConfig(steps=20, lr_schedule="linear", overrides=["steps"]))["steps"]["now"] == 20
+
+
 def test_override_of_a_trajectory_setting_is_refused(base_run, data, tmp_path, capsys):
     run = _copy(base_run, tmp_path)
     before = _snapshot(run)

@@ -34,12 +34,13 @@ CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 # (the backends are bit-identical), and the resume switches themselves.
 NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress", "backend", "notes"})
 # Settings that change how long the run goes and what it records, not the trajectory of its steps:
-# a resume may change them freely (each change is recorded).
+# a resume may change them freely (each change is recorded). Not ``steps`` under a decaying
+# ``lr_schedule``: there the rate of every step depends on it (then it needs --override steps).
 FREE = frozenset({"steps", "eval_every", "checkpoint_every", "eval_batch_size"})
 # Settings that change the trajectory but that a resume may change with --override FIELD: the
 # learning rates, where the data lives, and how passes are batched (same math, other rounding).
 OVERRIDABLE = frozenset({"lr_client", "lr_server", "data_dir", "server_batch", "client_micro_batch",
-                         "client_memory_budget"})
+                         "client_memory_budget", "steps"})
 
 
 class RunFolderError(ValueError):
@@ -176,7 +177,10 @@ def compare(run_values: dict, cfg: TrainConfig) -> dict:
     overrides = {normalise_override(o) for o in (cfg.overrides or [])}
     was, now = _effective(run_values), _effective(cfg.to_dict())
     changed = sorted(k for k in was.keys() | now.keys() if k not in NOT_COMPARED and was.get(k) != now.get(k))
-    refused = [k for k in changed if k not in FREE and k not in overrides]
+    free = set(FREE)
+    if was.get("lr_schedule") not in (None, "constant"):
+        free.discard("steps")  # a linear/cosine schedule runs over --steps
+    refused = [k for k in changed if k not in free and k not in overrides]
     if refused:
         def flag(k):
             return "--" + k.replace("_", "-")
