@@ -77,6 +77,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    "with --train-file (your own data; default %(default)s)")
     cli_options.add_data_args(p, d)
     cli_options.add_config_arg(p)
+    cli_options.add_schedule_args(p, d)
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
     p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")

@@ -37,6 +37,9 @@ class TrainConfig:
     eps: float | None = None  # None: 1e-3, or 5e-3 with LoRA (the paper's)
     lr_client: float | None = None  # None: 1e-6 for ZO clients (5e-5 with LoRA), 1e-3 for FO clients (the paper's)
     lr_server: float = 1e-3
+    server_optimizer: str = "sgd"  # sgd | adamw: the server half of hosl and fo-sl (hosl/training/schedule.py)
+    lr_schedule: str = "constant"  # constant | linear | cosine over --steps, for every optimizer
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     momentum: float = 0.9
     weight_decay: float = 0.0
     difference: str = "central"
@@ -110,6 +113,14 @@ class TrainConfig:
         from hosl.tasks.custom import FileTaskOptions, check_options
 
         check_options(FileTaskOptions.of(self))  # which data flags go with which --task (no file is read)
+        from hosl.training.schedule import LR_SCHEDULES, SERVER_OPTIMIZERS
+
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"--server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:

@@ -38,6 +38,7 @@ from hosl.tasks.custom import configured_num_labels, sample_configured_task
 from hosl.training import checkpoint as ckpt
 from hosl.training import run_folder
 from hosl.training.config import TrainConfig
+from hosl.training.schedule import schedule_client_step
 from hosl.training.memory import parse_bytes
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
@@ -126,7 +127,8 @@ def hyper(cfg: TrainConfig) -> Hyper:
                  direction=cfg.direction, zo_optimizer=cfg.zo_optimizer, zo_momentum=cfg.zo_momentum,
                  query_batch=cfg.query_batch, query_memory_budget=cfg.query_memory_budget,
                  server_estimate=cfg.server_estimate, linear_on=cfg.linear_on,
-                 zo_betas=tuple(cfg.zo_betas), client_micro_batch=cfg.client_micro_batch)
+                 zo_betas=tuple(cfg.zo_betas), server_optimizer=cfg.server_optimizer,
+                 lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, client_micro_batch=cfg.client_micro_batch)
 
 
 def load_split_model(cfg: TrainConfig):
@@ -308,6 +310,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
             up0, down0 = (link.bytes_up, link.bytes_down) if link is not None else (0, 0)
             t0 = time.perf_counter()
             mode.step_number = step + 1
+            schedule_client_step(mode, hp, step + 1)  # --lr-schedule / --warmup-steps (no-op by default)
             loss = mode.step(batch)
             elapsed += time.perf_counter() - t0
             step += 1

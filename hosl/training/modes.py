@@ -49,6 +49,10 @@ class Hyper:
     zo_optimizer: str = "sgd"
     zo_momentum: float = 0.9
     zo_betas: tuple = (0.9, 0.999)
+    server_optimizer: str = "sgd"  # sgd | adamw (the server half of hosl and fo-sl; hosl/training/schedule.py)
+    lr_schedule: str = "constant"  # constant | linear | cosine, over total_steps
+    warmup_steps: int = 0
+    total_steps: int = 0
     query_batch: int | str = 1  # hosl, zo: perturbed points per client forward (or "auto")
     query_memory_budget: int | None = None  # bytes the batched points may add ("auto"'s budget)
     server_estimate: str = "exact"  # hosl: "exact" (a server forward per point) or "linear" (dL/dh . dh)

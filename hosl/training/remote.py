@@ -38,7 +38,8 @@ from hosl.transport.distributed import DistributedLink, Endpoint, connect, disco
 # are not compared: the server follows whatever the client sends.
 FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "seed", "eps", "lr_client", "lr_server", "momentum",
                       "weight_decay", "dropout", "direction", "zo_optimizer", "zo_momentum", "zo_betas", "lora", "lora_r",
-                      "lora_alpha", "lora_targets", "lora_halves")
+                      "lora_alpha", "lora_targets", "lora_halves", "server_optimizer",
+                      "lr_schedule", "warmup_steps")
 
 
 @dataclass

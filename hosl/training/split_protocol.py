@@ -55,6 +55,7 @@ from torch import nn
 from hosl.optim import ZerothOrderOptimizer
 from hosl.optim import functional as F
 from hosl.tasks.evaluation import eval_outputs
+from hosl.training.schedule import make_server_optimizer, schedule_step
 from hosl.transport import Link, Message
 from hosl.transport.wire import Kind, from_int64, to_int64
 
@@ -121,8 +122,7 @@ class ServerHalf:
         self.zo: ZerothOrderOptimizer | None = None
         self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
         if mode in ("hosl", "fo-sl"):
-            self.optimizer = torch.optim.SGD([p for p in server.parameters() if p.requires_grad], lr=hp.lr_server,
-                                             momentum=hp.momentum, weight_decay=hp.weight_decay)
+            self.optimizer = make_server_optimizer(server.parameters(), hp)  # --server-optimizer
         self.batch: dict = {}
         self.mask: torch.Tensor | None = None
         self.clean_loss = math.nan
@@ -181,6 +181,8 @@ class ServerHalf:
                     if len(request.ints) != 1:
                         raise ValueError("a zo-sl begin-step must carry the client's coordinate count")
                     self.zo_for(request.ints[0])
+                # --lr-schedule: this step's rates, from the step number the client sent
+                schedule_step(self.hp, request.step, {self.optimizer: self.hp.lr_server, self.zo: self.hp.lr_client})
                 return self._reply(request)
             if phase == Phase.CLEAN_LOSS:  # hosl: FO at the clean point
                 h = tensors[0]
