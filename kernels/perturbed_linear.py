@@ -17,9 +17,9 @@ broadcast. The launcher makes ``DB`` cover all ``D`` directions when the accumul
 The perturbed element is ``fp32(W) + scale*z`` (one multiply, one add, no FMA: ``COMPILE_OPTIONS``),
 exactly as in ``perturb_``, then rounded to nearest even into the weight dtype -- the value the
 scratch path materialises. fp16/bf16 tiles then go to the tensor cores in their own dtype with
-float32 accumulation. fp32 uses ``input_precision`` ``"tf32"`` when torch's
-``torch.backends.cuda.matmul.allow_tf32`` is on, else ``"tf32x3"`` (~fp32 accuracy, see
-:func:`fp32_precision`).
+float32 accumulation. fp32 follows torch's matmul setting (:func:`fp32_precision`): ``"tf32x3"``
+(~fp32 accuracy) by default, ``"tf32"`` when TF32 is allowed, ``"ieee"`` when
+``torch.backends.cuda.matmul.fp32_precision == "ieee"`` (exact products: what bit-exact probes need).
 Under the interpreter every dot runs in float32 on exactly widened operands (its bf16 ``tl.dot``
 gives garbage; an fp16/bf16 product is exact in float32 either way).
 
@@ -186,14 +186,15 @@ _SIG = {"x": "*fp32", "w": "*fp32", "b": "*fp32", "y": "*fp32", "dirs": "*i64", 
 _SIG16 = {**_SIG, "x": "*fp16", "w": "*fp16", "b": "*fp16", "y": "*fp16"}
 _SIGBF = {**_SIG, "x": "*bf16", "w": "*bf16", "b": "*bf16", "y": "*bf16"}
 _GPU_BLOCKS = {"DB": 4, "BM": 64, "BN": 64, "BK": 32}
-# What a GPU run compiles, each path at least once (4 variants keep the AOT check short): fp32 in
-# both precisions, fp16 and bf16 on tensor cores; row-aligned and per-element z; shared and
-# per-direction inputs; the Rademacher and sphere families.
+# What a GPU run compiles, each path at least once (few variants keep the AOT check short): fp32 in
+# its three precisions ("ieee": the bit-exact probes), fp16 and bf16 on tensor cores; row-aligned and
+# per-element z; shared and per-direction inputs; the Rademacher and sphere families.
 AOT = [(perturbed_linear_kernel, sig,
         {"DTYPE": dtype, "FAMILY": family, "SHARED_X": shared, "HAS_BIAS": True, "PERTURB_BIAS": True,
          "ALIGNED": aligned, "NATIVE": dtype != 0, "PRECISION": precision, **_GPU_BLOCKS})
        for dtype, sig, precision, shared, aligned, family in (
-           (0, _SIG, "tf32x3", True, True, 0), (0, _SIG, "tf32", False, False, 0), (1, _SIG16, "ieee", False, True, 0),
+           (0, _SIG, "tf32x3", True, True, 0), (0, _SIG, "tf32", False, False, 0), (0, _SIG, "ieee", True, False, 0),
+           (1, _SIG16, "ieee", False, True, 0),
            (2, _SIGBF, "ieee", True, False, 0), (2, _SIGBF, "ieee", False, True, 1), (0, _SIG, "tf32x3", True, True, 2))]
 
 def _factor_table(family: str, factors, count: int, device) -> torch.Tensor:
@@ -219,10 +220,22 @@ def block_sizes(num_dirs: int, m: int, n: int, k: int) -> dict:
 
 
 def fp32_precision() -> str:
-    """fp32 dots follow torch's own setting: ``"tf32"`` when ``torch.backends.cuda.matmul.allow_tf32``,
-    else ``"tf32x3"`` (three tf32 products, ~fp32 accuracy, tensor cores and -- unlike ``"ieee"``,
-    which lowers to ``fma.rn.f32`` -- no FMA in the PTX)."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    """The ``input_precision`` of fp32 dots, from torch's own matmul setting:
+
+    * ``"ieee"`` (fp32 products on CUDA cores, accumulated with ``fma.rn.f32``; slow) when asked for
+      with ``torch.backends.cuda.matmul.fp32_precision = "ieee"`` (torch >= 2.9; also what
+      ``torch.set_float32_matmul_precision("highest")`` sets there). The bit-exact probes use it.
+    * ``"tf32"`` when TF32 is allowed (``fp32_precision == "tf32"``, or the older ``allow_tf32``).
+    * else ``"tf32x3"`` (three tf32 products, ~fp32 accuracy, tensor cores, no FMA in the PTX):
+      torch's default (``"none"``). Not bit-exact: an identity probe through it can miss by an ulp.
+    """
+    matmul = torch.backends.cuda.matmul
+    asked = getattr(matmul, "fp32_precision", None)  # torch >= 2.9: "none" | "ieee" | "tf32"
+    if asked in ("ieee", "tf32"):
+        return asked
+    if asked is not None:
+        return "tf32x3"  # "none" (reading allow_tf32 too can raise: torch refuses mixed-API reads)
+    return "tf32" if matmul.allow_tf32 else "tf32x3"
 
 
 def perturbed_linear(x, weight, bias, w_offset: int, b_offset, keys_lo, keys_hi, scales, shared_x: bool,

@@ -85,3 +85,23 @@ def report_missing_cuda_kernels() -> None:
             "Rebuild with a CUDA torch and the CUDA toolkit: pip install --no-build-isolation -e .",
             stacklevel=2,
         )
+
+# Rows per direction up to which the fused Triton perturbed linear is used on CUDA: its row tile
+# (kernels/perturbed_linear.py block_sizes, BM=64). The kernel regenerates each weight tile's
+# perturbation for every BM rows, so its RNG work is ceil(rows/BM) x out x in per direction; with
+# one row tile that is once per weight, like materialising it. A heuristic pending a GPU
+# measurement at small row counts: at 2048 rows the fused kernel measured 27-139x F.linear on an
+# H200, materialising through the cuda backend 1.1-1.3x (fp32) (scripts/gpu_check.sh, linear stage).
+FUSED_LINEAR_MAX_ROWS = 64
+
+
+def perturbed_linear_backend(rows: int, device, asked: str | None, available=None) -> str | None:
+    """The backend for one perturbed linear of ``rows`` input rows per direction, when a caller
+    would ask for ``asked``: on CUDA, ``"triton"`` (the fused kernel) only for up to
+    :data:`FUSED_LINEAR_MAX_ROWS` rows, else ``"cuda"`` (materialise ``W + s*z``, then cuBLAS) where
+    that backend is ``available`` (default: :func:`available_backends`). Anything else: ``asked``."""
+    if asked != "triton" or torch.device(device).type != "cuda" or rows <= FUSED_LINEAR_MAX_ROWS:
+        return asked
+    available = available_backends() if available is None else available
+    return "cuda" if "cuda" in available else asked
+

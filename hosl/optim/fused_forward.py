@@ -105,7 +105,9 @@ class FusedPerturber(ModuleScratchPerturber):
             return ops.perturbed_linear(
                 x, mod.weight, mod.bias, seeds=[self._seed], scales=[self._scale],
                 weight_offset=slots["weight"].offset, bias_offset=bias_slot.offset if bias_slot else None,
-                backend=self.fused_backend)[0]
+                # on CUDA the fused Triton linear only for few rows, else materialise + cuBLAS
+                backend=ops.dispatch.perturbed_linear_backend(x.numel() // max(x.shape[-1], 1), x.device,
+                                                              self.fused_backend))[0]
         return forward
 
     def _lookup(self, mod: nn.Embedding, slots: dict):
