@@ -218,6 +218,7 @@ def test_a_stranger_speaking_plain_torch_distributed_gets_nothing(tmp_path):
     client = _spawn(["-c", PEER, "0", str(port), SECRET, "8"])
     (rc0, out0), (_, out_s) = _finish(client), _finish(stranger, 90)
     assert rc0 == 3 and "ConnectError: waiting for a server to join the rendezvous and prove the shared secret" in out0
+    assert f"on 127.0.0.1:{port}: nothing came within 8 s (--connect-timeout)" in out0, out0
     assert "RECEIVED" not in out_s, out_s
 
 

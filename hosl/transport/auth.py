@@ -120,19 +120,19 @@ def _keys_prefix() -> str:
 
 
 def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: float, where: str,
-                            stop_requested: Callable[[], bool] | None = None) -> str:
+                            stop_requested: Callable[[], bool] | None = None, timeout_s: float | None = None) -> str:
     """Mutual challenge/response through ``store``; returns the run id both sides derive.
 
     ``is_host``: rank 0 (it posts the challenge). ``where`` names the rendezvous (``host:port``)
-    in messages. Raises :class:`AuthError` on a wrong proof (after telling the other side) and
+    in messages, ``timeout_s`` the connect timeout behind ``deadline``. Raises :class:`AuthError` on a wrong proof (after telling the other side) and
     :class:`ConnectError` when the other side does not show up before ``deadline``.
     """
     keys = _keys_prefix()
 
     def wait_get(key: str, waiting_for: str) -> bytes:
         def on_timeout():
-            return ConnectError(f"{waiting_for} on {where}: nothing came within the connect timeout "
-                                f"(--connect-timeout)")
+            within = f"{timeout_s:g} s" if timeout_s is not None else "the connect timeout"
+            return ConnectError(f"{waiting_for} on {where}: nothing came within {within} (--connect-timeout)")
 
         def get():
             try:
@@ -147,7 +147,7 @@ def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: fl
         return value
 
     def put(key: str, value: bytes) -> None:
-        call_bounded(lambda: store.set(key, value), deadline + 1.0,
+        call_bounded(lambda: store.set(key, value), max(deadline, time.monotonic() + 5.0),
                      lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested)
 
     if is_host:
@@ -173,7 +173,7 @@ def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: fl
                             f"secret (the two sides hold different secrets?); nothing was sent to it")
         return run_id_of(secret, n0, n1)
 
-    joined = call_bounded(lambda: store.add(keys + "joined", 1), deadline + 1.0,
+    joined = call_bounded(lambda: store.add(keys + "joined", 1), max(deadline, time.monotonic() + 5.0),
                           lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested)
     if joined != 1:
         raise AuthError(f"another process already joined the rendezvous on {where} as rank 1; this one is refused "

@@ -97,7 +97,7 @@ def connect(
     where = f"{master_addr}:{master_port}"
     store = open_store(master_addr, master_port, rank, deadline, timeout_s, stop_requested)
     run_id = authenticate_over_store(store, is_host=rank == 0, secret=secret, deadline=deadline, where=where,
-                                     stop_requested=stop_requested)
+                                     stop_requested=stop_requested, timeout_s=timeout_s)
     group_store = dist.PrefixStore(f"hosl/run/{run_id}/", store)
     call_bounded(lambda: dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size,
                                                  timeout=datetime.timedelta(seconds=timeout_s)),
