@@ -39,6 +39,16 @@ breakdown per entry and mode) and ``"meta"`` (the command line, shapes, threads,
     python benchmarks/memory.py --json memory.json --plot docs/memory.png
     python benchmarks/memory.py --models opt-1.3b --batch-for opt-1.3b=16 --batch-for opt-1.3b-bf16=64
     python benchmarks/memory.py --tiny --json /tmp/m.json        # seconds: tiny-opt, for the smoke test
+
+Micro-batched HOSL clients (``hosl/optim/micro_batch.py``): ``--client-micro-batch 64,16,4,1`` adds one
+``hosl-m<M>`` row per ``M`` (every client pass runs ``M`` rows at a time into a preallocated output),
+``--client-memory-budget 0.4GiB,...`` one ``hosl-budget-<SIZE>`` row per budget (``M`` picked as
+``hosl train --client-memory-budget`` picks it: a probe at 1 and 2 rows, ``hosl.training.memory``;
+the plan is in the row). Their table shows the output activation (``B x T x H``, measured on the
+activation handed to the server), ``transients = peak - weights - scratch - output`` and the step's
+time (``step_s``, the optimizer step alone) against the ``M = B`` row (or plain ``hosl``)::
+
+    python benchmarks/memory.py --models opt-125m --modes fo-sl,hosl --client-micro-batch 64,16,4,1
 """
 
 from __future__ import annotations
@@ -142,6 +152,7 @@ def run_child(args) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import hosl  # part of the baseline: imports come first
+    import hosl.training.memory  # noqa: F401  (the micro-batch rows' planner; its package imports are not the client's)
 
     cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype)
@@ -177,8 +188,16 @@ def run_child(args) -> dict:
         hwm_reset = _reset_hwm()
         resident_before = _status_kib("VmRSS") * 1024 - baseline
 
-    def server_loss(*_):  # the server is not in this process: a cheap random scalar
+    sent = []  # bytes of the activations handed to the (simulated) server
+
+    def server_loss(*h):  # the server is not in this process: a cheap random scalar
+        if h and isinstance(h[0], torch.Tensor):
+            sent.append(h[0].numel() * h[0].element_size())
         return torch.rand(())
+
+    micro = _micro_batch_setup(args, client, ids, mask) if args.mode == "hosl" else None
+    if micro is not None:
+        row.update(micro[1])
 
     t0 = time.perf_counter()
     if args.mode == "fo-sl":
@@ -198,9 +217,16 @@ def run_child(args) -> dict:
     elif args.mode in ("zo-sl", "hosl"):
         client.eval()  # ZO estimates need the +/- passes to see the same function
         kw = dict(lr=1e-6, eps=1e-3, num_queries=args.queries, perturbed_forward=args.perturbed_forward)
-        if args.mode == "hosl":
+        if micro is not None:  # built before the measurement (with the budget's probe), like a client's start-up
+            opt = micro[0]
+            t_step = time.perf_counter()
+            opt.step(lambda rows: client(ids[rows], mask[rows]), server_loss, batch_size=args.batch)
+            row["step_seconds"] = round(time.perf_counter() - t_step, 2)
+        elif args.mode == "hosl":
             opt = hosl.HybridOrderOptimizer(client, None, **kw)
+            t_step = time.perf_counter()
             opt.step(lambda: client(ids, mask), server_loss)
+            row["step_seconds"] = round(time.perf_counter() - t_step, 2)
         else:
             opt = hosl.ZerothOrderOptimizer(client, **kw)
             opt.step(lambda: server_loss(client(ids, mask)))
@@ -222,6 +248,7 @@ def run_child(args) -> dict:
         peak = _status_kib("VmHWM") * 1024 - baseline
         how = "VmHWM - VmRSS after imports" + ("" if hwm_reset else " (VmHWM could not be reset: includes model build)")
     row["activations"] = peak - sum(row[k] for k in BREAKDOWN if k != "activations")
+    row["output"] = max(sent, default=0)
     row.update(peak=peak, resident_before_step=resident_before, seconds=round(seconds, 2), torch=torch.__version__,
                measured_as=how, hwm_reset=hwm_reset)
     return row
@@ -234,7 +261,9 @@ def run_child(args) -> dict:
 def child_command(model: str, dtype: str, mode: str, batch: int, a) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--child", "--model", model, "--dtype", dtype,
             "--mode", mode, "--batch", str(batch), "--seq", str(a.seq), "--cut", str(a.cut),
-            "--queries", str(a.queries), "--device", a.device, "--perturbed-forward", a.perturbed_forward]
+            "--queries", str(a.queries), "--device", a.device, "--perturbed-forward", a.perturbed_forward,
+            *(["--micro-batch", str(a.micro_batch)] if getattr(a, "micro_batch", None) else []),
+            *(["--budget", a.budget] if getattr(a, "budget", None) else [])]
 
 
 def run_one(model: str, dtype: str, mode: str, batch: int, a) -> dict:
@@ -270,6 +299,57 @@ def print_table(results: dict, details: dict) -> None:
     for key, r in results.items():
         print(f"{key:<16} {cell(r, 'fo-sl'):>10} {cell(r, 'zo-sl'):>10} {cell(r, 'hosl'):>9} {cell(r, 'floor'):>10} "
               f"{ratio(r, 'fo-sl', 'hosl'):>11} {ratio(r, 'hosl', 'floor'):>11}")
+
+
+def _micro_batch_setup(args, client, ids, mask):
+    """``(optimizer, row fields)`` of a micro-batched HOSL row (``--micro-batch`` or ``--budget``), or None."""
+    if not args.micro_batch and not args.budget:
+        return None
+    import hosl
+    from hosl.training.memory import parse_bytes, plan_micro_batch, probe_row_cost
+
+    kw = dict(lr=1e-6, eps=1e-3, num_queries=args.queries, perturbed_forward=args.perturbed_forward)
+    opt = hosl.HybridOrderOptimizer(client, None, client_micro_batch=args.micro_batch or args.batch, **kw)
+    fields = {}
+    if args.budget:
+        with opt.perturbers[0].perturbed(0, 1e-3):
+            fixed, per_row, out_row = probe_row_cost(lambda n: client(ids[:n], mask[:n]))
+        plan = plan_micro_batch(parse_bytes(args.budget, "--client-memory-budget"), weights=_nbytes(client.parameters()),
+                                scratch=opt.scratch_nbytes(), output=out_row * args.batch, fixed_transient=fixed,
+                                per_row_transient=per_row, batch_size=args.batch)
+        opt.client_micro_batch = plan.micro_batch
+        fields["plan"] = {**plan.__dict__, "planned_peak": plan.planned_peak()}
+    fields["micro_batch"] = opt.client_micro_batch
+    return opt, fields
+
+
+def _micro_rows(a):
+    """``(row label, args for the child)`` of each ``--client-micro-batch`` M and ``--client-memory-budget``."""
+    rows = []
+    for m in filter(None, a.client_micro_batch.split(",")):
+        rows.append((f"hosl-m{int(m)}", argparse.Namespace(**{**vars(a), "micro_batch": int(m), "budget": None})))
+    for size in filter(None, a.client_memory_budget.split(",")):
+        rows.append((f"hosl-budget-{size}", argparse.Namespace(**{**vars(a), "micro_batch": None, "budget": size})))
+    return rows
+
+
+def print_micro_table(details: dict) -> None:
+    """The micro-batched rows: peak vs weights + output, transients, and the step time against M = B."""
+    rows = [(key, mode, r) for key, modes in details.items() for mode, r in modes.items() if mode.startswith("hosl-")]
+    if not rows:
+        return
+    print()
+    print(f"{'config':<16} {'row':<18} {'M':>3} {'peak GiB':>9} {'weights':>8} {'output':>8} {'scratch':>8} "
+          f"{'transient':>9} {'peak/(w+out)':>12} {'FO-SL/peak':>10} {'step s':>7} {'vs M=B':>7}")
+    for key, mode, r in rows:
+        modes = details[key]
+        ref = next((x for x in modes.values() if x.get("micro_batch") == x["batch"]), modes.get("hosl"))
+        slower = f"{r['step_seconds'] / ref['step_seconds']:.2f}x" if ref and ref.get("step_seconds") else "-"
+        fo = f"{modes['fo-sl']['peak'] / r['peak']:.2f}x" if "fo-sl" in modes else "-"
+        transient = r["peak"] - r["weights"] - r["scratch"] - r["output"]
+        print(f"{key:<16} {mode:<18} {r['micro_batch']:>3} {gib(r['peak']):>9} {gib(r['weights']):>8} "
+              f"{gib(r['output']):>8} {gib(r['scratch']):>8} {gib(transient):>9} "
+              f"{r['peak'] / (r['weights'] + r['output']):>11.2f}x {fo:>10} {r['step_seconds']:>7.1f} {slower:>7}")
 
 
 def plot(results: dict, details: dict, path: str, title: str) -> None:
@@ -330,6 +410,12 @@ def main(argv=None) -> dict:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--micro-batch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--client-micro-batch", default="", metavar="M,...",
+                   help="add a micro-batched HOSL row per M (rows per client slice), e.g. 64,16,4,1")
+    p.add_argument("--client-memory-budget", default="", metavar="SIZE,...",
+                   help="add a HOSL row per budget, M picked as hosl train --client-memory-budget does, e.g. 0.4GiB")
     a = p.parse_args(argv)
 
     if a.child:
@@ -374,11 +460,19 @@ def main(argv=None) -> dict:
                 row.update(batch=batch, seq=a.seq, dtype=dtype)
                 details[key][mode] = row
                 print(f"  {key} {mode}: {gib(row['peak'])} GiB in {row['seconds']:.1f} s", file=sys.stderr)
+            for label_m, extra in _micro_rows(a):
+                row = run_one(MODELS[label], dtype, "hosl", batch, extra)
+                row.update(batch=batch, seq=a.seq, dtype=dtype)
+                details[key][label_m] = row
+                print(f"  {key} {label_m}: {gib(row['peak'])} GiB, M={row['micro_batch']}, step {row['step_seconds']} s",
+                      file=sys.stderr)
+                write({**results, "details": details, "meta": {**meta, "partial": True}})
             results[key] = {mode: details[key][mode]["peak"] for mode in modes}
             write({**results, "details": details, "meta": {**meta, "partial": True}})  # survive an interrupt
 
     print_table(results, details)
-    meta["torch"] = next(iter(details.values()))["hosl"]["torch"]
+    print_micro_table(details)
+    meta["torch"] = next(iter(next(iter(details.values())).values()))["torch"]
     out = {**results, "details": details, "meta": meta}
     write(out)
     if a.json:
