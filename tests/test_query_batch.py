@@ -174,7 +174,7 @@ def test_auto_follows_the_budget_and_a_d_that_cannot_fit_is_refused_before_any_w
 @pytest.mark.parametrize("kwargs,match", [
     (dict(query_batch=0), "query_batch must be an integer >= 1 or 'auto'"),
     (dict(query_batch="max"), "query_batch must be"),
-    (dict(query_batch=2, server_batch=2), "neither server_batch > 1"),
+    (dict(query_batch=2, server_batch=2), "server_batch > 1"),
     (dict(query_batch=2, query_memory_budget=-1), "query_memory_budget must be"),
 ])
 def test_bad_query_batch_options(kwargs, match):
