@@ -190,3 +190,31 @@ def test_client_fn_that_bypasses_the_module_is_refused():
     # client_fn runs the submodules, not the client module: its inputs are never repeated
     with pytest.raises(RuntimeError, match="client_fn must run the client module"):
         opt.step(lambda: client[1](client[0](ids)), lambda h: h.float().pow(2).mean())
+
+
+def test_hosl_train_with_query_batch_sends_the_copies_stacked(tmp_path):
+    """hosl train --query-batch: the D activations go to the server half in one losses message
+    (same bytes as D messages of one copy), and the run follows the sequential one."""
+    import json
+    import os
+    from pathlib import Path
+
+    from hosl.cli import main
+
+    data = Path(os.environ.get("HOSL_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+    if not (data / "sst2" / "train.tsv").exists():
+        pytest.skip(f"no task data at {data}")
+
+    def run(out, qb):
+        args = ["train", "--model", "tiny-opt", "--task", "sst2", "--data-dir", str(data), "--mode", "hosl",
+                "--cut", "1", "--steps", "2", "--batch-size", "4", "--train-size", "8", "--eval-size", "4",
+                "--num-queries", "2", "--max-length", "32", "--lr-client", "1e-3", "--eps", "1e-2",
+                "--query-batch", str(qb), "--out", str(out), "--no-progress"]
+        assert main(args) == 0
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    seq, batched = run(tmp_path / "seq", 1), run(tmp_path / "qb", 4)
+    assert [r["loss"] for r in batched] == pytest.approx([r["loss"] for r in seq], rel=1e-4)
+    if "bytes_up" in seq[0]:
+        # one message of 4 stacked copies instead of 4 messages: the same tensor bytes, fewer headers
+        assert 0 < seq[0]["bytes_up"] - batched[0]["bytes_up"] < 1000
