@@ -72,7 +72,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     d = defaults
     p.add_argument("--model", default=d.model,
                    help="hub name, local folder, or minilm-l6 | smollm2-135m | opt-125m-random | opt-1.3b-random | "
-                        f"tiny-opt | tiny-llama | tiny-bert (default {d.model})")
+                        f"tiny-opt | tiny-llama | tiny-bert | tiny-qwen2 | tiny-qwen3 | tiny-mistral | tiny-gemma | tiny-gpt2 "
+                        f"(default {d.model}); families: OPT, Llama, BERT, Qwen2, Qwen3, Mistral, Gemma, GPT-2")
     p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc, or custom | lm "
                    "with --train-file (your own data; default %(default)s)")
     cli_options.add_data_args(p, d)
@@ -108,7 +109,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank (default %(default)s)")
     g.add_argument("--lora-alpha", type=finite_float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)")
     g.add_argument("--lora-targets", default=d.lora_targets, metavar="NAMES",
-                   help="comma-separated module names to adapt (default q_proj,v_proj for OPT/Llama, query,value for BERT)")
+                   help="comma-separated module names to adapt (default q_proj,v_proj for the decoders, c_attn for GPT-2, "
+                        "query,value for BERT)")
     g.add_argument("--lora-halves", default=d.lora_halves, choices=LORA_HALVES,
                    help="which half gets adapters; the other trains all its weights (default %(default)s)")
     p.add_argument("--server-batch", type=int, default=d.server_batch,

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from hosl.models import TASK_CAUSAL_LM, TASK_SEQUENCE_CLASSIFICATION, load_model, resolve_model, split
+from hosl.models import MODEL_NAMES, TASK_CAUSAL_LM, TASK_SEQUENCE_CLASSIFICATION, load_model, resolve_model, split
 from hosl.models.lora import apply_lora, lora_layers
 from hosl.tasks import (
     ShuffledBatches,
@@ -64,8 +64,8 @@ def _model_kind(name: str, source) -> str:
         config = AutoConfig.from_pretrained(source.location)
     except OSError as exc:
         raise FileNotFoundError(
-            f"--model {name!r} is not an offline name (minilm-l6, smollm2-135m, opt-125m-random, opt-1.3b-random, "
-            f"tiny-opt, tiny-llama, tiny-bert), not a local model folder, and the hub could not provide it: {exc}"
+            f"--model {name!r} is not an offline name ({', '.join(MODEL_NAMES)}), not a local model folder, "
+            f"and the hub could not provide it: {exc}"
         ) from None
     return "classifier" if config.model_type in ENCODER_MODEL_TYPES else "causal_lm"
 
