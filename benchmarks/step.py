@@ -448,7 +448,8 @@ def main(argv=None) -> dict:
         "machine": platform.processor() or platform.machine(),
         "timing": f"min of {a.repeats} steps after {a.warmup} warm-up step(s), per variant",
     }
-    print(f"step time, {a.model} cut {a.cut}, batch {a.batch} x seq {a.seq}, fp32, "
+    shape_text = f"batches {a.batches}" if a.batches else f"batch {a.batch} x seq {a.seq}"
+    print(f"step time, {a.model} cut {a.cut}, {shape_text}, fp32, "
           f"{torch.get_num_threads()} threads, {n_client / 1e6:.1f}M client parameters")
     print(f"{'variant':<19} {'Q':>8} {'step s':>8} {'client fwd':>11} {'server fwd':>11} {'server bwd':>11} "
           f"{'perturb+upd':>12} {'D':>3} {'fwd-eq':>7} {'MB up':>8} {'MB down':>8} {'vs hosl':>8} {'vs MeZO':>8}")

@@ -195,7 +195,8 @@ AOT = [(perturbed_linear_kernel, sig,
        for dtype, sig, precision, shared, aligned, family in (
            (0, _SIG, "tf32x3", True, True, 0), (0, _SIG, "tf32", False, False, 0), (0, _SIG, "ieee", True, False, 0),
            (1, _SIG16, "ieee", False, True, 0),
-           (2, _SIGBF, "ieee", True, False, 0), (2, _SIGBF, "ieee", False, True, 1), (0, _SIG, "tf32x3", True, True, 2))]
+           (2, _SIGBF, "ieee", True, False, 0), (2, _SIGBF, "ieee", False, True, 1),
+           (0, _SIG, "tf32x3", True, True, 2))]
 
 def _factor_table(family: str, factors, count: int, device) -> torch.Tensor:
     """The sphere factors as a float32 tensor on ``device`` (a 1-element dummy for the other families)."""

@@ -131,7 +131,8 @@ def test_optimizer_step_batched_equals_sequential(family, query_batch):
         opt = hosl.HybridOrderOptimizer(client, None, lr=1e-2, eps=1e-2, num_queries=Q, seed=3, direction=family,
                                         query_batch=qb, query_memory_budget=10**9 if qb == "auto" else None)
         loss = opt.step(lambda: client(ids, mask), _server_loss(server, mask, target))
-        results[qb] = (float(loss), opt.last_projected_grads, {n: p.detach().clone() for n, p in client.named_parameters()})
+        weights = {n: p.detach().clone() for n, p in client.named_parameters()}
+        results[qb] = (float(loss), opt.last_projected_grads, weights)
         if qb == "auto":
             assert opt.last_query_batch == 2 * Q  # a large budget: every point in one forward
     (l1, g1, w1), (l2, g2, w2) = results[1], results[query_batch]
