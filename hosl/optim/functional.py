@@ -221,3 +221,87 @@ def draw_seeds(generator: torch.Generator, count: int) -> list[int]:
     """``count`` seeds in [0, 2**64) from ``generator`` (two 32-bit draws each)."""
     halves = torch.randint(0, 2**32, (count, 2), generator=generator, dtype=torch.int64)
     return [int(lo) | (int(hi) << 32) for lo, hi in halves.tolist()]
+
+
+# -- finite guard: is a ZO update certain to leave every weight finite? ------------------------
+# The largest |z_i| each family can produce: Box-Muller's radius from the smallest uniform the spec
+# allows (u = 2**-24: sqrt(-2 ln u) = 5.77), +-1, and a sphere slice of norm sqrt(numel) (a factor
+# of slack for the float32 rounding of the factor).
+_GAUSSIAN_MAX = 5.8
+
+
+def direction_max(direction: str, numel: int) -> float:
+    """An upper bound on ``|z_i|`` over the coordinates of a tensor of ``numel`` elements."""
+    if direction == "rademacher":
+        return 1.0
+    if direction == "sphere":
+        return math.sqrt(numel) * 1.01
+    return _GAUSSIAN_MAX
+
+
+def _max_abs(tensors: Sequence[torch.Tensor]) -> float:
+    """``max |t|`` over the tensors, one read of each (inf if any holds a non-finite value)."""
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+    return float(torch.stack([n.float().cpu() for n in norms]).max())
+
+
+def update_is_safe(
+    variant: str,
+    layout: ParameterLayout,
+    seeds: Sequence[int],
+    grads: Sequence[float],
+    state: MutableMapping[torch.Tensor, dict],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    direction: str = "gaussian",
+) -> bool:
+    """True when ``zo_step`` with these arguments is certain to leave every weight (and the rule's
+    float32 state) finite; False means skip the update.
+
+    Checked before anything is written, from bounds rather than from the result, so nothing needs
+    undoing and no copy of the weights is held: with ``M = max|w|`` (one read of the weights),
+    ``S = sum_q |g_q| / Q * max|z|`` (the estimate's largest coordinate) and the rule's state maxima,
+    each rule's worst-case ``|w_new|`` must stay below the weight dtype's largest finite value
+    (with a margin for rounding). The bound is loose only for weights or updates near that limit.
+    """
+    if not all_finite([lr, weight_decay, *grads]):
+        return False
+    params = [s.param for s in layout.slots]
+    dtype_max = min(torch.finfo(p.dtype).max for p in params) * (1 - 2**-8)
+    f32_max = torch.finfo(torch.float32).max * (1 - 2**-8)
+    zmax = max(direction_max(direction, p.numel()) for p in params)
+    s = sum(abs(g) for g in grads) / len(grads) * zmax
+    m = _max_abs(params)
+    d = s + weight_decay * m  # |estimate + decay|, the rules' input
+    if variant == "sgd":
+        bound = m + lr * d
+    elif variant == "sign":
+        bound = m + lr * (1.0 + weight_decay * m)
+    elif variant == "momentum":
+        bufs = [state[p]["momentum_buffer"] for p in params if "momentum_buffer" in state.get(p, {})]
+        b = momentum * _max_abs(bufs) + d
+        if not b < f32_max:
+            return False
+        bound = m + lr * b
+    elif variant == "adam":
+        beta1, beta2 = betas
+        sts = [state[p] for p in params if "exp_avg" in state.get(p, {})]
+        step = 1 + (max(int(st["step"]) for st in sts) if sts else 0)
+        m1 = beta1 * _max_abs([st["exp_avg"] for st in sts]) + (1 - beta1) * d
+        v1 = beta2 * _max_abs([st["exp_avg_sq"] for st in sts]) + (1 - beta2) * d * d
+        if not (m1 < f32_max and v1 < f32_max):
+            return False
+        bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+        bound = m + lr / bias1 * m1 / adam_eps  # denominator >= adam_eps
+        if beta1 * beta1 < beta2:  # |m| <= k sqrt(v) for a state built by this rule from zero
+            k = (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1 * beta1 / beta2))
+            bound = min(bound, m + lr / bias1 * k * math.sqrt(bias2))
+    else:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return math.isfinite(bound) and bound < dtype_max and d < f32_max

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hosl.optim import functional as F
+from hosl.optim import hygiene
 from hosl.optim import linear_estimate as LE
 from hosl.optim.query_batch import ForwardProbe
 from hosl.optim.micro_batch import check_micro_batch, wrap_client_fn
@@ -35,8 +36,12 @@ class HybridOrderOptimizer(ZerothOrderBase):
     (:func:`hosl.per_copy_mean` helps); the default 1 keeps one activation alive at a time.
 
     ``difference="central"`` spends ``2Q`` perturbed passes, ``"forward"`` ``Q`` (reusing the clean
-    loss). Steps whose losses are not finite update nothing on the client (counted in
-    ``skipped_updates``); the server steps only when the clean loss is finite.
+    loss). Steps whose losses are not finite, or whose update could make a client weight
+    non-finite, update nothing on the client (counted in ``skipped_updates``); the server steps
+    only when the clean loss and every server gradient are finite (else ``skipped_server_steps``).
+    ``server``: the server module, to check that ``server_optimizer`` holds exactly its trainable
+    parameters (without it, only overlap with the client is checked). What else a torch.optim
+    user can rely on (no_grad, groups, state checks, exceptions): ``docs/optimizer.md``.
 
     ``direction``: the direction family, ``"gaussian"`` (default), ``"rademacher"`` or ``"sphere"``
     (non-Gaussian families run the scratch perturbed forward). ``variant``: the client's update rule
@@ -84,6 +89,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
         query_memory_budget: int | None = None,
         server_estimate: str = "exact",
         linear_on: str = "server",
+        server: nn.Module | None = None,
     ):
         check_micro_batch(client_micro_batch)
         LE.check_options(server_estimate, linear_on)
@@ -109,6 +115,9 @@ class HybridOrderOptimizer(ZerothOrderBase):
         self.server_batch = server_batch
         self.client_micro_batch = client_micro_batch
         self.last_client_fn = None  # the step's (wrapped) client_fn: its ``slicings`` when micro-batched
+        hygiene.check_server_optimizer(server_optimizer, client, server)
+        self._server_grads = hygiene.ServerGrads(server_optimizer)
+        self.skipped_server_steps = 0  # server steps skipped for a non-finite clean loss or gradient
 
     def _clean_probe(self):
         """Around the clean forward: measures one copy's working set when ``query_batch`` needs it."""
@@ -216,19 +225,50 @@ class HybridOrderOptimizer(ZerothOrderBase):
         return [v / (2 * eps if central else eps) for v in out]
 
     def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor],
-             *, batch_size: int | None = None):
-        """One HOSL step; returns the clean loss (detached). ``batch_size``: with ``client_micro_batch``."""
+             *, batch_size: int | None = None, perturbed_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """One HOSL step; returns the clean loss (detached). ``batch_size``: with ``client_micro_batch``.
+
+        ``server_loss_fn(h)`` is called once, at the clean point, with grad enabled (also when
+        ``step`` runs under ``torch.no_grad()``); the perturbed activations go to
+        ``perturbed_loss_fn`` (under ``no_grad``; default: ``server_loss_fn``). If anything raises,
+        the client's weights, the server's gradients and the seed stream are as the step found them.
+        """
+        with self.seed_stream_kept_on_error(), self._server_grads.kept_on_error():
+            return self._step(client_fn, server_loss_fn, batch_size=batch_size,
+                              perturbed_loss_fn=perturbed_loss_fn or server_loss_fn)
+
+    def _server_step(self, clean: float) -> None:
+        """The server optimizer's step, skipped (and counted) for a non-finite clean loss or gradient."""
+        if self.server_optimizer is None:
+            return
+        self._server_grads.merge()
+        if F.all_finite([clean]) and self._server_grads.finite():
+            self.server_optimizer.step()
+        else:
+            self.skipped_server_steps += 1
+        self.server_optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Both halves: the client's parameters and the server optimizer's."""
+        super().zero_grad(set_to_none)
+        if self.server_optimizer is not None:
+            self.server_optimizer.zero_grad(set_to_none)
+
+    def _step(self, client_fn, server_loss_fn, *, batch_size, perturbed_loss_fn):
         call_checked(client_fn, "client_fn")
         client_fn = self.last_client_fn = wrap_client_fn(client_fn, self.client_micro_batch, batch_size)
+        client_fn = hygiene.ActivationCheck(client_fn, batched=self.query_batch != 1)
         call_checked(server_loss_fn, "server_loss_fn")
+        call_checked(perturbed_loss_fn, "perturbed_loss_fn")
         with torch.no_grad(), self._clean_probe():
             h0 = client_fn()
         linear = self.server_estimate == "linear"  # keep dL/dh at the clean point
         h0 = h0.detach().requires_grad_(True) if linear else h0.detach()
-        loss0 = scalar_loss(server_loss_fn(h0), "server_loss_fn")
-        clean = float(loss0.detach())
-        if loss0.requires_grad and torch.isfinite(loss0):
-            loss0.backward()
+        with torch.enable_grad():  # the server's clean pass back-propagates even when step runs under no_grad
+            loss0 = scalar_loss(server_loss_fn(h0), "server_loss_fn")
+            clean = float(loss0.detach())
+            if loss0.requires_grad and torch.isfinite(loss0):
+                loss0.backward()
         server = self._linear_server(h0, server_loss_fn) if linear and math.isfinite(clean) else None
         if not linear:
             del h0  # the clean activation is not needed again: free it before the perturbed passes
@@ -240,23 +280,20 @@ class HybridOrderOptimizer(ZerothOrderBase):
                      else self._linear_grads(client_fn, server, h0.detach(), self.points(seeds)))
             del h0, server
         else:
-            losses = self._perturbed_losses(client_fn, server_loss_fn, self.points(seeds))
+            losses = self._perturbed_losses(client_fn, perturbed_loss_fn, self.points(seeds))
             grads = self.estimate(losses, clean)
         self.last_seeds, self.last_projected_grads = seeds, grads
+        self._server_step(clean)  # before the client's update: a raising server step leaves the client as it was
         if F.all_finite([clean, *losses, *grads]):
-            self.apply_update(seeds, grads)
+            self.apply_update(seeds, grads)  # checks the update keeps every weight finite (else skips, counted)
         else:
             self.skipped_updates += 1
-
-        if self.server_optimizer is not None:
-            if F.all_finite([clean]):
-                self.server_optimizer.step()
-            self.server_optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
         return loss0.detach()
 
     def state_dict(self):
         state = super().state_dict()
+        state["hosl"]["skipped_server_steps"] = self.skipped_server_steps
         if self.server_optimizer is not None:
             state["hosl"]["server_optimizer"] = self.server_optimizer.state_dict()
         return state
@@ -264,6 +301,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
     def load_state_dict(self, state_dict):
         server_state = state_dict.get("hosl", {}).get("server_optimizer")
         super().load_state_dict(state_dict)
+        self.skipped_server_steps = state_dict["hosl"].get("skipped_server_steps", 0)
         if self.server_optimizer is not None:
             if server_state is None:
                 raise ValueError("state_dict has no server optimizer state but this optimizer has a server optimizer")

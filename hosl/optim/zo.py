@@ -91,6 +91,12 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         return losses
 
     def step(self, loss_fn: Callable[[], torch.Tensor]):
+        """One ZO step; returns the clean loss (forward differences) or the mean perturbed loss. If
+        anything raises, the weights and the seed stream are as the step found them."""
+        with self.seed_stream_kept_on_error():
+            return self._step(loss_fn)
+
+    def _step(self, loss_fn: Callable[[], torch.Tensor]):
         call_checked(loss_fn, "loss_fn")
         clean = None
         if self.difference == "forward":

@@ -133,6 +133,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.skipped_updates = 0
         self.last_seeds: list[int] = []
         self.last_projected_grads: list[float] = []
+        self._groups_fixed = True  # add_param_group is refused from here on
 
     # -- pieces the subclasses combine --------------------------------------------------------
     @contextlib.contextmanager
@@ -176,16 +177,57 @@ class ZerothOrderBase(torch.optim.Optimizer):
             return F.projected_gradients(losses[0::2], losses[1::2], eps)
         return F.projected_gradients(losses, None, eps, clean_loss)
 
-    def apply_update(self, seeds: Sequence[int], grads: Sequence[float]) -> None:
-        for group, layout, sphere in zip(self.param_groups, self.layouts, self.sphere_scales):
+    def group_grads(self, grads: Sequence[float]) -> list[list[float]]:
+        """Each param group's ``g_q``: ``grads`` are ``(L+ - L-) / (2 eps_0)`` (group 0's eps); a
+        group perturbed with its own ``eps_i`` gets ``(L+ - L-) / (2 eps_i)``, the unbiased estimate
+        of its gradient when each group moves by ``eps_i z_i``."""
+        eps0 = self.param_groups[0]["eps"]
+        return [list(grads) if g["eps"] == eps0 else [v * (eps0 / g["eps"]) for v in grads] for g in self.param_groups]
+
+    def apply_update(self, seeds: Sequence[int], grads: Sequence[float]) -> bool:
+        """The update of every group (then the peers'). Returns False, touching nothing and counting
+        the step in ``skipped_updates``, when it could make a weight non-finite
+        (:func:`hosl.optim.functional.update_is_safe`: checked for all groups before any is written)."""
+        per_group = self.group_grads(grads)
+        for group, layout, g in zip(self.param_groups, self.layouts, per_group):
+            if not F.update_is_safe(self.variant, layout, seeds, g, self.state, lr=group["lr"],
+                                    weight_decay=group["weight_decay"], momentum=group["momentum"],
+                                    betas=tuple(group["betas"]), adam_eps=group["adam_eps"], direction=self.direction):
+                self.skipped_updates += 1
+                return False
+        for group, layout, sphere, g in zip(self.param_groups, self.layouts, self.sphere_scales, per_group):
             F.zo_step(
-                self.variant, layout, seeds, grads, self.state, lr=group["lr"], weight_decay=group["weight_decay"],
+                self.variant, layout, seeds, g, self.state, lr=group["lr"], weight_decay=group["weight_decay"],
                 momentum=group["momentum"], betas=tuple(group["betas"]), adam_eps=group["adam_eps"],
                 direction=self.direction, scales=None if sphere is None else [sphere(s) for s in seeds],
                 backend=self.backend,
             )
         for peer in self.peers:
             peer.update(seeds, grads)
+        return True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Refused once built: each group is one module's coordinate layout, perturber and eps,
+        fixed at construction (build a new optimizer over all the modules instead)."""
+        if getattr(self, "_groups_fixed", False):
+            raise ValueError(f"{type(self).__name__} does not take add_param_group: its groups are the modules given "
+                             "at construction (each with its own coordinates, perturber and eps); build a new "
+                             "optimizer over all the modules instead")
+        super().add_param_group(param_group)
+
+    @contextlib.contextmanager
+    def seed_stream_kept_on_error(self):
+        """Around a step: an exception puts the seed generator back where the step found it."""
+        saved = self.generator.get_state()
+        try:
+            yield
+        except BaseException:
+            self.generator.set_state(saved)
+            raise
+
+    def layout_signature(self) -> list[list]:
+        """What a saved state must match: each group's parameters as ``[name, shape, first coordinate]``."""
+        return [[[s.name, list(s.param.shape), s.offset] for s in lay.slots] for lay in self.layouts]
 
     def scratch_nbytes(self) -> int:
         """Bytes of the perturbed passes' scratch buffers."""
@@ -213,6 +255,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
             "difference": self.difference,
             "direction": self.direction,
             "variant": self.variant,
+            "layout": self.layout_signature(),
         }
         return state
 
@@ -221,10 +264,18 @@ class ZerothOrderBase(torch.optim.Optimizer):
         extra = state_dict.pop("hosl", None)
         if extra is None:
             raise ValueError("state_dict has no 'hosl' entry: it was not saved by a hosl optimizer")
-        for key, mine in (("direction", self.direction), ("variant", self.variant)):
-            saved = extra.get(key, {"direction": "gaussian", "variant": "sgd"}[key])
+        # fields a state saved before they were recorded may lack: then the default they had
+        defaults = {"direction": "gaussian", "variant": "sgd", "num_queries": self.num_queries,
+                    "difference": self.difference, "layout": None}
+        for key, mine in (("num_queries", self.num_queries), ("difference", self.difference),
+                          ("direction", self.direction), ("variant", self.variant)):
+            saved = extra.get(key, defaults[key])
             if saved != mine:
                 raise ValueError(f"the state_dict was saved with {key}={saved!r}, this optimizer has {key}={mine!r}")
+        saved_layout = extra.get("layout")
+        if saved_layout is not None and saved_layout != self.layout_signature():
+            raise ValueError("the state_dict was saved with another parameter layout (names, shapes or first "
+                             f"coordinates of the trainable parameters): {_layout_difference(saved_layout, self.layout_signature())}")
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; this state is float32 whatever the weights' dtype
         params = [p for group in self.param_groups for p in group["params"]]
@@ -238,6 +289,19 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.generator.set_state(extra["generator"])
         self.steps_taken = extra["steps_taken"]
         self.skipped_updates = extra["skipped_updates"]
+
+
+def _layout_difference(saved: list, mine: list) -> str:
+    """The first difference between two ``layout_signature()``s, in words."""
+    if len(saved) != len(mine):
+        return f"{len(saved)} groups saved, {len(mine)} here"
+    for i, (a, b) in enumerate(zip(saved, mine)):
+        for sa, sb in zip(a, b):
+            if list(sa) != list(sb):
+                return f"group {i}: saved {sa[0]} {sa[1]} at {sa[2]}, here {sb[0]} {sb[1]} at {sb[2]}"
+        if len(a) != len(b):
+            return f"group {i}: {len(a)} parameters saved, {len(b)} here"
+    return "they differ"
 
 
 def scalar_loss(value, what: str) -> torch.Tensor:

@@ -314,7 +314,8 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
             loss = mode.step(batch)
             elapsed += time.perf_counter() - t0
             step += 1
-            record = {"step": step, "loss": loss, "seconds": elapsed, "skipped_updates": mode.skipped_updates}
+            record = {"step": step, "loss": loss, "seconds": elapsed, "skipped_updates": mode.skipped_updates,
+                      "skipped_server_steps": mode.skipped_server_steps}
             if link is not None:
                 traffic.append((link.bytes_up - up0, link.bytes_down - down0))
                 record.update(bytes_up=traffic[-1][0], bytes_down=traffic[-1][1])
@@ -356,6 +357,7 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         "train_examples": step * cfg.batch_size,
         "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference),
         "skipped_updates": mode.skipped_updates,
+        "skipped_server_steps": mode.skipped_server_steps,
         "client_micro_batch": hp.client_micro_batch,
         "num_queries": cfg.num_queries,
         "lr_client": cfg.resolved_lr_client(),

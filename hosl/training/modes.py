@@ -129,6 +129,11 @@ class Mode:
     def skipped_updates(self) -> int:
         return 0
 
+    @property
+    def skipped_server_steps(self) -> int:
+        """Server updates skipped for a non-finite loss or gradient (split modes: as the server reports)."""
+        return self.proxy.skipped_server_steps if self.split else 0
+
 
 def _sgd(params, lr, hp: Hyper):
     """The FO optimizers: SGD with momentum over the trainable parameters (LoRA: the adapters)."""
@@ -202,10 +207,12 @@ class HOSLMode(_ZOClientMode, SplitMode):
         ids, mask = _inputs(batch)
         self.proxy.begin_step(self.step_number, batch)
         server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
+        perturbed = self.proxy.losses  # an explicit call per perturbed activation (the clean one backprops)
         if self.opt.client_micro_batch is None:
-            loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss))
+            loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss, perturbed_loss_fn=perturbed))
         else:  # the optimizer runs every pass in slices of client_micro_batch rows
-            loss = float(self.opt.step(self.client_rows_fn(ids, mask), server_loss, batch_size=ids.shape[0]))
+            loss = float(self.opt.step(self.client_rows_fn(ids, mask), server_loss,
+                                       batch_size=ids.shape[0], perturbed_loss_fn=perturbed))
         self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
         return loss
 

@@ -12,7 +12,9 @@ clean-loss  h (hosl: the clean activation)         loss; the server back-propaga
 losses      h (copies stacked) [+ zo-sl: seed,     one loss per copy, no grad
             scale of the point]
 backprop    h (fo-sl)                              loss and dL/dh
-end-step    [zo-sl: seeds, projected grads]        (ack); the server's optimizer steps
+end-step    [zo-sl: seeds, projected grads]        the count of skipped server steps; the
+                                                   server's optimizer steps (unless the clean
+                                                   loss or its gradient is not finite)
 eval        h, mask, the batch's scoring tensors   option scores / class logits, loss sum
 save        step                                   (ack) once the server's checkpoint is on disk
 resume      step (0: fresh start)                  (ack) once the server has loaded that step
@@ -54,6 +56,7 @@ from torch import nn
 
 from hosl.optim import ZerothOrderOptimizer
 from hosl.optim import functional as F
+from hosl.optim.hygiene import ServerGrads
 from hosl.tasks.evaluation import eval_outputs
 from hosl.training.schedule import make_server_optimizer, schedule_step
 from hosl.transport import Link, Message
@@ -121,6 +124,7 @@ class ServerHalf:
         # zo-sl: built once the client's coordinate count is known (the first begin-step)
         self.zo: ZerothOrderOptimizer | None = None
         self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
+        self.skipped_optimizer_steps = 0  # hosl, fo-sl: server steps skipped for a non-finite loss or gradient
         if mode in ("hosl", "fo-sl"):
             self.optimizer = make_server_optimizer(server.parameters(), hp)  # --server-optimizer
         self.batch: dict = {}
@@ -177,6 +181,8 @@ class ServerHalf:
             if phase == Phase.BEGIN_STEP:
                 self.mask, *rest = tensors
                 self.batch = batch_from_server_side(rest, self.model_kind, for_eval=False)
+                if self.optimizer is not None:  # gradients of a step the client abandoned never carry over
+                    self.optimizer.zero_grad(set_to_none=True)
                 if self.mode == "zo-sl":
                     if len(request.ints) != 1:
                         raise ValueError("a zo-sl begin-step must carry the client's coordinate count")
@@ -212,7 +218,7 @@ class ServerHalf:
                 return self._reply(request, floats=[self.clean_loss], tensors=[h.grad])
             if phase == Phase.END_STEP:
                 self._end_step(request)
-                return self._reply(request)
+                return self._reply(request, ints=[self.skipped_server_steps])
             if phase == Phase.EVAL:
                 return self._eval(request, tensors)
         if phase == Phase.SAVE:
@@ -237,10 +243,18 @@ class ServerHalf:
 
         return self._reply(request, floats=dot_per_copy(self.activation_grad, tensors[0]))
 
+    @property
+    def skipped_server_steps(self) -> int:
+        """Server updates skipped: a non-finite clean loss or gradient (hosl, fo-sl), or a ZO update
+        that could make a server weight non-finite (zo-sl)."""
+        return self.skipped_optimizer_steps + (self.zo.skipped_updates if self.zo is not None else 0)
+
     def _end_step(self, request: Message) -> None:
         if self.optimizer is not None:
-            if math.isfinite(self.clean_loss):
+            if math.isfinite(self.clean_loss) and ServerGrads(self.optimizer).finite():
                 self.optimizer.step()
+            else:
+                self.skipped_optimizer_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         elif request.ints:  # zo-sl: the client's update, with the same seeds and estimates
             self.zo.apply_update([from_int64(s) for s in request.ints], request.floats)
@@ -260,7 +274,8 @@ class ServerHalf:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        return {"skipped_optimizer_steps": self.skipped_optimizer_steps,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
                 "rng_state": self.rng_state}
 
@@ -273,6 +288,7 @@ class ServerHalf:
             else:
                 self._pending_zo_state = state["zo"]
         self.rng_state = state["rng_state"]
+        self.skipped_optimizer_steps = state.get("skipped_optimizer_steps", 0)
 
     def save(self, step: int) -> None:
         """Server-process checkpoints (in-process runs save the server with the client instead)."""
@@ -310,6 +326,7 @@ class ServerProxy:
         self.link, self.model_kind = link, model_kind
         self.step = 0
         self.rows = 0
+        self.skipped_server_steps = 0  # as the server half last reported it (end-step)
 
     def begin_step(self, step: int, batch: dict, client_coordinates: int | None = None) -> None:
         """``client_coordinates`` (zo-sl): where the server half's coordinate numbering starts."""
@@ -335,7 +352,9 @@ class ServerProxy:
         return reply.floats[0], reply.tensors[0]
 
     def end_step(self, seeds=(), grads=()) -> None:
-        self.link.call(Phase.END_STEP, self.step, ints=[to_int64(s) for s in seeds], floats=list(grads))
+        reply = self.link.call(Phase.END_STEP, self.step, ints=[to_int64(s) for s in seeds], floats=list(grads))
+        if reply.ints:
+            self.skipped_server_steps = reply.ints[0]
 
     def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         reply = self.link.call(Phase.EVAL, self.step, tensors=[
@@ -350,15 +369,14 @@ class ServerProxy:
         self.link.call(Phase.RESUME, step)
 
     def hosl_loss_fn(self, linear: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``server_loss_fn`` for ``HybridOrderOptimizer.step``: called with grad enabled it is the
-        clean point (the server back-propagates on its side and the returned loss carries no
-        graph); called under ``no_grad`` it evaluates perturbed activations. ``linear``: the server
-        keeps dL/dh and ``server_loss.linear_server()`` reaches it (``server_estimate="linear"``)."""
+        """``server_loss_fn`` for ``HybridOrderOptimizer.step``: the clean point (the server
+        back-propagates on its side and the returned loss carries no graph). The perturbed
+        activations go to :meth:`losses`, passed as ``perturbed_loss_fn``: each call says which
+        it is. ``linear``: the server keeps dL/dh and ``server_loss.linear_server()`` reaches it
+        (``server_estimate="linear"``)."""
 
         def server_loss(h: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled():
-                return torch.tensor(self.clean_loss(h, keep_grad=linear), dtype=torch.float64)
-            return self.losses(h)
+            return torch.tensor(self.clean_loss(h, keep_grad=linear), dtype=torch.float64)
 
         server_loss.linear_server = lambda: RemoteLinearServer(self)  # hosl's linear estimate
         return server_loss
