@@ -22,18 +22,68 @@ _load_errors: dict[str, str] = {}
 _warned_once: set[str] = set()
 
 
+def _build_config():
+    """``hosl/_build_config.py``, written by setup.py (None for a tree built before it was written)."""
+    try:
+        return importlib.import_module("hosl._build_config")
+    except ImportError:
+        return None
+
+
+def arch_runs_on(capability: tuple[int, int], archs) -> bool:
+    """Whether code built for ``archs`` (``TORCH_CUDA_ARCH_LIST`` entries: ``"8.0"``, ``"9.0a"``,
+    ``"9.0+PTX"``) runs on a GPU of compute ``capability``: SASS for X.Y runs on X.Z with Z >= Y
+    (arch-specific ``X.Ya`` on X.Y only), PTX for X.Y is JIT-compiled on any X.Y or newer."""
+    major, minor = capability
+    for entry in archs:
+        ptx = entry.endswith("+PTX")
+        base = entry[:-4] if ptx else entry
+        suffix = base[-1] if base[-1] in "af" else ""
+        a_major, a_minor = (int(p) for p in base.rstrip("af").split("."))
+        if suffix == "a":
+            if (major, minor) == (a_major, a_minor):
+                return True
+            continue
+        if major == a_major and minor >= a_minor:
+            return True
+        if ptx and (major, minor) >= (a_major, a_minor):
+            return True
+    return False
+
+
+def _cuda_arch_mismatch() -> str:
+    """Why the built CUDA kernels cannot run on the current GPU ("" when they can, or when the arch
+    list was not recorded)."""
+    archs = getattr(_build_config(), "CUDA_ARCHS", None)
+    if not archs:
+        return ""
+    capability = tuple(torch.cuda.get_device_capability())
+    if arch_runs_on(capability, archs):
+        return ""
+    cc = "%d.%d" % capability
+    return (f"hosl._C_cuda was built for {';'.join(archs)}, which cannot run on this GPU (compute capability "
+            f"{cc}); rebuild with TORCH_CUDA_ARCH_LIST={cc} pip install --no-build-isolation -e .")
+
+
 def _load(name: str) -> ModuleType | None:
     if name not in _modules:
         try:
             module = importlib.import_module(f"hosl.ops.backends.{name}")
             if module.is_available():
                 _modules[name] = module
+                mismatch = _cuda_arch_mismatch() if name == "cuda" else ""
+                if mismatch:
+                    _modules[name] = None
+                    _load_errors[name] = mismatch
             else:
                 _modules[name] = None
                 _load_errors[name] = module.unavailable_reason()
         except Exception as exc:  # an unbuilt extension, a missing triton, ...
             _modules[name] = None
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
+        if _modules[name] is None and name in ("cpu", "cuda") and getattr(_build_config(), "BUILD_EXT", True) is False:
+            _load_errors[name] = ("hosl was installed with HOSL_BUILD_EXT=0, so no compiled kernels: "
+                                  "the reference and Triton backends only")
     return _modules[name]
 
 
@@ -77,14 +127,16 @@ def backend_for(device: torch.device, name: str | None) -> ModuleType:
 
 
 def report_missing_cuda_kernels() -> None:
-    """Say once, at import, when a GPU is present but hosl's CUDA kernels were not built."""
+    """Say once, at import, when a GPU is present but hosl's CUDA kernels cannot run on it (not
+    built, or built for other archs)."""
     if torch.cuda.is_available() and _load("cuda") is None:
         fallback = "Triton kernels" if _load("triton") is not None else "the slow pure-PyTorch reference"
         warnings.warn(
-            f"hosl: CUDA kernels are not built ({_load_errors.get('cuda', '')}); CUDA tensors use {fallback}. "
-            "Rebuild with a CUDA torch and the CUDA toolkit: pip install --no-build-isolation -e .",
+            f"hosl: CUDA kernels unavailable ({_load_errors.get('cuda', '')}); CUDA tensors use {fallback}. "
+            "Build them with a CUDA torch and the CUDA toolkit: pip install --no-build-isolation -e .",
             stacklevel=2,
         )
+
 
 # Rows per direction up to which the fused Triton perturbed linear is used on CUDA: its row tile
 # (kernels/perturbed_linear.py block_sizes, BM=64). The kernel regenerates each weight tile's
