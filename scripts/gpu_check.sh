@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything in hosl that needs a CUDA GPU, in one command, in a few minutes (single GPU, H200 class).
 #
-#   bash scripts/gpu_check.sh              # on the GPU machine
+#   HOSL_GPU_BUDGET_S=570 PYTHON=python3 bash scripts/gpu_check.sh     # the run on a lent GPU machine
+#   bash scripts/gpu_check.sh              # on a GPU machine of your own
 #   bash scripts/gpu_check.sh --dry-run    # the same sequence on CPU at tiny sizes (Triton interpreter; CI)
 #   bash scripts/gpu_check.sh --only tests,step      # some stages only (e.g. to rerun what failed)
 #
@@ -15,16 +16,25 @@
 #            == reference (tests/test_backend_identity.py); the dry run collects them and runs the
 #            GPU-marked ones, which skip
 #   kernels  benchmarks/kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
-#   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q
+#   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q,
+#            2048 rows per direction; and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
 #   step     benchmarks/step.py --device cuda, OPT-125M and OPT-1.3B (random weights), 16x128, cut 5,
 #            Q=10; the step variants step.py offers (batched / linear runs are added when its --help
 #            lists --query-batch / --server-estimate)
 #   memory   benchmarks/memory.py --device cuda: client max_memory_allocated, FO-SL vs HOSL vs the floor,
 #            OPT-125M and OPT-1.3B, batch 64, seq 256
 #
-# Output under $OUT (default gpu-results/): <stage>.json per stage, logs/<stage>.log, gpu_check.log
-# (everything), summary.json (stages with status/rc/seconds). scripts/gpu_report.py turns the folder
-# into the Markdown of docs/results.md's "GPU" section.
+# Output under $OUT (default gpu-results/), three files (the device tool brings back only a handful):
+# summary.json (stages with status/rc/seconds), gpu-results.tgz (everything: <stage>.json per stage,
+# tests.xml, logs/<stage>.log, gpu_check.log, summary.json) and gpu_check-tail.log (the log's last 300
+# lines). `tar xzf gpu-results.tgz` unpacks it; scripts/gpu_report.py reads the folder or the archive
+# and prints the Markdown of docs/results.md's "GPU" section.
+#
+# HOSL_GPU_BUDGET_S: wall-clock seconds for the whole run (default: none). Stage timeouts are cut to
+# what is left (30 s kept for the summary and the archive); a stage with under 30 s left is not
+# started (status no-time, counted as a failure). Set it below the device tool's per-command limit
+# so the archive is always written. Cold, the tests stage takes ~5 min (Triton compiles every kernel
+# specialisation; ~45 s warm): with pytest-xdist installed it runs on 8 workers.
 #
 # Python: $PYTHON, else python3. It must have a CUDA build of torch with triton, transformers,
 # safetensors, numpy, pyyaml and pytest (nothing is downloaded when it does). Where it has no CUDA
@@ -58,6 +68,9 @@ if [[ -n "$ONLY" ]]; then
     [[ " $ALL_STAGES " == *" $s "* ]] || { echo "gpu_check.sh: --only: unknown stage $s (stages: $ALL_STAGES)" >&2; exit 2; }
   done
 fi
+
+BUDGET="${HOSL_GPU_BUDGET_S:-0}"
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: HOSL_GPU_BUDGET_S must be whole seconds, got $BUDGET" >&2; exit 2; }
 
 OUT="${OUT:-gpu-results}"
 mkdir -p "$OUT/logs" || exit 2
@@ -125,7 +138,9 @@ else
   STEP_QB=20
   MEMORY_ARGS=(--device cuda --models opt-125m,opt-1.3b --dtypes float32 --batch 64 --seq 256 --cut 5 --modes fo-sl,hosl,floor)
   TEST_FILTER=(-k "not test_ptx")  # the PTX checks need nvcc only and run in CI already
-  T_BUILD=300 T_INFO=60 T_TESTS=300 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
+  # cold, the Triton JIT compiles dominate: spread them over processes where pytest-xdist exists
+  if "$PY" -c 'import xdist' 2>/dev/null; then TEST_FILTER+=(-n 8); fi
+  T_BUILD=300 T_INFO=60 T_TESTS=420 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
 fi
 TEST_FILES=(tests/test_cuda_kernels.py tests/test_backend_identity.py tests/test_triton_backend.py
             tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py)
@@ -141,6 +156,13 @@ record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES_TSV"; }
 run_stage() {
   local name="$1" limit="$2"
   if ! wanted "$name"; then record "$name" skipped 0 0; return 0; fi
+  if ((BUDGET > 0)); then
+    local left=$(( START + BUDGET - 30 - $(date +%s) ))
+    if ((left < 30)); then
+      FAILED=1; record "$name" no-time 0 0; say "stage $name: no-time (HOSL_GPU_BUDGET_S=$BUDGET spent)"; return 0
+    fi
+    ((left < limit)) && limit=$left
+  fi
   local stage_log="$OUT/logs/$name.log" t0 rc status
   say "stage $name (timeout ${limit}s)"
   t0=$(date +%s)
@@ -252,7 +274,17 @@ stage_kernels() {
 }
 
 stage_linear() {
-  "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --json "$OUT/linear.json"
+  local rc=0 rows
+  "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --json "$OUT/linear.json" || rc=1
+  # few rows per direction, where the optimizer still picks the fused kernel on CUDA (up to 64 rows,
+  # hosl.ops.dispatch.FUSED_LINEAR_MAX_ROWS): measures that threshold
+  if ((!DRY)); then
+    for rows in 16 64 256; do
+      "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --shapes 2048x2048 --tokens "$rows" \
+        --json "$OUT/linear-rows$rows.json" || rc=1
+    done
+  fi
+  return $rc
 }
 
 stage_step() {
@@ -321,5 +353,28 @@ summary = {"mode": "dry-run" if dry else "gpu", "started_utc": time.strftime("%Y
 for s in stages:
     print(f"  {s['name']:<8} {s['status']:<8} {s['seconds']:>4}s  {' '.join(s['json'])}")
 EOF
-say "done in $(( $(date +%s) - START ))s; $( ((FAILED)) && echo 'SOME STAGES FAILED' || echo 'all stages passed'); results in $OUT"
+say "done in $(( $(date +%s) - START ))s; $( ((FAILED)) && echo 'SOME STAGES FAILED' || echo 'all stages passed')"
+
+# --------------------------------------------------------------------------------------------------
+# one archive of what this script wrote; beside it only summary.json and the log's tail
+# --------------------------------------------------------------------------------------------------
+pack_out() {
+  local items=() item
+  for item in summary.json stages.tsv gpu_check.log tests.xml logs "$OUT"/*.json; do
+    item="${item#"$OUT"/}"
+    [[ -e "$OUT/$item" && " ${items[*]} " != *" $item "* ]] && items+=("$item")
+  done
+  tail -n 300 "$LOG" > "$OUT/gpu_check-tail.log"
+  # tar's status 1 is "a file changed while read" (the log, still being written): not a failure
+  tar -C "$OUT" -czf "$OUT/gpu-results.tgz" "${items[@]}"
+  (( $? <= 1 )) || return 1
+  for item in "${items[@]}"; do
+    [[ "$item" == summary.json ]] || rm -rf "${OUT:?}/$item"
+  done
+}
+if pack_out; then
+  say "results: $OUT/gpu-results.tgz (all), $OUT/summary.json, $OUT/gpu_check-tail.log"
+else
+  say "could not write $OUT/gpu-results.tgz; results left unpacked in $OUT"; FAILED=1
+fi
 exit $FAILED

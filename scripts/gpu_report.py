@@ -1,9 +1,11 @@
 """Turn a scripts/gpu_check.sh output folder into the Markdown of docs/results.md's "GPU" section.
 
-    python scripts/gpu_report.py gpu-results > gpu.md
+    python scripts/gpu_report.py gpu-results > gpu.md                  # the folder ($OUT)
+    python scripts/gpu_report.py gpu-results/gpu-results.tgz > gpu.md  # or the archive in it
 
 Reads summary.json, info.json, tests.json, kernels.json, linear.json, step-*.json and memory.json
-(whichever exist: a stage that failed is shown as such, with its log). Prints to stdout.
+(whichever exist: a stage that failed is shown as such, with its log) from the folder, or from the
+gpu-results.tgz that gpu_check.sh packs them into. Prints to stdout.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
+
+ARCHIVE = "gpu-results.tgz"
 
 
 def _load(folder: Path, name: str):
@@ -142,11 +148,34 @@ def render(folder: Path) -> str:
     return "\n".join(out)
 
 
+def _archive_of(path: Path) -> Path | None:
+    """The archive to read: ``path`` itself, or the folder's gpu-results.tgz when its JSON was packed."""
+    if path.is_file():
+        return path
+    if (path / ARCHIVE).is_file() and not (path / "info.json").exists():
+        return path / ARCHIVE
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", nargs="?", default="gpu-results", help="gpu_check.sh's $OUT (default %(default)s)")
+    p.add_argument("folder", nargs="?", default="gpu-results",
+                   help=f"gpu_check.sh's $OUT, or the {ARCHIVE} in it (default %(default)s)")
     a = p.parse_args(argv)
-    sys.stdout.write(render(Path(a.folder)) + "\n")
+    archive = _archive_of(Path(a.folder))
+    if archive is None:
+        sys.stdout.write(render(Path(a.folder)) + "\n")
+        return 0
+    try:
+        tar = tarfile.open(archive)
+    except (tarfile.TarError, OSError) as exc:
+        raise SystemExit(f"gpu_report.py: {archive} is not a readable gpu_check.sh archive ({exc})")
+    with tar, tempfile.TemporaryDirectory() as tmp:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(tmp, filter="data")
+        else:  # pragma: no cover - Pythons without extraction filters
+            tar.extractall(tmp)
+        sys.stdout.write(render(Path(tmp)) + "\n")
     return 0
 
 

@@ -1,8 +1,9 @@
 """scripts/gpu_check.sh --dry-run: the GPU check's whole sequence on CPU at tiny sizes, so it cannot rot.
 
 Runs the script once (module fixture) with OUT in a temporary folder and checks what each stage
-wrote: every stage listed in summary.json with its status, the JSON of each benchmark present with
-positive finite figures, and scripts/gpu_report.py turning the folder into Markdown.
+wrote: OUT holds summary.json, gpu-results.tgz and gpu_check-tail.log only; in the archive every stage
+listed in summary.json with its status, the JSON of each benchmark present with positive finite
+figures; and scripts/gpu_report.py turning the folder (through the archive) into Markdown.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,33 @@ STAGES = ["build", "info", "tests", "kernels", "linear", "step", "memory"]
 pytest.importorskip("triton")
 
 
+OUT_FILES = {"summary.json", "gpu-results.tgz", "gpu_check-tail.log"}
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-results")
+    """(the archive unpacked, the finished process); OUT itself is the folder ``gpu-results`` beside it."""
+    base = tmp_path_factory.mktemp("gpu-check")
+    out, unpacked = base / "gpu-results", base / "unpacked"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)  # the script must set it itself for the dry run
+    env.pop("HOSL_GPU_BUDGET_S", None)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
-    return out, proc
+    unpacked.mkdir()
+    if (out / "gpu-results.tgz").exists():
+        with tarfile.open(out / "gpu-results.tgz") as tar:
+            tar.extractall(unpacked)
+    return unpacked, proc
+
+
+def test_out_holds_the_archive_summary_and_log_tail(dry_run):
+    unpacked, proc = dry_run
+    out = unpacked.parent / "gpu-results"
+    assert {p.name for p in out.iterdir()} == OUT_FILES, proc.stdout[-3000:]
+    assert (out / "summary.json").read_text() == (unpacked / "summary.json").read_text()
+    tail = (out / "gpu_check-tail.log").read_text()
+    assert "stage memory: ok" in tail and len(tail.splitlines()) <= 300
 
 
 def _positive_finite(x) -> bool:
@@ -100,7 +121,7 @@ def test_memory_figures(dry_run):
 
 
 def test_report_renders_the_folder(dry_run):
-    out = dry_run[0]
+    out = dry_run[0].parent / "gpu-results"  # the packed folder: the report reads its archive
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_report.py"), str(out)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -115,3 +136,19 @@ def test_unknown_argument_is_refused(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--only", "nonsense"], cwd=ROOT,
                           env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown stage nonsense" in proc.stderr
+
+
+def test_a_spent_budget_skips_stages_and_still_packs(tmp_path):
+    """HOSL_GPU_BUDGET_S: a stage with no time left is not started (no-time, a failure), and the
+    archive is written all the same."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, HOSL_GPU_BUDGET_S="1")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--only", "info"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {s["name"]: s["status"] for s in summary["stages"]}["info"] == "no-time" and summary["ok"] is False
+    assert {p.name for p in tmp_path.iterdir()} == OUT_FILES
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                         env=dict(env, HOSL_GPU_BUDGET_S="soon"), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "HOSL_GPU_BUDGET_S must be whole seconds" in bad.stderr
+
