@@ -1,6 +1,7 @@
 """The training CLI end to end on a tiny model and real SST-2 rows."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def _args(out, *extra, steps=4, mode="hosl"):
             "--eval-every", "2", "--checkpoint-every", "2", "--out", str(out), "--no-progress", *extra]
 
 
+def _start_halves(cut=1):
+    """The untrained halves' weights of the runs below (tiny-opt, seed 0, as ``hosl train`` builds them)."""
+    from hosl.models import load_model, split
+
+    model, _ = load_model("tiny-opt", "causal_lm", seed=0)
+    return [{k: v.clone() for k, v in half.state_dict().items()} for half in split(model, cut=cut)]
+
+
 def _losses(run):
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -32,14 +41,22 @@ def test_train_writes_summary_metrics_and_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert main(_args(run)) == 0
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds"):
-        assert key in summary
-    assert summary["steps"] == 4 and summary["mode"] == "hosl" and 0 <= summary["eval_accuracy"] <= 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r.get("event") == "eval"]
+    assert summary["steps"] == 4 and summary["mode"] == "hosl"
+    # the summary's accuracy is the last evaluation's, a count of right answers out of --eval-size 8
+    assert [e["step"] for e in evals] == [0, 2, 4] and summary["eval_accuracy"] == evals[-1]["eval_accuracy"]
+    assert summary["eval_accuracy"] * 8 == round(summary["eval_accuracy"] * 8)
     assert summary["client_peak_bytes"] > summary["client_weight_bytes"] > 0
-    assert len(_losses(run)) == 4 and all(l == l for l in _losses(run))
+    assert len(_losses(run)) == 4 and all(math.isfinite(loss) for loss in _losses(run))
+    assert summary["skipped_updates"] == 0 and summary["skipped_server_steps"] == 0
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-4"
-    assert load_file(str(run / "checkpoints" / latest / "client.safetensors"))
+    # the checkpoint holds trained weights: both halves moved from the model's starting point
+    for half, start in zip(("client", "server"), _start_halves()):
+        saved = load_file(str(run / "checkpoints" / latest / f"{half}.safetensors"))
+        assert saved.keys() == start.keys()
+        assert any(not torch.equal(saved[k], start[k]) for k in saved), half
 
 
 @needs_data
@@ -70,9 +87,25 @@ def test_baseline_modes_train(tmp_path, mode):
     run = tmp_path / mode
     assert main(_args(run, steps=2, mode=mode)) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["mode"] == mode and summary["steps"] == 2
+    assert summary["mode"] == mode and summary["steps"] == 2 and summary["skipped_updates"] == 0
     passes = summary["forward_passes_per_step"]
     assert passes["client_backward"] == (1 if mode in ("fo-sl", "fo") else 0)
+    # every mode trains both halves: each half's checkpoint differs from its starting weights
+    for half, start in zip(("client", "server"), _start_halves()):
+        saved = load_file(str(run / "checkpoints" / "step-2" / f"{half}.safetensors"))
+        assert any(not torch.equal(saved[k], start[k]) for k in saved), (mode, half)
+
+
+@needs_data
+def test_a_tiny_run_lowers_its_training_loss(tmp_path):
+    """Four examples, one batch of them per step: the training loss of the same batch must fall."""
+    run = tmp_path / "run"
+    args = _args(run, steps=8)
+    for flag, value in (("--train-size", "4"), ("--lr-server", "5e-2")):
+        args[args.index(flag) + 1] = value
+    assert main(args) == 0
+    losses = _losses(run)
+    assert len(losses) == 8 and losses[-1] < 0.9 * losses[0], losses
 
 
 @needs_data
