@@ -109,4 +109,6 @@ class ServerGrads:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # the two ends of each gradient (aminmax: one fast read; a NaN or inf shows in them)
+        return bool(torch.isfinite(torch.stack([torch.stack(torch.aminmax(g.detach())).float().cpu()
+                                                for g in grads])).all())
