@@ -311,3 +311,24 @@ def test_split_server_half_skips_a_non_finite_gradient_and_reports_it():
     proxy.clean_loss(client(x).detach())
     proxy.begin_step(3, batch)
     assert all(p.grad is None for p in server.parameters())
+
+
+def test_zeroth_order_optimizer_keeps_weights_and_seed_stream_when_loss_fn_raises():
+    client, server = _model()
+    x, y = _data()
+    opt = hosl.ZerothOrderOptimizer([client, server], lr=1e-2, eps=1e-2, num_queries=2, seed=4)
+    before, gen = _weights(client) + _weights(server), opt.generator.get_state()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return _loss_fn(server, y)(client(x))
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(failing)
+    assert all(torch.equal(a, b) for a, b in zip(before, [*client.parameters(), *server.parameters()]))
+    assert torch.equal(opt.generator.get_state(), gen)
+    opt.step(lambda: _loss_fn(server, y)(client(x)))
+    assert opt.last_seeds == draw_seeds(torch.Generator().manual_seed(4), 2)

@@ -131,3 +131,23 @@ def test_one_dropout_policy_for_every_mode(mode):
     assert train_dropout(TrainConfig(mode=mode, dropout="on")) is True
     with pytest.raises(ValueError, match="--dropout"):
         TrainConfig(mode=mode, dropout="maybe").validate()
+
+
+@pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+def test_zo_sl_resume_equals_uninterrupted(tmp_path):
+    """The server half's ZO state waits for its optimizer (built at the first begin-step) on resume."""
+    from hosl.cli import main
+
+    def args(out, steps, *extra):
+        return ["train", "--model", "tiny-opt", "--task", "sst2", "--data-dir", str(DATA), "--mode", "zo-sl",
+                "--cut", "1", "--steps", str(steps), "--batch-size", "4", "--train-size", "16", "--eval-size", "8",
+                "--num-queries", "2", "--max-length", "48", "--lr-client", "1e-3", "--zo-optimizer", "momentum",
+                "--eval-every", "2", "--out", str(out), "--no-progress", *extra]
+
+    assert main(args(tmp_path / "straight", 4)) == 0
+    assert main(args(tmp_path / "split", 2)) == 0
+    assert main(args(tmp_path / "split", 4, "--resume")) == 0
+    for half in ("client", "server"):
+        a = load_file(str(tmp_path / "straight" / f"checkpoints/step-4/{half}.safetensors"))
+        b = load_file(str(tmp_path / "split" / f"checkpoints/step-4/{half}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), half
