@@ -422,3 +422,24 @@ def test_interrupt_exits_130_and_keeps_the_folder_resumable(data, tmp_path, monk
     monkeypatch.setattr(modes.HOSLMode, "step", real_step)
     assert main(_args(run, data, "--resume", steps=4)) == 0
     assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_server_resume_checks_its_config_and_never_rewrites_it(tmp_path):
+    """The server process of a two-process run: --resume with a changed setting is refused naming it,
+    and config.json stays byte-identical whether or not the resume is accepted."""
+    from dataclasses import replace
+
+    from hosl.training.config import TrainConfig
+    from hosl.training.remote import _write_or_check_server_config
+    from hosl.training.run_folder import RunFolderError
+
+    run_dir = tmp_path / "server"
+    run_dir.mkdir()
+    cfg = TrainConfig(model="tiny-opt", task="sst2", mode="hosl", num_queries=2, out=str(tmp_path))
+    _write_or_check_server_config(run_dir, cfg)
+    before = (run_dir / "config.json").read_bytes()
+    with pytest.raises(RunFolderError, match="--num-queries was 2, now 3"):
+        _write_or_check_server_config(run_dir, replace(cfg, resume=True, num_queries=3))
+    assert (run_dir / "config.json").read_bytes() == before
+    _write_or_check_server_config(run_dir, replace(cfg, resume=True, steps=cfg.steps + 5))  # free to change
+    assert (run_dir / "config.json").read_bytes() == before

@@ -29,6 +29,7 @@ import torch
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import RunExistsError, _loss_fn, hyper, load_split_model, train, train_dropout
+from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf
 from hosl.transport import SECRET_ENV, ShutdownCode
 from hosl.transport.auth import confirm_channel, write_secret_file
@@ -154,6 +155,20 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
             disconnect()
 
 
+def _write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """A fresh server run writes its config.json; a resumed one compares its settings with the saved
+    ones (as the client's resume does) and never rewrites the file."""
+    path = run_dir / "config.json"
+    if cfg.resume and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise RunFolderError(f"{path} is not JSON; the server run cannot be checked for --resume") from None
+        compare(saved, replace(cfg, out=str(run_dir)))
+        return
+    path.write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
 def run_server(cfg: TrainConfig, conn: Connection) -> int:
     """The server half: answer the client until it says goodbye. Returns an exit status: 0 when
     the client finished, 130 when it was interrupted, 1 when it failed."""
@@ -174,7 +189,7 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     half = ServerHalf(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
                       train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
                       trainable_only_checkpoints=cfg.lora)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    _write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:
         try:
