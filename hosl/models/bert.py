@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from hosl.models.masks import create_bidirectional_mask, create_causal_mask
+from hosl.models.compat import block_output, create_bidirectional_mask, create_causal_mask
 from transformers.models.bert.modeling_bert import BertForSequenceClassification
 
 from .halves import TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION, ClientHalf, ServerHalf, check_cut
@@ -44,6 +44,7 @@ class BertClient(ClientHalf):
             mask = _self_attention_mask(self.config, hidden, attention_mask)
             for layer in self.layers:
                 hidden = layer(hidden, mask)
+                hidden = block_output(hidden)
         return hidden
 
 
@@ -60,6 +61,7 @@ class BertServer(ServerHalf):
             mask = _self_attention_mask(self.config, hidden, attention_mask)
             for layer in self.layers:
                 hidden = layer(hidden, mask)
+                hidden = block_output(hidden)
         if self.task == TASK_ENCODER:
             return hidden
         return self.classifier(self.dropout(self.pooler(hidden)))

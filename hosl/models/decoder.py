@@ -21,7 +21,7 @@ import copy
 
 import torch
 from torch import nn
-from hosl.models.masks import create_causal_mask, create_sliding_window_causal_mask
+from hosl.models.compat import block_output, create_causal_mask, create_sliding_window_causal_mask
 
 from .halves import (
     TASK_CAUSAL_LM,
@@ -59,6 +59,7 @@ def _run_blocks(config, rotary_emb, layers, mask_types, hidden, attention_mask):
     for layer, mask_type in zip(layers, mask_types):
         hidden = layer(hidden, attention_mask=masks[mask_type], position_embeddings=position_embeddings,
                        position_ids=position_ids, cache=None, use_cache=False)
+        hidden = block_output(hidden)
     return hidden
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from hosl.models.masks import create_causal_mask
+from hosl.models.compat import block_output, create_causal_mask
 
 from .halves import (
     TASK_CAUSAL_LM,
@@ -32,6 +32,7 @@ def _run_blocks(config, blocks, hidden, attention_mask):
     for block in blocks:
         hidden = block(hidden, None, causal_mask, None, encoder_attention_mask=None, use_cache=False,
                        position_ids=position_ids)
+        hidden = block_output(hidden)
     return hidden
 
 

@@ -16,7 +16,7 @@ import copy
 
 import torch
 from torch import nn
-from hosl.models.masks import create_causal_mask
+from hosl.models.compat import block_output, create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaForSequenceClassification
 
 from .halves import (
@@ -45,6 +45,7 @@ def _run_llama_layers(config, rotary_emb, layers, hidden, attention_mask):
             cache=None,
             use_cache=False,
         )
+        hidden = block_output(hidden)
     return hidden
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from hosl.models.masks import create_causal_mask
+from hosl.models.compat import block_output, create_causal_mask
 from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTForSequenceClassification
 
 from .halves import (
@@ -65,6 +65,7 @@ class OPTClient(ClientHalf):
         hidden = inputs_embeds + pos_embeds.to(inputs_embeds.device)
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None, use_cache=False)
+            hidden = block_output(hidden)
         return hidden
 
 
@@ -90,6 +91,7 @@ class OPTServer(ServerHalf):
                 hidden = layer(
                     hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None, use_cache=False
                 )
+                hidden = block_output(hidden)
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:

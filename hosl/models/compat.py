@@ -1,4 +1,8 @@
-"""transformers' attention-mask builders, called the same way on every supported transformers 5.x.
+"""What differs between the transformers 5.x releases hosl supports, in one place.
+
+Attention-mask builders (called the same way on every release) and the output of a decoder/encoder
+block (a tuple ``(hidden, ...)`` in early 5.x releases, the hidden states alone later:
+:func:`block_output`).
 
 The builders in ``transformers.masking_utils`` renamed their cache argument between releases
 (``past_key_values`` in earlier 5.x, ``cache`` later). The split halves never use a cache, so these
@@ -43,3 +47,8 @@ def _adapt(builder):
 create_causal_mask = _adapt(masking_utils.create_causal_mask)
 create_sliding_window_causal_mask = _adapt(masking_utils.create_sliding_window_causal_mask)
 create_bidirectional_mask = _adapt(masking_utils.create_bidirectional_mask)
+
+
+def block_output(out):
+    """The hidden states a transformer block returned: early 5.x releases return ``(hidden, ...)``."""
+    return out[0] if isinstance(out, tuple) else out
