@@ -443,3 +443,30 @@ def test_server_resume_checks_its_config_and_never_rewrites_it(tmp_path):
     assert (run_dir / "config.json").read_bytes() == before
     _write_or_check_server_config(run_dir, replace(cfg, resume=True, steps=cfg.steps + 5))  # free to change
     assert (run_dir / "config.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["hosl", "zo-sl"])
+def test_server_process_resume_uses_this_processes_learning_rate(tmp_path, mode):
+    """--override lr_server / lr_client reaches the server process of a two-process run: its resume
+    takes the learning rates of its own settings, not the checkpoint's."""
+    from hosl.training.config import TrainConfig
+    from hosl.training.loop import _loss_fn, hyper, load_split_model
+    from hosl.training.split_protocol import ServerHalf
+
+    def half_for(cfg):
+        _, _, _, server = load_split_model(cfg)
+        return ServerHalf(server, mode, hyper(cfg), _loss_fn("causal_lm"), "causal_lm", train_dropout=False,
+                          checkpoint_dir=tmp_path, resume_allowed=True)
+
+    cfg = TrainConfig(model="tiny-opt", task="sst2", mode=mode, cut=1, lr_server=0.1, lr_client=1e-4)
+    first = half_for(cfg)
+    if mode == "zo-sl":
+        first.zo_for(10)
+    first.save(3)
+    resumed = half_for(TrainConfig(model="tiny-opt", task="sst2", mode=mode, cut=1, lr_server=0.05, lr_client=2e-4))
+    resumed.resume(3)
+    if mode == "zo-sl":
+        resumed.zo_for(10)
+        assert [g["lr"] for g in resumed.zo.param_groups] == [2e-4]
+    else:
+        assert [g["lr"] for g in resumed.optimizer.param_groups] == [0.05]

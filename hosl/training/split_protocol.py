@@ -316,7 +316,14 @@ class ServerHalf:
             raise FileNotFoundError(f"the client resumes at step {step} but the server has no checkpoint for it "
                                     f"in {self.checkpoint_dir} (has: {have})")
         state = ckpt.load_checkpoint(path, {"server": self.server})
-        self.load_state_dict(state["server_half"])
+        # the learning rates come from this process's settings (checked against the run's on start,
+        # so they differ only under --override), not from the checkpoint
+        half = dict(state["server_half"])
+        if self.optimizer is not None and half.get("optimizer") is not None:
+            half["optimizer"] = ckpt.with_current_lr(self.optimizer, half["optimizer"])
+        if half.get("zo") is not None:
+            half["zo"] = ckpt.with_lr(half["zo"], self.hp.lr_client)
+        self.load_state_dict(half)
 
 
 class ServerProxy:
