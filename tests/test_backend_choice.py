@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import hosl.ops
 from hosl.ops import dispatch
 from hosl.optim.fused_forward import FusedPerturber
 from hosl.optim.layout import ParameterLayout
@@ -46,7 +47,7 @@ def test_fused_perturber_asks_per_call_with_the_rows_per_direction(monkeypatch):
         seen.append((rows, torch.device(device).type, asked))
         return "reference"
 
-    monkeypatch.setattr(dispatch, "perturbed_linear_backend", choose)
+    monkeypatch.setattr(hosl.ops, "perturbed_linear_backend", choose)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
     fused = FusedPerturber(model, ParameterLayout(model), fused_backend="triton")

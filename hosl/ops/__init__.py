@@ -7,9 +7,16 @@ the spec), ``"cpu"`` (C++/OpenMP), ``"cuda"`` (CUDA kernels), ``"triton"``.
 """
 
 from hosl.ops.api import perturb_, perturbed_embedding, perturbed_linear, randn, sphere_scales, zo_update_
-from hosl.ops.dispatch import BACKENDS, available_backends, report_missing_cuda_kernels, unavailable_reasons
+from hosl.ops.dispatch import (
+    BACKENDS,
+    available_backends,
+    fused_kernels_reason,
+    perturbed_linear_backend,
+    report_missing_cuda_kernels,
+    unavailable_reasons,
+)
 
 report_missing_cuda_kernels()
 
-__all__ = ["BACKENDS", "available_backends", "perturb_", "perturbed_embedding", "perturbed_linear", "randn",
+__all__ = ["BACKENDS", "available_backends", "fused_kernels_reason", "perturb_", "perturbed_embedding", "perturbed_linear", "perturbed_linear_backend", "randn",
            "sphere_scales", "unavailable_reasons", "zo_update_"]

@@ -157,3 +157,19 @@ def perturbed_linear_backend(rows: int, device, asked: str | None, available=Non
     available = available_backends() if available is None else available
     return "cuda" if "cuda" in available else asked
 
+
+
+def fused_kernels_reason(device_type: str, asked: str | None = None) -> str:
+    """Why the fused Triton kernels would not run natively on ``device_type`` tensors when a caller
+    asks for backend ``asked`` ("" when they would): off CUDA, another backend asked for, Triton not
+    importable, or Triton running interpreted (``TRITON_INTERPRET=1``, for tests)."""
+    if device_type != "cuda":
+        return f"parameters on {device_type!r}, fused kernels are for CUDA (the interpreter is for tests)"
+    if asked not in (None, "triton"):
+        return f"backend={asked!r} was asked for"
+    module = _load("triton")
+    if module is None:
+        return f"Triton unavailable: {_load_errors.get('triton', '')}"
+    if "cuda" not in module.DEVICE_TYPES:
+        return "Triton runs interpreted (TRITON_INTERPRET=1)"
+    return ""

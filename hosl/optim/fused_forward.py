@@ -106,7 +106,7 @@ class FusedPerturber(ModuleScratchPerturber):
                 x, mod.weight, mod.bias, seeds=[self._seed], scales=[self._scale],
                 weight_offset=slots["weight"].offset, bias_offset=bias_slot.offset if bias_slot else None,
                 # on CUDA the fused Triton linear only for few rows, else materialise + cuBLAS
-                backend=ops.dispatch.perturbed_linear_backend(x.numel() // max(x.shape[-1], 1), x.device,
+                backend=ops.perturbed_linear_backend(x.numel() // max(x.shape[-1], 1), x.device,
                                                               self.fused_backend))[0]
         return forward
 
@@ -155,20 +155,10 @@ PERTURBED_FORWARDS = ("auto", "scratch", "fused")
 
 def fused_unavailable_reason(modules, backend: str | None) -> str:
     """Why ``"auto"`` does not pick the fused path for ``modules`` ("" when it does)."""
-    from hosl.ops import dispatch
-
     devices = {p.device.type for m in modules for p in m.parameters()}
     if devices != {"cuda"}:
         return f"parameters on {sorted(devices)}, fused kernels are for CUDA (the interpreter is for tests)"
-    if backend not in (None, "triton"):
-        return f"backend={backend!r} was asked for"
-    if "triton" not in dispatch.available_backends():
-        return f"Triton unavailable: {dispatch.unavailable_reasons().get('triton', '')}"
-    from hosl.ops.backends import triton as triton_backend
-
-    if "cuda" not in triton_backend.DEVICE_TYPES:
-        return "Triton runs interpreted (TRITON_INTERPRET=1)"
-    return ""
+    return ops.fused_kernels_reason("cuda", backend)
 
 
 def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None, perturbed_forward: str,
