@@ -39,7 +39,7 @@ from hosl.training import checkpoint as ckpt
 from hosl.training import run_folder
 from hosl.training.config import TrainConfig
 from hosl.training.schedule import schedule_client_step
-from hosl.training.memory import parse_bytes
+from hosl.training.memory import parse_bytes, return_freed_memory
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
 from hosl.transport import InProcessLink, Link
@@ -242,6 +242,8 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
 
     set_training(True)
     mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)
+    if cfg.client_micro_batch is not None or cfg.client_memory_budget is not None:
+        _say(return_freed_memory())  # sliced client passes: resident memory follows the tensors
     if cfg.client_memory_budget is not None:  # refuses a budget too small before any step or file write
         _say(mode.plan_client_memory(parse_bytes(cfg.client_memory_budget), cfg.batch_size, cfg.max_length).describe())
     collate = make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length)

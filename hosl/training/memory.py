@@ -15,11 +15,17 @@ A micro-batched ZO client (``--client-micro-batch`` / ``--client-memory-budget``
 too: :func:`probe_row_cost` measures the transient bytes of a client forward at 1 and 2 rows (the
 peak of the tensors the forward allocates, :class:`LiveTensorPeak`), and :func:`plan_micro_batch`
 picks the largest slice that keeps weights + scratch + output activation + transients within a budget.
+The probe counts tensor bytes; the process's resident memory follows them only when the allocator
+hands freed blocks back to the system, which glibc stops doing for blocks below its (dynamic) mmap
+threshold: :func:`return_freed_memory` fixes that threshold so a sliced pass's transients are
+unmapped when freed (``docs/results.md`` section 1d measures both).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import re
 import weakref
 from dataclasses import dataclass
@@ -105,6 +111,37 @@ def gib(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.3f} {unit}"
     return f"{n} bytes"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+FREED_MEMORY_THRESHOLD = 128 * 1024  # glibc's own starting mmap threshold
+
+
+def return_freed_memory(threshold: int = FREED_MEMORY_THRESHOLD) -> str:
+    """Make freed transients leave the process's resident memory (glibc only); a line for the log.
+
+    glibc serves blocks at or above its mmap threshold with ``mmap`` and unmaps them on ``free``,
+    but it raises that threshold each time such a block is freed (up to 32 MiB on 64-bit), after
+    which a forward's 10-50 MiB activations come from the heap, whose top stays resident while any
+    block above it lives. So the resident memory of a micro-batched client grew well past the
+    tensors it held (0.685 GiB measured against 0.49 GiB with this setting, OPT-125M fp32, 16-row
+    slices; ``docs/results.md`` section 1d). Fixing both thresholds at ``threshold`` bytes stops
+    that; the cost is a page fault per page of each large allocation (step time in section 1d).
+    Process-wide and permanent, so the training loop calls it only for micro-batched clients; a
+    library user calls it once at start-up. Elsewhere (not Linux/glibc) it changes nothing and
+    says so.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 4096:
+        raise ValueError(f"threshold must be a number of bytes >= 4096, got {threshold!r}")
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt parameters differ
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "allocator left as it is (no glibc mallopt here)"
+    if not (mallopt(_M_MMAP_THRESHOLD, threshold) and mallopt(_M_TRIM_THRESHOLD, threshold)):
+        return "allocator left as it is (glibc refused mallopt)"
+    return f"allocator: blocks >= {threshold // 1024} KiB mapped and unmapped on free (glibc mallopt), so RSS follows the tensors"
 
 
 class LiveTensorPeak(TorchDispatchMode):
