@@ -18,6 +18,8 @@ same code on the GPU. fp16 uses the native cast, which rounds to nearest even on
 import triton
 import triton.language as tl
 
+from hosl.directions.spec import FAMILY_CODES
+
 # Constants: the same values as hosl/directions/spec.py (exact float32 values, as hex floats).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -173,10 +175,10 @@ def block_normals(b, offset, k0, k1, BN: tl.constexpr):
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * BN, ))
 
 
-# Direction families (constexpr FAMILY of the kernels; spec.FAMILIES order).
-FAMILY_GAUSSIAN = tl.constexpr(0)
-FAMILY_RADEMACHER = tl.constexpr(1)
-FAMILY_SPHERE = tl.constexpr(2)
+# Direction families: the FAMILY constexpr of the kernels takes hosl.directions.spec.FAMILY_CODES.
+FAMILY_GAUSSIAN = tl.constexpr(FAMILY_CODES["gaussian"])
+FAMILY_RADEMACHER = tl.constexpr(FAMILY_CODES["rademacher"])
+FAMILY_SPHERE = tl.constexpr(FAMILY_CODES["sphere"])
 
 
 @triton.jit

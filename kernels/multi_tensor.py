@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hosl.directions.spec import FAMILY_CODES  # noqa: F401  (the FAMILY constexpr the launchers pass)
+
 ROW = 5
 ROW_C = tl.constexpr(ROW)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -90,7 +92,6 @@ def direction_table(keys_lo, keys_hi, scales, device) -> torch.Tensor:
     return device_table(words, device, cache=True)
 
 
-FAMILY_CODES = {"gaussian": 0, "rademacher": 1, "sphere": 2}  # the FAMILY constexpr of the kernels
 
 
 def family_layout(family: str, block_counters: int) -> tuple[int, int]:

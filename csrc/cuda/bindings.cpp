@@ -1,26 +1,24 @@
 // hosl._C_cuda: torch-typed entry points for the CUDA direction kernels (direction_cuda.h).
+// Argument conversion and the Python signatures are shared with hosl._C (bindings_common.h).
 //
-// Arguments are validated by hosl.ops (Python) first: contiguous CUDA tensors on one device, of
-// float32/float16/bfloat16. Tensors are grouped by dtype: one kernel launch per dtype present.
-// The launch's device table lives in a workspace from torch's caching allocator, on the current
-// stream, so it is freed only after the kernel has run.
+// Tensors are grouped by dtype: one kernel launch per dtype present. The launch's device table
+// lives in a workspace from torch's caching allocator, on the current stream, so it is freed only
+// after the kernel has run.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "bindings_common.h"
 #include "cuda/direction_cuda.h"
 
 namespace {
 
-hosl::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return hosl::DType::kFloat16;
-    case at::kBFloat16: return hosl::DType::kBFloat16;
-    default: return hosl::DType::kFloat32;
-  }
-}
+using hosl::bindings::dtype_of;
+using hosl::bindings::family_of;
+
+constexpr hosl::DType kDTypes[] = {hosl::DType::kFloat32, hosl::DType::kFloat16, hosl::DType::kBFloat16};
 
 void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "hosl CUDA kernel: ", cudaGetErrorString(err)); }
 
@@ -40,29 +38,22 @@ std::vector<hosl::cuda::TensorSlot> slots_of(const std::vector<at::Tensor>& ins,
   return slots;
 }
 
-// The sphere factors of slots_of(ins, ., ., dtype): [q * slots + k] from dir_scales[q * tensors + j].
+// The sphere factors of slots_of(ins, ., ., dtype).
 std::vector<float> scales_of(const std::vector<at::Tensor>& ins, const std::vector<float>& dir_scales,
                              hosl::DType dtype) {
-  std::vector<float> kept;
-  if (dir_scales.empty() || ins.empty()) return kept;
-  const size_t dirs = dir_scales.size() / ins.size();
-  for (size_t q = 0; q < dirs; ++q)
-    for (size_t j = 0; j < ins.size(); ++j)
-      if (ins[j].numel() != 0 && dtype_of(ins[j]) == dtype) kept.push_back(dir_scales[q * ins.size() + j]);
-  return kept;
+  return hosl::bindings::kept_scales(
+      ins, dir_scales, [dtype](const at::Tensor& t) { return t.numel() != 0 && dtype_of(t) == dtype; });
 }
-
-hosl::Family family_of(int64_t code) { return static_cast<hosl::Family>(code); }
 
 at::Tensor randn(uint32_t key_lo, uint32_t key_hi, int64_t numel, uint64_t offset, const at::Device& device,
                  int64_t family, float factor) {
+  const hosl::Family fam = family_of(family);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat).device(device));
   if (numel == 0) return out;
   const hosl::cuda::TensorSlot slot{nullptr, out.data_ptr(), static_cast<uint64_t>(numel), offset};
   at::Tensor ws = workspace(out, 1, 1);
-  check(hosl::cuda::randn(&slot, 1, key_lo, key_hi, ws.data_ptr(), at::cuda::getCurrentCUDAStream(),
-                          family_of(family), factor));
+  check(hosl::cuda::randn(&slot, 1, key_lo, key_hi, ws.data_ptr(), at::cuda::getCurrentCUDAStream(), fam, factor));
   return out;
 }
 
@@ -70,15 +61,16 @@ void perturb(const std::vector<at::Tensor>& tensors, const std::vector<at::Tenso
              const std::vector<uint64_t>& offsets, uint32_t key_lo, uint32_t key_hi, float scale, int64_t family,
              const std::vector<float>& dir_scales) {
   if (tensors.empty()) return;
+  const hosl::Family fam = family_of(family);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (hosl::DType dtype : {hosl::DType::kFloat32, hosl::DType::kFloat16, hosl::DType::kBFloat16}) {
+  for (hosl::DType dtype : kDTypes) {
     const auto slots = slots_of(tensors, outs, offsets, dtype);
     if (slots.empty()) continue;
     const auto scales = scales_of(tensors, dir_scales, dtype);
     at::Tensor ws = workspace(tensors[0], slots.size(), 1);
-    check(hosl::cuda::perturb(slots.data(), slots.size(), dtype, key_lo, key_hi, scale, ws.data_ptr(), stream,
-                              family_of(family), scales.empty() ? nullptr : scales.data()));
+    check(hosl::cuda::perturb(slots.data(), slots.size(), dtype, key_lo, key_hi, scale, ws.data_ptr(), stream, fam,
+                              scales.empty() ? nullptr : scales.data()));
   }
 }
 
@@ -86,31 +78,27 @@ void zo_update(const std::vector<at::Tensor>& tensors, const std::vector<uint64_
                const std::vector<uint32_t>& keys_lo, const std::vector<uint32_t>& keys_hi,
                const std::vector<float>& coeffs, float decay, int64_t family, const std::vector<float>& dir_scales) {
   if (tensors.empty()) return;
+  const hosl::Family fam = family_of(family);
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (hosl::DType dtype : {hosl::DType::kFloat32, hosl::DType::kFloat16, hosl::DType::kBFloat16}) {
+  for (hosl::DType dtype : kDTypes) {
     const auto slots = slots_of(tensors, tensors, offsets, dtype);
     if (slots.empty()) continue;
     const auto scales = scales_of(tensors, dir_scales, dtype);
     at::Tensor ws = workspace(tensors[0], slots.size(), coeffs.size());
     check(hosl::cuda::zo_update(slots.data(), slots.size(), dtype, keys_lo.data(), keys_hi.data(), coeffs.data(),
-                                coeffs.size(), decay, ws.data_ptr(), stream, family_of(family),
+                                coeffs.size(), decay, ws.data_ptr(), stream, fam,
                                 scales.empty() ? nullptr : scales.data()));
   }
 }
 
-// Per tensor, the exact fixed-point squared norm of its Gaussian slice (spec.sphere_sq_norm).
 std::vector<uint64_t> sq_norms(const std::vector<uint64_t>& numels, const std::vector<uint64_t>& offsets,
                                uint32_t key_lo, uint32_t key_hi, const at::Device& device) {
-  std::vector<hosl::cuda::TensorSlot> slots;
-  std::vector<size_t> index;  // tensor of each slot (empty tensors: norm 0, no slot)
-  for (size_t j = 0; j < numels.size(); ++j) {
-    if (numels[j] == 0) continue;
-    slots.push_back({nullptr, nullptr, numels[j], offsets[j]});
-    index.push_back(j);
-  }
+  const auto index = hosl::bindings::nonempty(numels);
   std::vector<uint64_t> out(numels.size(), 0);
-  if (slots.empty()) return out;
+  if (index.empty()) return out;
+  std::vector<hosl::cuda::TensorSlot> slots;
+  for (size_t j : index) slots.push_back({nullptr, nullptr, numels[j], offsets[j]});
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor sums = at::zeros({static_cast<int64_t>(slots.size())}, at::TensorOptions().dtype(at::kLong).device(device));
   at::Tensor ws = workspace(sums, slots.size(), 1);
@@ -125,19 +113,6 @@ std::vector<uint64_t> sq_norms(const std::vector<uint64_t>& numels, const std::v
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hosl CUDA direction kernels (see hosl/ops/backends/__init__.py for the contract)";
-  // family: 0 gaussian, 1 rademacher, 2 sphere (hosl::Family); dir_scales: the sphere factors,
-  // [q * len(tensors) + j], empty for the other families.
-  m.def("randn", &randn, "z(key, offset + e) for e < numel, float32, on `device`", py::arg("key_lo"),
-        py::arg("key_hi"), py::arg("numel"), py::arg("offset"), py::arg("device"), py::arg("family") = 0,
-        py::arg("factor") = 1.0f);
-  m.def("perturb", &perturb, "outs[j] = round(tensors[j] + scale * z(key, offsets[j] + e)); one launch per dtype",
-        py::arg("tensors"), py::arg("outs"), py::arg("offsets"), py::arg("key_lo"), py::arg("key_hi"),
-        py::arg("scale"), py::arg("family") = 0, py::arg("dir_scales") = std::vector<float>{});
-  m.def("zo_update", &zo_update,
-        "w = round(w - decay*w - sum_q coeffs[q] * z(key_q, offsets[j] + e)); one pass, one launch per dtype",
-        py::arg("tensors"), py::arg("offsets"), py::arg("keys_lo"), py::arg("keys_hi"), py::arg("coeffs"),
-        py::arg("decay"), py::arg("family") = 0, py::arg("dir_scales") = std::vector<float>{});
-  m.def("sq_norms", &sq_norms, "per tensor: sum of floor(float32(z*z) * 2^24) over its Gaussian slice (exact)",
-        py::arg("numels"), py::arg("offsets"), py::arg("key_lo"), py::arg("key_hi"), py::arg("device"));
+  m.doc() = "hosl CUDA direction kernels, one launch per dtype (see hosl/ops/backends/__init__.py for the contract)";
+  hosl::bindings::define_direction_ops(m, &randn, &perturb, &zo_update, &sq_norms);
 }

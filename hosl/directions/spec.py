@@ -26,7 +26,8 @@ import torch
 
 # ----------------------------------------------------------------------------------------------
 # Constants. Each is an exact float32 value, written as a hex float; csrc/hosl_direction.h and
-# kernels/direction.py hold the same values (tests/test_spec_constants.py checks that).
+# kernels/direction.py hold the same values (tests/test_cpu_backend.py::test_header_constants_match_spec
+# checks the header).
 # ----------------------------------------------------------------------------------------------
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -181,7 +182,11 @@ def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
 # (same key, counter words (n_lo, n_hi, 0, 0)); a run uses one family, so sharing the stream
 # between families does not matter.
 # ----------------------------------------------------------------------------------------------
-FAMILIES = ("gaussian", "rademacher", "sphere")
+# The one list of families and their integer codes. The compiled kernels take the code: the C++
+# enum hosl::Family (csrc/hosl_direction.h) spells the same numbers, the Triton kernels import them
+# (kernels/direction.py), and tests/test_family_codes.py fails if the header drifts from them.
+FAMILY_CODES = {"gaussian": 0, "rademacher": 1, "sphere": 2}
+FAMILIES = tuple(FAMILY_CODES)
 
 RADEMACHER_COORDS_PER_COUNTER = 128  # one bit per coordinate: 4 words x 32 bits
 

@@ -7,19 +7,11 @@ variable ``HOSL_CPU_ISA`` can lower it.
 
 from __future__ import annotations
 
-import torch
-
-from hosl.ops.backends import materialised
+from hosl.ops.backends._compiled import CompiledBackend, import_extension
 
 DEVICE_TYPES = ("cpu",)
 
-try:
-    from hosl import _C
-except ImportError as exc:  # not built (pip install --no-build-isolation -e .) or built for another torch
-    _C = None
-    _IMPORT_ERROR = f"hosl._C is not importable ({exc}); build it with `pip install --no-build-isolation -e .`"
-else:
-    _IMPORT_ERROR = ""
+_C, _IMPORT_ERROR = import_extension("hosl._C", "build it with `pip install --no-build-isolation -e .`")
 
 
 def is_available() -> bool:
@@ -35,36 +27,10 @@ def isa() -> str:
     return _C.isa()
 
 
-_FAMILY_CODES = {"gaussian": 0, "rademacher": 1, "sphere": 2}  # hosl::Family
-
-
-def randn(key_lo: int, key_hi: int, numel: int, offset: int, device, family="gaussian", scale=1.0) -> torch.Tensor:
-    return _C.randn(key_lo, key_hi, numel, offset, _FAMILY_CODES[family], scale)
-
-
-def perturb(tensors, outs, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None) -> None:
-    _C.perturb(list(tensors), list(outs), list(offsets), key_lo, key_hi, scale, _FAMILY_CODES[family],
-               list(dir_scales or []))
-
-
-def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None) -> None:
-    _C.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay,
-                 _FAMILY_CODES[family], list(dir_scales or []))
-
-
-def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
-    return _C.sq_norms(list(numels), list(offsets), key_lo, key_hi)
-
-
-def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian",
-                     factors=None) -> torch.Tensor:
-    """No fused kernel here: materialise W + scale*Z with this backend's perturb, then F.linear."""
-    return materialised.perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
-                                         shared_x, family, factors)
-
-
-def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian",
-                        factors=None) -> torch.Tensor:
-    """No fused kernel here: perturb only the rows looked up with this backend's perturb."""
-    return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
-                                            family=family, factors=factors)
+_backend = CompiledBackend(_C)
+randn = _backend.randn
+perturb = _backend.perturb
+zo_update = _backend.zo_update
+sq_norms = _backend.sq_norms
+perturbed_linear = _backend.perturbed_linear
+perturbed_embedding = _backend.perturbed_embedding
