@@ -51,36 +51,6 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _ops():
-    """The public ops if hosl.ops exposes them, else the CPU backend called directly."""
-    try:
-        from hosl.ops import perturb_, zo_update_
-
-        return perturb_, zo_update_, "hosl.ops (public API, backend='cpu')"
-    except ImportError:
-        from itertools import accumulate
-
-        from hosl.directions.spec import split_seed
-        from hosl.ops.backends import cpu
-
-        def offsets(ts):
-            return list(accumulate([0] + [t.numel() for t in ts[:-1]]))
-
-        def perturb_(tensors, seed, scale, *, out=None, backend=None, family="gaussian", scales=None):
-            lo, hi = split_seed(seed)
-            cpu.perturb(tensors, out if out is not None else tensors, offsets(tensors), lo, hi, scale, family,
-                        scales)
-
-        def zo_update_(tensors, seeds, coeffs, *, lr, weight_decay=0.0, backend=None, family="gaussian",
-                       scales=None):
-            keys = [split_seed(s) for s in seeds]
-            cpu.zo_update(tensors, offsets(tensors), [k[0] for k in keys], [k[1] for k in keys],
-                          [lr * c for c in coeffs], lr * weight_decay, family,
-                          None if scales is None else [f for row in scales for f in row])
-
-        return perturb_, zo_update_, "hosl.ops.backends.cpu (direct; hosl.ops not importable)"
-
-
 def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
     """Minimum seconds of ``fn()`` over ``repeats`` calls after a warm-up; CUDA events on a GPU."""
     fn()  # warm-up (first touch, lazy init, Triton compile)
@@ -122,9 +92,10 @@ def main(argv=None) -> dict:
         parser.error("--device cuda: torch.cuda.is_available() is False")
     backends = (args.backends or _default_backends(args.device)).split(",")
 
-    perturb_, zo_update_, via = _ops()
-    from hosl.ops import available_backends
+    from hosl.ops import available_backends, perturb_, sphere_scales, zo_update_
     from hosl.ops.backends import cpu as cpu_backend
+
+    via = "hosl.ops (public API, backend=...)"
 
     missing = [b for b in backends if b not in available_backends()]
     if missing:
@@ -194,11 +165,6 @@ def main(argv=None) -> dict:
             zo_update_(weights, seeds[:q_count], coeffs[:q_count], lr=lr, backend=backend, **extra)
         return run
 
-    try:
-        from hosl.ops import sphere_scales
-    except ImportError:  # hosl.ops not importable: the sphere rows need its host-side scale
-        sphere_scales = None
-
     cases = {}
     for b_index, backend in enumerate(backends):
         suffix = "" if b_index == 0 else f"[{backend}]"
@@ -212,14 +178,13 @@ def main(argv=None) -> dict:
             "update_q1_rademacher": (hosl_update(backend, 1, "rademacher"), mezo_update(1), roof_inplace),
             "update_q10_rademacher": (hosl_update(backend, 10, "rademacher"), mezo_update(10), roof_inplace),
         }
-        if sphere_scales is not None:
-            factors = [sphere_scales(weights, s, backend=backend) for s in seeds]
-            rows.update({
-                "perturb_sphere": (hosl_perturb(backend, "sphere", factors[0]), mezo_perturb, roof_inplace),
-                "update_q10_sphere": (hosl_update(backend, 10, "sphere", factors), mezo_update(10), roof_inplace),
-                "sphere_scales": (lambda backend=backend: sphere_scales(weights, seed, backend=backend),
-                                  mezo_perturb, roof_inplace),
-            })
+        factors = [sphere_scales(weights, s, backend=backend) for s in seeds]
+        rows.update({
+            "perturb_sphere": (hosl_perturb(backend, "sphere", factors[0]), mezo_perturb, roof_inplace),
+            "update_q10_sphere": (hosl_update(backend, 10, "sphere", factors), mezo_update(10), roof_inplace),
+            "sphere_scales": (lambda backend=backend: sphere_scales(weights, seed, backend=backend),
+                              mezo_perturb, roof_inplace),
+        })
         cases.update({name + suffix: (backend, *fns) for name, fns in rows.items()})
 
     element_bytes = weights[0].element_size()

@@ -3,6 +3,9 @@
 Coordinates of a list of tensors are numbered consecutively in list order, starting at ``offset``:
 tensor ``j`` holds coordinates ``offset + sum(numel of tensors[:j]) + e``. ``z(seed, i)`` is the
 direction spec of :mod:`hosl.directions.spec`; every backend gives the same bits.
+
+``backend=`` (tests, benchmarks): run on the backend named, through :func:`hosl.ops.use_backend`;
+None: the fastest available for the tensors' device.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from hosl.directions.spec import sphere_scale, split_seed
 from hosl.ops import library, validation
+from hosl.ops.dispatch import use_backend
 
 
 def _offsets(tensors, offset: int, offsets) -> list[int]:
@@ -49,21 +53,19 @@ def randn(
     validation.check_coordinates(offset, numel)
     key_lo, key_hi = split_seed(seed)
     device = torch.device(device)
-    if family == "gaussian":
-        return library.randn_op(key_lo, key_hi, numel, offset, device, backend)
-    factor = 1.0
     if family == "sphere":
         validation.check_sphere_numels([numel], "numel")
-        factor = _sphere_factors([numel], [offset], seed, device, backend)[0]
-    return library.randn_op(key_lo, key_hi, numel, offset, device, backend, family, factor)
+    with use_backend(backend):
+        factor = _sphere_factors([numel], [offset], seed, device)[0] if family == "sphere" else 1.0
+        return library.randn_op(key_lo, key_hi, numel, offset, device, family, factor)
 
 
-def _sphere_factors(numels, offsets, seed: int, device, backend) -> list[float]:
+def _sphere_factors(numels, offsets, seed: int, device) -> list[float]:
     """Per tensor, the float32 factor of the sphere family (norms from the backend, scale on the host)."""
     if not numels:
         return []
     key_lo, key_hi = split_seed(seed)
-    norms = library.sq_norms_op(list(numels), list(offsets), key_lo, key_hi, torch.device(device), backend)
+    norms = library.sq_norms_op(list(numels), list(offsets), key_lo, key_hi, torch.device(device))
     return [sphere_scale(n, int(sq)) for n, sq in zip(numels, norms.tolist())]
 
 
@@ -81,10 +83,11 @@ def sphere_scales(tensors, seed: int, *, offset: int = 0, offsets=None, backend:
     numels = [t.numel() for t in tensors]
     validation.check_sphere_numels(numels, "tensors")
     device = tensors[0].device if tensors else torch.device("cpu")
-    return _sphere_factors(numels, offsets, seed, device, backend)
+    with use_backend(backend):
+        return _sphere_factors(numels, offsets, seed, device)
 
 
-def _family_scales(tensors, offsets, family: str, seeds, scales, backend) -> list[float] | None:
+def _family_scales(tensors, offsets, family: str, seeds, scales) -> list[float] | None:
     """Checked sphere factors, flattened ``[q * len(tensors) + j]``; None for the other families."""
     if family != "sphere":
         if scales is not None:
@@ -94,7 +97,7 @@ def _family_scales(tensors, offsets, family: str, seeds, scales, backend) -> lis
     validation.check_sphere_numels(numels, "tensors")
     if scales is None:
         device = tensors[0].device if tensors else torch.device("cpu")
-        return [f for seed in seeds for f in _sphere_factors(numels, offsets, seed, device, backend)]
+        return [f for seed in seeds for f in _sphere_factors(numels, offsets, seed, device)]
     flat = []
     for q, row in enumerate(scales):
         flat += validation.check_scale_list(row, len(tensors), f"scales[{q}]" if len(seeds) > 1 else "scales")
@@ -134,13 +137,12 @@ def perturb_(
         out = validation.as_tensor_list(out, "out")
         validation.check_outputs(tensors, out)
     key_lo, key_hi = split_seed(seed)
-    factors = _family_scales(tensors, offsets, family, [seed], None if scales is None else [scales], backend)
-    extra = () if family == "gaussian" else (family, factors)
-    if out is None:
-        library.perturb_inplace_op(tensors, offsets, key_lo, key_hi, scale, backend, *extra)
-        return tensors
-    library.perturb_into_op(tensors, out, offsets, key_lo, key_hi, scale, backend, *extra)
-    return out
+    written = tensors if out is None else out
+    with use_backend(backend):
+        factors = _family_scales(tensors, offsets, family, [seed], None if scales is None else [scales])
+        if tensors:
+            library.perturb_op(tensors, written, offsets, key_lo, key_hi, scale, family, factors)
+    return written
 
 
 @torch.no_grad()
@@ -182,12 +184,14 @@ def zo_update_(
         scales = list(scales) if not isinstance(scales, torch.Tensor) else scales.tolist()
         if len(scales) != len(seeds):
             raise ValueError(f"scales has {len(scales)} entries but seeds has {len(seeds)}; one list per seed")
-    factors = _family_scales(tensors, offsets, family, seeds, scales, backend)
-    extra = () if family == "gaussian" else (family, factors)
     keys = [split_seed(s) for s in seeds]
-    library.zo_update_op(
-        tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay, backend, *extra
-    )
+    with use_backend(backend):
+        factors = _family_scales(tensors, offsets, family, seeds, scales)
+        if not seeds:  # weight decay alone: no direction, so no family
+            family, factors = "gaussian", None
+        if tensors and (seeds or decay):
+            library.zo_update_op(tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay,
+                                 family, factors)
     return tensors
 
 
@@ -204,7 +208,7 @@ def _directions(seeds, scales) -> tuple[list[int], list[int], list[float]]:
     return [k[0] for k in keys], [k[1] for k in keys], scales
 
 
-def _fused_factors(family, factors, seeds, tensors, offsets, per: int, backend) -> list[float] | None:
+def _fused_factors(family, factors, seeds, tensors, offsets, per: int) -> list[float] | None:
     """Sphere factors of the fused ops, flattened ``[d * per + j]`` (1.0 pads a bias left unperturbed)."""
     if family != "sphere":
         if factors is not None:
@@ -214,7 +218,7 @@ def _fused_factors(family, factors, seeds, tensors, offsets, per: int, backend) 
     numels = [t.numel() for t in tensors]
     validation.check_sphere_numels(numels, "weight/bias")
     if factors is None:
-        factors = [_sphere_factors(numels, offsets, s, tensors[0].device, backend) for s in seeds]
+        factors = [_sphere_factors(numels, offsets, s, tensors[0].device) for s in seeds]
     factors = list(factors)
     if len(factors) != len(seeds):
         raise ValueError(f"factors has {len(factors)} entries but seeds has {len(seeds)}; one per direction")
@@ -286,12 +290,12 @@ def perturbed_linear(
             raise ValueError("bias_offset given without a bias")
         bias_offset = validation.check_index(bias_offset, "bias_offset")
         validation.check_coordinates(bias_offset, bias.numel())
-    flat = _fused_factors(family, factors, seeds, [weight] + ([bias] if bias_offset is not None else []),
-                          [weight_offset] + ([bias_offset] if bias_offset is not None else []), 2, backend)
-    x2, middle = _split_directions(x, len(scales), per_direction_input, "x")
-    extra = () if family == "gaussian" else (family, flat)
-    y = library.perturbed_linear_op(x2, weight, bias, weight_offset, bias_offset, keys_lo, keys_hi, scales,
-                                    not per_direction_input, backend, *extra)
+    with use_backend(backend):
+        flat = _fused_factors(family, factors, seeds, [weight] + ([bias] if bias_offset is not None else []),
+                              [weight_offset] + ([bias_offset] if bias_offset is not None else []), 2)
+        x2, middle = _split_directions(x, len(scales), per_direction_input, "x")
+        y = library.perturbed_linear_op(x2, weight, bias, weight_offset, bias_offset, keys_lo, keys_hi, scales,
+                                        not per_direction_input, family, flat)
     return y.view(len(scales), *middle, weight.shape[0])
 
 
@@ -334,8 +338,8 @@ def perturbed_embedding(
     ids2 = ids2.squeeze(-1).contiguous()
     if family == "sphere" and factors is not None:
         factors = [[f] for f in (factors.tolist() if isinstance(factors, torch.Tensor) else factors)]
-    flat = _fused_factors(family, factors, seeds, [weight], [offset], 1, backend)
-    extra = () if family == "gaussian" else (family, flat)
-    y = library.perturbed_embedding_op(ids2, weight, offset, keys_lo, keys_hi, scales, not per_direction_input,
-                                       backend, *extra)
+    with use_backend(backend):
+        flat = _fused_factors(family, factors, seeds, [weight], [offset], 1)
+        y = library.perturbed_embedding_op(ids2, weight, offset, keys_lo, keys_hi, scales, not per_direction_input,
+                                           family, flat)
     return y.view(len(scales), *middle, weight.shape[1])

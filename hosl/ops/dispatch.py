@@ -1,7 +1,14 @@
-"""Which backend runs an op: loading backend modules and picking the fastest for a device."""
+"""Which backend runs an op: loading backend modules, picking the fastest for a device type, and the
+test/benchmark override :func:`use_backend`.
+
+The ops of :mod:`hosl.ops.library` ask :func:`backend_for` from the kernel torch dispatched to for
+the tensors' device type; which backend was asked for is never an op argument.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import warnings
 from types import ModuleType
@@ -10,12 +17,15 @@ import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# fastest first; "reference" is always last. Triton on CPU (its interpreter) is for tests only and
-# so is never picked automatically.
+# fastest first; "reference" is always last, and the only choice for any other device type. Triton
+# on CPU (its interpreter) is for tests only and so is never picked automatically.
 _PREFERENCE = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
 }
+
+# The backend named by the innermost use_backend(); None: the fastest available.
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("hosl_backend", default=None)
 
 _modules: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}
@@ -93,19 +103,47 @@ def available_backends() -> list[str]:
 
 
 def unavailable_reasons() -> dict[str, str]:
+    """For each backend that cannot run here, why (what `hosl info` prints)."""
     available_backends()
     return dict(_load_errors)
 
 
-def backend_for(device: torch.device, name: str | None) -> ModuleType:
-    """The backend module to run on ``device``: ``name`` if given, else the fastest available."""
-    device_type = torch.device(device).type
+def _named(name: str) -> ModuleType:
+    """Backend ``name``'s module: ValueError for an unknown name, RuntimeError when it cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {name!r}")
+    module = _load(name)
+    if module is None:
+        raise RuntimeError(f"backend {name!r} is not available: {_load_errors.get(name, '')}")
+    return module
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run the hosl ops called inside on backend ``name`` instead of the fastest available: for tests
+    and benchmarks (the public ops' ``backend=`` keyword is this). ``None`` changes nothing.
+
+    Raises at entry for an unknown (ValueError) or unavailable (RuntimeError) backend, and at an
+    op's call when the backend does not run on its tensors' device type (ValueError). The choice is
+    a context variable: per thread and per asyncio task.
+    """
+    if name is None:
+        yield
+        return
+    _named(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def backend_for(device_type: str) -> ModuleType:
+    """The backend module to run on ``device_type`` tensors: the one :func:`use_backend` named, else
+    the fastest available (with a warning, once per device type, when that is the slow reference)."""
+    name = _override.get()
     if name is not None:
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)} or None, got {name!r}")
-        module = _load(name)
-        if module is None:
-            raise RuntimeError(f"backend {name!r} is not available: {_load_errors.get(name, '')}")
+        module = _named(name)
         if device_type not in module.DEVICE_TYPES:
             raise ValueError(
                 f"backend {name!r} runs on {list(module.DEVICE_TYPES)} tensors, not on {device_type!r}"
@@ -156,7 +194,6 @@ def perturbed_linear_backend(rows: int, device, asked: str | None, available=Non
         return asked
     available = available_backends() if available is None else available
     return "cuda" if "cuda" in available else asked
-
 
 
 def fused_kernels_reason(device_type: str, asked: str | None = None) -> str:

@@ -1,7 +1,8 @@
-"""Backends: one module per implementation of the three direction ops.
+"""Backends: one module per implementation of the six direction ops.
 
-Every backend module exposes the same six functions, called by :mod:`hosl.ops` with arguments
-that are already validated (so backends do no checking of their own). ``family`` is one of
+Every backend module exposes the same six functions, called by the kernels of
+:mod:`hosl.ops.library` with arguments that are already validated (so backends do no checking of
+their own), every argument below passed (the defaults shown are the op schemas' own). ``family`` is one of
 ``hosl.directions.spec.FAMILIES``; ``z`` below is that family's direction
 (:func:`hosl.directions.spec.direction_reference`), except that for ``"sphere"`` the backend only
 generates the Gaussian ``z`` and multiplies it by the per-tensor factor it is given (the factors
@@ -51,4 +52,12 @@ as their two 32-bit halves (the Philox key). Offsets are below 2**63.
 
 Each module also has ``is_available() -> bool``, ``unavailable_reason() -> str`` and
 ``DEVICE_TYPES`` (the device types it runs on).
+
+Adding a backend ``foo``: write ``hosl/ops/backends/foo.py`` with the above (a compiled extension
+with the bindings of ``csrc/bindings_common.h`` needs only :class:`._compiled.CompiledBackend`, as
+:mod:`.cpu` and :mod:`.cuda` do; one without fused forwards takes them from :mod:`.materialised`);
+add ``"foo"`` to ``BACKENDS`` in :mod:`hosl.ops.dispatch` and, to have it picked without being
+named, to that device type's ``_PREFERENCE`` list (a new device type also goes into
+``hosl.ops.library.DEVICE_TYPES``, which registers a kernel for it); then add it to the bit-identity
+tests (``tests/test_backend_identity.py`` runs every available backend against the reference).
 """

@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _family_args(family, factors, index):
-    """The extra ``perturb`` arguments of a family: none for Gaussian (the backends' original
-    signature), else ``(family, [factor])`` with the sphere factor ``factors[index]``."""
-    if family == "gaussian":
-        return ()
-    return (family, [factors[index]] if family == "sphere" else None)
+def _dir_scales(family, factors, index, count=1):
+    """``perturb``'s ``dir_scales`` for ``count`` tensors that share the sphere factor
+    ``factors[index]``; None for the other families."""
+    return [factors[index]] * count if family == "sphere" else None
 
 
 def perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
@@ -29,9 +27,9 @@ def perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys
     b_p = torch.empty_like(bias) if bias is not None and b_offset is not None else bias
     outs = []
     for d, (lo, hi, scale) in enumerate(zip(keys_lo, keys_hi, scales)):
-        perturb([weight], [w_p], [w_offset], lo, hi, scale, *_family_args(family, factors, 2 * d))
+        perturb([weight], [w_p], [w_offset], lo, hi, scale, family, _dir_scales(family, factors, 2 * d))
         if b_offset is not None and bias is not None:
-            perturb([bias], [b_p], [b_offset], lo, hi, scale, *_family_args(family, factors, 2 * d + 1))
+            perturb([bias], [b_p], [b_offset], lo, hi, scale, family, _dir_scales(family, factors, 2 * d + 1))
         outs.append(F.linear(x if shared_x else x[d], w_p, b_p))
     if not outs:
         return x.new_empty((0, x.shape[-2], weight.shape[0]))
@@ -48,15 +46,14 @@ def perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales
             rows = torch.unique(tok).tolist()
             srcs = [weight[r] for r in rows]
             dsts = list(torch.empty((len(rows), hidden), dtype=weight.dtype, device=weight.device).unbind(0))
-            extra = _family_args(family, factors, d)
-            if family == "sphere":  # one factor for the whole weight, whichever rows are perturbed
-                extra = (family, extra[1] * len(rows))
-            perturb(srcs, dsts, [w_offset + r * hidden for r in rows], lo, hi, scale, *extra)
+            # sphere: one factor for the whole weight, whichever rows are perturbed
+            perturb(srcs, dsts, [w_offset + r * hidden for r in rows], lo, hi, scale, family,
+                    _dir_scales(family, factors, d, len(rows)))
             table = torch.stack(dsts) if dsts else weight.new_empty((0, hidden))
             outs.append(table[torch.searchsorted(torch.tensor(rows, device=tok.device), tok)])
         else:
             w_p = torch.empty_like(weight)
-            perturb([weight], [w_p], [w_offset], lo, hi, scale, *_family_args(family, factors, d))
+            perturb([weight], [w_p], [w_offset], lo, hi, scale, family, _dir_scales(family, factors, d))
             outs.append(F.embedding(tok, w_p))
     if not outs:
         return weight.new_empty((0, ids.shape[-1], hidden))
