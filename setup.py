@@ -14,7 +14,8 @@ What was built is written to ``hosl/_build_config.py`` (generated, not in git): 
 extensions were built and the CUDA arch list, which ``hosl.ops.dispatch`` checks against the GPU's
 compute capability before choosing the CUDA backend.
 
-The element math is one header, ``csrc/hosl_direction.h``, shared by both. Every float operation
+The element math is one header, ``csrc/hosl_direction.h``, shared by both; so is the torch-facing
+argument conversion, ``csrc/bindings_common.h`` (both extensions expose the same Python signatures). Every float operation
 must be correctly rounded and never contracted into a fused multiply-add: hence
 ``-ffp-contract=off`` for the host compiler and ``-fmad=false`` for nvcc.
 

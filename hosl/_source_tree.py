@@ -1,9 +1,13 @@
 """Make ``hosl.kernels`` importable from a source checkout that was not pip-installed.
 
-setup.py installs the top-level ``kernels/`` folder as ``hosl.kernels`` (``package_dir``); an
-install (editable or not) therefore finds it on its own. From a bare checkout on ``sys.path`` only
-``hosl/`` is a package, so this finder, placed *last* on ``sys.meta_path``, maps the one name
-``hosl.kernels`` to ``<checkout>/kernels`` when nothing else found it.
+setup.py installs the top-level ``kernels/`` folder as ``hosl.kernels`` (``package_dir``), and
+setuptools' own mapping serves both kinds of install: a regular one copies ``kernels/`` into
+``hosl/kernels`` (tests/test_build.py builds that layout), an editable one registers a finder that
+maps ``hosl.kernels`` to ``./kernels``. This finder is for the one way hosl runs without an
+install: a checkout built in place (``python setup.py build_ext --inplace``) and put on
+``sys.path``, as scripts/gpu_check.sh does (``PYTHONPATH=<checkout>``). There only ``hosl/`` is a
+package, so this finder, placed *last* on ``sys.meta_path``, maps the one name ``hosl.kernels`` to
+``<checkout>/kernels`` when nothing else found it.
 """
 
 from __future__ import annotations

@@ -128,3 +128,40 @@ def test_cuda_backend_is_refused_on_a_gpu_it_was_not_built_for(monkeypatch):
     Config.CUDA_ARCHS = None  # not recorded (a tree built before setup.py wrote it): not checked
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert dispatch._cuda_arch_mismatch() == ""
+
+
+# ---- hosl.kernels: the top-level kernels/ folder, installed inside hosl --------------------------
+
+def test_a_build_puts_kernels_inside_hosl(tmp_path):
+    """What a regular install (a wheel) gets: setup.py's package_dir maps kernels/ to hosl/kernels,
+    and no top-level ``kernels`` package is installed (PyPI has another project of that name)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    tree = tmp_path / "tree"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_build_config.py")
+    for folder in ("hosl", "kernels"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    out = tmp_path / "lib"
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=tree, check=True,
+                   capture_output=True, env={**os.environ, "HOSL_BUILD_EXT": "0"})
+    assert sorted(p.name for p in (out / "hosl" / "kernels").glob("*.py")) == sorted(
+        p.name for p in (ROOT / "kernels").glob("*.py"))
+    assert not (out / "kernels").exists()
+
+
+def test_hosl_kernels_is_this_checkouts_kernels_folder():
+    """Here (an editable install, or a bare checkout through hosl/_source_tree.py) hosl.kernels is
+    ./kernels, and the fallback finder maps that one name only."""
+    import importlib.util
+
+    from hosl import _source_tree
+
+    assert Path(importlib.util.find_spec("hosl.kernels").origin) == ROOT / "kernels" / "__init__.py"
+    spec = _source_tree._SourceTreeKernels().find_spec("hosl.kernels")
+    assert Path(spec.origin) == ROOT / "kernels" / "__init__.py"
+    assert _source_tree._SourceTreeKernels().find_spec("kernels") is None

@@ -15,8 +15,8 @@
 //     Gaussian tile times the slot's factor; sq_norms sums sphere_sq_term over a chunk in uint64.
 //
 // SIMD variants (AVX-512, AVX2, baseline) are the same template compiled under different GCC
-// `target` attributes (the mechanism behind target_clones); the variant is picked once at load
-// time from the CPU, never baked in with -march=native. Requires -ffp-contract=off (no FMA
+// `target` attributes (no target_clones: the pick below is by hand, once at load time from the CPU,
+// so HOSL_CPU_ISA and set_isa can lower it); never baked in with -march=native. Requires -ffp-contract=off (no FMA
 // contraction: the spec's bits) and -fno-math-errno (so sqrtf vectorises).
 #include "cpu/direction_cpu.h"
 
