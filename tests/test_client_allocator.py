@@ -69,3 +69,17 @@ def test_freed_block_below_the_raised_threshold_stays_resident_by_default_and_no
 def test_threshold_is_checked(bad):
     with pytest.raises(ValueError, match="threshold must be a number of bytes >= 4096"):
         return_freed_memory(bad)
+
+
+def test_the_plan_keeps_the_runtime_reserve_free():
+    from hosl.training.memory import CPU_RUNTIME_RESERVE, plan_micro_batch, runtime_reserve
+
+    parts = dict(weights=1000, scratch=100, output=400, fixed_transient=50, per_row_transient=30, batch_size=64)
+    budget = 1000 + 100 + 400 + 50 + 5 * 30 + 29
+    assert plan_micro_batch(budget, **parts).micro_batch == 5
+    plan = plan_micro_batch(budget, reserve=60, **parts)  # two rows' worth less room
+    assert plan.micro_batch == 3 and plan.planned_peak() == 1000 + 100 + 400 + 50 + 3 * 30 + 60
+    assert plan.planned_peak() <= budget and "runtime reserve 60 bytes" in plan.describe()
+    with pytest.raises(ValueError, match="runtime reserve 200 bytes"):
+        plan_micro_batch(budget, reserve=200, **parts)
+    assert runtime_reserve("cpu") == CPU_RUNTIME_RESERVE > 0 and runtime_reserve("meta") == 0

@@ -221,30 +221,47 @@ class MicroBatchPlan:
     per_row_transient: int
     batch_size: int
     micro_batch: int
+    reserve: int = 0
 
     def planned_peak(self) -> int:
         return (self.weights + self.scratch + self.output + self.fixed_transient
-                + self.per_row_transient * self.micro_batch)
+                + self.per_row_transient * self.micro_batch + self.reserve)
 
     def describe(self) -> str:
         return (f"client memory budget {gib(self.budget)}: weights {gib(self.weights)} + scratch {gib(self.scratch)} "
-                f"+ output activation {gib(self.output)} + transients {gib(self.fixed_transient)} + "
-                f"{self.per_row_transient / 2**20:.1f} MiB/row -> {self.micro_batch} of {self.batch_size} rows per "
+                f"+ output activation {gib(self.output)} + runtime reserve {gib(self.reserve)} + transients "
+                f"{gib(self.fixed_transient)} + {self.per_row_transient / 2**20:.1f} MiB/row -> {self.micro_batch} of "
+                f"{self.batch_size} rows per "
                 f"slice (planned peak {gib(self.planned_peak())})")
 
 
+# What a CPU client's resident memory held beyond the tensors the probe counts, with
+# return_freed_memory in effect: 11-18 MiB over the plan in benchmarks/memory.py's OPT-125M fp32
+# budget and M = 1 rows (docs/results.md section 1d): OpenMP/oneDNN workspaces, small-block malloc
+# arenas. On CUDA the budget is checked against torch's own allocations, so nothing is reserved.
+CPU_RUNTIME_RESERVE = 24 * 2**20
+
+
+def runtime_reserve(device) -> int:
+    """The bytes :func:`plan_micro_batch` keeps free of a budget on ``device`` (see above)."""
+    return CPU_RUNTIME_RESERVE if torch.device(device).type == "cpu" else 0
+
+
 def plan_micro_batch(budget: int, *, weights: int, scratch: int, output: int, fixed_transient: int,
-                     per_row_transient: int, batch_size: int) -> MicroBatchPlan:
-    """The largest ``M <= batch_size`` whose planned peak fits ``budget``; a ValueError naming the
+                     per_row_transient: int, batch_size: int, reserve: int = 0) -> MicroBatchPlan:
+    """The largest ``M <= batch_size`` whose planned peak (``reserve`` included: what the runtime holds
+    beyond the probed tensors, :func:`runtime_reserve`) fits ``budget``; a ValueError naming the
     numbers when not even the weights and the output activation fit, or not one row on top of them."""
     if budget < weights + output:
         raise ValueError(f"--client-memory-budget {gib(budget)} cannot hold the client's weights ({gib(weights)}) "
                          f"and its output activation ({gib(output)}): {gib(weights + output)} at the least")
-    free = budget - weights - scratch - output - fixed_transient
+    free = budget - weights - scratch - output - fixed_transient - reserve
     rows = batch_size if per_row_transient == 0 else min(batch_size, free // per_row_transient)
     if rows < 1:
         raise ValueError(
             f"--client-memory-budget {gib(budget)} holds the weights ({gib(weights)}) and the output activation "
-            f"({gib(output)}) but not the perturbed pass on one row: + scratch {gib(scratch)} + transients "
-            f"{gib(fixed_transient + per_row_transient)} = {gib(weights + output + scratch + fixed_transient + per_row_transient)}")
-    return MicroBatchPlan(budget, weights, scratch, output, fixed_transient, per_row_transient, batch_size, int(rows))
+            f"({gib(output)}) but not the perturbed pass on one row: + scratch {gib(scratch)} + runtime reserve "
+            f"{gib(reserve)} + transients {gib(fixed_transient + per_row_transient)} = "
+            f"{gib(weights + output + scratch + reserve + fixed_transient + per_row_transient)}")
+    return MicroBatchPlan(budget, weights, scratch, output, fixed_transient, per_row_transient, batch_size, int(rows),
+                          reserve)
