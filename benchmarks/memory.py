@@ -44,7 +44,9 @@ Micro-batched HOSL clients (``hosl/optim/micro_batch.py``): ``--client-micro-bat
 ``hosl-m<M>`` row per ``M`` (every client pass runs ``M`` rows at a time into a preallocated output),
 ``--client-memory-budget 0.4GiB,...`` one ``hosl-budget-<SIZE>`` row per budget (``M`` picked as
 ``hosl train --client-memory-budget`` picks it: a probe at 1 and 2 rows, ``hosl.training.memory``;
-the plan is in the row). Their table shows the output activation (``B x T x H``, measured on the
+the plan is in the row). These rows fix glibc's mmap threshold first, as ``hosl train`` does for a
+micro-batched client (``hosl.training.memory.return_freed_memory``; ``--default-allocator`` leaves it
+alone, to measure what it changes). Their table shows the output activation (``B x T x H``, measured on the
 activation handed to the server), ``transients = peak - weights - scratch - output`` and the step's
 time (``step_s``, the optimizer step alone) against the ``M = B`` row (or plain ``hosl``)::
 
@@ -263,7 +265,8 @@ def child_command(model: str, dtype: str, mode: str, batch: int, a) -> list[str]
             "--mode", mode, "--batch", str(batch), "--seq", str(a.seq), "--cut", str(a.cut),
             "--queries", str(a.queries), "--device", a.device, "--perturbed-forward", a.perturbed_forward,
             *(["--micro-batch", str(a.micro_batch)] if getattr(a, "micro_batch", None) else []),
-            *(["--budget", a.budget] if getattr(a, "budget", None) else [])]
+            *(["--budget", a.budget] if getattr(a, "budget", None) else []),
+            *(["--default-allocator"] if a.default_allocator else [])]
 
 
 def run_one(model: str, dtype: str, mode: str, batch: int, a) -> dict:
@@ -306,17 +309,18 @@ def _micro_batch_setup(args, client, ids, mask):
     if not args.micro_batch and not args.budget:
         return None
     import hosl
-    from hosl.training.memory import parse_bytes, plan_micro_batch, probe_row_cost
+    from hosl.training.memory import parse_bytes, plan_micro_batch, probe_row_cost, return_freed_memory, runtime_reserve
 
     kw = dict(lr=1e-6, eps=1e-3, num_queries=args.queries, perturbed_forward=args.perturbed_forward)
     opt = hosl.HybridOrderOptimizer(client, None, client_micro_batch=args.micro_batch or args.batch, **kw)
-    fields = {}
+    # as hosl train does for a micro-batched client, unless --default-allocator
+    fields = {"allocator": "default" if args.default_allocator else return_freed_memory()}
     if args.budget:
-        with opt.perturbers[0].perturbed(0, 1e-3):
+        with opt.perturbed(0, 1.0):  # the + point of seed 0, at eps=1e-3
             fixed, per_row, out_row = probe_row_cost(lambda n: client(ids[:n], mask[:n]))
         plan = plan_micro_batch(parse_bytes(args.budget, "--client-memory-budget"), weights=_nbytes(client.parameters()),
                                 scratch=opt.scratch_nbytes(), output=out_row * args.batch, fixed_transient=fixed,
-                                per_row_transient=per_row, batch_size=args.batch)
+                                per_row_transient=per_row, batch_size=args.batch, reserve=runtime_reserve(args.device))
         opt.client_micro_batch = plan.micro_batch
         fields["plan"] = {**plan.__dict__, "planned_peak": plan.planned_peak()}
     fields["micro_batch"] = opt.client_micro_batch
@@ -416,6 +420,9 @@ def main(argv=None) -> dict:
                    help="add a micro-batched HOSL row per M (rows per client slice), e.g. 64,16,4,1")
     p.add_argument("--client-memory-budget", default="", metavar="SIZE,...",
                    help="add a HOSL row per budget, M picked as hosl train --client-memory-budget does, e.g. 0.4GiB")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="micro-batched rows keep glibc's default allocator settings (hosl train fixes its mmap "
+                        "threshold for them: hosl.training.memory.return_freed_memory)")
     a = p.parse_args(argv)
 
     if a.child:

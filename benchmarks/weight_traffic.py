@@ -40,7 +40,7 @@ def client_modules(model_name: str, cut: int, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     from hosl.models import split
-    from hosl.optim.fused_forward import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, fused_kind
+    from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, fused_kind
 
     config = resolve_model(model_name).config
     with torch.device("meta"):

@@ -9,9 +9,9 @@ from torch import nn
 
 import hosl.ops
 from hosl.ops import dispatch
-from hosl.optim.fused_forward import FusedPerturber
-from hosl.optim.layout import ParameterLayout
-from hosl.optim.perturbed_forward import ModuleScratchPerturber
+from hosl.forward.fused import FusedPerturber
+from hosl.forward.layout import ParameterLayout
+from hosl.forward.scratch import ModuleScratchPerturber
 
 ROWS = dispatch.FUSED_LINEAR_MAX_ROWS
 

@@ -129,9 +129,9 @@ def _batch(device: str):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
 def test_fused_forward_on_cuda_equals_scratch_and_keeps_weights(name):
-    from hosl.optim.fused_forward import FusedPerturber
-    from hosl.optim.layout import ParameterLayout
-    from hosl.optim.perturbed_forward import ModuleScratchPerturber
+    from hosl.forward.fused import FusedPerturber
+    from hosl.forward.layout import ParameterLayout
+    from hosl.forward.scratch import ModuleScratchPerturber
 
     if "triton" not in ops.available_backends():
         pytest.skip("the Triton backend is not available")

@@ -19,9 +19,10 @@ pytest.importorskip("transformers")
 import hosl  # noqa: E402
 from hosl.models import load_model, split  # noqa: E402
 from hosl.ops.backends import triton as tb  # noqa: E402
-from hosl.optim.fused_forward import EMBEDDING_INTERCEPT, LINEAR, FusedPerturber, make_perturber  # noqa: E402
-from hosl.optim.layout import ParameterLayout  # noqa: E402
-from hosl.optim.perturbed_forward import ModuleScratchPerturber  # noqa: E402
+from hosl.forward import FusedPerturber, make_perturber  # noqa: E402
+from hosl.forward.fused import EMBEDDING_INTERCEPT, LINEAR  # noqa: E402
+from hosl.forward.layout import ParameterLayout  # noqa: E402
+from hosl.forward.scratch import ModuleScratchPerturber  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not tb.is_available(), reason=f"triton backend: {tb.unavailable_reason()}"),
               pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")]

@@ -16,9 +16,9 @@ from hosl.cli import main  # noqa: E402
 from hosl.directions.spec import randn_reference  # noqa: E402
 from hosl.models import load_model, split  # noqa: E402
 from hosl.models.lora import apply_lora, lora_layers  # noqa: E402
-from hosl.optim.fused_forward import FusedPerturber  # noqa: E402
-from hosl.optim.layout import ParameterLayout  # noqa: E402
-from hosl.optim.perturbed_forward import ModuleScratchPerturber  # noqa: E402
+from hosl.forward.fused import FusedPerturber  # noqa: E402
+from hosl.forward.layout import ParameterLayout  # noqa: E402
+from hosl.forward.scratch import ModuleScratchPerturber  # noqa: E402
 from hosl.training import checkpoint as ckpt  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels", "ignore::FutureWarning")

@@ -16,9 +16,9 @@ pytest.importorskip("transformers")
 
 import hosl  # noqa: E402
 from hosl.models import load_model, split  # noqa: E402
-from hosl.optim.batched_forward import BatchedPerturber, repeat_batch  # noqa: E402
-from hosl.optim.layout import ParameterLayout, SphereScales  # noqa: E402
-from hosl.optim.perturbed_forward import ModuleScratchPerturber  # noqa: E402
+from hosl.forward.batched import BatchedPerturber, repeat_batch  # noqa: E402
+from hosl.forward.layout import ParameterLayout, SphereScales  # noqa: E402
+from hosl.forward.scratch import ModuleScratchPerturber  # noqa: E402
 from hosl.ops import available_backends  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")

@@ -16,8 +16,8 @@ from torch import nn
 
 import hosl
 from hosl.directions.spec import direction_reference, rademacher_reference
-from hosl.optim.layout import ParameterLayout
-from hosl.optim.perturbed_forward import ModuleScratchPerturber
+from hosl.forward.layout import ParameterLayout
+from hosl.forward.scratch import ModuleScratchPerturber
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
 

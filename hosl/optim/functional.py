@@ -8,11 +8,11 @@
 * ``momentum_step_``, ``adam_step_``, ``sign_step_`` (ZO-Bench's ZO-SGD-MMT, ZO-Adam and
   ZO-SGD-Sign): ``g`` is materialised for one parameter tensor at a time
   (``materialise_estimate``) and fed to the rule's float32 state. ``zo_step`` applies any rule to a
-  whole :class:`~hosl.optim.layout.ParameterLayout`.
+  whole :class:`~hosl.forward.layout.ParameterLayout`.
 
 ``direction`` is the direction family of ``hosl.ops`` (``"gaussian"``, ``"rademacher"``,
 ``"sphere"``). For ``"sphere"``, ``scales[q][j]`` is slot ``j``'s factor for seed ``q`` (from
-:class:`~hosl.optim.layout.SphereScales`); None lets the ops compute them (one extra pass each).
+:class:`~hosl.forward.layout.SphereScales`); None lets the ops compute them (one extra pass each).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import MutableMapping, Sequence
 import torch
 
 from hosl import ops
-from hosl.optim.layout import ParameterLayout
+from hosl.forward.layout import ParameterLayout
 
 VARIANTS = ("sgd", "momentum", "adam", "sign")
 

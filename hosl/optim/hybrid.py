@@ -12,8 +12,9 @@ from torch import nn
 from hosl.optim import functional as F
 from hosl.optim import hygiene
 from hosl.optim import linear_estimate as LE
+from hosl.optim.config import ZOConfig, config_attribute, optimizer_signature
 from hosl.optim.query_batch import ForwardProbe
-from hosl.optim.micro_batch import check_micro_batch, wrap_client_fn
+from hosl.optim.micro_batch import wrap_client_fn
 from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
@@ -55,7 +56,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
     ``batch_size=B``; ``None`` (default) keeps the whole batch and the zero-argument ``client_fn()``.
 
     ``query_batch=D`` (or ``"auto"``, sized by ``query_memory_budget`` bytes): ``D`` perturbed points
-    per client forward over a ``D x B`` batch (:mod:`hosl.optim.batched_forward`). ``client_fn`` is
+    per client forward over a ``D x B`` batch (:mod:`hosl.forward.batched`). ``client_fn`` is
     unchanged: the optimizer repeats the client module's batch inputs itself; ``server_loss_fn``
     receives the ``D`` activations stacked (``D*B`` rows) and returns ``[D]`` losses, as with
     ``server_batch``. Default 1: one point per forward (the client's memory floor).
@@ -63,57 +64,31 @@ class HybridOrderOptimizer(ZerothOrderBase):
     ``server_estimate="linear"`` replaces the server's perturbed forwards by ``<dL/dh, h+ - h->/2eps``
     with ``dL/dh`` from the clean backward (:mod:`hosl.optim.linear_estimate`); ``linear_on`` says
     who computes the dot products (``"server"``, or ``"client"``, which then holds ``dL/dh``).
+
+    The options are the keywords of :class:`~hosl.optim.config.ZOConfig` that apply to this
+    optimizer (the signature lists them with their defaults, ``ZOConfig()``'s), or
+    ``config=ZOConfig(...)``; keywords given with a config override its fields. They end up in
+    ``self.config`` (validated there).
     """
 
-    def __init__(
-        self,
-        client: nn.Module,
-        server_optimizer: torch.optim.Optimizer | None,
-        *,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        num_queries: int = 10,
-        weight_decay: float = 0.0,
-        difference: str = "central",
-        server_batch: int = 1,
-        seed: int = 0,
-        backend: str | None = None,
-        perturbed_forward: str = "auto",
-        direction: str = "gaussian",
-        variant: str = "sgd",
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        client_micro_batch: int | None = None,
-        query_batch: int | str = 1,
-        query_memory_budget: int | None = None,
-        server_estimate: str = "exact",
-        linear_on: str = "server",
-        server: nn.Module | None = None,
-    ):
-        check_micro_batch(client_micro_batch)
-        LE.check_options(server_estimate, linear_on)
-        if query_batch != 1 and server_batch != 1:
-            raise ValueError(f"query_batch={query_batch!r} batches the perturbed points itself: it does not take "
-                             "server_batch > 1 (client_micro_batch composes: M rows of each of the D copies)")
+    config_kind = "hybrid"
+    server_batch = config_attribute("server_batch")
+    server_estimate = config_attribute("server_estimate")
+    linear_on = config_attribute("linear_on")
+    # settable: the training loop's --client-memory-budget picks it after construction
+    client_micro_batch = config_attribute("client_micro_batch", settable=True)
+
+    def __init__(self, client: nn.Module, server_optimizer: torch.optim.Optimizer | None, *,
+                 config: ZOConfig | None = None, server: nn.Module | None = None, **options):
+        config = ZOConfig.of_optimizer(self.config_kind, config, options)
         if server_optimizer is not None and not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"server_optimizer must be a torch.optim.Optimizer or None, got {type(server_optimizer).__name__}"
             )
-        if isinstance(server_batch, bool) or not isinstance(server_batch, int) or server_batch < 1:
-            raise ValueError(f"server_batch must be an integer >= 1, got {server_batch!r}")
-        super().__init__(
-            [client], lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
-            difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
-            direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
-            query_batch=query_batch, query_memory_budget=query_memory_budget,
-        )
-        self.server_estimate, self.linear_on = server_estimate, linear_on
+        super().__init__([client], config)
         self._probe: ForwardProbe | None = None
         self.client = client
         self.server_optimizer = server_optimizer
-        self.server_batch = server_batch
-        self.client_micro_batch = client_micro_batch
         self.last_client_fn = None  # the step's (wrapped) client_fn: its ``slicings`` when micro-batched
         hygiene.check_server_optimizer(server_optimizer, client, server)
         self._server_grads = hygiene.ServerGrads(server_optimizer)
@@ -306,3 +281,6 @@ class HybridOrderOptimizer(ZerothOrderBase):
             if server_state is None:
                 raise ValueError("state_dict has no server optimizer state but this optimizer has a server optimizer")
             self.server_optimizer.load_state_dict(server_state)
+
+
+HybridOrderOptimizer.__init__.__signature__ = optimizer_signature(HybridOrderOptimizer.__init__, "hybrid")

@@ -17,7 +17,7 @@ direction use the same slicing (it depends on ``B`` and ``M`` only; :attr:`slici
 Rows are independent in every model here (per-row attention masks, no batch statistics), so the
 assembled activation equals the whole-batch one up to the matmul's summation order.
 
-With ``query_batch=D`` (:mod:`hosl.optim.batched_forward`) the client module repeats each slice's
+With ``query_batch=D`` (:mod:`hosl.forward.batched`) the client module repeats each slice's
 inputs ``D`` times, so a slice of ``M`` rows comes back as ``D x M`` rows, copy-major; the wrapper
 sees ``D`` from the row count and writes copy ``d``'s rows to rows ``d*B + start ..`` of a ``D*B``-row
 output, the layout the optimizer expects of a whole-batch ``D``-copy forward.

@@ -1,7 +1,7 @@
 """How many perturbed points run in one client forward (``query_batch``), and the memory it costs.
 
 ``query_batch = D`` (an int >= 1) runs ``D`` points per forward over a ``D x B`` batch
-(:mod:`hosl.optim.batched_forward`); ``1`` is the sequential path (the default: it keeps the
+(:mod:`hosl.forward.batched`); ``1`` is the sequential path (the default: it keeps the
 client's peak at the one-pass floor). ``"auto"`` picks the largest ``D`` whose extra memory fits
 ``query_memory_budget`` bytes (default: a quarter of the ZO-trained weights' bytes).
 
@@ -14,7 +14,6 @@ every step (sequence lengths change).
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -22,22 +21,6 @@ from torch import nn
 
 AUTO = "auto"
 DEFAULT_BUDGET_FRACTION = 0.25  # of the ZO-trained weights' bytes, for "auto" without a budget
-
-
-def check_query_batch(value) -> int | str:
-    if value == AUTO:
-        return AUTO
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"query_batch must be an integer >= 1 or 'auto', got {value!r}")
-    return value
-
-
-def check_budget(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"query_memory_budget must be a number of bytes >= 0 (or None), got {value!r}")
-    return int(value)
 
 
 class ForwardProbe:

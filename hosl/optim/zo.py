@@ -13,12 +13,18 @@ import torch
 from torch import nn
 
 from hosl.optim import functional as F
+from hosl.optim.config import ZOConfig, optimizer_signature
 from hosl.optim.query_batch import ForwardProbe
 from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
 class ZerothOrderOptimizer(ZerothOrderBase):
     """``step(loss_fn)``: ``loss_fn()`` runs the modules and returns the loss (no gradient is used).
+
+    Options: the keywords of :class:`~hosl.optim.config.ZOConfig` that apply to this optimizer
+    (``lr=1e-6, eps=1e-3, num_queries=1, ...``; the signature lists them), or ``config=ZOConfig(...)``
+    (keywords given with it override its fields). Defaults as ``ZOConfig()`` but ``num_queries=1``
+    (MeZO's; :meth:`ZOConfig.defaults_for`). The options end up in ``self.config``.
 
     ``peers``: see :mod:`hosl.optim.zo_base` (ZO-SL with the server in another process).
     ``coordinate_offset``: the first module's first coordinate (ZO-SL's server half: the client's
@@ -27,41 +33,18 @@ class ZerothOrderOptimizer(ZerothOrderBase):
     :class:`~hosl.optim.hybrid.HybridOrderOptimizer`.
 
     ``query_batch=D`` (or ``"auto"`` with ``query_memory_budget``; not with ``peers``): ``D`` points per
-    forward over the modules' batch inputs repeated ``D`` times (:mod:`hosl.optim.batched_forward`);
+    forward over the modules' batch inputs repeated ``D`` times (:mod:`hosl.forward.batched`);
     ``loss_fn()`` then sees outputs with ``D*B`` rows (copy ``d`` at rows ``d*B ..``) and returns
     ``[D]`` losses, one per copy (:func:`hosl.per_copy_mean`). With ``"auto"`` the first point of a
     step runs alone to measure one copy's working set.
     """
 
-    def __init__(
-        self,
-        modules: nn.Module | Sequence[nn.Module],
-        *,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        num_queries: int = 1,
-        weight_decay: float = 0.0,
-        difference: str = "central",
-        seed: int = 0,
-        backend: str | None = None,
-        perturbed_forward: str = "auto",
-        peers: Sequence = (),
-        direction: str = "gaussian",
-        variant: str = "sgd",
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        coordinate_offset: int = 0,
-        query_batch: int | str = 1,
-        query_memory_budget: int | None = None,
-    ):
+    config_kind = "zo"
+
+    def __init__(self, modules: nn.Module | Sequence[nn.Module], *, config: ZOConfig | None = None,
+                 peers: Sequence = (), **options):
         modules = [modules] if isinstance(modules, nn.Module) else list(modules)
-        super().__init__(
-            modules, lr=lr, eps=eps, num_queries=num_queries, weight_decay=weight_decay,
-            difference=difference, seed=seed, backend=backend, perturbed_forward=perturbed_forward,
-            peers=peers, direction=direction, variant=variant, momentum=momentum, betas=betas, adam_eps=adam_eps,
-            coordinate_offset=coordinate_offset, query_batch=query_batch, query_memory_budget=query_memory_budget,
-        )
+        super().__init__(modules, ZOConfig.of_optimizer(self.config_kind, config, options), peers=peers)
 
     def _perturbed_losses(self, loss_fn, points) -> list[float]:
         if self.query_batch == 1:
@@ -72,7 +55,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             return losses
         losses, start, per_copy = [], 0, 0
         if self.query_batch == "auto" or self.query_memory_budget is not None:
-            with self.perturbed(*points[0]), ForwardProbe([p.module for p in self.perturbers]) as probe:
+            with self.perturbed(*points[0]), ForwardProbe(self.zo_modules()) as probe:
                 losses.append(float(scalar_loss(loss_fn(), "loss_fn")))
             start, per_copy = 1, probe.per_copy_bytes()
         d = self.query_batch_for(per_copy, len(points))
@@ -114,3 +97,6 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         if clean is None:  # report the mean of the perturbed losses, as MeZO does
             clean = sum(losses) / len(losses)
         return torch.tensor(clean)
+
+
+ZerothOrderOptimizer.__init__.__signature__ = optimizer_signature(ZerothOrderOptimizer.__init__, "zo")

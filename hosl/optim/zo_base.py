@@ -1,7 +1,9 @@
 """What every zeroth-order optimizer here shares: layouts, perturbed forwards, seeds, the update.
 
 A torch ``Optimizer`` subclass so LR schedulers and ``param_groups`` work as users expect: one
-param group per ZO-trained module, holding ``lr``, ``eps`` and ``weight_decay``.
+param group per ZO-trained module, holding ``lr``, ``eps``, ``weight_decay`` and the update rule's
+hyperparameters. Every option is a field of the optimizer's :class:`~hosl.optim.config.ZOConfig`
+(``self.config``, validated there); the other options are read from it.
 
 The modules share one coordinate numbering, in the order given, starting at ``coordinate_offset``
 (the ZO-SL server half passes the client's coordinate count, so the two halves are numbered as the
@@ -21,135 +23,108 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from hosl.optim import functional as F
-from hosl.directions.spec import FAMILIES
-from hosl.optim.layout import ParameterLayout, SphereScales
-from hosl.optim.fused_forward import PERTURBED_FORWARDS, make_batched_perturber, make_perturber
+from hosl.forward import ParameterLayout, SphereScales, make_batched_perturber, make_perturber
 from hosl.optim import query_batch as QB
+from hosl.optim.config import ZOConfig, config_attribute
 
 logger = logging.getLogger("hosl.optim")
 
-DIFFERENCES = ("central", "forward")
-
-
-def _check_positive(value, name: str, *, integer: bool = False, allow_zero: bool = False):
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
-    return value
-
-
-def _check_fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
 
 class ZerothOrderBase(torch.optim.Optimizer):
-    def __init__(
-        self,
-        modules: Sequence[nn.Module],
-        *,
-        lr: float,
-        eps: float,
-        num_queries: int,
-        weight_decay: float,
-        difference: str,
-        seed: int,
-        backend: str | None,
-        perturbed_forward: str = "auto",
-        peers: Sequence = (),
-        direction: str = "gaussian",
-        variant: str = "sgd",
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        coordinate_offset: int = 0,
-        query_batch: int | str = 1,
-        query_memory_budget: int | None = None,
-    ):
-        query_batch = QB.check_query_batch(query_batch)
-        query_memory_budget = QB.check_budget(query_memory_budget)
-        if query_batch != 1 and peers:
+    """``config``: the options (:class:`~hosl.optim.config.ZOConfig`, validated there); the
+    subclasses build it from their keywords. ``peers``: see the module docstring."""
+
+    config_kind = ""  # "zo" or "hybrid": which ZOConfig options the subclass takes
+
+    # options read from ``self.config`` (per-group ones, lr and eps say, live in ``param_groups``)
+    num_queries = config_attribute("num_queries")
+    difference = config_attribute("difference")
+    backend = config_attribute("backend")
+    direction = config_attribute("direction")
+    variant = config_attribute("variant")
+    query_batch = config_attribute("query_batch")
+    query_memory_budget = config_attribute("query_memory_budget")
+
+    def __init__(self, modules: Sequence[nn.Module], config: ZOConfig, *, peers: Sequence = ()):
+        if not isinstance(config, ZOConfig):
+            raise TypeError(f"config must be a ZOConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        if c.query_batch != 1 and peers:
             raise ValueError("query_batch must be 1 with peers (a peer is perturbed one point at a time)")
-        _check_positive(lr, "lr", allow_zero=True)
-        _check_positive(eps, "eps")
-        _check_positive(num_queries, "num_queries", integer=True)
-        _check_positive(weight_decay, "weight_decay", allow_zero=True)
-        if difference not in DIFFERENCES:
-            raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
         for m in modules:
             if not isinstance(m, nn.Module):
                 raise TypeError(f"expected an nn.Module to train with ZO, got {type(m).__name__}")
-        if perturbed_forward not in PERTURBED_FORWARDS:
-            raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
-        if direction not in FAMILIES:
-            raise ValueError(f"direction must be one of {FAMILIES}, got {direction!r}")
-        if variant not in F.VARIANTS:
-            raise ValueError(f"variant must be one of {F.VARIANTS}, got {variant!r}")
-        _check_fraction(momentum, "momentum")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        betas = (_check_fraction(betas[0], "betas[0]"), _check_fraction(betas[1], "betas[1]"))
-        _check_positive(adam_eps, "adam_eps")
-        self.direction = direction
-        self.variant = variant
         # one numbering over all the modules (MeZO on the whole): each starts where the previous ends
         self.layouts = []
         for m in modules:
-            self.layouts.append(ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else coordinate_offset))
+            self.layouts.append(ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else c.coordinate_offset))
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
-        self.sphere_scales = [SphereScales(lay, backend, keep=num_queries) if direction == "sphere" else None
+        self.sphere_scales = [SphereScales(lay, c.backend, keep=c.num_queries) if c.direction == "sphere" else None
                               for lay in self.layouts]
         # fused Linear/Embedding kernels on CUDA+Triton, module-at-a-time scratch otherwise
-        made = [make_perturber(m, lay, backend, perturbed_forward, direction, sph)
+        made = [make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph)
                 for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)]
         self.perturbers = [p for p, _ in made]
         self.perturbed_forward_info = [line for _, line in made]
-        # query_batch: D points per client forward (hosl.optim.batched_forward), built on first use
-        self.query_batch, self.query_memory_budget = query_batch, query_memory_budget
+        # query_batch: D points per client forward (hosl.forward.batched), built on first use
         self.batch_perturbers = None
         self.last_query_batch = 1  # the D the last step ran
-        fell_back = perturbed_forward == "fused" and direction != "gaussian"
+        fell_back = c.perturbed_forward == "fused" and c.direction != "gaussian"
         for i, line in enumerate(self.perturbed_forward_info):
             logger.log(logging.WARNING if fell_back else logging.INFO, "%s module %d: %s", type(self).__name__, i, line)
         groups = [{"params": lay.params(), "module_index": i} for i, lay in enumerate(self.layouts)]
-        super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                                      betas=betas, adam_eps=adam_eps))
-        self.num_queries = num_queries
-        self.difference = difference
-        self.backend = backend
+        super().__init__(groups, c.param_group_defaults())
         self.peers = list(peers)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(c.seed)
         self.steps_taken = 0
         self.skipped_updates = 0
         self.last_seeds: list[int] = []
         self.last_projected_grads: list[float] = []
         self._groups_fixed = True  # add_param_group is refused from here on
 
-    # -- pieces the subclasses combine --------------------------------------------------------
+    # -- evaluating at a point: the public face of the perturbers (hosl.forward) ----------------
+    # Code outside hosl.optim (the training modes, the split protocol's server half, benchmarks)
+    # goes through these methods, never through ``self.perturbers``.
+    def perturbed(self, seed: int, sign: float) -> contextlib.AbstractContextManager:
+        """Context manager: inside it, forwards of every ZO-trained module run at
+        ``w + sign * eps * z(seed)`` (each group with its own ``eps``, each module in its own
+        coordinates; the peers at group 0's ``sign * eps``). The weights are never written: on exit
+        they hold the same bits, even if a forward raised. Blocks do not nest."""
+        eps0 = self.param_groups[0]["eps"]
+        return self._at(seed, [sign * group["eps"] for group in self.param_groups], sign * eps0)
+
+    def at_point(self, seed: int, scale: float) -> contextlib.AbstractContextManager:
+        """Context manager: as :meth:`perturbed`, at ``w + scale * z(seed)`` with the raw ``scale``
+        for every module and peer. This is how a peer is asked for a point (the ZO-SL server half
+        answers its client's ``(seed, scale)`` with it); ``at_point(seed, sign * eps)`` is
+        ``perturbed(seed, sign)`` when every group has the same ``eps``."""
+        return self._at(seed, [scale] * len(self.perturbers), scale)
+
     @contextlib.contextmanager
-    def perturbed(self, seed: int, sign: float):
-        """All ZO-trained modules at ``w + sign * eps * z(seed)`` (each in its own numbering)."""
+    def _at(self, seed: int, scales: Sequence[float], peer_scale: float):
         with contextlib.ExitStack() as stack:
-            for group, perturber in zip(self.param_groups, self.perturbers):
-                stack.enter_context(perturber.perturbed(seed, sign * group["eps"]))
+            for perturber, scale in zip(self.perturbers, scales):
+                stack.enter_context(perturber.perturbed(seed, scale))
             for peer in self.peers:
-                stack.enter_context(peer.perturbed(seed, sign * self.param_groups[0]["eps"]))
+                stack.enter_context(peer.perturbed(seed, peer_scale))
             yield
 
+    def zo_modules(self) -> list[nn.Module]:
+        """The modules this optimizer trains with ZO, in coordinate order (one per param group)."""
+        return [p.module for p in self.perturbers]
+
+    # -- pieces the subclasses combine --------------------------------------------------------
     @contextlib.contextmanager
     def batched(self, points: Sequence[tuple[int, float]]):
         """All ZO-trained modules run the ``D = len(points)`` points ``(seed, sign)`` in one forward
-        over their inputs repeated ``D`` times (:mod:`hosl.optim.batched_forward`)."""
+        over their inputs repeated ``D`` times (:mod:`hosl.forward.batched`)."""
         if self.batch_perturbers is None:
             self.batch_perturbers = [make_batched_perturber(p.module, lay, self.backend, self.direction, sph)
                                      for p, lay, sph in zip(self.perturbers, self.layouts, self.sphere_scales)]
@@ -230,7 +205,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
         return [[[s.name, list(s.param.shape), s.offset] for s in lay.slots] for lay in self.layouts]
 
     def scratch_nbytes(self) -> int:
-        """Bytes of the perturbed passes' scratch buffers."""
+        """Bytes of the one-point perturbed passes' scratch buffers (all modules; allocated on the
+        first perturbed pass and kept)."""
         return sum(p.scratch_nbytes() for p in self.perturbers)
 
     def state_nbytes(self) -> int:

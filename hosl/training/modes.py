@@ -14,16 +14,17 @@ through a ``ServerProxy``, in this process or in another one.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
+from hosl.optim.config import ZOConfig, train_fields, train_name
 from hosl.tasks.evaluation import eval_outputs
 from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
-from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost
+from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
 from hosl.training.split_protocol import SPLIT_MODES, ServerPerturbationPeer, ServerProxy
 
 MODES = ("hosl", "fo-sl", "zo-sl", "fo", "zo")
@@ -35,40 +36,33 @@ LossFn = Callable[[torch.Tensor, dict, int], torch.Tensor]
 
 @dataclass
 class Hyper:
-    lr_client: float
-    lr_server: float
-    eps: float
-    num_queries: int
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    server_batch: int = 1
-    difference: str = "central"
-    seed: int = 0
-    backend: str | None = None
-    direction: str = "gaussian"
-    zo_optimizer: str = "sgd"
-    zo_momentum: float = 0.9
-    zo_betas: tuple = (0.9, 0.999)
+    """A run's optimizer settings: the ZO options (``zo``, one :class:`~hosl.optim.config.ZOConfig`
+    for every ZO-trained half; its ``lr`` is also the FO client's rate in fo-sl) and the FO side's.
+
+    The ZO options read under their training names too (``hp.lr_client``, ``hp.zo_optimizer``,
+    ``hp.client_micro_batch``: TrainConfig's, declared in ZOConfig's field metadata)."""
+
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    lr_server: float = 1e-3
+    momentum: float = 0.9  # SGD momentum of the FO optimizers (the ZO rule's is zo.momentum)
     server_optimizer: str = "sgd"  # sgd | adamw (the server half of hosl and fo-sl; hosl/training/schedule.py)
     lr_schedule: str = "constant"  # constant | linear | cosine, over total_steps
     warmup_steps: int = 0
     total_steps: int = 0
-    query_batch: int | str = 1  # hosl, zo: perturbed points per client forward (or "auto")
-    query_memory_budget: int | None = None  # bytes the batched points may add ("auto"'s budget)
-    server_estimate: str = "exact"  # hosl: "exact" (a server forward per point) or "linear" (dL/dh . dh)
-    linear_on: str = "server"  # hosl linear: who computes the dot products (the server, or the client)
-    client_micro_batch: int | None = None  # ZO clients (hosl, zo-sl): rows per client slice; None: whole batch
 
-    def zo_options(self) -> dict:
-        """The ZO optimizers' keyword arguments these settings give (every ZO-trained half uses them)."""
-        return dict(lr=self.lr_client, eps=self.eps, num_queries=self.num_queries, weight_decay=self.weight_decay,
-                    difference=self.difference, seed=self.seed, backend=self.backend, direction=self.direction,
-                    variant=self.zo_optimizer, momentum=self.zo_momentum, betas=tuple(self.zo_betas))
+    def zo_config(self, optimizer: str) -> ZOConfig:
+        """The options of the ZO optimizer ``optimizer`` builds (``"zo"`` or ``"hybrid"``)."""
+        return self.zo.for_optimizer(optimizer)
 
-    def hosl_options(self) -> dict:
-        """The HOSL client optimizer's own options: batched points and the server's estimate."""
-        return dict(query_batch=self.query_batch, query_memory_budget=self.query_memory_budget,
-                    server_estimate=self.server_estimate, linear_on=self.linear_on)
+    def __getattr__(self, name: str):
+        field_name = _ZO_TRAIN_NAMES.get(name)
+        if field_name is None or name.startswith("_") or "zo" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(self.zo, field_name)
+
+
+# training name -> ZOConfig field (lr_client -> lr, zo_optimizer -> variant, eps -> eps, ...)
+_ZO_TRAIN_NAMES = {train_name(f): f.name for f in train_fields()}
 
 
 def _inputs(batch):
@@ -148,14 +142,14 @@ class _ZOClientMode:
         return self.opt.state_nbytes()
 
     def scratch_bytes(self):
-        return self.opt.perturbers[0].scratch_nbytes() + self.opt.estimate_nbytes()
+        return self.opt.scratch_nbytes() + self.opt.estimate_nbytes()
 
     @property
     def skipped_updates(self):
         return self.opt.skipped_updates
 
     def set_client_micro_batch(self, rows: int | None) -> None:
-        self.hp.client_micro_batch = check_micro_batch(rows, "--client-micro-batch")
+        self.hp.zo = replace(self.hp.zo, client_micro_batch=check_micro_batch(rows, "--client-micro-batch"))
         if hasattr(self.opt, "client_micro_batch"):  # HOSL: the optimizer slices its own passes
             self.opt.client_micro_batch = rows
 
@@ -167,13 +161,13 @@ class _ZOClientMode:
         device = next(self.client.parameters()).device
         ids = torch.full((2, seq_len), 3, dtype=torch.long, device=device)
         mask = torch.ones_like(ids)
-        with self.opt.perturbers[0].perturbed(0, self.opt.param_groups[0]["eps"]):
+        with self.opt.perturbed(0, 1.0):  # the + point of seed 0 (a peer only records it)
             fixed, per_row, out_row = probe_row_cost(lambda n: self.client(ids[:n], mask[:n]))
         state = {"momentum": 4, "adam": 8}.get(self.opt.variant, 0) * sum(
             p.numel() for p in self.client.parameters() if p.requires_grad)
         plan = plan_micro_batch(budget, weights=weights, scratch=self.scratch_bytes() + state,
                                 output=out_row * batch_size, fixed_transient=fixed, per_row_transient=per_row,
-                                batch_size=batch_size)
+                                batch_size=batch_size, reserve=runtime_reserve(device))
         self.set_client_micro_batch(plan.micro_batch)
         return plan
 
@@ -199,9 +193,7 @@ class HOSLMode(_ZOClientMode, SplitMode):
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
-        self.opt = HybridOrderOptimizer(client, None, server_batch=hp.server_batch,
-                                        client_micro_batch=hp.client_micro_batch, **hp.zo_options(),
-                                        **hp.hosl_options())
+        self.opt = HybridOrderOptimizer(client, None, config=hp.zo_config("hybrid"))
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
@@ -259,7 +251,7 @@ class ZOSLMode(_ZOClientMode, SplitMode):
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
         self.peer = ServerPerturbationPeer()
-        self.opt = ZerothOrderOptimizer([client], peers=[self.peer], **hp.zo_options())
+        self.opt = ZerothOrderOptimizer([client], peers=[self.peer], config=hp.zo_config("zo"))
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
@@ -318,8 +310,7 @@ class ZOMode(_ZOClientMode, Mode):
     def __init__(self, client, server, hp, loss_of):
         super().__init__(client, server, hp, loss_of)
         self.whole = _Whole(client, server)
-        self.opt = ZerothOrderOptimizer(self.whole, query_batch=hp.query_batch,
-                                        query_memory_budget=hp.query_memory_budget, **hp.zo_options())
+        self.opt = ZerothOrderOptimizer(self.whole, config=hp.zo_config("zo"))
 
     def step(self, batch) -> float:
         def loss():  # with query_batch, the output holds D copies of the batch: one loss per copy

@@ -150,7 +150,7 @@ class ServerHalf:
         if self.zo is None:
             # perturbed and updated with the client's seeds, direction family and update rule (its
             # generator is unused; a momentum/adam rule keeps its own state of the server's weights)
-            self.zo = ZerothOrderOptimizer(self.server, coordinate_offset=client_coordinates, **self.hp.zo_options())
+            self.zo = ZerothOrderOptimizer(self.server, config=self.hp.zo_config("zo"), coordinate_offset=client_coordinates)
             if self._pending_zo_state is not None:
                 self.zo.load_state_dict(self._pending_zo_state)
                 self._pending_zo_state = None
@@ -204,7 +204,7 @@ class ServerHalf:
             if phase in (Phase.LINEAR_GRAD, Phase.LINEAR_DOTS):
                 return self._linear_reply(request, phase, tensors)
             if phase == Phase.LOSSES:
-                point = self.zo.perturbers[0].perturbed(from_int64(request.ints[0]), request.floats[0]) \
+                point = self.zo.at_point(from_int64(request.ints[0]), request.floats[0]) \
                     if request.ints else contextlib.nullcontext()
                 with torch.no_grad(), point:
                     out = self._loss(tensors[0])

@@ -1,12 +1,12 @@
 """Perturbed forwards through the fused ops: ``nn.Linear`` and ``nn.Embedding`` never materialise ``W + s*eps*z``.
 
-:class:`FusedPerturber` is a :class:`~hosl.optim.perturbed_forward.ModuleScratchPerturber` whose
+:class:`FusedPerturber` is a :class:`~hosl.forward.scratch.ModuleScratchPerturber` whose
 ``perturbed(seed, scale)`` block swaps the forward of every eligible ``nn.Linear`` / ``nn.Embedding``
 (an instance attribute ``forward``, removed on exit) for ``hosl.ops.perturbed_linear`` /
 ``hosl.ops.perturbed_embedding``, which generate ``scale * z(seed)`` at the layer's coordinates inside
-the matmul / lookup (DESIGN.md section 4, second way). Every other module that owns parameters
-(LayerNorm, RMSNorm, ...: small) keeps the scratch path, and its scratch buffer now only needs the
-largest of *those* modules.
+the matmul / lookup (docs/optimizer.md, "Fused perturbed forwards"). Every other module that owns
+parameters (LayerNorm, RMSNorm, ...: small) keeps the scratch path, and its scratch buffer now only
+needs the largest of *those* modules.
 
 Eligible: ``nn.Linear`` with ``nn.Linear.forward`` (a subclass that overrides ``forward`` may use its
 weight in other ways: scratch), whose own parameters are ``weight`` (trainable) and optionally
@@ -32,8 +32,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hosl import ops
-from hosl.optim.layout import ParameterLayout
-from hosl.optim.perturbed_forward import ModuleScratchPerturber
+from hosl.forward.layout import ParameterLayout
+from hosl.forward.scratch import ModuleScratchPerturber
 
 LINEAR, EMBEDDING, EMBEDDING_INTERCEPT = "linear", "embedding", "embedding-intercept"
 
@@ -149,54 +149,3 @@ class FusedPerturber(ModuleScratchPerturber):
                 for mod in swapped:
                     del mod.forward
 
-
-PERTURBED_FORWARDS = ("auto", "scratch", "fused")
-
-
-def fused_unavailable_reason(modules, backend: str | None) -> str:
-    """Why ``"auto"`` does not pick the fused path for ``modules`` ("" when it does)."""
-    devices = {p.device.type for m in modules for p in m.parameters()}
-    if devices != {"cuda"}:
-        return f"parameters on {sorted(devices)}, fused kernels are for CUDA (the interpreter is for tests)"
-    return ops.fused_kernels_reason("cuda", backend)
-
-
-def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None, perturbed_forward: str,
-                   direction: str = "gaussian", sphere_scales=None):
-    """The perturber for ``perturbed_forward`` (``"auto"``: fused where available, else scratch) and a
-    line saying which and why, for the log.
-
-    The fused linear/embedding ops generate Gaussian directions only: any other ``direction`` runs
-    the scratch path (whatever ``perturbed_forward`` says), and the line says so.
-    """
-    if perturbed_forward not in PERTURBED_FORWARDS:
-        raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
-    if perturbed_forward == "scratch" or direction != "gaussian":
-        p = ModuleScratchPerturber(module, layout, backend, direction=direction, sphere_scales=sphere_scales)
-        why = "asked for" if perturbed_forward == "scratch" else (
-            f"perturbed_forward={perturbed_forward!r}, but the fused linear/embedding ops generate Gaussian "
-            f"directions only and direction={direction!r}")
-        return p, f"perturbed forward: scratch, module at a time ({why}; {p.scratch_nbytes()} bytes of scratch)"
-    if perturbed_forward == "auto":
-        reason = fused_unavailable_reason([module], backend)
-        if reason:
-            # No fused kernels here, but the same swap with the device's materialising ops still wins:
-            # each Linear gets W + s*eps*Z for the length of its own call, and embeddings perturb only
-            # the rows looked up, so no vocabulary-sized scratch (bit-identical to the scratch path).
-            p = FusedPerturber(module, layout, backend, fused_backend=backend)
-            return p, f"perturbed forward: {p.describe()} ({reason}: materialising each layer in turn)"
-    # "fused" (asked for, on any backend: off CUDA it runs the interpreter or the materialising ops)
-    p = FusedPerturber(module, layout, backend, fused_backend=backend if backend is not None else "triton")
-    return p, f"perturbed forward: {p.describe()}"
-
-
-def make_batched_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None,
-                           direction: str = "gaussian", sphere_scales=None):
-    """The :class:`~hosl.optim.batched_forward.BatchedPerturber` of ``query_batch > 1``: the fused
-    Triton ops where ``"auto"`` would pick them (CUDA + Triton), else ``backend``'s materialising ops
-    (one perturbed copy of one layer at a time). Every direction family runs fused."""
-    from hosl.optim.batched_forward import BatchedPerturber
-
-    fused_backend = "triton" if not fused_unavailable_reason([module], backend) else backend
-    return BatchedPerturber(module, layout, backend, fused_backend=fused_backend, direction=direction,
-                            sphere_scales=sphere_scales)

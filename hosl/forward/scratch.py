@@ -7,7 +7,7 @@ written, so they come back bit-exact in any dtype, and the extra memory is the s
 module's parameters (a stack, should a module with parameters nest inside another).
 
 ``direction`` is the ``hosl.ops`` direction family; for ``"sphere"`` the per-tensor factors of the
-seed come from a :class:`~hosl.optim.layout.SphereScales` (shared with the optimizer's update, so
+seed come from a :class:`~hosl.forward.layout.SphereScales` (shared with the optimizer's update, so
 they are computed once per seed and step) and are passed to ``perturb_`` as ``scales=``.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from hosl import ops
 from hosl.directions.spec import FAMILIES
-from hosl.optim.layout import ParameterLayout, SphereScales
+from hosl.forward.layout import ParameterLayout, SphereScales
 
 
 class _ScratchStack:

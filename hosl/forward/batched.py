@@ -7,7 +7,7 @@ Inside ``BatchedPerturber.perturbed(points)`` (``points``: ``D`` pairs ``(seed, 
   tensor argument whose first dimension equals the first tensor argument's (the batch ``B``) becomes
   ``[D*B, ...]`` (rows ``d*B .. d*B+B-1`` are direction ``d``); other tensors pass through as given.
   The activation comes back with ``D*B`` rows, copy ``d`` at rows ``d*B ..``;
-* every eligible ``nn.Linear`` / ``nn.Embedding`` (:func:`hosl.optim.fused_forward.fused_kind`) runs
+* every eligible ``nn.Linear`` / ``nn.Embedding`` (:func:`hosl.forward.fused.fused_kind`) runs
   ``ops.perturbed_linear`` / ``ops.perturbed_embedding`` with the ``D`` directions at once on its
   input viewed as ``[D, B, ...]``: the weight is read once per group of directions (Triton) and never
   written; the materialising backends (CPU) build one perturbed copy of that one layer at a time;
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from hosl import ops
-from hosl.optim.fused_forward import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, _InterceptEmbedding, fused_kind
-from hosl.optim.layout import ParameterLayout, SphereScales
-from hosl.optim.perturbed_forward import _ScratchStack
+from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, _InterceptEmbedding, fused_kind
+from hosl.forward.layout import ParameterLayout, SphereScales
+from hosl.forward.scratch import _ScratchStack
 
 
 def repeat_batch(args: tuple, kwargs: dict, copies: int) -> tuple[tuple, dict, int]:
