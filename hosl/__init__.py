@@ -9,7 +9,7 @@ from hosl import _source_tree
 _source_tree.install()  # hosl.kernels from a source checkout; see hosl/_source_tree.py
 
 from hosl import ops  # noqa: E402
-from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer, per_copy_mean  # noqa: E402
+from hosl.optim import HybridOrderOptimizer, ZOConfig, ZerothOrderOptimizer, per_copy_mean  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,4 +28,4 @@ def merge(client, server, *, fold_lora: bool = True):
     return _merge(client, server, fold_lora=fold_lora)
 
 
-__all__ = ["HybridOrderOptimizer", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "merge", "__version__"]
+__all__ = ["HybridOrderOptimizer", "ZOConfig", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "merge", "__version__"]

@@ -16,10 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 
 from hosl import cli_export, cli_options, cli_remote
-from hosl.directions.spec import FAMILIES
 from hosl.models.lora import LORA_HALVES
-from hosl.optim.functional import VARIANTS
-from hosl.training.config import MAX_SEED, TrainConfig
+from hosl.optim.config import train_fields, train_name
+from hosl.training.config import MAX_SEED, TrainConfig, flag
+from hosl.training.run_folder import OVERRIDABLE
 from hosl.training.modes import MODES
 
 DEFAULT_DATA_DIR = "../shared/data"
@@ -68,6 +68,24 @@ def _betas(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected two finite numbers B1,B2, got {text!r}") from None
 
 
+# how a ZOConfig field's flag parses (its metadata's cli["type"]; none: a string)
+CLI_TYPES = {"int": int, "float": finite_float, "seed": seed_int, "query_batch": _query_batch, "betas": _betas}
+
+
+def add_zo_args(p, defaults: TrainConfig, group: str) -> None:
+    """The flags of the ZOConfig fields ``hosl train`` exposes whose ``cli["group"]`` is ``group``
+    (``"zo"``, the default, or ``"run"``), from their metadata: name, help, type, choices; the
+    default is TrainConfig's."""
+    for f in train_fields():
+        cli = f.metadata["cli"]
+        if cli.get("group", "zo") != group:
+            continue
+        name = train_name(f)
+        kwargs = {k: v for k, v in (("type", CLI_TYPES.get(cli.get("type"))), ("choices", cli.get("choices")),
+                                    ("metavar", cli.get("metavar"))) if v is not None}
+        p.add_argument(flag(name), dest=name, default=getattr(defaults, name), help=f.metadata["help"], **kwargs)
+
+
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     d = defaults
     p.add_argument("--model", default=d.model,
@@ -81,28 +99,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     cli_options.add_schedule_args(p, d)
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
-    p.add_argument("--num-queries", type=int, default=d.num_queries, help="ZO directions Q per step (default %(default)s)")
-    p.add_argument("--eps", type=finite_float, default=d.eps, help="ZO smoothing scale (default 1e-3; 5e-3 with --lora)")
-    p.add_argument("--difference", default=d.difference, choices=("central", "forward"),
-                   help="central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)")
     p.add_argument("--dropout", default=d.dropout, choices=("off", "on"),
                    help="dropout while training, the same in every mode (default %(default)s, as MeZO: a ZO "
                         "estimate needs its + and - passes to see the same function)")
-    p.add_argument("--lr-client", type=finite_float, default=d.lr_client,
-                   help="client learning rate (default 1e-6 for ZO clients, 5e-5 with --lora; 1e-3 for FO clients)")
+    add_zo_args(p, d, "run")  # --lr-client, --weight-decay, --seed, --backend (ZOConfig's; the FO modes use them too)
     p.add_argument("--lr-server", type=finite_float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
     p.add_argument("--momentum", type=finite_float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)")
-    p.add_argument("--weight-decay", type=finite_float, default=d.weight_decay, help="(not on biases and norms; default %(default)s)")
-    g = p.add_argument_group("zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo)")
-    g.add_argument("--direction", default=d.direction, choices=FAMILIES,
-                   help="direction family: gaussian, rademacher (+-1), sphere (Gaussian, each tensor scaled to norm "
-                        "sqrt(numel)); non-Gaussian families use the scratch perturbed forward (default %(default)s)")
-    g.add_argument("--zo-optimizer", default=d.zo_optimizer, choices=VARIANTS,
-                   help="update rule on the ZO gradient estimate: sgd (no state), momentum, adam (float32 state on "
-                        "the client: 1x / 2x the trainable parameters), sign (default %(default)s)")
-    g.add_argument("--zo-momentum", type=finite_float, default=d.zo_momentum, help="of --zo-optimizer momentum (default %(default)s)")
-    g.add_argument("--zo-betas", type=_betas, default=d.zo_betas, metavar="B1,B2",
-                   help="of --zo-optimizer adam (default 0.9,0.999)")
+    add_zo_args(p.add_argument_group("zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo; "
+                                     "hosl/optim/config.py ZOConfig)"), d, "zo")
     g = p.add_argument_group("LoRA (peft)")
     g.add_argument("--lora", action="store_true",
                    help="train LoRA adapters instead of all weights; checkpoints then hold the adapters only")
@@ -113,25 +117,6 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                         "query,value for BERT)")
     g.add_argument("--lora-halves", default=d.lora_halves, choices=LORA_HALVES,
                    help="which half gets adapters; the other trains all its weights (default %(default)s)")
-    p.add_argument("--server-batch", type=int, default=d.server_batch,
-                   help="perturbed activations the server evaluates in one batch (default %(default)s: least memory)")
-    p.add_argument("--query-batch", type=_query_batch, default=d.query_batch, metavar="D",
-                   help="hosl / zo: run D perturbed points in one client forward over a D x B batch (fused "
-                        "linear/embedding with D directions on CUDA), or 'auto' (the largest D within "
-                        "--query-memory-budget); default %(default)s: one point per forward, the least memory")
-    p.add_argument("--query-memory-budget", type=int, default=d.query_memory_budget, metavar="BYTES",
-                   help="bytes the batched points may add to the client's peak (--query-batch auto picks D from "
-                        "it; an explicit D beyond it is refused; default for auto: 1/4 of the client's weights)")
-    p.add_argument("--server-estimate", default=d.server_estimate, choices=("exact", "linear"),
-                   help="hosl: exact (the server runs every perturbed activation, default) or linear "
-                        "(dL/dh . (h+ - h-) / 2eps from the server's clean backward: one server forward per step)")
-    p.add_argument("--linear-on", default=d.linear_on, choices=("server", "client"),
-                   help="linear estimate: the server computes the Q dot products (default; the client uploads "
-                        "Q activation differences) or the client does, after receiving dL/dh (which tells it "
-                        "about the labels; see docs/optimizer.md)")
-    p.add_argument("--client-micro-batch", type=int, default=d.client_micro_batch, metavar="M",
-                   help="hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the "
-                        "assembled activation; same update up to matmul rounding (default: the whole batch)")
     p.add_argument("--client-memory-budget", default=d.client_memory_budget, metavar="SIZE",
                    help="hosl / zo-sl: e.g. 1.0GiB; pick --client-micro-batch from the client's measured per-row "
                         "cost, refusing a budget below weights + output activation (default: none)")
@@ -153,15 +138,11 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                         "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change; "
                         "steps under a linear/cosine --lr-schedule only with --override steps)")
     p.add_argument("--override", dest="overrides", action="append", default=[], metavar="FIELD",
-                   help="with --resume: allow FIELD to differ from the run's: lr_client, lr_server, data_dir, "
-                        "server_batch, client_micro_batch, client_memory_budget, steps; repeatable; recorded in "
-                        "metrics.jsonl and resumes.jsonl")
+                   help=f"with --resume: allow FIELD to differ from the run's: {', '.join(sorted(OVERRIDABLE))}; "
+                        "repeatable; recorded in metrics.jsonl and resumes.jsonl")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds one (hosl's files there are replaced)")
-    p.add_argument("--seed", type=seed_int, default=d.seed, help="0 .. 2**63-1 (default %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="(default %(default)s)")
-    p.add_argument("--backend", default=None, choices=("reference", "cpu", "cuda", "triton"),
-                   help="direction-op backend (default: the fastest available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

@@ -62,7 +62,8 @@ def read_config_file(path: str) -> dict:
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         raise ValueError(f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown[:5]))}; the keys are "
-                         "TrainConfig's field names (hosl/training/config.py), as in a run's config.json")
+                         "TrainConfig's field names (hosl/training/config.py; the ZO options' come from ZOConfig in "
+                         "hosl/optim/config.py), as in a run's config.json")
     return values
 
 

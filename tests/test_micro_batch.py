@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hosl import HybridOrderOptimizer
+from hosl import HybridOrderOptimizer, ZOConfig
 from hosl.cli import main
 from hosl.models import load_model, split
 from hosl.optim.micro_batch import MicroBatchedClient, row_slices, wrap_client_fn
@@ -224,7 +224,7 @@ def test_plan_picks_the_largest_slice_that_fits():
 
 
 def _hosl_mode(client):
-    hp = Hyper(lr_client=1e-3, lr_server=1e-3, eps=1e-3, num_queries=2)
+    hp = Hyper(zo=ZOConfig(lr=1e-3, eps=1e-3, num_queries=2), lr_server=1e-3)
     return make_mode("hosl", client, None, hp, loss_of=None, proxy=object()), hp  # the proxy is not used here
 
 

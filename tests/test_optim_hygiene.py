@@ -292,7 +292,7 @@ def test_split_server_half_skips_a_non_finite_gradient_and_reports_it():
 
     client, server = _model()
     x, y = _data()
-    hp = Hyper(lr_client=1e-2, lr_server=0.1, eps=1e-2, num_queries=1)
+    hp = Hyper(zo=hosl.ZOConfig(lr=1e-2, eps=1e-2, num_queries=1), lr_server=0.1)
     half = ServerHalf(MaskedServer(server), "hosl", hp,
                       lambda out, batch, copies: nn.functional.mse_loss(out.float(), batch["labels"]),
                       "classifier", train_dropout=False)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from hosl.models import load_model, split
 from hosl.training.loop import _loss_fn
+from hosl.optim.config import ZOConfig
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.split_protocol import PHASE_NAMES, ServerHalf, ServerProxy
 from hosl.transport import InProcessLink
@@ -62,7 +63,7 @@ def _assert_bitwise_equal(a, b):
 
 @pytest.mark.parametrize("cut", [0, 1, 3])
 def test_zo_sl_equals_unsplit_zo_bit_for_bit(cut):
-    hp = Hyper(lr_client=1e-2, lr_server=0.0, eps=1e-2, num_queries=3, weight_decay=0.1, seed=5)
+    hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=3, weight_decay=0.1, seed=5), lr_server=0.0)
     zo_losses, zo_client, zo_server = _train("zo", cut, hp)
     sl_losses, sl_client, sl_server = _train("zo-sl", cut, hp)
     assert sl_losses == zo_losses
@@ -77,8 +78,8 @@ def test_zo_sl_equals_unsplit_zo_bit_for_bit(cut):
 @pytest.mark.parametrize("direction,variant,difference", [("sphere", "momentum", "central"),
                                                           ("rademacher", "sgd", "forward")])
 def test_zo_sl_equals_unsplit_zo_with_other_families_and_rules(direction, variant, difference):
-    hp = Hyper(lr_client=1e-2, lr_server=0.0, eps=1e-2, num_queries=2, seed=1, direction=direction,
-               zo_optimizer=variant, difference=difference)
+    hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=2, seed=1, direction=direction, variant=variant,
+                           difference=difference), lr_server=0.0)
     zo_losses, zo_client, zo_server = _train("zo", 2, hp, name="tiny-llama")
     sl_losses, sl_client, sl_server = _train("zo-sl", 2, hp, name="tiny-llama")
     assert sl_losses == zo_losses
@@ -90,7 +91,7 @@ def test_server_half_direction_is_not_a_copy_of_the_clients():
     """The old bug: both halves numbered from 0, so the server moved along the client's first
     coordinates. Now the server's first coordinate is the client's count."""
     client, server = _halves(1)
-    hp = Hyper(lr_client=1e-2, lr_server=0.0, eps=1e-2, num_queries=1)
+    hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=1), lr_server=0.0)
     half = ServerHalf(server, "zo-sl", hp, _loss_fn("classifier"), "classifier", train_dropout=False)
     mode = make_mode("zo-sl", client, None, hp, _loss_fn("classifier"),
                      proxy=ServerProxy(InProcessLink(half.handle, PHASE_NAMES), "classifier"))

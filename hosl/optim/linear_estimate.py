@@ -65,13 +65,6 @@ class LocalLinearServer:
         return dot_per_copy(self.grad, deltas)
 
 
-def check_options(server_estimate: str, linear_on: str) -> None:
-    if server_estimate not in SERVER_ESTIMATES:
-        raise ValueError(f"server_estimate must be one of {SERVER_ESTIMATES}, got {server_estimate!r}")
-    if linear_on not in LINEAR_PLACEMENTS:
-        raise ValueError(f"linear_on must be one of {LINEAR_PLACEMENTS}, got {linear_on!r}")
-
-
 NO_GRADIENT = ("server_estimate='linear' needs dL/dh, the gradient of the server's clean loss with respect "
                "to the activation, and server_loss_fn's loss has none (a frozen server, or a loss computed "
                "without grad); use server_estimate='exact'")

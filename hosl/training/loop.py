@@ -121,14 +121,9 @@ def _say(msg: str) -> None:
 
 
 def hyper(cfg: TrainConfig) -> Hyper:
-    return Hyper(lr_client=cfg.resolved_lr_client(), lr_server=cfg.lr_server, eps=cfg.resolved_eps(),
-                 num_queries=cfg.num_queries, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                 server_batch=cfg.server_batch, difference=cfg.difference, seed=cfg.seed, backend=cfg.backend,
-                 direction=cfg.direction, zo_optimizer=cfg.zo_optimizer, zo_momentum=cfg.zo_momentum,
-                 query_batch=cfg.query_batch, query_memory_budget=cfg.query_memory_budget,
-                 server_estimate=cfg.server_estimate, linear_on=cfg.linear_on,
-                 zo_betas=tuple(cfg.zo_betas), server_optimizer=cfg.server_optimizer,
-                 lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, client_micro_batch=cfg.client_micro_batch)
+    return Hyper(zo=cfg.zo_config(), lr_server=cfg.lr_server, momentum=cfg.momentum,
+                 server_optimizer=cfg.server_optimizer, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
+                 total_steps=cfg.steps)
 
 
 def load_split_model(cfg: TrainConfig):

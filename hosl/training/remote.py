@@ -35,12 +35,12 @@ from hosl.transport import SECRET_ENV, ShutdownCode
 from hosl.transport.auth import confirm_channel, write_secret_file
 from hosl.transport.distributed import DistributedLink, Endpoint, connect, disconnect, handshake, serve
 
-# What both sides must agree on. Fields that only the client uses (steps, data sizes, Q, ...)
-# are not compared: the server follows whatever the client sends.
-FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "seed", "eps", "lr_client", "lr_server", "momentum",
-                      "weight_decay", "dropout", "direction", "zo_optimizer", "zo_momentum", "zo_betas", "lora", "lora_r",
-                      "lora_alpha", "lora_targets", "lora_halves", "server_optimizer",
-                      "lr_schedule", "warmup_steps")
+# What both sides must agree on: these run settings, and the ZO options whose ZOConfig field says
+# ``agree`` (hosl/optim/config.py: lr_client, eps, weight_decay, seed, direction, zo_optimizer,
+# zo_momentum, zo_betas, ...). Fields that only the client uses (steps, data sizes, Q, ...) are not
+# compared: the server follows whatever the client sends.
+FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "lr_server", "momentum", "dropout", "lora", "lora_r",
+                      "lora_alpha", "lora_targets", "lora_halves", "server_optimizer", "lr_schedule", "warmup_steps")
 
 
 @dataclass
@@ -66,13 +66,11 @@ class Connection:
 
 
 def fingerprint(cfg: TrainConfig) -> dict:
+    """The settings both processes must share, as the scalars the handshake compares."""
     values = {name: getattr(cfg, name) for name in FINGERPRINT_FIELDS}
-    values["lr_client"] = cfg.resolved_lr_client()
-    values["eps"] = cfg.resolved_eps()
     values["lora_alpha"] = float(cfg.lora_alpha)
     values["lora_targets"] = ",".join(cfg.lora_target_list() or ())  # "" : the architecture's default
-    del values["zo_betas"]  # the handshake compares scalars
-    values["zo_beta1"], values["zo_beta2"] = (float(b) for b in cfg.zo_betas)
+    values.update(cfg.zo_config().fingerprint())  # lr_client and eps resolved; zo_betas as zo_betas[0], [1]
     return values
 
 

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from hosl.optim.config import train_fields, train_name
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 
@@ -32,15 +33,19 @@ CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 
 # Settings a resume never compares: where the run lives, how it is shown, which kernels compute it
 # (the backends are bit-identical), and the resume switches themselves.
-NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress", "backend", "notes"})
+# The ZO options' rules are their ZOConfig field's ``on_resume`` (hosl/optim/config.py): ``backend`` is not
+# compared; ``lr_client``, ``server_batch`` and ``client_micro_batch`` are overridable.
+_ZO_ON_RESUME = {train_name(f): f.metadata["on_resume"] for f in train_fields()}
+NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress", "notes"}
+                         | {k for k, rule in _ZO_ON_RESUME.items() if rule == "ignore"})
 # Settings that change how long the run goes and what it records, not the trajectory of its steps:
 # a resume may change them freely (each change is recorded). Not ``steps`` under a decaying
 # ``lr_schedule``: there the rate of every step depends on it (then it needs --override steps).
 FREE = frozenset({"steps", "eval_every", "checkpoint_every", "eval_batch_size"})
 # Settings that change the trajectory but that a resume may change with --override FIELD: the
 # learning rates, where the data lives, and how passes are batched (same math, other rounding).
-OVERRIDABLE = frozenset({"lr_client", "lr_server", "data_dir", "server_batch", "client_micro_batch",
-                         "client_memory_budget", "steps"})
+OVERRIDABLE = frozenset({"lr_server", "data_dir", "client_memory_budget", "steps"}
+                        | {k for k, rule in _ZO_ON_RESUME.items() if rule == "override"})
 
 
 class RunFolderError(ValueError):
