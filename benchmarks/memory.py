@@ -197,7 +197,10 @@ def run_child(args) -> dict:
             sent.append(h[0].numel() * h[0].element_size())
         return torch.rand(())
 
-    micro = _micro_batch_setup(args, client, ids, mask) if args.mode == "hosl" else None
+    try:
+        micro = _micro_batch_setup(args, client, ids, mask) if args.mode == "hosl" else None
+    except ValueError as exc:  # a budget the plan refuses (as hosl train would): a row that says so
+        return {"refused": str(exc), "budget": args.budget}
     if micro is not None:
         row.update(micro[1])
 
@@ -342,12 +345,15 @@ def print_micro_table(details: dict) -> None:
     rows = [(key, mode, r) for key, modes in details.items() for mode, r in modes.items() if mode.startswith("hosl-")]
     if not rows:
         return
+    for key, mode, r in [row for row in rows if "refused" in row[2]]:
+        print(f"{key} {mode}: refused before any step: {r['refused']}")
+    rows = [row for row in rows if "refused" not in row[2]]
     print()
     print(f"{'config':<16} {'row':<18} {'M':>3} {'peak GiB':>9} {'weights':>8} {'output':>8} {'scratch':>8} "
           f"{'transient':>9} {'peak/(w+out)':>12} {'FO-SL/peak':>10} {'step s':>7} {'vs M=B':>7}")
     for key, mode, r in rows:
         modes = details[key]
-        ref = next((x for x in modes.values() if x.get("micro_batch") == x["batch"]), modes.get("hosl"))
+        ref = next((x for x in modes.values() if x.get("micro_batch") == x.get("batch")), modes.get("hosl"))
         slower = f"{r['step_seconds'] / ref['step_seconds']:.2f}x" if ref and ref.get("step_seconds") else "-"
         fo = f"{modes['fo-sl']['peak'] / r['peak']:.2f}x" if "fo-sl" in modes else "-"
         transient = r["peak"] - r["weights"] - r["scratch"] - r["output"]
@@ -471,8 +477,11 @@ def main(argv=None) -> dict:
                 row = run_one(MODELS[label], dtype, "hosl", batch, extra)
                 row.update(batch=batch, seq=a.seq, dtype=dtype)
                 details[key][label_m] = row
-                print(f"  {key} {label_m}: {gib(row['peak'])} GiB, M={row['micro_batch']}, step {row['step_seconds']} s",
-                      file=sys.stderr)
+                if "refused" in row:
+                    print(f"  {key} {label_m}: refused: {row['refused']}", file=sys.stderr)
+                else:
+                    print(f"  {key} {label_m}: {gib(row['peak'])} GiB, M={row['micro_batch']}, "
+                          f"step {row['step_seconds']} s", file=sys.stderr)
                 write({**results, "details": details, "meta": {**meta, "partial": True}})
             results[key] = {mode: details[key][mode]["peak"] for mode in modes}
             write({**results, "details": details, "meta": {**meta, "partial": True}})  # survive an interrupt

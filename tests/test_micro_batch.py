@@ -341,15 +341,19 @@ def test_a_client_process_slices_locally_and_sends_the_assembled_activation(tmp_
 
 def test_memory_benchmark_adds_micro_batch_and_budget_rows(tmp_path):
     """benchmarks/memory.py --client-micro-batch / --client-memory-budget: one row each, with the M used,
-    the activation actually sent (B x T x H fp32 for tiny-opt at --tiny: 4 x 16 x 32) and the budget's plan."""
+    the activation actually sent (B x T x H fp32 for tiny-opt at --tiny: 4 x 16 x 32) and the budget's plan;
+    a budget too small for the client is a row saying so, not a failed command."""
     out = tmp_path / "m.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--tiny", "--modes", "hosl",
-                           "--client-micro-batch", "4,1", "--client-memory-budget", "10GiB", "--threads", "1",
+                           "--client-micro-batch", "4,1", "--client-memory-budget", "10GiB,1KiB", "--threads", "1",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["details"]["tiny-opt"]
-    assert set(rows) == {"hosl", "hosl-m4", "hosl-m1", "hosl-budget-10GiB"}
+    assert set(rows) == {"hosl", "hosl-m4", "hosl-m1", "hosl-budget-10GiB", "hosl-budget-1KiB"}
     assert rows["hosl-m4"]["micro_batch"] == 4 and rows["hosl-m1"]["micro_batch"] == 1
+    # a budget the plan refuses is a row saying why, and the other rows still ran
+    refused = rows.pop("hosl-budget-1KiB")
+    assert "cannot hold the client's weights" in refused["refused"] and "peak" not in refused
     for row in rows.values():
         assert row["output"] == 4 * 16 * 32 * 4
         assert row["step_seconds"] >= 0
