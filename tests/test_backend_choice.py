@@ -60,3 +60,28 @@ def test_fused_perturber_asks_per_call_with_the_rows_per_direction(monkeypatch):
         want = model(x)
     torch.testing.assert_close(y, want)
     assert (y - model(x)).abs().max() > 0.1
+
+
+def test_batched_perturber_asks_per_call_with_the_rows_per_direction(monkeypatch):
+    """BatchedPerturber (query_batch=D) passes the rows of ONE direction's input to the choice (not the
+    D x rows of the stacked batch) and runs the backend it returns."""
+    from hosl.forward.batched import BatchedPerturber
+
+    seen = []
+
+    def choose(rows, device, asked, available=None):
+        seen.append((rows, torch.device(device).type, asked))
+        return "reference"
+
+    monkeypatch.setattr(hosl.ops, "perturbed_linear_backend", choose)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    batched = BatchedPerturber(model, ParameterLayout(model), fused_backend="triton")
+    x = torch.randn(3, 5, 8)
+    points = [(11, 0.5), (12, -0.5)]
+    with batched.perturbed(points):
+        y = model(x)
+    assert seen == [(15, "cpu", "triton"), (15, "cpu", "triton")]
+    for d, (seed, scale) in enumerate(points):  # copy d is the forward at w + scale * z(seed)
+        with ModuleScratchPerturber(model, ParameterLayout(model)).perturbed(seed=seed, scale=scale):
+            torch.testing.assert_close(y[3 * d:3 * (d + 1)], model(x))

@@ -142,7 +142,10 @@ class BatchedPerturber:
                 xs, mod.weight, mod.bias, seeds=[self._points[i][0] for i in dirs],
                 scales=[self._points[i][1] for i in dirs], weight_offset=w_slot.offset,
                 bias_offset=b_slot.offset if b_slot is not None else None, per_direction_input=True,
-                family=self.direction, factors=self._factors_of(dirs, perturb_slots), backend=self.fused_backend)
+                family=self.direction, factors=self._factors_of(dirs, perturb_slots),
+                # on CUDA the fused Triton linear only for few rows per direction, else materialise + cuBLAS
+                backend=ops.perturbed_linear_backend(xs[0].numel() // max(x.shape[-1], 1), x.device,
+                                                     self.fused_backend))
             return y.reshape(x.shape[0], *y.shape[2:])
         return forward
 
