@@ -25,11 +25,10 @@ inline DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// The family code of hosl.directions.spec.FAMILY_CODES as the enum (tests/test_family_codes.py
-// keeps the two in step).
+// The family code of hosl.directions.spec.FAMILY_CODES as the enum (any code of HOSL_FAMILIES;
+// tests/test_family_codes.py keeps the two lists in step).
 inline Family family_of(int64_t code) {
-  TORCH_CHECK(code >= 0 && code <= static_cast<int64_t>(Family::kSphere), "hosl: unknown direction family code ",
-              code);
+  TORCH_CHECK(is_family_code(code), "hosl: unknown direction family code ", code);
   return static_cast<Family>(code);
 }
 

@@ -243,10 +243,34 @@ HOSL_HOST_DEVICE float normal_at(uint32_t key_lo, uint32_t key_hi, uint64_t i) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Direction families (spec.py FAMILIES). Sphere is the Gaussian direction times a per-tensor
-// float32 factor computed on the host from the fixed-point norm below.
+// Direction families (spec.py FAMILIES).
+//
+// HOSL_FAMILIES is THE list of families of the compiled kernels: X(enumerator, code), the code
+// being the family's entry in hosl.directions.spec.FAMILY_CODES (tests/test_family_codes.py parses
+// this list and checks it against spec). It generates the enum below and the per-family dispatch
+// of both backends (the launch in csrc/cuda/direction_cuda.cu, the generic tile path in
+// csrc/cpu/direction_cpu.cpp), so neither of those files names a family to support it.
+//
+// Adding a family here = one X(...) line + one specialisation of direction4 below (see
+// docs/directions.md, "Adding a direction family").
 // ---------------------------------------------------------------------------------------------
-enum class Family : int { kGaussian = 0, kRademacher = 1, kSphere = 2 };
+#define HOSL_FAMILIES(X) \
+  X(kGaussian, 0)        \
+  X(kRademacher, 1)      \
+  X(kSphere, 2)
+
+enum class Family : int {
+#define HOSL_FAMILY_ENUMERATOR(name, code) name = code,
+  HOSL_FAMILIES(HOSL_FAMILY_ENUMERATOR)
+#undef HOSL_FAMILY_ENUMERATOR
+};
+
+// Whether `code` is one of the families above.
+constexpr bool is_family_code(long long code) {
+#define HOSL_FAMILY_IS(name, code_) code == (code_) ||
+  return HOSL_FAMILIES(HOSL_FAMILY_IS) false;
+#undef HOSL_FAMILY_IS
+}
 
 // Rademacher: coordinate i uses counter i / 128 and bit i % 128 of its output: bit (i % 32) of
 // word x_{(i / 32) % 4}, least significant first. Bit 0 -> +1.0f, bit 1 -> -1.0f.
@@ -259,6 +283,57 @@ HOSL_HOST_DEVICE float rademacher_at(uint32_t key_lo, uint32_t key_hi, uint64_t 
   const uint32_t which = static_cast<uint32_t>(i >> 5) & 3u;
   const uint32_t word = which == 0 ? w.x0 : which == 1 ? w.x1 : which == 2 ? w.x2 : w.x3;
   return rademacher_from_word(word, static_cast<uint32_t>(i) & 31u);
+}
+
+// direction4<F>(group, k0, k1, factor, z): the family's definition for the compiled kernels.
+// z[0..3] = z(key, 4*group + j), j < 4, of family F under key (k0, k1): the four coordinates of
+// one group of 4 (for the Gaussian family, exactly one Philox counter). `factor` is the per-tensor
+// float32 factor the host computed for this tensor and direction (sphere: spec.sphere_scale), 1.0f
+// when the host passed none; a family without one ignores it.
+//
+// The CUDA kernels compute every family through this function (one thread, one group); the CPU
+// uses it for any family it has no SIMD tile path for (Tiles::direction in
+// csrc/cpu/direction_cpu.cpp), so a family defined here runs on both backends. It must give
+// spec.direction_reference's bits (spec.py order of operations; only the f* operations above).
+template <Family kFam>
+HOSL_HOST_DEVICE void direction4(uint64_t group, uint32_t k0, uint32_t k1, float factor, float z[4]) {
+  // Instantiated only for a family without a specialisation below.
+  (void)group, (void)k0, (void)k1, (void)factor, (void)z;
+  static_assert(static_cast<int>(kFam) < 0, "hosl: this family has no direction4<> specialisation");
+}
+
+template <>
+HOSL_HOST_DEVICE void direction4<Family::kGaussian>(uint64_t group, uint32_t k0, uint32_t k1, float /*factor*/,
+                                                    float z[4]) {
+  const Philox4 x = philox4x32_10(group, k0, k1);
+  normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
+}
+
+template <>
+HOSL_HOST_DEVICE void direction4<Family::kRademacher>(uint64_t group, uint32_t k0, uint32_t k1, float /*factor*/,
+                                                      float z[4]) {
+  // The four coordinates share one Philox word: counter coord0 / 128, word (coord0 / 32) % 4.
+  const uint64_t coord0 = group * 4;
+  const Philox4 x = philox4x32_10(coord0 >> kRademacherShift, k0, k1);
+  const uint32_t which = static_cast<uint32_t>(coord0 >> 5) & 3u;
+  const uint32_t word = which == 0 ? x.x0 : which == 1 ? x.x1 : which == 2 ? x.x2 : x.x3;
+  const uint32_t bit0 = static_cast<uint32_t>(coord0) & 31u;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < 4; ++j) z[j] = rademacher_from_word(word, bit0 + static_cast<uint32_t>(j));
+}
+
+// Sphere is the Gaussian direction times the per-tensor factor computed on the host from the
+// fixed-point norm below (sphere_sq_term, summed by the sq_norms op).
+template <>
+HOSL_HOST_DEVICE void direction4<Family::kSphere>(uint64_t group, uint32_t k0, uint32_t k1, float factor,
+                                                  float z[4]) {
+  direction4<Family::kGaussian>(group, k0, k1, 1.0f, z);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < 4; ++j) z[j] = fmul(factor, z[j]);
 }
 
 // Sphere norm term: floor(float32(z*z) * 2^24). z*z < 34, so the term is < 2^30: an exact int32

@@ -176,6 +176,9 @@ def block_normals(b, offset, k0, k1, BN: tl.constexpr):
 
 
 # Direction families: the FAMILY constexpr of the kernels takes hosl.directions.spec.FAMILY_CODES.
+# A family's Triton definition is its constant here plus its branch of family_direction (and of
+# family_elements if its layout is not 4 coordinates per counter); tests/test_family_codes.py
+# checks that the constants below are exactly spec's families.
 FAMILY_GAUSSIAN = tl.constexpr(FAMILY_CODES["gaussian"])
 FAMILY_RADEMACHER = tl.constexpr(FAMILY_CODES["rademacher"])
 FAMILY_SPHERE = tl.constexpr(FAMILY_CODES["sphere"])
@@ -205,9 +208,16 @@ def rademacher_elements(b, offset, BN: tl.constexpr):
     return b * (128 * BN) - offset % 128 + tl.arange(0, 128 * BN).to(tl.int64)
 
 
+# The family branch of the multi-tensor kernels (randn, perturb, zo_update): the two functions
+# below, one per question (which elements a program owns, which z they get). A new family with
+# the 4-coordinates-per-counter layout needs only its branch in family_direction (and, if it
+# covers 128 coordinates per counter like Rademacher, hosl/kernels/multi_tensor.py family_layout).
+
+
 @triton.jit
 def family_elements(b, offset, FAMILY: tl.constexpr, BN: tl.constexpr):
-    """Element indices of program ``b``: BN counters of 128 (Rademacher) or of 4 coordinates."""
+    """Element indices of program ``b``: BN counters of 128 (Rademacher) or of 4 coordinates (the
+    layout of every other family)."""
     if FAMILY == FAMILY_RADEMACHER:
         return rademacher_elements(b, offset, BN)
     else:
@@ -216,13 +226,18 @@ def family_elements(b, offset, FAMILY: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def family_direction(b, offset, k0, k1, factor, FAMILY: tl.constexpr, BN: tl.constexpr):
-    """z of the family for the elements of :func:`family_elements`; sphere: ``factor * z``."""
-    if FAMILY == FAMILY_RADEMACHER:
+    """z of the family for the elements of :func:`family_elements`; ``factor``: the per-tensor
+    factor (sphere: ``factor * z_gaussian``; 1.0 for the families without one).
+
+    A FAMILY code without a branch here fails to compile (it must not fall back to Gaussian)."""
+    if FAMILY == FAMILY_GAUSSIAN:
+        return block_normals(b, offset, k0, k1, BN)
+    elif FAMILY == FAMILY_RADEMACHER:
         return block_signs(b, offset, k0, k1, BN)
     elif FAMILY == FAMILY_SPHERE:
         return factor * block_normals(b, offset, k0, k1, BN)
     else:
-        return block_normals(b, offset, k0, k1, BN)
+        tl.static_assert(False, "hosl: this FAMILY has no branch in kernels/direction.py family_direction")
 
 
 @triton.jit

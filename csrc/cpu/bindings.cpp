@@ -90,4 +90,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &hosl::cpu::isa, "the SIMD variant in use: avx512, avx2 or scalar");
   m.def("set_isa", [](const std::string& name) { return hosl::cpu::set_isa(name.c_str()); },
         "use another SIMD variant (for tests); False if this CPU lacks it");
+  m.def("force_generic", &hosl::cpu::force_generic, py::arg("on"),
+        "True: every family takes the generic path (direction4 of hosl_direction.h, scalar) instead of its SIMD "
+        "one (for tests); returns the previous setting");
 }

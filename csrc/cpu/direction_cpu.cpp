@@ -10,9 +10,15 @@
 //     that combines the normals with the weights and stores.
 //   * zo_update keeps a float32 accumulator per tile and adds all Q directions to it before the
 //     single store, so weights are read and written once whatever Q is.
-//   * Families: Rademacher replaces steps (1)-(2) by expanding the bits of kTile/128 counters into
-//     +-1.0f (one Philox call per 128 coordinates: the ops become memory-bound); sphere is the
-//     Gaussian tile times the slot's factor; sq_norms sums sphere_sq_term over a chunk in uint64.
+//   * Families: Gaussian is steps (1)-(2); Rademacher replaces them by expanding the bits of
+//     kTile/128 counters into +-1.0f (one Philox call per 128 coordinates: the ops become
+//     memory-bound); sphere is the Gaussian tile times the slot's factor; sq_norms sums
+//     sphere_sq_term over a chunk in uint64. Any other family of HOSL_FAMILIES (hosl_direction.h)
+//     takes the generic path: direction4<family> of hosl_direction.h per group of 4 coordinates,
+//     scalar code that the compiler vectorises as it can (correct, slower: about 1.7x for the
+//     Gaussian family forced through it, 5x for Rademacher), until someone gives it a SIMD path in
+//     Tiles::direction.
+//     force_generic(true) sends every family down that path (tests compare it to the SIMD ones).
 //
 // SIMD variants (AVX-512, AVX2, baseline) are the same template compiled under different GCC
 // `target` attributes (no target_clones: the pick below is by hand, once at load time from the CPU,
@@ -186,7 +192,8 @@ struct Job {
   size_t num_dirs;
   float decay;
   Family family = Family::kGaussian;
-  const float* dir_scales = nullptr;  // sphere: [q * num_slots + j] (randn: [0])
+  bool generic = false;               // every family through direction4 (force_generic)
+  const float* dir_scales = nullptr;  // per-tensor factors (sphere): [q * num_slots + j] (randn: [0]); nullptr: 1.0f
   size_t num_slots = 0;
   std::vector<uint64_t> chunk_sums;   // kSqNorm: one partial sum per global chunk
 };
@@ -234,20 +241,50 @@ struct Tiles {
     }
   }
 
+  // z[0 .. 4*count) = direction4<kFam> of groups first .. first+count-1 (count <= kTile/4): the
+  // family's shared definition (hosl_direction.h), one group of 4 coordinates at a time.
+  template <Family kFam>
+  __attribute__((always_inline)) inline void generic(uint64_t first, size_t count, uint32_t k0, uint32_t k1,
+                                                     float factor) {
+    for (size_t k = 0; k < count; ++k) direction4<kFam>(first + k, k0, k1, factor, z + 4 * k);
+  }
+
   // The direction of coordinates [begin, last] (inside one aligned tile) into z; returns the
-  // index in z of coordinate `begin`. Sphere multiplies the Gaussian tile by `factor`.
-  __attribute__((always_inline)) inline size_t direction(Family family, uint64_t begin, uint64_t last, uint32_t k0,
-                                                         uint32_t k1, float factor) {
-    if (family == Family::kRademacher) {
-      const uint64_t first = begin >> kRademacherShift;
-      signs(first, static_cast<size_t>((last >> kRademacherShift) - first + 1), k0, k1);
-      return static_cast<size_t>(begin & 127);
+  // index in z of coordinate `begin`. `factor`: the slot's per-tensor factor (sphere), else 1.0f.
+  // The SIMD paths of the families that have one come first; every family (any other, or all of
+  // them when `use_generic`) can take the generic path below.
+  __attribute__((always_inline)) inline size_t direction(Family family, bool use_generic, uint64_t begin,
+                                                         uint64_t last, uint32_t k0, uint32_t k1, float factor) {
+    if (!use_generic) {
+      switch (family) {
+        case Family::kRademacher: {
+          const uint64_t first = begin >> kRademacherShift;
+          signs(first, static_cast<size_t>((last >> kRademacherShift) - first + 1), k0, k1);
+          return static_cast<size_t>(begin & 127);
+        }
+        case Family::kGaussian:
+        case Family::kSphere: {
+          const uint64_t first = begin >> 2;
+          const size_t count = static_cast<size_t>((last >> 2) - first + 1);
+          normals(first, count, k0, k1);
+          if (family == Family::kSphere) {
+            for (size_t t = 0; t < 4 * count; ++t) z[t] = fmul(factor, z[t]);
+          }
+          return static_cast<size_t>(begin & 3);
+        }
+        default:
+          break;  // no SIMD path: the generic one
+      }
     }
     const uint64_t first = begin >> 2;
     const size_t count = static_cast<size_t>((last >> 2) - first + 1);
-    normals(first, count, k0, k1);
-    if (family == Family::kSphere) {
-      for (size_t t = 0; t < 4 * count; ++t) z[t] = fmul(factor, z[t]);
+    switch (family) {
+#define HOSL_GENERIC_FAMILY(name, code) \
+  case Family::name:                    \
+    generic<Family::name>(first, count, k0, k1, factor); \
+    break;
+      HOSL_FAMILIES(HOSL_GENERIC_FAMILY)
+#undef HOSL_GENERIC_FAMILY
     }
     return static_cast<size_t>(begin & 3);
   }
@@ -362,21 +399,24 @@ struct Tiles {
     const TensorSlot& s = job.slots[j];
     const size_t n = static_cast<size_t>(last - begin + 1);
     const uint64_t e0 = begin - s.offset;  // element index of the tile's first coordinate
-    const bool sphere = job.family == Family::kSphere;
+    const bool scaled = job.dir_scales != nullptr;
+    // the SIMD Rademacher update (rademacher_update) keeps its elements at their place in the tile's counters
+    const bool rademacher_simd = job.family == Family::kRademacher && !job.generic;
     switch (job.op) {
       case Op::kSqNorm: {
-        const size_t lead = direction(Family::kGaussian, begin, last, job.keys_lo[0], job.keys_hi[0], 1.0f);
+        const size_t lead =
+            direction(Family::kGaussian, job.generic, begin, last, job.keys_lo[0], job.keys_hi[0], 1.0f);
         return sq_sum(n, lead);
       }
       case Op::kRandn: {
-        const float factor = sphere ? job.dir_scales[0] : 1.0f;
-        const size_t lead = direction(job.family, begin, last, job.keys_lo[0], job.keys_hi[0], factor);
+        const float factor = scaled ? job.dir_scales[0] : 1.0f;
+        const size_t lead = direction(job.family, job.generic, begin, last, job.keys_lo[0], job.keys_hi[0], factor);
         std::memcpy(static_cast<float*>(s.out) + e0, z + lead, n * sizeof(float));
         break;
       }
       case Op::kPerturb: {
-        const float factor = sphere ? job.dir_scales[j] : 1.0f;
-        const size_t lead = direction(job.family, begin, last, job.keys_lo[0], job.keys_hi[0], factor);
+        const float factor = scaled ? job.dir_scales[j] : 1.0f;
+        const size_t lead = direction(job.family, job.generic, begin, last, job.keys_lo[0], job.keys_hi[0], factor);
         const float scale = job.coeffs[0];
         switch (s.dtype) {
           case DType::kFloat32:
@@ -395,18 +435,19 @@ struct Tiles {
         break;
       }
       case Op::kUpdate: {
-        acc_lead = job.family == Family::kRademacher ? static_cast<size_t>(begin & 127) : 0;
+        acc_lead = rademacher_simd ? static_cast<size_t>(begin & 127) : 0;
         switch (s.dtype) {
           case DType::kFloat32: update_start<Float32Storage>(static_cast<const float*>(s.in) + e0, n, job.decay); break;
           case DType::kFloat16: update_start<Float16Storage>(static_cast<const uint16_t*>(s.in) + e0, n, job.decay); break;
           case DType::kBFloat16: update_start<BFloat16Storage>(static_cast<const uint16_t*>(s.in) + e0, n, job.decay); break;
         }
-        if (job.family == Family::kRademacher && job.num_dirs) {
+        if (rademacher_simd && job.num_dirs) {
           rademacher_update(job, begin, last, n);
         } else {
           for (size_t q = 0; q < job.num_dirs; ++q) {
-            const float factor = sphere ? job.dir_scales[q * job.num_slots + j] : 1.0f;
-            const size_t lead = direction(job.family, begin, last, job.keys_lo[q], job.keys_hi[q], factor);
+            const float factor = scaled ? job.dir_scales[q * job.num_slots + j] : 1.0f;
+            const size_t lead =
+                direction(job.family, job.generic, begin, last, job.keys_lo[q], job.keys_hi[q], factor);
             update_step(n, lead, job.coeffs[q]);
           }
         }
@@ -495,8 +536,11 @@ const Variant* g_variant = [] {
   return v ? v : pick_variant(nullptr);
 }();
 
+bool g_generic = false;  // force_generic
+
 void run_job(Job& job, size_t num_slots, int num_threads) {
   job.num_slots = num_slots;
+  job.generic = g_generic;
   job.first_chunk.resize(num_slots + 1);
   uint64_t total = 0;
   for (size_t j = 0; j < num_slots; ++j) {
@@ -556,6 +600,12 @@ void sq_norms(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32
 }
 
 const char* isa() { return g_variant->name; }
+
+bool force_generic(bool on) {
+  const bool was = g_generic;
+  g_generic = on;
+  return was;
+}
 
 bool set_isa(const char* name) {
   for (const Variant& v : kVariants) {

@@ -19,8 +19,9 @@ struct TensorSlot {
   DType dtype;
 };
 
-// Every op takes the direction family (hosl_direction.h). For Family::kSphere the kernels generate
-// the Gaussian z and use factor * z (rounded) in its place; the factors come from the host
+// Every op takes the direction family (hosl_direction.h, direction4). The per-tensor factors
+// (`factor`, `dir_scales`; nullptr: none, 1.0f) are passed to the family's definition, which may
+// ignore them: Family::kSphere uses factor * z_gaussian (rounded); its factors come from the host
 // (spec.sphere_scale of the norms from sq_norms below).
 
 // out[e] = z(key, offset + e) for e in [0, numel), float32. Sphere: factor * z.
@@ -47,6 +48,11 @@ void sq_norms(const TensorSlot* slots, size_t num_slots, uint32_t key_lo, uint32
 // lacks the variant asked for. Meant for tests and benchmarks.
 const char* isa();
 bool set_isa(const char* name);
+
+// force_generic(true): every family takes the generic path (direction4 of hosl_direction.h per group
+// of 4 coordinates, scalar), which otherwise serves only the families without a SIMD path; tests
+// compare the two. Returns the previous setting. Not thread-safe: meant for tests.
+bool force_generic(bool on);
 
 }  // namespace cpu
 }  // namespace hosl

@@ -6,11 +6,14 @@
 // device table, and each thread does one counter at a time: four normals, four elements.
 // zo_update loops over all Q directions per counter with a float32 accumulator, so the weights
 // are read and written once.
-// Families: a thread's four Rademacher coordinates are 4 bits of one Philox word; the 32 threads
-// of a warp cover 128 consecutive aligned coordinates, i.e. all use the same Philox counter (one
-// warp-uniform Philox call per 128 elements: memory-bound). Sphere multiplies the Gaussian z by
-// the slot's factor; sq_norms reduces sphere_sq_term per warp and adds it atomically (integers:
-// exact in any order).
+// Families: a thread's four coordinates are direction4<family> of its counter (hosl_direction.h,
+// the definition shared with the CPU); the kernel is instantiated for every family of
+// HOSL_FAMILIES (launch_family below), so this file names no family except the Gaussian sq_norms.
+// For Rademacher a thread's four coordinates are 4 bits of one Philox word; the 32 threads of a
+// warp cover 128 consecutive aligned coordinates, i.e. all use the same Philox counter (computed
+// by each lane: the call is warp-uniform, the ops stay memory-bound). The per-tensor factor (sphere)
+// is passed to direction4 whenever the host gave factors; sq_norms reduces sphere_sq_term per warp
+// and adds it atomically (integers: exact in any order).
 //
 // Build with nvcc -fmad=false --prec-div=true --prec-sqrt=true; the math also uses explicit
 // __f*_rn intrinsics, which nvcc never contracts into FMAs (.ci/check_cuda.sh checks the PTX).
@@ -43,7 +46,7 @@ struct Table {
   const uint32_t* keys_lo;
   const uint32_t* keys_hi;
   const float* coeffs;
-  const float* dir_scales;  // sphere: [slot * num_dirs + q]
+  const float* dir_scales;  // per-tensor factors (sphere): [slot * num_dirs + q]; nullptr: none (1.0f)
   unsigned long long* sums; // sq_norms: one per slot
   int num_slots;
   int num_dirs;
@@ -51,27 +54,6 @@ struct Table {
 };
 
 enum class Op { kRandn, kPerturb, kUpdate, kSqNorm };
-
-// z of the four coordinates coord0 .. coord0+3 (coord0 = 4 * counter) for the family.
-template <Family kFam>
-__device__ __forceinline__ void direction4(uint64_t counter, uint32_t k0, uint32_t k1, float factor, float z[4]) {
-  if (kFam == Family::kRademacher) {
-    const uint64_t coord0 = counter * 4;
-    const Philox4 x = philox4x32_10(coord0 >> kRademacherShift, k0, k1);
-    const uint32_t which = static_cast<uint32_t>(coord0 >> 5) & 3u;
-    const uint32_t word = which == 0 ? x.x0 : which == 1 ? x.x1 : which == 2 ? x.x2 : x.x3;
-    const uint32_t bit0 = static_cast<uint32_t>(coord0) & 31u;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) z[j] = rademacher_from_word(word, bit0 + j);
-  } else {
-    const Philox4 x = philox4x32_10(counter, k0, k1);
-    normals_from_words(x.x0, x.x1, x.x2, x.x3, z[0], z[1], z[2], z[3]);
-    if (kFam == Family::kSphere) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) z[j] = fmul(factor, z[j]);
-    }
-  }
-}
 
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -121,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scal
         }
         for (int q = 0; q < t.num_dirs; ++q) {
           float z[4];
-          const float factor = kFam == Family::kSphere ? t.dir_scales[slot * t.num_dirs + q] : 1.0f;
+          const float factor = t.dir_scales ? t.dir_scales[slot * t.num_dirs + q] : 1.0f;
           direction4<kFam>(counter, t.keys_lo[q], t.keys_hi[q], factor, z);
           const float c = t.coeffs[q];
 #pragma unroll
@@ -134,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scal
         }
       } else {
         float z[4];
-        const float factor = kFam == Family::kSphere ? t.dir_scales[slot] : 1.0f;
+        const float factor = t.dir_scales ? t.dir_scales[slot] : 1.0f;
         direction4<kFam>(counter, t.keys_lo[0], t.keys_hi[0], factor, z);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -153,12 +135,16 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scal
   }
 }
 
+// One kernel instantiation per family of HOSL_FAMILIES (hosl_direction.h): no case to add here.
 template <class S, Op kOp>
 void launch_family(Family family, unsigned grid, cudaStream_t stream, const Table& t, float scale, float decay) {
   switch (family) {
-    case Family::kGaussian: direction_kernel<S, kOp, Family::kGaussian><<<grid, kThreads, 0, stream>>>(t, scale, decay); break;
-    case Family::kRademacher: direction_kernel<S, kOp, Family::kRademacher><<<grid, kThreads, 0, stream>>>(t, scale, decay); break;
-    case Family::kSphere: direction_kernel<S, kOp, Family::kSphere><<<grid, kThreads, 0, stream>>>(t, scale, decay); break;
+#define HOSL_LAUNCH_FAMILY(name, code)                                                          \
+  case Family::name:                                                                            \
+    direction_kernel<S, kOp, Family::name><<<grid, kThreads, 0, stream>>>(t, scale, decay); \
+    break;
+    HOSL_FAMILIES(HOSL_LAUNCH_FAMILY)
+#undef HOSL_LAUNCH_FAMILY
   }
 }
 
@@ -169,7 +155,7 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
                    void* workspace, cudaStream_t stream, Family family = Family::kGaussian,
                    const float* dir_scales = nullptr, unsigned long long* sums = nullptr) {
   std::vector<DeviceSlot> table;
-  std::vector<float> factors;  // sphere: [kept slot * num_dirs + q]
+  std::vector<float> factors;  // per-tensor factors (sphere), if any: [kept slot * num_dirs + q]
   table.reserve(num_slots);
   uint64_t chunks = 0;
   for (size_t j = 0; j < num_slots; ++j) {
@@ -177,7 +163,7 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
     const uint64_t first = slots[j].offset, last = slots[j].offset + (slots[j].numel - 1);
     table.push_back({slots[j].in, slots[j].out, first, last, chunks});
     chunks += last / kChunkCoords - first / kChunkCoords + 1;
-    if (family == Family::kSphere && dir_scales)
+    if (dir_scales)
       for (size_t q = 0; q < num_dirs; ++q) factors.push_back(dir_scales[q * num_slots + j]);
   }
   if (table.empty()) return cudaSuccess;
@@ -203,7 +189,7 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
   t.keys_lo = reinterpret_cast<const uint32_t*>(base + slots_bytes);
   t.keys_hi = reinterpret_cast<const uint32_t*>(base + slots_bytes + dirs_bytes);
   t.coeffs = reinterpret_cast<const float*>(base + slots_bytes + 2 * dirs_bytes);
-  t.dir_scales = reinterpret_cast<const float*>(base + slots_bytes + 3 * dirs_bytes);
+  t.dir_scales = factors.empty() ? nullptr : reinterpret_cast<const float*>(base + slots_bytes + 3 * dirs_bytes);
   t.sums = sums;
   t.num_slots = static_cast<int>(table.size());
   t.num_dirs = static_cast<int>(num_dirs);

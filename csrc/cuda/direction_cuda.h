@@ -25,9 +25,10 @@ struct TensorSlot {
   uint64_t offset;
 };
 
-// Families (hosl_direction.h): for Family::kSphere the kernels use factor * z_gaussian, the
-// factors coming from the host (`dir_scales`, host memory, [q * num_slots + j] for slot j and
-// direction q; spec.sphere_scale of the norms that sq_norms computes).
+// Families (hosl_direction.h, direction4): the per-tensor factors, when given (`dir_scales`, host
+// memory, [q * num_slots + j] for slot j and direction q; nullptr: none), are passed to the
+// family's definition. Family::kSphere uses factor * z_gaussian, its factors being spec.sphere_scale
+// of the norms that sq_norms computes; the other families ignore them.
 
 // Bytes of device workspace the ops below need for `num_slots` tensors and `num_dirs` directions
 // (the table, including room for the sphere factors). The caller allocates it (e.g. from its caching allocator) on the launch's device
