@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bytes_per_step(mode: str, batch: int, seq: int, hidden: int, q: int) -> tuple[int, int]:
-    from hosl.training.split_protocol import Phase, ServerProxy
+    from hosl.training.protocol import Phase
+    from hosl.training.server_proxy import ServerProxy
     from hosl.transport import InProcessLink, Kind, Message
     from hosl.transport.wire import from_int64
 

@@ -156,7 +156,8 @@ def test_a_client_without_a_secret_is_refused_before_loading_anything(tmp_path, 
 
 # -- malformed messages (no processes) -------------------------------------------------------------
 def test_a_reply_without_the_fields_a_phase_needs_names_the_peer_and_the_phase():
-    from hosl.training.split_protocol import PHASE_NAMES, ServerProxy
+    from hosl.training.protocol import PHASE_NAMES
+    from hosl.training.server_proxy import ServerProxy
 
     proxy = ServerProxy(InProcessLink(lambda req: Message(Kind.REPLY, req.phase, req.step), PHASE_NAMES), "causal_lm")
     proxy.step = 3

@@ -174,7 +174,7 @@ def test_nothing_outside_the_optimizers_reaches_into_their_perturbers():
 def test_the_split_server_half_uses_the_public_point_and_update_methods():
     """ZO-SL's server half evaluates its client's ``(seed, scale)`` with ``at_point`` and applies the
     client's update with ``apply_update``."""
-    tree = ast.parse((ROOT / "hosl" / "training" / "split_protocol.py").read_text())
+    tree = ast.parse((ROOT / "hosl" / "training" / "server_handler.py").read_text())
     called = {node.func.attr for node in ast.walk(tree)
               if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
     assert {"at_point", "apply_update"} <= called

@@ -279,7 +279,9 @@ def test_lr_schedulers_on_both_halves():
 
 def test_split_server_half_skips_a_non_finite_gradient_and_reports_it():
     from hosl.training.modes import Hyper
-    from hosl.training.split_protocol import PHASE_NAMES, ServerHalf, ServerProxy
+    from hosl.training.protocol import PHASE_NAMES
+    from hosl.training.server_handler import ServerHandler
+    from hosl.training.server_proxy import ServerProxy
     from hosl.transport import InProcessLink
 
     class MaskedServer(nn.Module):  # the split contract: server(h, mask)
@@ -293,9 +295,9 @@ def test_split_server_half_skips_a_non_finite_gradient_and_reports_it():
     client, server = _model()
     x, y = _data()
     hp = Hyper(zo=hosl.ZOConfig(lr=1e-2, eps=1e-2, num_queries=1), lr_server=0.1)
-    half = ServerHalf(MaskedServer(server), "hosl", hp,
-                      lambda out, batch, copies: nn.functional.mse_loss(out.float(), batch["labels"]),
-                      "classifier", train_dropout=False)
+    half = ServerHandler(MaskedServer(server), "hosl", hp,
+                         lambda out, batch, copies: nn.functional.mse_loss(out.float(), batch["labels"]),
+                         "classifier", train_dropout=False)
     proxy = ServerProxy(InProcessLink(half.handle, PHASE_NAMES), "classifier")
     batch = {"attention_mask": torch.ones(32, 1), "labels": y}
     opt = hosl.HybridOrderOptimizer(client, None, lr=1e-2, eps=1e-2, num_queries=1)

@@ -258,11 +258,11 @@ def test_zo_sl_server_half_gets_the_family_and_rule_and_saves_its_state():
     from hosl.training.config import TrainConfig
     from hosl.training.loop import hyper
     from hosl.training.remote import fingerprint
-    from hosl.training.split_protocol import ServerHalf
+    from hosl.training.server_handler import ServerHandler
 
     cfg = TrainConfig(mode="zo-sl", direction="rademacher", zo_optimizer="momentum")
     _, server = _model()
-    half = ServerHalf(server, "zo-sl", hyper(cfg), lambda *a: None, "classifier", train_dropout=False)
+    half = ServerHandler(server, "zo-sl", hyper(cfg), lambda *a: None, "classifier", train_dropout=False)
     half.zo_for(100)  # the client's coordinate count arrives with the first begin-step
     assert half.zo.layouts[0].offset == 100
     assert half.zo.direction == "rademacher" and half.zo.variant == "momentum"
@@ -270,7 +270,7 @@ def test_zo_sl_server_half_gets_the_family_and_rule_and_saves_its_state():
     half.zo.apply_update([1, 2], [0.5, -0.25])
     state = half.state_dict()
     assert state["zo"]["state"]  # the server's momentum buffers go into its checkpoint
-    other = ServerHalf(_model(seed=3)[1], "zo-sl", hyper(cfg), lambda *a: None, "classifier", train_dropout=False)
+    other = ServerHandler(_model(seed=3)[1], "zo-sl", hyper(cfg), lambda *a: None, "classifier", train_dropout=False)
     other.load_state_dict(copy.deepcopy(state))
     other.zo_for(100)  # a resumed state waits for the optimizer to be built
     assert all(torch.equal(other.zo.state[q]["momentum_buffer"], half.zo.state[p]["momentum_buffer"])

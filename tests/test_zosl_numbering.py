@@ -12,7 +12,9 @@ from hosl.models import load_model, split
 from hosl.training.loop import _loss_fn
 from hosl.optim.config import ZOConfig
 from hosl.training.modes import Hyper, make_mode
-from hosl.training.split_protocol import PHASE_NAMES, ServerHalf, ServerProxy
+from hosl.training.protocol import PHASE_NAMES
+from hosl.training.server_handler import ServerHandler
+from hosl.training.server_proxy import ServerProxy
 from hosl.transport import InProcessLink
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
@@ -41,7 +43,7 @@ def _train(mode_name, cut, hp, steps=3, name="tiny-opt"):
     client, server = _halves(cut, name)
     loss_of = _loss_fn("classifier")
     if mode_name == "zo-sl":
-        half = ServerHalf(server, "zo-sl", hp, loss_of, "classifier", train_dropout=False)
+        half = ServerHandler(server, "zo-sl", hp, loss_of, "classifier", train_dropout=False)
         mode = make_mode("zo-sl", client, None, hp, loss_of,
                          proxy=ServerProxy(InProcessLink(half.handle, PHASE_NAMES), "classifier"))
     else:
@@ -92,7 +94,7 @@ def test_server_half_direction_is_not_a_copy_of_the_clients():
     coordinates. Now the server's first coordinate is the client's count."""
     client, server = _halves(1)
     hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=1), lr_server=0.0)
-    half = ServerHalf(server, "zo-sl", hp, _loss_fn("classifier"), "classifier", train_dropout=False)
+    half = ServerHandler(server, "zo-sl", hp, _loss_fn("classifier"), "classifier", train_dropout=False)
     mode = make_mode("zo-sl", client, None, hp, _loss_fn("classifier"),
                      proxy=ServerProxy(InProcessLink(half.handle, PHASE_NAMES), "classifier"))
     mode.step_number = 1

@@ -20,7 +20,7 @@ Who computes the ``Q`` dot products (``linear_on``):
 
 A server is anything with :meth:`LinearServer.activation_grad` and :meth:`LinearServer.directional`:
 :class:`LocalLinearServer` in one process (``g`` is the clean activation's ``.grad``), or the split
-protocol's remote one (``hosl/training/split_protocol.py``).
+protocol's remote one (``hosl/training/server_proxy.py``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Files in ``config.out``: ``config.json`` (written once, when the run starts), ``
 hold and when a resume is allowed: run_folder.py.
 
 The split modes reach their server half through a ``Link``: in one process an ``InProcessLink``
-to a ``ServerHalf`` built here; as the client of a two-process run, the link that
+to a ``ServerHandler`` built here; as the client of a two-process run, the link that
 ``connect_server`` returns (``hosl/training/remote.py``). The loop is the same either way; in
 the two-process case the checkpoint holds only the client, after the server has saved its half.
 """
@@ -41,7 +41,9 @@ from hosl.training.config import TrainConfig
 from hosl.training.schedule import schedule_client_step
 from hosl.training.memory import parse_bytes, return_freed_memory
 from hosl.training.modes import Hyper, make_mode
-from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf, ServerProxy
+from hosl.training.protocol import PHASE_NAMES, SPLIT_MODES
+from hosl.training.server_handler import ServerHandler
+from hosl.training.server_proxy import ServerProxy
 from hosl.transport import InProcessLink, Link
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -223,8 +225,8 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
         server = None  # that half lives in the server process
         link = connect_server()
     elif cfg.mode in SPLIT_MODES:
-        half = ServerHalf(server, cfg.mode, hp, loss_of, model_kind, train_dropout=dropout_on,
-                          trainable_only_checkpoints=cfg.lora)
+        half = ServerHandler(server, cfg.mode, hp, loss_of, model_kind, train_dropout=dropout_on,
+                             trainable_only_checkpoints=cfg.lora)
         link = InProcessLink(half.handle, PHASE_NAMES)
     else:
         link = None

@@ -7,8 +7,8 @@
 * ``zo``    — the unsplit model, MeZO (ZO over one coordinate numbering of the whole model).
 
 All see the same batches and call the same loss; only who computes which gradient differs.
-The split modes hold only the client; their server half (``split_protocol.ServerHalf``) answers
-through a ``ServerProxy``, in this process or in another one.
+The split modes hold only the client; their server half (``server_handler.ServerHandler``) answers
+through a ``ServerProxy`` (``server_proxy.py``), in this process or in another one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from hosl.optim.config import ZOConfig, train_fields, train_name
 from hosl.tasks.evaluation import eval_outputs
 from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
-from hosl.training.split_protocol import SPLIT_MODES, ServerPerturbationPeer, ServerProxy
+from hosl.training.protocol import SPLIT_MODES
+from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy
 
 MODES = ("hosl", "fo-sl", "zo-sl", "fo", "zo")
 ZO_CLIENT_MODES = ("hosl", "zo-sl", "zo")

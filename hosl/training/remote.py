@@ -5,7 +5,7 @@ Each side writes its own run folder: ``OUT/client`` and ``OUT/server`` (so both 
 ``--out``, as they do under ``torchrun``). Order of events on each side: load the model (both
 build the same weights from the same arguments), rendezvous, prove the shared secret both ways
 (``hosl/transport/auth.py``), compare configurations, then the client drives the conversation
-(``split_protocol``) and the server answers until the client says goodbye.
+(``hosl/training/protocol.py``) and the server answers until the client says goodbye.
 
 Faults: a dead or silent peer ends this side within ``peer_timeout`` with a ``PeerLostError``
 naming the peer and the phase (the CLI exits with status 2). The first Ctrl-C asks for a clean
@@ -30,7 +30,8 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import RunExistsError, _loss_fn, hyper, load_split_model, train, train_dropout
 from hosl.training.run_folder import RunFolderError, compare
-from hosl.training.split_protocol import PHASE_NAMES, SPLIT_MODES, ServerHalf
+from hosl.training.protocol import PHASE_NAMES, SPLIT_MODES
+from hosl.training.server_handler import ServerHandler
 from hosl.transport import SECRET_ENV, ShutdownCode
 from hosl.transport.auth import confirm_channel, write_secret_file
 from hosl.transport.distributed import DistributedLink, Endpoint, connect, disconnect, handshake, serve
@@ -184,9 +185,9 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client  # that half lives in the client process
-    half = ServerHalf(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
-                      train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
-                      trainable_only_checkpoints=cfg.lora)
+    half = ServerHandler(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
+                         train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
+                         trainable_only_checkpoints=cfg.lora)
     _write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:

@@ -1,0 +1,120 @@
+"""The conversation between the client half and the server half, for the split modes: the phases
+and what each message carries. The server's side is ``hosl/training/server_handler.py``
+(:class:`ServerHandler`), the client's ``hosl/training/server_proxy.py`` (:class:`ServerProxy`).
+
+One training step, as the client's modes (``hosl/training/modes.py``) drive it:
+
+==========  =====================================  ==========================================
+phase       up (client -> server)                  down (server -> client)
+==========  =====================================  ==========================================
+begin-step  attention mask + the batch's labels    (ack)
+            [+ zo-sl: the client's coordinate
+            count]
+clean-loss  h (hosl: the clean activation)         loss; the server back-propagates it
+losses      h (copies stacked) [+ zo-sl: seed,     one loss per copy, no grad
+            scale of the point]
+backprop    h (fo-sl)                              loss and dL/dh
+end-step    [zo-sl: seeds, projected grads]        the count of skipped server steps; the
+                                                   server's optimizer steps (unless the clean
+                                                   loss or its gradient is not finite)
+eval        h, mask, the batch's scoring tensors   option scores / class logits, loss sum
+save        step                                   (ack) once the server's checkpoint is on disk
+resume      step (0: fresh start)                  (ack) once the server has loaded that step
+linear-     (hosl linear, --linear-on client)      dL/dh at the clean point (once per step)
+grad
+linear-     h+ - h- per direction (copies          <dL/dh, difference> per copy
+dots        stacked; hosl linear, on the server)
+==========  =====================================  ==========================================
+
+Clean and perturbed are different phases: ``clean-loss`` and ``backprop`` are the server's
+first-order passes (it computes with grad and back-propagates), ``losses`` and ``eval`` are
+evaluations without grad. The server decides by the phase alone, never by the grad mode it
+happens to be called under (an in-process server runs inside the client's optimizer step).
+
+HOSL's linear estimate (``--server-estimate linear``): the clean-loss request asks the server to
+keep dL/dh (ints ``[KEEP_ACTIVATION_GRAD]``); the client then asks for the Q scalars
+(``linear-dots``, Q activation differences up) or, only when the server was started with
+``--linear-on client``, for dL/dh itself (``linear-grad``, once). No ``losses`` phase runs.
+
+ZO-SL numbers the coordinates of the whole model once, as the unsplit ``zo`` mode does: the server
+half's first coordinate is the client's coordinate count, which the client sends with every
+``begin-step`` (the server builds its ZO optimizer from the first one and refuses a different count
+later). The two halves' perturbations are therefore independent parts of one direction, and ZO-SL
+is MeZO on the whole model.
+
+Labels travel up with the batch (``begin-step``), once per step: the client owns the data, and the
+server never reads a dataset, so the two can never disagree on the data order. The server
+sees labels, the attention mask and (for evaluation) the answer tokens, never the prompts.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from hosl.transport import Message
+from hosl.transport.wire import from_int64, to_int64
+
+
+class Phase(enum.IntEnum):
+    BEGIN_STEP = 1
+    CLEAN_LOSS = 2
+    LOSSES = 3
+    BACKPROP = 4
+    END_STEP = 5
+    EVAL = 6
+    SAVE = 7
+    RESUME = 8
+    LINEAR_GRAD = 9
+    LINEAR_DOTS = 10
+
+
+PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
+SPLIT_MODES = ("hosl", "fo-sl", "zo-sl")
+
+# clean-loss ints: [KEEP_ACTIVATION_GRAD] asks the server to keep dL/dh for the linear estimate
+KEEP_ACTIVATION_GRAD = 1
+
+# What of a batch the server needs, by model kind (training / evaluation), in wire order.
+_TRAIN_KEYS = ("labels",)
+_EVAL_KEYS = {"causal_lm": ("labels", "answer_mask", "answer_ids"), "classifier": ("labels",)}
+
+
+def server_side_of(batch: dict, model_kind: str, for_eval: bool) -> list[torch.Tensor]:
+    """The tensors of ``batch`` the server needs (after the attention mask)."""
+    keys = _EVAL_KEYS[model_kind] if for_eval else _TRAIN_KEYS
+    if "answer_ids" in keys:
+        # option scores read the input ids only at answer positions: send just those
+        batch = dict(batch, answer_ids=batch["input_ids"].masked_fill(~batch["answer_mask"], 0))
+    return [batch[k] for k in keys]
+
+
+def batch_from_server_side(tensors: list[torch.Tensor], model_kind: str, for_eval: bool) -> dict:
+    keys = _EVAL_KEYS[model_kind] if for_eval else _TRAIN_KEYS
+    batch = dict(zip(keys, tensors))
+    if "answer_ids" in batch:
+        batch["input_ids"] = batch.pop("answer_ids")
+    return batch
+
+
+# -- the ZO point of a losses request (zo-sl), and the update of an end-step ------------------------
+
+def point_fields(point: tuple[int, float] | None) -> tuple[list[int], list[float]]:
+    """(ints, floats) of a ``losses`` request at ``point`` = (seed, scale); none: the current weights."""
+    return ([to_int64(point[0])], [point[1]]) if point is not None else ([], [])
+
+
+def point_of(request: Message) -> tuple[int, float] | None:
+    """The (seed, scale) a ``losses`` request evaluates at, or None (the current weights)."""
+    return (from_int64(request.ints[0]), request.floats[0]) if request.ints else None
+
+
+def update_fields(seeds, grads) -> tuple[list[int], list[float]]:
+    """(ints, floats) of a zo-sl ``end-step``: the step's seeds and projected gradients."""
+    return [to_int64(s) for s in seeds], list(grads)
+
+
+def update_of(request: Message) -> tuple[list[int], list[float]]:
+    """The (seeds, projected gradients) of an ``end-step`` request; empty: no ZO update."""
+    return [from_int64(s) for s in request.ints], list(request.floats)

@@ -1,0 +1,288 @@
+"""The server's side of a split mode: :class:`ServerHandler` answers the phases of
+``hosl/training/protocol.py``, one method per phase.
+
+It runs in-process behind an ``InProcessLink`` (``hosl train``) or in the server process behind
+``serve`` (``hosl serve``, ``hosl/training/remote.py``). The server's layers themselves are the
+``nn.Module`` of ``hosl/models/halves.py`` (``ServerHalf``); this class holds that module with
+its optimizer, the loss, its random stream and the step's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hosl.optim import ZerothOrderOptimizer
+from hosl.optim.hygiene import ServerGrads
+from hosl.tasks.evaluation import eval_outputs
+from hosl.training.protocol import (
+    KEEP_ACTIVATION_GRAD,
+    SPLIT_MODES,
+    Phase,
+    batch_from_server_side,
+    point_of,
+    update_of,
+)
+from hosl.training.schedule import make_server_optimizer, schedule_step
+from hosl.transport import Message
+from hosl.transport.wire import Kind
+
+
+class ServerHandler:
+    """The server's side of one split mode: its module, its optimizer, the loss, its RNG.
+
+    ``handle(request) -> reply`` is the whole interface. Which passes compute with grad is the
+    phase's to say (``clean-loss``, ``backprop``: with grad, and back-propagated; ``losses``,
+    ``eval``: without), whatever grad mode the caller is in. Dropout on the server draws from the
+    server's own random stream (swapped in around every server computation), so a two-process run
+    and an in-process run draw the same masks on both halves.
+    """
+
+    def __init__(self, server: nn.Module, mode: str, hp, loss_of: Callable, model_kind: str, *,
+                 train_dropout: bool, checkpoint_dir: Path | None = None, resume_allowed: bool = True,
+                 trainable_only_checkpoints: bool = False):
+        if mode not in SPLIT_MODES:
+            raise ValueError(f"mode {mode!r} has no server half; split modes are {', '.join(SPLIT_MODES)}")
+        self.server, self.mode, self.hp, self.loss_of, self.model_kind = server, mode, hp, loss_of, model_kind
+        self.train_dropout = train_dropout
+        self.checkpoint_dir = checkpoint_dir
+        self.resume_allowed = resume_allowed
+        self.trainable_only_checkpoints = trainable_only_checkpoints  # LoRA: the adapters only
+        self.rng_state = torch.Generator().manual_seed(hp.seed + 1).get_state()
+        self.optimizer: torch.optim.Optimizer | None = None
+        # zo-sl: built once the client's coordinate count is known (the first begin-step)
+        self.zo: ZerothOrderOptimizer | None = None
+        self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
+        self.skipped_optimizer_steps = 0  # hosl, fo-sl: server steps skipped for a non-finite loss or gradient
+        if mode in ("hosl", "fo-sl"):
+            self.optimizer = make_server_optimizer(server.parameters(), hp)  # --server-optimizer
+        self.batch: dict = {}
+        self.mask: torch.Tensor | None = None
+        self.clean_loss = math.nan
+        self.activation_grad: torch.Tensor | None = None  # hosl linear: dL/dh at this step's clean point
+        self.server.train(train_dropout)
+        # phase -> (method(request, tensors) -> reply, runs on the server's random stream)
+        self._phases = {
+            Phase.BEGIN_STEP: (self._begin_step, True),
+            Phase.CLEAN_LOSS: (self._clean_loss, True),
+            Phase.LOSSES: (self._losses, True),
+            Phase.BACKPROP: (self._backprop, True),
+            Phase.END_STEP: (self._end_step, True),
+            Phase.EVAL: (self._eval, True),
+            Phase.LINEAR_GRAD: (self._linear_grad, True),
+            Phase.LINEAR_DOTS: (self._linear_dots, True),
+            Phase.SAVE: (self._save, False),
+            Phase.RESUME: (self._resume, False),
+        }
+
+    def handle(self, request: Message) -> Message:
+        method, on_own_rng = self._phases[Phase(request.phase)]  # an unknown phase is a ValueError
+        dev = self._device()
+        tensors = [t.to(dev) for t in request.tensors]
+        with self.own_rng() if on_own_rng else contextlib.nullcontext():
+            return method(request, tensors)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def own_rng(self):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            yield
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def zo_for(self, client_coordinates: int) -> ZerothOrderOptimizer:
+        """ZO-SL: the server's ZO optimizer, its coordinates numbered after the client's
+        ``client_coordinates`` (built on first use; a later different count is refused)."""
+        if self.zo is None:
+            # perturbed and updated with the client's seeds, direction family and update rule (its
+            # generator is unused; a momentum/adam rule keeps its own state of the server's weights)
+            self.zo = ZerothOrderOptimizer(self.server, config=self.hp.zo_config("zo"), coordinate_offset=client_coordinates)
+            if self._pending_zo_state is not None:
+                self.zo.load_state_dict(self._pending_zo_state)
+                self._pending_zo_state = None
+        elif self.zo.layouts[0].offset != client_coordinates:
+            raise ValueError(f"the client now counts {client_coordinates} coordinates, but the server half's "
+                             f"numbering starts at {self.zo.layouts[0].offset}: the two halves do not belong to one model")
+        return self.zo
+
+    def _device(self) -> torch.device:
+        return next(self.server.parameters()).device
+
+    def _loss(self, h: torch.Tensor) -> torch.Tensor:
+        rows = self.mask.shape[0]
+        copies = h.shape[0] // rows
+        mask = self.mask.repeat(copies, 1) if copies > 1 else self.mask
+        return self.loss_of(self.server(h, mask), self.batch, copies)
+
+    @staticmethod
+    def _reply(request: Message, **kw) -> Message:
+        return Message(Kind.REPLY, request.phase, request.step, **kw)
+
+    @property
+    def skipped_server_steps(self) -> int:
+        """Server updates skipped: a non-finite clean loss or gradient (hosl, fo-sl), or a ZO update
+        that could make a server weight non-finite (zo-sl)."""
+        return self.skipped_optimizer_steps + (self.zo.skipped_updates if self.zo is not None else 0)
+
+    # -- a training step --------------------------------------------------------------------------
+    def _begin_step(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        self.mask, *rest = tensors
+        self.batch = batch_from_server_side(rest, self.model_kind, for_eval=False)
+        if self.optimizer is not None:  # gradients of a step the client abandoned never carry over
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.mode == "zo-sl":
+            if len(request.ints) != 1:
+                raise ValueError("a zo-sl begin-step must carry the client's coordinate count")
+            self.zo_for(request.ints[0])
+        # --lr-schedule: this step's rates, from the step number the client sent
+        schedule_step(self.hp, request.step, {self.optimizer: self.hp.lr_server, self.zo: self.hp.lr_client})
+        return self._reply(request)
+
+    def _clean_loss(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        """hosl: FO at the clean point, back-propagated into the server's weights (and dL/dh kept
+        when the request asks for it: the linear estimate)."""
+        h = tensors[0]
+        keep_grad = bool(request.ints) and request.ints[0] == KEEP_ACTIVATION_GRAD
+        if keep_grad:
+            h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._loss(h)
+            self.clean_loss = float(loss.detach())
+            if loss.requires_grad and math.isfinite(self.clean_loss):  # no grad: a frozen server
+                loss.backward()
+        self.activation_grad = h.grad if keep_grad else None
+        return self._reply(request, floats=[self.clean_loss])
+
+    def _losses(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        """Losses without grad, one per copy stacked in h: hosl's perturbed activations, or (zo-sl)
+        the server half at the request's ZO point."""
+        point = point_of(request)
+        at_point = self.zo.at_point(*point) if point is not None else contextlib.nullcontext()
+        with torch.no_grad(), at_point:
+            out = self._loss(tensors[0])
+        losses = [float(out)] if out.dim() == 0 else out.float().tolist()
+        return self._reply(request, floats=losses)
+
+    def _backprop(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        """fo-sl: the loss back-propagated through the server; dL/dh goes back down."""
+        h = tensors[0].detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._loss(h)
+            loss.backward()
+        self.clean_loss = float(loss.detach())
+        return self._reply(request, floats=[self.clean_loss], tensors=[h.grad])
+
+    def _end_step(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        if self.optimizer is not None:
+            if math.isfinite(self.clean_loss) and ServerGrads(self.optimizer).finite():
+                self.optimizer.step()
+            else:
+                self.skipped_optimizer_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        elif request.ints:  # zo-sl: the client's update, with the same seeds and estimates
+            self.zo.apply_update(*update_of(request))
+        self.clean_loss = math.nan
+        self.activation_grad = None
+        return self._reply(request, ints=[self.skipped_server_steps])
+
+    # -- hosl's linear estimate -------------------------------------------------------------------
+    def _kept_activation_grad(self) -> torch.Tensor:
+        if self.activation_grad is None:
+            raise ValueError("no dL/dh at the clean point for this step (the clean-loss request did not ask to "
+                             "keep it, the clean loss was not finite, or the server half has no gradient)")
+        return self.activation_grad
+
+    def _linear_grad(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        """dL/dh itself, only with linear_on='client'."""
+        grad = self._kept_activation_grad()
+        if getattr(self.hp, "linear_on", "server") != "client":
+            raise ValueError("the client asked for dL/dh but this server keeps it (linear_on='server'); "
+                             "start both sides with --linear-on client to send it down")
+        return self._reply(request, tensors=[grad])
+
+    def _linear_dots(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        """<dL/dh, difference> for each activation difference stacked in the request."""
+        from hosl.optim.linear_estimate import dot_per_copy
+
+        return self._reply(request, floats=dot_per_copy(self._kept_activation_grad(), tensors[0]))
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _eval(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        h, mask, *rest = tensors
+        batch = batch_from_server_side(rest, self.model_kind, for_eval=True)
+        self.server.train(False)
+        try:
+            with torch.no_grad():
+                out, loss_sum = eval_outputs(self.server(h, mask), batch, self.model_kind)
+        finally:
+            self.server.train(self.train_dropout)
+        return self._reply(request, floats=[loss_sum], tensors=[out])
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        self.save(request.step)
+        return self._reply(request)
+
+    def _resume(self, request: Message, tensors: list[torch.Tensor]) -> Message:
+        self.resume(request.step)
+        return self._reply(request)
+
+    def state_dict(self) -> dict:
+        return {"skipped_optimizer_steps": self.skipped_optimizer_steps,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
+                "rng_state": self.rng_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.mode == "zo-sl" and state.get("zo") is not None:
+            if self.zo is not None:
+                self.zo.load_state_dict(state["zo"])
+            else:
+                self._pending_zo_state = state["zo"]
+        self.rng_state = state["rng_state"]
+        self.skipped_optimizer_steps = state.get("skipped_optimizer_steps", 0)
+
+    def save(self, step: int) -> None:
+        """Server-process checkpoints (in-process runs save the server with the client instead)."""
+        from hosl.training import checkpoint as ckpt
+
+        if self.checkpoint_dir is None:
+            raise RuntimeError("this server half has no checkpoint folder")
+        # keep two: the client saves after the server, so it may die holding only the previous one
+        ckpt.save_checkpoint(self.checkpoint_dir, step, {"server": self.server},
+                             {"step": step, "server_half": self.state_dict()}, keep=2,
+                             trainable_only=self.trainable_only_checkpoints)
+
+    def resume(self, step: int) -> None:
+        from hosl.training import checkpoint as ckpt
+
+        if step == 0:
+            return
+        if not self.resume_allowed:
+            raise ValueError(f"the client resumes at step {step} but the server was not started with --resume")
+        if self.checkpoint_dir is None:
+            raise RuntimeError("this server half has no checkpoint folder")
+        path = ckpt.checkpoint_at(self.checkpoint_dir, step)
+        if path is None:
+            have = ", ".join(p.name for p in ckpt.list_checkpoints(self.checkpoint_dir)) or "none"
+            raise FileNotFoundError(f"the client resumes at step {step} but the server has no checkpoint for it "
+                                    f"in {self.checkpoint_dir} (has: {have})")
+        state = ckpt.load_checkpoint(path, {"server": self.server})
+        # the learning rates come from this process's settings (checked against the run's on start,
+        # so they differ only under --override), not from the checkpoint
+        half = dict(state["server_half"])
+        if self.optimizer is not None and half.get("optimizer") is not None:
+            half["optimizer"] = ckpt.with_current_lr(self.optimizer, half["optimizer"])
+        if half.get("zo") is not None:
+            half["zo"] = ckpt.with_lr(half["zo"], self.hp.lr_client)
+        self.load_state_dict(half)
