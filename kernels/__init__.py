@@ -19,7 +19,7 @@ already validated. Set ``TRITON_INTERPRET=1`` before importing this package to r
 from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, default_block_counters
 from hosl.kernels.perturb import perturb
 from hosl.kernels.perturbed_embedding import perturbed_embedding
-from hosl.kernels.perturbed_linear import perturbed_linear
+from hosl.kernels.perturbed_linear import FUSED_FAMILIES, perturbed_linear
 from hosl.kernels.randn import randn, sq_norms
 from hosl.kernels.zo_update import zo_update
 
@@ -39,5 +39,5 @@ def aot_specs():
     return [spec for mod in mods for spec in mod.AOT]
 
 
-__all__ = ["COMPILE_OPTIONS", "INTERPRET", "aot_specs", "default_block_counters", "perturb", "perturbed_embedding",
+__all__ = ["COMPILE_OPTIONS", "FUSED_FAMILIES", "INTERPRET", "aot_specs", "default_block_counters", "perturb", "perturbed_embedding",
            "perturbed_linear", "randn", "sq_norms", "zo_update"]

@@ -38,6 +38,11 @@ from hosl.kernels.direction import (DTYPE_BF16, DTYPE_F16, FAMILY_RADEMACHER, FA
                                     element_normals, load_direction_group, load_f32, philox4x32_10, row_normals,
                                     store_rne)
 
+# The families whose z the fused tiles below (and perturbed_embedding's, which shares them) generate.
+# Any other family goes through the Triton backend's materialising path (hosl/ops/backends/triton.py),
+# so a family added to the spec and kernels/direction.py works before it has a fused tile.
+FUSED_FAMILIES = ("gaussian", "rademacher", "sphere")
+
 
 @triton.jit
 def element_signs(coord, k0, k1):

@@ -246,3 +246,27 @@ def test_launchers_reject_strided_views():
     w = torch.zeros(8, 8, device=DEVICE).t()
     with pytest.raises(AssertionError, match="contiguous"):
         tb.perturb([w], [w], [0], 0, 0, 1.0)
+
+
+def test_a_family_without_a_fused_tile_is_materialised(monkeypatch):
+    """A family the fused linear/embedding tiles do not generate (here: Rademacher, taken out of
+    kernels.FUSED_FAMILIES) never reaches them: the Triton backend materialises W + s*z with its own
+    perturb, which gives the reference backend's result."""
+    def fused_must_not_run(*args, **kwargs):
+        raise AssertionError("the fused kernel ran for a family it does not implement")
+
+    monkeypatch.setattr(kernels, "FUSED_FAMILIES", ("gaussian", "sphere"))
+    monkeypatch.setattr(kernels, "perturbed_linear", fused_must_not_run)
+    monkeypatch.setattr(kernels, "perturbed_embedding", fused_must_not_run)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE), torch.randn(8, device=DEVICE)
+    keys = [_keys(s) for s in SEEDS[:2]]
+    args = (w_off := 64, w_off + w.numel(), [k[0] for k in keys], [k[1] for k in keys], [0.5, -0.25], True)
+    got = tb.perturbed_linear(x, w, b, *args, family="rademacher")
+    want = ref.perturbed_linear(x, w, b, *args, family="rademacher")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    ids = torch.tensor([1, 7, 3], device=DEVICE)
+    emb = tb.perturbed_embedding(ids, w, 64, *args[2:4], [0.5, -0.25], True, family="rademacher")
+    assert torch.equal(emb, ref.perturbed_embedding(ids, w, 64, *args[2:4], [0.5, -0.25], True, family="rademacher"))
+    with pytest.raises(AssertionError, match="fused kernel ran"):  # and a fused family does reach them
+        tb.perturbed_linear(x, w, b, *args, family="gaussian")
