@@ -309,11 +309,11 @@ def resolved_config(flags: dict) -> dict | None:
     """The full ``TrainConfig`` ``hosl train`` builds from these flags, with the values it derives
     (client lr and eps by mode/LoRA, evaluation and checkpoint intervals) filled in. None if this
     checkout's ``hosl train`` does not accept them."""
-    from hosl import cli
+    from hosl import cli, cli_options
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse prints, then exits, on an unknown flag
-            config = cli._config_from(cli.build_parser().parse_args(cli_argv("python", flags)[3:]))
+            config = cli_options.config_from(cli.build_parser().parse_args(cli_argv("python", flags)[3:]))
         config.validate()
     except (SystemExit, ValueError):
         return None

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from hosl import cli_export, cli_options, cli_remote
@@ -146,9 +145,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _config_from(args) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+# the name before hosl/cli_options.py held it (a benchmark process may still call it)
+_config_from = cli_options.config_from
 
 
 def _cmd_train(args) -> int:
@@ -157,7 +155,7 @@ def _cmd_train(args) -> int:
     if args.role != "local":
         return cli_remote.cmd_train_remote(args)
 
-    summary = train(_config_from(args))
+    summary = train(cli_options.config_from(args))
     print(json.dumps({k: summary[k] for k in ("mode", "task", "model", "steps", "eval_accuracy",
                                               "client_peak_bytes", "seconds")}, indent=2))
     return 0

@@ -1,5 +1,8 @@
-"""``hosl train`` options for bringing your own data (``--task custom`` / ``--task lm``); the
-fields are TrainConfig's of the same names, the rules in ``hosl/tasks/custom.py``."""
+"""Pieces of the command line that ``hosl/cli.py`` (``hosl train``) and ``hosl/cli_remote.py``
+(``hosl serve``, ``--role``) share: option groups (your own data, ``--task custom`` / ``--task
+lm``, with the rules in ``hosl/tasks/custom.py``; the schedule; ``--config FILE``) and the
+TrainConfig of the parsed arguments. Both import this module and neither imports the other's
+parser code back (``tests/test_training_structure.py`` checks hosl has no import circle)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,17 @@ def add_data_args(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--verbalizer", default=d.verbalizer, metavar="L=W,...",
                    help="custom: the answer word of each label, e.g. 'neg=terrible,pos=great' or a JSON object "
                         "(default: each label's own text)")
+
+
+def config_from(args: argparse.Namespace):
+    """The TrainConfig of parsed ``hosl train`` / ``hosl serve`` arguments (other attributes, such as
+    the connection flags, are not TrainConfig's and are left out)."""
+    from dataclasses import fields
+
+    from hosl.training.config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from hosl.cli_options import config_from
+
 ROLES = ("local", "client", "server", "auto")
 
 
@@ -85,21 +87,19 @@ def resolve_role(args) -> str:
 
 
 def cmd_serve(args) -> int:
-    from hosl.cli import _config_from
     from hosl.training.remote import run_server
 
-    return run_server(_config_from(args), _connection(args, "server"))
+    return run_server(config_from(args), _connection(args, "server"))
 
 
 def cmd_train_remote(args) -> int:
     """``hosl train --role client|server|auto``."""
-    from hosl.cli import _config_from
     from hosl.training.remote import run_client, run_server
 
     role = resolve_role(args)
     if role == "server":
-        return run_server(_config_from(args), _connection(args, "server"))
-    summary = run_client(_config_from(args), _connection(args, "client"))
+        return run_server(config_from(args), _connection(args, "server"))
+    summary = run_client(config_from(args), _connection(args, "client"))
     keys = ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds",
             "bytes_up_per_step", "bytes_down_per_step")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))

@@ -83,14 +83,14 @@ CONFIGS = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_give_valid_train_commands(path):
     """Every cell a shipped config would run parses with ``hosl train``'s own parser and validates."""
-    from hosl import cli
+    from hosl import cli, cli_options
 
     parser = cli.build_parser()
     cells = [c for c in grid.expand(grid.load_config(path)) if c.skip is None]
     assert cells, f"{path.name} runs no cell"
     for cell in cells:
         args = parser.parse_args(grid.cli_argv("python", cell.flags)[3:])
-        config = cli._config_from(args)
+        config = cli_options.config_from(args)
         config.validate()
         assert config.model == cell.flags["model"] and config.task == cell.axes["task"], cell.id
         assert config.steps == (0 if cell.axes["mode"] == "zero-shot" else cell.flags["steps"]), cell.id
@@ -99,7 +99,7 @@ def test_shipped_configs_give_valid_train_commands(path):
 def test_paper_config_uses_the_authors_zo_settings():
     """paper.yaml's ZO halves: per-layer normalised (sphere) directions, central differences, Q=10,
     plain ZO-SGD; the flags reach ``hosl train`` and resolve to those values."""
-    from hosl import cli
+    from hosl import cli, cli_options
 
     cells = [c for c in grid.expand(grid.load_config(ROOT / "benchmarks" / "configs" / "paper.yaml"))
              if c.skip is None and c.axes["mode"] in ("hosl", "zo-sl")]
@@ -107,7 +107,7 @@ def test_paper_config_uses_the_authors_zo_settings():
     for cell in cells:
         argv = grid.cli_argv("python", cell.flags)
         assert argv[argv.index("--direction") + 1] == "sphere", cell.id
-        config = cli._config_from(cli.build_parser().parse_args(argv[3:]))
+        config = cli_options.config_from(cli.build_parser().parse_args(argv[3:]))
         assert (config.direction, config.difference, config.num_queries, config.zo_optimizer, config.batch_size,
                 config.cut) == ("sphere", "central", 10, "sgd", 64, 5), cell.id
         lora = cell.axes["variant"] == "lora"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from hosl.cli import _config_from, build_parser, main
-from hosl.cli_options import parse_with_config
+from hosl.cli import build_parser, main
+from hosl.cli_options import config_from, parse_with_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
 
@@ -19,7 +19,7 @@ needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reas
 
 
 def _config(argv):
-    return _config_from(parse_with_config(build_parser(), argv))
+    return config_from(parse_with_config(build_parser(), argv))
 
 
 @needs_data

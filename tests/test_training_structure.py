@@ -18,6 +18,106 @@ from hosl.transport import Kind, Message
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# -- the package's shape: imports and class names -------------------------------------------------------
+
+def _hosl_modules() -> dict[str, tuple[Path, bool]]:
+    """hosl's modules by dotted name -> (file, is a package's __init__)."""
+    modules = {}
+    for path in sorted((ROOT / "hosl").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        modules[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    return modules
+
+
+def _imports(modules) -> dict[str, set[str]]:
+    """module -> the hosl modules it imports, anywhere in the file (a function's lazy import too:
+    it closes a circle at run time all the same). ``from a.b import c`` is an import of ``a.b.c``
+    when that is a module, else of ``a.b``."""
+    graph = {}
+    for name, (path, is_package) in modules.items():
+        package = name if is_package else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in modules:
+                        found.add(f"{source}.{alias.name}")
+                    elif source in modules:
+                        found.add(source)
+        found.discard(name)
+        graph[name] = found
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected components of more than one module (iterative Tarjan)."""
+    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], 0
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_among_hosl_modules():
+    graph = _imports(_hosl_modules())
+    assert "hosl.cli_options" in graph["hosl.cli_remote"]  # the walk sees the imports at all
+    assert _cycles(graph) == []
+
+
+def test_no_two_classes_share_a_name_across_hosl():
+    where: dict[str, list[str]] = {}
+    for path, _ in _hosl_modules().values():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                where.setdefault(node.name, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert "ServerHandler" in where and "ServerHalf" in where
+    assert {name: places for name, places in where.items() if len(places) > 1} == {}
+
+
 # -- the server handler: clean vs perturbed by the message -----------------------------------------------
 
 class _ToyServer(nn.Module):
