@@ -135,6 +135,22 @@ def test_the_rules_really_differ():
                 assert not torch.equal(results[a], results[b]), (a, b)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_rule_table_gives_the_state_the_rule_keeps(variant):
+    """functional.rule_state_nbytes (what the client memory planner charges) is the state a step builds."""
+    from hosl.optim import functional as F
+
+    assert set(F.STATE_ELEMENTS) == set(F.VARIANTS) == set(VARIANTS)
+    x, y = _data()
+    client, server = _model()
+    opt = hosl.HybridOrderOptimizer(client, None, lr=1e-2, num_queries=2, seed=3, variant=variant)
+    opt.step(lambda: client(x), _loss_fn(server, y))
+    trainable = sum(p.numel() for p in client.parameters() if p.requires_grad)
+    assert opt.state_nbytes() == F.rule_state_nbytes(variant, trainable)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        F.rule_state_nbytes("lion", trainable)
+
+
 @pytest.mark.parametrize("variant,dtype", [("momentum", torch.float32), ("adam", torch.float32),
                                            ("adam", torch.bfloat16)])
 def test_state_survives_resume_bit_identically(variant, dtype):

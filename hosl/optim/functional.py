@@ -26,6 +26,22 @@ from hosl import ops
 from hosl.forward.layout import ParameterLayout
 
 VARIANTS = ("sgd", "momentum", "adam", "sign")
+# Per rule, the float32 state elements it keeps per trainable element (the memory planner's figure).
+STATE_ELEMENTS = {"sgd": 0, "momentum": 1, "adam": 2, "sign": 0}
+# The param_groups keys the rules read (ZOConfig's fields with param_group=True, eps aside).
+STEP_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "betas", "adam_eps")
+
+
+def step_hyperparameters(group: dict) -> dict:
+    """The keyword arguments :func:`zo_step` and :func:`update_is_safe` take from a param group."""
+    return {k: tuple(group[k]) if k == "betas" else group[k] for k in STEP_HYPERPARAMETERS}
+
+
+def rule_state_nbytes(variant: str, trainable_numel: int) -> int:
+    """Bytes of optimizer state ``variant`` keeps for ``trainable_numel`` trainable elements."""
+    if variant not in STATE_ELEMENTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return 4 * STATE_ELEMENTS[variant] * trainable_numel
 
 
 def projected_gradients(

@@ -165,18 +165,14 @@ class ZerothOrderBase(torch.optim.Optimizer):
         (:func:`hosl.optim.functional.update_is_safe`: checked for all groups before any is written)."""
         per_group = self.group_grads(grads)
         for group, layout, g in zip(self.param_groups, self.layouts, per_group):
-            if not F.update_is_safe(self.variant, layout, seeds, g, self.state, lr=group["lr"],
-                                    weight_decay=group["weight_decay"], momentum=group["momentum"],
-                                    betas=tuple(group["betas"]), adam_eps=group["adam_eps"], direction=self.direction):
+            if not F.update_is_safe(self.variant, layout, seeds, g, self.state, direction=self.direction,
+                                    **F.step_hyperparameters(group)):
                 self.skipped_updates += 1
                 return False
         for group, layout, sphere, g in zip(self.param_groups, self.layouts, self.sphere_scales, per_group):
-            F.zo_step(
-                self.variant, layout, seeds, g, self.state, lr=group["lr"], weight_decay=group["weight_decay"],
-                momentum=group["momentum"], betas=tuple(group["betas"]), adam_eps=group["adam_eps"],
-                direction=self.direction, scales=None if sphere is None else [sphere(s) for s in seeds],
-                backend=self.backend,
-            )
+            F.zo_step(self.variant, layout, seeds, g, self.state, direction=self.direction,
+                      scales=None if sphere is None else [sphere(s) for s in seeds], backend=self.backend,
+                      **F.step_hyperparameters(group))
         for peer in self.peers:
             peer.update(seeds, grads)
         return True

@@ -24,6 +24,7 @@ from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
 from hosl.optim.config import ZOConfig, train_fields, train_name
 from hosl.tasks.evaluation import eval_outputs
 from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
+from hosl.optim.functional import rule_state_nbytes
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
 from hosl.training.protocol import SPLIT_MODES
 from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy
@@ -164,8 +165,7 @@ class _ZOClientMode:
         mask = torch.ones_like(ids)
         with self.opt.perturbed(0, 1.0):  # the + point of seed 0 (a peer only records it)
             fixed, per_row, out_row = probe_row_cost(lambda n: self.client(ids[:n], mask[:n]))
-        state = {"momentum": 4, "adam": 8}.get(self.opt.variant, 0) * sum(
-            p.numel() for p in self.client.parameters() if p.requires_grad)
+        state = rule_state_nbytes(self.opt.variant, sum(p.numel() for p in self.client.parameters() if p.requires_grad))
         plan = plan_micro_batch(budget, weights=weights, scratch=self.scratch_bytes() + state,
                                 output=out_row * batch_size, fixed_transient=fixed, per_row_transient=per_row,
                                 batch_size=batch_size, reserve=runtime_reserve(device))
