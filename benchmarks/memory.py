@@ -290,6 +290,8 @@ def print_table(results: dict, details: dict) -> None:
           f"{'scratch':>8} {'activ.':>8} {'s':>6}")
     for key, modes in details.items():
         for mode, r in modes.items():
+            if "refused" in r:  # a budget the plan refused: print_micro_table says why
+                continue
             print(f"{key:<16} {mode:<6} {gib(r['peak']):>9} {gib(r['weights']):>8} {gib(r['gradients']):>8} "
                   f"{gib(r['optimizer_state']):>8} {gib(r['scratch']):>8} {gib(r['activations']):>8} "
                   f"{r['seconds']:>6.1f}")
