@@ -12,7 +12,7 @@ without grad, the client ZO update over all ``Q`` directions, and the server's S
             another too): perturbed forwards through the module-at-a-time scratch, one fused
             ``zo_update_`` for all ``Q`` directions.
 * ``hosl-sb`` the same with ``server_batch=2Q``: the server evaluates all perturbed activations as
-            one batch (DESIGN.md section 5).
+            one batch (``server_batch``, ``docs/optimizer.md`` step 3).
 * ``hosl-qb``  ``query_batch=D`` (``--query-batch``, default ``2Q``): ``D`` perturbed points per client
             forward over a ``D x B`` batch (fused perturbed linear/embedding with ``D`` directions on
             CUDA, the materialising ops on CPU), the server evaluating the ``D`` activations at once.

@@ -162,7 +162,7 @@ def _assemble(client, server, fold_lora: bool):
     with torch.no_grad():
         for target, sources in values.items():
             target_state[target].copy_(sources[0][1])
-    fresh.hosl_tied_head = tied and not untie  # noqa: attribute for callers and the export record
+    fresh.hosl_tied_head = tied and not untie  # an attribute for callers and the export record
     return fresh, key_map
 
 
@@ -280,7 +280,7 @@ def export_run(run, out, *, merge_lora: bool = False) -> dict:
     """Export the latest checkpoint of ``run`` to ``out`` (layout in the module docstring). Returns
     the export record (also written as ``hosl_export.json``)."""
     from hosl.training import checkpoint as ckpt
-    from hosl.training.loop import load_split_model
+    from hosl.training.run import load_split_model
 
     out = Path(out)
     _check_out(out)

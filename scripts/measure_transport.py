@@ -31,7 +31,6 @@ def bytes_per_step(mode: str, batch: int, seq: int, hidden: int, q: int) -> tupl
     from hosl.training.protocol import Phase
     from hosl.training.server_proxy import ServerProxy
     from hosl.transport import InProcessLink, Kind, Message
-    from hosl.transport.wire import from_int64
 
     def handle(req):  # answers shaped like the real server's
         if req.phase == Phase.BACKPROP:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hosl.transport import AuthError, ConnectError, InProcessLink, Kind, Message, PeerProtocolError
+from hosl.transport import ConnectError, InProcessLink, Kind, Message, PeerProtocolError
 from hosl.transport.auth import load_secret, proof, proof_ok, run_id_of, write_secret_file
 from hosl.transport.distributed import open_store
 from hosl.transport.wire import HEADER_LEN, MAGIC, check_header

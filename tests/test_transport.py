@@ -1,6 +1,5 @@
 """hosl.transport with two real processes on 127.0.0.1: messages, bytes, handshake, dead and silent peers."""
 
-import json
 import socket
 import signal
 import subprocess

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from hosl import ops
@@ -76,12 +75,6 @@ class ParameterLayout:
 
     def nbytes(self) -> int:
         return sum(s.param.numel() * s.param.element_size() for s in self.slots)
-
-    def check_unchanged_parameters(self, module: nn.Module) -> None:
-        """Raise if ``module``'s trainable parameters are no longer the ones laid out."""
-        current = sorted((n, p) for n, p in module.named_parameters() if p.requires_grad)
-        if [(n, id(p)) for n, p in current] != [(s.name, id(s.param)) for s in self.slots]:
-            raise RuntimeError("the module's trainable parameters changed after the optimizer was built")
 
 
 class SphereScales:

@@ -94,8 +94,3 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     except ImportError:
         return model
     return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters of ``module`` by state-dict name (what a LoRA checkpoint holds)."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}

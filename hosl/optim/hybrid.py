@@ -19,7 +19,7 @@ from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 
 class HybridOrderOptimizer(ZerothOrderBase):
-    """One HOSL step (DESIGN.md section 1) per :meth:`step`.
+    """One HOSL step (``docs/optimizer.md``, first section) per :meth:`step`.
 
     ::
 
