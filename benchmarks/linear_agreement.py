@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
     import hosl
     from hosl.tasks import ShuffledBatches, make_collate_fn, sample_task
     from hosl.training.config import TrainConfig
-    from hosl.training.loop import _loss_fn, load_split_model
+    from hosl.training.run import load_split_model, loss_fn
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm-l6")
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     model_kind, tokenizer, client, server = load_split_model(cfg)
     client.eval()
     server.eval()
-    loss_of = _loss_fn(model_kind)
+    loss_of = loss_fn(model_kind)
     batches = ShuffledBatches(data.train, a.batch_size, seed=0,
                               collate_fn=make_collate_fn(data.template, tokenizer, model_kind, a.max_length))
     eps_list = [float(e) for e in a.eps.split(",")]

@@ -16,7 +16,7 @@ from hosl.export import adapter_model, merge
 from hosl.models import load_model, split
 from hosl.models.lora import apply_lora
 from hosl.training import checkpoint as ckpt
-from hosl.training.loop import load_split_model
+from hosl.training.run import load_split_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:hosl. no compiled kernels"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

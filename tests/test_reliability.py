@@ -450,12 +450,12 @@ def test_server_process_resume_uses_this_processes_learning_rate(tmp_path, mode)
     """--override lr_server / lr_client reaches the server process of a two-process run: its resume
     takes the learning rates of its own settings, not the checkpoint's."""
     from hosl.training.config import TrainConfig
-    from hosl.training.loop import _loss_fn, hyper, load_split_model
+    from hosl.training.run import hyper, load_split_model, loss_fn
     from hosl.training.server_handler import ServerHandler
 
     def half_for(cfg):
         _, _, _, server = load_split_model(cfg)
-        return ServerHandler(server, mode, hyper(cfg), _loss_fn("causal_lm"), "causal_lm", train_dropout=False,
+        return ServerHandler(server, mode, hyper(cfg), loss_fn("causal_lm"), "causal_lm", train_dropout=False,
                              checkpoint_dir=tmp_path, resume_allowed=True)
 
     cfg = TrainConfig(model="tiny-opt", task="sst2", mode=mode, cut=1, lr_server=0.1, lr_client=1e-4)

@@ -4,12 +4,17 @@ from perturbed requests by their phase, not by the grad mode it is called under.
 
 import ast
 import math
+import random
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import hosl.tasks.registry
+from hosl.cli import main
+from hosl.training.config import TrainConfig
 from hosl.training.modes import Hyper
 from hosl.training.protocol import KEEP_ACTIVATION_GRAD, Phase
 from hosl.training.server_handler import ServerHandler
@@ -182,3 +187,72 @@ def test_a_backprop_request_returns_the_activation_gradient_under_no_grad():
     with torch.no_grad():
         reply = handler.handle(Message(Kind.REQUEST, Phase.BACKPROP, 1, tensors=[_h()]))
     assert reply.tensors[0].shape == _h().shape and all(g is not None for g in _grads(handler))
+
+
+# -- each run-level check once per run -------------------------------------------------------------------
+
+WORDS = "good bad fine awful great dull lovely boring superb weak".split()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small synthetic SST-2 folder (as tests/test_reliability.py writes it)."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    (folder / "sst2").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        lines = ["text\tlabel"] + [f"{' '.join(rng.choices(WORDS, k=5))}\t{i % 2}" for i in range(24)]
+        (folder / "sst2" / name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _train_args(out, data, *extra):
+    return ["train", "--model", "tiny-opt", "--task", "sst2", "--data-dir", str(data), "--mode", "hosl", "--cut", "1",
+            "--steps", "1", "--batch-size", "4", "--train-size", "8", "--eval-size", "4", "--num-queries", "1",
+            "--max-length", "16", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict:
+    """Counts of TrainConfig.validate and get_task_spec calls (the latter in every hosl module that
+    bound the name)."""
+    counts = {"validate": 0, "get_task_spec": 0}
+    validate, get_task_spec = TrainConfig.validate, hosl.tasks.registry.get_task_spec
+
+    def counted_validate(self):
+        counts["validate"] += 1
+        return validate(self)
+
+    def counted_get_task_spec(name):
+        counts["get_task_spec"] += 1
+        return get_task_spec(name)
+
+    monkeypatch.setattr(TrainConfig, "validate", counted_validate)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("hosl") and getattr(module, "get_task_spec", None) is get_task_spec:
+            monkeypatch.setattr(module, "get_task_spec", counted_get_task_spec)
+    return counts
+
+
+@pytest.mark.filterwarnings("ignore:hosl. no compiled kernels", "ignore::FutureWarning")
+def test_a_local_run_validates_its_config_and_looks_up_its_task_once(data, tmp_path, calls):
+    assert main(_train_args(tmp_path / "run", data)) == 0
+    assert calls == {"validate": 1, "get_task_spec": 1}
+
+
+@pytest.mark.filterwarnings("ignore:hosl. no compiled kernels", "ignore::FutureWarning")
+def test_the_client_of_a_two_process_run_validates_once(data, tmp_path, calls, monkeypatch, capsys):
+    """``hosl train --role client`` up to the connection (the data sampled, the model loaded): the
+    config checked once, the task looked up once."""
+    from hosl.training.remote import Connection
+
+    def no_server(self, stop_requested):
+        raise ConnectionRefusedError("no server in this test")
+
+    monkeypatch.setattr(Connection, "connect", no_server)
+    monkeypatch.setenv("HOSL_SECRET", "a-shared-secret-for-the-tests")
+    args = _train_args(tmp_path / "run", data, "--role", "client", "--rank", "0", "--master-addr", "127.0.0.1",
+                       "--master-port", "1")
+    assert main(args) == 2
+    assert "no server in this test" in capsys.readouterr().err
+    assert calls == {"validate": 1, "get_task_spec": 1}

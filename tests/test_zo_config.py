@@ -217,7 +217,7 @@ def test_defaults_and_keywords_over_a_config():
 def test_the_training_modes_build_their_optimizers_from_the_run_config():
     cfg = TrainConfig(mode="hosl", num_queries=3, zo_optimizer="momentum", server_batch=2, client_micro_batch=4,
                       zo_betas=(0.8, 0.9), lr_client=1e-2, seed=9)
-    from hosl.training.loop import hyper
+    from hosl.training.run import hyper
 
     hp = hyper(cfg)
     assert hp.zo == cfg.zo_config() and hp.lr_client == 1e-2 and hp.zo_optimizer == "momentum"

@@ -272,7 +272,7 @@ def test_bad_options_are_refused():
 
 def test_zo_sl_server_half_gets_the_family_and_rule_and_saves_its_state():
     from hosl.training.config import TrainConfig
-    from hosl.training.loop import hyper
+    from hosl.training.run import hyper
     from hosl.training.remote import fingerprint
     from hosl.training.server_handler import ServerHandler
 

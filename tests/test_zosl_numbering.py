@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from hosl.models import load_model, split
-from hosl.training.loop import _loss_fn
+from hosl.training.run import loss_fn
 from hosl.optim.config import ZOConfig
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.protocol import PHASE_NAMES
@@ -41,7 +41,7 @@ def _batch():
 
 def _train(mode_name, cut, hp, steps=3, name="tiny-opt"):
     client, server = _halves(cut, name)
-    loss_of = _loss_fn("classifier")
+    loss_of = loss_fn("classifier")
     if mode_name == "zo-sl":
         half = ServerHandler(server, "zo-sl", hp, loss_of, "classifier", train_dropout=False)
         mode = make_mode("zo-sl", client, None, hp, loss_of,
@@ -94,8 +94,8 @@ def test_server_half_direction_is_not_a_copy_of_the_clients():
     coordinates. Now the server's first coordinate is the client's count."""
     client, server = _halves(1)
     hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=1), lr_server=0.0)
-    half = ServerHandler(server, "zo-sl", hp, _loss_fn("classifier"), "classifier", train_dropout=False)
-    mode = make_mode("zo-sl", client, None, hp, _loss_fn("classifier"),
+    half = ServerHandler(server, "zo-sl", hp, loss_fn("classifier"), "classifier", train_dropout=False)
+    mode = make_mode("zo-sl", client, None, hp, loss_fn("classifier"),
                      proxy=ServerProxy(InProcessLink(half.handle, PHASE_NAMES), "classifier"))
     mode.step_number = 1
     mode.step(_batch())
@@ -126,7 +126,7 @@ def test_hosl_train_zo_sl_and_zo_write_the_same_weights(tmp_path):
 def test_one_dropout_policy_for_every_mode(mode):
     from hosl.cli import build_parser
     from hosl.training.config import TrainConfig
-    from hosl.training.loop import train_dropout
+    from hosl.training.run import train_dropout
 
     args = build_parser().parse_args(["train", "--mode", mode])
     assert args.dropout == "off" and train_dropout(TrainConfig(mode=mode)) is False

@@ -301,7 +301,8 @@ def sample_file_task(opts: FileTaskOptions, train_size: int, eval_size: int, see
         template = CustomTemplate(list(words.values()), opts.template, bool(opts.text_pair_field))
     else:
         template = LMTemplate()
-    return TaskData(name=opts.task, train=train, eval=evaluation, template=template, notes=notes)
+    return TaskData(name=opts.task, train=train, eval=evaluation, template=template, notes=notes,
+                    num_labels=len(words) if opts.task == CUSTOM else None)
 
 
 # -- for the training loop: any --task, built-in or file ---------------------------------------------

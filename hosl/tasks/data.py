@@ -53,12 +53,13 @@ EXPECTED_LAYOUT = (
 )
 
 
-def load_task(name: str, split: str, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
-    """One split ("train" or "validation"; "val"/"dev" accepted) of task ``name`` as a Dataset.
+def load_task(name: str | TaskSpec, split: str, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """One split ("train" or "validation"; "val"/"dev" accepted) of task ``name`` (or its already
+    resolved spec) as a Dataset.
 
     Rows follow the hub schema documented in :mod:`hosl.tasks.registry`, labels are ints.
     """
-    spec = get_task_spec(name)
+    spec = name if isinstance(name, TaskSpec) else get_task_spec(name)
     split = canonical_split(split)
     if data_dir is None:
         source = f"{spec.hub_id} ({spec.hub_config}) on the Hugging Face hub"

@@ -34,10 +34,8 @@ class TaskData:
     eval: list[dict]
     template: PromptTemplate
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_labels(self) -> int:
-        return self.template.num_options
+    # classes of a classification task (a classifier's head size); None for --task lm (plain text)
+    num_labels: int | None = None
 
 
 def mezo_subset_indices(num_rows: int, size: int, seed: int) -> list[int]:
@@ -73,7 +71,7 @@ def sample_task(
         train_from_validation = data_dir is not None and spec.name in TRAIN_FROM_VALIDATION_BY_DEFAULT
 
     notes: list[str] = []
-    validation = load_task(spec.name, "validation", data_dir).to_list()
+    validation = load_task(spec, "validation", data_dir).to_list()
     if train_from_validation:
         train, eval_ = _split_shared_pool(spec.name, validation, train_size, eval_size, seed, eval_seed)
         source = "the local data folder" if data_dir is not None else "the hub"
@@ -83,7 +81,7 @@ def sample_task(
             f"{len(train)} train / {len(eval_)} eval out of {len(validation)} validation examples."
         )
     else:
-        train_rows = load_task(spec.name, "train", data_dir).to_list()
+        train_rows = load_task(spec, "train", data_dir).to_list()
         train = [train_rows[i] for i in mezo_subset_indices(len(train_rows), train_size, seed)]
         eval_ = [validation[i] for i in mezo_subset_indices(len(validation), eval_size, eval_seed)]
         if len(train_rows) < train_size:
@@ -94,7 +92,8 @@ def sample_task(
             )
     if len(eval_) < eval_size:
         notes.append(f"{spec.name}: evaluating on {len(eval_)} examples (eval_size={eval_size}).")
-    return TaskData(name=spec.name, train=train, eval=eval_, template=get_template(spec.name), notes=notes)
+    return TaskData(name=spec.name, train=train, eval=eval_, template=get_template(spec), notes=notes,
+                    num_labels=spec.num_labels)
 
 
 def _group_key(task: str, example: dict, row: int):

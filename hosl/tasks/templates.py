@@ -14,7 +14,7 @@ A template turns an example (hub-schema dict, see registry.py) into
 
 from __future__ import annotations
 
-from .registry import get_task_spec
+from .registry import TaskSpec, get_task_spec
 
 
 class PromptTemplate:
@@ -173,6 +173,6 @@ _TEMPLATES = {
 }
 
 
-def get_template(task: str) -> PromptTemplate:
-    """MeZO's template for ``task`` (any spelling get_task_spec accepts)."""
-    return _TEMPLATES[get_task_spec(task).name]()
+def get_template(task: str | TaskSpec) -> PromptTemplate:
+    """MeZO's template for ``task`` (any spelling get_task_spec accepts, or its resolved spec)."""
+    return _TEMPLATES[(task if isinstance(task, TaskSpec) else get_task_spec(task)).name]()

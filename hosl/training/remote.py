@@ -28,7 +28,8 @@ import torch
 
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
-from hosl.training.loop import RunExistsError, _loss_fn, hyper, load_split_model, train, train_dropout
+from hosl.training.loop import run_loop
+from hosl.training.run import RunExistsError, build_run, hyper, load_split_model, loss_fn, train_dropout
 from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.protocol import PHASE_NAMES, SPLIT_MODES
 from hosl.training.server_handler import ServerHandler
@@ -116,7 +117,8 @@ def _check_split_mode(cfg: TrainConfig) -> None:
 
 
 def run_client(cfg: TrainConfig, conn: Connection) -> dict:
-    """The client half: ``train`` with a link to the server process; returns the run's summary."""
+    """The client half: the run (validated here, once) built with a link to the server process,
+    then the training loop; returns the run's summary."""
     _check_split_mode(cfg)
     if not conn.secret:
         raise ValueError(f"the client needs the server's shared secret: pass --secret-file PATH (the file `hosl serve` "
@@ -138,7 +140,7 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
 
     with stop:
         try:
-            summary = train(cfg, connect_server=connect_server)
+            summary = run_loop(build_run(cfg, connect_server=connect_server))
             if links:
                 links[0].close(ShutdownCode.DONE)
             return summary
@@ -185,7 +187,7 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client  # that half lives in the client process
-    half = ServerHandler(server, cfg.mode, hyper(cfg), _loss_fn(model_kind), model_kind,
+    half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
                          train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
                          trainable_only_checkpoints=cfg.lora)
     _write_or_check_server_config(run_dir, cfg)
