@@ -145,10 +145,6 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-# the name before hosl/cli_options.py held it (a benchmark process may still call it)
-_config_from = cli_options.config_from
-
-
 def _cmd_train(args) -> int:
     from hosl.training.loop import train
 
