@@ -147,6 +147,12 @@ def test_train_in_process_placements_agree_and_traffic_is_as_placed(tmp_path):
     assert main(["train", *_args(tmp_path / "exact", "--server-estimate", "exact")]) == 0
     on_server, on_client, exact = (_records(tmp_path / n) for n in ("server", "client", "exact"))
     assert [r["loss"] for r in on_server] == [r["loss"] for r in on_client]
+    # the summary counts the passes each estimate runs: linear needs the server's clean pass only
+    passes = {n: json.loads((tmp_path / n / "summary.json").read_text())["forward_passes_per_step"]
+              for n in ("server", "client", "exact")}
+    assert passes["server"]["server_forward"] == passes["client"]["server_forward"] == 1
+    assert passes["exact"]["server_forward"] == 1 + 2 * 3
+    assert passes["server"]["client_forward"] == passes["exact"]["client_forward"] == 1 + 2 * 3
     if "bytes_up" in on_server[0]:
         # server: Q+1 activations up; client: 1 up and dL/dh down; exact: 2Q+1 up
         up = lambda rs: rs[0]["bytes_up"]  # noqa: E731

@@ -32,12 +32,15 @@ from hosl.training.schedule import schedule_client_step
 from hosl.transport import Link
 
 
-def forward_passes_per_step(mode: str, q: int, difference: str) -> dict:
-    """Client and server forward passes (and backward passes) one step of ``mode`` costs."""
+def forward_passes_per_step(mode: str, q: int, difference: str, server_estimate: str = "exact") -> dict:
+    """Client and server forward passes (and backward passes) one step of ``mode`` costs; with HOSL's
+    linear server estimate the server runs only the clean pass (the perturbed points are dot
+    products with its dL/dh, no forward)."""
     perturbed = 2 * q if difference == "central" else q
     clean = 0 if difference == "central" else 1
+    hosl_server = 1 if server_estimate == "linear" else 1 + perturbed
     table = {
-        "hosl": dict(client_forward=1 + perturbed, server_forward=1 + perturbed, client_backward=0, server_backward=1),
+        "hosl": dict(client_forward=1 + perturbed, server_forward=hosl_server, client_backward=0, server_backward=1),
         "fo-sl": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
         "zo-sl": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),
         "fo": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
@@ -164,7 +167,8 @@ def _summary(run: Run, traffic: list) -> dict:
         "client_scratch_bytes": mode.scratch_bytes(),
         "seconds": run.seconds,
         "train_examples": run.step * cfg.batch_size,
-        "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference),
+        "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference,
+                                                           cfg.server_estimate),
         "skipped_updates": mode.skipped_updates,
         "skipped_server_steps": mode.skipped_server_steps,
         "client_micro_batch": run.hp.client_micro_batch,
