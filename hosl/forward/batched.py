@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from hosl import ops
-from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, _InterceptEmbedding, fused_kind
+from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, fused_kind, intercepting_forward
 from hosl.forward.layout import ParameterLayout, SphereScales
-from hosl.forward.scratch import _ScratchStack
+from hosl.forward.scratch import _ScratchStack, scratch_sizes
 
 
 def repeat_batch(args: tuple, kwargs: dict, copies: int) -> tuple[tuple, dict, int]:
@@ -87,22 +87,7 @@ class BatchedPerturber:
     # -- sizes ------------------------------------------------------------------------------
     def _scratch_sizes(self) -> dict:
         """Per dtype, the most scratch any chain of nested looped owners holds at once."""
-        looped = {id(s.param) for _, slots in self.looped for s in slots}
-        need: dict = {}
-
-        def visit(mod: nn.Module, held: dict) -> None:
-            held = dict(held)
-            for p in mod.parameters(recurse=False):
-                if id(p) in looped:
-                    key = (p.dtype, p.device)
-                    held[key] = held.get(key, 0) + p.numel()
-            for key, n in held.items():
-                need[key] = max(need.get(key, 0), n)
-            for child in mod.children():
-                visit(child, held)
-
-        visit(self.module, {})
-        return need
+        return scratch_sizes(self.module, {id(s.param) for _, slots in self.looped for s in slots})
 
     def scratch_nbytes(self) -> int:
         """Bytes of the looped owners' scratch (the largest of them: norms on transformer clients)."""
@@ -165,18 +150,7 @@ class BatchedPerturber:
         return lookup
 
     def _embedding_intercept(self, mod: nn.Embedding, slots: dict):
-        class_forward = type(mod).forward
-        lookup = self._lookup(mod, slots)
-
-        def forward(*args, **kwargs):
-            mode = _InterceptEmbedding(mod.weight, lookup)
-            with mode:
-                out = class_forward(mod, *args, **kwargs)
-            if mode.hits == 0:
-                raise RuntimeError(f"{type(mod).__name__}.forward did not call F.embedding on its weight, so the "
-                                   "batched path cannot perturb it; use query_batch=1")
-            return out
-        return forward
+        return intercepting_forward(mod, self._lookup(mod, slots), "batched path", "use query_batch=1")
 
     def _looped(self, mod: nn.Module, slots: list):
         class_forward = type(mod).forward

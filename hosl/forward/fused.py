@@ -69,6 +69,22 @@ class _InterceptEmbedding(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def intercepting_forward(mod: nn.Module, lookup, path: str, remedy: str):
+    """``mod``'s own class forward, with its ``F.embedding`` call on ``mod.weight`` replaced by
+    ``lookup(ids)``; a RuntimeError naming ``path`` and ``remedy`` when the forward never made that call."""
+    class_forward = type(mod).forward
+
+    def forward(*args, **kwargs):
+        mode = _InterceptEmbedding(mod.weight, lookup)
+        with mode:
+            out = class_forward(mod, *args, **kwargs)
+        if mode.hits == 0:
+            raise RuntimeError(f"{type(mod).__name__}.forward did not call F.embedding on its weight, so the {path} "
+                               f"cannot perturb it; {remedy}")
+        return out
+    return forward
+
+
 class FusedPerturber(ModuleScratchPerturber):
     """Perturbed forwards of one module tree: Linear/Embedding fused, other owners via scratch.
 
@@ -117,19 +133,7 @@ class FusedPerturber(ModuleScratchPerturber):
         return lookup
 
     def _embedding_intercept(self, mod: nn.Embedding, slots: dict):
-        class_forward = type(mod).forward
-        lookup = self._lookup(mod, slots)
-
-        def forward(*args, **kwargs):
-            mode = _InterceptEmbedding(mod.weight, lookup)
-            with mode:
-                out = class_forward(mod, *args, **kwargs)
-            if mode.hits == 0:
-                raise RuntimeError(
-                    f"{type(mod).__name__}.forward did not call F.embedding on its weight, so the fused path "
-                    "cannot perturb it; use perturbed_forward='scratch'")
-            return out
-        return forward
+        return intercepting_forward(mod, self._lookup(mod, slots), "fused path", "use perturbed_forward='scratch'")
 
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float) -> Iterator[None]:

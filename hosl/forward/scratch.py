@@ -24,6 +24,26 @@ from hosl.directions.spec import FAMILIES
 from hosl.forward.layout import ParameterLayout, SphereScales
 
 
+def scratch_sizes(module: nn.Module, scratched: set) -> dict:
+    """Per ``(dtype, device)``, the most elements of the parameters in ``scratched`` (ids) that any
+    chain of nested modules of ``module`` holds at once: what a scratch stack for them must hold."""
+    need: dict = {}
+
+    def visit(mod: nn.Module, held: dict) -> None:
+        held = dict(held)
+        for p in mod.parameters(recurse=False):
+            if id(p) in scratched:
+                key = (p.dtype, p.device)
+                held[key] = held.get(key, 0) + p.numel()
+        for key, n in held.items():
+            need[key] = max(need.get(key, 0), n)
+        for child in mod.children():
+            visit(child, held)
+
+    visit(module, {})
+    return need
+
+
 class _ScratchStack:
     """One flat buffer per dtype, handed out last-in first-out."""
 
@@ -72,22 +92,7 @@ class ModuleScratchPerturber:
 
     def _scratch_sizes(self) -> dict:
         """Per dtype, the most scratch any chain of nested owners needs at once."""
-        need: dict = {}
-        scratched = {id(s.param) for _, slots in self.owners for s in slots}
-
-        def visit(mod: nn.Module, held: dict) -> None:
-            held = dict(held)
-            for p in mod.parameters(recurse=False):
-                if id(p) in scratched:
-                    key = (p.dtype, p.device)
-                    held[key] = held.get(key, 0) + p.numel()
-            for key, n in held.items():
-                need[key] = max(need.get(key, 0), n)
-            for child in mod.children():
-                visit(child, held)
-
-        visit(self.module, {})
-        return need
+        return scratch_sizes(self.module, {id(s.param) for _, slots in self.owners for s in slots})
 
     def scratch_nbytes(self) -> int:
         return sum(n * key[0].itemsize for key, n in self._scratch_sizes().items())
