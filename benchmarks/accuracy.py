@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py --config benchmarks/configs/cpu.yaml --out runs/accuracy-cpu
     python benchmarks/accuracy.py --config ... --out ... --only 'minilm-l6/sst2/*' --dry-run
     python benchmarks/accuracy.py --config ... --out ... --report-only     # rebuild the tables
+    python benchmarks/accuracy.py --config ... --out ... --report-only --previous docs/accuracy-cpu.csv
 
 Run it from the repository root: relative paths in the config (``data_dir: ../shared/data``) are
 relative to the working directory, which every cell process inherits.
@@ -43,6 +44,15 @@ cells whose results predate a fix::
 A finished cell it matches is *superseded* when any of its runs was on a commit that does not contain
 ``before`` (or on an unknown commit). Tables still show its number, marked, and list it with the
 reason; running the grid reruns it (its old folder is moved to ``OUT/superseded/``).
+
+Results from an earlier table: ``--previous CSV`` (repeatable) names a ``cells.csv`` an earlier run
+wrote (``docs/accuracy-cpu.csv``, say) for cells whose folders are gone. A cell with no result in OUT
+(no ``summary.json``) but a done or superseded row there is reported from that row: status ``done``,
+note ``from CSV``, marked † in the tables and listed under them. The config's ``superseded`` rules
+and ``--stale-before`` apply to it as to a cell in OUT, with the row's ``commit`` column as its runs'
+commits; a row without one counts as run before every fix. A result in OUT always wins; given twice,
+a later file's row replaces an earlier one's. ``--previous`` changes the tables only: which cells a
+run runs is decided by OUT alone.
 
 Config (YAML), see benchmarks/configs/cpu.yaml for a commented one::
 
@@ -377,10 +387,15 @@ def supersessions(config: dict, stale_before: str | None) -> list[Supersession]:
 
 
 def superseded_reason(run_dir: Path, cell: Cell, rules: list[Supersession]) -> str | None:
+    return superseded_by([r.get("commit") for r in cell_runs(run_dir)], cell, rules)
+
+
+def superseded_by(commits: list[str | None], cell: Cell, rules: list[Supersession]) -> str | None:
+    """The reason of the first rule matching ``cell`` that one of ``commits`` (its runs' commits) lacks;
+    no commits at all (run before they were recorded) lack every fix."""
     for rule in rules:
         if _matches(rule.when, cell.axes):
-            runs = cell_runs(run_dir)
-            if not runs or not all(contains_commit(r.get("commit"), rule.before) for r in runs):
+            if not commits or not all(contains_commit(c, rule.before) for c in commits):
                 return rule.reason
     return None
 
@@ -531,6 +546,75 @@ def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict,
     return row
 
 
+# results from an earlier table (--previous)
+
+INT_COLUMNS = ("steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
+               "server_forward_total", "client_backward_total", "server_backward_total", "client_peak_bytes")
+FLOAT_COLUMNS = ("start_accuracy", "eval_accuracy", "majority_accuracy", "seconds", "lr_client", "lr_server")
+PREVIOUS_NEEDS = ("id", "status", "eval_accuracy")
+
+
+def _read_previous(path: Path) -> list[dict]:
+    """The rows of a cells table; a one-line ValueError naming --previous if it is not one."""
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows, columns = list(reader), reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"--previous {path}: {getattr(err, 'strerror', None) or err}") from None
+    missing = [c for c in PREVIOUS_NEEDS if c not in columns]
+    if missing:
+        raise ValueError(f"--previous {path}: no {', '.join(missing)} column (not a cells table this script "
+                         "writes, such as docs/accuracy-cpu.csv)")
+    return rows
+
+
+def _typed(row: dict, path: Path) -> dict:
+    """A CSV row with its numbers as numbers (empty: None)."""
+    out = dict(row)
+    for kinds, columns in ((int, INT_COLUMNS), (float, FLOAT_COLUMNS)):
+        for col in columns:
+            text = (row.get(col) or "").strip()
+            try:
+                out[col] = kinds(float(text)) if text else None
+            except ValueError:
+                raise ValueError(f"--previous {path}: {row['id']}: {col} {text!r} is not a number") from None
+    return out
+
+
+def load_previous(paths: list[Path]) -> dict[str, dict]:
+    """The rows with a result (done or superseded) of earlier cells tables, by cell id, each with
+    ``source`` (its file); a later file's row replaces an earlier one's."""
+    found = {}
+    for path in paths:
+        for row in _read_previous(path):
+            if row["status"] in HAS_RESULT:
+                found[row["id"]] = {**_typed(row, path), "source": path.as_posix()}
+    return found
+
+
+def previous_row(cell: Cell, prev: dict, superseded: list[Supersession] = ()) -> dict:
+    """A cell's row from an earlier table: its numbers; done, or superseded by this config's rules with
+    the row's commits (none recorded: run before every fix), as a cell in OUT would be."""
+    commits = (prev.get("commit") or "").split()
+    reason = superseded_by(commits, cell, list(superseded))
+    note = f"from {prev['source']}"
+    row = {col: prev.get(col) for col in CELL_COLUMNS}
+    row.update({"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": "superseded" if reason else "done",
+                "note": f"{reason}; {note}" if reason else note, "source": prev["source"],
+                "commit": " ".join(commits), "dirty": prev.get("dirty") or "", "config": prev.get("config") or ""})
+    if row["majority_accuracy"] is None:
+        row["majority_accuracy"] = majority_share(cell.flags)
+    return row
+
+
+def with_previous(row: dict, cell: Cell, previous: dict[str, dict], superseded: list[Supersession] = ()) -> dict:
+    """``row`` (from OUT) unless OUT has no result for the cell and an earlier table has one."""
+    if row["status"] in HAS_RESULT + ("stale",) or cell.id not in previous:
+        return row
+    return previous_row(cell, previous[cell.id], superseded)
+
+
 @functools.lru_cache(maxsize=None)
 def _majority_share(task: str, data_dir: str | None, train_size: int, eval_size: int, seed: int) -> float | None:
     try:
@@ -586,8 +670,9 @@ def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
                     **{k: first.get(k) for k in ("steps", "batch_size", "num_queries", "train_examples",
                                                  "client_forward_total", "server_forward_total",
                                                  "client_backward_total", "server_backward_total")},
-                    "seconds_mean": _stats([r["seconds"] for r in done])["mean"],
+                    "seconds_mean": _stats([r["seconds"] for r in done if r["seconds"] is not None])["mean"],
                     "superseded": sum(r["status"] == "superseded" for r in done),
+                    "previous": sum(bool(r.get("source")) for r in done),
                     "commits": " ".join(dict.fromkeys(c for r in done for c in r["commit"].split())),
                     "not_done": "; ".join(notes)})
     return out
@@ -614,10 +699,31 @@ def _fmt_acc(agg: dict | None) -> str:
         text += f" ({agg['seeds_done']}/{agg['seeds']} seeds)"
     elif agg["seeds_done"] == 1:
         text += " (1 seed)"
-    return text + (SUPERSEDED_MARK if agg["superseded"] else "")
+    return text + (PREVIOUS_MARK if agg["previous"] else "") + (SUPERSEDED_MARK if agg["superseded"] else "")
 
 
 SUPERSEDED_MARK = " ‡"
+PREVIOUS_MARK = " †"
+
+
+def _sources(rows: list[dict]) -> dict[str, list[str]]:
+    """Earlier tables (--previous) -> the ids of the cells reported from them."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("source"):
+            out.setdefault(r["source"], []).append(r["id"])
+    return out
+
+
+def _previous_lines(rows: list[dict]) -> list[str]:
+    """Under the tables: which cells come from which earlier table."""
+    sources = _sources(rows)
+    if not sources:
+        return []
+    lines = ["", "Results from earlier tables (`--previous`; these cells have no result in this folder):", ""]
+    for source, ids in sources.items():
+        lines.append(f"- from {source}: {len(ids)} cells: " + ", ".join(f"`{i}`" for i in ids))
+    return lines
 
 
 def _diff(a: dict | None, b: dict | None) -> str:
@@ -675,10 +781,13 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
     lines = [f"# Accuracy grid: {config_path.name}", ""]
     if config.get("description"):
         lines += [str(config["description"]).strip(), ""]
-    lines += [f"- command: `python benchmarks/accuracy.py --config {config_path.as_posix()} --out {out.as_posix()}`",
+    previous = "".join(f" --previous {s}" for s in _sources(rows))
+    lines += [f"- command: `python benchmarks/accuracy.py --config {config_path.as_posix()} --out {out.as_posix()}"
+              f"{previous}`",
               f"- machine: {machine_line()}",
               f"- written: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-              "- cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n), ""]
+              "- cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+              + "".join(f"; {len(ids)} from {s}" for s, ids in _sources(rows).items()), ""]
     lines += ["Accuracy (%) on the evaluation set at the end of training: mean ± sample std [min–max] over "
               "seeds. Differences are of the means, in points. *majority*: the share of the evaluation set's "
               "most common label (the accuracy of always giving that answer), mean over the seeds' sets.", ""]
@@ -703,6 +812,9 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
     if counts["superseded"]:
         lines += ["", f"{SUPERSEDED_MARK.strip()}: includes results superseded by a later fix (listed under "
                   "\"Superseded results\" below); rerun pending."]
+    if _sources(rows):
+        lines += ["", f"{PREVIOUS_MARK.strip()}: includes results from an earlier table, not from this folder's "
+                  "cells (listed under \"Results from earlier tables\" below)."]
 
     lines += ["", "Budget per run (same for every seed): training steps and examples, and forward/backward "
               "passes over training batches (client and server halves; evaluation passes not counted).", ""]
@@ -728,6 +840,7 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
         lines += ["", "Superseded results (shown above, marked; running the grid reruns them):", ""]
         for note, ids in sorted(superseded.items()):
             lines.append(f"- {note}: {len(ids)} cells: " + ", ".join(f"`{i}`" for i in ids))
+    lines += _previous_lines(rows)
     reasons: dict[tuple, list[str]] = {}
     for r in rows:
         if r["status"] not in HAS_RESULT:
@@ -761,6 +874,9 @@ def main(argv=None) -> int:
     p.add_argument("--stale-before", default=None, metavar="COMMIT",
                    help="mark every finished cell whose runs were not all on COMMIT or a later commit as "
                         "superseded (tables mark it; a run reruns it); see 'superseded' in the config")
+    p.add_argument("--previous", action="append", type=Path, default=[], metavar="CSV",
+                   help="a cells.csv an earlier run wrote (docs/accuracy-cpu.csv, say; repeatable): the tables "
+                        "report a cell with no result in --out from its row there, marked; changes the tables only")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep a finished cell's checkpoints (default: delete them once summary.json is written)")
     args = p.parse_args(argv)
@@ -771,6 +887,11 @@ def main(argv=None) -> int:
         superseded = supersessions(config, args.stale_before)
     except ValueError as err:
         print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    try:
+        previous = load_previous(args.previous)
+    except ValueError as err:
+        print(err, file=sys.stderr)
         return 2
     cells = select(all_cells, args.only)
     if not cells:
@@ -784,7 +905,8 @@ def main(argv=None) -> int:
     unknown = {f for c in all_cells for f in c.flags if f not in known}
 
     def report():
-        rows = [cell_row(out, c, unknown, failures, superseded) for c in all_cells]
+        rows = [with_previous(cell_row(out, c, unknown, failures, superseded), c, previous, superseded)
+                for c in all_cells]
         write_tables(out, config, args.config, all_cells, rows)
 
     if args.dry_run or args.report_only:

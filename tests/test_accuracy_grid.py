@@ -286,3 +286,132 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert rows["tiny-opt/sst2/full/hosl/s0"]["status"] == "done"  # rerun on a commit with the fix
     assert (out / "cells/tiny-opt/sst2/full/zero-shot/s0/summary.json").stat().st_mtime_ns == stamps[
         out / "cells/tiny-opt/sst2/full/zero-shot/s0/summary.json"]
+
+
+# --previous: cells whose folders are gone, reported from an earlier cells table
+
+PREV_GRID = {**TINY, "variants": ["full"], "modes": ["fo-sl", "hosl"], "seeds": [0, 1]}
+
+
+def _finish(out: Path, cell, accuracy: float, commit: str | None = None) -> None:
+    """A finished cell in ``out``, as the runner leaves it."""
+    run_dir = grid.cell_dir(out, cell)
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"eval_accuracy": accuracy, "steps": 2, "seconds": 1.0}))
+    runs = [{"commit": commit, "dirty": False}] if commit else []
+    (run_dir / "cell.json").write_text(json.dumps({"flags": cell.flags, "runs": runs}))
+
+
+def _previous_csv(path: Path, rows: dict[str, tuple[str, float | None]], commit: str | None = None) -> Path:
+    """A cells table as an earlier run wrote it (no commit column, like docs/accuracy-cpu.csv, unless given)."""
+    columns = [c for c in grid.CELL_COLUMNS if c not in ("commit", "dirty", "config")] + (["commit"] if commit else [])
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for cell_id, (status, accuracy) in rows.items():
+            writer.writerow({"id": cell_id, "status": status, "eval_accuracy": "" if accuracy is None else accuracy,
+                             "majority_accuracy": 0.5, "steps": 2, "seconds": 3.0, "commit": commit or ""})
+    return path
+
+
+def _report(tmp_path: Path, config: dict, *extra: str) -> tuple[dict, str]:
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(config))
+    assert grid.main(["--config", str(path), "--out", str(tmp_path / "out"), "--report-only", *extra]) == 0
+    rows = {r["id"]: r for r in csv.DictReader(open(tmp_path / "out" / "cells.csv"))}
+    return rows, (tmp_path / "out" / "results.md").read_text()
+
+
+def test_previous_rows_fill_cells_without_a_result_and_lose_to_results_on_disk(tmp_path, capsys):
+    cells = {c.id: c for c in grid.expand(PREV_GRID)}
+    out = tmp_path / "out"
+    _finish(out, cells["tiny-opt/sst2/full/hosl/s0"], 0.5)
+    previous = _previous_csv(tmp_path / "earlier.csv", {
+        "tiny-opt/sst2/full/hosl/s0": ("done", 0.9),      # on disk too: the disk wins
+        "tiny-opt/sst2/full/hosl/s1": ("done", 0.7),
+        "tiny-opt/sst2/full/fo-sl/s0": ("done", 0.4),
+        "tiny-opt/sst2/full/fo-sl/s1": ("skipped", None),  # no result: stays pending
+        "other/sst2/full/hosl/s0": ("done", 0.1),          # not a cell of this grid
+    })
+    rows, table = _report(tmp_path, PREV_GRID, "--previous", str(previous))
+    source = previous.as_posix()
+
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["eval_accuracy"] == "0.5"
+    assert (rows["tiny-opt/sst2/full/hosl/s0"]["status"], rows["tiny-opt/sst2/full/hosl/s0"]["note"]) == ("done", "")
+    assert rows["tiny-opt/sst2/full/hosl/s1"]["eval_accuracy"] == "0.7"
+    assert (rows["tiny-opt/sst2/full/hosl/s1"]["status"], rows["tiny-opt/sst2/full/hosl/s1"]["note"]) == (
+        "done", f"from {source}")
+    assert float(rows["tiny-opt/sst2/full/hosl/s1"]["majority_accuracy"]) == 0.5  # the earlier table's
+    assert rows["tiny-opt/sst2/full/fo-sl/s0"]["status"] == "done"
+    assert rows["tiny-opt/sst2/full/fo-sl/s1"]["status"] == "pending"
+    assert "other/sst2/full/hosl/s0" not in rows
+
+    # the aggregates merge both: HOSL over the disk's 50 and the earlier 70, FO-SL the earlier 40 alone
+    assert "| 60.0 ± 14.1 [50.0–70.0] † | +20.0 |" in table
+    assert "| 40.0 (1/2 seeds) † |" in table
+    assert "90.0" not in table and "70.0 †" not in table
+    assert (f"- from {source}: 2 cells: `tiny-opt/sst2/full/fo-sl/s0`, `tiny-opt/sst2/full/hosl/s1`" in table)
+    assert "- pending: 1 cells: `tiny-opt/sst2/full/fo-sl/s1`" in table
+    assert f"--previous {source}`" in table and f"; 2 from {source}" in table
+    (agg,) = [r for r in csv.DictReader(open(out / "results.csv")) if r["mode"] == "hosl"]
+    assert (agg["seeds_done"], agg["previous"], agg["superseded"]) == ("2", "1", "0")
+
+    # without --previous the same folder has no result for those cells
+    rows, table = _report(tmp_path, PREV_GRID)
+    assert rows["tiny-opt/sst2/full/hosl/s1"]["status"] == "pending" and "†" not in table
+
+    # a run is decided by the folder alone: --previous does not make a cell done
+    capsys.readouterr()
+    config = tmp_path / "grid.json"
+    assert grid.main(["--config", str(config), "--out", str(out), "--dry-run", "--previous", str(previous)]) == 0
+    assert "pending     tiny-opt/sst2/full/hosl/s1" in capsys.readouterr().out
+
+
+@needs_git
+def test_previous_rows_under_a_superseded_rule_are_superseded(tmp_path):
+    """A row without a commit counts as run before every fix; one whose commit has the fix does not."""
+    head = _git("rev-parse", "HEAD")
+    config = {**PREV_GRID, "superseded": [{"when": {"mode": "fo-sl"}, "before": head, "reason": "dropout on"}]}
+    cells = {c.id: c for c in grid.expand(config)}
+    _finish(tmp_path / "out", cells["tiny-opt/sst2/full/fo-sl/s1"], 0.6, commit=head)  # rerun with the fix
+    old = _previous_csv(tmp_path / "old.csv", {"tiny-opt/sst2/full/fo-sl/s0": ("done", 0.4),
+                                               "tiny-opt/sst2/full/hosl/s0": ("done", 0.8)})
+    rows, table = _report(tmp_path, config, "--previous", str(old))
+    fo = rows["tiny-opt/sst2/full/fo-sl/s0"]
+    assert fo["status"] == "superseded" and fo["note"] == f"dropout on; from {old.as_posix()}"
+    assert rows["tiny-opt/sst2/full/fo-sl/s1"]["status"] == "done"  # on disk, run with the fix
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["status"] == "done"  # no rule for HOSL
+    assert "| 50.0 ± 14.1 [40.0–60.0] † ‡ |" in table  # the number stays, marked as a superseded cell's
+    assert f"- dropout on; from {old.as_posix()}: 1 cells: `tiny-opt/sst2/full/fo-sl/s0`" in table
+    assert "rerun pending" in table
+
+    # a later table with the row's commit on the fix: not superseded (a later --previous wins)
+    fixed = _previous_csv(tmp_path / "fixed.csv", {"tiny-opt/sst2/full/fo-sl/s0": ("done", 0.45)}, commit=head)
+    rows, table = _report(tmp_path, config, "--previous", str(old), "--previous", str(fixed))
+    fo = rows["tiny-opt/sst2/full/fo-sl/s0"]
+    assert (fo["status"], fo["note"], fo["eval_accuracy"], fo["commit"]) == (
+        "done", f"from {fixed.as_posix()}", "0.45", head)
+    assert "‡" not in table
+
+
+def test_previous_must_be_a_cells_table(tmp_path, capsys):
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps(PREV_GRID))
+    cmd = ["--config", str(config), "--out", str(tmp_path / "out"), "--report-only", "--previous"]
+
+    assert grid.main(cmd + [str(tmp_path / "missing.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"--previous {tmp_path / 'missing.csv'}: ") and "No such file" in err
+    assert err.count("\n") == 1
+
+    aggregates = tmp_path / "results.csv"  # the per-group table: no id column
+    aggregates.write_text("model,task,variant,cut,mode,seeds_done,accuracy_mean\ntiny-opt,sst2,full,,hosl,1,50.0\n")
+    assert grid.main(cmd + [str(aggregates)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"--previous {aggregates}: no id, status, eval_accuracy column") and err.count("\n") == 1
+
+    bad = _previous_csv(tmp_path / "bad.csv", {"tiny-opt/sst2/full/hosl/s0": ("done", 0.5)})
+    bad.write_text(bad.read_text().replace(",0.5,", ",half,", 1))
+    assert grid.main(cmd + [str(bad)]) == 2
+    assert "--previous" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.md").exists()  # nothing written on an error
