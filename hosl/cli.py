@@ -143,6 +143,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="start a new run in an --out that holds one (hosl's files there are replaced)")
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="(default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    cli_remote.add_fleet_args(p, d)
 
 
 def _cmd_train(args) -> int:

@@ -42,6 +42,25 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
                         "hosl serve without either generates one in OUT/server/secret, mode 0600)")
 
 
+def add_fleet_args(p: argparse.ArgumentParser, d) -> None:
+    g = p.add_argument_group("fleets: one server, many clients (docs/fleet.md)")
+    g.add_argument("--clients", type=int, default=d.clients, metavar="N",
+                   help="hosl serve: serve a fleet of N hosl clients (ranks 1..N; the server is rank 0 and hosts "
+                        "the rendezvous); each client: hosl train --role client --clients N --rank R "
+                        "(default 0: one client, the two-process run)")
+    g.add_argument("--client-sync", default=d.client_sync, choices=("shared", "local"),
+                   help="shared: one client model, every client applies every client's update each step, so all "
+                        "hold the same bits; local: each client keeps its own client half (default %(default)s)")
+    g.add_argument("--shard", default=d.shard, metavar="iid|dirichlet:ALPHA|by-file",
+                   help="which training examples each fleet client sees: a round-robin deal of a seeded "
+                        "permutation, label skew drawn from Dirichlet(ALPHA), or each client's own --train-file "
+                        "(default %(default)s)")
+    g.add_argument("--wire", default=d.wire, choices=("native", "float32", "bfloat16", "float16", "delta8"),
+                   help="how activations travel up: as computed, cast to a float format, or delta8 (the perturbed "
+                        "copies as int8 differences from the clean activation, per-row scaled); docs/transport.md "
+                        "(default %(default)s)")
+
+
 def add_role_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role", default="local", choices=ROLES,
                    help="local: both halves here (default); client/server: one half of a two-process run; "
@@ -81,15 +100,28 @@ def resolve_role(args) -> str:
     if args.role != "auto":
         return args.role
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "-1"))
+    if getattr(args, "clients", 0):  # a fleet under torchrun: rank 0 serves, ranks 1..N are its clients
+        if not 0 <= rank <= args.clients:
+            raise ValueError(f"--role auto with --clients {args.clients} needs RANK in 0..{args.clients}, got {rank}")
+        if args.rank is None:
+            args.rank = rank
+        return "server" if rank == 0 else "client"
     if rank not in (0, 1):
         raise ValueError("--role auto needs --rank or RANK (as torchrun sets) to be 0 (client) or 1 (server)")
     return "client" if rank == 0 else "server"
 
 
 def cmd_serve(args) -> int:
+    cfg = config_from(args)
+    if cfg.clients:
+        from hosl.training.fleet_server import run_fleet_server
+
+        if args.rank not in (None, 0):
+            raise ValueError(f"the server of a fleet is rank 0, got --rank {args.rank}")
+        return run_fleet_server(cfg, _connection(args, "server"))
     from hosl.training.remote import run_server
 
-    return run_server(config_from(args), _connection(args, "server"))
+    return run_server(cfg, _connection(args, "server"))
 
 
 def cmd_train_remote(args) -> int:
@@ -97,9 +129,17 @@ def cmd_train_remote(args) -> int:
     from hosl.training.remote import run_client, run_server
 
     role = resolve_role(args)
+    cfg = config_from(args)
+    if cfg.clients and role == "server":
+        return cmd_serve(args)
     if role == "server":
-        return run_server(config_from(args), _connection(args, "server"))
-    summary = run_client(config_from(args), _connection(args, "client"))
+        return run_server(cfg, _connection(args, "server"))
+    if cfg.clients:
+        from hosl.training.fleet_client import run_fleet_client
+
+        summary = run_fleet_client(cfg, _connection(args, "client"))
+    else:
+        summary = run_client(cfg, _connection(args, "client"))
     keys = ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds",
             "bytes_up_per_step", "bytes_down_per_step")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))

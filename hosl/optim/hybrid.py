@@ -93,6 +93,11 @@ class HybridOrderOptimizer(ZerothOrderBase):
         hygiene.check_server_optimizer(server_optimizer, client, server)
         self._server_grads = hygiene.ServerGrads(server_optimizer)
         self.skipped_server_steps = 0  # server steps skipped for a non-finite clean loss or gradient
+        # defer_update: step() leaves the client's update in pending_update (seeds, grads) instead of
+        # applying it; the caller applies it, with others', through apply_update (a fleet's shared
+        # client model, hosl/training/fleet_client.py). Empty lists: no update this step.
+        self.defer_update = False
+        self.pending_update: tuple[list[int], list[float]] = ([], [])
 
     def _clean_probe(self):
         """Around the clean forward: measures one copy's working set when ``query_batch`` needs it."""
@@ -259,8 +264,12 @@ class HybridOrderOptimizer(ZerothOrderBase):
             grads = self.estimate(losses, clean)
         self.last_seeds, self.last_projected_grads = seeds, grads
         self._server_step(clean)  # before the client's update: a raising server step leaves the client as it was
+        self.pending_update = ([], [])
         if F.all_finite([clean, *losses, *grads]):
-            self.apply_update(seeds, grads)  # checks the update keeps every weight finite (else skips, counted)
+            if self.defer_update:
+                self.pending_update = (list(seeds), list(grads))
+            else:
+                self.apply_update(seeds, grads)  # checks the update keeps every weight finite (else skips, counted)
         else:
             self.skipped_updates += 1
         self.steps_taken += 1

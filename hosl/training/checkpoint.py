@@ -75,6 +75,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoint folders in ``run_dir``, oldest first."""
+    return [_step_of(p) for p in list_checkpoints(run_dir)]
+
+
 def sha256_of(path: Path) -> str:
     """The file's sha256 (read in chunks; fsync'd first, so the hash is of what is on disk)."""
     digest = hashlib.sha256()

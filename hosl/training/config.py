@@ -71,6 +71,11 @@ class _RunSettings:
     overwrite: bool = False  # start a new run in an --out that holds one (hosl's files there are replaced)
     overrides: list = field(default_factory=list)  # settings a resume may change (run_folder.OVERRIDABLE)
     dtype: str = "float32"
+    # fleets (hosl serve --clients N; docs/fleet.md): 0 is a single client (in-process or two-process)
+    clients: int = 0
+    client_sync: str = "shared"  # shared: one client model kept identical on every client; local: each its own
+    shard: str = "iid"  # iid | dirichlet:ALPHA | by-file: which training examples each client sees
+    wire: str = "native"  # upload codec of the activations: native | float32 | bfloat16 | float16 | delta8
     progress: bool = True
     notes: list = field(default_factory=list)
 
@@ -169,6 +174,22 @@ class TrainConfig(_ZOSettings, _RunSettings):
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
         self._validate_client_slicing()
+        self._validate_fleet()
+
+    def _validate_fleet(self) -> None:
+        from hosl.tasks.shard import parse_shard
+        from hosl.transport.codecs import check_codec
+
+        positive = isinstance(self.clients, int) and not isinstance(self.clients, bool) and self.clients >= 0
+        if not positive:
+            raise ValueError(f"--clients must be an integer >= 0 (0: no fleet), got {self.clients!r}")
+        if self.client_sync not in ("shared", "local"):
+            raise ValueError(f"--client-sync must be shared or local, got {self.client_sync!r}")
+        parse_shard(self.shard)
+        check_codec(self.wire, "--wire")
+        if self.clients and self.mode != "hosl":
+            raise ValueError(f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
+                             f"got --mode {self.mode}")
 
     def _validate_client_slicing(self) -> None:
         if self.client_micro_batch is None and self.client_memory_budget is None:

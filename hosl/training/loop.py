@@ -82,7 +82,7 @@ def run_loop(run: Run) -> dict:
 
         bar = tqdm(total=cfg.steps, initial=run.step, desc=f"{cfg.mode} {cfg.task}", unit="step", file=sys.stderr)
     try:
-        if run.step == 0 and not run.evals:
+        if run.step == 0 and not run.evals and run.evaluates:
             _evaluate(run, log, 0)
         while run.step < cfg.steps:
             batch = next(run.batches)
@@ -102,10 +102,10 @@ def run_loop(run: Run) -> dict:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-            if run.step % eval_every == 0 or run.step == cfg.steps:
+            if (run.step % eval_every == 0 or run.step == cfg.steps) and run.evaluates:
                 _evaluate(run, log, run.step)
             if run.step % ckpt_every == 0 or run.step == cfg.steps:
-                _save(run, run.step)
+                save_run(run, run.step)
     except KeyboardInterrupt:
         latest = ckpt.latest_checkpoint(run.run_dir)
         say(f"interrupted at step {run.step}; last checkpoint: {latest or 'none'}; continue with --resume")
@@ -136,7 +136,8 @@ def _evaluate(run: Run, log: _Log, at_step: int) -> dict:
     return record
 
 
-def _save(run: Run, at_step: int) -> None:
+def save_run(run: Run, at_step: int) -> None:
+    """Checkpoint ``run`` at ``at_step`` (in a two-process run or fleet, the server's half first)."""
     if run.remote:
         run.proxy.save(at_step)  # the server's half first: a client checkpoint implies the server's
     state = {"step": at_step, "seconds": run.seconds, "evals": run.evals, "optimizers": run.mode.optimizer_state(),

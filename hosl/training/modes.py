@@ -195,9 +195,14 @@ class HOSLMode(_ZOClientMode, SplitMode):
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
         self.opt = HybridOrderOptimizer(client, None, config=hp.zo_config("hybrid"))
+        # a fleet's client (hosl/training/fleet_client.py: FleetSync): sets the step's seeds and
+        # applies the updates the server relays instead of its own
+        self.sync = None
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
+        if self.sync is not None:
+            self.sync.before_step(self.opt, self.step_number)
         self.proxy.begin_step(self.step_number, batch)
         server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
         perturbed = self.proxy.losses  # an explicit call per perturbed activation (the clean one backprops)
@@ -206,7 +211,10 @@ class HOSLMode(_ZOClientMode, SplitMode):
         else:  # the optimizer runs every pass in slices of client_micro_batch rows
             loss = float(self.opt.step(self.client_rows_fn(ids, mask), server_loss,
                                        batch_size=ids.shape[0], perturbed_loss_fn=perturbed))
-        self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
+        if self.sync is None:
+            self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
+        else:
+            self.sync.end_step(self.opt, self.proxy)
         return loss
 
     def optimizers(self):

@@ -24,7 +24,14 @@ linear-     (hosl linear, --linear-on client)      dL/dh at the clean point (onc
 grad
 linear-     h+ - h- per direction (copies          <dL/dh, difference> per copy
 dots        stacked; hosl linear, on the server)
+join        (fleets) the client's checkpoint steps     the step to restart from, the fleet's
+                                                   step, and the update log in between
 ==========  =====================================  ==========================================
+
+In a fleet (``hosl serve --clients N``, ``hosl/training/fleet_server.py``) the hosl client sends its
+step's update (seeds, projected gradients) with ``end-step`` instead of applying it, and the reply
+relays the updates it must apply: every client's (``--client-sync shared``, in rank order) or its
+own (``local``). See docs/fleet.md.
 
 Clean and perturbed are different phases: ``clean-loss`` and ``backprop`` are the server's
 first-order passes (it computes with grad and back-propagates), ``losses`` and ``eval`` are
@@ -68,6 +75,7 @@ class Phase(enum.IntEnum):
     RESUME = 8
     LINEAR_GRAD = 9
     LINEAR_DOTS = 10
+    JOIN = 11
 
 
 PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
@@ -118,3 +126,108 @@ def update_fields(seeds, grads) -> tuple[list[int], list[float]]:
 def update_of(request: Message) -> tuple[list[int], list[float]]:
     """The (seeds, projected gradients) of an ``end-step`` request; empty: no ZO update."""
     return [from_int64(s) for s in request.ints], list(request.floats)
+
+
+# -- fleets: the relayed updates of an end-step reply, and a join's catch-up --------------------------
+
+def relay_fields(skipped: int, updates) -> tuple[list[int], list[float]]:
+    """(ints, floats) of a fleet's end-step reply: ``[skipped, n, rank_1, count_1, ..., seeds...]``
+    and the gradients, for ``updates`` = [(rank, seeds, grads), ...] in the order to apply them."""
+    ints, floats = [skipped, len(updates)], []
+    for rank, seeds, _grads in updates:
+        ints += [rank, len(seeds)]
+    for _rank, seeds, grads in updates:
+        ints += [to_int64(s) for s in seeds]
+        floats += list(grads)
+    return ints, floats
+
+
+def relay_of(ints: list[int], floats: list[float]) -> tuple[int, list[tuple[int, list[int], list[float]]]]:
+    """(skipped, updates) of :func:`relay_fields`."""
+    skipped, n = ints[0], ints[1]
+    heads = [(ints[2 + 2 * i], ints[3 + 2 * i]) for i in range(n)]
+    pos, fpos, updates = 2 + 2 * n, 0, []
+    for rank, count in heads:
+        updates.append((rank, [from_int64(s) for s in ints[pos:pos + count]], list(floats[fpos:fpos + count])))
+        pos, fpos = pos + count, fpos + count
+    if pos != len(ints) or fpos != len(floats):
+        raise ValueError(f"a relayed update of {len(ints)} ints and {len(floats)} floats does not add up")
+    return skipped, updates
+
+
+def catch_up_fields(start: int, to: int, steps) -> tuple[list[int], list[float]]:
+    """A join reply: restart from checkpoint step ``start``, replay ``steps`` (each a list of
+    (rank, seeds, grads) for steps start+1..to), then run from step ``to + 1``."""
+    ints, floats = [start, to], []
+    for updates in steps:
+        i, f = relay_fields(0, updates)
+        ints += [len(i), len(f), *i]
+        floats += f
+    return ints, floats
+
+
+def catch_up_of(ints: list[int], floats: list[float]):
+    """(start, to, [updates of each step]) of :func:`catch_up_fields`."""
+    start, to, pos, fpos, steps = ints[0], ints[1], 2, 0, []
+    while pos < len(ints):
+        n_i, n_f = ints[pos], ints[pos + 1]
+        steps.append(relay_of(ints[pos + 2:pos + 2 + n_i], floats[fpos:fpos + n_f])[1])
+        pos, fpos = pos + 2 + n_i, fpos + n_f
+    if len(steps) != to - start:
+        raise ValueError(f"a catch-up from step {start} to {to} carries {len(steps)} steps")
+    return start, to, steps
+
+
+# -- activations on the wire (--wire) -----------------------------------------------------------------
+
+class ActivationWire:
+    """How a request's activation travels (``hosl/transport/codecs.py``), the same on both sides.
+
+    Kinds: ``clean`` (the step's clean activation: with ``delta8`` it goes as is and both sides keep
+    it as the step's reference), ``copies`` (perturbed activations stacked: ``delta8`` sends them as
+    int8 differences from the reference), ``difference`` (already differences, e.g. the linear
+    estimate's h+ - h-: ``delta8`` quantises them directly) and ``plain`` (evaluation, fo-sl, and
+    zo-sl's points, which have no clean activation: ``delta8`` sends them as they are). The float codecs cast every kind. A ``delta8`` client keeps
+    the clean activation until the step ends (one activation more than the floor)."""
+
+    def __init__(self, codec: str = "native"):
+        from hosl.transport.codecs import check_codec
+
+        self.codec = check_codec(codec)
+        self.reference: torch.Tensor | None = None
+
+    def _codec(self, kind: str) -> str:
+        if self.codec != "delta8":
+            return self.codec
+        return {"clean": "native", "plain": "native"}.get(kind, "delta8")
+
+    def _kind(self, kind: str) -> str:
+        # copies with no clean activation this step (zo-sl perturbs both halves: each point stands alone)
+        return "plain" if kind == "copies" and self.reference is None else kind
+
+    def parts(self, kind: str) -> int:
+        """How many tensors carry one activation of ``kind``."""
+        return 2 if self._codec(kind) == "delta8" else 1
+
+    def pack(self, h: torch.Tensor, kind: str) -> list[torch.Tensor]:
+        from hosl.transport.codecs import encode
+
+        h = h.detach()
+        if kind == "clean":
+            self.reference = h if self.codec == "delta8" else None
+        kind = self._kind(kind)
+        return encode(h, self._codec(kind), self.reference if kind == "copies" else None)
+
+    def unpack(self, tensors: list[torch.Tensor], kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+        """(the activation, the request's other tensors)."""
+        from hosl.transport.codecs import decode
+
+        kind = self._kind(kind)
+        n = self.parts(kind)
+        h = decode(tensors[:n], self._codec(kind), self.reference if kind == "copies" else None, dtype=dtype)
+        if kind == "clean":
+            self.reference = h if self.codec == "delta8" else None
+        return h, list(tensors[n:])
+
+    def end_step(self) -> None:
+        self.reference = None

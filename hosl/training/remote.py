@@ -42,7 +42,8 @@ from hosl.transport.distributed import DistributedLink, Endpoint, connect, disco
 # zo_momentum, zo_betas, ...). Fields that only the client uses (steps, data sizes, Q, ...) are not
 # compared: the server follows whatever the client sends.
 FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "lr_server", "momentum", "dropout", "lora", "lora_r",
-                      "lora_alpha", "lora_targets", "lora_halves", "server_optimizer", "lr_schedule", "warmup_steps")
+                      "lora_alpha", "lora_targets", "lora_halves", "server_optimizer", "lr_schedule", "warmup_steps",
+                      "clients", "client_sync", "wire")
 
 
 @dataclass
@@ -189,7 +190,7 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     del client  # that half lives in the client process
     half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
                          train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
-                         trainable_only_checkpoints=cfg.lora)
+                         trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
     _write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:

@@ -140,6 +140,7 @@ class Run:
     step: int = 0  # the last step done (a resumed checkpoint's)
     seconds: float = 0.0  # training time so far
     evals: list = field(default_factory=list)
+    evaluates: bool = True  # False: a fleet client whose shared model another client evaluates
 
     @property
     def modules(self) -> dict:
@@ -156,14 +157,18 @@ def _set_training(client, server, half, dropout_on: bool, flag: bool) -> None:
         server.train(flag and dropout_on)
 
 
-def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None) -> Run:
+def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None,
+              fleet_rank: int | None = None) -> Run:
     """The run ``cfg`` (validated) describes. ``connect_server`` (two-process runs): called once the
-    model is loaded, returns the link to the server process; this process then holds only the client."""
+    model is loaded, returns the link to the server process; this process then holds only the client.
+    ``fleet_rank``: this client's rank in a fleet of ``cfg.clients`` (its ``--shard`` of the data)."""
     remote = connect_server is not None
     kind, plan = _check_out(cfg, remote)
     torch.manual_seed(cfg.seed)
 
     data = sample_configured_task(cfg)  # built-in, or --task custom / lm files; checked before the model loads
+    if fleet_rank is not None:
+        data = _shard(data, cfg, fleet_rank)
     for note in data.notes:
         say(note)
     model_kind, tokenizer, client, server = load_split_model(cfg, data)
@@ -174,9 +179,9 @@ def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = N
         link = connect_server()
     elif cfg.mode in SPLIT_MODES:
         half = ServerHandler(server, cfg.mode, hp, loss_of, model_kind, train_dropout=dropout_on,
-                             trainable_only_checkpoints=cfg.lora)
+                             trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
         link = InProcessLink(half.handle, PHASE_NAMES)
-    proxy = ServerProxy(link, model_kind) if link is not None else None
+    proxy = ServerProxy(link, model_kind, wire=cfg.wire) if link is not None else None
     _set_training(client, server, half, dropout_on, True)
     mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)
     _plan_client_memory(cfg, mode)
@@ -187,6 +192,19 @@ def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = N
               link=link, proxy=proxy)
     _start_folder(run, kind, plan)
     return run
+
+
+def _shard(data: TaskData, cfg: TrainConfig, rank: int) -> TaskData:
+    """This fleet client's part of the training examples (``--shard``, hosl/tasks/shard.py)."""
+    from dataclasses import replace as replace_fields
+
+    from hosl.tasks.shard import shard_indices
+
+    labels = [ex.get("label") for ex in data.train]
+    labels = labels if all(isinstance(v, int) for v in labels) else None
+    keep = shard_indices(labels, rank, cfg.clients, cfg.shard, cfg.seed)
+    note = f"fleet client rank {rank} of {cfg.clients}: --shard {cfg.shard} gives it {len(keep)} of {len(data.train)} training examples"
+    return replace_fields(data, train=[data.train[i] for i in keep], notes=[*data.notes, note])
 
 
 def _check_out(cfg: TrainConfig, remote: bool) -> tuple[str, run_folder.ResumePlan | None]:

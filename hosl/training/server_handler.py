@@ -23,6 +23,7 @@ from hosl.tasks.evaluation import eval_outputs
 from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
     SPLIT_MODES,
+    ActivationWire,
     Phase,
     batch_from_server_side,
     point_of,
@@ -45,7 +46,7 @@ class ServerHandler:
 
     def __init__(self, server: nn.Module, mode: str, hp, loss_of: Callable, model_kind: str, *,
                  train_dropout: bool, checkpoint_dir: Path | None = None, resume_allowed: bool = True,
-                 trainable_only_checkpoints: bool = False):
+                 trainable_only_checkpoints: bool = False, wire: str = "native"):
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode {mode!r} has no server half; split modes are {', '.join(SPLIT_MODES)}")
         self.server, self.mode, self.hp, self.loss_of, self.model_kind = server, mode, hp, loss_of, model_kind
@@ -65,6 +66,7 @@ class ServerHandler:
         self.mask: torch.Tensor | None = None
         self.clean_loss = math.nan
         self.activation_grad: torch.Tensor | None = None  # hosl linear: dL/dh at this step's clean point
+        self.wire = ActivationWire(wire)  # --wire: how activations arrive (delta8 keeps the step's reference)
         self.server.train(train_dropout)
         # phase -> (method(request, tensors) -> reply, runs on the server's random stream)
         self._phases = {
@@ -116,6 +118,9 @@ class ServerHandler:
     def _device(self) -> torch.device:
         return next(self.server.parameters()).device
 
+    def _dtype(self) -> torch.dtype:
+        return next(self.server.parameters()).dtype
+
     def _loss(self, h: torch.Tensor) -> torch.Tensor:
         rows = self.mask.shape[0]
         copies = h.shape[0] // rows
@@ -136,6 +141,7 @@ class ServerHandler:
     def _begin_step(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         self.mask, *rest = tensors
         self.batch = batch_from_server_side(rest, self.model_kind, for_eval=False)
+        self.wire.end_step()
         if self.optimizer is not None:  # gradients of a step the client abandoned never carry over
             self.optimizer.zero_grad(set_to_none=True)
         if self.mode == "zo-sl":
@@ -149,7 +155,7 @@ class ServerHandler:
     def _clean_loss(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """hosl: FO at the clean point, back-propagated into the server's weights (and dL/dh kept
         when the request asks for it: the linear estimate)."""
-        h = tensors[0]
+        h, _ = self.wire.unpack(tensors, "clean", self._dtype())
         keep_grad = bool(request.ints) and request.ints[0] == KEEP_ACTIVATION_GRAD
         if keep_grad:
             h = h.detach().requires_grad_(True)
@@ -167,13 +173,13 @@ class ServerHandler:
         point = point_of(request)
         at_point = self.zo.at_point(*point) if point is not None else contextlib.nullcontext()
         with torch.no_grad(), at_point:
-            out = self._loss(tensors[0])
+            out = self._loss(self.wire.unpack(tensors, "copies", self._dtype())[0])
         losses = [float(out)] if out.dim() == 0 else out.float().tolist()
         return self._reply(request, floats=losses)
 
     def _backprop(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """fo-sl: the loss back-propagated through the server; dL/dh goes back down."""
-        h = tensors[0].detach().requires_grad_(True)
+        h = self.wire.unpack(tensors, "plain", self._dtype())[0].detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self._loss(h)
             loss.backward()
@@ -191,6 +197,7 @@ class ServerHandler:
             self.zo.apply_update(*update_of(request))
         self.clean_loss = math.nan
         self.activation_grad = None
+        self.wire.end_step()
         return self._reply(request, ints=[self.skipped_server_steps])
 
     # -- hosl's linear estimate -------------------------------------------------------------------
@@ -212,11 +219,12 @@ class ServerHandler:
         """<dL/dh, difference> for each activation difference stacked in the request."""
         from hosl.optim.linear_estimate import dot_per_copy
 
-        return self._reply(request, floats=dot_per_copy(self._kept_activation_grad(), tensors[0]))
+        deltas, _ = self.wire.unpack(tensors, "difference", self._dtype())
+        return self._reply(request, floats=dot_per_copy(self._kept_activation_grad(), deltas))
 
     # -- evaluation -------------------------------------------------------------------------------
     def _eval(self, request: Message, tensors: list[torch.Tensor]) -> Message:
-        h, mask, *rest = tensors
+        h, (mask, *rest) = self.wire.unpack(tensors, "plain", self._dtype())
         batch = batch_from_server_side(rest, self.model_kind, for_eval=True)
         self.server.train(False)
         try:

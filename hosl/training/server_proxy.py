@@ -9,15 +9,25 @@ from typing import Callable
 
 import torch
 
-from hosl.training.protocol import KEEP_ACTIVATION_GRAD, Phase, point_fields, server_side_of, update_fields
+from hosl.training.protocol import (
+    KEEP_ACTIVATION_GRAD,
+    ActivationWire,
+    Phase,
+    catch_up_of,
+    point_fields,
+    relay_of,
+    server_side_of,
+    update_fields,
+)
 from hosl.transport import Link
 
 
 class ServerProxy:
     """The server half as the client's modes see it: one method per phase, over any ``Link``."""
 
-    def __init__(self, link: Link, model_kind: str):
+    def __init__(self, link: Link, model_kind: str, wire: str = "native"):
         self.link, self.model_kind = link, model_kind
+        self.wire = ActivationWire(wire)  # --wire: how activations travel up
         self.step = 0
         self.rows = 0
         self.skipped_server_steps = 0  # as the server half last reported it (end-step)
@@ -25,6 +35,7 @@ class ServerProxy:
     def begin_step(self, step: int, batch: dict, client_coordinates: int | None = None) -> None:
         """``client_coordinates`` (zo-sl): where the server half's coordinate numbering starts."""
         self.step, self.rows = step, batch["attention_mask"].shape[0]
+        self.wire.end_step()
         self.link.call(Phase.BEGIN_STEP, step, ints=[] if client_coordinates is None else [client_coordinates],
                        tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)])
 
@@ -32,29 +43,40 @@ class ServerProxy:
         """The server's loss at the clean point, back-propagated there (``keep_grad``: and dL/dh kept
         for the linear estimate)."""
         ints = [KEEP_ACTIVATION_GRAD] if keep_grad else []
-        return self.link.call(Phase.CLEAN_LOSS, self.step, ints=ints, tensors=[h.detach()], expect_floats=1).floats[0]
+        return self.link.call(Phase.CLEAN_LOSS, self.step, ints=ints, tensors=self.wire.pack(h, "clean"),
+                              expect_floats=1).floats[0]
 
     def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
         """Losses without grad: a scalar for one copy of the batch, ``[copies]`` for several;
         ``point`` (zo-sl): the (seed, scale) the server half is evaluated at."""
         ints, floats = point_fields(point)
-        values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=[h.detach()],
+        values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=self.wire.pack(h, "copies"),
                                 expect_floats=max(1, h.shape[0] // max(self.rows, 1))).floats
         return torch.tensor(values[0] if h.shape[0] == self.rows else values, dtype=torch.float64)
 
     def backprop(self, h: torch.Tensor) -> tuple[float, torch.Tensor]:
-        reply = self.link.call(Phase.BACKPROP, self.step, tensors=[h.detach()], expect_floats=1, expect_tensors=1)
+        reply = self.link.call(Phase.BACKPROP, self.step, tensors=self.wire.pack(h, "plain"), expect_floats=1,
+                               expect_tensors=1)
         return reply.floats[0], reply.tensors[0]
 
-    def end_step(self, seeds=(), grads=()) -> None:
+    def end_step(self, seeds=(), grads=()) -> list:
+        """Ends the step (zo-sl, fleets: sending this client's update); returns the updates a
+        fleet's server relays back ([(rank, seeds, grads), ...]; empty outside a fleet)."""
+        self.wire.end_step()
         ints, floats = update_fields(seeds, grads)
         reply = self.link.call(Phase.END_STEP, self.step, ints=ints, floats=floats)
         if reply.ints:
             self.skipped_server_steps = reply.ints[0]
+        return relay_of(reply.ints, reply.floats)[1] if len(reply.ints) > 1 else []
+
+    def join(self, checkpoint_steps) -> tuple[int, int, list]:
+        """A fleet client's catch-up: (restart step, fleet step, the updates of each step between)."""
+        reply = self.link.call(Phase.JOIN, self.step, ints=list(checkpoint_steps))
+        return catch_up_of(reply.ints, reply.floats)
 
     def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         reply = self.link.call(Phase.EVAL, self.step, tensors=[
-            h.detach(), batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=True)],
+            *self.wire.pack(h, "plain"), batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=True)],
             expect_floats=1, expect_tensors=1)
         return reply.tensors[0], reply.floats[0]
 
@@ -90,7 +112,8 @@ class RemoteLinearServer:
         return self.proxy.link.call(Phase.LINEAR_GRAD, self.proxy.step).tensors[0]
 
     def directional(self, deltas: torch.Tensor) -> list[float]:
-        return list(self.proxy.link.call(Phase.LINEAR_DOTS, self.proxy.step, tensors=[deltas.detach()]).floats)
+        return list(self.proxy.link.call(Phase.LINEAR_DOTS, self.proxy.step,
+                                         tensors=self.proxy.wire.pack(deltas, "difference")).floats)
 
 
 class ServerPerturbationPeer:

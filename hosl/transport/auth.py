@@ -120,14 +120,20 @@ def _keys_prefix() -> str:
 
 
 def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: float, where: str,
-                            stop_requested: Callable[[], bool] | None = None, timeout_s: float | None = None) -> str:
+                            stop_requested: Callable[[], bool] | None = None, timeout_s: float | None = None,
+                            keys: str | None = None, roles: tuple[str, str] = ("client", "server"),
+                            joiner_rank: int = 1) -> str:
     """Mutual challenge/response through ``store``; returns the run id both sides derive.
 
     ``is_host``: rank 0 (it posts the challenge). ``where`` names the rendezvous (``host:port``)
-    in messages, ``timeout_s`` the connect timeout behind ``deadline``. Raises :class:`AuthError` on a wrong proof (after telling the other side) and
+    in messages, ``timeout_s`` the connect timeout behind ``deadline``. ``keys``: the store prefix of
+    this exchange (default: the two-process run's); ``roles``: (host, joiner) as messages name them
+    (a two-process run's client hosts; a fleet's server does, ``hosl/transport/fleet.py``), and
+    ``joiner_rank`` the joiner's rank. Raises :class:`AuthError` on a wrong proof (after telling the other side) and
     :class:`ConnectError` when the other side does not show up before ``deadline``.
     """
-    keys = _keys_prefix()
+    keys = keys or _keys_prefix()
+    host, joiner = roles
 
     def wait_get(key: str, waiting_for: str) -> bytes:
         def on_timeout():
@@ -153,7 +159,7 @@ def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: fl
     if is_host:
         n0 = secrets.token_bytes(NONCE_BYTES)
         put(keys + "challenge", n0)
-        answer = wait_get(keys + "response", "waiting for a server to join the rendezvous and prove the shared secret")
+        answer = wait_get(keys + "response", f"waiting for a {joiner} to join the rendezvous and prove the shared secret")
         n1, tag = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
         if len(n1) != NONCE_BYTES or not proof_ok(secret, b"joiner", (n0, n1), tag):
             put(keys + "verdict", b"refused")
@@ -163,36 +169,36 @@ def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: fl
                              stop_requested)
             except (TimeoutError, RuntimeError):
                 pass
-            raise AuthError(f"refused the process that joined the rendezvous on {where} as rank 1: it did not "
-                            f"prove the shared secret (a stranger, or a server started with another --secret-file "
-                            f"or {SECRET_ENV}); nothing was sent to it")
+            raise AuthError(f"refused the process that joined the rendezvous on {where} as rank {joiner_rank}: it "
+                            f"did not prove the shared secret (a stranger, or a {joiner} started with another "
+                            f"--secret-file or {SECRET_ENV}); nothing was sent to it")
         put(keys + "verdict", b"ok" + proof(secret, b"host", n0, n1))
-        theirs = wait_get(keys + "joiner-verdict", "waiting for the server's verdict on this client's proof")
+        theirs = wait_get(keys + "joiner-verdict", f"waiting for the {joiner}'s verdict on this {host}'s proof")
         if theirs != b"ok":
-            raise AuthError(f"the process that joined on {where} as rank 1 refused this side's proof of the shared "
-                            f"secret (the two sides hold different secrets?); nothing was sent to it")
+            raise AuthError(f"the process that joined on {where} as rank {joiner_rank} refused this side's proof of "
+                            f"the shared secret (the two sides hold different secrets?); nothing was sent to it")
         return run_id_of(secret, n0, n1)
 
     joined = call_bounded(lambda: store.add(keys + "joined", 1), max(deadline, time.monotonic() + 5.0),
                           lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested)
     if joined != 1:
-        raise AuthError(f"another process already joined the rendezvous on {where} as rank 1; this one is refused "
-                        f"(is another server already connected to that client?)")
-    n0 = wait_get(keys + "challenge", "waiting for the client's challenge")
+        raise AuthError(f"another process already joined the rendezvous on {where} as rank {joiner_rank}; this one "
+                        f"is refused (is another {joiner} already connected to that {host}?)")
+    n0 = wait_get(keys + "challenge", f"waiting for the {host}'s challenge")
     if len(n0) != NONCE_BYTES:
         raise AuthError(f"the process on {where} (rank 0) sent a malformed challenge ({len(n0)} bytes); "
-                        f"not a hosl client of this version")
+                        f"not a hosl {host} of this version")
     n1 = secrets.token_bytes(NONCE_BYTES)
     put(keys + "response", n1 + proof(secret, b"joiner", n0, n1))
-    verdict = wait_get(keys + "verdict", "waiting for the client's verdict on this server's proof")
+    verdict = wait_get(keys + "verdict", f"waiting for the {host}'s verdict on this {joiner}'s proof")
     if verdict == b"refused":
         put(keys + "verdict-seen", b"1")
-        raise AuthError(f"the client on {where} (rank 0) refused this side: the two sides hold different secrets "
+        raise AuthError(f"the {host} on {where} (rank 0) refused this side: the two sides hold different secrets "
                         f"(pass both the same --secret-file or {SECRET_ENV})")
     if not (verdict.startswith(b"ok") and proof_ok(secret, b"host", (n0, n1), verdict[2:])):
         put(keys + "joiner-verdict", b"refused")
         raise AuthError(f"refused the process on {where} (rank 0): it did not prove the shared secret (an impostor "
-                        f"client, or one started with another --secret-file or {SECRET_ENV}); nothing was sent to it")
+                        f"{host}, or one started with another --secret-file or {SECRET_ENV}); nothing was sent to it")
     put(keys + "joiner-verdict", b"ok")
     return run_id_of(secret, n0, n1)
 

@@ -164,16 +164,33 @@ def disconnect() -> None:
 
 
 class Endpoint:
-    """Messages to and from the single peer of this process (the other rank)."""
+    """Messages to and from the single peer of this process (the other rank).
 
-    def __init__(self, peer_name: str, timeout_s: float, device: torch.device | str | None = None):
-        self.rank = dist.get_rank()
+    By default over the default process group (a two-process run); ``group`` instead: a two-rank
+    process group of its own (a fleet's pair, ``hosl/transport/fleet.py``), where this side is
+    ``rank`` (0 or 1) and ``peer_rank`` names the peer in messages."""
+
+    def __init__(self, peer_name: str, timeout_s: float, device: torch.device | str | None = None, *,
+                 group=None, rank: int | None = None, peer_rank: int | None = None):
+        self.group = group
+        self.rank = dist.get_rank() if group is None else rank
         self.peer = 1 - self.rank
-        self.peer_name = f"{peer_name} (rank {self.peer})"
+        self.peer_name = f"{peer_name} (rank {self.peer if peer_rank is None else peer_rank})"
         self.timeout_s = timeout_s
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            nccl = (dist.get_backend() if group is None else group.name()) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
         self.device = torch.device(device)
+
+    def _isend(self, t: torch.Tensor, tag: int):
+        if self.group is None:
+            return dist.isend(t, self.peer, tag=tag)
+        return self.group.send([t], self.peer, tag)
+
+    def _irecv(self, t: torch.Tensor, tag: int):
+        if self.group is None:
+            return dist.irecv(t, self.peer, tag=tag)
+        return self.group.recv([t], self.peer, tag)
 
     # -- waiting ----------------------------------------------------------------------------------
     def _post(self, ops, what: str) -> list:
@@ -231,17 +248,27 @@ class Endpoint:
             parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
             parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
         what = f"sending {what}"
-        works = self._post([lambda t=t, tag=tag: dist.isend(t.to(dev), self.peer, tag=tag) for tag, t in parts], what)
+        works = self._post([lambda t=t, tag=tag: self._isend(t.to(dev), tag) for tag, t in parts], what)
         self._wait(works, what, timeout_s or self.timeout_s)
 
     def recv(self, what: str, timeout_s: float | None = None,
              stop_requested: Callable[[], bool] | None = None) -> Message:
         """The next message. ``stop_requested`` applies while waiting for it to begin."""
         timeout_s = timeout_s or self.timeout_s
+        header, work = self.post_header(what)
+        self._wait([work], what, timeout_s, stop_requested)
+        return self.recv_rest(header, what, timeout_s)
+
+    def post_header(self, what: str) -> tuple[torch.Tensor, object]:
+        """Start receiving the next message's header: ``(header, work)``. A host serving several
+        peers posts one per peer and reads the rest (:meth:`recv_rest`) of whichever completes."""
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        return header, self._post([lambda: self._irecv(header, TAG_HEADER)], what)[0]
+
+    def recv_rest(self, header: torch.Tensor, what: str, timeout_s: float | None = None) -> Message:
+        """The message whose header (:meth:`post_header`) has arrived."""
+        timeout_s = timeout_s or self.timeout_s
         dev = self.device
-        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
-        self._wait(self._post([lambda: dist.irecv(header, self.peer, tag=TAG_HEADER)], what), what, timeout_s,
-                   stop_requested)
         values = header.tolist()
         problem = check_header(values)
         if problem is not None:
@@ -251,14 +278,14 @@ class Endpoint:
         floats = torch.empty(n_floats, dtype=torch.float64, device=dev)
         theaders = torch.empty((n_tensors, TENSOR_HEADER_LEN), dtype=torch.int64, device=dev)
         small = [(TAG_INTS, ints), (TAG_FLOATS, floats), (TAG_TENSOR_HEADERS, theaders)]
-        posts = [lambda t=t, tag=tag: dist.irecv(t, self.peer, tag=tag) for tag, t in small if t.numel()]
+        posts = [lambda t=t, tag=tag: self._irecv(t, tag) for tag, t in small if t.numel()]
         self._wait(self._post(posts, what), what, timeout_s)
         try:
             specs = [parse_tensor_header(h) for h in theaders.cpu()]
         except ValueError as exc:
             raise PeerProtocolError(f"the {self.peer_name} sent a {exc} while {what}") from None
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
-        posts = [lambda t=t, i=i: dist.irecv(as_bytes(t), self.peer, tag=TAG_FIRST_TENSOR + i)
+        posts = [lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i)
                  for i, t in enumerate(tensors) if t.numel()]
         self._wait(self._post(posts, what), what, timeout_s)
         return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
@@ -269,9 +296,12 @@ class DistributedLink(Link):
     turns a pending Ctrl-C into ``KeyboardInterrupt`` between exchanges, never inside one."""
 
     def __init__(self, endpoint: Endpoint, phase_names: Mapping[int, str] | None = None,
-                 stop_requested: Callable[[], bool] | None = None):
+                 stop_requested: Callable[[], bool] | None = None, reply_timeouts: Mapping[int, float] | None = None):
         super().__init__(phase_names)
         self.endpoint = endpoint
+        # phase -> seconds to wait for its answer, where that is not the endpoint's timeout (a
+        # fleet's barriers: the server answers once every client got there)
+        self.reply_timeouts = dict(reply_timeouts or {})
         self.peer_label = endpoint.peer_name
         self.stop_requested = stop_requested or (lambda: False)
         self.closed = False
@@ -281,7 +311,7 @@ class DistributedLink(Link):
             raise KeyboardInterrupt
         what = f"phase '{self.phase_name(request.phase)}' of step {request.step}"
         self.endpoint.send(request, f"the request for {what}")
-        reply = self.endpoint.recv(f"waiting for the answer to {what}")
+        reply = self.endpoint.recv(f"waiting for the answer to {what}", self.reply_timeouts.get(request.phase))
         if reply.kind == Kind.REPLY:
             return reply
         peer = self.endpoint.peer_name

@@ -1,0 +1,239 @@
+"""A fleet: one host (the server, rank 0) and any number of peers (clients, ranks 1..N), each peer
+connected to the host by a two-rank process group of its own.
+
+Why not one N+1 process group: a ``torch.distributed`` group is fixed when it forms; a member
+that dies cannot come back into it. Here every peer's connection is its own pair group (gloo, or
+NCCL between GPUs) formed over the host's rendezvous store, so a peer can die, the others go on,
+and it (or its restarted process) joins again through a new pair.
+
+Joining (:func:`join_fleet` on the peer, :meth:`FleetHost.accept_joins` on the host):
+
+1. the peer takes a join number ``i`` from the store's counter and posts its rank under it;
+2. both sides prove the shared secret under that join's keys
+   (:func:`hosl.transport.auth.authenticate_over_store`, host = the server), which also gives the
+   run id of this pair;
+3. the pair group forms under a store prefix derived from the run id, both sides prove the secret
+   again over it (:func:`~hosl.transport.auth.confirm_channel`) and compare configurations
+   (:func:`~hosl.transport.distributed.handshake`).
+
+A stranger that fails a proof is refused and logged; the host goes on serving the others. The
+host waits for the next message of any of a set of peers (:meth:`FleetHost.next_message`), with
+a per-peer silence limit. Knows nothing of ZO or models: messages are
+:class:`~hosl.transport.wire.Message` s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.distributed as dist
+
+from hosl.transport.auth import AuthError, ConnectError, authenticate_over_store, confirm_channel
+from hosl.transport.distributed import Endpoint, handshake, open_store
+from hosl.transport.link import ConfigMismatchError, PeerError, PeerLostError
+from hosl.transport.waiting import call_bounded
+from hosl.transport.wire import Message
+
+KEYS = "hosl/fleet/v1/"
+JOINS = KEYS + "joins"  # the counter each joining peer increments
+
+
+def pair_group(backend: str, store, rank: int, timeout_s: float):
+    """A two-rank process group over ``store`` (a prefix store of its own), not the default group."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+    raise ValueError(f"--dist-backend must be gloo or nccl, got {backend!r}")
+
+
+def _join_keys(i: int) -> str:
+    return f"{KEYS}join/{i}/"
+
+
+@dataclass
+class Joined:
+    """A peer the host accepted: its rank and its endpoint."""
+
+    rank: int
+    endpoint: Endpoint
+
+
+class FleetHost:
+    """The server's side: hosts the rendezvous, accepts peers, receives from whichever speaks."""
+
+    def __init__(self, *, secret: bytes, addr: str, port: int, timeout_s: float, peer_timeout: float,
+                 backend: str = "gloo", stop_requested: Callable[[], bool] | None = None,
+                 log: Callable[[str], None] = lambda _msg: None):
+        if not secret:
+            raise ValueError("a fleet needs a shared secret (--secret-file or HOSL_SECRET)")
+        self.secret, self.backend, self.where = secret, backend, f"{addr}:{port}"
+        self.timeout_s, self.peer_timeout = timeout_s, peer_timeout
+        self.stop_requested = stop_requested or (lambda: False)
+        self.log = log
+        self.store = open_store(addr, port, 0, time.monotonic() + timeout_s, timeout_s, self.stop_requested)
+        self.store.add(JOINS, 0)
+        self.seen_joins = 0
+        self.endpoints: dict[int, Endpoint] = {}
+        self._headers: dict[int, tuple[torch.Tensor, object]] = {}  # rank -> its posted header receive
+        self._arrivals: queue.Queue = queue.Queue()  # (rank, header, PeerLostError | None) from the waiters
+        self.refused = 0  # joins refused (a wrong secret, a malformed or vanished peer, a config mismatch)
+
+    # -- joining ----------------------------------------------------------------------------------
+    def pending_joins(self) -> int:
+        return int(self.store.add(JOINS, 0)) - self.seen_joins
+
+    def accept_joins(self, fields: Mapping[str, object], valid_rank: Callable[[int], str | None]) -> list[Joined]:
+        """Accept every join posted since the last call. ``valid_rank(rank)`` returns why a rank
+        may not join now, or None. A refused join is logged and counted, never raised."""
+        joined = []
+        while self.pending_joins() > 0:
+            self.seen_joins += 1
+            try:
+                joined.append(self._accept(self.seen_joins, fields, valid_rank))
+            except (PeerError, ConfigMismatchError, ValueError, RuntimeError) as exc:
+                self.refused += 1
+                self.log(f"refused join #{self.seen_joins}: {exc}")
+        return joined
+
+    def _accept(self, i: int, fields, valid_rank) -> Joined:
+        keys = _join_keys(i)
+        deadline = time.monotonic() + self.peer_timeout
+        rank = self._posted_rank(keys, deadline)
+        why = valid_rank(rank)
+        if why is not None:
+            self.store.set(keys + "refused", why.encode("utf-8"))
+            raise ValueError(f"rank {rank}: {why}")
+        run_id = authenticate_over_store(self.store, is_host=True, secret=self.secret, deadline=deadline,
+                                         where=self.where, stop_requested=self.stop_requested,
+                                         timeout_s=self.peer_timeout, keys=keys + "auth/",
+                                         roles=("server", f"client (rank {rank})"), joiner_rank=rank)
+        group = call_bounded(
+            lambda: pair_group(self.backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", self.store), 0,
+                               self.peer_timeout),
+            deadline + 1.0, lambda: ConnectError(f"the pair group with client rank {rank} did not form"),
+            self.stop_requested)
+        endpoint = Endpoint("client", self.peer_timeout, group=group, rank=0, peer_rank=rank)
+        confirm_channel(endpoint, self.secret, run_id, self.peer_timeout)
+        handshake(endpoint, "server", fields, self.peer_timeout)
+        self.drop(rank)  # a rank that joins again replaces its old connection
+        self.endpoints[rank] = endpoint
+        return Joined(rank, endpoint)
+
+    def _posted_rank(self, keys: str, deadline: float) -> int:
+        while time.monotonic() < deadline:
+            if self.store.check([keys + "rank"]):
+                text = self.store.get(keys + "rank").decode("ascii", errors="replace")
+                if not text.isdigit():
+                    raise ValueError(f"a join posted a malformed rank {text[:20]!r}")
+                return int(text)
+            time.sleep(0.01)
+        raise ConnectError("a join was counted but posted no rank in time")
+
+    # -- messages ---------------------------------------------------------------------------------
+    def send(self, rank: int, msg: Message, what: str) -> None:
+        self.endpoints[rank].send(msg, what)
+
+    def drop(self, rank: int) -> None:
+        """Forget ``rank``'s connection (its pair group is left to close with the peer)."""
+        self.endpoints.pop(rank, None)
+        self._headers.pop(rank, None)
+
+    def next_message(self, ranks, *, idle: Callable[[], bool] = lambda: False
+                     ) -> tuple[int, Message | PeerLostError] | None:
+        """The first message from any of ``ranks``: ``(rank, message)``; ``(rank, PeerLostError)``
+        when that peer's connection closed or it sent nothing for ``peer_timeout`` seconds since
+        this host began waiting on it; None when ``idle()`` turns true first (the caller has other
+        work, e.g. a join to accept). ``KeyboardInterrupt`` when ``stop_requested()``.
+
+        Each peer's next header is awaited by a helper thread of its own (a gloo receive completes
+        only inside ``wait``), which reports to one queue."""
+        for r in ranks:
+            if r in self.endpoints and r not in self._headers:
+                self._post(r)
+        while True:
+            try:
+                rank, header, failure = self._arrivals.get(timeout=0.05)
+            except queue.Empty:
+                if self.stop_requested():
+                    raise KeyboardInterrupt
+                if idle():
+                    return None
+                continue
+            if self._headers.get(rank, (None,))[0] is not header:
+                continue  # a dropped (or replaced) connection's late report
+            del self._headers[rank]
+            if failure is not None:
+                return rank, failure
+            try:
+                return rank, self.endpoints[rank].recv_rest(header, "receiving a request")
+            except PeerLostError as exc:
+                return rank, exc
+
+    def _post(self, rank: int) -> None:
+        ep = self.endpoints[rank]
+        what = "waiting for the next request"
+        try:
+            header, work = ep.post_header(what)
+        except PeerLostError as exc:
+            header, work = torch.empty(0), None
+            self._arrivals.put((rank, header, exc))
+            self._headers[rank] = (header, None)
+            return
+        self._headers[rank] = (header, work)
+
+        def wait():
+            try:
+                ep._wait([work], what, self.peer_timeout)
+                self._arrivals.put((rank, header, None))
+            except PeerLostError as exc:
+                self._arrivals.put((rank, header, exc))
+
+        threading.Thread(target=wait, name=f"hosl-fleet-wait-{rank}", daemon=True).start()
+
+
+def join_fleet(*, secret: bytes, rank: int, addr: str, port: int, timeout_s: float, peer_timeout: float,
+               fields: Mapping[str, object], backend: str = "gloo",
+               stop_requested: Callable[[], bool] | None = None) -> Endpoint:
+    """A client's side: join the fleet whose server listens on ``addr:port`` as ``rank`` (>= 1);
+    returns the endpoint to the server. Raises :class:`AuthError` (secrets differ, or the server
+    refused this rank), :class:`ConnectError` (nobody there in ``timeout_s``), or
+    :class:`ConfigMismatchError`."""
+    if not secret:
+        raise ValueError("a fleet client needs the server's shared secret (--secret-file or HOSL_SECRET)")
+    if rank < 1:
+        raise ValueError(f"a fleet client's --rank must be >= 1 (the server is rank 0), got {rank}")
+    where = f"{addr}:{port}"
+    deadline = time.monotonic() + timeout_s
+    store = open_store(addr, port, 1, deadline, timeout_s, stop_requested)
+    i = int(call_bounded(lambda: store.add(JOINS, 1), deadline,
+                         lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested))
+    keys = _join_keys(i)
+    store.set(keys + "rank", str(rank).encode("ascii"))
+    try:
+        run_id = authenticate_over_store(store, is_host=False, secret=secret, deadline=deadline, where=where,
+                                         stop_requested=stop_requested, timeout_s=timeout_s, keys=keys + "auth/",
+                                         roles=("server", f"client (rank {rank})"), joiner_rank=rank)
+    except ConnectError:
+        if store.check([keys + "refused"]):
+            raise AuthError(f"the server on {where} refused rank {rank}: "
+                            f"{store.get(keys + 'refused').decode('utf-8', errors='replace')}") from None
+        raise
+    group = call_bounded(lambda: pair_group(backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", store), 1,
+                                            peer_timeout),
+                         deadline + 1.0, lambda: ConnectError(f"the pair group with the server on {where} did not form"),
+                         stop_requested)
+    endpoint = Endpoint("server", peer_timeout, group=group, rank=1, peer_rank=0)
+    confirm_channel(endpoint, secret, run_id, timeout_s)
+    handshake(endpoint, "client", fields, timeout_s)
+    endpoint.store = store  # kept alive with the endpoint
+    return endpoint

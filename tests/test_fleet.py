@@ -1,0 +1,370 @@
+"""Fleets (docs/fleet.md): the relay and catch-up formats, the update log, data shards, and real
+fleets of client processes on loopback: shared client halves bit-identical and equal to a
+single-process simulation written from the rules, a killed client rejoining by replay, strangers
+refused."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hosl.tasks.shard import parse_shard, shard_indices
+from hosl.training.fleet_client import step_seed
+from hosl.training.fleet_log import UpdateLog, relayed
+from hosl.training.protocol import catch_up_fields, catch_up_of, relay_fields, relay_of
+
+pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("HOSL_DATA_DIR", ROOT / ".." / "shared" / "data"))
+SECRET = "a-shared-secret-for-the-fleet-tests"
+needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+
+UPDATES = [(1, [2**64 - 5, 7], [0.25, -1.5]), (3, [11, 12], [1e-300, 3.0])]
+
+
+# -- formats ----------------------------------------------------------------------------------------
+
+def test_relay_fields_round_trip_seeds_above_int63_and_exact_floats():
+    ints, floats = relay_fields(4, UPDATES)
+    skipped, back = relay_of(ints, floats)
+    assert skipped == 4 and back == UPDATES
+    assert all(-(2**63) <= i < 2**63 for i in ints)  # what an int64 tensor can carry
+    with pytest.raises(ValueError, match="does not add up"):
+        relay_of(ints + [5], floats)
+
+
+def test_catch_up_round_trip_and_count_check():
+    steps = [UPDATES, [], [UPDATES[1]]]
+    start, to, back = catch_up_of(*catch_up_fields(2, 5, steps))
+    assert (start, to, back) == (2, 5, steps)
+    with pytest.raises(ValueError, match="carries 3 steps"):
+        catch_up_of(*catch_up_fields(2, 6, steps))
+
+
+def test_update_log_appends_in_order_survives_a_torn_line_and_truncates(tmp_path):
+    log = UpdateLog(tmp_path / "log.jsonl")
+    log.append(1, UPDATES)
+    log.append(2, [UPDATES[0]])
+    with pytest.raises(ValueError, match="cannot append step 4"):
+        log.append(4, [])
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "upd')  # killed mid-write
+    again = UpdateLog(tmp_path / "log.jsonl")
+    assert again.last_step == 2 and again.between(0, 2) == [UPDATES, [UPDATES[0]]]
+    again.truncate(1)
+    assert UpdateLog(tmp_path / "log.jsonl").between(0, 1) == [UPDATES]
+    with pytest.raises(ValueError, match="lacks steps"):
+        again.between(0, 2)
+
+
+def test_relayed_is_everyone_shared_and_own_local():
+    assert relayed(UPDATES, 1, "shared") == UPDATES
+    assert relayed(UPDATES, 3, "local") == [UPDATES[1]]
+    assert relayed(UPDATES, 2, "local") == []
+
+
+def test_step_seeds_differ_across_ranks_and_steps_and_fit_a_generator():
+    seeds = {step_seed(0, r, s) for r in range(1, 9) for s in range(1, 200)}
+    assert len(seeds) == 8 * 199
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert step_seed(0, 1, 1) == step_seed(0, 1, 1) != step_seed(1, 1, 1)
+
+
+# -- shards -----------------------------------------------------------------------------------------
+
+def test_iid_shards_are_disjoint_cover_everything_and_balanced():
+    labels = [i % 2 for i in range(101)]
+    parts = [shard_indices(labels, r, 4, "iid", seed=3) for r in range(1, 5)]
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(101))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parts == [shard_indices(labels, r, 4, "iid", seed=3) for r in range(1, 5)]  # every client agrees
+    assert parts != [shard_indices(labels, r, 4, "iid", seed=4) for r in range(1, 5)]
+
+
+def test_dirichlet_small_alpha_skews_labels_large_alpha_does_not():
+    labels = [i % 2 for i in range(2000)]
+
+    def skew(alpha):  # mean over clients of the majority label's share
+        shares = []
+        for r in range(1, 5):
+            idx = shard_indices(labels, r, 4, f"dirichlet:{alpha}", seed=0)
+            ones = sum(labels[i] for i in idx)
+            shares.append(max(ones, len(idx) - ones) / len(idx))
+        return sum(shares) / len(shares)
+
+    parts = [shard_indices(labels, r, 4, "dirichlet:0.1", seed=0) for r in range(1, 5)]
+    assert sorted(i for p in parts for i in p) == list(range(2000)) and all(parts)
+    assert skew(0.1) > 0.8 and skew(1000.0) < 0.6
+
+
+def test_shard_errors_name_the_flag():
+    with pytest.raises(ValueError, match="--shard"):
+        parse_shard("random")
+    with pytest.raises(ValueError, match="ALPHA"):
+        parse_shard("dirichlet:-1")
+    with pytest.raises(ValueError, match="--rank must be in 1..3"):
+        shard_indices([0, 1], 4, 3, "iid", seed=0)
+    with pytest.raises(ValueError, match="no labels"):
+        shard_indices(None, 1, 2, "dirichlet:1", seed=0)
+    assert shard_indices([0, 1, 0], 2, 3, "by-file", seed=0) == [0, 1, 2]
+
+
+def test_fleet_options_are_checked():
+    from hosl.training.config import TrainConfig
+
+    for bad, match in ((dict(clients=-1), "--clients"), (dict(client_sync="both"), "--client-sync"),
+                       (dict(clients=2, mode="fo-sl"), "fleet of hosl clients"), (dict(wire="int4"), "--wire")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad).validate()
+
+
+# -- real fleets ------------------------------------------------------------------------------------
+
+STEPS = 6
+
+
+def _args(out, n, steps=STEPS, *extra):
+    return ["--model", "tiny-opt", "--task", "sst2", "--data-dir", str(DATA), "--mode", "hosl", "--cut", "1",
+            "--steps", str(steps), "--batch-size", "4", "--train-size", "36", "--eval-size", "8",
+            "--num-queries", "2", "--max-length", "48", "--lr-client", "1e-3", "--lr-server", "1e-2",
+            "--eval-every", str(steps), "--checkpoint-every", "2", "--out", str(out), "--no-progress",
+            "--clients", str(n), *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(secret=SECRET):
+    return dict(os.environ, HOSL_SECRET=secret, OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+
+
+def _conn(port, peer_timeout=20):
+    return ["--master-addr", "127.0.0.1", "--master-port", str(port), "--peer-timeout", str(peer_timeout),
+            "--connect-timeout", "90"]
+
+
+def _popen(cmd, secret=SECRET):
+    return subprocess.Popen([sys.executable, "-m", "hosl", *cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(secret))
+
+
+def _server(out, n, port, *extra):
+    return _popen(["serve", *_args(out, n, STEPS, *extra), *_conn(port)])
+
+
+def _client(out, n, rank, port, *extra, secret=SECRET):
+    return _popen(["train", "--role", "client", "--rank", str(rank), *_args(out, n, STEPS, *extra), *_conn(port)],
+                  secret=secret)
+
+
+def _finish(proc, timeout=240):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
+def _weights(out, rank, step=STEPS):
+    return load_file(str(out / f"client{rank}" / "checkpoints" / f"step-{step}" / "client.safetensors"))
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _simulate(n, steps=STEPS):
+    """(The settings of :func:`_args`.) The fleet in one process, written from docs/fleet.md's rules with the library's public pieces:
+    per step, each client's batch; clean losses back-propagated into the server in rank order and
+    averaged; each client's Q central differences with its step seeds; one server SGD step; one
+    client update over all clients' directions in rank order."""
+    from hosl.training.config import TrainConfig
+
+    cfg = TrainConfig(model="tiny-opt", task="sst2", data_dir=str(DATA), mode="hosl", cut=1, steps=steps, batch_size=4,
+                      train_size=36, eval_size=8, num_queries=2, max_length=48, lr_client=1e-3, lr_server=1e-2,
+                      clients=n, progress=False)
+    cfg.validate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the fleet's processes run (OMP_NUM_THREADS=1): the same reduction order
+    try:
+        return _simulate_steps(cfg, n, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _simulate_steps(cfg, n, steps):
+    from hosl.optim import HybridOrderOptimizer
+    from hosl.optim import functional as F
+    from hosl.tasks import ShuffledBatches, make_collate_fn
+    from hosl.tasks.custom import sample_configured_task
+    from hosl.training.run import _shard, hyper, load_split_model, loss_fn
+    from hosl.training.schedule import make_server_optimizer
+
+    torch.manual_seed(cfg.seed)
+    data = sample_configured_task(cfg)
+    kind, tokenizer, client, server = load_split_model(cfg, data)
+    client.train(False)
+    server.train(False)
+    loss_of = loss_fn(kind)
+    collate = make_collate_fn(data.template, tokenizer, kind, cfg.max_length)
+    streams = {r: ShuffledBatches(_shard(data, cfg, r).train, cfg.batch_size, seed=cfg.seed, collate_fn=collate)
+               for r in range(1, n + 1)}
+    opt = HybridOrderOptimizer(client, None, config=cfg.zo_config())
+    server_opt = make_server_optimizer(server.parameters(), hyper(cfg))
+    for t in range(1, steps + 1):
+        batches = {r: next(streams[r]) for r in streams}
+        labels = {r: {"labels": b["labels"]} for r, b in batches.items()}  # what the server half is sent
+        for r, b in batches.items():  # clean losses, rank order, accumulated
+            with torch.no_grad():
+                h = client(b["input_ids"], b["attention_mask"])
+            loss_of(server(h.detach(), b["attention_mask"]), labels[r], 1).backward()
+        seeds, grads = [], []
+        for r, b in batches.items():
+            g = torch.Generator().manual_seed(step_seed(cfg.seed, r, t))
+            mine = F.draw_seeds(g, cfg.num_queries)
+            losses = []
+            for s in mine:
+                for sign in (1.0, -1.0):
+                    with torch.no_grad(), opt.perturbed(s, sign):
+                        h = client(b["input_ids"], b["attention_mask"])
+                        losses.append(float(loss_of(server(h, b["attention_mask"]), labels[r], 1)))
+            seeds += mine
+            grads += [(losses[2 * q] - losses[2 * q + 1]) / (2 * cfg.resolved_eps()) for q in range(len(mine))]
+        for p in server.parameters():
+            if p.grad is not None and n > 1:
+                p.grad.div_(n)
+        server_opt.step()
+        server_opt.zero_grad(set_to_none=True)
+        opt.apply_update(seeds, grads)
+    def copy(m):
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    return copy(client), copy(server)
+
+
+@pytest.mark.slow
+@needs_data
+def test_three_shared_clients_are_bit_identical_equal_a_simulation_and_a_stranger_is_refused(tmp_path):
+    out, port, n = tmp_path / "fleet", _free_port(), 3
+    server = _server(out, n, port)
+    stranger = _client(tmp_path / "stranger", n, 2, port, secret="not-the-secret-at-all-000")
+    clients = [_client(out, n, r, port) for r in range(1, n + 1)]
+    code_s, log_s = _finish(server)
+    results = [_finish(c) for c in clients]
+    code_x, log_x = _finish(stranger, 60)
+    assert code_s == 0, log_s[-3000:]
+    for code, log in results:
+        assert code == 0, log[-3000:]
+    assert code_x != 0 and "secret" in log_x.lower(), log_x[-2000:]
+    summary = json.loads((out / "server" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["rounds"] == STEPS and summary["refused_joins"] >= 1
+    assert summary["finished"] == [1, 2, 3] and summary["dropped"] == 0
+    log = UpdateLog(out / "server" / "fleet_log.jsonl")
+    assert [[u[0] for u in step] for step in log.between(0, STEPS)] == [[1, 2, 3]] * STEPS
+    first = _weights(out, 1)
+    for r in (2, 3):
+        _assert_same(first, _weights(out, r))
+    simulated_client, simulated_server = _simulate(n)
+    _assert_same(first, {k: simulated_client[k] for k in first})
+    server_weights = load_file(str(out / "server" / "checkpoints" / f"step-{STEPS}" / "server.safetensors"))
+    _assert_same(server_weights, {k: simulated_server[k] for k in server_weights})
+    start, _ = _simulate(n, steps=0)
+    assert any(not torch.equal(start[k], first[k]) for k in first)  # training moved the weights
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_killed_client_is_dropped_the_others_go_on_and_it_rejoins_by_replay(tmp_path):
+    out, port, n = tmp_path / "fleet", _free_port(), 3
+    server = _server(out, n, port)
+    clients = {r: _client(out, n, r, port) for r in range(1, n + 1)}
+    metrics = out / "client3" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # kill rank 3 once it has a checkpoint (step 2) and is past it
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= 3 and "loss" in x
+                                    for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    clients[3].send_signal(signal.SIGKILL)
+    clients[3].communicate()
+    again = _client(out, n, 3, port, "--resume")
+    results = {r: _finish(clients[r]) for r in (1, 2)}
+    code3, log3 = _finish(again)
+    code_s, log_s = _finish(server)
+    for r, (code, log) in results.items():
+        assert code == 0, log[-3000:]
+    assert code3 == 0, log3[-3000:]
+    assert code_s == 0, log_s[-3000:]
+    assert "caught up from step" in log3
+    summary = json.loads((out / "server" / "summary.json").read_text())
+    assert summary["dropped"] == 1 and summary["rejoins"] == 1 and summary["finished"] == [1, 2, 3]
+    members = [[u[0] for u in step] for step in UpdateLog(out / "server" / "fleet_log.jsonl").between(0, STEPS)]
+    assert any(3 not in m for m in members)  # the fleet went on without it
+    for r in (2, 3):
+        _assert_same(_weights(out, 1), _weights(out, r))
+
+
+@pytest.mark.slow
+@needs_data
+def test_the_servers_death_stops_every_client_and_a_resumed_fleet_ends_identical(tmp_path):
+    out, port, n = tmp_path / "fleet", _free_port(), 3
+    server = _server(out, n, port)
+    clients = [_client(out, n, r, port) for r in range(1, n + 1)]
+    deadline = time.monotonic() + 180
+    log_path = out / "server" / "fleet_log.jsonl"
+    while time.monotonic() < deadline:  # kill the server once step 3 is logged (checkpoints at step 2)
+        if log_path.exists() and len(log_path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    server.send_signal(signal.SIGKILL)
+    server.communicate()
+    for c in clients:
+        code, log = _finish(c, 120)
+        assert code == 2 and "server (rank 0)" in log, log[-2000:]  # a clear message, the peer-lost status
+    for r in range(1, n + 1):  # what they leave is loadable: the step-2 checkpoint
+        assert (out / f"client{r}" / "checkpoints" / "step-2" / "client.safetensors").exists()
+    port = _free_port()
+    server = _server(out, n, port, "--resume")
+    clients = [_client(out, n, r, port, "--resume") for r in range(1, n + 1)]
+    for proc in (*clients, server):
+        code, log = _finish(proc)
+        assert code == 0, log[-3000:]
+    assert UpdateLog(log_path).last_step == STEPS
+    for r in (2, 3):
+        _assert_same(_weights(out, 1), _weights(out, r))
+    simulated_client, _ = _simulate(n)
+    first = _weights(out, 1)
+    _assert_same(first, {k: simulated_client[k] for k in first})  # as if nothing had happened
+
+
+@pytest.mark.slow
+@needs_data
+def test_local_clients_keep_their_own_halves_and_apply_only_their_own_updates(tmp_path):
+    out, port, n = tmp_path / "fleet", _free_port(), 2
+    server = _server(out, n, port, "--client-sync", "local")
+    clients = [_client(out, n, r, port, "--client-sync", "local") for r in range(1, n + 1)]
+    for proc in (*clients, server):
+        code, log = _finish(proc)
+        assert code == 0, log[-3000:]
+    a, b = _weights(out, 1), _weights(out, 2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(json.loads((out / f"client{r}" / "summary.json").read_text())["eval_accuracy"] is not None
+               for r in (1, 2))  # each local model is evaluated
+    members = [[u[0] for u in step] for step in UpdateLog(out / "server" / "fleet_log.jsonl").between(0, STEPS)]
+    assert members == [[1, 2]] * STEPS
