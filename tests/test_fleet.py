@@ -368,3 +368,16 @@ def test_local_clients_keep_their_own_halves_and_apply_only_their_own_updates(tm
                for r in (1, 2))  # each local model is evaluated
     members = [[u[0] for u in step] for step in UpdateLog(out / "server" / "fleet_log.jsonl").between(0, STEPS)]
     assert members == [[1, 2]] * STEPS
+
+
+@pytest.mark.slow
+@needs_data
+def test_torchrun_launches_a_fleet_rank_0_serving(tmp_path):
+    out = tmp_path / "fleet"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc-per-node", "3", "--master-port", str(_free_port()), "-m", "hosl", "train",
+           "--role", "auto", *_args(out, 2, 2)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert json.loads((out / "server" / "summary.json").read_text())["finished"] == [1, 2]
+    _assert_same(_weights(out, 1, step=2), _weights(out, 2, step=2))

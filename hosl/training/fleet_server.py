@@ -383,7 +383,7 @@ def run_fleet_server(cfg, conn) -> int:
     stop = StopOnInterrupt("server")
     with stop:
         _say(f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model)")
-        host = FleetHost(secret=conn.secret, addr=conn.master_addr or "127.0.0.1", port=conn.master_port,
+        host = FleetHost(secret=conn.secret, addr=conn.addr(), port=conn.port(),
                          timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
                          backend=conn.backend or "gloo", stop_requested=stop.requested, log=_say)
         stop.connected = True

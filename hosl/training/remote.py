@@ -57,9 +57,19 @@ class Connection:
     backend: str | None = None  # gloo | nccl (default: nccl when CUDA is available)
     secret: bytes | None = field(default=None, repr=False)  # shared by both sides; see hosl/transport/auth.py
 
+    def addr(self) -> str:
+        """The rendezvous host: --master-addr, else MASTER_ADDR (torchrun), else 127.0.0.1."""
+        return self.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+
+    def port(self) -> int:
+        """The rendezvous port: --master-port, else MASTER_PORT (torchrun)."""
+        port = self.master_port or (int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else None)
+        if port is None or not 0 < port < 65536:
+            raise ValueError(f"need --master-port between 1 and 65535 (or MASTER_PORT, as torchrun sets), got {port}")
+        return port
+
     def where(self) -> str:
-        addr = self.master_addr or os.environ.get("MASTER_ADDR") or "127.0.0.1"
-        return f"{addr}:{self.master_port or os.environ.get('MASTER_PORT', '?')}"
+        return f"{self.addr()}:{self.master_port or os.environ.get('MASTER_PORT', '?')}"
 
     def connect(self, stop_requested) -> str:
         """Rendezvous and prove the secret (both ways); returns the run id."""
