@@ -10,6 +10,10 @@ Both sides take the same training arguments (model, task, mode, cut, seed, ...);
 ones that matter at connect time. Each writes its own run folder under ``--out``: ``client/`` and
 ``server/``. Both must hold the same secret (``--secret-file PATH`` or ``HOSL_SECRET``); ``hosl
 serve`` without one generates it into ``OUT/server/secret`` and says how to pass it to the client.
+
+Fleets (``--clients N``, docs/fleet.md): ``hosl serve --clients N`` is rank 0 and hosts the
+rendezvous; each client is ``hosl train --role client --clients N --rank R`` (R in 1..N) and writes
+``OUT/clientR``; under torchrun ``--role auto`` makes rank 0 the server.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ ROLES = ("local", "client", "server", "auto")
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("two-process runs (default: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
-    g.add_argument("--rank", type=int, default=None, help="0 or 1 (the client is usually 0)")
-    g.add_argument("--world-size", type=int, default=None, help="always 2")
+    g.add_argument("--rank", type=int, default=None,
+                   help="two-process run: 0 or 1 (the client is usually 0); fleet (--clients N): the server is 0, "
+                        "the clients 1..N")
+    g.add_argument("--world-size", type=int, default=None, help="always 2 (a fleet does not use it)")
     g.add_argument("--master-addr", default=None, help="host of rank 0 (default 127.0.0.1)")
     g.add_argument("--master-port", type=int, default=None, help="rendezvous port on the master")
     g.add_argument("--peer-timeout", type=float, default=30.0,

@@ -91,6 +91,43 @@ def run_single(a, n: int, out: Path) -> dict:
             "step_s": summary["seconds"] / max(1, summary["steps"])}
 
 
+def sync_cost(a, counts: list[int]) -> list[dict]:
+    """What ``shared`` sync costs a client per step: applying N clients' updates (N x Q directions in
+    one fused update) against its own Q, on this model's client half, one thread; and the bytes of
+    the relay against the client half's weights."""
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    from hosl.optim import HybridOrderOptimizer
+    from hosl.training.config import TrainConfig
+    from hosl.training.protocol import relay_fields
+    from hosl.training.run import load_split_model
+    from hosl.transport.wire import HEADER_LEN
+
+    cfg = TrainConfig(model=a.model, task=a.task, cut=a.cut, data_dir=a.data_dir, progress=False)
+    cfg.validate()
+    _kind, _tok, client, _server = load_split_model(cfg)
+    opt = HybridOrderOptimizer(client, None, lr=0.0, num_queries=a.num_queries)
+    weights = sum(t.numel() * t.element_size() for t in client.state_dict().values())
+    rows = []
+    for n in counts:
+        seeds = list(range(1, n * a.num_queries + 1))
+        grads = [0.1] * len(seeds)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            opt.apply_update(seeds, grads)  # lr 0: the weights do not move, the work is the same
+            times.append(time.perf_counter() - t0)
+        ints, floats = relay_fields(0, [(r, seeds[(r - 1) * a.num_queries:r * a.num_queries],
+                                         grads[:a.num_queries]) for r in range(1, n + 1)])
+        relay_bytes = 8 * (HEADER_LEN + len(ints) + len(floats))
+        rows.append({"clients": n, "apply_s": statistics.median(times), "relay_bytes": relay_bytes,
+                     "client_weight_bytes": weights})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,2,4,8")
@@ -111,7 +148,15 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default="runs/measure-fleet", help="run folders (removed first)")
     p.add_argument("--no-single", action="store_true", help="skip the single-client comparison runs")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--sync-only", action="store_true", help="only the shared-sync cost (no fleet runs)")
     a = p.parse_args(argv)
+    counts = [int(x) for x in a.clients.split(",")]
+    if a.sync_only:
+        result = {"command": "python scripts/measure_fleet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "settings": vars(a), "sync": sync_cost(a, counts)}
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        return result
     work = Path(a.work)
     if work.exists():
         import shutil
@@ -119,7 +164,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     rows = []
-    for n in [int(x) for x in a.clients.split(",")]:
+    for n in counts:
         row = run_fleet(a, n, work / f"fleet{n}")
         if not a.no_single:
             row["single_client"] = run_single(a, n, work / f"single{n}")

@@ -27,7 +27,8 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop, save_run
 from hosl.training.protocol import PHASE_NAMES, Phase
-from hosl.training.run import Run, build_run
+from hosl.training.remote import StopOnInterrupt, check_split_mode, fingerprint
+from hosl.training.run import Run, build_run, say
 from hosl.training.schedule import schedule_client_step
 from hosl.transport import ShutdownCode
 from hosl.transport.distributed import DistributedLink
@@ -101,9 +102,7 @@ def _reload(run: Run, step: int) -> None:
 
 def run_fleet_client(cfg: TrainConfig, conn) -> dict:
     """This client's run in the fleet at ``conn`` (a ``hosl.training.remote.Connection``)."""
-    from hosl.training.remote import StopOnInterrupt, _check_split_mode, _say, fingerprint
-
-    _check_split_mode(cfg)
+    check_split_mode(cfg)
     rank = conn.rank
     if rank is None or not 1 <= rank <= cfg.clients:
         raise ValueError(f"a fleet client needs --rank in 1..{cfg.clients} (the server is rank 0), got {rank}")
@@ -114,14 +113,14 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
     links: list[DistributedLink] = []
 
     def connect_server() -> DistributedLink:
-        _say(f"client {rank}: joining the fleet on {conn.where()} (up to {conn.connect_timeout:g} s)")
+        say(f"client {rank}: joining the fleet on {conn.where()} (up to {conn.connect_timeout:g} s)")
         endpoint = join_fleet(secret=conn.secret, rank=rank, addr=conn.addr(), port=conn.port(), timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
                               fields=fingerprint(cfg), backend=conn.backend or "gloo", stop_requested=stop.requested)
         stop.connected = True
         barrier = {int(Phase.CLEAN_LOSS): conn.connect_timeout, int(Phase.END_STEP): conn.connect_timeout,
                    int(Phase.JOIN): conn.connect_timeout}
         links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested, reply_timeouts=barrier))
-        _say(f"client {rank}: joined as rank {rank} of {cfg.clients} ({cfg.client_sync} client model)")
+        say(f"client {rank}: joined as rank {rank} of {cfg.clients} ({cfg.client_sync} client model)")
         return links[0]
 
     with stop:
@@ -129,7 +128,7 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
             run = build_run(cfg, connect_server=connect_server, fleet_rank=rank)
             run.mode.sync = FleetSync(rank, cfg.seed)
             run.evaluates = cfg.client_sync == "local" or rank == 1  # shared: one model, rank 1 evaluates it
-            catch_up(run, _say)
+            catch_up(run, say)
             summary = run_loop(run)
             summary.update(rank=rank, clients=cfg.clients, client_sync=cfg.client_sync)
             (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -43,6 +43,14 @@ import torch
 
 from hosl.training.fleet_log import UpdateLog, relayed
 from hosl.training.protocol import ActivationWire, Phase, catch_up_fields, relay_fields, update_of
+from hosl.training.remote import (
+    RunExistsError,
+    StopOnInterrupt,
+    check_split_mode,
+    fingerprint,
+    write_or_check_server_config,
+)
+from hosl.training.run import hyper, load_split_model, loss_fn, say, train_dropout
 from hosl.training.server_handler import ServerHandler
 from hosl.transport import Message, PeerLostError, ShutdownCode
 from hosl.transport.fleet import FleetHost
@@ -338,19 +346,10 @@ def run_fleet_server(cfg, conn) -> int:
     from dataclasses import replace
 
     from hosl.training import checkpoint as ckpt
-    from hosl.training.remote import (
-        RunExistsError,
-        StopOnInterrupt,
-        _check_split_mode,
-        _say,
-        _write_or_check_server_config,
-        fingerprint,
-    )
-    from hosl.training.run import hyper, load_split_model, loss_fn, train_dropout
     from hosl.transport import SECRET_ENV
     from hosl.transport.auth import write_secret_file
 
-    _check_split_mode(cfg)
+    check_split_mode(cfg)
     run_dir = Path(cfg.out) / "server"
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:
         raise RunExistsError(f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out")
@@ -358,7 +357,7 @@ def run_fleet_server(cfg, conn) -> int:
     if not conn.secret:
         secret_path = run_dir / "secret"
         conn = replace(conn, secret=write_secret_file(secret_path))
-        _say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600); "
+        say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600); "
              f"start every client with --secret-file {secret_path} (copied over a secure channel)")
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
@@ -371,7 +370,7 @@ def run_fleet_server(cfg, conn) -> int:
     if cfg.resume and ckpt.list_checkpoints(run_dir):
         completed = ckpt.checkpoint_steps(run_dir)[-1]
         half.resume(completed)
-        _say(f"server: resumed the fleet from its checkpoint at step {completed}")
+        say(f"server: resumed the fleet from its checkpoint at step {completed}")
     elif log_path.exists():
         log_path.unlink()  # a run that never checkpointed: its log starts again with it
     log = UpdateLog(log_path)
@@ -379,21 +378,21 @@ def run_fleet_server(cfg, conn) -> int:
     if log.last_step < completed:
         raise RuntimeError(f"{log_path} ends at step {log.last_step} but the server's checkpoint is at step "
                            f"{completed}: the log cannot rebuild the clients")
-    _write_or_check_server_config(run_dir, cfg)
+    write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:
-        _say(f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model)")
+        say(f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model)")
         host = FleetHost(secret=conn.secret, addr=conn.addr(), port=conn.port(),
                          timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
-                         backend=conn.backend or "gloo", stop_requested=stop.requested, log=_say)
+                         backend=conn.backend or "gloo", stop_requested=stop.requested, log=say)
         stop.connected = True
         fleet = FleetServer(host, half, log, clients=cfg.clients, client_sync=cfg.client_sync,
                             fields=fingerprint(cfg), run_dir=run_dir, start_timeout_s=conn.connect_timeout,
-                            say=_say, completed=completed)
+                            say=say, completed=completed)
         summary = fleet.serve()
     if fleet.saved_step != fleet.completed and fleet.completed > 0:
         half.save(fleet.completed)
     (run_dir / "summary.json").write_text(json.dumps({"mode": cfg.mode, "model": cfg.model, **summary}, indent=2))
-    _say(f"server: fleet done at step {fleet.completed}: {summary['rounds']} rounds, {summary['dropped']} drops, "
+    say(f"server: fleet done at step {fleet.completed}: {summary['rounds']} rounds, {summary['dropped']} drops, "
          f"{summary['rejoins']} rejoins, {summary['refused_joins']} refused joins")
     return 0 if summary["finished"] == list(range(1, cfg.clients + 1)) else 1

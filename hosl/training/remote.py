@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop
-from hosl.training.run import RunExistsError, build_run, hyper, load_split_model, loss_fn, train_dropout
-from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.protocol import PHASE_NAMES, SPLIT_MODES
+from hosl.training.run import RunExistsError, build_run, hyper, load_split_model, loss_fn, say, train_dropout
+from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.server_handler import ServerHandler
 from hosl.transport import SECRET_ENV, ShutdownCode
 from hosl.transport.auth import confirm_channel, write_secret_file
@@ -87,10 +86,6 @@ def fingerprint(cfg: TrainConfig) -> dict:
     return values
 
 
-def _say(msg: str) -> None:
-    print(f"[hosl] {msg}", file=sys.stderr, flush=True)
-
-
 class StopOnInterrupt:
     """Once connected (``connected = True``), the first SIGINT sets a flag (stop cleanly at the next
     exchange) and a second one interrupts. Before that (loading, connecting) there is no exchange
@@ -109,7 +104,7 @@ class StopOnInterrupt:
         if self.flag or not self.connected:
             raise KeyboardInterrupt
         self.flag = True
-        _say(f"{self.role}: interrupted; stopping both sides at the next exchange (Ctrl-C again to abort now)")
+        say(f"{self.role}: interrupted; stopping both sides at the next exchange (Ctrl-C again to abort now)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -121,7 +116,7 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _check_split_mode(cfg: TrainConfig) -> None:
+def check_split_mode(cfg: TrainConfig) -> None:
     cfg.validate()
     if cfg.mode not in SPLIT_MODES:
         raise ValueError(f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server")
@@ -130,7 +125,7 @@ def _check_split_mode(cfg: TrainConfig) -> None:
 def run_client(cfg: TrainConfig, conn: Connection) -> dict:
     """The client half: the run (validated here, once) built with a link to the server process,
     then the training loop; returns the run's summary."""
-    _check_split_mode(cfg)
+    check_split_mode(cfg)
     if not conn.secret:
         raise ValueError(f"the client needs the server's shared secret: pass --secret-file PATH (the file `hosl serve` "
                          f"wrote, e.g. OUT/server/secret, copied over a secure channel) or set {SECRET_ENV}")
@@ -139,12 +134,12 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
     links: list[DistributedLink] = []
 
     def connect_server() -> DistributedLink:
-        _say(f"client: waiting for the server on {conn.where()} (up to {conn.connect_timeout:g} s)")
+        say(f"client: waiting for the server on {conn.where()} (up to {conn.connect_timeout:g} s)")
         run_id = conn.connect(stop.requested)
         endpoint = Endpoint("server", conn.peer_timeout)
         confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
         handshake(endpoint, "client", fingerprint(cfg), conn.connect_timeout)
-        _say(f"client: connected to the {endpoint.peer_name}")
+        say(f"client: connected to the {endpoint.peer_name}")
         stop.connected = True
         links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested))
         return links[0]
@@ -167,7 +162,7 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
             disconnect()
 
 
-def _write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
+def write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
     """A fresh server run writes its config.json; a resumed one compares its settings with the saved
     ones (as the client's resume does) and never rewrites the file."""
     path = run_dir / "config.json"
@@ -184,7 +179,7 @@ def _write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
 def run_server(cfg: TrainConfig, conn: Connection) -> int:
     """The server half: answer the client until it says goodbye. Returns an exit status: 0 when
     the client finished, 130 when it was interrupted, 1 when it failed."""
-    _check_split_mode(cfg)
+    check_split_mode(cfg)
     run_dir = Path(cfg.out) / "server"
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:
         raise RunExistsError(f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out")
@@ -192,7 +187,7 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     if not conn.secret:
         secret_path = run_dir / "secret"
         conn = replace(conn, secret=write_secret_file(secret_path))
-        _say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600). "
+        say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600). "
              f"Start the client with --secret-file {secret_path} (copy the file over a secure channel, e.g. scp) "
              f"or {SECRET_ENV}=\"$(cat {secret_path})\"")
     torch.manual_seed(cfg.seed)
@@ -201,23 +196,23 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
                          train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
                          trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
-    _write_or_check_server_config(run_dir, cfg)
+    write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:
         try:
-            _say(f"server: waiting for the client on {conn.where()} (up to {conn.connect_timeout:g} s)")
+            say(f"server: waiting for the client on {conn.where()} (up to {conn.connect_timeout:g} s)")
             run_id = conn.connect(stop.requested)
             endpoint = Endpoint("client", conn.peer_timeout)
             confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
             handshake(endpoint, "server", fingerprint(cfg), conn.connect_timeout)
-            _say(f"server: connected to the {endpoint.peer_name}; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
+            say(f"server: connected to the {endpoint.peer_name}; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
             stop.connected = True
             code = serve(endpoint, half.handle, phase_names=PHASE_NAMES, stop_requested=stop.requested,
                          first_timeout_s=conn.connect_timeout)
         finally:
             disconnect()
     reason = {int(c): c.name.lower() for c in ShutdownCode}.get(code, str(code))
-    _say(f"server: the client said goodbye ({reason})")
+    say(f"server: the client said goodbye ({reason})")
     (run_dir / "summary.json").write_text(json.dumps({"role": "server", "mode": cfg.mode, "model": cfg.model,
                                                       "client_shutdown": reason}, indent=2))
     return {int(ShutdownCode.DONE): 0, int(ShutdownCode.INTERRUPTED): 130}.get(code, 1)
