@@ -35,12 +35,13 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from hosl.training import checkpoint as ckpt
 from hosl.training.fleet_log import UpdateLog, relayed
 from hosl.training.protocol import ActivationWire, Phase, catch_up_fields, relay_fields, update_of
 from hosl.training.remote import (
@@ -52,7 +53,8 @@ from hosl.training.remote import (
 )
 from hosl.training.run import hyper, load_split_model, loss_fn, say, train_dropout
 from hosl.training.server_handler import ServerHandler
-from hosl.transport import Message, PeerLostError, ShutdownCode
+from hosl.transport import SECRET_ENV, Message, PeerLostError, ShutdownCode
+from hosl.transport.auth import write_secret_file
 from hosl.transport.fleet import FleetHost
 from hosl.transport.wire import Kind, text_tensor
 
@@ -69,7 +71,6 @@ class ClientSlot:
     batch: dict = field(default_factory=dict)
     clean_loss: float = math.nan
     activation_grad: torch.Tensor | None = None
-    joined_step: int = 0
     wire: ActivationWire | None = None  # this client's --wire state (delta8: its step's clean activation)
 
 
@@ -118,8 +119,8 @@ class FleetServer:
                 if not any(s.held is None for s in self.live.values()):
                     time.sleep(0.01)  # everyone waits on a barrier that cannot fire yet (the fleet is starting)
                 continue
-            check_at = next_join_check
-            got = self.host.next_message(waiting, idle=lambda: self.collecting and time.monotonic() >= check_at)
+            got = self.host.next_message(waiting, idle=lambda at=next_join_check: self.collecting and
+                                         time.monotonic() >= at)
             if got is None:
                 continue
             rank, msg = got
@@ -148,7 +149,7 @@ class FleetServer:
             rejoin = joined.rank in self.ever_joined
             self.ever_joined.add(joined.rank)
             self.finished.discard(joined.rank)
-            self.live[joined.rank] = ClientSlot(joined.rank, joined_step=self.completed)
+            self.live[joined.rank] = ClientSlot(joined.rank)
             self.counts["rejoins" if rejoin else "joins"] += 1
             self._event("rejoin" if rejoin else "join", rank=joined.rank)
             self.say(f"server: client rank {joined.rank} {'re' if rejoin else ''}joined at step {self.completed} "
@@ -343,12 +344,6 @@ def run_fleet_server(cfg, conn) -> int:
     """``hosl serve --clients N``: load the server half, host the fleet at ``conn`` (a
     ``hosl.training.remote.Connection``), serve until every client finished (or none is connected
     for ``--connect-timeout`` seconds). Exit status 0 when every rank finished, else 1."""
-    from dataclasses import replace
-
-    from hosl.training import checkpoint as ckpt
-    from hosl.transport import SECRET_ENV
-    from hosl.transport.auth import write_secret_file
-
     check_split_mode(cfg)
     run_dir = Path(cfg.out) / "server"
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:

@@ -165,7 +165,7 @@ class FleetHost:
                 rank, header, failure = self._arrivals.get(timeout=0.05)
             except queue.Empty:
                 if self.stop_requested():
-                    raise KeyboardInterrupt
+                    raise KeyboardInterrupt from None
                 if idle():
                     return None
                 continue
