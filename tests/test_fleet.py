@@ -383,3 +383,23 @@ def test_torchrun_launches_a_fleet_rank_0_serving(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert json.loads((out / "server" / "summary.json").read_text())["finished"] == [1, 2]
     _assert_same(_weights(out, 1, step=2), _weights(out, 2, step=2))
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_second_client_with_a_taken_rank_is_refused_and_the_fleet_goes_on(tmp_path):
+    out, port, n = tmp_path / "fleet", _free_port(), 3
+    server = _server(out, n, port)  # it waits for all three ranks before the first step
+    clients = [_client(out, n, r, port) for r in (1, 2)]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (out / "client2" / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    twin = _client(tmp_path / "twin", n, 2, port)
+    code_t, log_t = _finish(twin, 120)
+    clients.append(_client(out, n, 3, port))
+    for proc in (*clients, server):
+        code, log = _finish(proc)
+        assert code == 0, log[-3000:]
+    assert code_t != 0 and "refused rank 2: rank 2 is connected already" in log_t, log_t[-2000:]
+    summary = json.loads((out / "server" / "summary.json").read_text())
+    assert summary["refused_joins"] == 1 and summary["steps"] == STEPS and summary["dropped"] == 0

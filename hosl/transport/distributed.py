@@ -148,7 +148,7 @@ def _port_cause(addr: str, port: int) -> str:
             return (f"something listens on port {port} but does not answer as a torch.distributed store (the port "
                     f"is taken by another program? check --master-port)")
     except ConnectionRefusedError:
-        return f"nothing listens on port {port} (is the client, rank 0, started? check --master-addr/--master-port)"
+        return f"nothing listens on port {port} (is rank 0 started: the client of a two-process run, the server of a fleet? check --master-addr/--master-port)"
     except OSError as exc:
         return f"cannot connect to {addr}:{port} ({exc.strerror or exc})"
 

@@ -219,15 +219,20 @@ def join_fleet(*, secret: bytes, rank: int, addr: str, port: int, timeout_s: flo
                          lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested))
     keys = _join_keys(i)
     store.set(keys + "rank", str(rank).encode("ascii"))
-    try:
-        run_id = authenticate_over_store(store, is_host=False, secret=secret, deadline=deadline, where=where,
-                                         stop_requested=stop_requested, timeout_s=timeout_s, keys=keys + "auth/",
-                                         roles=("server", f"client (rank {rank})"), joiner_rank=rank)
-    except ConnectError:
+    # the server either challenges this join or says why it refuses the rank (taken, out of range)
+    while not store.check([keys + "auth/challenge"]):
         if store.check([keys + "refused"]):
             raise AuthError(f"the server on {where} refused rank {rank}: "
-                            f"{store.get(keys + 'refused').decode('utf-8', errors='replace')}") from None
-        raise
+                            f"{store.get(keys + 'refused').decode('utf-8', errors='replace')}")
+        if time.monotonic() > deadline:
+            raise ConnectError(f"the server on {where} did not take up this join within {timeout_s:g} s "
+                               f"(--connect-timeout)")
+        if stop_requested is not None and stop_requested():
+            raise KeyboardInterrupt
+        time.sleep(0.05)
+    run_id = authenticate_over_store(store, is_host=False, secret=secret, deadline=deadline, where=where,
+                                     stop_requested=stop_requested, timeout_s=timeout_s, keys=keys + "auth/",
+                                     roles=("server", f"client (rank {rank})"), joiner_rank=rank)
     group = call_bounded(lambda: pair_group(backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", store), 1,
                                             peer_timeout),
                          deadline + 1.0, lambda: ConnectError(f"the pair group with the server on {where} did not form"),
