@@ -430,18 +430,18 @@ def test_server_resume_checks_its_config_and_never_rewrites_it(tmp_path):
     from dataclasses import replace
 
     from hosl.training.config import TrainConfig
-    from hosl.training.remote import _write_or_check_server_config
+    from hosl.training.remote import write_or_check_server_config
     from hosl.training.run_folder import RunFolderError
 
     run_dir = tmp_path / "server"
     run_dir.mkdir()
     cfg = TrainConfig(model="tiny-opt", task="sst2", mode="hosl", num_queries=2, out=str(tmp_path))
-    _write_or_check_server_config(run_dir, cfg)
+    write_or_check_server_config(run_dir, cfg)
     before = (run_dir / "config.json").read_bytes()
     with pytest.raises(RunFolderError, match="--num-queries was 2, now 3"):
-        _write_or_check_server_config(run_dir, replace(cfg, resume=True, num_queries=3))
+        write_or_check_server_config(run_dir, replace(cfg, resume=True, num_queries=3))
     assert (run_dir / "config.json").read_bytes() == before
-    _write_or_check_server_config(run_dir, replace(cfg, resume=True, steps=cfg.steps + 5))  # free to change
+    write_or_check_server_config(run_dir, replace(cfg, resume=True, steps=cfg.steps + 5))  # free to change
     assert (run_dir / "config.json").read_bytes() == before
 
 
