@@ -27,10 +27,9 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop, save_run
 from hosl.training.protocol import PHASE_NAMES, Phase
-from hosl.training.remote import StopOnInterrupt, check_split_mode, fingerprint
+from hosl.training.remote import StopOnInterrupt, check_split_mode, fingerprint, goodbye_on_exit
 from hosl.training.run import Run, build_run, say
 from hosl.training.schedule import schedule_client_step
-from hosl.transport import ShutdownCode
 from hosl.transport.distributed import DistributedLink
 from hosl.transport.fleet import join_fleet
 
@@ -123,22 +122,12 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
         say(f"client {rank}: joined as rank {rank} of {cfg.clients} ({cfg.client_sync} client model)")
         return links[0]
 
-    with stop:
-        try:
-            run = build_run(cfg, connect_server=connect_server, fleet_rank=rank)
-            run.mode.sync = FleetSync(rank, cfg.seed)
-            run.evaluates = cfg.client_sync == "local" or rank == 1  # shared: one model, rank 1 evaluates it
-            catch_up(run, say)
-            summary = run_loop(run)
-            summary.update(rank=rank, clients=cfg.clients, client_sync=cfg.client_sync)
-            (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            links[0].close(ShutdownCode.DONE)
-            return summary
-        except KeyboardInterrupt:
-            if links:
-                links[0].close(ShutdownCode.INTERRUPTED)
-            raise
-        except Exception:
-            if links:
-                links[0].close(ShutdownCode.FAILED)
-            raise
+    with stop, goodbye_on_exit(links):
+        run = build_run(cfg, connect_server=connect_server, fleet_rank=rank)
+        run.mode.sync = FleetSync(rank, cfg.seed)
+        run.evaluates = cfg.client_sync == "local" or rank == 1  # shared: one model, rank 1 evaluates it
+        catch_up(run, say)
+        summary = run_loop(run)
+        summary.update(rank=rank, clients=cfg.clients, client_sync=cfg.client_sync)
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary

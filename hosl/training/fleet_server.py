@@ -35,7 +35,7 @@ import json
 import math
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,17 +44,10 @@ import torch
 from hosl.training import checkpoint as ckpt
 from hosl.training.fleet_log import UpdateLog, relayed
 from hosl.training.protocol import ActivationWire, Phase, catch_up_fields, relay_fields, update_of
-from hosl.training.remote import (
-    RunExistsError,
-    StopOnInterrupt,
-    check_split_mode,
-    fingerprint,
-    write_or_check_server_config,
-)
-from hosl.training.run import hyper, load_split_model, loss_fn, say, train_dropout
+from hosl.training.remote import StopOnInterrupt, fingerprint, start_server_process, write_or_check_server_config
+from hosl.training.run import say
 from hosl.training.server_handler import ServerHandler
-from hosl.transport import SECRET_ENV, Message, PeerLostError, ShutdownCode
-from hosl.transport.auth import write_secret_file
+from hosl.transport import Message, PeerLostError, ShutdownCode
 from hosl.transport.fleet import FleetHost
 from hosl.transport.wire import Kind, text_tensor
 
@@ -344,22 +337,7 @@ def run_fleet_server(cfg, conn) -> int:
     """``hosl serve --clients N``: load the server half, host the fleet at ``conn`` (a
     ``hosl.training.remote.Connection``), serve until every client finished (or none is connected
     for ``--connect-timeout`` seconds). Exit status 0 when every rank finished, else 1."""
-    check_split_mode(cfg)
-    run_dir = Path(cfg.out) / "server"
-    if ckpt.list_checkpoints(run_dir) and not cfg.resume:
-        raise RunExistsError(f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not conn.secret:
-        secret_path = run_dir / "secret"
-        conn = replace(conn, secret=write_secret_file(secret_path))
-        say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600); "
-             f"start every client with --secret-file {secret_path} (copied over a secure channel)")
-    torch.manual_seed(cfg.seed)
-    model_kind, _tokenizer, client, server = load_split_model(cfg)
-    del client
-    half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
-                         train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
-                         trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
+    conn, run_dir, half = start_server_process(cfg, conn, "every client")
     log_path = run_dir / "fleet_log.jsonl"
     completed = 0
     if cfg.resume and ckpt.list_checkpoints(run_dir):

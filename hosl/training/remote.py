@@ -16,6 +16,7 @@ status 130.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,20 +147,28 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
 
     with stop:
         try:
-            summary = run_loop(build_run(cfg, connect_server=connect_server))
-            if links:
-                links[0].close(ShutdownCode.DONE)
-            return summary
-        except KeyboardInterrupt:
-            if links:
-                links[0].close(ShutdownCode.INTERRUPTED)
-            raise
-        except Exception:
-            if links:
-                links[0].close(ShutdownCode.FAILED)  # a no-op when the server is the one that failed
-            raise
+            with goodbye_on_exit(links):
+                return run_loop(build_run(cfg, connect_server=connect_server))
         finally:
             disconnect()
+
+
+@contextlib.contextmanager
+def goodbye_on_exit(links: list):
+    """Around a client's run: say goodbye to the server over ``links[0]`` (once connected) with why
+    the run ended: done, interrupted, or failed (a no-op when the server is the one that failed)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if links:
+            links[0].close(ShutdownCode.INTERRUPTED)
+        raise
+    except Exception:
+        if links:
+            links[0].close(ShutdownCode.FAILED)
+        raise
+    if links:
+        links[0].close(ShutdownCode.DONE)
 
 
 def write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -176,9 +185,10 @@ def write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
-def run_server(cfg: TrainConfig, conn: Connection) -> int:
-    """The server half: answer the client until it says goodbye. Returns an exit status: 0 when
-    the client finished, 130 when it was interrupted, 1 when it failed."""
+def start_server_process(cfg: TrainConfig, conn: Connection, clients: str) -> tuple[Connection, Path, ServerHandler]:
+    """What a server process does before it connects: check the mode and its run folder
+    (``OUT/server``), generate a secret if none was given (telling ``clients`` how to get it), load
+    the server half. Returns the connection (with the secret), the run folder and the handler."""
     check_split_mode(cfg)
     run_dir = Path(cfg.out) / "server"
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:
@@ -188,14 +198,21 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
         secret_path = run_dir / "secret"
         conn = replace(conn, secret=write_secret_file(secret_path))
         say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600). "
-             f"Start the client with --secret-file {secret_path} (copy the file over a secure channel, e.g. scp) "
-             f"or {SECRET_ENV}=\"$(cat {secret_path})\"")
+            f"Start {clients} with --secret-file {secret_path} (copy the file over a secure channel, e.g. scp) "
+            f"or {SECRET_ENV}=\"$(cat {secret_path})\"")
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
-    del client  # that half lives in the client process
+    del client  # that half lives in the client process(es)
     half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
                          train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
                          trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
+    return conn, run_dir, half
+
+
+def run_server(cfg: TrainConfig, conn: Connection) -> int:
+    """The server half: answer the client until it says goodbye. Returns an exit status: 0 when
+    the client finished, 130 when it was interrupted, 1 when it failed."""
+    conn, run_dir, half = start_server_process(cfg, conn, "the client")
     write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:
