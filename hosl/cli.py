@@ -151,8 +151,12 @@ def _cmd_train(args) -> int:
 
     if args.role != "local":
         return cli_remote.cmd_train_remote(args)
-
-    summary = train(cli_options.config_from(args))
+    cfg = cli_options.config_from(args)
+    if cfg.clients:
+        raise ValueError(f"--clients {cfg.clients} is a fleet: start the server with hosl serve --clients "
+                         f"{cfg.clients} and each client with hosl train --role client --clients {cfg.clients} "
+                         "--rank R (docs/fleet.md)")
+    summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("mode", "task", "model", "steps", "eval_accuracy",
                                               "client_peak_bytes", "seconds")}, indent=2))
     return 0

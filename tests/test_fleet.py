@@ -403,3 +403,21 @@ def test_a_second_client_with_a_taken_rank_is_refused_and_the_fleet_goes_on(tmp_
     assert code_t != 0 and "refused rank 2: rank 2 is connected already" in log_t, log_t[-2000:]
     summary = json.loads((out / "server" / "summary.json").read_text())
     assert summary["refused_joins"] == 1 and summary["steps"] == STEPS and summary["dropped"] == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--clients", "3"], "is a fleet: start the server with hosl serve --clients 3"),
+    (["train", "--role", "client", "--clients", "3", "--master-port", "29999"], "needs --rank in 1..3"),
+    (["train", "--role", "client", "--clients", "3", "--rank", "4", "--master-port", "29999"], "needs --rank in 1..3"),
+    (["serve", "--clients", "2", "--rank", "1", "--master-port", "29999"], "the server of a fleet is rank 0"),
+    (["serve", "--clients", "2", "--mode", "fo-sl", "--master-port", "29999"], "fleet of hosl clients"),
+    (["train", "--role", "client", "--clients", "2", "--rank", "1", "--shard", "half", "--master-port", "29999"],
+     "--shard must be one of"),
+])
+def test_fleet_command_lines_that_cannot_work_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
+    from hosl.cli import main
+
+    out = tmp_path / "run"
+    assert main([*argv, "--model", "tiny-opt", "--data-dir", str(DATA), "--out", str(out), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing written
