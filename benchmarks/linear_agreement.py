@@ -30,35 +30,19 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import real_batches
+
     import hosl
-    from hosl.tasks import ShuffledBatches, make_collate_fn, sample_task
-    from hosl.training.config import TrainConfig
-    from hosl.training.run import load_split_model, loss_fn
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--cut", type=int, default=2)
-    p.add_argument("--data-dir", default=os.environ.get("HOSL_DATA_DIR", "/work/shared/data"))
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--queries", type=int, default=10)
+    real_batches.add_args(p)
     p.add_argument("--eps", default="1e-1,1e-2,1e-3,1e-4")
     p.add_argument("--difference", default="central", choices=("central", "forward"))
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
 
-    cfg = TrainConfig(model=a.model, task=a.task, cut=a.cut, data_dir=a.data_dir, batch_size=a.batch_size,
-                      max_length=a.max_length, train_size=a.batches * a.batch_size, eval_size=8, progress=False)
-    cfg.validate()
-    data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=0)
-    model_kind, tokenizer, client, server = load_split_model(cfg)
-    client.eval()
-    server.eval()
-    loss_of = loss_fn(model_kind)
-    batches = ShuffledBatches(data.train, a.batch_size, seed=0,
-                              collate_fn=make_collate_fn(data.template, tokenizer, model_kind, a.max_length))
+    real = real_batches.load(a)
+    client, server, loss_of, batches = real.client, real.server, real.loss_of, real.batches
     eps_list = [float(e) for e in a.eps.split(",")]
     rows = {e: [] for e in eps_list}
     t0 = time.perf_counter()

@@ -48,22 +48,14 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import real_batches
+
     from hosl.optim import HybridOrderOptimizer
     from hosl.optim.functional import draw_seeds
-    from hosl.tasks import ShuffledBatches, make_collate_fn, sample_task
-    from hosl.training.config import TrainConfig
-    from hosl.training.run import load_split_model, loss_fn
     from hosl.transport import codecs as C
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm-l6")
-    p.add_argument("--task", default="sst2")
-    p.add_argument("--cut", type=int, default=2)
-    p.add_argument("--data-dir", default=os.environ.get("HOSL_DATA_DIR", "/work/shared/data"))
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--queries", type=int, default=10)
+    real_batches.add_args(p)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--codecs", default=",".join(C.CODECS), help="comma-separated, of " + ", ".join(C.CODECS))
     p.add_argument("--server-chunk", type=int, default=4,
@@ -72,16 +64,8 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     codec_list = [C.check_codec(c, "--codecs") for c in a.codecs.split(",")]
 
-    cfg = TrainConfig(model=a.model, task=a.task, cut=a.cut, data_dir=a.data_dir, batch_size=a.batch_size,
-                      max_length=a.max_length, train_size=a.batches * a.batch_size, eval_size=8, progress=False)
-    cfg.validate()
-    data = sample_task(cfg.task, cfg.data_dir, cfg.train_size, cfg.eval_size, seed=0)
-    model_kind, tokenizer, client, server = load_split_model(cfg, data)
-    client.eval()
-    server.eval()
-    loss_of = loss_fn(model_kind)
-    batches = ShuffledBatches(data.train, a.batch_size, seed=0,
-                              collate_fn=make_collate_fn(data.template, tokenizer, model_kind, a.max_length))
+    real = real_batches.load(a)
+    client, server, loss_of, batches = real.client, real.server, real.loss_of, real.batches
     rows = {c: [] for c in codec_list}
     context = []
     t0 = time.perf_counter()

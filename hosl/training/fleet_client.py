@@ -28,7 +28,7 @@ from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop, save_run
 from hosl.training.protocol import PHASE_NAMES, Phase
 from hosl.training.remote import StopOnInterrupt, check_split_mode, fingerprint, goodbye_on_exit
-from hosl.training.run import Run, build_run, say
+from hosl.training.run import Run, build_run, load_resume_state, say
 from hosl.training.schedule import schedule_client_step
 from hosl.transport.distributed import DistributedLink
 from hosl.transport.fleet import join_fleet
@@ -88,13 +88,11 @@ def catch_up(run: Run, say) -> tuple[int, int]:
 
 def _reload(run: Run, step: int) -> None:
     """Go back to this client's checkpoint at ``step`` (the server resumed from an earlier step)."""
-    from hosl.training.run import _load_resume_state
-
     path = ckpt.checkpoint_at(run.run_dir, step)
     if path is None:
         raise FileNotFoundError(f"no checkpoint at step {step} in {run.run_dir}")
     state = ckpt.load_checkpoint(path, run.modules)
-    _load_resume_state(state, run.mode, None)
+    load_resume_state(state, run.mode, None)
     run.batches.load_state_dict(state["batches"])
     run.step, run.seconds, run.evals = state["step"], state["seconds"], state["evals"]
 

@@ -61,6 +61,7 @@ import enum
 import torch
 
 from hosl.transport import Message
+from hosl.transport.codecs import check_codec, decode, encode
 from hosl.transport.wire import from_int64, to_int64
 
 
@@ -191,8 +192,6 @@ class ActivationWire:
     the clean activation until the step ends (one activation more than the floor)."""
 
     def __init__(self, codec: str = "native"):
-        from hosl.transport.codecs import check_codec
-
         self.codec = check_codec(codec)
         self.reference: torch.Tensor | None = None
 
@@ -210,8 +209,6 @@ class ActivationWire:
         return 2 if self._codec(kind) == "delta8" else 1
 
     def pack(self, h: torch.Tensor, kind: str) -> list[torch.Tensor]:
-        from hosl.transport.codecs import encode
-
         h = h.detach()
         if kind == "clean":
             self.reference = h if self.codec == "delta8" else None
@@ -220,8 +217,6 @@ class ActivationWire:
 
     def unpack(self, tensors: list[torch.Tensor], kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, list]:
         """(the activation, the request's other tensors)."""
-        from hosl.transport.codecs import decode
-
         kind = self._kind(kind)
         n = self.parts(kind)
         h = decode(tensors[:n], self._codec(kind), self.reference if kind == "copies" else None, dtype=dtype)

@@ -238,7 +238,7 @@ def _start_folder(run: Run, kind: str, plan: run_folder.ResumePlan | None) -> No
     if plan is not None and plan.checkpoint is not None:
         state = plan.state
         ckpt.load_weights(plan.checkpoint, run.modules)
-        _load_resume_state(state, run.mode, run.half)
+        load_resume_state(state, run.mode, run.half)
         run.batches.load_state_dict(state["batches"])
         torch.set_rng_state(state["torch_rng"])
         run.step, run.seconds, run.evals = state["step"], state["seconds"], state["evals"]
@@ -257,7 +257,7 @@ def _start_folder(run: Run, kind: str, plan: run_folder.ResumePlan | None) -> No
         (run.run_dir / run_folder.CONFIG).write_text(json.dumps(run.cfg.to_dict(), indent=2))
 
 
-def _load_resume_state(state: dict, mode, half) -> None:
+def load_resume_state(state: dict, mode, half) -> None:
     """Optimizer, server-half and data-order state from a checkpoint; learning rates stay those of
     this command (equal to the run's unless changed with --override)."""
     try:
