@@ -24,7 +24,11 @@ the next time. Each cell's output goes to ``OUT/logs/<id with / as __>.log``.
 
 After every cell the runner rewrites ``OUT/results.md`` (tables), ``OUT/results.csv`` (one row per
 (model, task, variant, cut, mode): mean, std, min, max over seeds) and ``OUT/cells.csv`` (one row per
-cell). Cells that were not run say why.
+cell). Cells that were not run say why. ``cells.csv`` gives each cell with a result the size of its
+evaluation set (``eval_examples``) beside the majority rate, and a ``verdict``: ``learnt`` (accuracy more
+than two standard errors above the majority rate), ``not clearly learnt`` (above it by less) or ``not
+learnt`` (at or below it); see ``learnt_verdict``. ``results.md`` lists the cells by verdict under
+"Which cells learnt their task".
 
 Provenance: before each attempt the runner appends to ``cells/<id>/cell.json`` ``runs`` the git commit
 of this checkout, whether its tracked files differed from that commit (``dirty``, with the files), the
@@ -512,9 +516,10 @@ def _budget(summary: dict, cell: Cell) -> dict:
 
 
 CELL_COLUMNS = ["id", "model", "task", "variant", "cut", "mode", "seed", "status", "note", "start_accuracy",
-                "eval_accuracy", "majority_accuracy", "steps", "batch_size", "num_queries", "train_examples",
-                "client_forward_total", "server_forward_total", "client_backward_total", "server_backward_total",
-                "seconds", "client_peak_bytes", "lr_client", "lr_server", "commit", "dirty", "config"]
+                "eval_accuracy", "majority_accuracy", "eval_examples", "verdict", "steps", "batch_size",
+                "num_queries", "train_examples", "client_forward_total", "server_forward_total",
+                "client_backward_total", "server_backward_total", "seconds", "client_peak_bytes", "lr_client",
+                "lr_server", "commit", "dirty", "config"]
 HAS_RESULT = ("done", "superseded")
 
 
@@ -533,8 +538,9 @@ def _provenance(run_dir: Path) -> dict:
 def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict,
              superseded: list[Supersession] = ()) -> dict:
     status, note, summary = cell_status(out, cell, unknown, failures, superseded)
+    share, n = majority(cell.flags) if status in HAS_RESULT else (None, None)
     row = {"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": status, "note": note,
-           "majority_accuracy": majority_share(cell.flags) if status in HAS_RESULT else None,
+           "majority_accuracy": share, "eval_examples": n,
            **({"commit": "", "dirty": "", "config": ""} if summary is None else _provenance(cell_dir(out, cell)))}
     if summary is not None:
         history = summary.get("eval_history") or []
@@ -543,12 +549,12 @@ def cell_row(out: Path, cell: Cell, unknown: set[str], failures: dict,
                    eval_accuracy=summary.get("eval_accuracy"), seconds=round(summary.get("seconds", 0.0), 1),
                    client_peak_bytes=summary.get("client_peak_bytes"), lr_client=summary.get("lr_client"),
                    lr_server=summary.get("lr_server"))
-    return row
+    return _with_verdict(row)
 
 
 # results from an earlier table (--previous)
 
-INT_COLUMNS = ("steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
+INT_COLUMNS = ("eval_examples", "steps", "batch_size", "num_queries", "train_examples", "client_forward_total",
                "server_forward_total", "client_backward_total", "server_backward_total", "client_peak_bytes")
 FLOAT_COLUMNS = ("start_accuracy", "eval_accuracy", "majority_accuracy", "seconds", "lr_client", "lr_server")
 PREVIOUS_NEEDS = ("id", "status", "eval_accuracy")
@@ -603,9 +609,13 @@ def previous_row(cell: Cell, prev: dict, superseded: list[Supersession] = ()) ->
     row.update({"id": cell.id, **{k: cell.axes[k] for k in AXES}, "status": "superseded" if reason else "done",
                 "note": f"{reason}; {note}" if reason else note, "source": prev["source"],
                 "commit": " ".join(commits), "dirty": prev.get("dirty") or "", "config": prev.get("config") or ""})
-    if row["majority_accuracy"] is None:
-        row["majority_accuracy"] = majority_share(cell.flags)
-    return row
+    if row["majority_accuracy"] is None or row["eval_examples"] is None:  # a table without them, or empty
+        share, n = majority(cell.flags)
+        if row["majority_accuracy"] is None:
+            row["majority_accuracy"] = share
+        if row["eval_examples"] is None:
+            row["eval_examples"] = n
+    return _with_verdict(row)  # the rule of this script, whatever verdict the earlier table gave
 
 
 def with_previous(row: dict, cell: Cell, previous: dict[str, dict], superseded: list[Supersession] = ()) -> dict:
@@ -616,27 +626,82 @@ def with_previous(row: dict, cell: Cell, previous: dict[str, dict], superseded: 
 
 
 @functools.lru_cache(maxsize=None)
-def _majority_share(task: str, data_dir: str | None, train_size: int, eval_size: int, seed: int) -> float | None:
+def _majority(task: str, data_dir: str | None, train_size: int, eval_size: int,
+              seed: int) -> tuple[float | None, int | None]:
+    """(share of the most common label, number of examples) of an evaluation set; (None, None) if it
+    cannot be sampled here."""
     try:
         from hosl.tasks.sampling import sample_task
 
         data = sample_task(task, data_dir, train_size, eval_size, seed=seed)
-    except Exception:  # no data here (a report written elsewhere), no hub: the column stays empty
-        return None
+    except Exception:  # no data here (a report written elsewhere), no hub: the columns stay empty
+        return None, None
     counts = collections.Counter(example["label"] for example in data.eval)
-    return max(counts.values()) / sum(counts.values()) if counts else None
+    if not counts:
+        return None, None
+    n = sum(counts.values())
+    return max(counts.values()) / n, n
 
 
-def majority_share(flags: dict) -> float | None:
-    """Share of the most common label in a cell's evaluation set: the accuracy of always giving that
-    answer. A run at this rate has learnt nothing the label counts do not give. The set is sampled
-    as ``hosl train`` samples it (same task, data folder, sizes and seed)."""
+def majority(flags: dict) -> tuple[float | None, int | None]:
+    """(majority share, size) of a cell's evaluation set. The share of its most common label is the
+    accuracy of always giving that answer: a run at this rate has learnt nothing the label counts do
+    not give. The set is sampled as ``hosl train`` samples it (same task, data folder, sizes and seed);
+    (None, None) where it cannot be (no data on this machine)."""
     from hosl.training.config import TrainConfig
 
     d = TrainConfig()
-    return _majority_share(str(flags.get("task", d.task)), flags.get("data_dir", d.data_dir),
-                           int(flags.get("train_size", d.train_size)), int(flags.get("eval_size", d.eval_size)),
-                           int(flags.get("seed", d.seed)))
+    return _majority(str(flags.get("task", d.task)), flags.get("data_dir", d.data_dir),
+                     int(flags.get("train_size", d.train_size)), int(flags.get("eval_size", d.eval_size)),
+                     int(flags.get("seed", d.seed)))
+
+
+def majority_share(flags: dict) -> float | None:
+    """Share of the most common label in a cell's evaluation set (see ``majority``)."""
+    return majority(flags)[0]
+
+
+LEARNT, NOT_CLEARLY_LEARNT, NOT_LEARNT = "learnt", "not clearly learnt", "not learnt"
+VERDICTS = (LEARNT, NOT_CLEARLY_LEARNT, NOT_LEARNT)
+
+
+def learnt_margin(n: int) -> float:
+    """Two standard errors of a proportion at 0.5 on ``n`` examples, 2 * sqrt(0.25 / n), as a fraction
+    (0.045 at n=500, 0.134 at n=56)."""
+    return 2.0 * math.sqrt(0.25 / n)
+
+
+def learnt_verdict(acc: float | None, majority: float | None, n: int | None) -> str:
+    """Did a cell learn its task? ``acc`` and ``majority`` are fractions (0-1) on the same evaluation
+    set of ``n`` examples.
+
+    * ``learnt``: acc > majority + 2 * sqrt(0.25 / n);
+    * ``not clearly learnt``: majority < acc <= majority + 2 * sqrt(0.25 / n);
+    * ``not learnt``: acc <= majority;
+    * ``""``: acc, majority or n unknown.
+
+    Why: always giving the most common label scores the majority rate, so a run at or below it has
+    learnt nothing the label counts do not give. Above it, the margin is two standard errors of a
+    proportion at 0.5 (the widest) for that set size, so that a handful of lucky examples on a small
+    set (13.4 points at n=56, 4.5 at n=500) is not called learning. Comparisons allow 1e-9 for the
+    rounding of numbers read back from a CSV: an accuracy equal to the majority rate is not learnt.
+    """
+    if acc is None or majority is None or not n or n < 1:
+        return ""
+    tol = 1e-9
+    if acc <= majority + tol:
+        return NOT_LEARNT
+    if acc <= majority + learnt_margin(n) + tol:
+        return NOT_CLEARLY_LEARNT
+    return LEARNT
+
+
+def _with_verdict(row: dict) -> dict:
+    """``row`` with ``verdict`` set from its accuracy, majority rate and set size (empty without a result)."""
+    has = row.get("status") in HAS_RESULT
+    row["verdict"] = learnt_verdict(row.get("eval_accuracy"), row.get("majority_accuracy"),
+                                    row.get("eval_examples")) if has else ""
+    return row
 
 
 def _stats(values: list[float]) -> dict:
@@ -651,7 +716,7 @@ def _stats(values: list[float]) -> dict:
 def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
     """One row per group of seeds; accuracy in points (0-100)."""
     by_group: dict[tuple, list[tuple[Cell, dict]]] = {}
-    for cell, row in zip(cells, rows):
+    for cell, row in zip(cells, rows, strict=True):
         by_group.setdefault(cell.group, []).append((cell, row))
     out = []
     for group, members in by_group.items():
@@ -663,7 +728,7 @@ def aggregate(rows: list[dict], cells: list[Cell]) -> list[dict]:
         if len(notes) > 1 and "skipped" in notes:
             notes.remove("skipped")  # a seed a rule leaves out says nothing beside a pending one
         planned = [r for _, r in members if r["status"] != "skipped"]
-        out.append({**dict(zip([k for k in AXES if k != "seed"], group)),
+        out.append({**dict(zip([k for k in AXES if k != "seed"], group, strict=True)),
                     "seeds_done": acc["n"], "seeds": len(planned) or len(members),
                     "accuracy_mean": acc["mean"], "accuracy_std": acc["std"],
                     "accuracy_min": acc["min"], "accuracy_max": acc["max"], "majority_mean": majority["mean"],
@@ -723,6 +788,51 @@ def _previous_lines(rows: list[dict]) -> list[str]:
     lines = ["", "Results from earlier tables (`--previous`; these cells have no result in this folder):", ""]
     for source, ids in sources.items():
         lines.append(f"- from {source}: {len(ids)} cells: " + ", ".join(f"`{i}`" for i in ids))
+    return lines
+
+
+def _verdict_entry(row: dict) -> str:
+    """`id` acc vs majority (n=..), in points, marked as the main table marks it."""
+    return (f"`{row['id']}` {100 * row['eval_accuracy']:.1f} vs {100 * row['majority_accuracy']:.1f} "
+            f"(n={row['eval_examples']})" + (PREVIOUS_MARK if row.get("source") else "")
+            + (SUPERSEDED_MARK if row["status"] == "superseded" else ""))
+
+
+def _grouped(rows: list[dict], entry) -> list[str]:
+    """One bullet per model/task/variant[/cut] (in grid order) listing its cells' entries."""
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        key = "/".join([r["model"], r["task"], r["variant"]] + ([f"cut{r['cut']}"] if r["cut"] is not None else []))
+        groups.setdefault(key, []).append(entry(r))
+    return [f"- {key}: " + ", ".join(entries) for key, entries in groups.items()] or ["- none"]
+
+
+def _verdict_lines(rows: list[dict]) -> list[str]:
+    """The section "Which cells learnt their task": the trained cells with a result under their verdict
+    (``learnt_verdict``), then the zero-shot cells apart, as the untrained reference (the starting
+    weights, not trained: their verdict says whether the task is learnt before training), then the
+    cells without a verdict (majority rate or set size unknown here). Rows are in grid order."""
+    results = [r for r in rows if r["status"] in HAS_RESULT and r.get("eval_accuracy") is not None]
+    if not results:
+        return []
+    judged = [r for r in results if r.get("verdict")]
+    trained = [r for r in judged if r["mode"] != ZERO_SHOT]
+    zero_shot = [r for r in judged if r["mode"] == ZERO_SHOT]
+    lines = ["", "## Which cells learnt their task", "",
+             "A cell *learnt* its task when its accuracy is more than two standard errors of a proportion at "
+             "0.5 (2·√(0.25/n) on its n evaluation examples: 4.5 points at n=500, 13.4 at n=56) above the "
+             "majority rate, is *not clearly learnt* when above the majority rate by at most that, and *not "
+             "learnt* at or below it. Entries: accuracy vs majority rate, in %, and n."]
+    for verdict in VERDICTS:
+        lines += ["", f"{verdict[0].upper() + verdict[1:]}:", ""]
+        lines += _grouped([r for r in trained if r["verdict"] == verdict], _verdict_entry)
+    if zero_shot:
+        lines += ["", "Zero-shot cells (the untrained reference: the starting weights, steps 0; the same rule):", ""]
+        lines += _grouped(zero_shot, lambda r: f"{_verdict_entry(r)}: {r['verdict']}")
+    unknown = [r["id"] for r in results if not r.get("verdict")]
+    if unknown:
+        lines += ["", f"No verdict (majority rate or evaluation set size unknown on this machine): {len(unknown)} "
+                  "cells: " + ", ".join(f"`{i}`" for i in unknown)]
     return lines
 
 
@@ -815,6 +925,7 @@ def write_tables(out: Path, config: dict, config_path: Path, cells: list[Cell], 
     if _sources(rows):
         lines += ["", f"{PREVIOUS_MARK.strip()}: includes results from an earlier table, not from this folder's "
                   "cells (listed under \"Results from earlier tables\" below)."]
+    lines += _verdict_lines(rows)
 
     lines += ["", "Budget per run (same for every seed): training steps and examples, and forward/backward "
               "passes over training batches (client and server halves; evaluation passes not counted).", ""]

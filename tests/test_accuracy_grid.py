@@ -233,6 +233,10 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     labels = [example["label"] for example in sample_task("sst2", DATA, 4, 4, seed=0).eval]
     majority = max(labels.count(v) for v in set(labels)) / len(labels)
     assert float(rows["tiny-opt/sst2/full/hosl/s0"]["majority_accuracy"]) == pytest.approx(majority)
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["eval_examples"] == str(len(labels))
+    assert rows["tiny-opt/sst2/full/hosl/s0"]["verdict"] == grid.learnt_verdict(
+        float(rows["tiny-opt/sst2/full/hosl/s0"]["eval_accuracy"]), majority, len(labels))
+    assert rows["tiny-opt/sst2/bogus/hosl/s0"]["eval_examples"] == rows["tiny-opt/sst2/bogus/hosl/s0"]["verdict"] == ""
     table = (out / "results.md").read_text()
     assert f"| tiny-opt | sst2 | full | {100 * majority:.1f} |" in table
     assert "| tiny-opt | sst2 | full |" in table and "not run" in table and "--no-such-flag not available" in table
@@ -302,15 +306,23 @@ def _finish(out: Path, cell, accuracy: float, commit: str | None = None) -> None
     (run_dir / "cell.json").write_text(json.dumps({"flags": cell.flags, "runs": runs}))
 
 
-def _previous_csv(path: Path, rows: dict[str, tuple[str, float | None]], commit: str | None = None) -> Path:
-    """A cells table as an earlier run wrote it (no commit column, like docs/accuracy-cpu.csv, unless given)."""
-    columns = [c for c in grid.CELL_COLUMNS if c not in ("commit", "dirty", "config")] + (["commit"] if commit else [])
+NEW_COLUMNS = ("eval_examples", "verdict")  # cells tables written before the verdict lack them
+
+
+def _previous_csv(path: Path, rows: dict[str, tuple[str, float | None]], commit: str | None = None,
+                  extra: dict | None = None) -> Path:
+    """A cells table as an earlier run wrote it (no commit column, like docs/accuracy-cpu.csv, unless given;
+    no eval_examples or verdict column unless ``extra`` gives them, with a value for every row)."""
+    left_out = ("commit", "dirty", "config") + tuple(c for c in NEW_COLUMNS if c not in (extra or {}))
+    columns = [c for c in grid.CELL_COLUMNS if c not in left_out]
+    columns += ["commit"] if commit else []
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for cell_id, (status, accuracy) in rows.items():
             writer.writerow({"id": cell_id, "status": status, "eval_accuracy": "" if accuracy is None else accuracy,
-                             "majority_accuracy": 0.5, "steps": 2, "seconds": 3.0, "commit": commit or ""})
+                             "majority_accuracy": 0.5, "steps": 2, "seconds": 3.0, "commit": commit or "",
+                             **(extra or {})})
     return path
 
 
@@ -368,8 +380,9 @@ def test_previous_rows_fill_cells_without_a_result_and_lose_to_results_on_disk(t
 
 
 @needs_git
-def test_previous_rows_under_a_superseded_rule_are_superseded(tmp_path):
+def test_previous_rows_under_a_superseded_rule_are_superseded(tmp_path, monkeypatch):
     """A row without a commit counts as run before every fix; one whose commit has the fix does not."""
+    _stub_majority(monkeypatch, {0: (0.5, 500), 1: (0.5, 500)})
     head = _git("rev-parse", "HEAD")
     config = {**PREV_GRID, "superseded": [{"when": {"mode": "fo-sl"}, "before": head, "reason": "dropout on"}]}
     cells = {c.id: c for c in grid.expand(config)}
@@ -384,6 +397,11 @@ def test_previous_rows_under_a_superseded_rule_are_superseded(tmp_path):
     assert "| 50.0 ± 14.1 [40.0–60.0] † ‡ |" in table  # the number stays, marked as a superseded cell's
     assert f"- dropout on; from {old.as_posix()}: 1 cells: `tiny-opt/sst2/full/fo-sl/s0`" in table
     assert "rerun pending" in table
+    # the verdict section marks the cell as the main table does: from an earlier table, superseded
+    assert "`tiny-opt/sst2/full/fo-sl/s0` 40.0 vs 50.0 (n=500) † ‡" in _verdict_lists(table)["Not learnt"]
+    assert _verdict_lists(table)["Learnt"] == (  # the earlier table's HOSL cell, then the one on disk
+        "- tiny-opt/sst2/full: `tiny-opt/sst2/full/hosl/s0` 80.0 vs 50.0 (n=500) †, "
+        "`tiny-opt/sst2/full/fo-sl/s1` 60.0 vs 50.0 (n=500)\n")
 
     # a later table with the row's commit on the fix: not superseded (a later --previous wins)
     fixed = _previous_csv(tmp_path / "fixed.csv", {"tiny-opt/sst2/full/fo-sl/s0": ("done", 0.45)}, commit=head)
@@ -415,3 +433,120 @@ def test_previous_must_be_a_cells_table(tmp_path, capsys):
     assert grid.main(cmd + [str(bad)]) == 2
     assert "--previous" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.md").exists()  # nothing written on an error
+
+
+# did a cell learn its task: accuracy vs the majority rate, with a margin of two standard errors
+
+
+def _stub_majority(monkeypatch, by_seed: dict[int, tuple[float | None, int | None]]) -> None:
+    """Each seed's evaluation set: (majority share, size), as if sampled (no data read)."""
+    monkeypatch.setattr(grid, "_majority", lambda task, data_dir, train_size, eval_size, seed: by_seed[seed])
+
+
+def _verdict_lists(table: str) -> dict[str, str]:
+    """The lists of results.md's verdict section by heading ("Learnt", "Not learnt", "Zero-shot cells"...)."""
+    section = table.split("## Which cells learnt their task\n", 1)[1].split("\nBudget per run", 1)[0]
+    out, heading = {}, None
+    for line in section.splitlines():
+        if line.endswith(":") and not line.startswith("- "):
+            heading = line[:-1].split(" (")[0]
+            out[heading] = ""
+        elif line.startswith("- ") and heading:
+            out[heading] += line + "\n"
+    return out
+
+
+def test_learnt_verdict_at_its_boundaries():
+    v = grid.learnt_verdict
+    assert grid.learnt_margin(500) == pytest.approx(0.0447, abs=1e-4)  # 4.5 points
+    assert grid.learnt_margin(56) == pytest.approx(0.1336, abs=1e-4)  # 13.4 points
+    for n in (56, 500):
+        margin = grid.learnt_margin(n)
+        assert v(0.5, 0.5, n) == "not learnt"  # exactly the majority rate
+        assert v(0.4, 0.5, n) == "not learnt"
+        assert v(0.5 + 1 / n, 0.5, n) == "not clearly learnt"  # one example above it
+        assert v(0.5 + margin, 0.5, n) == "not clearly learnt"  # exactly at the margin
+        assert v(0.5 + margin + 1e-6, 0.5, n) == "learnt"  # just above it
+    # the same 10-point gap: learnt on 500 examples, not clearly on 56
+    assert (v(0.6, 0.5, 500), v(0.6, 0.5, 56)) == ("learnt", "not clearly learnt")
+    # CB's 56 examples: 8 above the majority's 28 is 14.3 points (learnt), 7 above is 12.5 (not clearly)
+    assert (v(36 / 56, 28 / 56, 56), v(35 / 56, 28 / 56, 56)) == ("learnt", "not clearly learnt")
+    assert v(66 / 104, 0.6346153846153846, 104) == "not learnt"  # the same rate computed two ways
+    assert v(None, 0.5, 500) == v(0.6, None, 500) == v(0.6, 0.5, None) == v(0.6, 0.5, 0) == ""
+
+
+VERDICT_GRID = {**PREV_GRID, "modes": ["zero-shot", "fo-sl", "hosl"]}
+
+
+def test_cells_csv_and_report_give_each_cell_its_verdict(tmp_path, monkeypatch):
+    """eval_examples and verdict per cell in cells.csv; results.md lists each trained cell under its
+    verdict and the zero-shot cells apart."""
+    _stub_majority(monkeypatch, {0: (0.5, 500), 1: (0.5, 56)})
+    cells = {c.id: c for c in grid.expand(VERDICT_GRID)}
+    out = tmp_path / "out"
+    for cell_id, accuracy in {"tiny-opt/sst2/full/fo-sl/s0": 0.55,   # +5.0 on 500: learnt
+                              "tiny-opt/sst2/full/fo-sl/s1": 0.55,   # +5.0 on 56: not clearly
+                              "tiny-opt/sst2/full/hosl/s0": 0.5,     # at the majority rate: not learnt
+                              "tiny-opt/sst2/full/zero-shot/s0": 0.7}.items():  # hosl/s1 stays pending
+        _finish(out, cells[cell_id], accuracy)
+    rows, table = _report(tmp_path, VERDICT_GRID)
+
+    columns = grid.CELL_COLUMNS
+    assert columns[columns.index("majority_accuracy") + 1:][:2] == ["eval_examples", "verdict"]
+    assert list(rows["tiny-opt/sst2/full/fo-sl/s0"]) == columns
+    got = {i: (r["majority_accuracy"], r["eval_examples"], r["verdict"]) for i, r in rows.items()}
+    assert got == {"tiny-opt/sst2/full/zero-shot/s0": ("0.5", "500", "learnt"),
+                   "tiny-opt/sst2/full/fo-sl/s0": ("0.5", "500", "learnt"),
+                   "tiny-opt/sst2/full/hosl/s0": ("0.5", "500", "not learnt"),
+                   "tiny-opt/sst2/full/zero-shot/s1": ("", "", ""),  # pending: no result, no verdict
+                   "tiny-opt/sst2/full/fo-sl/s1": ("0.5", "56", "not clearly learnt"),
+                   "tiny-opt/sst2/full/hosl/s1": ("", "", "")}
+
+    lists = _verdict_lists(table)
+    assert list(lists) == ["Learnt", "Not clearly learnt", "Not learnt", "Zero-shot cells"]
+    assert lists["Learnt"] == "- tiny-opt/sst2/full: `tiny-opt/sst2/full/fo-sl/s0` 55.0 vs 50.0 (n=500)\n"
+    assert lists["Not clearly learnt"] == "- tiny-opt/sst2/full: `tiny-opt/sst2/full/fo-sl/s1` 55.0 vs 50.0 (n=56)\n"
+    assert lists["Not learnt"] == "- tiny-opt/sst2/full: `tiny-opt/sst2/full/hosl/s0` 50.0 vs 50.0 (n=500)\n"
+    assert lists["Zero-shot cells"] == (
+        "- tiny-opt/sst2/full: `tiny-opt/sst2/full/zero-shot/s0` 70.0 vs 50.0 (n=500): learnt\n")
+    assert "untrained reference" in table and "2·√(0.25/n)" in table
+    # after the main table's footnotes, before the budget table
+    assert table.index("| tiny-opt | sst2 | full |") < table.index("## Which cells") < table.index("Budget per run")
+
+    # nothing to judge: no section
+    (tmp_path / "empty").mkdir()
+    rows, table = _report(tmp_path / "empty", VERDICT_GRID)
+    assert "Which cells" not in table
+
+
+def test_previous_tables_without_the_new_columns_get_them(tmp_path, monkeypatch):
+    """An earlier cells table without eval_examples/verdict: n from the cell's flags, the verdict by this
+    script's rule; one with them: its n, the verdict recomputed; no data here: both empty, listed apart."""
+    _stub_majority(monkeypatch, {0: (0.6, 500), 1: (0.6, 56)})
+    old = _previous_csv(tmp_path / "old.csv", {"tiny-opt/sst2/full/hosl/s0": ("done", 0.6),
+                                               "tiny-opt/sst2/full/hosl/s1": ("done", 0.6)})
+    assert "eval_examples" not in old.read_text().splitlines()[0]
+    rows, table = _report(tmp_path, PREV_GRID, "--previous", str(old))
+    s0, s1 = rows["tiny-opt/sst2/full/hosl/s0"], rows["tiny-opt/sst2/full/hosl/s1"]
+    # the table's majority rate (0.5) stays; n comes from the flags (seed 0: 500, seed 1: 56)
+    assert (s0["majority_accuracy"], s0["eval_examples"], s0["verdict"]) == ("0.5", "500", "learnt")
+    assert (s1["majority_accuracy"], s1["eval_examples"], s1["verdict"]) == ("0.5", "56", "not clearly learnt")
+    lists = _verdict_lists(table)
+    assert lists["Learnt"] == "- tiny-opt/sst2/full: `tiny-opt/sst2/full/hosl/s0` 60.0 vs 50.0 (n=500) †\n"
+    assert lists["Not clearly learnt"] == "- tiny-opt/sst2/full: `tiny-opt/sst2/full/hosl/s1` 60.0 vs 50.0 (n=56) †\n"
+    assert lists["Not learnt"] == "- none\n"
+
+    # a table that has them: its n is kept, its verdict is not (the rule here decides)
+    new = _previous_csv(tmp_path / "new.csv", {"tiny-opt/sst2/full/hosl/s0": ("done", 0.6)},
+                        extra={"eval_examples": 56, "verdict": "not learnt"})
+    rows, _ = _report(tmp_path, PREV_GRID, "--previous", str(new))
+    s0 = rows["tiny-opt/sst2/full/hosl/s0"]
+    assert (s0["eval_examples"], s0["verdict"]) == ("56", "not clearly learnt")
+
+    # no data on this machine: n unknown, so no verdict; the cell is listed as such
+    _stub_majority(monkeypatch, {0: (None, None), 1: (None, None)})
+    rows, table = _report(tmp_path, PREV_GRID, "--previous", str(old))
+    s0 = rows["tiny-opt/sst2/full/hosl/s0"]
+    assert (s0["majority_accuracy"], s0["eval_examples"], s0["verdict"]) == ("0.5", "", "")
+    assert ("No verdict (majority rate or evaluation set size unknown on this machine): 2 cells: "
+            "`tiny-opt/sst2/full/hosl/s0`, `tiny-opt/sst2/full/hosl/s1`") in table
