@@ -22,7 +22,8 @@ from pathlib import Path
 
 MODE_STYLE = {"fo-sl": ("FO-SL", "black", "--"), "zo-sl": ("ZO-SL", "tab:red", ":"),
               "frozen-client": ("frozen client (server FO only)", "tab:olive", "-."),
-              "fo-sl-lr1e-2": ("FO-SL, client lr 1e-2", "gray", "-.")}
+              "fo-sl-lr1e-2": ("FO-SL, client lr 1e-2", "gray", "-."),
+              "hosl-linear": ("HOSL, linear server estimate", "tab:pink", "-")}
 HOSL_COLORS = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:cyan"]
 
 
@@ -79,6 +80,8 @@ def collect(run_roots: list[Path], seed: int | None, model: str, task: str, vari
             runs[key] = {"mode": axes["mode"], "cut": summary["cut"], "seed": axes["seed"], "summary": summary,
                          "flags": cell["flags"], "dir": run_dir, "id": cell.get("id", run_dir.name),
                          "commit": " ".join(commits) or "not recorded",
+                         # cells before the runner recorded configs do not say; their mode's default then
+                         "dropout": (cell.get("config") or {}).get("dropout", "not recorded"),
                          "losses": losses, "accs": accs,
                          # fp32 weights: 4 bytes a parameter
                          "client_params": summary.get("client_weight_bytes", 0) // 4}
@@ -139,19 +142,20 @@ def plot(runs: list[dict], path: Path, window: int, title: str) -> None:
 
 
 def table(runs: list[dict], last: int) -> str:
-    lines = ["| run | cell | commit | client params d_c | steps | eval acc at step 0 (%) | final eval acc (%) "
-             f"| best eval acc (%) | mean loss, last {last} steps | seconds |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | cell | commit | dropout | client params d_c | steps | eval acc at step 0 (%) "
+             f"| final eval acc (%) | best eval acc (%) | mean loss, last {last} steps | seconds |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         steps = sorted(run["losses"])
         tail = [run["losses"][s] for s in steps[-last:]]
         accs = [run["accs"][s] for s in sorted(run["accs"])]
-        lines.append(f"| {label_of(run)} | `{run['id']}` | {run['commit']} | {run['client_params']:,} | "
+        lines.append(f"| {label_of(run)} | `{run['id']}` | {run['commit']} | {run['dropout']} | "
+                     f"{run['client_params']:,} | "
                      f"{run['summary']['steps']} | "
                      f"{100 * accs[0]:.1f} | {100 * accs[-1]:.1f} | {100 * max(accs):.1f} | "
                      f"{sum(tail) / len(tail):.4f} | {run['summary']['seconds']:.0f} |")
-    lines += ["", f"Loss: training loss as each cell trained (with dropout if its mode trained with it), mean of "
-              f"the last {last} steps; compare modes' losses only where they trained with the same dropout."]
+    lines += ["", f"Loss: training loss as each cell trained (dropout as in the dropout column), mean of the "
+              f"last {last} steps; compare modes' losses only where they trained with the same dropout."]
     return "\n".join(lines)
 
 

@@ -250,7 +250,7 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
     # its table names each row's cell and the commit that cell ran on
     text = plot.table(plot.collect([out], None, "tiny-opt", "sst2", "full"), 2)
-    assert f"| `tiny-opt/sst2/full/hosl/s0` | {(run['commit'] or 'unknown')[:10]} |" in text
+    assert f"| `tiny-opt/sst2/full/hosl/s0` | {(run['commit'] or 'unknown')[:10]} | {config['dropout']} |" in text
 
     stamps = {p: p.stat().st_mtime_ns for p in summaries}
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
