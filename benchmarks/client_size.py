@@ -23,7 +23,7 @@ from pathlib import Path
 MODE_STYLE = {"fo-sl": ("FO-SL", "black", "--"), "zo-sl": ("ZO-SL", "tab:red", ":"),
               "frozen-client": ("frozen client (server FO only)", "tab:olive", "-."),
               "fo-sl-lr1e-2": ("FO-SL, client lr 1e-2", "gray", "-."),
-              "hosl-linear": ("HOSL, linear server estimate", "tab:pink", "-")}
+              "hosl-linear": ("HOSL, linear server estimate", "tab:pink", ":")}
 HOSL_COLORS = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:cyan"]
 
 
@@ -116,12 +116,15 @@ def plot(runs: list[dict], path: Path, window: int, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    hosl_i = 0
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5))
+    # one colour per cut, shared by HOSL and the frozen-client control at that cut (the control dash-dotted)
+    cuts = sorted({run["cut"] for run in runs if run["mode"] in ("hosl", "frozen-client")})
+    cut_color = {cut: HOSL_COLORS[i % len(HOSL_COLORS)] for i, cut in enumerate(cuts)}
     for run in runs:
         if run["mode"] == "hosl":
-            color, style = HOSL_COLORS[hosl_i % len(HOSL_COLORS)], "-"
-            hosl_i += 1
+            color, style = cut_color[run["cut"]], "-"
+        elif run["mode"] == "frozen-client":
+            color, style = cut_color[run["cut"]], "-."
         else:
             _, color, style = MODE_STYLE.get(run["mode"], (run["mode"], "gray", "-."))
         steps = sorted(run["losses"])
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="full", help="(default %(default)s)")
     p.add_argument("--window", type=int, default=20, help="moving-average window for the loss (default %(default)s)")
     p.add_argument("--last", type=int, default=50, help="steps averaged for the table's loss column (default %(default)s)")
-    p.add_argument("--title", default="MiniLM-L6 on SST-2: HOSL at several client sizes vs ZO-SL and FO-SL")
+    p.add_argument("--title", default="MiniLM-L6 on SST-2: HOSL and the frozen-client control at several client sizes, "
+                   "vs ZO-SL and FO-SL")
     args = p.parse_args(argv)
     runs = collect(args.runs, args.seed, args.model, args.task, args.variant)
     if not runs:
