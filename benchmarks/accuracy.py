@@ -656,11 +656,6 @@ def majority(flags: dict) -> tuple[float | None, int | None]:
                      int(flags.get("seed", d.seed)))
 
 
-def majority_share(flags: dict) -> float | None:
-    """Share of the most common label in a cell's evaluation set (see ``majority``)."""
-    return majority(flags)[0]
-
-
 LEARNT, NOT_CLEARLY_LEARNT, NOT_LEARNT = "learnt", "not clearly learnt", "not learnt"
 VERDICTS = (LEARNT, NOT_CLEARLY_LEARNT, NOT_LEARNT)
 

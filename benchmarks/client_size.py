@@ -80,7 +80,7 @@ def collect(run_roots: list[Path], seed: int | None, model: str, task: str, vari
             runs[key] = {"mode": axes["mode"], "cut": summary["cut"], "seed": axes["seed"], "summary": summary,
                          "flags": cell["flags"], "dir": run_dir, "id": cell.get("id", run_dir.name),
                          "commit": " ".join(commits) or "not recorded",
-                         # cells before the runner recorded configs do not say; their mode's default then
+                         # a cell run before the runner recorded its config cannot say which dropout it trained with
                          "dropout": (cell.get("config") or {}).get("dropout", "not recorded"),
                          "losses": losses, "accs": accs,
                          # fp32 weights: 4 bytes a parameter
