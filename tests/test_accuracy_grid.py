@@ -8,7 +8,6 @@ and checks that the tables say so and that the next run reruns that cell only.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HOSL_DATA_DIR", ROOT / ".." / "shared" / "data"))
@@ -23,15 +23,9 @@ needs_git = pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git c
 needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
-grid = _load_script("accuracy")
+grid = load_benchmark("accuracy")
 
 TINY = {
     "description": "tiny smoke grid",
@@ -244,7 +238,7 @@ def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     assert "pending" not in table  # the legend for pending cells only when some are
 
     # the client-size plot reads the same cells
-    plot = _load_script("client_size")
+    plot = load_benchmark("client_size")
     assert plot.main(["--runs", str(out), "--model", "tiny-opt", "--out", str(tmp_path / "curves.png"),
                       "--window", "1", "--last", "2"]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 0

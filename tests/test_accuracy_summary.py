@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-summary = _load_script("accuracy_summary")
+summary = load_benchmark("accuracy_summary")
 
 COLUMNS = ["id", "model", "task", "variant", "cut", "mode", "seed", "status", "eval_accuracy",
            "majority_accuracy", "commit", "verdict"]
