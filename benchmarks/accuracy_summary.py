@@ -24,13 +24,12 @@ import csv
 import sys
 from pathlib import Path
 
-HAS_RESULT = ("done", "superseded")
+from accuracy import HAS_RESULT, PREVIOUS_MARK, SUPERSEDED_MARK, ZERO_SHOT  # the grid runner beside this script
+
 # (mode, column header) in the order the page shows them; the differences sit between HOSL and the controls
-MODES = (("zero-shot", "zero-shot"), ("fo-sl", "FO-SL"), ("zo-sl", "ZO-SL"), ("hosl", "HOSL"))
+MODES = ((ZERO_SHOT, "zero-shot"), ("fo-sl", "FO-SL"), ("zo-sl", "ZO-SL"), ("hosl", "HOSL"))
 CONTROLS = (("frozen-client", "frozen client"), ("fo-sl-lr1e-2", "FO-SL lr 1e-2"))
 DIFFS = (("hosl", "fo-sl", "HOSL − FO-SL"), ("hosl", "zo-sl", "HOSL − ZO-SL"))
-NO_COMMIT_MARK = "†"
-SUPERSEDED_MARK = "‡"
 SEEDS = (0, 1)
 
 
@@ -55,7 +54,9 @@ def accuracy(row: dict | None) -> float | None:
 
 
 def marks(row: dict) -> str:
-    return (NO_COMMIT_MARK if not row.get("commit") else "") + (SUPERSEDED_MARK if row["status"] == "superseded" else "")
+    """The runner's marks, unspaced: † no recorded commit (an earlier table's result), ‡ superseded."""
+    return ((PREVIOUS_MARK.strip() if not row.get("commit") else "")
+            + (SUPERSEDED_MARK.strip() if row["status"] == "superseded" else ""))
 
 
 def _group_key(row: dict) -> tuple:
@@ -69,10 +70,13 @@ def results_table(cells: dict[str, dict]) -> str:
         by_group.setdefault(_group_key(r), {})[(r["mode"], r["seed"])] = r
     with_cut = any(g[3] for g in by_group)
 
+    def cell(group, mode, seed) -> dict | None:
+        return by_group[group].get((mode, str(seed)))
+
     def per_seed(group, mode) -> str:
         vals = []
         for s in SEEDS:
-            r = by_group[group].get((mode, str(s)))
+            r = cell(group, mode, s)
             a = accuracy(r)
             if a is not None:
                 vals.append(f"{a:.1f}{marks(r)}")
@@ -81,8 +85,7 @@ def results_table(cells: dict[str, dict]) -> str:
     def diff(group, a_mode, b_mode) -> str:
         out = []
         for s in SEEDS:
-            a = accuracy(by_group[group].get((a_mode, str(s))))
-            b = accuracy(by_group[group].get((b_mode, str(s))))
+            a, b = accuracy(cell(group, a_mode, s)), accuracy(cell(group, b_mode, s))
             if a is not None and b is not None:
                 out.append(f"{a - b:+.1f}")
         return " / ".join(out) or "—"
@@ -90,8 +93,8 @@ def results_table(cells: dict[str, dict]) -> str:
     def majority(group) -> str:
         vals = []
         for s in SEEDS:  # the first mode with a result at this seed gives its evaluation set's rate
-            for mode in ("hosl", "fo-sl", "zero-shot"):
-                r = by_group[group].get((mode, str(s)))
+            for mode in ("hosl", "fo-sl", ZERO_SHOT):
+                r = cell(group, mode, s)
                 if accuracy(r) is not None and r.get("majority_accuracy"):
                     vals.append(f"{100.0 * float(r['majority_accuracy']):.1f}")
                     break
@@ -102,7 +105,7 @@ def results_table(cells: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(head) + " |",
              "|" + "---|" * (3 + with_cut) + "---:|" * (len(head) - 3 - with_cut)]
     for group in by_group:
-        if all(accuracy(by_group[group].get((m, str(s)))) is None for m in ("hosl", "fo-sl") for s in SEEDS):
+        if all(accuracy(cell(group, m, s)) is None for m in ("hosl", "fo-sl") for s in SEEDS):
             continue
         cols = list(group[:3]) + ([group[3] or "—"] if with_cut else []) + [majority(group)]
         cols += [per_seed(group, m) for m, _ in MODES]

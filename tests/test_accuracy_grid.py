@@ -23,8 +23,6 @@ needs_git = pytest.mark.skipif(not (ROOT / ".git").exists(), reason="not a git c
 needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
 
 
-
-
 grid = load_benchmark("accuracy")
 
 TINY = {
