@@ -6,23 +6,26 @@
 #   bash scripts/gpu_check.sh --dry-run    # the same sequence on CPU at tiny sizes (Triton interpreter; CI)
 #   bash scripts/gpu_check.sh --only tests,step      # some stages only (e.g. to rerun what failed)
 #
-# Stages (each under `timeout`; a failing stage is recorded and the next one runs; the exit status
-# is non-zero when any stage failed):
+# Stages, in this order (each under `timeout`; a failing stage is recorded and the next one runs; the
+# exit status is non-zero when any stage failed). The order puts first what no GPU run has measured
+# yet (step, memory) and last what a short budget can most afford to lose (the tests' cold Triton
+# compiles take ~5 min; kernels and linear were measured on 2026-11-30, docs/results.md "GPU"):
 #   build    python setup.py build_ext --inplace: hosl._C and hosl._C_cuda for this GPU's arch
 #            (TORCH_CUDA_ARCH_LIST defaults to the device's compute capability; MAX_JOBS to nproc)
 #   info     torch / device / backends; fails unless the cuda and triton backends are available
+#   step     benchmarks/step.py --device cuda, OPT-125M and OPT-1.3B (random weights), 16x128, cut 5,
+#            Q=10: one run per model (one model build) of every step variant: MeZO-style, sequential
+#            exact (hosl), server-batched, batched exact (D = 2Q and auto), linear (both placements),
+#            FO-SL; step-<model>.json
+#   memory   benchmarks/memory.py --device cuda: client max_memory_allocated, FO-SL vs HOSL vs the floor,
+#            OPT-125M and OPT-1.3B, batch 64, seq 256
 #   tests    pytest of the tests that need CUDA for real: CUDA kernels, Triton compiled (not
 #            interpreted), perturbed linear/embedding, fused forward on CUDA, cpu == cuda == triton
 #            == reference (tests/test_backend_identity.py); the dry run collects them and runs the
 #            GPU-marked ones, which skip
-#   kernels  benchmarks/kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
 #   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q,
 #            2048 rows per direction; and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
-#   step     benchmarks/step.py --device cuda, OPT-125M and OPT-1.3B (random weights), 16x128, cut 5,
-#            Q=10; the step variants step.py offers (batched / linear runs are added when its --help
-#            lists --query-batch / --server-estimate)
-#   memory   benchmarks/memory.py --device cuda: client max_memory_allocated, FO-SL vs HOSL vs the floor,
-#            OPT-125M and OPT-1.3B, batch 64, seq 256
+#   kernels  benchmarks/kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
 #
 # Output under $OUT (default gpu-results/), three files (the device tool brings back only a handful):
 # summary.json (stages with status/rc/seconds), gpu-results.tgz (everything: <stage>.json per stage,
@@ -62,7 +65,7 @@ while (($#)); do
   shift
 done
 
-ALL_STAGES="build info tests kernels linear step memory"
+ALL_STAGES="build info step memory tests linear kernels"
 if [[ -n "$ONLY" ]]; then
   for s in ${ONLY//,/ }; do
     [[ " $ALL_STAGES " == *" $s "* ]] || { echo "gpu_check.sh: --only: unknown stage $s (stages: $ALL_STAGES)" >&2; exit 2; }
@@ -126,22 +129,22 @@ if ((DRY)); then
   LINEAR_ARGS=(--device cpu --backends triton,cpu --shapes 32x48 --tokens 8 --directions 1,4 --dtypes float32 --repeats 1)
   STEP_MODELS=(tiny-opt:tiny-opt)
   STEP_ARGS=(--device cpu --cut 2 --batch 2 --seq 8 --queries 2 --repeats 1)
-  STEP_QB=4
   MEMORY_ARGS=(--device cpu --models tiny-opt --dtypes float32 --batch 4 --seq 16 --cut 2 --threads 1 --modes fo-sl,hosl)
   TEST_FILTER=(-m gpu)    # collect everything, run the GPU-marked tests (they skip without a GPU)
-  T_BUILD=60 T_INFO=60 T_TESTS=120 T_KERNELS=120 T_LINEAR=60 T_STEP=120 T_MEMORY=120
+  T_BUILD=60 T_INFO=60 T_TESTS=120 T_KERNELS=120 T_LINEAR=60 T_STEP=180 T_MEMORY=120
 else
   KERNEL_ARGS=(--device cuda --numel $((1 << 24)) --tensors 16 --repeats 10)
   LINEAR_ARGS=(--device cuda --repeats 10)
   STEP_MODELS=(opt-125m:opt-125m-random opt-1.3b:opt-1.3b-random)
   STEP_ARGS=(--device cuda --cut 5 --batch 16 --seq 128 --queries 10 --repeats 1 --threads "$(nproc)")
-  STEP_QB=20
   MEMORY_ARGS=(--device cuda --models opt-125m,opt-1.3b --dtypes float32 --batch 64 --seq 256 --cut 5 --modes fo-sl,hosl,floor)
   TEST_FILTER=(-k "not test_ptx")  # the PTX checks need nvcc only and run in CI already
   # cold, the Triton JIT compiles dominate: spread them over processes where pytest-xdist exists
   if "$PY" -c 'import xdist' 2>/dev/null; then TEST_FILTER+=(-n 8); fi
   T_BUILD=300 T_INFO=60 T_TESTS=420 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
 fi
+# every variant benchmarks/step.py has (its VARIANTS); hosl-qb runs D = 2Q, hosl-auto the D it picks
+STEP_VARIANTS=mezo,hosl,hosl-sb,hosl-qb,hosl-auto,hosl-linear,hosl-linear-client,fo-sl
 TEST_FILES=(tests/test_cuda_kernels.py tests/test_backend_identity.py tests/test_triton_backend.py
             tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py)
 # (tests/test_triton_compile.py compiles for sm_90 without a GPU: it runs in CI, not here)
@@ -288,24 +291,11 @@ stage_linear() {
 }
 
 stage_step() {
-  local help rc=0 label model
-  help="$("$PY" benchmarks/step.py --help)" || return 1
+  local rc=0 label model
   for item in "${STEP_MODELS[@]}"; do
     label="${item%%:*}" model="${item#*:}"
-    "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --json "$OUT/step-$label.json" || rc=1
-    # variants another change adds as options: run them when this step.py has them
-    if grep -q -- '--query-batch' <<<"$help"; then
-      "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants hosl --query-batch "$STEP_QB" \
-        --json "$OUT/step-$label-batched.json" || rc=1
-    fi
-    if grep -q -- '--server-estimate' <<<"$help"; then
-      "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants hosl --server-estimate linear \
-        --json "$OUT/step-$label-linear.json" || rc=1
-      if grep -q -- '--linear-on' <<<"$help"; then
-        "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants hosl --server-estimate linear \
-          --linear-on client --json "$OUT/step-$label-linear-client.json" || rc=1
-      fi
-    fi
+    "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants "$STEP_VARIANTS" \
+      --json "$OUT/step-$label.json" || rc=1
   done
   return $rc
 }
@@ -326,11 +316,11 @@ else
   run_stage build "$T_BUILD"
 fi
 run_stage info "$T_INFO"
-run_stage tests "$T_TESTS"
-run_stage kernels "$T_KERNELS"
-run_stage linear "$T_LINEAR"
 run_stage step "$T_STEP"
 run_stage memory "$T_MEMORY"
+run_stage tests "$T_TESTS"
+run_stage linear "$T_LINEAR"
+run_stage kernels "$T_KERNELS"
 
 # --------------------------------------------------------------------------------------------------
 # summary.json

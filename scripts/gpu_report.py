@@ -111,12 +111,16 @@ def render(folder: Path) -> str:
                     continue
                 variant, q = key.rsplit("/q", 1)
                 speed = f"{r['speedup_vs_mezo']:.2f}x" if "speedup_vs_mezo" in r else ""
+                rel = f"{r['vs_hosl']:.2f}x" if "vs_hosl" in r else ""
                 rows.append([path.stem[len("step-"):], f"{meta['batch']}x{meta['seq']}", variant, q,
-                             f"{r['step_s'] * 1e3:.1f}", speed])
+                             r.get("query_batch_used", ""), f"{r['step_s'] * 1e3:.1f}", rel, speed])
         first = json.loads(step_files[0].read_text())["meta"]
         out.append(f"`benchmarks/step.py` cut {first['cut']}, fp32, {first['timing']}.")
         out.append("")
-        out += _table(["run", "batch", "variant", "Q", "step ms", "vs MeZO"], rows)
+        out.append("`vs hosl` is the step time over the sequential exact step's (`hosl`; below 1 is faster); "
+                   "D is the points per client forward.")
+        out.append("")
+        out += _table(["run", "batch", "variant", "Q", "D", "step ms", "vs hosl", "vs MeZO"], rows)
         out.append("")
     else:
         out += _missing(stages, "step")

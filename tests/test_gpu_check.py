@@ -17,9 +17,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["build", "info", "tests", "kernels", "linear", "step", "memory"]
+STAGES = ["build", "info", "step", "memory", "tests", "linear", "kernels"]
 
 pytest.importorskip("triton")
 
@@ -50,7 +51,7 @@ def test_out_holds_the_archive_summary_and_log_tail(dry_run):
     assert {p.name for p in out.iterdir()} == OUT_FILES, proc.stdout[-3000:]
     assert (out / "summary.json").read_text() == (unpacked / "summary.json").read_text()
     tail = (out / "gpu_check-tail.log").read_text()
-    assert "stage memory: ok" in tail and len(tail.splitlines()) <= 300
+    assert "stage kernels: ok" in tail and len(tail.splitlines()) <= 300
 
 
 def _positive_finite(x) -> bool:
@@ -67,7 +68,7 @@ def test_every_stage_ran_and_passed(dry_run):
     assert status == {"build": "skipped", **{s: "ok" for s in STAGES[1:]}}
     for s in summary["stages"][1:]:
         assert (out / s["log"]).stat().st_size > 0, s["name"]
-    assert "stage memory: ok" in (out / "gpu_check.log").read_text()
+    assert "stage kernels: ok" in (out / "gpu_check.log").read_text()
 
 
 def test_info_reports_the_interpreted_triton_backend(dry_run):
@@ -108,9 +109,14 @@ def test_step_figures(dry_run):
     data = json.loads((dry_run[0] / "step-tiny-opt.json").read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["model"] == "tiny-opt"
     steps = {k: v for k, v in data.items() if k != "meta"}
-    assert {"mezo/q2", "hosl/q2"} <= set(steps)
+    variants = load_benchmark("step").VARIANTS
+    assert set(steps) == {f"{v}/q2" for v in variants}  # one run per model, every variant of step.py
     for key, row in steps.items():
         assert _positive_finite(row["step_s"]), key
+    assert steps["hosl-qb/q2"]["query_batch_used"] == 4  # D = 2Q
+    assert steps["hosl-linear/q2"]["server_estimate"] == "linear"
+    assert steps["hosl-linear-client/q2"]["linear_on"] == "client"
+    assert all(_positive_finite(steps[f"{v}/q2"]["vs_hosl"]) for v in variants if v != "hosl")
 
 
 def test_memory_figures(dry_run):
@@ -130,6 +136,7 @@ def test_report_renders_the_folder(dry_run):
     for heading in ("Stages", "Direction kernels", "Perturbed linear", "Step time", "Client memory"):
         assert f"### {heading}" in md, heading
     assert "| update_q10 |" in md and "| tiny-opt |" in md
+    assert "| tiny-opt | 2x8 | hosl-qb | 2 | 4 |" in md
 
 
 def test_unknown_argument_is_refused(tmp_path):
