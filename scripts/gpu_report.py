@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     try:
         tar = tarfile.open(archive)
     except (tarfile.TarError, OSError) as exc:
-        raise SystemExit(f"gpu_report.py: {archive} is not a readable gpu_check.sh archive ({exc})")
+        raise SystemExit(f"gpu_report.py: {archive} is not a readable gpu_check.sh archive ({exc})") from exc
     with tar, tempfile.TemporaryDirectory() as tmp:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(tmp, filter="data")
