@@ -94,5 +94,5 @@ def sq_norms(numels, offsets, key_lo: int, key_hi: int, device, block_counters=N
     firsts = [words[r * mt.ROW + 4] for r in range(rows)] + [programs]
     bounds = torch.tensor(firsts, dtype=torch.int64, device=table.device)
     running = torch.cat([partial.new_zeros(1), partial.cumsum(0)])
-    totals = iter((running[bounds[1:]] - running[bounds[:-1]]).tolist())
+    totals = iter(running[bounds].diff().tolist())
     return [next(totals) if n else 0 for n in numels]  # rows are the non-empty tensors, in order

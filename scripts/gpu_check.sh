@@ -143,8 +143,6 @@ else
   if "$PY" -c 'import xdist' 2>/dev/null; then TEST_FILTER+=(-n 8); fi
   T_BUILD=300 T_INFO=60 T_TESTS=420 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
 fi
-# every variant benchmarks/step.py has (its VARIANTS); hosl-qb runs D = 2Q, hosl-auto the D it picks
-STEP_VARIANTS=mezo,hosl,hosl-sb,hosl-qb,hosl-auto,hosl-linear,hosl-linear-client,fo-sl
 TEST_FILES=(tests/test_cuda_kernels.py tests/test_backend_identity.py tests/test_triton_backend.py
             tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py)
 # (tests/test_triton_compile.py compiles for sm_90 without a GPU: it runs in CI, not here)
@@ -291,10 +289,12 @@ stage_linear() {
 }
 
 stage_step() {
-  local rc=0 label model
+  local rc=0 label model variants
+  # every variant benchmarks/step.py has (its VARIANTS); hosl-qb runs D = 2Q, hosl-auto the D it picks
+  variants="$(PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c 'import step; print(",".join(step.VARIANTS))')" || return 1
   for item in "${STEP_MODELS[@]}"; do
     label="${item%%:*}" model="${item#*:}"
-    "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants "$STEP_VARIANTS" \
+    "$PY" benchmarks/step.py "${STEP_ARGS[@]}" --model "$model" --variants "$variants" \
       --json "$OUT/step-$label.json" || rc=1
   done
   return $rc
