@@ -1,10 +1,10 @@
 """The direction kernels under pytest-benchmark: ``pytest benchmarks/ --benchmark-only``.
 
-The same cases as ``benchmarks/kernels.py`` (Gaussian directions), on a smaller parameter list
+The same cases as ``benchmarks/direction_kernels.py`` (Gaussian directions), on a smaller parameter list
 (8 tensors of 512K float32 elements, 4M in all) so the whole file runs in well under a minute:
 ``hosl.ops`` on the CPU backend, MeZO-style ``torch.manual_seed`` + ``torch.normal`` + ``add_`` per
 tensor, and the memory roof (``add_`` of two tensors of the same sizes). Single-threaded, like
-``kernels.py``. Compare the groups' means (pytest-benchmark prints them side by side per group).
+``direction_kernels.py``. Compare the groups' means (pytest-benchmark prints them side by side per group).
 
 Not part of the test suite: ``pyproject.toml`` sets ``testpaths = ["tests"]``, so a plain ``pytest``
 never collects this folder, and nothing here asserts on timings.

@@ -25,7 +25,7 @@
 #            GPU-marked ones, which skip
 #   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q,
 #            2048 rows per direction; and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
-#   kernels  benchmarks/kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
+#   kernels  benchmarks/direction_kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
 #
 # Output under $OUT (default gpu-results/), three files (the device tool brings back only a handful):
 # summary.json (stages with status/rc/seconds), gpu-results.tgz (everything: <stage>.json per stage,
@@ -271,7 +271,7 @@ EOF
 }
 
 stage_kernels() {
-  "$PY" benchmarks/kernels.py "${KERNEL_ARGS[@]}" --json "$OUT/kernels.json"
+  "$PY" benchmarks/direction_kernels.py "${KERNEL_ARGS[@]}" --json "$OUT/kernels.json"
 }
 
 stage_linear() {

@@ -66,7 +66,7 @@ def render(folder: Path) -> str:
     kernels = _load(folder, "kernels.json")
     if kernels:
         meta = kernels["meta"]
-        out.append(f"`benchmarks/kernels.py`: {meta['elements']:,} float32 elements in {meta['tensors']} "
+        out.append(f"`benchmarks/direction_kernels.py`: {meta['elements']:,} float32 elements in {meta['tensors']} "
                    f"tensors; GB/s counts one read and one write per element; roof: {meta['roof']}; {meta['timing']}.")
         out.append("")
         rows = []

@@ -66,7 +66,7 @@ def test_step_script_tiny(tmp_path):
     assert data["meta"]["model"] == "tiny-opt"
 
 
-@pytest.mark.parametrize("script", ["kernels.py"])
+@pytest.mark.parametrize("script", ["direction_kernels.py"])
 def test_kernel_script_small(tmp_path, script):
     out = tmp_path / "kernels.json"
     run_script(script, "--numel", "4096", "--tensors", "2", "--repeats", "1", "--json", str(out))

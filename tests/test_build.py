@@ -156,12 +156,14 @@ def test_a_build_puts_kernels_inside_hosl(tmp_path):
 
 def test_hosl_kernels_is_this_checkouts_kernels_folder():
     """Here (an editable install, or a bare checkout through hosl/_source_tree.py) hosl.kernels is
-    ./kernels, and the fallback finder maps that one name only."""
+    the namespace package ./kernels, and the fallback finder maps that one name only."""
+    import importlib
     import importlib.util
 
     from hosl import _source_tree
 
-    assert Path(importlib.util.find_spec("hosl.kernels").origin) == ROOT / "kernels" / "__init__.py"
+    assert [Path(p) for p in importlib.util.find_spec("hosl.kernels").submodule_search_locations] == [ROOT / "kernels"]
+    assert Path(importlib.import_module("hosl.kernels.api").__file__) == ROOT / "kernels" / "api.py"
     spec = _source_tree._SourceTreeKernels().find_spec("hosl.kernels")
-    assert Path(spec.origin) == ROOT / "kernels" / "__init__.py"
+    assert spec.loader is None and spec.submodule_search_locations == [str(ROOT / "kernels")]
     assert _source_tree._SourceTreeKernels().find_spec("kernels") is None

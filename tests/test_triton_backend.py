@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 import hosl.directions.spec as spec  # noqa: E402
-import hosl.kernels as kernels  # noqa: E402
+import hosl.kernels.api as kernels  # noqa: E402
 from hosl.ops.backends import reference as ref  # noqa: E402
 from hosl.ops.backends import triton as tb  # noqa: E402
 

@@ -28,7 +28,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import hosl.kernels as K
+import hosl.kernels.api as K
 
 out = sys.argv[1]
 target = GPUTarget("cuda", 90, 32)
@@ -52,7 +52,8 @@ results["fused_control"] = build(fn, sig, cst, dict(K.COMPILE_OPTIONS, enable_fp
 import importlib, pkgutil
 from triton.runtime.jit import JITFunction
 names = set()
-for mod in pkgutil.iter_modules(K.__path__):
+import hosl.kernels
+for mod in pkgutil.iter_modules(hosl.kernels.__path__):
     m = importlib.import_module("hosl.kernels." + mod.name)
     names |= {n for n, v in vars(m).items() if isinstance(v, JITFunction) and n.endswith("_kernel")}
 results["all_kernels"] = sorted(names)
@@ -161,7 +162,7 @@ _FUSED_RADEMACHER_CALLS = {
 
 def test_fused_rademacher_variants_are_row_aligned():
     """The AOT check sees the row_signs path (one Philox word per 32 coordinates) of both fused kernels."""
-    import hosl.kernels as K
+    import hosl.kernels.api as K
 
     for fn, _, cst in K.aot_specs():
         if fn.__name__ in _FUSED_RADEMACHER_CALLS and cst.get("FAMILY") == 1:
@@ -206,7 +207,7 @@ def test_launchers_pass_the_compile_options(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: seen.append(kwargs)
 
-    hk = importlib.import_module("hosl.kernels")
+    hk = importlib.import_module("hosl.kernels.api")
     for mod_name, attr in [("randn", "randn_kernel"), ("perturb", "perturb_kernel"),
                            ("zo_update", "zo_update_kernel"), ("perturbed_linear", "perturbed_linear_kernel"),
                            ("perturbed_embedding", "perturbed_embedding_kernel")]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from hosl.ops.backends import materialised
 
 try:
-    import hosl.kernels as _k
+    import hosl.kernels.api as _k
 except ImportError as exc:  # triton missing, or a triton too old for the kernels
     _k = None
-    _IMPORT_ERROR = f"cannot import hosl.kernels ({type(exc).__name__}: {exc})"
+    _IMPORT_ERROR = f"cannot import hosl.kernels.api ({type(exc).__name__}: {exc})"
 else:
     _IMPORT_ERROR = ""
 

@@ -1,4 +1,9 @@
-"""Triton kernels for the seeded directions (installed as ``hosl.kernels``).
+"""The launchers of every Triton op, in one place: what the Triton backend calls.
+
+``kernels/`` installs as ``hosl.kernels``, a namespace package (PEP 420): the folder has no
+``__init__.py``, so from the repository root it is never a regular top-level package named
+``kernels`` that would shadow Hugging Face's ``kernels`` (which transformers imports; README.md,
+"Layout", says more).
 
 One op per module, kernel and launcher side by side:
 
@@ -13,7 +18,7 @@ One op per module, kernel and launcher side by side:
 * :mod:`.multi_tensor` the int64 table that lets one launch cover all tensors of a dtype.
 
 The launchers take the arguments of the backend contract (``hosl/ops/backends/__init__.py``),
-already validated. Set ``TRITON_INTERPRET=1`` before importing this package to run on CPU tensors.
+already validated. Set ``TRITON_INTERPRET=1`` before importing these modules to run on CPU tensors.
 """
 
 from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, default_block_counters
@@ -24,7 +29,6 @@ from hosl.kernels.randn import randn, sq_norms
 from hosl.kernels.zo_update import zo_update
 
 
-
 def aot_specs():
     """(kernel, signature, constexprs) for every kernel: what the ahead-of-time PTX check compiles.
 
@@ -33,7 +37,6 @@ def aot_specs():
     """
     import importlib
 
-    # import_module: the package attributes of these names are the launchers, not the modules
     names = ("randn", "perturb", "zo_update", "perturbed_linear", "perturbed_embedding")
     mods = [importlib.import_module(f"hosl.kernels.{name}") for name in names]
     return [spec for mod in mods for spec in mod.AOT]

@@ -23,9 +23,9 @@ can move). Every row also gives GB/s counted as one read and one write of each w
 that touches each weight once moves) and ``roof_fraction`` = hosl GB/s / roof GB/s.
 Rows of a second backend are named ``<case>[<backend>]``.
 
-    python benchmarks/kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
-    python benchmarks/kernels.py --device cuda --json gpu.json [--numel 16777216 --repeats 20]
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --backends cpu,triton --numel 4096 --tensors 2 --repeats 1
+    python benchmarks/direction_kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
+    python benchmarks/direction_kernels.py --device cuda --json gpu.json [--numel 16777216 --repeats 20]
+    TRITON_INTERPRET=1 python benchmarks/direction_kernels.py --backends cpu,triton --numel 4096 --tensors 2 --repeats 1
 """
 
 from __future__ import annotations
