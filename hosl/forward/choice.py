@@ -15,6 +15,7 @@ from hosl.forward.batched import BatchedPerturber
 from hosl.forward.fused import FusedPerturber
 from hosl.forward.layout import ParameterLayout
 from hosl.forward.scratch import ModuleScratchPerturber
+
 PERTURBED_FORWARDS = ("auto", "scratch", "fused")
 
 
