@@ -1,4 +1,4 @@
-"""The lint script, pyproject.toml and the pre-commit hooks agree.
+"""The lint script, pyproject.toml and the pre-commit hooks agree; the version has one home.
 
 ``.ci/lint.sh`` names what it checks in three bash arrays (LINTED, FORMATTED, TYPED) and pins the
 tool versions; these tests read them from the script as written, so a renamed package or a bumped
@@ -7,11 +7,19 @@ pin that was not carried over fails here rather than as a silently empty lint ru
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+import hosl
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -75,3 +83,38 @@ def test_pre_commit_pins_the_lint_scripts_ruff_and_formats_the_same_paths():
         rel = package.relative_to(ROOT).as_posix()
         assert bool(pattern.search(rel + "/__init__.py")) == (rel in formatted), rel
     assert re.compile(hooks["ruff-check"]["files"]).search("hosl/cli.py")
+
+
+def test_the_version_has_one_home():
+    assert "version" not in PYPROJECT["project"]
+    assert "version" in PYPROJECT["project"]["dynamic"]
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "hosl.__version__"}
+    # a literal setuptools reads without importing hosl (so building needs no torch)
+    tree = ast.parse((ROOT / "hosl" / "__init__.py").read_text())
+    (value,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(t, "id", None) for t in node.targets] == ["__version__"]]
+    assert isinstance(value, ast.Constant) and value.value == hosl.__version__
+    assert importlib.metadata.version("hosl") == hosl.__version__  # the installed metadata agrees
+
+
+def test_a_build_takes_its_version_from_hosl_and_ships_py_typed(tmp_path):
+    """A HOSL_BUILD_EXT=0 build of a copy whose hosl/__init__.py says 9.8.7: the metadata says 9.8.7
+    and the built package has py.typed (package-data)."""
+    tree = tmp_path / "tree"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "_build_config.py")
+    for folder in ("hosl", "kernels"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, tree / name)
+    init = tree / "hosl" / "__init__.py"
+    text = init.read_text()
+    assert f'__version__ = "{hosl.__version__}"' in text
+    init.write_text(text.replace(f'__version__ = "{hosl.__version__}"', '__version__ = "9.8.7"'))
+    env = {**os.environ, "HOSL_BUILD_EXT": "0"}
+    out = tmp_path / "lib"
+    version = subprocess.run([sys.executable, "setup.py", "-q", "--version"], cwd=tree, env=env, capture_output=True,
+                             text=True, check=True)
+    assert "9.8.7" in version.stdout.split()
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=tree, env=env,
+                   capture_output=True, check=True)
+    assert (out / "hosl" / "py.typed").is_file()
