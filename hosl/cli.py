@@ -1,4 +1,6 @@
-"""The ``hosl`` command: ``train`` one run, ``demo`` (HOSL vs ZO-SL side by side), ``info``.
+"""The ``hosl`` command: ``train`` one run (or its client half, ``--role client``), ``serve`` the
+server half of a two-process run or a fleet (hosl/cli_remote.py), ``export`` a run as a Hugging Face
+model folder (hosl/cli_export.py), ``demo`` (HOSL vs ZO-SL vs FO-SL side by side), ``info``.
 
 Exit status: 0 done; 2 a usage error, a refused input (argument, run folder, checkpoint, data
 file) or a lost/refusing peer, reported as one ``hosl: error: ...`` line on stderr (set

@@ -68,7 +68,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
         self.sphere_scales = [SphereScales(lay, c.backend, keep=c.num_queries) if c.direction == "sphere" else None
                               for lay in self.layouts]
-        # fused Linear/Embedding kernels on CUDA+Triton, module-at-a-time scratch otherwise
+        # "auto": fused Linear/Embedding kernels on CUDA+Triton, else the materialising fused path (one
+        # layer at a time); scratch when asked for or for a non-Gaussian direction (hosl/forward/choice.py)
         made = [make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph)
                 for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)]
         self.perturbers = [p for p, _ in made]
