@@ -9,7 +9,7 @@ from hosl import _source_tree
 _source_tree.install()  # hosl.kernels from a source checkout; see hosl/_source_tree.py
 
 from hosl import ops  # noqa: E402
-from hosl.optim import HybridOrderOptimizer, ZOConfig, ZerothOrderOptimizer, per_copy_mean  # noqa: E402
+from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer, ZOConfig, per_copy_mean  # noqa: E402
 
 __version__ = "0.1.0"
 

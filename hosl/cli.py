@@ -1,4 +1,6 @@
-"""The ``hosl`` command: ``train`` one run, ``demo`` (HOSL vs ZO-SL side by side), ``info``.
+"""The ``hosl`` command: ``train`` one run (or its client half, ``--role client``), ``serve`` the
+server half of a two-process run or a fleet (hosl/cli_remote.py), ``export`` a run as a Hugging Face
+model folder (hosl/cli_export.py), ``demo`` (HOSL vs ZO-SL vs FO-SL side by side), ``info``.
 
 Exit status: 0 done; 2 a usage error, a refused input (argument, run folder, checkpoint, data
 file) or a lost/refusing peer, reported as one ``hosl: error: ...`` line on stderr (set
@@ -18,8 +20,8 @@ from hosl import cli_export, cli_options, cli_remote
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.config import train_fields, train_name
 from hosl.training.config import MAX_SEED, TrainConfig, flag
-from hosl.training.run_folder import OVERRIDABLE
 from hosl.training.modes import MODES
+from hosl.training.run_folder import OVERRIDABLE
 
 DEFAULT_DATA_DIR = "../shared/data"
 
@@ -103,7 +105,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                         "estimate needs its + and - passes to see the same function)")
     add_zo_args(p, d, "run")  # --lr-client, --weight-decay, --seed, --backend (ZOConfig's; the FO modes use them too)
     p.add_argument("--lr-server", type=finite_float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
-    p.add_argument("--momentum", type=finite_float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)")
+    p.add_argument("--momentum", type=finite_float, default=d.momentum,
+                   help="SGD momentum of FO optimizers (default %(default)s)")
     add_zo_args(p.add_argument_group("zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo; "
                                      "hosl/optim/config.py ZOConfig)"), d, "zo")
     g = p.add_argument_group("LoRA (peft)")

@@ -141,7 +141,7 @@ def _assemble(client, server, fold_lora: bool):
 
     tied = bool(getattr(config, "tie_word_embeddings", False)) and head is not None
     untie = False
-    for target, sources in values.items():
+    for sources in values.values():
         if len(sources) > 1 and not all(torch.equal(sources[0][1], v) for _, v in sources[1:]):
             untie = True  # the client's embedding and the server's head copy trained apart
     if untie:

@@ -211,7 +211,7 @@ def rademacher_elements(b, offset, BN: tl.constexpr):
 # The family branch of the multi-tensor kernels (randn, perturb, zo_update): the two functions
 # below, one per question (which elements a program owns, which z they get). A new family with
 # the 4-coordinates-per-counter layout needs only its branch in family_direction (and, if it
-# covers 128 coordinates per counter like Rademacher, hosl/kernels/multi_tensor.py family_layout).
+# covers 128 coordinates per counter like Rademacher, kernels/multi_tensor.py family_layout).
 
 
 @triton.jit

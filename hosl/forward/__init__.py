@@ -20,7 +20,8 @@ with); on exit the weights are the same tensors with the same bits, whatever the
 * **fused** (:class:`~hosl.forward.fused.FusedPerturber`): a scratch perturber that swaps the
   forward of each eligible ``nn.Linear`` / ``nn.Embedding`` (:func:`~hosl.forward.fused.fused_kind`)
   for ``hosl.ops.perturbed_linear`` / ``hosl.ops.perturbed_embedding`` for the length of the block;
-  the other owners (norms) keep the scratch path. Gaussian directions only. On CUDA with Triton the
+  the other owners (norms) keep the scratch path. Gaussian directions only (it passes the ops no
+  family, though the ops take every family, as the batched perturber does). On CUDA with Triton the
   ops fuse the perturbation into the matmul / lookup; elsewhere they materialise one layer at a time.
 * **batched** (:class:`~hosl.forward.batched.BatchedPerturber`): ``perturbed(points)`` with ``D``
   pairs ``(seed, scale)`` runs all ``D`` points in one forward over the module's inputs repeated ``D``
@@ -36,7 +37,7 @@ Which one runs (:func:`~hosl.forward.choice.make_perturber`, from the optimizers
   not); otherwise fused with ``backend``'s materialising ops (bit-identical to scratch, and no
   vocabulary-sized embedding scratch).
 * any ``direction`` other than ``"gaussian"``: scratch, whatever ``perturbed_forward`` says (the
-  fused ops generate Gaussian directions only); the log line says so.
+  one-point fused perturber is Gaussian-only); the log line says so.
 
 ``query_batch > 1`` uses :func:`~hosl.forward.choice.make_batched_perturber` instead: the Triton ops
 where ``"auto"`` would pick them, else ``backend``'s materialising ops.

@@ -25,7 +25,7 @@ sequential perturbed forwards up to matmul summation order.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -218,15 +218,15 @@ class BatchedPerturber:
             args, kwargs, _ = repeat_batch(args, kwargs, copies)
             return args, kwargs
 
-        swapped = []
+        swapped: list[nn.Module] = []
         handle = self.module.register_forward_pre_hook(repeat_inputs, prepend=True, with_kwargs=True)
         try:
             for mod, kind, slots in self.fused:
                 make = {LINEAR: self._linear, EMBEDDING: lambda m, s: self._lookup(m, s),
                         EMBEDDING_INTERCEPT: self._embedding_intercept}[kind]
                 self._swap(mod, make(mod, slots), swapped)
-            for mod, slots in self.looped:
-                self._swap(mod, self._looped(mod, slots), swapped)
+            for mod, owned in self.looped:
+                self._swap(mod, self._looped(mod, owned), swapped)
             with torch.no_grad():
                 yield
         finally:

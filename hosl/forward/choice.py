@@ -15,6 +15,7 @@ from hosl.forward.batched import BatchedPerturber
 from hosl.forward.fused import FusedPerturber
 from hosl.forward.layout import ParameterLayout
 from hosl.forward.scratch import ModuleScratchPerturber
+
 PERTURBED_FORWARDS = ("auto", "scratch", "fused")
 
 
@@ -31,15 +32,18 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
     """The perturber for ``perturbed_forward`` (``"auto"``: fused where available, else scratch) and a
     line saying which and why, for the log.
 
-    The fused linear/embedding ops generate Gaussian directions only: any other ``direction`` runs
-    the scratch path (whatever ``perturbed_forward`` says), and the line says so.
+    The fused linear/embedding ops (``hosl.ops.perturbed_linear`` / ``perturbed_embedding``) take
+    every direction family, but the one-point :class:`~hosl.forward.fused.FusedPerturber` passes
+    them none (Gaussian only): any other ``direction`` runs the scratch path (whatever
+    ``perturbed_forward`` says), and the line says so. ``query_batch > 1``
+    (:func:`make_batched_perturber`) runs every family fused.
     """
     if perturbed_forward not in PERTURBED_FORWARDS:
         raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
     if perturbed_forward == "scratch" or direction != "gaussian":
         p = ModuleScratchPerturber(module, layout, backend, direction=direction, sphere_scales=sphere_scales)
         why = "asked for" if perturbed_forward == "scratch" else (
-            f"perturbed_forward={perturbed_forward!r}, but the fused linear/embedding ops generate Gaussian "
+            f"perturbed_forward={perturbed_forward!r}, but the one-point fused perturber makes Gaussian "
             f"directions only and direction={direction!r}")
         return p, f"perturbed forward: scratch, module at a time ({why}; {p.scratch_nbytes()} bytes of scratch)"
     if perturbed_forward == "auto":

@@ -24,7 +24,7 @@ matmul's summation order (and, on GPU, by Triton's tensor-core precision for fp3
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

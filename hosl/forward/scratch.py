@@ -14,7 +14,7 @@ they are computed once per seed and step) and are passed to ``perturb_`` as ``sc
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from hosl.models.compat import block_output, create_bidirectional_mask, create_causal_mask
 from transformers.models.bert.modeling_bert import BertForSequenceClassification
+
+from hosl.models.compat import block_output, create_bidirectional_mask, create_causal_mask
 
 from .halves import TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION, ClientHalf, ServerHalf, check_cut
 

@@ -16,7 +16,6 @@ import functools
 import inspect
 
 import torch
-
 from transformers import masking_utils
 
 _CACHE_NAMES = ("cache", "past_key_values")

@@ -21,6 +21,7 @@ import copy
 
 import torch
 from torch import nn
+
 from hosl.models.compat import block_output, create_causal_mask, create_sliding_window_causal_mask
 
 from .halves import (

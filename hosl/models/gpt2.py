@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from hosl.models.compat import block_output, create_causal_mask
 
 from .halves import (

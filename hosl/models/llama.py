@@ -16,8 +16,9 @@ import copy
 
 import torch
 from torch import nn
-from hosl.models.compat import block_output, create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaForSequenceClassification
+
+from hosl.models.compat import block_output, create_causal_mask
 
 from .halves import (
     TASK_CAUSAL_LM,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from hosl.models.compat import block_output, create_causal_mask
 from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTForSequenceClassification
+
+from hosl.models.compat import block_output, create_causal_mask
 
 from .halves import (
     TASK_CAUSAL_LM,

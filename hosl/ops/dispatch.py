@@ -70,7 +70,7 @@ def _cuda_arch_mismatch() -> str:
     capability = tuple(torch.cuda.get_device_capability())
     if arch_runs_on(capability, archs):
         return ""
-    cc = "%d.%d" % capability
+    cc = f"{capability[0]}.{capability[1]}"
     return (f"hosl._C_cuda was built for {';'.join(archs)}, which cannot run on this GPU (compute capability "
             f"{cc}); rebuild with TORCH_CUDA_ARCH_LIST={cc} pip install --no-build-isolation -e .")
 

@@ -15,7 +15,6 @@ arguments (the contract of :mod:`hosl.ops.backends`).
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -82,7 +81,7 @@ def perturb_op(
     key_hi: int,
     scale: float,
     family: str = "gaussian",
-    dir_scales: Optional[list[float]] = None,
+    dir_scales: list[float] | None = None,
 ) -> None:
     """``out[j] = round(tensors[j] + scale * z)``; ``out`` may be ``tensors`` itself (in place).
     ``tensors`` is not empty (the device comes from it)."""
@@ -98,7 +97,7 @@ def zo_update_op(
     coeffs: list[float],
     decay: float,
     family: str = "gaussian",
-    dir_scales: Optional[list[float]] = None,
+    dir_scales: list[float] | None = None,
 ) -> None:
     """``w = round(w - decay*w - sum_q coeffs[q] * z_q)`` in place; ``tensors`` is not empty."""
     _zo_update(tensors[0].device.type, tensors, offsets, keys_lo, keys_hi, coeffs, decay, family, dir_scales)
@@ -108,15 +107,15 @@ def zo_update_op(
 def perturbed_linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     w_offset: int,
-    b_offset: Optional[int],
+    b_offset: int | None,
     keys_lo: list[int],
     keys_hi: list[int],
     scales: list[float],
     shared_x: bool,
     family: str = "gaussian",
-    factors: Optional[list[float]] = None,
+    factors: list[float] | None = None,
 ) -> torch.Tensor:
     """``[D, M, N]``: ``x[d] @ round(W + scales[d]*Z_d)^T + round(b + scales[d]*z_b,d)``."""
     return _perturbed_linear(weight.device.type, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
@@ -138,7 +137,7 @@ def perturbed_embedding_op(
     scales: list[float],
     shared_ids: bool,
     family: str = "gaussian",
-    factors: Optional[list[float]] = None,
+    factors: list[float] | None = None,
 ) -> torch.Tensor:
     """``[D, T, H]``: rows ``ids`` of ``round(W + scales[d]*Z_d)``."""
     return _perturbed_embedding(weight.device.type, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int]:
 
 def _check_no_overlap(tensors: Sequence[torch.Tensor], name: str) -> None:
     spans = sorted((*_memory_span(t), j) for j, t in enumerate(tensors) if t.numel())
-    for (s0, e0, j0), (s1, e1, j1) in zip(spans, spans[1:]):
+    for (_s0, e0, j0), (s1, _e1, j1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise ValueError(
                 f"{name}[{j0}] and {name}[{j1}] share memory; each coordinate must be written once"

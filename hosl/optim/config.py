@@ -37,8 +37,8 @@ import contextvars
 import dataclasses
 import inspect
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterator, Mapping
 
 from hosl import ops
 from hosl.directions.spec import FAMILIES
@@ -174,7 +174,7 @@ class ZOConfig:
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
-    def build(cls, values: Mapping, *, label: Callable[[str], str] = str) -> "ZOConfig":
+    def build(cls, values: Mapping, *, label: Callable[[str], str] = str) -> ZOConfig:
         """``ZOConfig(**values)``, its errors naming each field as ``label(name)`` (TrainConfig: the --flag)."""
         token = _LABEL.set(label)
         try:
@@ -183,12 +183,12 @@ class ZOConfig:
             _LABEL.reset(token)
 
     @classmethod
-    def defaults_for(cls, optimizer: str) -> "ZOConfig":
+    def defaults_for(cls, optimizer: str) -> ZOConfig:
         """The defaults of ``optimizer`` (``"zo"`` or ``"hybrid"``): ``ZOConfig()`` but for the options
         whose default differs (ZerothOrderOptimizer: ``num_queries=1``, MeZO's)."""
         return cls(**OPTIMIZER_DEFAULTS[optimizer])
 
-    def for_optimizer(self, optimizer: str) -> "ZOConfig":
+    def for_optimizer(self, optimizer: str) -> ZOConfig:
         """This config with the options ``optimizer`` does not take reset to their defaults (one config
         for a run: each of its optimizers gets the part that applies to it)."""
         reset = {f.name: f.default for f in fields(self)
@@ -196,7 +196,7 @@ class ZOConfig:
         return dataclasses.replace(self, **reset) if reset else self
 
     @classmethod
-    def of_optimizer(cls, optimizer: str, config: "ZOConfig | None", options: Mapping) -> "ZOConfig":
+    def of_optimizer(cls, optimizer: str, config: ZOConfig | None, options: Mapping) -> ZOConfig:
         """An optimizer's config from its ``config=`` and keyword options (keywords override the
         config's fields; without a config, they override :meth:`defaults_for`)."""
         owner = OPTIMIZERS[optimizer]

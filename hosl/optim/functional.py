@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import math
-from typing import MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 
 import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -13,8 +13,8 @@ from hosl.optim import functional as F
 from hosl.optim import hygiene
 from hosl.optim import linear_estimate as LE
 from hosl.optim.config import ZOConfig, config_attribute, optimizer_signature
-from hosl.optim.query_batch import ForwardProbe
 from hosl.optim.micro_batch import wrap_client_fn
+from hosl.optim.query_batch import ForwardProbe
 from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
 
 

@@ -6,7 +6,7 @@ the server's gradients kept as they were when a step raises.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -25,7 +25,7 @@ output, the layout the optimizer expects of a whole-batch ``D``-copy forward.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

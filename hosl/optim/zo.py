@@ -7,7 +7,7 @@ coordinate numbering (each starts where the previous one ends, from ``coordinate
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from hosl.optim import functional as F
 from hosl.forward import ParameterLayout, SphereScales, make_batched_perturber, make_perturber
+from hosl.optim import functional as F
 from hosl.optim import query_batch as QB
 from hosl.optim.config import ZOConfig, config_attribute
 
@@ -68,7 +68,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
         self.sphere_scales = [SphereScales(lay, c.backend, keep=c.num_queries) if c.direction == "sphere" else None
                               for lay in self.layouts]
-        # fused Linear/Embedding kernels on CUDA+Triton, module-at-a-time scratch otherwise
+        # "auto": fused Linear/Embedding kernels on CUDA+Triton, else the materialising fused path (one
+        # layer at a time); scratch when asked for or for a non-Gaussian direction (hosl/forward/choice.py)
         made = [make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph)
                 for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)]
         self.perturbers = [p for p, _ in made]
@@ -246,8 +247,9 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 raise ValueError(f"the state_dict was saved with {key}={saved!r}, this optimizer has {key}={mine!r}")
         saved_layout = extra.get("layout")
         if saved_layout is not None and saved_layout != self.layout_signature():
+            difference = _layout_difference(saved_layout, self.layout_signature())
             raise ValueError("the state_dict was saved with another parameter layout (names, shapes or first "
-                             f"coordinates of the trainable parameters): {_layout_difference(saved_layout, self.layout_signature())}")
+                             f"coordinates of the trainable parameters): {difference}")
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; this state is float32 whatever the weights' dtype
         params = [p for group in self.param_groups for p in group["params"]]

@@ -19,8 +19,8 @@ from .causal_lm import (
     option_scores,
     scores_by_example,
 )
-from .custom import FileTaskOptions, configured_num_labels, sample_configured_task, sample_file_task
 from .classifier import classification_loss, collate_classifier, encode_classifier_text
+from .custom import FileTaskOptions, configured_num_labels, sample_configured_task, sample_file_task
 from .data import load_task, local_path
 from .evaluation import evaluate, make_collate_fn, predict
 from .registry import TaskSpec, get_task_spec, known_tasks

@@ -9,7 +9,8 @@ an iterator given that state continues with exactly the batches the original wou
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +77,9 @@ class ShuffledBatches:
                 f"state was saved over {state['num_examples']} examples, this iterator has {len(self.examples)}"
             )
         if state["batch_size"] != self.batch_size:
-            raise ValueError(f"state was saved with batch_size {state['batch_size']}, this iterator has {self.batch_size}")
+            raise ValueError(
+                f"state was saved with batch_size {state['batch_size']}, this iterator has {self.batch_size}"
+            )
         if not 0 <= state["offset"] <= len(self.examples):
             raise ValueError(f"offset {state['offset']} out of range")
         self.seed = int(state["seed"])

@@ -33,7 +33,7 @@ losses, each exactly what ``reduction="mean"`` gives on that copy alone.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,11 @@ IGNORE_INDEX = -100
 
 
 def encode_prompt_and_option(
-    prompt: str, option: str, tokenizer, max_length: int, prefix: Sequence[int] | None = None,
+    prompt: str,
+    option: str,
+    tokenizer,
+    max_length: int,
+    prefix: Sequence[int] | None = None,
     truncate_option: bool = False,
 ) -> tuple[list[int], int]:
     """Token ids of ``prefix + prompt + option`` (prompt cut from the left to fit) and the option's length.
@@ -104,8 +108,9 @@ def collate_causal_lm(
         gold_option.append(gold)
         chosen = [gold] if options == "gold" else range(len(candidates))
         for opt_i in chosen:
-            ids, n_answer = encode_prompt_and_option(prompt, candidates[opt_i], tokenizer, max_length, prefix,
-                                                     truncate_option)
+            ids, n_answer = encode_prompt_and_option(
+                prompt, candidates[opt_i], tokenizer, max_length, prefix, truncate_option
+            )
             rows.append(ids)
             answer_lens.append(n_answer)
             is_gold.append(opt_i == gold)

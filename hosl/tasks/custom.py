@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
+from typing import Any
 
 import datasets
 
@@ -42,8 +43,12 @@ from .templates import PromptTemplate
 CUSTOM, LM = "custom", "lm"
 FILE_TASKS = (CUSTOM, LM)
 # file suffix -> (datasets builder, its options); na_filter=False: a text "null" or "NA" stays text
-READERS = {".csv": ("csv", {"na_filter": False}), ".tsv": ("csv", {"delimiter": "\t", "na_filter": False}),
-           ".json": ("json", {}), ".jsonl": ("json", {})}
+READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {"na_filter": False}),
+    ".tsv": ("csv", {"delimiter": "\t", "na_filter": False}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+}
 DEFAULT_TEMPLATE, DEFAULT_PAIR_TEMPLATE = "{text}\nAnswer:", "{text}\n{text_pair}\nAnswer:"
 
 
@@ -61,7 +66,7 @@ class FileTaskOptions:
     verbalizer: str | None = None
 
     @classmethod
-    def of(cls, cfg) -> "FileTaskOptions":
+    def of(cls, cfg) -> FileTaskOptions:
         defaults = cls(task=cfg.task)
         return cls(**{name: getattr(cfg, name, getattr(defaults, name)) for name in cls.__dataclass_fields__})
 
@@ -72,8 +77,11 @@ def is_file_task(task: str) -> bool:
 
 def check_options(opts: FileTaskOptions) -> None:
     """The settings alone (no file is read): which flags go with which task."""
-    file_flags = [f"--{name.replace('_', '-')}" for name in ("train_file", "eval_file", "template", "verbalizer",
-                                                              "text_pair_field") if getattr(opts, name)]
+    file_flags = [
+        f"--{name.replace('_', '-')}"
+        for name in ("train_file", "eval_file", "template", "verbalizer", "text_pair_field")
+        if getattr(opts, name)
+    ]
     if not is_file_task(opts.task):
         if file_flags:
             raise ValueError(f"{', '.join(file_flags)} go with --task custom or --task lm, not --task {opts.task}")
@@ -96,7 +104,9 @@ def read_rows(path: str, flag: str) -> list[dict]:
         raise DataError(f"{flag} {path}: no such file")
     suffix = file.suffix.lower()
     if suffix not in READERS:
-        raise DataError(f"{flag} {path}: unknown format {suffix or '(no suffix)'!r}; expected .csv, .tsv, .json or .jsonl")
+        raise DataError(
+            f"{flag} {path}: unknown format {suffix or '(no suffix)'!r}; expected .csv, .tsv, .json or .jsonl"
+        )
     builder, options = READERS[suffix]
     if file.stat().st_size == 0:
         raise DataError(f"{flag} {path}: the file is empty")
@@ -167,20 +177,32 @@ def _sorted_labels(values: set[str]) -> list[str]:
 def label_words(opts: FileTaskOptions, train_rows: list[dict] | None = None) -> dict[str, str]:
     """{label: answer word} in label order (index = class id) for ``--task custom``."""
     if train_rows is None:
-        train_rows = read_rows(opts.train_file, "--train-file")
-        _check_columns(train_rows, opts.train_file, "--train-file", {opts.label_field: "--label-field"})
+        train_file = _train_file(opts)
+        train_rows = read_rows(train_file, "--train-file")
+        _check_columns(train_rows, train_file, "--train-file", {opts.label_field: "--label-field"})
     seen = {_label_key(row[opts.label_field]) for row in train_rows}
     if opts.verbalizer:
         words = parse_verbalizer(opts.verbalizer)
         unknown = sorted(seen - words.keys())
         if unknown:
-            raise DataError(f"--train-file {opts.train_file}: column {opts.label_field!r} has label(s) "
-                            f"{', '.join(map(repr, unknown[:5]))} that --verbalizer does not list ({', '.join(words)})")
+            raise DataError(
+                f"--train-file {opts.train_file}: column {opts.label_field!r} has label(s) "
+                f"{', '.join(map(repr, unknown[:5]))} that --verbalizer does not list ({', '.join(words)})"
+            )
         return words
     if len(seen) < 2:
-        raise DataError(f"--train-file {opts.train_file}: column {opts.label_field!r} holds one label value "
-                        f"({next(iter(seen))!r}); classification needs at least two")
+        raise DataError(
+            f"--train-file {opts.train_file}: column {opts.label_field!r} holds one label value "
+            f"({next(iter(seen))!r}); classification needs at least two"
+        )
     return {label: label for label in _sorted_labels(seen)}
+
+
+def _train_file(opts: FileTaskOptions) -> str:
+    """``--train-file``, which :func:`check_options` requires of a file task."""
+    if not opts.train_file:
+        raise ValueError(f"--task {opts.task} needs --train-file F (csv, tsv, json or jsonl)")
+    return opts.train_file
 
 
 def num_labels(opts: FileTaskOptions) -> int | None:
@@ -243,8 +265,10 @@ def _check_template(template: str, row: dict, path: str, flag: str) -> None:
     fields = {name for _, name, _, _ in Formatter().parse(template) if name}
     missing = sorted(f for f in fields if f.split(".")[0].split("[")[0] not in row)
     if missing:
-        raise DataError(f"--template uses {{{missing[0]}}}, which is not a column of {flag} {path} "
-                        f"(columns: {', '.join(k for k in row if k not in ('label',))})")
+        raise DataError(
+            f"--template uses {{{missing[0]}}}, which is not a column of {flag} {path} "
+            f"(columns: {', '.join(k for k in row if k not in ('label',))})"
+        )
 
 
 # -- sampling ----------------------------------------------------------------------------------------
@@ -260,15 +284,17 @@ def _examples(rows, opts: FileTaskOptions, path: str, flag: str, words: dict[str
     examples = []
     index = {label: i for i, label in enumerate(words or {})}
     for i, row in enumerate(rows):
-        example = {k: (v if isinstance(v, str) else str(v)) for k, v in row.items() if v is not None}
+        example: dict[str, Any] = {k: (v if isinstance(v, str) else str(v)) for k, v in row.items() if v is not None}
         example["text"] = str(row[opts.text_field])
         if opts.task == CUSTOM:
             if opts.text_pair_field:
                 example["text_pair"] = str(row[opts.text_pair_field])
             label = _label_key(row[opts.label_field])
             if label not in index:
-                raise DataError(f"{flag} {path}: row {i + 1}, column {opts.label_field!r} has label {label!r}, which "
-                                f"the training labels ({', '.join(index)}) do not include")
+                raise DataError(
+                    f"{flag} {path}: row {i + 1}, column {opts.label_field!r} has label {label!r}, which "
+                    f"the training labels ({', '.join(index)}) do not include"
+                )
             example["label"] = index[label]
         examples.append(example)
     if opts.task == CUSTOM and opts.template:
@@ -279,12 +305,13 @@ def _examples(rows, opts: FileTaskOptions, path: str, flag: str, words: dict[str
 def sample_file_task(opts: FileTaskOptions, train_size: int, eval_size: int, seed: int = 0) -> TaskData:
     """Train and eval sets of a file task, sampled as the built-in tasks are (MeZO's seeded draw)."""
     check_options(opts)
-    train_rows = read_rows(opts.train_file, "--train-file")
+    train_file = _train_file(opts)
+    train_rows = read_rows(train_file, "--train-file")
     words = None
     if opts.task == CUSTOM:
-        _check_columns(train_rows, opts.train_file, "--train-file", {opts.label_field: "--label-field"})
+        _check_columns(train_rows, train_file, "--train-file", {opts.label_field: "--label-field"})
         words = label_words(opts, train_rows)
-    pool = _examples(train_rows, opts, opts.train_file, "--train-file", words)
+    pool = _examples(train_rows, opts, train_file, "--train-file", words)
     notes = []
     if opts.eval_file:
         eval_pool = _examples(read_rows(opts.eval_file, "--eval-file"), opts, opts.eval_file, "--eval-file", words)
@@ -292,17 +319,28 @@ def sample_file_task(opts: FileTaskOptions, train_size: int, eval_size: int, see
         evaluation = [eval_pool[i] for i in mezo_subset_indices(len(eval_pool), eval_size, seed)]
     else:
         if len(pool) < 2:
-            raise DataError(f"--train-file {opts.train_file}: one row cannot give both training and evaluation "
-                            "examples; add rows or pass --eval-file")
+            raise DataError(
+                f"--train-file {opts.train_file}: one row cannot give both training and evaluation "
+                "examples; add rows or pass --eval-file"
+            )
         train, evaluation = _split_shared_pool(opts.task, pool, train_size, eval_size, seed, seed)
-        notes.append(f"{opts.task}: no --eval-file; {len(evaluation)} of the {len(pool)} rows of {opts.train_file} "
-                     f"are held out for evaluation, {len(train)} others train.")
-    if opts.task == CUSTOM:
+        notes.append(
+            f"{opts.task}: no --eval-file; {len(evaluation)} of the {len(pool)} rows of {opts.train_file} "
+            f"are held out for evaluation, {len(train)} others train."
+        )
+    template: PromptTemplate
+    if words is not None:  # --task custom
         template = CustomTemplate(list(words.values()), opts.template, bool(opts.text_pair_field))
     else:
         template = LMTemplate()
-    return TaskData(name=opts.task, train=train, eval=evaluation, template=template, notes=notes,
-                    num_labels=len(words) if opts.task == CUSTOM else None)
+    return TaskData(
+        name=opts.task,
+        train=train,
+        eval=evaluation,
+        template=template,
+        notes=notes,
+        num_labels=len(words) if words is not None else None,
+    )
 
 
 # -- for the training loop: any --task, built-in or file ---------------------------------------------

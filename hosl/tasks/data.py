@@ -41,8 +41,9 @@ class DataError(ValueError):
 
 def _innermost(exc: BaseException) -> str:
     """The root cause's message on one line (datasets wraps pandas/pyarrow errors)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
+    inner: BaseException | None = exc
+    while inner is not None:
+        exc, inner = inner, inner.__cause__ or inner.__context__
     text = " ".join(str(exc).split())
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
@@ -67,24 +68,32 @@ def load_task(name: str | TaskSpec, split: str, data_dir: str | os.PathLike | No
             raw = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split)
         except Exception as exc:  # offline, moved, or a hub error: all end the same way for the user
             cause = " ".join(f"{exc.__class__.__name__}: {exc}".split())
-            raise DataError(f"task {spec.name!r}: could not load {source} ({cause}); without network, "
-                            f"pass --data-dir with local files ({EXPECTED_LAYOUT}), or train on your own "
-                            f"files with --task custom or --task lm and --train-file F") from exc
+            raise DataError(
+                f"task {spec.name!r}: could not load {source} ({cause}); without network, "
+                f"pass --data-dir with local files ({EXPECTED_LAYOUT}), or train on your own "
+                f"files with --task custom or --task lm and --train-file F"
+            ) from exc
     else:
         source = str(Path(data_dir) / spec.local_files[split])
         raw = _load_local(spec, split, Path(data_dir))
     if "label" not in raw.column_names and not (spec.name == "multirc" and "passage" in raw.column_names):
-        raise DataError(f"{source}: no column 'label' (task {spec.name} needs {', '.join(REQUIRED_COLUMNS[spec.name])}; "
-                        f"found {', '.join(raw.column_names)})")
+        raise DataError(
+            f"{source}: no column 'label' (task {spec.name} needs {', '.join(REQUIRED_COLUMNS[spec.name])}; "
+            f"found {', '.join(raw.column_names)})"
+        )
     try:
         rows = _normalise(spec, raw)
     except (KeyError, ValueError, TypeError) as exc:
         column = f"column {exc.args[0]!r} is missing" if isinstance(exc, KeyError) and exc.args else _innermost(exc)
-        raise DataError(f"{source}: {column} (task {spec.name} needs {', '.join(REQUIRED_COLUMNS[spec.name])})") from None
+        raise DataError(
+            f"{source}: {column} (task {spec.name} needs {', '.join(REQUIRED_COLUMNS[spec.name])})"
+        ) from None
     missing = [c for c in REQUIRED_COLUMNS[spec.name] if c not in rows.column_names]
     if missing:
-        raise DataError(f"{source}: no column {', '.join(repr(c) for c in missing)} (task {spec.name} needs "
-                        f"{', '.join(REQUIRED_COLUMNS[spec.name])}; found {', '.join(raw.column_names)})")
+        raise DataError(
+            f"{source}: no column {', '.join(repr(c) for c in missing)} (task {spec.name} needs "
+            f"{', '.join(REQUIRED_COLUMNS[spec.name])}; found {', '.join(raw.column_names)})"
+        )
     return rows
 
 
@@ -99,9 +108,7 @@ def _load_local(spec: TaskSpec, split: str, data_dir: Path) -> datasets.Dataset:
         raise FileNotFoundError(f"data_dir {str(data_dir)!r} is not a directory; {EXPECTED_LAYOUT}")
     path = data_dir / spec.local_files[split]
     if not path.is_file():
-        raise FileNotFoundError(
-            f"task {spec.name!r} split {split!r}: no file at {str(path)!r}; {EXPECTED_LAYOUT}"
-        )
+        raise FileNotFoundError(f"task {spec.name!r} split {split!r}: no file at {str(path)!r}; {EXPECTED_LAYOUT}")
     try:
         with _quiet_datasets_log():  # its own ERROR line would repeat the message below
             return _read_local(spec, split, path)

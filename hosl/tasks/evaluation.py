@@ -7,7 +7,7 @@ object with a ``.logits`` attribute (a Hugging Face output).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -114,7 +114,5 @@ def get_task_spec(name: str) -> TaskSpec:
 def canonical_split(split: str) -> str:
     key = str(split).strip().lower()
     if key not in SPLIT_ALIASES:
-        raise ValueError(
-            f"unknown split {split!r}; use 'train' or 'validation' (aliases: val, valid, dev)"
-        )
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'validation' (aliases: val, valid, dev)")
     return SPLIT_ALIASES[key]

@@ -85,15 +85,20 @@ def sample_task(
         train = [train_rows[i] for i in mezo_subset_indices(len(train_rows), train_size, seed)]
         eval_ = [validation[i] for i in mezo_subset_indices(len(validation), eval_size, eval_seed)]
         if len(train_rows) < train_size:
-            small = " (from FewGLUE's 32-example training file)" if data_dir is not None and spec.local_train_is_fewglue else ""
+            small = (
+                " (from FewGLUE's 32-example training file)"
+                if data_dir is not None and spec.local_train_is_fewglue
+                else ""
+            )
             notes.append(
                 f"{spec.name}: the training split has only {len(train_rows)} examples{small}; "
                 f"all are used (train_size={train_size})."
             )
     if len(eval_) < eval_size:
         notes.append(f"{spec.name}: evaluating on {len(eval_)} examples (eval_size={eval_size}).")
-    return TaskData(name=spec.name, train=train, eval=eval_, template=get_template(spec), notes=notes,
-                    num_labels=spec.num_labels)
+    return TaskData(
+        name=spec.name, train=train, eval=eval_, template=get_template(spec), notes=notes, num_labels=spec.num_labels
+    )
 
 
 def _group_key(task: str, example: dict, row: int):

@@ -45,9 +45,10 @@ def shard_indices(labels: list[int] | None, rank: int, clients: int, scheme: str
         return list(range(n))
     rng = np.random.default_rng([seed, 7919])
     if kind == "iid":
-        return sorted(rng.permutation(n)[rank - 1::clients].tolist())
+        return sorted(rng.permutation(n)[rank - 1 :: clients].tolist())
     if labels is None:
         raise ValueError("--shard dirichlet splits by label; this task has no labels (use iid or by-file)")
+    assert alpha is not None  # parse_shard gives dirichlet its alpha
     shards: list[list[int]] = [[] for _ in range(clients)]
     labels_arr = np.asarray(labels)
     for c in np.unique(labels_arr):

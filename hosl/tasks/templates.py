@@ -59,10 +59,7 @@ class RTETemplate(PromptTemplate):
     verbalizer = ("Yes", "No")  # label 0 = entailment
 
     def encode(self, example):
-        return (
-            f"{example['premise']}\nDoes this mean that \"{example['hypothesis']}\" is true? "
-            "Yes or No?\n"
-        )
+        return f'{example["premise"]}\nDoes this mean that "{example["hypothesis"]}" is true? Yes or No?\n'
 
 
 class CBTemplate(PromptTemplate):
@@ -70,10 +67,7 @@ class CBTemplate(PromptTemplate):
     verbalizer = ("Yes", "No", "Maybe")  # entailment, contradiction, neutral
 
     def encode(self, example):
-        return (
-            f"Suppose {example['premise']} Can we infer that \"{example['hypothesis']}\"? "
-            "Yes, No, or Maybe?\n"
-        )
+        return f'Suppose {example["premise"]} Can we infer that "{example["hypothesis"]}"? Yes, No, or Maybe?\n'
 
 
 class BoolQTemplate(PromptTemplate):
@@ -96,7 +90,7 @@ class WSCTemplate(PromptTemplate):
     def encode(self, example):
         return (
             f"{example['text']}\nIn the previous sentence, does the pronoun "
-            f"\"{example['span2_text'].lower()}\" refer to {example['span1_text']}? Yes or No?\n"
+            f'"{example["span2_text"].lower()}" refer to {example["span1_text"]}? Yes or No?\n'
         )
 
 
@@ -106,7 +100,7 @@ class WiCTemplate(PromptTemplate):
 
     def encode(self, example):
         return (
-            f"Does the word \"{example['word']}\" have the same meaning in these two sentences? "
+            f'Does the word "{example["word"]}" have the same meaning in these two sentences? '
             f"Yes, No?\n{example['sentence1']}\n{example['sentence2']}\n"
         )
 
@@ -118,7 +112,7 @@ class MultiRCTemplate(PromptTemplate):
     def encode(self, example):
         return (
             f"{example['paragraph']}\nQuestion: {example['question']}\n"
-            f"I found this answer \"{example['answer']}\". Is that correct? Yes or No?\n"
+            f'I found this answer "{example["answer"]}". Is that correct? Yes or No?\n'
         )
 
 

@@ -9,7 +9,8 @@ activation that is sent up.
 Optimizer state is what the client's optimizer holds: nothing for ZO-SGD (the figure of record),
 one float32 buffer per trainable element for ZO momentum, two for ZO-Adam, the momentum buffers
 of an FO client's SGD. Gradients (FO clients) and state cover trainable parameters only, so a LoRA
-client pays for its adapters, not for the frozen base weights it also holds. ``benchmarks/memory.py`` measures whole-process peaks separately.
+client pays for its adapters, not for the frozen base weights it also holds. ``benchmarks/memory.py``
+measures whole-process peaks separately.
 
 A micro-batched ZO client (``--client-micro-batch`` / ``--client-memory-budget``) is planned here
 too: :func:`probe_row_cost` measures the transient bytes of a client forward at 1 and 2 rows (the
@@ -28,8 +29,8 @@ import ctypes
 import ctypes.util
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -135,7 +136,7 @@ def return_freed_memory(threshold: int = FREED_MEMORY_THRESHOLD) -> str:
         raise ValueError(f"threshold must be a number of bytes >= 4096, got {threshold!r}")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt parameters differ
+        libc.gnu_get_libc_version  # noqa: B018 (an attribute probe) glibc only: other C libraries' mallopt parameters differ
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return "allocator left as it is (no glibc mallopt here)"

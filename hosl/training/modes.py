@@ -14,17 +14,17 @@ through a ``ServerProxy`` (``server_proxy.py``), in this process or in another o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch import nn
 
 from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
 from hosl.optim.config import ZOConfig, train_fields, train_name
-from hosl.tasks.evaluation import eval_outputs
-from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
 from hosl.optim.functional import rule_state_nbytes
+from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
+from hosl.tasks.evaluation import eval_outputs
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
 from hosl.training.protocol import SPLIT_MODES
 from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy

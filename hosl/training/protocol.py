@@ -188,8 +188,9 @@ class ActivationWire:
     it as the step's reference), ``copies`` (perturbed activations stacked: ``delta8`` sends them as
     int8 differences from the reference), ``difference`` (already differences, e.g. the linear
     estimate's h+ - h-: ``delta8`` quantises them directly) and ``plain`` (evaluation, fo-sl, and
-    zo-sl's points, which have no clean activation: ``delta8`` sends them as they are). The float codecs cast every kind. A ``delta8`` client keeps
-    the clean activation until the step ends (one activation more than the floor)."""
+    zo-sl's points, which have no clean activation: ``delta8`` sends them as they are). The float
+    codecs cast every kind. A ``delta8`` client keeps the clean activation until the step ends (one
+    activation more than the floor)."""
 
     def __init__(self, codec: str = "native"):
         self.codec = check_codec(codec)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -203,7 +203,8 @@ def _shard(data: TaskData, cfg: TrainConfig, rank: int) -> TaskData:
     labels = [ex.get("label") for ex in data.train]
     labels = labels if all(isinstance(v, int) for v in labels) else None
     keep = shard_indices(labels, rank, cfg.clients, cfg.shard, cfg.seed)
-    note = f"fleet client rank {rank} of {cfg.clients}: --shard {cfg.shard} gives it {len(keep)} of {len(data.train)} training examples"
+    note = (f"fleet client rank {rank} of {cfg.clients}: --shard {cfg.shard} gives it {len(keep)} of "
+            f"{len(data.train)} training examples")
     return replace_fields(data, train=[data.train[i] for i in keep], notes=[*data.notes, note])
 
 

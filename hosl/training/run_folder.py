@@ -56,7 +56,7 @@ class RunFolderError(ValueError):
 class ResumePlan:
     """What a resume will do, decided before anything is written."""
 
-    checkpoint: "Path | None"  # None: no checkpoint yet, the run starts again from step 0
+    checkpoint: Path | None  # None: no checkpoint yet, the run starts again from step 0
     state: dict | None  # the checkpoint's state.pt (verified)
     changes: dict  # field -> {"was": old, "now": new}, FREE and overridden fields only
     notes: list[str] = field(default_factory=list)

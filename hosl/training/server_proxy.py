@@ -5,7 +5,7 @@ any ``Link`` (in-process or to the server process; the modes cannot tell)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -20,7 +20,22 @@ from hosl.transport.link import (
 from hosl.transport.wire import PROTOCOL_VERSION, Kind, Message, ShutdownCode, message_nbytes
 
 __all__ = [
-    "AuthError", "ConnectError", "SECRET_ENV", "ConfigMismatchError", "Handler", "HandlerError", "InProcessLink", "Kind", "Link", "Message", "PROTOCOL_VERSION",
-    "PeerError", "PeerLostError", "PeerProtocolError", "PeerShutdownError", "RemoteError", "ShutdownCode",
+    "AuthError",
+    "ConnectError",
+    "SECRET_ENV",
+    "ConfigMismatchError",
+    "Handler",
+    "HandlerError",
+    "InProcessLink",
+    "Kind",
+    "Link",
+    "Message",
+    "PROTOCOL_VERSION",
+    "PeerError",
+    "PeerLostError",
+    "PeerProtocolError",
+    "PeerShutdownError",
+    "RemoteError",
+    "ShutdownCode",
     "message_nbytes",
 ]

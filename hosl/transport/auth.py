@@ -31,8 +31,8 @@ import secrets
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -71,15 +71,20 @@ def load_secret(path: str | None = None, environ=None) -> tuple[bytes, str] | No
         source = f"--secret-file {path}"
         mode = p.stat().st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            print(f"[hosl] warning: {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
-                  f"chmod 600 it", file=sys.stderr, flush=True)
+            print(
+                f"[hosl] warning: {path} is readable by other users (mode {stat.S_IMODE(mode):o}); chmod 600 it",
+                file=sys.stderr,
+                flush=True,
+            )
     elif environ.get(SECRET_ENV):
         data, source = environ[SECRET_ENV].strip().encode("utf-8"), SECRET_ENV
     else:
         return None
     if len(data) < MIN_SECRET_BYTES:
-        raise ValueError(f"{source}: the secret is {len(data)} bytes; use at least {MIN_SECRET_BYTES} "
-                         f"(e.g. the 64 hex characters `hosl serve` generates)")
+        raise ValueError(
+            f"{source}: the secret is {len(data)} bytes; use at least {MIN_SECRET_BYTES} "
+            f"(e.g. the 64 hex characters `hosl serve` generates)"
+        )
     return data, source
 
 
@@ -119,10 +124,19 @@ def _keys_prefix() -> str:
     return f"hosl/auth/v1/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
 
 
-def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: float, where: str,
-                            stop_requested: Callable[[], bool] | None = None, timeout_s: float | None = None,
-                            keys: str | None = None, roles: tuple[str, str] = ("client", "server"),
-                            joiner_rank: int = 1) -> str:
+def authenticate_over_store(
+    store,
+    *,
+    is_host: bool,
+    secret: bytes,
+    deadline: float,
+    where: str,
+    stop_requested: Callable[[], bool] | None = None,
+    timeout_s: float | None = None,
+    keys: str | None = None,
+    roles: tuple[str, str] = ("client", "server"),
+    joiner_rank: int = 1,
+) -> str:
     """Mutual challenge/response through ``store``; returns the run id both sides derive.
 
     ``is_host``: rank 0 (it posts the challenge). ``where`` names the rendezvous (``host:port``)
@@ -144,8 +158,9 @@ def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: fl
             try:
                 return _poll(store, key, deadline)
             except RuntimeError as exc:
-                raise ConnectError(f"{waiting_for} on {where}: the rendezvous store went away "
-                                   f"({_first_line(exc)})") from None
+                raise ConnectError(
+                    f"{waiting_for} on {where}: the rendezvous store went away ({_first_line(exc)})"
+                ) from None
 
         value = call_bounded(get, deadline + 1.0, on_timeout, stop_requested)
         if value is None:
@@ -153,52 +168,75 @@ def authenticate_over_store(store, *, is_host: bool, secret: bytes, deadline: fl
         return value
 
     def put(key: str, value: bytes) -> None:
-        call_bounded(lambda: store.set(key, value), max(deadline, time.monotonic() + 5.0),
-                     lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested)
+        call_bounded(
+            lambda: store.set(key, value),
+            max(deadline, time.monotonic() + 5.0),
+            lambda: ConnectError(f"the rendezvous store on {where} stopped answering"),
+            stop_requested,
+        )
 
     if is_host:
         n0 = secrets.token_bytes(NONCE_BYTES)
         put(keys + "challenge", n0)
-        answer = wait_get(keys + "response", f"waiting for a {joiner} to join the rendezvous and prove the shared secret")
+        answer = wait_get(
+            keys + "response", f"waiting for a {joiner} to join the rendezvous and prove the shared secret"
+        )
         n1, tag = answer[:NONCE_BYTES], answer[NONCE_BYTES:]
         if len(n1) != NONCE_BYTES or not proof_ok(secret, b"joiner", (n0, n1), tag):
             put(keys + "verdict", b"refused")
             grace = time.monotonic() + VERDICT_GRACE_S
             try:  # give the refused side a moment to read why
-                call_bounded(lambda: _poll(store, keys + "verdict-seen", grace), grace + 1.0, TimeoutError,
-                             stop_requested)
+                call_bounded(
+                    lambda: _poll(store, keys + "verdict-seen", grace), grace + 1.0, TimeoutError, stop_requested
+                )
             except (TimeoutError, RuntimeError):
                 pass
-            raise AuthError(f"refused the process that joined the rendezvous on {where} as rank {joiner_rank}: it "
-                            f"did not prove the shared secret (a stranger, or a {joiner} started with another "
-                            f"--secret-file or {SECRET_ENV}); nothing was sent to it")
+            raise AuthError(
+                f"refused the process that joined the rendezvous on {where} as rank {joiner_rank}: it "
+                f"did not prove the shared secret (a stranger, or a {joiner} started with another "
+                f"--secret-file or {SECRET_ENV}); nothing was sent to it"
+            )
         put(keys + "verdict", b"ok" + proof(secret, b"host", n0, n1))
         theirs = wait_get(keys + "joiner-verdict", f"waiting for the {joiner}'s verdict on this {host}'s proof")
         if theirs != b"ok":
-            raise AuthError(f"the process that joined on {where} as rank {joiner_rank} refused this side's proof of "
-                            f"the shared secret (the two sides hold different secrets?); nothing was sent to it")
+            raise AuthError(
+                f"the process that joined on {where} as rank {joiner_rank} refused this side's proof of "
+                f"the shared secret (the two sides hold different secrets?); nothing was sent to it"
+            )
         return run_id_of(secret, n0, n1)
 
-    joined = call_bounded(lambda: store.add(keys + "joined", 1), max(deadline, time.monotonic() + 5.0),
-                          lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested)
+    joined = call_bounded(
+        lambda: store.add(keys + "joined", 1),
+        max(deadline, time.monotonic() + 5.0),
+        lambda: ConnectError(f"the rendezvous store on {where} stopped answering"),
+        stop_requested,
+    )
     if joined != 1:
-        raise AuthError(f"another process already joined the rendezvous on {where} as rank {joiner_rank}; this one "
-                        f"is refused (is another {joiner} already connected to that {host}?)")
+        raise AuthError(
+            f"another process already joined the rendezvous on {where} as rank {joiner_rank}; this one "
+            f"is refused (is another {joiner} already connected to that {host}?)"
+        )
     n0 = wait_get(keys + "challenge", f"waiting for the {host}'s challenge")
     if len(n0) != NONCE_BYTES:
-        raise AuthError(f"the process on {where} (rank 0) sent a malformed challenge ({len(n0)} bytes); "
-                        f"not a hosl {host} of this version")
+        raise AuthError(
+            f"the process on {where} (rank 0) sent a malformed challenge ({len(n0)} bytes); "
+            f"not a hosl {host} of this version"
+        )
     n1 = secrets.token_bytes(NONCE_BYTES)
     put(keys + "response", n1 + proof(secret, b"joiner", n0, n1))
     verdict = wait_get(keys + "verdict", f"waiting for the {host}'s verdict on this {joiner}'s proof")
     if verdict == b"refused":
         put(keys + "verdict-seen", b"1")
-        raise AuthError(f"the {host} on {where} (rank 0) refused this side: the two sides hold different secrets "
-                        f"(pass both the same --secret-file or {SECRET_ENV})")
+        raise AuthError(
+            f"the {host} on {where} (rank 0) refused this side: the two sides hold different secrets "
+            f"(pass both the same --secret-file or {SECRET_ENV})"
+        )
     if not (verdict.startswith(b"ok") and proof_ok(secret, b"host", (n0, n1), verdict[2:])):
         put(keys + "joiner-verdict", b"refused")
-        raise AuthError(f"refused the process on {where} (rank 0): it did not prove the shared secret (an impostor "
-                        f"{host}, or one started with another --secret-file or {SECRET_ENV}); nothing was sent to it")
+        raise AuthError(
+            f"refused the process on {where} (rank 0): it did not prove the shared secret (an impostor "
+            f"{host}, or one started with another --secret-file or {SECRET_ENV}); nothing was sent to it"
+        )
     put(keys + "joiner-verdict", b"ok")
     return run_id_of(secret, n0, n1)
 
@@ -234,8 +272,10 @@ def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float) -> N
     rid = run_id.encode("ascii")
     tag = exchange(proof(secret, mine_label, rid, n_host, n_joiner))
     if not proof_ok(secret, their_label, (rid, n_host, n_joiner), tag):
-        raise AuthError(f"the connection to the {endpoint.peer_name} is not held by the process that proved the "
-                        f"shared secret (the rendezvous store was tampered with?); nothing else was sent")
+        raise AuthError(
+            f"the connection to the {endpoint.peer_name} is not held by the process that proved the "
+            f"shared secret (the rendezvous store was tampered with?); nothing else was sent"
+        )
 
 
 def _poll(store, key: str, deadline: float, every_s: float = 0.05) -> bytes | None:

@@ -44,12 +44,17 @@ def check_codec(name: str, what: str = "--wire") -> str:
 
 def _copies(t: torch.Tensor, reference: torch.Tensor) -> int:
     """How many copies of ``reference`` ``t`` stacks along dim 0 (a ValueError when it is not such a stack)."""
-    if reference.dim() != t.dim() or tuple(reference.shape[1:]) != tuple(t.shape[1:]) \
-            or (reference.shape[0] == 0 and t.shape[0] != 0) \
-            or (reference.shape[0] and t.shape[0] % reference.shape[0]):
-        raise ValueError(f"delta8: the reference must be shaped like one of the copies stacked along dim 0 of the "
-                         f"tensor (tensor {tuple(t.shape)} = k x reference [rows, ...]); got reference "
-                         f"{tuple(reference.shape)}")
+    if (
+        reference.dim() != t.dim()
+        or tuple(reference.shape[1:]) != tuple(t.shape[1:])
+        or (reference.shape[0] == 0 and t.shape[0] != 0)
+        or (reference.shape[0] and t.shape[0] % reference.shape[0])
+    ):
+        raise ValueError(
+            f"delta8: the reference must be shaped like one of the copies stacked along dim 0 of the "
+            f"tensor (tensor {tuple(t.shape)} = k x reference [rows, ...]); got reference "
+            f"{tuple(reference.shape)}"
+        )
     return t.shape[0] // reference.shape[0] if reference.shape[0] else 1
 
 
@@ -87,14 +92,18 @@ def encode(t: torch.Tensor, codec: str, reference: torch.Tensor | None = None) -
         return [t]
     if codec in _CAST:
         if codec == "float16" and t.numel() and bool(((t.abs() > _FLOAT16_MAX) & torch.isfinite(t)).any()):
-            raise ValueError(f"float16 cannot carry this tensor: it holds finite values beyond +-{_FLOAT16_MAX:g} "
-                             f"(largest |x| = {float(t.abs().nan_to_num(0.0, 0.0, 0.0).max()):g}); "
-                             "use bfloat16 or delta8")
+            raise ValueError(
+                f"float16 cannot carry this tensor: it holds finite values beyond +-{_FLOAT16_MAX:g} "
+                f"(largest |x| = {float(t.abs().nan_to_num(0.0, 0.0, 0.0).max()):g}); "
+                "use bfloat16 or delta8"
+            )
         return [t.to(_CAST[codec])]
     d, _ = _delta(t, reference)
     if d.shape[-1] == 0:
-        return [torch.zeros(d.shape, dtype=torch.int8, device=d.device),
-                torch.zeros(d.shape[:-1], dtype=torch.float32, device=d.device)]
+        return [
+            torch.zeros(d.shape, dtype=torch.int8, device=d.device),
+            torch.zeros(d.shape[:-1], dtype=torch.float32, device=d.device),
+        ]
     scale = d.abs().amax(dim=-1) / _Q_MAX
     finite = torch.isfinite(scale)
     scale = torch.where(finite, scale, torch.full_like(scale, math.nan))
@@ -105,8 +114,9 @@ def encode(t: torch.Tensor, codec: str, reference: torch.Tensor | None = None) -
     return [q.to(torch.int8), scale]
 
 
-def decode(parts: Sequence[torch.Tensor], codec: str, reference: torch.Tensor | None = None,
-           dtype: torch.dtype | None = None) -> torch.Tensor:
+def decode(
+    parts: Sequence[torch.Tensor], codec: str, reference: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """The tensor ``parts`` carry, in ``dtype`` (default: the parts' own dtype; for ``delta8`` the
     reference's dtype, float32 without a reference). ``delta8``'s ``reference`` must be the tensor
     the encoder used; the result is computed on its device (the receiver already holds it there)."""
@@ -122,8 +132,10 @@ def decode(parts: Sequence[torch.Tensor], codec: str, reference: torch.Tensor | 
         return p if dtype is None or p.dtype == dtype else p.to(dtype)
     q, scale = parts
     if q.dtype != torch.int8 or scale.dtype != torch.float32 or tuple(scale.shape) != tuple(q.shape[:-1]):
-        raise ValueError(f"delta8 parts must be int8 q and float32 scale shaped q.shape[:-1]; got {q.dtype} "
-                         f"{tuple(q.shape)} and {scale.dtype} {tuple(scale.shape)}")
+        raise ValueError(
+            f"delta8 parts must be int8 q and float32 scale shaped q.shape[:-1]; got {q.dtype} "
+            f"{tuple(q.shape)} and {scale.dtype} {tuple(scale.shape)}"
+        )
     device = reference.device if reference is not None else q.device
     d = q.to(device=device, dtype=torch.float32) * scale.to(device).unsqueeze(-1)
     if reference is not None:
@@ -147,8 +159,9 @@ def _rounding(dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
     return _UNIT_ROUNDOFF[dtype] * x.abs() + _TINY[dtype]
 
 
-def error_bound(codec: str, t: torch.Tensor, reference: torch.Tensor | None = None,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+def error_bound(
+    codec: str, t: torch.Tensor, reference: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Per element of ``t``, a bound on ``|decode(encode(t, codec, reference), codec, reference, dtype) - t|``
     (float32, ``t``'s shape; ``t`` a floating-point tensor; ``dtype`` defaults as :func:`decode`'s).
 
@@ -178,8 +191,9 @@ def error_bound(codec: str, t: torch.Tensor, reference: torch.Tensor | None = No
     return bound if _exact_in(out, torch.float32) else bound + _rounding(out, t32.abs() + bound)
 
 
-def max_abs_error(codec: str, t: torch.Tensor, reference: torch.Tensor | None = None,
-                  dtype: torch.dtype | None = None) -> float:
+def max_abs_error(
+    codec: str, t: torch.Tensor, reference: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> float:
     """The largest of :func:`error_bound` over ``t`` (0 for an empty tensor)."""
     b = error_bound(codec, t, reference, dtype)
     return float(b.max()) if b.numel() else 0.0

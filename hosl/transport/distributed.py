@@ -21,7 +21,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -96,20 +96,33 @@ def connect(
     deadline = time.monotonic() + timeout_s
     where = f"{master_addr}:{master_port}"
     store = open_store(master_addr, master_port, rank, deadline, timeout_s, stop_requested)
-    run_id = authenticate_over_store(store, is_host=rank == 0, secret=secret, deadline=deadline, where=where,
-                                     stop_requested=stop_requested, timeout_s=timeout_s)
+    run_id = authenticate_over_store(
+        store,
+        is_host=rank == 0,
+        secret=secret,
+        deadline=deadline,
+        where=where,
+        stop_requested=stop_requested,
+        timeout_s=timeout_s,
+    )
     group_store = dist.PrefixStore(f"hosl/run/{run_id}/", store)
-    call_bounded(lambda: dist.init_process_group(backend, store=group_store, rank=rank, world_size=world_size,
-                                                 timeout=datetime.timedelta(seconds=timeout_s)),
-                 deadline + 1.0,
-                 lambda: ConnectError(f"the {backend} process group on {where} did not form within {timeout_s:g} s "
-                                      f"after both sides proved the secret (did the other side die?)"),
-                 stop_requested)
+    call_bounded(
+        lambda: dist.init_process_group(
+            backend, store=group_store, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        ),
+        deadline + 1.0,
+        lambda: ConnectError(
+            f"the {backend} process group on {where} did not form within {timeout_s:g} s "
+            f"after both sides proved the secret (did the other side die?)"
+        ),
+        stop_requested,
+    )
     return run_id
 
 
-def open_store(addr: str, port: int, rank: int, deadline: float, timeout_s: float,
-               stop_requested: Callable[[], bool] | None = None):
+def open_store(
+    addr: str, port: int, rank: int, deadline: float, timeout_s: float, stop_requested: Callable[[], bool] | None = None
+):
     """The rendezvous store: rank 0 listens on ``port`` (unless torchrun's agent already does),
     rank 1 connects to ``addr:port``. A taken port, nobody listening, or a port held by a program
     that does not answer as a store all end by ``deadline`` with a :class:`ConnectError` naming
@@ -123,8 +136,9 @@ def open_store(addr: str, port: int, rank: int, deadline: float, timeout_s: floa
         return dist.TCPStore(addr, port, 2, host, store_timeout, wait_for_workers=False, multi_tenant=True)
 
     def on_timeout():
-        return ConnectError(f"could not reach the rendezvous on {where} within {timeout_s:g} s: "
-                            f"{_port_cause(addr, port)}")
+        return ConnectError(
+            f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}"
+        )
 
     try:
         return call_bounded(make, deadline, on_timeout, stop_requested)
@@ -133,22 +147,30 @@ def open_store(addr: str, port: int, rank: int, deadline: float, timeout_s: floa
     except RuntimeError as exc:
         text = str(exc)
         if host and ("EADDRINUSE" in text or "address already in use" in text.lower()):
-            raise ConnectError(f"cannot host the rendezvous on port {port}: the port is already in use (another run "
-                               f"or program holds it); choose another --master-port") from None
+            raise ConnectError(
+                f"cannot host the rendezvous on port {port}: the port is already in use (another run "
+                f"or program holds it); choose another --master-port"
+            ) from None
         if host:
             raise ConnectError(f"cannot host the rendezvous on port {port}: {_first_line(exc)}") from None
-        raise ConnectError(f"could not reach the rendezvous on {where}: {_port_cause(addr, port)} "
-                           f"[{_first_line(exc)}]") from None
+        raise ConnectError(
+            f"could not reach the rendezvous on {where}: {_port_cause(addr, port)} [{_first_line(exc)}]"
+        ) from None
 
 
 def _port_cause(addr: str, port: int) -> str:
     """Why a connection to ``addr:port`` did not turn into a rendezvous, as far as a probe can tell."""
     try:
         with socket.create_connection((addr, port), timeout=2.0):
-            return (f"something listens on port {port} but does not answer as a torch.distributed store (the port "
-                    f"is taken by another program? check --master-port)")
+            return (
+                f"something listens on port {port} but does not answer as a torch.distributed store (the port "
+                f"is taken by another program? check --master-port)"
+            )
     except ConnectionRefusedError:
-        return f"nothing listens on port {port} (is rank 0 started: the client of a two-process run, the server of a fleet? check --master-addr/--master-port)"
+        return (
+            f"nothing listens on port {port} (is rank 0 started: the client of a two-process run, the server "
+            f"of a fleet? check --master-addr/--master-port)"
+        )
     except OSError as exc:
         return f"cannot connect to {addr}:{port} ({exc.strerror or exc})"
 
@@ -170,10 +192,25 @@ class Endpoint:
     process group of its own (a fleet's pair, ``hosl/transport/fleet.py``), where this side is
     ``rank`` (0 or 1) and ``peer_rank`` names the peer in messages."""
 
-    def __init__(self, peer_name: str, timeout_s: float, device: torch.device | str | None = None, *,
-                 group=None, rank: int | None = None, peer_rank: int | None = None):
+    store: object = None  # a fleet's endpoint keeps its TCPStore alive here (hosl/transport/fleet.py)
+
+    def __init__(
+        self,
+        peer_name: str,
+        timeout_s: float,
+        device: torch.device | str | None = None,
+        *,
+        group=None,
+        rank: int | None = None,
+        peer_rank: int | None = None,
+    ):
         self.group = group
-        self.rank = dist.get_rank() if group is None else rank
+        if group is None:
+            self.rank: int = dist.get_rank()
+        elif rank is None:
+            raise TypeError("Endpoint: a group needs this side's rank in it (rank=0 or 1)")
+        else:
+            self.rank = rank
         self.peer = 1 - self.rank
         self.peer_name = f"{peer_name} (rank {self.peer if peer_rank is None else peer_rank})"
         self.timeout_s = timeout_s
@@ -204,8 +241,7 @@ class Endpoint:
     def _lost(self, exc: BaseException, what: str) -> PeerLostError:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         detail = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0][:120]  # gloo: "[file:line] What. Hint."
-        return PeerLostError(f"lost the {self.peer_name} while {what}: the connection closed "
-                             f"(did it die?) [{detail}]")
+        return PeerLostError(f"lost the {self.peer_name} while {what}: the connection closed (did it die?) [{detail}]")
 
     def _wait(self, works, what: str, timeout_s: float, stop_requested: Callable[[], bool] | None = None) -> None:
         """Wait for ``works``; ``stop_requested()`` turning true meanwhile raises ``KeyboardInterrupt``
@@ -233,7 +269,9 @@ class Endpoint:
             exc = failure[0]
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "timed out" in text.lower() or isinstance(exc, TimeoutError):
-                raise PeerLostError(f"no answer from the {self.peer_name} within {timeout_s:g} s while {what}") from None
+                raise PeerLostError(
+                    f"no answer from the {self.peer_name} within {timeout_s:g} s while {what}"
+                ) from None
             raise self._lost(exc, what) from None
 
     # -- messages ---------------------------------------------------------------------------------
@@ -251,8 +289,9 @@ class Endpoint:
         works = self._post([lambda t=t, tag=tag: self._isend(t.to(dev), tag) for tag, t in parts], what)
         self._wait(works, what, timeout_s or self.timeout_s)
 
-    def recv(self, what: str, timeout_s: float | None = None,
-             stop_requested: Callable[[], bool] | None = None) -> Message:
+    def recv(
+        self, what: str, timeout_s: float | None = None, stop_requested: Callable[[], bool] | None = None
+    ) -> Message:
         """The next message. ``stop_requested`` applies while waiting for it to begin."""
         timeout_s = timeout_s or self.timeout_s
         header, work = self.post_header(what)
@@ -285,8 +324,9 @@ class Endpoint:
         except ValueError as exc:
             raise PeerProtocolError(f"the {self.peer_name} sent a {exc} while {what}") from None
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
-        posts = [lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i)
-                 for i, t in enumerate(tensors) if t.numel()]
+        posts = [
+            lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()
+        ]
         self._wait(self._post(posts, what), what, timeout_s)
         return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
 
@@ -295,8 +335,13 @@ class DistributedLink(Link):
     """The client's link to a server process. ``stop_requested()``, checked before each request,
     turns a pending Ctrl-C into ``KeyboardInterrupt`` between exchanges, never inside one."""
 
-    def __init__(self, endpoint: Endpoint, phase_names: Mapping[int, str] | None = None,
-                 stop_requested: Callable[[], bool] | None = None, reply_timeouts: Mapping[int, float] | None = None):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        phase_names: Mapping[int, str] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        reply_timeouts: Mapping[int, float] | None = None,
+    ):
         super().__init__(phase_names)
         self.endpoint = endpoint
         # phase -> seconds to wait for its answer, where that is not the endpoint's timeout (a
@@ -370,31 +415,42 @@ def serve(
     timeout = first_timeout_s
     while True:
         try:
-            msg = endpoint.recv(f"waiting for the next request from the client (last: {last})", timeout,
-                                stop_while_idle)
+            msg = endpoint.recv(
+                f"waiting for the next request from the client (last: {last})", timeout, stop_while_idle
+            )
         except KeyboardInterrupt:  # Ctrl-C while idle: the client reads the notice as its next answer
             try:
-                endpoint.send(Message(Kind.SHUTDOWN, code=int(ShutdownCode.INTERRUPTED)), "the shutdown notice",
-                              min(endpoint.timeout_s, 5.0))
+                endpoint.send(
+                    Message(Kind.SHUTDOWN, code=int(ShutdownCode.INTERRUPTED)),
+                    "the shutdown notice",
+                    min(endpoint.timeout_s, 5.0),
+                )
             except PeerLostError:
                 pass
             raise
         timeout = None
         if msg.kind == Kind.SHUTDOWN:
             try:
-                endpoint.send(Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement",
-                              min(endpoint.timeout_s, 10.0))
+                endpoint.send(
+                    Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)),
+                    "the shutdown acknowledgement",
+                    min(endpoint.timeout_s, 10.0),
+                )
             except PeerLostError:
                 pass
             return msg.code
         if msg.kind != Kind.REQUEST:
-            raise PeerProtocolError(f"the {endpoint.peer_name} sent an unexpected {msg.kind.name} message "
-                                    f"(last: {last})")
+            raise PeerProtocolError(
+                f"the {endpoint.peer_name} sent an unexpected {msg.kind.name} message (last: {last})"
+            )
         last = f"phase '{names.get(msg.phase, msg.phase)}' of step {msg.step}"
         if stop_requested():
             try:
-                endpoint.send(Message(Kind.SHUTDOWN, msg.phase, msg.step, code=int(ShutdownCode.INTERRUPTED)),
-                              "the shutdown notice", min(endpoint.timeout_s, 10.0))
+                endpoint.send(
+                    Message(Kind.SHUTDOWN, msg.phase, msg.step, code=int(ShutdownCode.INTERRUPTED)),
+                    "the shutdown notice",
+                    min(endpoint.timeout_s, 10.0),
+                )
             except PeerLostError:
                 pass
             raise KeyboardInterrupt
@@ -403,8 +459,11 @@ def serve(
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             try:
-                endpoint.send(Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]),
-                              "an error report", min(endpoint.timeout_s, 10.0))
+                endpoint.send(
+                    Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]),
+                    "an error report",
+                    min(endpoint.timeout_s, 10.0),
+                )
             except PeerLostError:
                 pass
             raise HandlerError(f"could not answer {last} from the {endpoint.peer_name}: {text}") from exc
@@ -460,18 +519,23 @@ def handshake(endpoint: Endpoint, role: str, fields: Mapping[str, object], timeo
         raise ConfigMismatchError(f"the {peer} did not start with a hosl handshake")
     version, their_role, count = theirs.ints[:3]
     if version != PROTOCOL_VERSION:
-        raise ConfigMismatchError(f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, the {peer} {version}")
+        raise ConfigMismatchError(
+            f"protocol version mismatch: this side speaks {PROTOCOL_VERSION}, the {peer} {version}"
+        )
     if their_role == ROLES.index(role):
         raise ConfigMismatchError(f"both sides were started as the {role}; start one client and one server")
     pairs = dict(zip(theirs.ints[3::2], theirs.ints[4::2]))
     for name in names:
         key = _stable_hash(name)
         if key not in pairs:
-            raise ConfigMismatchError(f"configuration mismatch: the {peer} does not send '{name}' (different hosl version?)")
+            raise ConfigMismatchError(
+                f"configuration mismatch: the {peer} does not send '{name}' (different hosl version?)"
+            )
         if pairs[key] != _encode_value(fields[name]):
             raise ConfigMismatchError(
                 f"configuration mismatch with the {peer}: {name} is {fields[name]!r} here and "
-                f"{_describe_peer_value(fields[name], pairs[key])} there; start both sides with the same --{name.replace('_', '-')}"
+                f"{_describe_peer_value(fields[name], pairs[key])} there; start both sides with the same "
+                f"--{name.replace('_', '-')}"
             )
     if count != len(names):
         raise ConfigMismatchError(f"configuration mismatch: the {peer} compares {count} fields, this side {len(names)}")

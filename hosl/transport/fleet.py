@@ -28,8 +28,8 @@ import datetime
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -71,9 +71,18 @@ class Joined:
 class FleetHost:
     """The server's side: hosts the rendezvous, accepts peers, receives from whichever speaks."""
 
-    def __init__(self, *, secret: bytes, addr: str, port: int, timeout_s: float, peer_timeout: float,
-                 backend: str = "gloo", stop_requested: Callable[[], bool] | None = None,
-                 log: Callable[[str], None] = lambda _msg: None):
+    def __init__(
+        self,
+        *,
+        secret: bytes,
+        addr: str,
+        port: int,
+        timeout_s: float,
+        peer_timeout: float,
+        backend: str = "gloo",
+        stop_requested: Callable[[], bool] | None = None,
+        log: Callable[[str], None] = lambda _msg: None,
+    ):
         if not secret:
             raise ValueError("a fleet needs a shared secret (--secret-file or HOSL_SECRET)")
         self.secret, self.backend, self.where = secret, backend, f"{addr}:{port}"
@@ -85,7 +94,9 @@ class FleetHost:
         self.seen_joins = 0
         self.endpoints: dict[int, Endpoint] = {}
         self._headers: dict[int, tuple[torch.Tensor, object]] = {}  # rank -> its posted header receive
-        self._arrivals: queue.Queue = queue.Queue()  # (rank, header, PeerLostError | None) from the waiters
+        self._arrivals: queue.Queue[tuple[int, torch.Tensor, PeerLostError | None]] = (
+            queue.Queue()
+        )  # (rank, header, PeerLostError | None) from the waiters
         self.refused = 0  # joins refused (a wrong secret, a malformed or vanished peer, a config mismatch)
 
     # -- joining ----------------------------------------------------------------------------------
@@ -113,15 +124,26 @@ class FleetHost:
         if why is not None:
             self.store.set(keys + "refused", why.encode("utf-8"))
             raise ValueError(f"rank {rank}: {why}")
-        run_id = authenticate_over_store(self.store, is_host=True, secret=self.secret, deadline=deadline,
-                                         where=self.where, stop_requested=self.stop_requested,
-                                         timeout_s=self.peer_timeout, keys=keys + "auth/",
-                                         roles=("server", f"client (rank {rank})"), joiner_rank=rank)
+        run_id = authenticate_over_store(
+            self.store,
+            is_host=True,
+            secret=self.secret,
+            deadline=deadline,
+            where=self.where,
+            stop_requested=self.stop_requested,
+            timeout_s=self.peer_timeout,
+            keys=keys + "auth/",
+            roles=("server", f"client (rank {rank})"),
+            joiner_rank=rank,
+        )
         group = call_bounded(
-            lambda: pair_group(self.backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", self.store), 0,
-                               self.peer_timeout),
-            deadline + 1.0, lambda: ConnectError(f"the pair group with client rank {rank} did not form"),
-            self.stop_requested)
+            lambda: pair_group(
+                self.backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", self.store), 0, self.peer_timeout
+            ),
+            deadline + 1.0,
+            lambda: ConnectError(f"the pair group with client rank {rank} did not form"),
+            self.stop_requested,
+        )
         endpoint = Endpoint("client", self.peer_timeout, group=group, rank=0, peer_rank=rank)
         confirm_channel(endpoint, self.secret, run_id, self.peer_timeout)
         handshake(endpoint, "server", fields, self.peer_timeout)
@@ -148,8 +170,9 @@ class FleetHost:
         self.endpoints.pop(rank, None)
         self._headers.pop(rank, None)
 
-    def next_message(self, ranks, *, idle: Callable[[], bool] = lambda: False
-                     ) -> tuple[int, Message | PeerLostError] | None:
+    def next_message(
+        self, ranks, *, idle: Callable[[], bool] = lambda: False
+    ) -> tuple[int, Message | PeerLostError] | None:
         """The first message from any of ``ranks``: ``(rank, message)``; ``(rank, PeerLostError)``
         when that peer's connection closed or it sent nothing for ``peer_timeout`` seconds since
         this host began waiting on it; None when ``idle()`` turns true first (the caller has other
@@ -201,9 +224,18 @@ class FleetHost:
         threading.Thread(target=wait, name=f"hosl-fleet-wait-{rank}", daemon=True).start()
 
 
-def join_fleet(*, secret: bytes, rank: int, addr: str, port: int, timeout_s: float, peer_timeout: float,
-               fields: Mapping[str, object], backend: str = "gloo",
-               stop_requested: Callable[[], bool] | None = None) -> Endpoint:
+def join_fleet(
+    *,
+    secret: bytes,
+    rank: int,
+    addr: str,
+    port: int,
+    timeout_s: float,
+    peer_timeout: float,
+    fields: Mapping[str, object],
+    backend: str = "gloo",
+    stop_requested: Callable[[], bool] | None = None,
+) -> Endpoint:
     """A client's side: join the fleet whose server listens on ``addr:port`` as ``rank`` (>= 1);
     returns the endpoint to the server. Raises :class:`AuthError` (secrets differ, or the server
     refused this rank), :class:`ConnectError` (nobody there in ``timeout_s``), or
@@ -215,28 +247,48 @@ def join_fleet(*, secret: bytes, rank: int, addr: str, port: int, timeout_s: flo
     where = f"{addr}:{port}"
     deadline = time.monotonic() + timeout_s
     store = open_store(addr, port, 1, deadline, timeout_s, stop_requested)
-    i = int(call_bounded(lambda: store.add(JOINS, 1), deadline,
-                         lambda: ConnectError(f"the rendezvous store on {where} stopped answering"), stop_requested))
+    i = int(
+        call_bounded(
+            lambda: store.add(JOINS, 1),
+            deadline,
+            lambda: ConnectError(f"the rendezvous store on {where} stopped answering"),
+            stop_requested,
+        )
+    )
     keys = _join_keys(i)
     store.set(keys + "rank", str(rank).encode("ascii"))
     # the server either challenges this join or says why it refuses the rank (taken, out of range)
     while not store.check([keys + "auth/challenge"]):
         if store.check([keys + "refused"]):
-            raise AuthError(f"the server on {where} refused rank {rank}: "
-                            f"{store.get(keys + 'refused').decode('utf-8', errors='replace')}")
+            raise AuthError(
+                f"the server on {where} refused rank {rank}: "
+                f"{store.get(keys + 'refused').decode('utf-8', errors='replace')}"
+            )
         if time.monotonic() > deadline:
-            raise ConnectError(f"the server on {where} did not take up this join within {timeout_s:g} s "
-                               f"(--connect-timeout)")
+            raise ConnectError(
+                f"the server on {where} did not take up this join within {timeout_s:g} s (--connect-timeout)"
+            )
         if stop_requested is not None and stop_requested():
             raise KeyboardInterrupt
         time.sleep(0.05)
-    run_id = authenticate_over_store(store, is_host=False, secret=secret, deadline=deadline, where=where,
-                                     stop_requested=stop_requested, timeout_s=timeout_s, keys=keys + "auth/",
-                                     roles=("server", f"client (rank {rank})"), joiner_rank=rank)
-    group = call_bounded(lambda: pair_group(backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", store), 1,
-                                            peer_timeout),
-                         deadline + 1.0, lambda: ConnectError(f"the pair group with the server on {where} did not form"),
-                         stop_requested)
+    run_id = authenticate_over_store(
+        store,
+        is_host=False,
+        secret=secret,
+        deadline=deadline,
+        where=where,
+        stop_requested=stop_requested,
+        timeout_s=timeout_s,
+        keys=keys + "auth/",
+        roles=("server", f"client (rank {rank})"),
+        joiner_rank=rank,
+    )
+    group = call_bounded(
+        lambda: pair_group(backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", store), 1, peer_timeout),
+        deadline + 1.0,
+        lambda: ConnectError(f"the pair group with the server on {where} did not form"),
+        stop_requested,
+    )
     endpoint = Endpoint("server", peer_timeout, group=group, rank=1, peer_rank=0)
     confirm_channel(endpoint, secret, run_id, timeout_s)
     handshake(endpoint, "client", fields, timeout_s)

@@ -14,7 +14,7 @@ reports exactly the traffic the two-process run has. ``bytes_up`` is client -> s
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -90,7 +90,8 @@ class Link:
             raise PeerProtocolError(
                 f"the {self.peer_label} answered phase '{self.phase_name(phase)}' of step {step} with "
                 f"{len(reply.floats)} floats and {len(reply.tensors)} tensors; expected at least {expect_floats} and "
-                f"{expect_tensors} (a different hosl version?)")
+                f"{expect_tensors} (a different hosl version?)"
+            )
         return reply
 
     def _exchange(self, request: Message) -> Message:

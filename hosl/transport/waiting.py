@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 POLL_S = 0.1
 
 
-def call_bounded(fn: Callable[[], T], deadline: float, on_timeout: Callable[[], BaseException],
-                 stop_requested: Callable[[], bool] | None = None) -> T:
+def call_bounded(
+    fn: Callable[[], T],
+    deadline: float,
+    on_timeout: Callable[[], BaseException],
+    stop_requested: Callable[[], bool] | None = None,
+) -> T:
     """``fn()`` if it finishes before ``deadline`` (a ``time.monotonic()`` value); else raise
     ``on_timeout()``. ``stop_requested()`` turning true (a Ctrl-C noted by a signal handler)
     raises ``KeyboardInterrupt``. Exceptions of ``fn`` are re-raised here."""

@@ -50,8 +50,16 @@ class ShutdownCode(enum.IntEnum):
 
 # dtype <-> small integer. Order is part of the protocol: append only.
 DTYPES = (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 )
 DTYPE_CODES = {dt: i for i, dt in enumerate(DTYPES)}
 
@@ -68,7 +76,16 @@ class Message:
 
     def header(self) -> torch.Tensor:
         return torch.tensor(
-            [MAGIC, int(self.kind), self.phase, self.step, len(self.ints), len(self.floats), len(self.tensors), self.code],
+            [
+                MAGIC,
+                int(self.kind),
+                self.phase,
+                self.step,
+                len(self.ints),
+                len(self.floats),
+                len(self.tensors),
+                self.code,
+            ],
             dtype=torch.int64,
         )
 
@@ -84,8 +101,11 @@ def check_header(values: list[int]) -> str | None:
         return "something that is not a hosl message (bad magic number)"
     if kind not in {int(k) for k in Kind}:
         return f"a message of unknown kind {kind}"
-    for name, n, limit in (("ints", n_ints, MAX_SMALL_PAYLOAD), ("floats", n_floats, MAX_SMALL_PAYLOAD),
-                           ("tensors", n_tensors, MAX_TENSORS)):
+    for name, n, limit in (
+        ("ints", n_ints, MAX_SMALL_PAYLOAD),
+        ("floats", n_floats, MAX_SMALL_PAYLOAD),
+        ("tensors", n_tensors, MAX_TENSORS),
+    ):
         if not 0 <= n <= limit:
             return f"a malformed header ({n} {name})"
     return None

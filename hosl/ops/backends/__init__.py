@@ -28,7 +28,8 @@ come from :func:`sq_norms` and :func:`hosl.directions.spec.sphere_scale`, on the
     ``coeffs`` (already ``lr * c_q``) and ``decay`` (``lr * weight_decay``) are exact float32 values.
     For ``"sphere"``, ``z = dir_scales[q * len(tensors) + j] * z_gaussian`` (rounded, then as above).
 
-``perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian", factors=None) -> Tensor``
+``perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian",
+factors=None) -> Tensor``
     Any direction family (sphere: ``factors[2d]`` / ``factors[2d+1]`` are direction ``d``'s
     factors of the weight / bias). ``[D, M, N]``: ``y[d] = x[d] @ round(W + scales[d]*Z_d)^T + round(b + scales[d]*z_b,d)``
     with ``Z_d[o, i] = z(seed_d, w_offset + o*K + i)``, ``z_b,d[o] = z(seed_d, b_offset + o)``; ``x`` is
@@ -38,8 +39,9 @@ come from :func:`sq_norms` and :func:`hosl.directions.spec.sphere_scale`, on the
     with their ``perturb``, :mod:`.materialised`).
 
 ``perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None) -> Tensor``
-    Any direction family (sphere: ``factors[d]`` is direction ``d``'s factor of the weight). ``[D, T, H]``: rows ``ids`` (int64 ``[T]`` shared, or ``[D, T]``, all in
-    range) of ``round(W + scales[d]*Z_d)``, bit-identical in every backend.
+    Any direction family (sphere: ``factors[d]`` is direction ``d``'s factor of the weight). ``[D, T, H]``:
+    rows ``ids`` (int64 ``[T]`` shared, or ``[D, T]``, all in range) of ``round(W + scales[d]*Z_d)``,
+    bit-identical in every backend.
 
 ``sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]``
     per tensor, :func:`hosl.directions.spec.sphere_sq_norm` of its Gaussian slice: the exact

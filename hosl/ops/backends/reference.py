@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hosl.ops.backends import materialised
-
 from hosl.directions import spec
 from hosl.directions.spec import randn_reference
+from hosl.ops.backends import materialised
 
 DEVICE_TYPES = ("cpu", "cuda")
 
