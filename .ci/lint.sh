@@ -20,7 +20,7 @@ fi
 have() { [[ "$("$VENV/bin/python" -m pip show "$1" 2>/dev/null)" == *$'\nVersion: '"$2"$'\n'* ]]; }
 if ! have ruff "$RUFF_VERSION" || ! have mypy "$MYPY_VERSION"; then
     echo "[lint] installing ruff==$RUFF_VERSION mypy==$MYPY_VERSION into $VENV"
-    "$VENV/bin/python" -m pip install -q "ruff==$RUFF_VERSION" "mypy==$MYPY_VERSION"
+    "$VENV/bin/python" -m pip install -q -c requirements/lock.txt "ruff==$RUFF_VERSION" "mypy==$MYPY_VERSION"
 fi
 
 status=0
