@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hosl import cli_export, cli_options, cli_remote
 from hosl.models.lora import LORA_HALVES
-from hosl.optim.config import train_fields, train_name
+from hosl.optim.config import field_help, train_fields, train_name
 from hosl.training.config import MAX_SEED, TrainConfig, flag
 from hosl.training.run_folder import OVERRIDABLE
 from hosl.training.modes import MODES
@@ -82,7 +82,7 @@ def add_zo_args(p, defaults: TrainConfig, group: str) -> None:
         name = train_name(f)
         kwargs = {k: v for k, v in (("type", CLI_TYPES.get(cli.get("type"))), ("choices", cli.get("choices")),
                                     ("metavar", cli.get("metavar"))) if v is not None}
-        p.add_argument(flag(name), dest=name, default=getattr(defaults, name), help=f.metadata["help"], **kwargs)
+        p.add_argument(flag(name), dest=name, default=getattr(defaults, name), help=field_help(f), **kwargs)
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
