@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from hosl import cli_export, cli_options, cli_remote
+from hosl.models import MODEL_NAMES, architectures
 from hosl.models.lora import LORA_HALVES
-from hosl.optim.config import train_fields, train_name
+from hosl.optim.config import field_help, train_fields, train_name
 from hosl.training.config import MAX_SEED, TrainConfig, flag
 from hosl.training.modes import MODES
 from hosl.training.run_folder import OVERRIDABLE
@@ -84,15 +85,22 @@ def add_zo_args(p, defaults: TrainConfig, group: str) -> None:
         name = train_name(f)
         kwargs = {k: v for k, v in (("type", CLI_TYPES.get(cli.get("type"))), ("choices", cli.get("choices")),
                                     ("metavar", cli.get("metavar"))) if v is not None}
-        p.add_argument(flag(name), dest=name, default=getattr(defaults, name), help=f.metadata["help"], **kwargs)
+        p.add_argument(flag(name), dest=name, default=getattr(defaults, name), help=field_help(f), **kwargs)
+
+
+def _lora_defaults() -> str:
+    """``q_proj,v_proj for OPT, ...; c_attn for GPT-2``: each registered architecture's LoRA targets."""
+    by_targets: dict[tuple[str, ...], list[str]] = {}
+    for arch in architectures.ARCHITECTURES.entries():
+        by_targets.setdefault(arch.lora_targets, []).append(arch.title)
+    return "; ".join(f"{','.join(t)} for {', '.join(titles)}" for t, titles in by_targets.items())
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     d = defaults
     p.add_argument("--model", default=d.model,
-                   help="hub name, local folder, or minilm-l6 | smollm2-135m | opt-125m-random | opt-1.3b-random | "
-                        f"tiny-opt | tiny-llama | tiny-bert | tiny-qwen2 | tiny-qwen3 | tiny-mistral | tiny-gemma | tiny-gpt2 "
-                        f"(default {d.model}); families: OPT, Llama, BERT, Qwen2, Qwen3, Mistral, Gemma, GPT-2")
+                   help=f"hub name, local folder, or {' | '.join(MODEL_NAMES)} (default {d.model}); families: "
+                        f"{architectures.titles()}")
     p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc, or custom | lm "
                    "with --train-file (your own data; default %(default)s)")
     cli_options.add_data_args(p, d)
@@ -115,8 +123,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank (default %(default)s)")
     g.add_argument("--lora-alpha", type=finite_float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)")
     g.add_argument("--lora-targets", default=d.lora_targets, metavar="NAMES",
-                   help="comma-separated module names to adapt (default q_proj,v_proj for the decoders, c_attn for GPT-2, "
-                        "query,value for BERT)")
+                   help=f"comma-separated module names to adapt (default: {_lora_defaults()})")
     g.add_argument("--lora-halves", default=d.lora_halves, choices=LORA_HALVES,
                    help="which half gets adapters; the other trains all its weights (default %(default)s)")
     p.add_argument("--client-memory-budget", default=d.client_memory_budget, metavar="SIZE",

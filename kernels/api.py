@@ -32,14 +32,15 @@ from hosl.kernels.zo_update import zo_update
 def aot_specs():
     """(kernel, signature, constexprs) for every kernel: what the ahead-of-time PTX check compiles.
 
-    Each kernel module lists its own next to the kernel (``AOT``), so a changed kernel signature
-    and its entry are edited together.
+    Each kernel module lists its own next to the kernel (``aot()``), so a changed kernel signature
+    and its entry are edited together; the multi-tensor kernels build theirs from the registered
+    direction families (``hosl.directions.families``), read at each call.
     """
     import importlib
 
     names = ("randn", "perturb", "zo_update", "perturbed_linear", "perturbed_embedding")
     mods = [importlib.import_module(f"hosl.kernels.{name}") for name in names]
-    return [spec for mod in mods for spec in mod.AOT]
+    return [spec for mod in mods for spec in mod.aot()]
 
 
 __all__ = ["COMPILE_OPTIONS", "FUSED_FAMILIES", "INTERPRET", "aot_specs", "default_block_counters", "perturb", "perturbed_embedding",

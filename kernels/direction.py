@@ -18,7 +18,7 @@ same code on the GPU. fp16 uses the native cast, which rounds to nearest even on
 import triton
 import triton.language as tl
 
-from hosl.directions.spec import FAMILY_CODES
+from hosl.directions.families import FAMILY_CODES
 
 # Constants: the same values as hosl/directions/spec.py (exact float32 values, as hex floats).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
@@ -175,7 +175,7 @@ def block_normals(b, offset, k0, k1, BN: tl.constexpr):
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * BN, ))
 
 
-# Direction families: the FAMILY constexpr of the kernels takes hosl.directions.spec.FAMILY_CODES.
+# Direction families: the FAMILY constexpr of the kernels takes hosl.directions.families.FAMILY_CODES.
 # A family's Triton definition is its constant here plus its branch of family_direction (and of
 # family_elements if its layout is not 4 coordinates per counter); tests/test_family_codes.py
 # checks that the constants below are exactly spec's families.

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hosl.directions.spec import FAMILY_CODES  # noqa: F401  (the FAMILY constexpr the launchers pass)
+from hosl.directions.families import FAMILIES, FAMILY_CODES  # noqa: F401  (FAMILY_CODES: the FAMILY constexpr the launchers pass)
 
 ROW = 5
 ROW_C = tl.constexpr(ROW)
@@ -95,11 +95,17 @@ def direction_table(keys_lo, keys_hi, scales, device) -> torch.Tensor:
 
 
 def family_layout(family: str, block_counters: int) -> tuple[int, int]:
-    """(counters per program, coordinates per counter) of a family's launch. Rademacher programs
-    cover as many coordinates as Gaussian ones (4 * block_counters), in counters of 128."""
-    if family == "rademacher":
-        return max(1, block_counters // 32), 128
-    return block_counters, 4
+    """(counters per program, coordinates per counter) of a family's launch: every family's programs
+    cover 4 * block_counters coordinates, in counters of its ``coords_per_counter`` (Rademacher: 128)."""
+    per_counter = FAMILIES[family].coords_per_counter
+    return max(1, block_counters * 4 // per_counter), per_counter
+
+
+def family_variants(block_counters: int = 256) -> list[tuple[int, int, tuple[int, ...]]]:
+    """``(FAMILY code, BN, dtype codes)`` of each registered family at ``block_counters`` (a GPU's):
+    the variants the ahead-of-time compile check builds of the multi-tensor kernels."""
+    return [(f.code, family_layout(f.name, block_counters)[0], tuple(dtype_code(d) for d in f.compile_dtypes))
+            for f in FAMILIES.entries()]
 
 
 @triton.jit

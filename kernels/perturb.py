@@ -27,22 +27,26 @@ def perturb_kernel(table, num_rows, key_lo, key_hi, scale_bits, DTYPE: tl.conste
 
 
 _SIG = {"table": "*i64", "num_rows": "i32", "key_lo": "i32", "key_hi": "i32", "scale_bits": "i32"}
-AOT = ([(perturb_kernel, _SIG, {"DTYPE": dtype, "BN": 256, "FAMILY": 0}) for dtype in (0, 1, 2)]
-       + [(perturb_kernel, _SIG, {"DTYPE": dtype, "BN": 8, "FAMILY": 1}) for dtype in (0, 2)]
-       + [(perturb_kernel, _SIG, {"DTYPE": 0, "BN": 256, "FAMILY": 2})])
+
+
+def aot() -> list:
+    """Per registered direction family, a variant for each of its ``compile_dtypes``."""
+    return [(perturb_kernel, _SIG, {"DTYPE": dtype, "BN": bn, "FAMILY": code})
+            for code, bn, dtypes in mt.family_variants() for dtype in dtypes]
 
 
 def perturb(tensors, outs, offsets, key_lo: int, key_hi: int, scale: float, family: str = "gaussian",
             dir_scales=None, block_counters=None) -> None:
     """``dir_scales``: the sphere factor of each tensor (family ``"sphere"`` only)."""
     bn, per_counter = mt.family_layout(family, block_counters or default_block_counters())
-    items = list(zip(tensors, outs, offsets, dir_scales if family == "sphere" else [1.0] * len(tensors)))
+    factored = mt.FAMILIES[family].per_tensor_factor
+    items = list(zip(tensors, outs, offsets, dir_scales if factored else [1.0] * len(tensors)))
     for dtype, group in mt.group_by_dtype(items).items():
         srcs, dsts, offs, factors = zip(*group)
         words, rows, programs = mt.build_rows(srcs, dsts, offs, bn, per_counter)
         if programs == 0:
             continue
-        if family == "sphere":  # the factors of the non-empty tensors (the rows), after the rows
+        if factored:  # the factors of the non-empty tensors (the rows), after the rows
             words = words + [mt.f32_bits(f) for src, f in zip(srcs, factors) if src.numel()]
         # perturb runs 2Q times a step on the same tensors: cache the table on the device
         table = mt.device_table(words, srcs[0].device, cache=True)

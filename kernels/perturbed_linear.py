@@ -194,7 +194,7 @@ _GPU_BLOCKS = {"DB": 4, "BM": 64, "BN": 64, "BK": 32}
 # What a GPU run compiles, each path at least once (few variants keep the AOT check short): fp32 in
 # its three precisions ("ieee": the bit-exact probes), fp16 and bf16 on tensor cores; row-aligned and
 # per-element z; shared and per-direction inputs; the Rademacher and sphere families.
-AOT = [(perturbed_linear_kernel, sig,
+_AOT = [(perturbed_linear_kernel, sig,
         {"DTYPE": dtype, "FAMILY": family, "SHARED_X": shared, "HAS_BIAS": True, "PERTURB_BIAS": True,
          "ALIGNED": aligned, "NATIVE": dtype != 0, "PRECISION": precision, **_GPU_BLOCKS})
        for dtype, sig, precision, shared, aligned, family in (
@@ -202,6 +202,13 @@ AOT = [(perturbed_linear_kernel, sig,
            (1, _SIG16, "ieee", False, True, 0),
            (2, _SIGBF, "ieee", True, False, 0), (2, _SIGBF, "ieee", False, True, 1),
            (0, _SIG, "tf32x3", True, True, 2))]
+
+
+def aot() -> list:
+    """The variants the ahead-of-time compile check builds (the fused families' tiles: a fixed list,
+    not one per registered family; see FUSED_FAMILIES)."""
+    return list(_AOT)
+
 
 def _factor_table(family: str, factors, count: int, device) -> torch.Tensor:
     """The sphere factors as a float32 tensor on ``device`` (a 1-element dummy for the other families)."""

@@ -41,10 +41,13 @@ def sq_norm_kernel(table, num_rows, partial, key_lo, key_hi, BN: tl.constexpr):
 
 # For the ahead-of-time compile check: argument types of one representative launch.
 _SIG = {"out": "*fp32", "numel": "i64", "offset": "i64", "key_lo": "i32", "key_hi": "i32", "factor_bits": "i32"}
-AOT = [(randn_kernel, _SIG, {"BN": 256, "FAMILY": 0}), (randn_kernel, _SIG, {"BN": 8, "FAMILY": 1}),
-       (randn_kernel, _SIG, {"BN": 256, "FAMILY": 2}),
-       (sq_norm_kernel, {"table": "*i64", "num_rows": "i32", "partial": "*i64", "key_lo": "i32", "key_hi": "i32"},
-        {"BN": 256})]
+
+
+def aot() -> list:
+    """One randn variant per registered direction family, and the sphere norm."""
+    return ([(randn_kernel, _SIG, {"BN": bn, "FAMILY": code}) for code, bn, _ in mt.family_variants()]
+            + [(sq_norm_kernel, {"table": "*i64", "num_rows": "i32", "partial": "*i64", "key_lo": "i32",
+                                 "key_hi": "i32"}, {"BN": 256})])
 
 
 def randn(key_lo: int, key_hi: int, numel: int, offset: int, device, family: str = "gaussian", scale: float = 1.0,

@@ -44,9 +44,12 @@ def zo_update_kernel(table, num_rows, num_dirs, decay_bits, DTYPE: tl.constexpr,
 
 
 _SIG = {"table": "*i64", "num_rows": "i32", "num_dirs": "i32", "decay_bits": "i32"}
-AOT = ([(zo_update_kernel, _SIG, {"DTYPE": dtype, "BN": 256, "FAMILY": 0}) for dtype in (0, 1, 2)]
-       + [(zo_update_kernel, _SIG, {"DTYPE": dtype, "BN": 8, "FAMILY": 1}) for dtype in (0, 2)]
-       + [(zo_update_kernel, _SIG, {"DTYPE": 0, "BN": 256, "FAMILY": 2})])
+
+
+def aot() -> list:
+    """Per registered direction family, a variant for each of its ``compile_dtypes``."""
+    return [(zo_update_kernel, _SIG, {"DTYPE": dtype, "BN": bn, "FAMILY": code})
+            for code, bn, dtypes in mt.family_variants() for dtype in dtypes]
 
 
 def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay: float, family: str = "gaussian", dir_scales=None,
@@ -64,7 +67,7 @@ def zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay: float, family: 
         if programs == 0:
             continue
         extra = []
-        if family == "sphere":  # per row (non-empty tensor), its Q factors
+        if mt.FAMILIES[family].per_tensor_factor:  # per row (non-empty tensor), its Q factors
             for w, j in zip(ws, idx):
                 if w.numel():
                     extra += [mt.f32_bits(dir_scales[q * len(tensors) + j]) for q in range(num_dirs)]

@@ -16,15 +16,23 @@ from safetensors.torch import load_file
 import hosl
 from hosl.models import load_model, split
 from hosl.models.decoder import SLIDING, block_mask_types
+from hosl.models import MODEL_NAMES
+from hosl.models.architectures import ARCHITECTURES
 from hosl.models.lora import apply_lora
+from hosl.models.registry import TINY_DECODER_CONFIGS
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
 
-NEW_ARCHS = ("tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma", "tiny-gpt2")
+NEW_ARCHS = tuple(TINY_DECODER_CONFIGS)
 KINDS = ("causal_lm", "sequence_classification")
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HOSL_DATA_DIR", ROOT / ".." / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+
+
+def test_every_registered_architecture_has_a_tiny_model():
+    """tiny-<name> (hosl/models/registry.py) is how tests build each architecture offline."""
+    assert {f"tiny-{name}" for name in ARCHITECTURES} <= set(MODEL_NAMES)
 
 
 def _model(name, kind):

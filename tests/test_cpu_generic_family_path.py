@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hosl.directions import spec
+from hosl.directions import families, spec
 from hosl.ops.backends import reference
 
 cpu = pytest.importorskip("hosl.ops.backends.cpu")
@@ -19,7 +19,7 @@ if not cpu.is_available():  # pragma: no cover - only without a build
     pytest.skip(f"CPU backend not built: {cpu.unavailable_reason()}", allow_module_level=True)
 from hosl import _C  # noqa: E402
 
-FAMILIES = list(spec.FAMILIES)
+FAMILIES = list(families.FAMILIES)
 SEED = 0x0123456789ABCDEF
 KEY = spec.split_seed(SEED)
 # (numel, offset): unaligned ends, a partial 128-coordinate Rademacher counter, several tiles and
@@ -78,7 +78,7 @@ def test_randn_generic_equals_simd_and_spec(isa, family, numel, offset):
     factor = _factor(family, numel, offset)
     generic = _run(True, lambda: cpu.randn(*KEY, numel, offset, torch.device("cpu"), family, factor))
     simd = _run(False, lambda: cpu.randn(*KEY, numel, offset, torch.device("cpu"), family, factor))
-    expected = spec.direction_reference(family, SEED, numel, offset)
+    expected = families.direction_reference(family, SEED, numel, offset)
     assert _same_bits(generic, expected), f"generic path differs from spec ({family}, {numel}, {offset})"
     assert _same_bits(simd, expected), f"SIMD path differs from spec ({family}, {numel}, {offset})"
 

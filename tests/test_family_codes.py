@@ -1,6 +1,6 @@
-"""The direction families' integer codes: defined once in hosl.directions.spec, spelled again only
+"""The direction families' integer codes: defined once in hosl.directions.families, spelled again only
 where another language needs them (the C++ list ``HOSL_FAMILIES`` in csrc/hosl_direction.h, which
-generates the enum ``hosl::Family``; the Triton kernels import spec's). Any drift fails here before
+generates the enum ``hosl::Family``; the Triton kernels import the registry's). Any drift fails here before
 it can pick the wrong family in a kernel.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hosl.directions import spec
+from hosl.directions import families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,12 +49,12 @@ def _cxx_family_codes() -> dict[str, int]:
 
 
 def test_spec_lists_each_family_once_with_distinct_codes():
-    assert spec.FAMILIES == tuple(spec.FAMILY_CODES)
-    assert sorted(spec.FAMILY_CODES.values()) == list(range(len(spec.FAMILIES)))
+    assert tuple(families.FAMILIES) == tuple(families.FAMILY_CODES)
+    assert sorted(families.FAMILY_CODES.values()) == list(range(len(families.FAMILIES)))
 
 
 def test_cxx_family_list_matches_spec():
-    assert _cxx_family_codes() == spec.FAMILY_CODES
+    assert _cxx_family_codes() == dict(families.FAMILY_CODES)
 
 
 def test_cxx_enum_is_generated_from_the_list():
@@ -88,11 +88,11 @@ def test_triton_constants_match_spec():
     multi_tensor = importlib.import_module("hosl.kernels.multi_tensor")
     constants = {name[len("FAMILY_"):].lower(): getattr(direction, name).value
                  for name in dir(direction) if name.startswith("FAMILY_") and name != "FAMILY_CODES"}
-    assert constants == spec.FAMILY_CODES
-    assert multi_tensor.FAMILY_CODES == spec.FAMILY_CODES
+    assert constants == dict(families.FAMILY_CODES)
+    assert multi_tensor.FAMILY_CODES is families.FAMILY_CODES
 
 
 def test_compiled_shims_take_the_codes_from_spec():
     from hosl.ops.backends import _compiled
 
-    assert _compiled.FAMILY_CODES is spec.FAMILY_CODES
+    assert _compiled.FAMILY_CODES is families.FAMILY_CODES

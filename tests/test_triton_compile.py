@@ -87,14 +87,18 @@ def _instructions(ptx: str) -> list[str]:
 
 
 def _rademacher(kernel) -> bool:
-    return kernel["constexprs"].get("FAMILY") == 1
+    from hosl.directions.families import FAMILY_CODES
+
+    return kernel["constexprs"].get("FAMILY") == FAMILY_CODES["rademacher"]
 
 
 def test_every_family_is_compiled(compiled):
     """Each direction family has AOT variants of randn, perturb and zo_update (and the sphere norm)."""
+    from hosl.directions.families import FAMILY_CODES
+
     built = {(k["name"], k["constexprs"].get("FAMILY", 0)) for k in compiled["kernels"]}
     for name in ("randn_kernel", "perturb_kernel", "zo_update_kernel"):
-        assert {(name, f) for f in (0, 1, 2)} <= built, name
+        assert {(name, f) for f in FAMILY_CODES.values()} <= built, name
     assert ("sq_norm_kernel", 0) in built
 
 
@@ -163,9 +167,10 @@ _FUSED_RADEMACHER_CALLS = {
 def test_fused_rademacher_variants_are_row_aligned():
     """The AOT check sees the row_signs path (one Philox word per 32 coordinates) of both fused kernels."""
     import hosl.kernels.api as K
+    from hosl.directions.families import FAMILY_CODES
 
     for fn, _, cst in K.aot_specs():
-        if fn.__name__ in _FUSED_RADEMACHER_CALLS and cst.get("FAMILY") == 1:
+        if fn.__name__ in _FUSED_RADEMACHER_CALLS and cst.get("FAMILY") == FAMILY_CODES["rademacher"]:
             assert cst["ALIGNED"], fn.__name__
 
 

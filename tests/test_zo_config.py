@@ -15,7 +15,7 @@ from torch import nn
 
 import hosl
 from hosl.cli import build_parser
-from hosl.optim.config import ZOConfig, train_fields, train_name
+from hosl.optim.config import ZOConfig, field_help, train_fields, train_name
 from hosl.training.config import TrainConfig
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.remote import FINGERPRINT_FIELDS, fingerprint
@@ -90,7 +90,7 @@ def test_every_exposed_field_is_a_train_config_field_and_a_flag_with_the_same_de
         action = actions[name]
         assert action.option_strings == [_flag(name)]
         assert action.default == train[name].default, name
-        assert action.help == f.metadata["help"], name
+        assert action.help == field_help(f), name
         if "choices" in f.metadata["cli"]:
             assert tuple(action.choices) == tuple(f.metadata["cli"]["choices"]), name
     # the training defaults are ZOConfig's, but for lr and eps (None: the paper's value for the mode and --lora)

@@ -15,14 +15,18 @@ import torch
 from torch import nn
 
 import hosl
-from hosl.directions.spec import direction_reference, rademacher_reference
+from hosl.directions.families import FAMILIES as FAMILY_REGISTRY
+from hosl.directions.families import direction_reference
+from hosl.directions.spec import rademacher_reference
 from hosl.forward.layout import ParameterLayout
 from hosl.forward.scratch import ModuleScratchPerturber
+from hosl.optim.rules import RULES, rule_state_nbytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
 
-VARIANTS = ("sgd", "momentum", "adam", "sign")
-FAMILIES = ("gaussian", "rademacher", "sphere")
+# Every registered rule and family: a rule without its slow form in SlowRule fails here.
+VARIANTS = tuple(RULES)
+FAMILIES = tuple(FAMILY_REGISTRY)
 
 
 def _model(dtype=torch.float32, seed=0):
@@ -69,7 +73,7 @@ class SlowRule:
             elif self.variant == "momentum":
                 st["b"] = self.mu * st.get("b", 0.0) + (g + wd * w)
                 new = w - self.lr * st["b"]
-            else:
+            elif self.variant == "adam":
                 d = g + wd * w
                 b1, b2 = self.betas
                 st["t"] = st.get("t", 0) + 1
@@ -77,6 +81,8 @@ class SlowRule:
                 st["v"] = b2 * st.get("v", 0.0) + (1 - b2) * d * d
                 m_hat, v_hat = st["m"] / (1 - b1 ** st["t"]), st["v"] / (1 - b2 ** st["t"])
                 new = w - self.lr * m_hat / (v_hat.sqrt() + self.adam_eps)
+            else:
+                raise NotImplementedError(f"write the slow form of the {self.variant!r} rule here")
             with torch.no_grad():
                 p.copy_(new.to(p.dtype))
 
@@ -137,18 +143,15 @@ def test_the_rules_really_differ():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_rule_table_gives_the_state_the_rule_keeps(variant):
-    """functional.rule_state_nbytes (what the client memory planner charges) is the state a step builds."""
-    from hosl.optim import functional as F
-
-    assert set(F.STATE_ELEMENTS) == set(F.VARIANTS) == set(VARIANTS)
+    """rules.rule_state_nbytes (what the client memory planner charges) is the state a step builds."""
     x, y = _data()
     client, server = _model()
     opt = hosl.HybridOrderOptimizer(client, None, lr=1e-2, num_queries=2, seed=3, variant=variant)
     opt.step(lambda: client(x), _loss_fn(server, y))
     trainable = sum(p.numel() for p in client.parameters() if p.requires_grad)
-    assert opt.state_nbytes() == F.rule_state_nbytes(variant, trainable)
+    assert opt.state_nbytes() == rule_state_nbytes(variant, trainable)
     with pytest.raises(ValueError, match="variant must be one of"):
-        F.rule_state_nbytes("lion", trainable)
+        rule_state_nbytes("lion", trainable)
 
 
 @pytest.mark.parametrize("variant,dtype", [("momentum", torch.float32), ("adam", torch.float32),

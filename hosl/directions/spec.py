@@ -15,9 +15,9 @@ Every backend (C++ CPU loop, CUDA kernel, Triton kernel) must produce the *same 
 Uniforms use 23 bits so that every step of their construction is exact and they lie strictly
 inside (0, 1): ``u = ((x >> 9) + 0.5) * 2**-23``.
 
-Direction families (end of this file, ``FAMILIES``): ``"gaussian"`` (the above), ``"rademacher"``
-(one Philox bit per coordinate, 128 coordinates per counter) and ``"sphere"`` (each tensor's
-Gaussian slice times one float32 factor, from an order-free fixed-point norm).
+Direction families (end of this file; registered in :mod:`hosl.directions.families`): ``"gaussian"``
+(the above), ``"rademacher"`` (one Philox bit per coordinate, 128 coordinates per counter) and
+``"sphere"`` (each tensor's Gaussian slice times one float32 factor, from an order-free fixed-point norm).
 """
 
 from __future__ import annotations
@@ -182,12 +182,7 @@ def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
 # (same key, counter words (n_lo, n_hi, 0, 0)); a run uses one family, so sharing the stream
 # between families does not matter.
 # ----------------------------------------------------------------------------------------------
-# The one list of families and their integer codes. The compiled kernels take the code: the C++
-# enum hosl::Family (csrc/hosl_direction.h) spells the same numbers, the Triton kernels import them
-# (kernels/direction.py), and tests/test_family_codes.py fails if the header drifts from them.
-FAMILY_CODES = {"gaussian": 0, "rademacher": 1, "sphere": 2}
-FAMILIES = tuple(FAMILY_CODES)
-
+# Each family's name, integer code and bounds are its entry in hosl/directions/families.py.
 RADEMACHER_COORDS_PER_COUNTER = 128  # one bit per coordinate: 4 words x 32 bits
 
 
@@ -255,14 +250,3 @@ def sphere_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
     ``float32(s * z)`` with ``s = sphere_scale(numel, sphere_sq_norm(z))``."""
     z = randn_reference(seed, numel, offset)
     return _f32(sphere_scale(numel, sphere_sq_norm(z))) * z
-
-
-def direction_reference(family: str, seed: int, numel: int, offset: int = 0) -> torch.Tensor:
-    """Coordinates ``offset .. offset+numel-1`` of ``family``'s direction (sphere: as ONE tensor)."""
-    if family == "gaussian":
-        return randn_reference(seed, numel, offset)
-    if family == "rademacher":
-        return rademacher_reference(seed, numel, offset)
-    if family == "sphere":
-        return sphere_reference(seed, numel, offset)
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")

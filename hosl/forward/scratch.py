@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from hosl import ops
-from hosl.directions.spec import FAMILIES
+from hosl.directions.families import FAMILIES
 from hosl.forward.layout import ParameterLayout, SphereScales
 
 

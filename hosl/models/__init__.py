@@ -1,12 +1,14 @@
 """Models: cutting a Hugging Face model into a client and a server half, and loading models offline."""
 
+from .architectures import ARCHITECTURES, Architecture
 from .halves import TASK_CAUSAL_LM, TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION, ClientHalf, ServerHalf
 from .registry import MODEL_NAMES, MissingModelPackageError, ModelSource, load_model, resolve_model
-from .split import SUPPORTED_MODEL_CLASSES, split
+from .split import split
 
 __all__ = [
     "split",
-    "SUPPORTED_MODEL_CLASSES",
+    "ARCHITECTURES",
+    "Architecture",
     "ClientHalf",
     "ServerHalf",
     "load_model",

@@ -21,21 +21,21 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-# per ``config.model_type``: the attention projections the paper (and MeZO) adapt
-DEFAULT_TARGETS = {"opt": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "bert": ("query", "value"),
-                   "qwen2": ("q_proj", "v_proj"), "qwen3": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
-                   "gemma": ("q_proj", "v_proj"), "gpt2": ("c_attn",)}  # GPT-2 fuses q, k and v in c_attn
+from .architectures import ARCHITECTURES
+
 # freshly initialised classification heads stay trainable (as peft's SEQ_CLS task type does)
 HEAD_NAMES = ("score", "classifier")
 LORA_HALVES = ("both", "client", "server")
 
 
 def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """The architecture's ``lora_targets`` (:data:`hosl.models.architectures.ARCHITECTURES`), by
+    ``config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
+    if model_type not in ARCHITECTURES:
         raise ValueError(f"no default LoRA targets for model type {model_type!r}; pass targets "
                          f"(--lora-targets), e.g. the attention projections' module names")
-    return DEFAULT_TARGETS[model_type]
+    return ARCHITECTURES[model_type].lora_targets
 
 
 def lora_layers(num_blocks: int, cut: int, halves: str) -> list[int] | None:
@@ -62,7 +62,7 @@ def apply_lora(
     seed: int = 0,
 ) -> nn.Module:
     """``model`` wrapped with LoRA adapters of rank ``r`` and scaling ``alpha / r`` on the modules
-    named ``targets`` (default per architecture, :data:`DEFAULT_TARGETS`) of the blocks ``layers``
+    named ``targets`` (default: the architecture's ``lora_targets``) of the blocks ``layers``
     (default all). Base weights are frozen; with ``train_head`` a classification head (``score``,
     ``classifier``) stays trainable. Returns the ``PeftModel``.
     """

@@ -53,6 +53,7 @@ from transformers import (
 )
 
 from . import byte_tokenizer as bytetok
+from .architectures import is_encoder
 from .gguf_cache import ensure_converted
 from .halves import TASK_CAUSAL_LM, TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION
 
@@ -199,8 +200,8 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, "gguf", location=_smollm2_gguf())
     if name in _RANDOM_CONFIGS:
         config = _RANDOM_CONFIGS[name]()
-        tokenizer = "minilm" if config.model_type == "bert" else "byte"
-        return ModelSource(name, "random", config=config, tokenizer=tokenizer, encoder_only=config.model_type == "bert")
+        tokenizer = "minilm" if config.model_type == "bert" else "byte"  # tiny-bert reuses MiniLM's vocabulary
+        return ModelSource(name, "random", config=config, tokenizer=tokenizer, encoder_only=is_encoder(config.model_type))
     return ModelSource(name, "pretrained", location=name)
 
 

@@ -3,41 +3,16 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers.models.bert.modeling_bert import BertForSequenceClassification, BertModel
-from transformers.models.gemma.modeling_gemma import GemmaForCausalLM, GemmaForSequenceClassification
-from transformers.models.gpt2.modeling_gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel
-from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaForSequenceClassification
-from transformers.models.mistral.modeling_mistral import MistralForCausalLM, MistralForSequenceClassification
-from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTForSequenceClassification
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM, Qwen2ForSequenceClassification
-from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 
-from .bert import split_bert
-from .decoder import split_rotary_decoder
-from .gpt2 import split_gpt2
+from .architectures import ARCHITECTURES, of_model, titles
 from .halves import ClientHalf, ServerHalf
-from .llama import split_llama
 from .lora import unwrap_peft
-from .opt import split_opt
-
-# (model classes, splitter); isinstance is used, so subclasses (e.g. MiniLM loaded as BertModel) match.
-_SPLITTERS = (
-    ((OPTForCausalLM, OPTForSequenceClassification), split_opt),
-    ((LlamaForCausalLM, LlamaForSequenceClassification), split_llama),
-    ((BertModel, BertForSequenceClassification), split_bert),
-    ((Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen3ForCausalLM, Qwen3ForSequenceClassification,
-      MistralForCausalLM, MistralForSequenceClassification, GemmaForCausalLM, GemmaForSequenceClassification),
-     split_rotary_decoder),
-    ((GPT2LMHeadModel, GPT2ForSequenceClassification), split_gpt2),
-)
-
-SUPPORTED_MODEL_CLASSES = tuple(cls.__name__ for classes, _ in _SPLITTERS for cls in classes)
-SUPPORTED_FAMILIES = ("OPT", "Llama (SmolLM2)", "BERT (MiniLM)", "Qwen2", "Qwen3", "Mistral", "Gemma", "GPT-2")
 
 
 def split(model: nn.Module, cut: int) -> tuple[ClientHalf, ServerHalf]:
-    """Cut ``model`` after its first ``cut`` blocks. Families: OPT, Llama, BERT, Qwen2, Qwen3,
-    Mistral, Gemma (``decoder.py``) and GPT-2; the causal-LM and sequence-classification heads of each.
+    """Cut ``model`` after its first ``cut`` blocks. Families: those of
+    :data:`hosl.models.architectures.ARCHITECTURES` (OPT, Llama, BERT, Qwen2, Qwen3, Mistral, Gemma
+    and GPT-2); the causal-LM and sequence-classification heads of each.
 
     Returns ``(client, server)``, two ``nn.Module``s with
       - ``client(input_ids, attention_mask=None) -> hidden`` ``[B, T, H]``: embeddings and blocks
@@ -65,13 +40,12 @@ def split(model: nn.Module, cut: int) -> tuple[ClientHalf, ServerHalf]:
     Raises ``ValueError`` for a cut outside ``[0, L]`` and ``TypeError`` for an unsupported model.
     """
     model = unwrap_peft(model)
-    for classes, splitter in _SPLITTERS:
-        if isinstance(model, classes):
-            client, server = splitter(model, cut)
-            client.train(model.training)
-            server.train(model.training)
-            return client, server
-    raise TypeError(
-        f"split() does not support {type(model).__name__}; supported families: {', '.join(SUPPORTED_FAMILIES)} "
-        f"(classes: {', '.join(SUPPORTED_MODEL_CLASSES)})"
-    )
+    arch = of_model(model)
+    if arch is None:
+        classes = ", ".join(cls.__name__ for a in ARCHITECTURES.entries() for cls in a.model_classes)
+        raise TypeError(f"split() does not support {type(model).__name__}; supported families: {titles()} "
+                        f"(classes: {classes})")
+    client, server = arch.splitter(model, cut)
+    client.train(model.training)
+    server.train(model.training)
+    return client, server

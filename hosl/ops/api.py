@@ -14,6 +14,7 @@ from itertools import accumulate
 
 import torch
 
+from hosl.directions.families import FAMILIES
 from hosl.directions.spec import sphere_scale, split_seed
 from hosl.ops import library, validation
 from hosl.ops.dispatch import use_backend
@@ -53,10 +54,11 @@ def randn(
     validation.check_coordinates(offset, numel)
     key_lo, key_hi = split_seed(seed)
     device = torch.device(device)
-    if family == "sphere":
+    factored = FAMILIES[family].per_tensor_factor
+    if factored:
         validation.check_sphere_numels([numel], "numel")
     with use_backend(backend):
-        factor = _sphere_factors([numel], [offset], seed, device)[0] if family == "sphere" else 1.0
+        factor = _sphere_factors([numel], [offset], seed, device)[0] if factored else 1.0
         return library.randn_op(key_lo, key_hi, numel, offset, device, family, factor)
 
 
@@ -89,7 +91,7 @@ def sphere_scales(tensors, seed: int, *, offset: int = 0, offsets=None, backend:
 
 def _family_scales(tensors, offsets, family: str, seeds, scales) -> list[float] | None:
     """Checked sphere factors, flattened ``[q * len(tensors) + j]``; None for the other families."""
-    if family != "sphere":
+    if not FAMILIES[family].per_tensor_factor:
         if scales is not None:
             raise ValueError(f"scales is only for family='sphere', not family={family!r}")
         return None
@@ -210,7 +212,7 @@ def _directions(seeds, scales) -> tuple[list[int], list[int], list[float]]:
 
 def _fused_factors(family, factors, seeds, tensors, offsets, per: int) -> list[float] | None:
     """Sphere factors of the fused ops, flattened ``[d * per + j]`` (1.0 pads a bias left unperturbed)."""
-    if family != "sphere":
+    if not FAMILIES[family].per_tensor_factor:
         if factors is not None:
             raise ValueError(f"factors is only for family='sphere', not family={family!r}")
         return None
@@ -336,7 +338,7 @@ def perturbed_embedding(
     validation.check_coordinates(offset, weight.numel())
     ids2, middle = _split_directions(ids.long().unsqueeze(-1), len(scales), per_direction_input, "ids")
     ids2 = ids2.squeeze(-1).contiguous()
-    if family == "sphere" and factors is not None:
+    if FAMILIES[family].per_tensor_factor and factors is not None:
         factors = [[f] for f in (factors.tolist() if isinstance(factors, torch.Tensor) else factors)]
     with use_backend(backend):
         flat = _fused_factors(family, factors, seeds, [weight], [offset], 1)

@@ -130,8 +130,8 @@ def to_float32(value, name: str) -> float:
 
 
 def check_family(family) -> str:
-    """One of the direction families of :data:`hosl.directions.spec.FAMILIES`."""
-    from hosl.directions.spec import FAMILIES
+    """One of the direction families of :data:`hosl.directions.families.FAMILIES`."""
+    from hosl.directions.families import FAMILIES
 
     if not isinstance(family, str):
         raise TypeError(f"family must be a string, one of {list(FAMILIES)}; got {type(family).__name__}")

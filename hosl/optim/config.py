@@ -8,7 +8,8 @@ well override the config's fields, as :func:`dataclasses.replace` would), keep i
 
 Each field's ``metadata`` says where else the option goes, so a new option is declared once:
 
-* ``help``: what it does (the ``hosl train`` help text; ``%(default)s`` is the flag's default).
+* ``help``: what it does (the ``hosl train`` help text; ``%(default)s`` is the flag's default), or
+  a function giving it when the parser is built (help that lists a registry: see :func:`field_help`).
 * ``optimizers``: which optimizers take it (``"zo"``: :class:`~hosl.optim.zo.ZerothOrderOptimizer`,
   ``"hybrid"``: :class:`~hosl.optim.hybrid.HybridOrderOptimizer`). Another optimizer refuses it
   as a keyword (TypeError) and in a ``config=`` unless it is at its default
@@ -41,11 +42,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 
 from hosl import ops
-from hosl.directions.spec import FAMILIES
+from hosl.directions.families import FAMILIES
 from hosl.forward import PERTURBED_FORWARDS
-from hosl.optim.functional import VARIANTS
 from hosl.optim.linear_estimate import LINEAR_PLACEMENTS, SERVER_ESTIMATES
 from hosl.optim.micro_batch import check_micro_batch
+from hosl.optim.rules import RULES
 
 DIFFERENCES = ("central", "forward")
 OPTIMIZERS = {"zo": "ZerothOrderOptimizer", "hybrid": "HybridOrderOptimizer"}
@@ -57,7 +58,7 @@ OPTIMIZER_DEFAULTS = {"zo": {"num_queries": 1}, "hybrid": {}}
 _LABEL: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("zo_config_label", default=str)
 
 
-def option(default, help: str, *, optimizers=BOTH, param_group: bool = False, train: str | None = "",
+def option(default, help: str | Callable[[], str], *, optimizers=BOTH, param_group: bool = False, train: str | None = "",
            train_default=dataclasses.MISSING, cli: Mapping | None = None, agree: bool = False,
            on_resume: str = "compare"):
     """A ZOConfig field with its metadata (see the module docstring). ``train=""``: the field's name."""
@@ -92,13 +93,11 @@ class ZOConfig:
     perturbed_forward: str = option(
         "auto", "how a perturbed pass runs: auto, scratch or fused (hosl/forward)", train=None)
     direction: str = option(
-        "gaussian", "direction family: gaussian, rademacher (+-1), sphere (Gaussian, each tensor scaled to norm "
-        "sqrt(numel)); non-Gaussian families use the scratch perturbed forward (default %(default)s)",
-        cli=dict(choices=FAMILIES), agree=True)
+        "gaussian", lambda: f"direction family: {FAMILIES.help()}; non-Gaussian families use the scratch perturbed "
+        "forward (default %(default)s)", cli=dict(choices=FAMILIES), agree=True)
     variant: str = option(
-        "sgd", "update rule on the ZO gradient estimate: sgd (no state), momentum, adam (float32 state on the "
-        "client: 1x / 2x the trainable parameters), sign (default %(default)s)",
-        train="zo_optimizer", cli=dict(choices=VARIANTS), agree=True)
+        "sgd", lambda: f"update rule on the ZO gradient estimate: {RULES.help()} (default %(default)s)",
+        train="zo_optimizer", cli=dict(choices=RULES), agree=True)
     momentum: float = option(
         0.9, "of --zo-optimizer momentum (default %(default)s)", param_group=True, train="zo_momentum",
         cli=dict(type="float"), agree=True)
@@ -147,7 +146,7 @@ class ZOConfig:
             _one_of(self.backend, ops.BACKENDS, label("backend"))
         _one_of(self.perturbed_forward, PERTURBED_FORWARDS, label("perturbed_forward"))
         _one_of(self.direction, FAMILIES, label("direction"))
-        _one_of(self.variant, VARIANTS, label("variant"))
+        _one_of(self.variant, RULES, label("variant"))
         _fraction(self.momentum, label("momentum"))
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
             raise ValueError(f"{label('betas')} must be a pair (beta1, beta2), got {self.betas!r}")
@@ -243,6 +242,13 @@ class ZOConfig:
 
 
 # -- the training side's view -----------------------------------------------------------------
+def field_help(f: dataclasses.Field) -> str:
+    """The option's help text; a callable ``help`` is called now, so help that lists a registry
+    (direction families, update rules) names the entries registered when the parser is built."""
+    help_ = f.metadata["help"]
+    return help_() if callable(help_) else help_
+
+
 def train_name(f: dataclasses.Field) -> str:
     """The option's training name (``lr`` -> ``lr_client``), its own name when it has none."""
     return f.metadata["train"] or f.name

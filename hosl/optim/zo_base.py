@@ -13,9 +13,9 @@ together with the local perturbation (``scale = sign * eps`` of the first group)
 ``update(seeds, grads)``, called after the local update (not when a step's update is skipped).
 The peer applies its own learning rate and weight decay.
 
-``direction`` picks the direction family (``"gaussian"``, ``"rademacher"``, ``"sphere"``) of every
-perturbation and update; ``variant`` the update rule (``"sgd"``, ``"momentum"``, ``"adam"``,
-``"sign"``; math in :mod:`hosl.optim.functional`). The rules' float32 state lives in
+``direction`` picks the direction family (:data:`hosl.directions.families.FAMILIES`) of every
+perturbation and update; ``variant`` the update rule (:data:`hosl.optim.rules.RULES`; math in
+:mod:`hosl.optim.functional`). The rules' float32 state lives in
 ``self.state`` (a torch ``Optimizer``'s), so ``state_dict()`` carries it.
 """
 
@@ -28,9 +28,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from hosl.directions.families import FAMILIES
 from hosl.forward import ParameterLayout, SphereScales, make_batched_perturber, make_perturber
 from hosl.optim import functional as F
 from hosl.optim import query_batch as QB
+from hosl.optim import rules
 from hosl.optim.config import ZOConfig, config_attribute
 
 logger = logging.getLogger("hosl.optim")
@@ -66,7 +68,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
         for m in modules:
             self.layouts.append(ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else c.coordinate_offset))
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
-        self.sphere_scales = [SphereScales(lay, c.backend, keep=c.num_queries) if c.direction == "sphere" else None
+        factor = FAMILIES[c.direction].per_tensor_factor
+        self.sphere_scales = [SphereScales(lay, c.backend, keep=c.num_queries) if factor else None
                               for lay in self.layouts]
         # "auto": fused Linear/Embedding kernels on CUDA+Triton, else the materialising fused path (one
         # layer at a time); scratch when asked for or for a non-Gaussian direction (hosl/forward/choice.py)
@@ -163,17 +166,17 @@ class ZerothOrderBase(torch.optim.Optimizer):
     def apply_update(self, seeds: Sequence[int], grads: Sequence[float]) -> bool:
         """The update of every group (then the peers'). Returns False, touching nothing and counting
         the step in ``skipped_updates``, when it could make a weight non-finite
-        (:func:`hosl.optim.functional.update_is_safe`: checked for all groups before any is written)."""
+        (:func:`hosl.optim.rules.update_is_safe`: checked for all groups before any is written)."""
         per_group = self.group_grads(grads)
         for group, layout, g in zip(self.param_groups, self.layouts, per_group):
-            if not F.update_is_safe(self.variant, layout, seeds, g, self.state, direction=self.direction,
-                                    **F.step_hyperparameters(group)):
+            if not rules.update_is_safe(self.variant, layout, seeds, g, self.state, direction=self.direction,
+                                        **F.step_hyperparameters(group)):
                 self.skipped_updates += 1
                 return False
         for group, layout, sphere, g in zip(self.param_groups, self.layouts, self.sphere_scales, per_group):
-            F.zo_step(self.variant, layout, seeds, g, self.state, direction=self.direction,
-                      scales=None if sphere is None else [sphere(s) for s in seeds], backend=self.backend,
-                      **F.step_hyperparameters(group))
+            rules.zo_step(self.variant, layout, seeds, g, self.state, direction=self.direction,
+                          scales=None if sphere is None else [sphere(s) for s in seeds], backend=self.backend,
+                          **F.step_hyperparameters(group))
         for peer in self.peers:
             peer.update(seeds, grads)
         return True

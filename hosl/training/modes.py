@@ -22,8 +22,8 @@ from torch import nn
 
 from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
 from hosl.optim.config import ZOConfig, train_fields, train_name
-from hosl.optim.functional import rule_state_nbytes
 from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
+from hosl.optim.rules import rule_state_nbytes
 from hosl.tasks.evaluation import eval_outputs
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
 from hosl.training.protocol import SPLIT_MODES

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from hosl.models import MODEL_NAMES, TASK_CAUSAL_LM, TASK_SEQUENCE_CLASSIFICATION, load_model, resolve_model, split
+from hosl.models.architectures import is_encoder
 from hosl.models.lora import apply_lora, lora_layers
 from hosl.tasks import ShuffledBatches, TaskData, classification_loss, lm_answer_loss, make_collate_fn
 from hosl.tasks.custom import configured_num_labels, sample_configured_task
@@ -40,7 +41,6 @@ from hosl.training.server_proxy import ServerProxy
 from hosl.transport import InProcessLink, Link
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2")
 
 
 class RunExistsError(RuntimeError):
@@ -66,7 +66,7 @@ def _model_kind(name: str, source) -> str:
             f"--model {name!r} is not an offline name ({', '.join(MODEL_NAMES)}), not a local model folder, "
             f"and the hub could not provide it: {exc}"
         ) from None
-    return "classifier" if config.model_type in ENCODER_MODEL_TYPES else "causal_lm"
+    return "classifier" if is_encoder(config.model_type) else "causal_lm"
 
 
 def loss_fn(model_kind: str):

@@ -3,8 +3,8 @@
 Every backend module exposes the same six functions, called by the kernels of
 :mod:`hosl.ops.library` with arguments that are already validated (so backends do no checking of
 their own), every argument below passed (the defaults shown are the op schemas' own). ``family`` is one of
-``hosl.directions.spec.FAMILIES``; ``z`` below is that family's direction
-(:func:`hosl.directions.spec.direction_reference`), except that for ``"sphere"`` the backend only
+``hosl.directions.families.FAMILIES``; ``z`` below is that family's direction
+(:func:`hosl.directions.families.direction_reference`), except that for ``"sphere"`` the backend only
 generates the Gaussian ``z`` and multiplies it by the per-tensor factor it is given (the factors
 come from :func:`sq_norms` and :func:`hosl.directions.spec.sphere_scale`, on the host).
 

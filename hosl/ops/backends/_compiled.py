@@ -2,7 +2,7 @@
 
 Both extensions expose the four direction ops with one signature (csrc/bindings_common.h), so
 :class:`CompiledBackend` turns either into the backend contract of :mod:`hosl.ops.backends`:
-family names become the codes of :data:`hosl.directions.spec.FAMILY_CODES`, and the perturbed
+family names become the codes of :data:`hosl.directions.families.FAMILY_CODES`, and the perturbed
 forwards are materialised with the extension's own ``perturb`` (:mod:`.materialised`).
 """
 
@@ -13,7 +13,7 @@ from types import ModuleType
 
 import torch
 
-from hosl.directions.spec import FAMILY_CODES
+from hosl.directions.families import FAMILY_CODES
 from hosl.ops.backends import materialised
 
 
