@@ -97,6 +97,29 @@ def test_baseline_modes_train(tmp_path, mode):
 
 
 @needs_data
+def test_frozen_client_trains_the_server_alone_as_fo_sl_at_lr_zero_does(tmp_path):
+    """frozen-client: the client's checkpoint is its starting weights, the server's is not, one
+    client forward per step and no backward; and it is the control the grid used to spell as fo-sl
+    with lr_client 0 (same batches, same server steps): the losses agree at every step."""
+    frozen, fo_sl = tmp_path / "frozen", tmp_path / "fo-sl-lr0"
+    assert main(_args(frozen, steps=3, mode="frozen-client")) == 0
+    args = _args(fo_sl, steps=3, mode="fo-sl")
+    args[args.index("--lr-client") + 1] = "0"
+    assert main(args) == 0
+    summary = json.loads((frozen / "summary.json").read_text())
+    assert summary["mode"] == "frozen-client" and summary["lr_client"] == 0.0
+    assert summary["forward_passes_per_step"] == dict(client_forward=1, server_forward=1, client_backward=0,
+                                                      server_backward=1)
+    start_client, start_server = _start_halves()
+    step = max(int(p.name.split("-")[1]) for p in (frozen / "checkpoints").glob("step-*"))
+    client = load_file(str(frozen / "checkpoints" / f"step-{step}" / "client.safetensors"))
+    server = load_file(str(frozen / "checkpoints" / f"step-{step}" / "server.safetensors"))
+    assert all(torch.equal(client[k], start_client[k]) for k in client)
+    assert any(not torch.equal(server[k], start_server[k]) for k in server)
+    assert _losses(frozen) == pytest.approx(_losses(fo_sl), rel=1e-6, abs=1e-7) and len(_losses(frozen)) == 3
+
+
+@needs_data
 def test_a_tiny_run_lowers_its_training_loss(tmp_path):
     """Four examples, one batch of them per step: the training loss of the same batch must fall."""
     run = tmp_path / "run"

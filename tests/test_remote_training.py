@@ -84,7 +84,7 @@ def _wait_for_step(run, step, proc, timeout=60):
 
 
 @needs_data
-@pytest.mark.parametrize("mode", ["hosl", "fo-sl", "zo-sl"])
+@pytest.mark.parametrize("mode", ["hosl", "fo-sl", "zo-sl", "frozen-client"])
 def test_two_processes_match_one_process(tmp_path, mode):
     client, server = _start(tmp_path / "two", mode, port=_free_port())
     assert main(["train", *_args(tmp_path / "one", mode)]) == 0  # in-process reference, meanwhile

@@ -122,7 +122,7 @@ def test_hosl_train_zo_sl_and_zo_write_the_same_weights(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), half
 
 
-@pytest.mark.parametrize("mode", ["hosl", "fo-sl", "zo-sl", "fo", "zo"])
+@pytest.mark.parametrize("mode", ["hosl", "fo-sl", "zo-sl", "frozen-client", "fo", "zo"])
 def test_one_dropout_policy_for_every_mode(mode):
     from hosl.cli import build_parser
     from hosl.training.config import TrainConfig

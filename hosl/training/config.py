@@ -97,6 +97,8 @@ class TrainConfig(_ZOSettings, _RunSettings):
     ``--lora`` (:meth:`resolved_lr_client`, :meth:`resolved_eps`)."""
 
     def resolved_lr_client(self) -> float:
+        if self.mode == "frozen-client":
+            return 0.0  # the client never trains
         if self.lr_client is not None:
             return self.lr_client
         if self.mode not in ZO_CLIENT_MODES:

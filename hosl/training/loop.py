@@ -42,6 +42,7 @@ def forward_passes_per_step(mode: str, q: int, difference: str, server_estimate:
     table = {
         "hosl": dict(client_forward=1 + perturbed, server_forward=hosl_server, client_backward=0, server_backward=1),
         "fo-sl": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
+        "frozen-client": dict(client_forward=1, server_forward=1, client_backward=0, server_backward=1),
         "zo-sl": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),
         "fo": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
         "zo": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),

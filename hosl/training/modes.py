@@ -1,8 +1,11 @@
-"""The five training modes on one split model, each a small ``step(batch) -> loss`` object.
+"""The six training modes on one split model, each a small ``step(batch) -> loss`` object.
 
 * ``hosl``  — client ZO (HybridOrderOptimizer), server FO.
 * ``fo-sl`` — client FO with the activation gradient the server returns; server FO.
 * ``zo-sl`` — client and server both ZO.
+* ``frozen-client`` — the client never trains (one clean forward per step, no perturbed passes, no
+  backward); server FO. The control every split mode is measured against: what training the
+  client adds.
 * ``fo``    — the unsplit model, FO (the halves run back to back, one backward).
 * ``zo``    — the unsplit model, MeZO (ZO over one coordinate numbering of the whole model).
 
@@ -29,7 +32,7 @@ from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost,
 from hosl.training.protocol import SPLIT_MODES
 from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy
 
-MODES = ("hosl", "fo-sl", "zo-sl", "fo", "zo")
+MODES = ("hosl", "fo-sl", "zo-sl", "frozen-client", "fo", "zo")
 ZO_CLIENT_MODES = ("hosl", "zo-sl", "zo")
 
 # loss_of(logits, batch, copies) -> scalar (copies == 1) or [copies] losses
@@ -251,6 +254,26 @@ class FOSLMode(SplitMode):
                    for t in s.values() if isinstance(t, torch.Tensor))
 
 
+class FrozenClientMode(SplitMode):
+    """The server trains alone on the client's clean activation; the client is never updated. Its
+    step is HOSL's clean pass and nothing else (same phases, same server optimizer), so the gap
+    between the two is what the ZO client's 2Q perturbed forwards buy."""
+
+    name = "frozen-client"
+
+    def step(self, batch) -> float:
+        ids, mask = _inputs(batch)
+        self.proxy.begin_step(self.step_number, batch)
+        with torch.no_grad():
+            h = self.run_client(ids, mask)
+        loss = self.proxy.clean_loss(h)  # the server back-propagates on its side
+        self.proxy.end_step()  # the server's optimizer steps (if the loss was finite)
+        return loss
+
+    def optimizers(self):
+        return {}
+
+
 class ZOSLMode(_ZOClientMode, SplitMode):
     """Both halves ZO with the same seeds: the server half is a peer of the client's optimizer, its
     coordinates numbered after the client's (one numbering of the whole model, as ``zo`` has)."""
@@ -332,9 +355,9 @@ class ZOMode(_ZOClientMode, Mode):
 
 
 def make_mode(name: str, client, server, hp: Hyper, loss_of: LossFn, proxy: ServerProxy | None = None) -> Mode:
-    """The mode ``name``. Split modes (hosl, fo-sl, zo-sl) need ``proxy`` (their server half);
+    """The mode ``name``. Split modes (hosl, fo-sl, zo-sl, frozen-client) need ``proxy`` (their server half);
     the unsplit baselines (fo, zo) need ``server``."""
-    classes = {c.name: c for c in (HOSLMode, FOSLMode, ZOSLMode, FOMode, ZOMode)}
+    classes = {c.name: c for c in (HOSLMode, FOSLMode, ZOSLMode, FrozenClientMode, FOMode, ZOMode)}
     if name not in classes:
         raise ValueError(f"mode must be one of {list(MODES)}, got {name!r}")
     if name in SPLIT_MODES:

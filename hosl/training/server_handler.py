@@ -59,8 +59,8 @@ class ServerHandler:
         # zo-sl: built once the client's coordinate count is known (the first begin-step)
         self.zo: ZerothOrderOptimizer | None = None
         self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
-        self.skipped_optimizer_steps = 0  # hosl, fo-sl: server steps skipped for a non-finite loss or gradient
-        if mode in ("hosl", "fo-sl"):
+        self.skipped_optimizer_steps = 0  # hosl, fo-sl, frozen-client: server steps skipped for a non-finite loss or gradient
+        if mode in ("hosl", "fo-sl", "frozen-client"):
             self.optimizer = make_server_optimizer(server.parameters(), hp)  # --server-optimizer
         self.batch: dict = {}
         self.mask: torch.Tensor | None = None
@@ -153,8 +153,8 @@ class ServerHandler:
         return self._reply(request)
 
     def _clean_loss(self, request: Message, tensors: list[torch.Tensor]) -> Message:
-        """hosl: FO at the clean point, back-propagated into the server's weights (and dL/dh kept
-        when the request asks for it: the linear estimate)."""
+        """hosl, frozen-client: FO at the clean point, back-propagated into the server's weights (and
+        dL/dh kept when the request asks for it: the linear estimate)."""
         h, _ = self.wire.unpack(tensors, "clean", self._dtype())
         keep_grad = bool(request.ints) and request.ints[0] == KEEP_ACTIVATION_GRAD
         if keep_grad:
