@@ -32,7 +32,7 @@ OTHER = {
     "variant": ("momentum", "momentum"), "momentum": (0.5, "0.5"), "betas": ((0.8, 0.9), "0.8,0.9"),
     "adam_eps": (1e-6, None), "coordinate_offset": (5, None), "query_batch": (2, "2"),
     "query_memory_budget": (1000, "1000"), "server_batch": (2, "2"), "server_estimate": ("linear", "linear"),
-    "linear_on": ("client", "client"), "client_micro_batch": (2, "2"),
+    "linear_on": ("client", "client"), "client_micro_batch": (2, "2"), "step_scale": ("loss-std", "loss-std"),
 }
 # a value the one validation refuses, and the error's type
 BAD = {
@@ -43,7 +43,7 @@ BAD = {
     "adam_eps": (0.0, ValueError), "coordinate_offset": (-1, ValueError), "query_batch": (0, ValueError),
     "query_memory_budget": (-1, ValueError), "server_batch": (0, ValueError),
     "server_estimate": ("quadratic", ValueError), "linear_on": ("nowhere", ValueError),
-    "client_micro_batch": (0, ValueError),
+    "client_micro_batch": (0, ValueError), "step_scale": ("sigma", ValueError),
 }
 # the options hosl train does not expose (a deliberate choice for each: add the field here, or give it
 # a training name in its metadata)

@@ -49,6 +49,7 @@ from hosl.optim.micro_batch import check_micro_batch
 from hosl.optim.rules import RULES
 
 DIFFERENCES = ("central", "forward")
+STEP_SCALES = ("none", "loss-std")
 OPTIMIZERS = {"zo": "ZerothOrderOptimizer", "hybrid": "HybridOrderOptimizer"}
 BOTH = ("zo", "hybrid")
 # options whose default differs between the optimizers: ZOConfig() holds HOSL's (and hosl train's)
@@ -86,6 +87,11 @@ class ZOConfig:
     difference: str = option(
         "central", "central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)",
         cli=dict(choices=DIFFERENCES))
+    step_scale: str = option(
+        "none", "none: the step is lr * g; loss-std: FZOO's normalised step, g divided by the standard deviation "
+        "of the step's perturbed losses (moves ~lr per direction: use a far larger --lr-client, e.g. 1e-4; needs "
+        "2 or more perturbed losses; not with --server-estimate linear) (default %(default)s)",
+        cli=dict(choices=STEP_SCALES))
     seed: int = option(0, "0 .. 2**63-1 (default %(default)s)", cli=dict(type="seed", group="run"), agree=True)
     backend: str | None = option(
         None, "direction-op backend (default: the fastest available)", cli=dict(choices=ops.BACKENDS, group="run"),
@@ -142,6 +148,10 @@ class ZOConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"{label('seed')} must be an integer, got {type(self.seed).__name__}")
         _one_of(self.difference, DIFFERENCES, label("difference"))
+        _one_of(self.step_scale, STEP_SCALES, label("step_scale"))
+        if self.step_scale == "loss-std" and self.difference == "forward" and self.num_queries < 2:
+            raise ValueError(f"{label('step_scale')}=loss-std divides by the spread of the perturbed losses: with "
+                             f"{label('difference')}=forward it needs {label('num_queries')} >= 2, got {self.num_queries}")
         if self.backend is not None:
             _one_of(self.backend, ops.BACKENDS, label("backend"))
         _one_of(self.perturbed_forward, PERTURBED_FORWARDS, label("perturbed_forward"))
@@ -168,6 +178,9 @@ class ZOConfig:
                              f"{label('server_batch')} > 1 ({label('client_micro_batch')} composes: M rows of each "
                              "of the D copies)")
         _one_of(self.server_estimate, SERVER_ESTIMATES, label("server_estimate"))
+        if self.step_scale == "loss-std" and self.server_estimate == "linear":
+            raise ValueError(f"{label('step_scale')}=loss-std needs the perturbed losses; {label('server_estimate')}"
+                             "=linear has only their linearisation (use --server-estimate exact)")
         _one_of(self.linear_on, LINEAR_PLACEMENTS, label("linear_on"))
         check_micro_batch(self.client_micro_batch, label("client_micro_batch"))
 

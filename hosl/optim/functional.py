@@ -50,6 +50,22 @@ def projected_gradients(
     return [(lp - clean_loss) / eps for lp in losses_plus]
 
 
+def loss_spread_scaled(grads: Sequence[float], perturbed_losses: Sequence[float]) -> list[float]:
+    """FZOO's normalised step (Dang et al., "FZOO", arXiv 2506.09034): ``g_q / sigma``, ``sigma`` the
+    sample standard deviation (n - 1) of the step's perturbed losses. The step then moves by about
+    ``lr`` per direction whatever the loss's scale: larger where the loss is flat, smaller where it
+    is steep (normalised SGD). ``sigma`` 0 or not finite (every perturbed loss equal, or a NaN): NaN
+    grads, so the finite guard skips the update and counts it."""
+    n = len(perturbed_losses)
+    if n < 2:
+        raise ValueError(f"the loss spread needs at least 2 perturbed losses, got {n}")
+    mean = math.fsum(perturbed_losses) / n
+    sigma = math.sqrt(math.fsum((v - mean) ** 2 for v in perturbed_losses) / (n - 1))
+    if not (math.isfinite(sigma) and sigma > 0.0):
+        return [math.nan] * len(grads)
+    return [g / sigma for g in grads]
+
+
 def all_finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 

@@ -151,10 +151,15 @@ class ZerothOrderBase(torch.optim.Optimizer):
         return [(s, sign) for s in seeds for sign in signs]
 
     def estimate(self, losses: Sequence[float], clean_loss: float | None) -> list[float]:
+        """``g_q`` from the losses at :meth:`points` (``step_scale="loss-std"``: divided by their spread)."""
         eps = self.param_groups[0]["eps"]
         if self.difference == "central":
-            return F.projected_gradients(losses[0::2], losses[1::2], eps)
-        return F.projected_gradients(losses, None, eps, clean_loss)
+            grads = F.projected_gradients(losses[0::2], losses[1::2], eps)
+        else:
+            grads = F.projected_gradients(losses, None, eps, clean_loss)
+        if self.config.step_scale == "loss-std":
+            grads = F.loss_spread_scaled(grads, losses)
+        return grads
 
     def group_grads(self, grads: Sequence[float]) -> list[list[float]]:
         """Each param group's ``g_q``: ``grads`` are ``(L+ - L-) / (2 eps_0)`` (group 0's eps); a
