@@ -57,6 +57,8 @@ def read_config_file(path: str) -> dict:
         text = file.read_text()
     except OSError as exc:
         raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a JSON or YAML file (not UTF-8 text)") from None
     try:
         if file.suffix.lower() in (".yaml", ".yml"):
             import yaml

@@ -222,7 +222,7 @@ def _config_of(folder: Path):
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ExportError(f"{folder} is not a hosl run folder: no config.json") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise ExportError(f"{path}: not readable as JSON ({exc})") from None
     if not isinstance(raw, dict) or "model" not in raw or "cut" not in raw:
         raise ExportError(f"{path} is not a hosl run configuration (no model/cut)")
