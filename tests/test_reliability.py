@@ -556,3 +556,11 @@ def test_a_pickle_payload_in_the_fleet_update_log_is_refused_naming_it(tmp_path)
     with pytest.raises(ValueError, match=str(log)):
         UpdateLog(log)
     assert not marker.exists()
+
+
+def test_a_too_short_max_length_is_refused_before_out_is_written(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, data, "--max-length", "1")) == 2
+    assert "--max-length 1" in _one_error_line(capsys)
+    assert not out.exists()
+    assert main(_args(out, data)) == 0  # the corrected command is not blocked by a stub
