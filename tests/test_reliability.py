@@ -564,3 +564,16 @@ def test_a_too_short_max_length_is_refused_before_out_is_written(data, tmp_path,
     assert "--max-length 1" in _one_error_line(capsys)
     assert not out.exists()
     assert main(_args(out, data)) == 0  # the corrected command is not blocked by a stub
+
+
+def test_export_without_latest_falls_back_to_the_newest_intact_checkpoint(base_run, tmp_path, capsys):
+    run = _copy(base_run, tmp_path)
+    good = run / "checkpoints" / "step-2"
+    bad = run / "checkpoints" / "step-3"
+    shutil.copytree(good, bad)
+    (bad / "client.safetensors").write_bytes(b"")  # zero bytes
+    (run / "checkpoints" / "latest").unlink()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert "latest is missing" in err and "skipping step-3" in err
+    assert json.loads((tmp_path / "hf" / "hosl_export.json").read_text())["step"] == 2
