@@ -7,6 +7,7 @@ parser code back (``tests/test_training_structure.py`` checks hosl has no import
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_data_args(p: argparse.ArgumentParser, d) -> None:
@@ -45,8 +46,14 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
                         "config.json, which reproduces that run); flags given on the command line win")
 
 
+# Settings that say what this one command does to --out, not how the run trains: taken from the
+# command line only (a run's config.json records "overwrite": true when that run was started with it).
+ONE_SHOT = ("resume", "overwrite", "overrides")
+
+
 def read_config_file(path: str) -> dict:
-    """{TrainConfig field: value} from a .json/.yaml file; a one-line ValueError for anything else."""
+    """{TrainConfig field: value} from a .json/.yaml file, less the ``ONE_SHOT`` settings; a one-line
+    ValueError for anything else."""
     from dataclasses import fields
     from pathlib import Path
 
@@ -57,6 +64,8 @@ def read_config_file(path: str) -> dict:
         text = file.read_text()
     except OSError as exc:
         raise ValueError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a JSON or YAML file (not UTF-8 text)") from None
     try:
         if file.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -78,6 +87,11 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown[:5]))}; the keys are "
                          "TrainConfig's field names (hosl/training/config.py; the ZO options' come from ZOConfig in "
                          "hosl/optim/config.py), as in a run's config.json")
+    for key in ONE_SHOT:  # a run's config.json records them: never let a file resume or replace a run
+        if values.pop(key, None):
+            flag = "--override" if key == "overrides" else f"--{key}"
+            print(f"[hosl] --config {path}: {key} is not taken from a config file; pass {flag} if you mean it",
+                  file=sys.stderr)
     return values
 
 

@@ -17,7 +17,8 @@ and a ``PeftModel`` over it whose adapters are the halves'; ``peft_model.save_pr
 a PEFT adapter folder.
 
 ``export_run(run, out)`` (``hosl export RUN --out DIR``) rebuilds a run's model from its
-``config.json`` exactly as training did, loads its latest checkpoint (a two-process run's
+``config.json`` exactly as training did, loads its latest checkpoint (the one ``--resume`` would
+pick: ``checkpoints/latest``, or the newest intact one when that is missing; a two-process run's
 ``client/`` and ``server/`` halves at the same step), and writes:
 
 * a full fine-tuning run: ``DIR`` is one model folder (``save_pretrained``, the tokenizer,
@@ -222,7 +223,7 @@ def _config_of(folder: Path):
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ExportError(f"{folder} is not a hosl run folder: no config.json") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
         raise ExportError(f"{path}: not readable as JSON ({exc})") from None
     if not isinstance(raw, dict) or "model" not in raw or "cut" not in raw:
         raise ExportError(f"{path} is not a hosl run configuration (no model/cut)")
@@ -233,10 +234,22 @@ def _config_of(folder: Path):
     return cfg
 
 
+def _newest(folder: Path, names: list[str]) -> Path | None:
+    """The checkpoint ``--resume`` would pick in ``folder``: ``latest``, or when that is missing or
+    dangling the newest one that verifies (``find_resumable``; its notes are shown)."""
+    from hosl.training import checkpoint as ckpt
+    from hosl.training.run import say
+
+    path, notes = ckpt.find_resumable(folder, names)
+    for note in notes:
+        say(note)
+    return path
+
+
 def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
     """(config, {"client": checkpoint folder, "server": checkpoint folder}, step) of the newest
-    checkpoint of ``run``: a one-process run folder, or a two-process ``--out`` with ``client/`` and
-    ``server/``."""
+    checkpoint of ``run`` (the one ``--resume`` would pick): a one-process run folder, or a
+    two-process ``--out`` with ``client/`` and ``server/``."""
     from hosl.training import checkpoint as ckpt
 
     run = Path(run)
@@ -244,7 +257,7 @@ def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
         raise ExportError(f"run folder {run} does not exist or is not a folder")
     if (run / "client" / "config.json").exists() and (run / "server").is_dir():
         cfg = _config_of(run / "client")
-        latest = ckpt.latest_checkpoint(run / "client")
+        latest = _newest(run / "client", ["client"])
         if latest is None:
             raise ExportError(f"{run / 'client'} holds no checkpoint yet (one is written at each evaluation)")
         step = int(latest.name.split("-")[1])
@@ -253,7 +266,7 @@ def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
             raise ExportError(f"{run / 'server'} has no checkpoint for step {step}, the client's latest")
         return cfg, {"client": latest, "server": server}, step
     cfg = _config_of(run)
-    latest = ckpt.latest_checkpoint(run)
+    latest = _newest(run, [])  # both halves are checked next, with a hint for a two-process run's client/
     if latest is None:
         raise ExportError(f"{run} holds no checkpoint yet (one is written at each evaluation; "
                           "an interrupted run keeps its last one)")

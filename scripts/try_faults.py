@@ -88,6 +88,8 @@ def _records(run: Path) -> list[dict]:
 
 
 def run_all(t: Trial) -> None:
+    import torch
+
     from hosl.training import checkpoint as ckpt
 
     # -- resume -------------------------------------------------------------------------------------
@@ -103,9 +105,7 @@ def run_all(t: Trial) -> None:
     d = t.copy("override-lr")
 
     def lr_used():
-        import torch
-
-        state = torch.load(d / "checkpoints" / "step-4" / "state.pt", weights_only=False)
+        state = torch.load(d / "checkpoints" / "step-4" / "state.pt", weights_only=True)
         lr = state["server_half"]["optimizer"]["param_groups"][0]["lr"]
         kept = (d / "config.json").read_text() == (t.base / "config.json").read_text()
         return f"server trained at lr {lr}; config.json {'unchanged' if kept else 'CHANGED'}; resumes.jsonl records it"
@@ -143,6 +143,26 @@ def run_all(t: Trial) -> None:
     save_file(tensors, str(file), metadata={ckpt.CONTENTS_KEY: "full"})
     ckpt._write_checksums(file.parent)  # a NaN written by training itself: its checksum matches
     t.attempt("one NaN in `server.safetensors`, checksum matching", t.args(d, "--resume", steps=4), d)
+    marker = t.root / "payload-ran"
+
+    class Payload:  # unpickling it creates ``marker``: the file appears if the unpickler runs code
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    def payload_ran():
+        return "the payload did not run" if not marker.exists() else "**the payload ran**"
+
+    for command in ("--resume", "export"):
+        d = t.copy(f"payload-{command.strip('-')}")
+        file = d / "checkpoints" / "step-2" / "state.pt"
+        torch.save({**torch.load(file, weights_only=True), "evals": Payload()}, file)
+        ckpt._write_checksums(file.parent)  # anyone who can edit the folder can update the checksums
+        argv = t.args(d, "--resume", steps=4) if command == "--resume" else ["export", str(d), "--out", str(d) + "-hf"]
+        t.attempt(f"pickle payload in `state.pt`, checksums updated, `{command}`", argv, d, check=payload_ran)
+    d = t.copy("export-no-latest")
+    (d / "checkpoints" / "latest").unlink()
+    t.attempt("`checkpoints/latest` missing, `export`", ["export", str(d), "--out", str(d) + "-hf"],
+              check=lambda: f"exported step {json.loads(Path(str(d) + '-hf', 'hosl_export.json').read_text())['step']}")
 
     # -- run folders ----------------------------------------------------------------------------------
     user = t.root / "user"
@@ -161,6 +181,11 @@ def run_all(t: Trial) -> None:
     t.attempt("`--out` is below a file", t.args(file / "run"), file)
     d = t.copy("both")
     t.attempt("`--resume --overwrite`", t.args(d, "--resume", "--overwrite"), d)
+    d, started = t.copy("config-target"), t.root / "started-with-overwrite"
+    assert t.call(t.args(started, "--overwrite"))[0] == 0  # its config.json records "overwrite": true
+    t.attempt("`--config` of a run started with `--overwrite`, `--out` another run", ["train", "--config",
+              str(started / "config.json"), "--out", str(d), "--data-dir", str(t.data), "--no-progress"], d)
+    t.attempt("`--max-length 1` (`--out` new)", t.args(t.root / "short", "--max-length", "1"), t.root / "short")
 
     # -- arguments ------------------------------------------------------------------------------------
     for flag in ("--lr-server", "--momentum", "--lr-client", "--eps", "--weight-decay", "--zo-momentum"):
@@ -187,7 +212,7 @@ def markdown(rows: list[dict]) -> str:
     out = ["| fault | exit | what the user sees | run folder |", "|---|---|---|---|"]
     for r in rows:
         folder = "-" if r["folder_unchanged"] is None else ("unchanged" if r["folder_unchanged"] else "**changed**")
-        said = r["message"] or r["outcome"]
+        said = "; ".join(text for text in (r["message"], r["outcome"]) if text)
         if r["traceback"]:
             said = "**traceback** " + said
         out.append(f"| {r['fault']} | {r['exit']} | {said.replace('|', '/')} | {folder} |")

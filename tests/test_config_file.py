@@ -63,3 +63,26 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, name, text, mess
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_config_file_never_resumes_or_replaces_a_run(tmp_path, capsys):
+    """A run started with --overwrite records "overwrite": true in its config.json; fed back with
+    --config it must not replace another run (nor resume one, nor bring --override along)."""
+    from hosl.training.config import TrainConfig
+
+    config = tmp_path / "A" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TrainConfig(model="tiny-opt", overwrite=True, resume=True,
+                                             overrides=["lr_server"]).to_dict()))
+    cfg = _config(["train", "--config", str(config)])
+    assert (cfg.overwrite, cfg.resume, cfg.overrides) == (False, False, [])
+    assert "overwrite is not taken from a config file" in capsys.readouterr().err
+    assert _config(["train", "--config", str(config), "--overwrite"]).overwrite  # the flag itself still works
+    other = tmp_path / "B"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(TrainConfig(out=str(other)).to_dict()))
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    assert main(["train", "--config", str(config), "--out", str(other)]) == 2
+    assert "already holds a hosl run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before

@@ -4,6 +4,7 @@ are never clobbered, and bad input that ends in one clear line (exit 2) instead 
 Runs use ``tiny-opt`` on a small synthetic SST-2 folder, so no test needs the shared data."""
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -470,3 +471,109 @@ def test_server_process_resume_uses_this_processes_learning_rate(tmp_path, mode)
         assert [g["lr"] for g in resumed.zo.param_groups] == [2e-4]
     else:
         assert [g["lr"] for g in resumed.optimizer.param_groups] == [0.05]
+
+
+# -- 8. files a run folder or a user hands hosl run no code ----------------------------------------------
+class _Payload:
+    """Unpickling this calls ``open(path, "w")``: the file appears if the unpickler runs code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+# file of the run folder holding the payload -> exit status of (--resume, export)
+PLANTED = {
+    "checkpoints/step-2/state.pt": (2, 2),
+    "checkpoints/step-2/client.safetensors": (2, 2),
+    "checkpoints/step-2/checksums.json": (2, 2),
+    "checkpoints/latest": (0, 0),  # names nothing, as if missing: the newest intact checkpoint is used
+    "config.json": (2, 2),
+    "metrics.jsonl": (2, 0),  # export does not read it
+}
+
+
+def _plant(run: Path, name: str, marker: Path) -> Path:
+    """A pickle payload in the run folder's file ``name``; a checkpoint's checksums updated, as anyone
+    who can edit the folder can."""
+    file = run / name
+    if file.name == ckpt.STATE:
+        state = torch.load(file, weights_only=True)
+        torch.save({**state, "evals": _Payload(marker)}, file)
+    else:
+        file.write_bytes(pickle.dumps(_Payload(marker)))
+    if file.parent.name == "step-2" and file.name != ckpt.CHECKSUMS:
+        ckpt._write_checksums(file.parent)
+        ckpt.verify(file.parent, ["client", "server"])  # the checksums pass
+    return file
+
+
+@pytest.mark.parametrize("command", ["resume", "export"])
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_a_pickle_payload_in_a_run_folder_never_runs(base_run, data, tmp_path, capsys, command, name):
+    run, marker, exported = _copy(base_run, tmp_path), tmp_path / "payload-ran", tmp_path / "hf"
+    file = _plant(run, name, marker)
+    before = _snapshot(run)
+    argv = _args(run, data, "--resume", steps=4) if command == "resume" else ["export", str(run), "--out", str(exported)]
+    code = main(argv)
+    assert code == PLANTED[name][command == "export"]
+    assert not marker.exists()
+    if code == 2:
+        line = _one_error_line(capsys)
+        named = "config.json is not a hosl configuration" if (name, command) == ("config.json", "resume") else str(file)
+        assert named in line, line
+        assert _snapshot(run) == before and not exported.exists()
+    if file.name == ckpt.STATE:
+        assert "io.open" in line
+        torch.load(file, weights_only=False).get("evals").close()  # what hosl loaded before: the payload is real
+        assert marker.exists()
+
+
+def test_a_state_a_safe_load_would_refuse_is_refused_when_saved(tmp_path):
+    from fractions import Fraction
+
+    with pytest.raises(TypeError, match="fractions.Fraction"):
+        ckpt.save_checkpoint(tmp_path, 1, {"client": nn.Linear(2, 2)}, {"step": 1, "seconds": Fraction(1, 2)})
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_yaml_config_with_a_python_tag_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny-opt\nnotes: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "not valid YAML" in _one_error_line(capsys)
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_pickle_payload_in_the_fleet_update_log_is_refused_naming_it(tmp_path):
+    from hosl.training.fleet_log import UpdateLog
+
+    marker, log = tmp_path / "payload-ran", tmp_path / "fleet_log.jsonl"
+    log.write_bytes(pickle.dumps(_Payload(marker)) + b"\n" + json.dumps({"step": 1, "updates": []}).encode() + b"\n")
+    with pytest.raises(ValueError, match=str(log)):
+        UpdateLog(log)
+    assert not marker.exists()
+
+
+def test_a_too_short_max_length_is_refused_before_out_is_written(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, data, "--max-length", "1")) == 2
+    assert "--max-length 1" in _one_error_line(capsys)
+    assert not out.exists()
+    assert main(_args(out, data)) == 0  # the corrected command is not blocked by a stub
+
+
+def test_export_without_latest_falls_back_to_the_newest_intact_checkpoint(base_run, tmp_path, capsys):
+    run = _copy(base_run, tmp_path)
+    good = run / "checkpoints" / "step-2"
+    bad = run / "checkpoints" / "step-3"
+    shutil.copytree(good, bad)
+    (bad / "client.safetensors").write_bytes(b"")  # zero bytes
+    (run / "checkpoints" / "latest").unlink()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert "latest is missing" in err and "skipping step-3" in err
+    assert json.loads((tmp_path / "hf" / "hosl_export.json").read_text())["step"] == 2

@@ -50,6 +50,19 @@ def make_collate_fn(
     raise ValueError(f"unknown model_kind {model_kind!r}; use one of {MODEL_KINDS}")
 
 
+def check_encodable(data, tokenizer, model_kind: str, max_length: int, chunk: int = 64) -> None:
+    """Encode every example once as training (``data.train``, gold answer) and evaluation
+    (``data.eval``, every option) will, so that a ``max_length`` they cannot fit is refused before a
+    run writes anything; raises the encoder's ``ValueError``, naming the set."""
+    for name, examples, options in (("training", data.train, "gold"), ("evaluation", data.eval, "all")):
+        collate = make_collate_fn(data.template, tokenizer, model_kind, max_length, options=options)
+        try:
+            for start in range(0, len(examples), chunk):
+                collate(examples[start : start + chunk])
+        except ValueError as exc:
+            raise ValueError(f"--max-length {max_length}: the {name} examples do not fit ({exc})") from None
+
+
 def _logits_of(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 

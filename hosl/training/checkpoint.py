@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -108,6 +110,12 @@ def save_checkpoint(run_dir: Path, step: int, modules: Mapping[str, torch.nn.Mod
         save_file(_tensors(module, trainable_only), str(tmp / f"{name}.safetensors"),
                   metadata={CONTENTS_KEY: "trainable" if trainable_only else "full"})
     torch.save(state, tmp / STATE)
+    try:  # a state that read_state would refuse fails here, at the first save, not at the resume
+        torch.load(tmp / STATE, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TypeError(f"the checkpoint state holds {_refused(exc)}, which read_state would refuse; a state holds "
+                        "tensors, numbers, strings and containers of them only") from None
     _write_checksums(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -137,6 +145,9 @@ def verify(path: Path, names: list[str] | None = None) -> list[str]:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{manifest} is damaged ({exc.__class__.__name__}: {exc}); the checkpoint cannot be "
                               "verified") from None
+    for name in expected:
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"{manifest} lists {name!r}, which is not a file of the checkpoint folder")
     for name in needed:
         if name not in expected:
             raise CheckpointError(f"{path / name} is not listed in {manifest}; the checkpoint cannot be verified")
@@ -167,12 +178,27 @@ def _non_finite_tensors(value, where: str = "") -> Iterator[str]:
             yield from _non_finite_tensors(v, f"{where}[{i}]")
 
 
+def _refused(exc: pickle.UnpicklingError) -> str:
+    """What torch's restricted unpickler (``weights_only=True``) refused, from its message."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    return f"a reference to {found.group(1)}" if found else "objects other than tensors, numbers and strings"
+
+
 def read_state(path: Path) -> dict:
-    """``state.pt`` of checkpoint folder ``path`` (call ``verify`` first); refuses NaN/Inf in it."""
+    """``state.pt`` of checkpoint folder ``path`` (call ``verify`` first); refuses NaN/Inf in it.
+
+    Loaded with ``weights_only=True``: torch's restricted unpickler builds tensors, numbers, strings
+    and containers only, and refuses any other class or function, so a planted pickle payload runs
+    nothing (a checksum does not stop it: anyone who can edit the folder can rewrite checksums.json).
+    hosl's state holds nothing else (``save_checkpoint`` checks as it writes)."""
     file = Path(path) / STATE
     try:
-        state = torch.load(file, weights_only=False)
-    except Exception as exc:  # pickle/zip errors of a damaged file come in many classes
+        state = torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:  # what the restricted unpickler raises for anything it refuses
+        raise CheckpointError(f"{file} holds {_refused(exc)}, which a checkpoint state may not: loading it could run "
+                              "code, so it is refused (hosl writes tensors, numbers and strings only); move "
+                              f"{Path(path).name} away to fall back to an older checkpoint, or start the run again") from None
+    except Exception as exc:  # zip errors of a damaged file come in many classes
         raise CheckpointError(f"{file} cannot be read ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} does not hold a checkpoint state (found {type(state).__name__})")
@@ -240,8 +266,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    return path if path.is_dir() and _step_of(path) is not None else None
+    try:
+        path = root / pointer.read_text().strip()
+        return path if path.is_dir() and _step_of(path) is not None else None
+    except ValueError:  # not UTF-8 text, or a NUL byte in it: as if it named nothing
+        return None
 
 
 def find_resumable(run_dir: Path, names: list[str]) -> tuple[Path | None, list[str]]:

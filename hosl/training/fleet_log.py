@@ -27,7 +27,10 @@ class UpdateLog:
             self._read()
 
     def _read(self) -> None:
-        lines = self.path.read_text().splitlines()
+        try:
+            lines = self.path.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.path} is not an update log: it is not UTF-8 text") from None
         for n, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)

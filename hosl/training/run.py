@@ -30,6 +30,7 @@ from hosl.models.architectures import is_encoder
 from hosl.models.lora import apply_lora, lora_layers
 from hosl.tasks import ShuffledBatches, TaskData, classification_loss, lm_answer_loss, make_collate_fn
 from hosl.tasks.custom import configured_num_labels, sample_configured_task
+from hosl.tasks.evaluation import check_encodable
 from hosl.training import checkpoint as ckpt
 from hosl.training import run_folder
 from hosl.training.config import TrainConfig
@@ -172,6 +173,7 @@ def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = N
     for note in data.notes:
         say(note)
     model_kind, tokenizer, client, server = load_split_model(cfg, data)
+    check_encodable(data, tokenizer, model_kind, cfg.max_length)  # now, not at the first batch, after --out is written
     hp, loss_of, dropout_on = hyper(cfg), loss_fn(model_kind), train_dropout(cfg)
     half = link = None
     if remote:

@@ -203,7 +203,10 @@ def metrics_up_to(path: Path, step: int) -> list[str]:
     """metrics.jsonl lines of steps <= ``step`` (a torn last line, from a kill mid-write, is dropped)."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path} is not UTF-8 text; fix or remove it to resume") from None
     kept = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
