@@ -23,7 +23,11 @@ can move). Every row also gives GB/s counted as one read and one write of each w
 that touches each weight once moves) and ``roof_fraction`` = hosl GB/s / roof GB/s.
 Rows of a second backend are named ``<case>[<backend>]``.
 
+The table's header and the JSON's ``meta`` name the CPU model and the SIMD variant (``cpu_isa``:
+avx512 / avx2 / scalar) the C++ kernels ran; ``--isa`` forces one (the CPU must support it).
+
     python benchmarks/direction_kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
+    python benchmarks/direction_kernels.py --isa scalar --json scalar.json   # force a SIMD variant of hosl._C
     python benchmarks/direction_kernels.py --device cuda --json gpu.json [--numel 16777216 --repeats 20]
     TRITON_INTERPRET=1 python benchmarks/direction_kernels.py --backends cpu,triton --numel 4096 --tensors 2 --repeats 1
 """
@@ -87,6 +91,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default=None,
                         help="comma-separated hosl backends to time (default: cpu on cpu, cuda,triton on cuda; "
                              "triton on cpu needs TRITON_INTERPRET=1)")
+    parser.add_argument("--isa", default=None, choices=("avx512", "avx2", "scalar"),
+                        help="SIMD variant of the C++ CPU kernels (default: the best this CPU supports, "
+                             "or HOSL_CPU_ISA)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
@@ -96,6 +103,14 @@ def main(argv=None) -> dict:
     from hosl.ops.backends import cpu as cpu_backend
 
     via = "hosl.ops (public API, backend=...)"
+    if args.isa is not None:
+        if not cpu_backend.is_available():
+            parser.error(f"--isa: the C++ CPU kernels are not built ({cpu_backend.unavailable_reason()})")
+        if args.isa not in cpu_backend.supported_isas():
+            parser.error(f"--isa {args.isa}: this CPU supports only {', '.join(cpu_backend.supported_isas())}")
+        from hosl import _C
+
+        _C.set_isa(args.isa)
 
     missing = [b for b in backends if b not in available_backends()]
     if missing:
@@ -204,7 +219,8 @@ def main(argv=None) -> dict:
         row["roof_fraction"] = row["hosl_gbps"] / row["roof_gbps"]
         results[name] = row
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    cpu_model = cpu_backend.cpu_model()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model
     results["meta"] = {
         "elements": n,
         "tensors": args.tensors,
@@ -217,13 +233,14 @@ def main(argv=None) -> dict:
         "via": via,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model,
         "roof": "dst.copy_(src)" if args.device == "cuda" else "add_ of two tensors (torch.add(out=) for *_out)",
         "gbps_counts": "2 x element bytes per element (one read, one write)",
         "timing": f"min of {args.repeats} after a warm-up" + (", torch.cuda.Event" if args.device == "cuda" else ""),
     }
 
     where = (f"{device_name}" if args.device == "cuda"
-             else f"1 thread, CPU variant {results['meta']['cpu_isa']}")
+             else f"1 thread, CPU variant {results['meta']['cpu_isa']}, {cpu_model}")
     print(f"hosl kernels, {n / 2**20:.0f}M float32 elements in {args.tensors} tensors, {where}, via {via}")
     print(f"{'op':<31} {'hosl ns/el':>11} {'MeZO ns/el':>11} {'roof ns/el':>11} {'MeZO/hosl':>10} {'hosl/roof':>10} "
           f"{'hosl GB/s':>10} {'of roof':>8}")

@@ -156,7 +156,11 @@ HOSL_HOST_DEVICE Philox4 philox4x32_10(uint64_t n, uint32_t k0, uint32_t k1) {
 
 // ---------------------------------------------------------------------------------------------
 // The float part of spec.py. Every line is one rounded float32 operation, in spec order.
-// Written branch-free (selects, bit ops) so that host loops over it auto-vectorise.
+// Written branch-free (selects, bit ops) so that host loops over it auto-vectorise. A select may
+// pick between values but not decide whether a float operation runs (`c ? a * b : a`): without
+// AVX-512 masking GCC refuses to if-convert such a loop (under the default -ftrapping-math the
+// multiply might trap), and the AVX2 and baseline CPU builds of the whole loop stay scalar.
+// tests/test_cpu_isa.py checks the AVX2 build's disassembly for 8-wide divides and square roots.
 // ---------------------------------------------------------------------------------------------
 
 // ((word >> 9) + 0.5) * 2^-23: exact, strictly inside (0, 1).
@@ -171,7 +175,11 @@ HOSL_HOST_DEVICE float log_open(float u) {
   int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127;
   float m = float_of((bits & 0x7FFFFFu) | 0x3F800000u);  // in [1, 2)
   const bool big = m > kSqrt2;
-  m = big ? fmul(m, 0.5f) : m;
+  // The spec's m * 0.5 for m in (sqrt(2), 2): exact, so it is the exponent field minus one, the
+  // same bits. Done on the integer bits because a conditional float multiply kept the AVX2 and
+  // baseline builds of the whole Box-Muller loop scalar (see above); computing the product
+  // unconditionally and selecting does not help, GCC sinks it back under the condition.
+  m = float_of(bits_of(m) - (big ? 0x00800000u : 0u));
   e = big ? e + 1 : e;
   const float ef = static_cast<float>(e);
   const float s = fdiv(fsub(m, 1.0f), fadd(m, 1.0f));

@@ -213,6 +213,11 @@ def _cmd_info(args) -> int:
     print(f"backends available: {', '.join(ops.available_backends())}")
     for name, why in ops.unavailable_reasons().items():
         print(f"  {name}: not available ({why})")
+    from hosl.ops.backends import cpu
+
+    if cpu.is_available():  # which SIMD variant the C++ kernels run (HOSL_CPU_ISA can lower it)
+        print(f"cpu kernels: ISA {cpu.isa()} (this CPU supports: {', '.join(cpu.supported_isas())}) "
+              f"on {cpu.cpu_model()}")
     return 0
 
 

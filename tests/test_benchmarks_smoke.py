@@ -76,3 +76,18 @@ def test_kernel_script_small(tmp_path, script):
         assert all(math.isfinite(row[k]) and row[k] > 0 for k in ("hosl_ns", "mezo_ns", "roof_ns")), case
         assert row["speedup_vs_mezo"] == pytest.approx(row["mezo_ns"] / row["hosl_ns"], rel=1e-12)
         assert row["hosl_over_roof"] == pytest.approx(row["hosl_ns"] / row["roof_ns"], rel=1e-12)
+
+
+def test_kernel_script_names_cpu_model_and_forced_isa(tmp_path):
+    """--isa forces the SIMD variant of the C++ kernels; meta (and so docs/results.md rows) names it
+    and the CPU model."""
+    cpu = pytest.importorskip("hosl.ops.backends.cpu")
+    if not cpu.is_available():
+        pytest.skip(cpu.unavailable_reason())
+    out = tmp_path / "kernels.json"
+    run_script("direction_kernels.py", "--isa", "scalar", "--numel", "1000", "--tensors", "1", "--repeats", "1",
+               "--json", str(out))
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["cpu_isa"] == "scalar"
+    assert meta["cpu_model"] == cpu.cpu_model() and meta["cpu_model"]
+    assert meta["threads"] == 1

@@ -6,7 +6,9 @@
 //     kTile/4 Philox counters.
 //   * Per tile: (1) Philox4x32-10 for the tile's counters into four word arrays (SIMD intrinsics:
 //     GCC vectorises the 32x32->64-bit multiply badly on its own); (2) the float part of the spec
-//     (hosl_direction.h, auto-vectorised) into a float buffer of normals; (3) a per-dtype loop
+//     (hosl_direction.h, auto-vectorised in every variant: 8 floats wide under AVX2, 16 under
+//     AVX-512, 4 in the SSE2 baseline; it stays so only while that code has no conditional float
+//     operation, see hosl_direction.h) into a float buffer of normals; (3) a per-dtype loop
 //     that combines the normals with the weights and stores.
 //   * zo_update keeps a float32 accumulator per tile and adds all Q directions to it before the
 //     single store, so weights are read and written once whatever Q is.

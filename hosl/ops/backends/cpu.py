@@ -22,9 +22,37 @@ def unavailable_reason() -> str:
     return _IMPORT_ERROR
 
 
+ISAS = ("avx512", "avx2", "scalar")  # the SIMD variants of hosl._C, best first
+
+
 def isa() -> str:
     """The SIMD variant in use: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
     return _C.isa()
+
+
+def supported_isas() -> list[str]:
+    """The SIMD variants this CPU can run (best first); the one in use is left in place."""
+    current = _C.isa()
+    try:
+        return [name for name in ISAS if _C.set_isa(name)]
+    finally:
+        _C.set_isa(current)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name": /proc/cpuinfo on Linux), else what
+    ``platform`` knows; needs no compiled extension."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 _backend = CompiledBackend(_C)
