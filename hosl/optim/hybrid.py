@@ -138,17 +138,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
                 with self.perturbed(seed, sign):
                     activations.append(client_fn().detach())
             with torch.no_grad():
-                if len(chunk) == 1:
-                    losses.append(float(scalar_loss(server_loss_fn(activations[0]), "server_loss_fn")))
-                    continue
-                out = server_loss_fn(torch.cat(activations, dim=0))
-            if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),):
-                raise ValueError(
-                    f"with server_batch={self.server_batch}, server_loss_fn must return one loss per copy "
-                    f"(shape [{len(chunk)}]) for {len(chunk)} concatenated activations, got "
-                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-                )
-            losses.extend(out.float().tolist())
+                out = server_loss_fn(activations[0] if len(chunk) == 1 else torch.cat(activations, dim=0))
+            losses.extend(batch_losses(out, len(chunk), "server_loss_fn", f"server_batch={self.server_batch}"))
             del activations
         return losses
 
@@ -158,7 +149,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
         for chunk, h in self._perturbed_activations(client_fn, points):
             with torch.no_grad():
                 out = server_loss_fn(h)
-            losses.extend(batch_losses(out, len(chunk), "server_loss_fn", self.query_batch))
+            losses.extend(batch_losses(out, len(chunk), "server_loss_fn", f"query_batch={self.query_batch!r}"))
         return losses
 
     def _linear_server(self, h: torch.Tensor, server_loss_fn) -> LE.LinearServer:

@@ -63,7 +63,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             chunk = points[i : i + d]
             with self.batched(chunk):
                 out = loss_fn()
-            losses.extend(batch_losses(out, len(chunk), "loss_fn", self.query_batch))
+            losses.extend(batch_losses(out, len(chunk), "loss_fn", f"query_batch={self.query_batch!r}"))
         return losses
 
     def step(self, loss_fn: Callable[[], torch.Tensor]):
