@@ -153,23 +153,32 @@ def _box_muller(radius_word: torch.Tensor, angle_word: torch.Tensor):
     return r * cos_t, r * sin_t
 
 
-def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
-    """Coordinates ``offset .. offset+numel-1`` of the direction ``z(seed)``, float32, on CPU."""
+def _check_coordinates(seed: int, numel: int, offset: int) -> None:
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
     if numel < 0 or offset < 0 or offset + numel > SEED_LIMIT:
         raise ValueError(f"coordinates offset={offset}, numel={numel} must lie in [0, 2**64)")
+
+
+def _philox_words(seed: int, first: int, last: int) -> tuple[torch.Tensor, ...]:
+    """The four Philox output words ``x0..x3`` of counters ``n = first .. last`` under key ``seed``,
+    one tensor each."""
+    n = torch.arange(last - first + 1, dtype=torch.int64)
+    # counters above 2**63 do not fit int64: add the base in 32-bit halves
+    lo = n + (first & _MASK32)
+    c0 = lo & _MASK32
+    c1 = ((lo >> 32) + (first >> 32)) & _MASK32
+    zero = torch.zeros_like(c0)
+    return philox4x32_10((c0, c1, zero, zero), split_seed(seed))
+
+
+def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
+    """Coordinates ``offset .. offset+numel-1`` of the direction ``z(seed)``, float32, on CPU."""
+    _check_coordinates(seed, numel, offset)
     if numel == 0:
         return torch.empty(0, dtype=torch.float32)
     first, last = offset // 4, (offset + numel - 1) // 4
-    n = torch.arange(last - first + 1, dtype=torch.int64)
-    # counters above 2**63 do not fit int64: add the base in 32-bit halves
-    base_lo, base_hi = first & _MASK32, first >> 32
-    lo = n + base_lo
-    c0 = lo & _MASK32
-    c1 = ((lo >> 32) + base_hi) & _MASK32
-    zero = torch.zeros_like(c0)
-    x0, x1, x2, x3 = philox4x32_10((c0, c1, zero, zero), split_seed(seed))
+    x0, x1, x2, x3 = _philox_words(seed, first, last)
     z0, z1 = _box_muller(x0, x1)
     z2, z3 = _box_muller(x2, x3)
     z = torch.stack((z0, z1, z2, z3), dim=1).reshape(-1)
@@ -193,20 +202,12 @@ def rademacher_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor
     bit ``b % 32`` (least significant first) of word ``x_{b // 32}``. A 0 bit gives +1.0, a 1 bit
     -1.0. ``scale * z`` is then exactly ``+-scale``, so the float formulas of the ops are unchanged.
     """
-    if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
-    if numel < 0 or offset < 0 or offset + numel > SEED_LIMIT:
-        raise ValueError(f"coordinates offset={offset}, numel={numel} must lie in [0, 2**64)")
+    _check_coordinates(seed, numel, offset)
     if numel == 0:
         return torch.empty(0, dtype=torch.float32)
     per = RADEMACHER_COORDS_PER_COUNTER
     first, last = offset // per, (offset + numel - 1) // per
-    n = torch.arange(last - first + 1, dtype=torch.int64)
-    lo = n + (first & _MASK32)
-    c0 = lo & _MASK32
-    c1 = ((lo >> 32) + (first >> 32)) & _MASK32
-    zero = torch.zeros_like(c0)
-    words = torch.stack(philox4x32_10((c0, c1, zero, zero), split_seed(seed)), dim=1)  # [counters, 4]
+    words = torch.stack(_philox_words(seed, first, last), dim=1)  # [counters, 4]
     bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int64)) & 1                # [counters, 4, 32]
     z = (1 - 2 * bits).to(torch.float32).reshape(-1)
     start = offset - per * first

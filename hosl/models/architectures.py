@@ -30,7 +30,6 @@ from .bert import split_bert
 from .decoder import split_rotary_decoder
 from .gpt2 import split_gpt2
 from .halves import ClientHalf, ServerHalf
-from .llama import split_llama
 from .opt import split_opt
 
 ATTENTION_QV = ("q_proj", "v_proj")  # the attention projections the paper (and MeZO) adapt
@@ -73,8 +72,8 @@ def titles() -> str:
 
 for _arch in (
     Architecture("opt", "OPT", (OPTForCausalLM, OPTForSequenceClassification), split_opt, ATTENTION_QV),
-    Architecture("llama", "Llama (SmolLM2)", (LlamaForCausalLM, LlamaForSequenceClassification), split_llama,
-                 ATTENTION_QV),
+    Architecture("llama", "Llama (SmolLM2)", (LlamaForCausalLM, LlamaForSequenceClassification),
+                 split_rotary_decoder, ATTENTION_QV),
     Architecture("bert", "BERT (MiniLM)", (BertModel, BertForSequenceClassification), split_bert, ("query", "value"),
                  encoder=True),
     Architecture("qwen2", "Qwen2", (Qwen2ForCausalLM, Qwen2ForSequenceClassification), split_rotary_decoder,

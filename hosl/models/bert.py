@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.models.bert.modeling_bert import BertForSequenceClassification
 
-from hosl.models.compat import block_output, create_bidirectional_mask, create_causal_mask
+from hosl.models.compat import create_bidirectional_mask, create_causal_mask, run_layers
 
 from .halves import TASK_ENCODER, TASK_SEQUENCE_CLASSIFICATION, ClientHalf, ServerHalf, check_cut
 
@@ -42,10 +42,7 @@ class BertClient(ClientHalf):
     ) -> torch.Tensor:
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         if self.num_blocks:
-            mask = _self_attention_mask(self.config, hidden, attention_mask)
-            for layer in self.layers:
-                hidden = layer(hidden, mask)
-                hidden = block_output(hidden)
+            hidden = run_layers(self.layers, hidden, _self_attention_mask(self.config, hidden, attention_mask))
         return hidden
 
 
@@ -59,10 +56,7 @@ class BertServer(ServerHalf):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_blocks:
-            mask = _self_attention_mask(self.config, hidden, attention_mask)
-            for layer in self.layers:
-                hidden = layer(hidden, mask)
-                hidden = block_output(hidden)
+            hidden = run_layers(self.layers, hidden, _self_attention_mask(self.config, hidden, attention_mask))
         if self.task == TASK_ENCODER:
             return hidden
         return self.classifier(self.dropout(self.pooler(hidden)))

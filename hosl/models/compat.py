@@ -2,7 +2,7 @@
 
 Attention-mask builders (called the same way on every release) and the output of a decoder/encoder
 block (a tuple ``(hidden, ...)`` in early 5.x releases, the hidden states alone later:
-:func:`block_output`).
+:func:`block_output`, and :func:`run_layers`, which runs blocks in turn through it).
 
 The builders in ``transformers.masking_utils`` renamed their cache argument between releases
 (``past_key_values`` in earlier 5.x, ``cache`` later). The split halves never use a cache, so these
@@ -51,3 +51,11 @@ create_bidirectional_mask = _adapt(masking_utils.create_bidirectional_mask)
 def block_output(out):
     """The hidden states a transformer block returned: early 5.x releases return ``(hidden, ...)``."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def run_layers(layers, hidden, *args, **kwargs):
+    """``hidden`` through each block of ``layers`` in turn, every block called with the same extra
+    arguments (mask, positions, ...) and its output unwrapped by :func:`block_output`."""
+    for layer in layers:
+        hidden = block_output(layer(hidden, *args, **kwargs))
+    return hidden

@@ -1,18 +1,21 @@
 """Rotary-decoder halves for the families laid out as Llama (``model.{embed_tokens, rotary_emb,
-layers, norm}`` + ``lm_head`` or ``score``): Qwen2, Qwen3, Mistral and Gemma, causal LM and
-last-token sequence classification. Each ``forward`` mirrors the family's ``*Model.forward`` of
-transformers 5.x, so ``server(client(ids, mask), mask)`` is bit-identical to the unsplit model.
+layers, norm}`` + ``lm_head`` or ``score``): Llama (e.g. SmolLM2), Qwen2, Qwen3, Mistral and Gemma,
+causal LM and last-token sequence classification. Each half mirrors the family's ``*Model.forward``
+of transformers 5.x, so ``server(client(ids, mask), mask)`` is bit-identical to the unsplit model.
 
 What differs between the families is handled here, not assumed away:
   - the attention mask of each block: Qwen2/Qwen3 read ``config.layer_types`` (full or sliding
     window per block), Mistral uses a sliding-window mask on every block when
-    ``config.sliding_window`` is set, Gemma always a full causal mask;
+    ``config.sliding_window`` is set, Llama and Gemma always a full causal mask;
   - Gemma scales its embeddings inside ``embed_tokens`` (``GemmaTextScaledWordEmbedding``), so the
     client's embedding call already includes it.
 Positions are ``0..T-1`` whatever the padding, as these models build them when given no
-``position_ids``. The server holds its own copy of ``rotary_emb`` (buffers only) and, for a tied
-head, an untied copy of the embedding (see ``halves.untied_head_copy``). Llama itself keeps its
-own module (``llama.py``).
+``position_ids`` (so with left padding the real tokens do not start at position 0, as in HF).
+
+Client: ``embed_tokens``, ``rotary_emb`` (buffers only, no parameters) and layers ``[0, cut)``.
+Server: its own copy of ``rotary_emb`` (a few hundred floats; lets the halves live on different
+devices), layers ``[cut, L)``, ``norm`` and the head (``lm_head``, an untied copy of the embedding
+when tied as in SmolLM2, see ``halves.untied_head_copy``; or ``score``).
 """
 
 from __future__ import annotations
@@ -24,15 +27,7 @@ from torch import nn
 
 from hosl.models.compat import block_output, create_causal_mask, create_sliding_window_causal_mask
 
-from .halves import (
-    TASK_CAUSAL_LM,
-    TASK_SEQUENCE_CLASSIFICATION,
-    ClientHalf,
-    ServerHalf,
-    check_cut,
-    pool_last_token,
-    untied_head_copy,
-)
+from .halves import ClientHalf, DecoderServer, check_cut, decoder_task
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -73,35 +68,29 @@ class RotaryDecoderClient(ClientHalf):
         self.layers = nn.ModuleList(base.layers[:cut])
         self.mask_types = block_mask_types(model.config)[:cut]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        if self.num_blocks:
-            hidden = _run_blocks(self.config, self.rotary_emb, self.layers, self.mask_types, hidden, attention_mask)
-        return hidden
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_blocks(self.config, self.rotary_emb, self.layers, self.mask_types, hidden, attention_mask)
 
 
-class RotaryDecoderServer(ServerHalf):
+class RotaryDecoderServer(DecoderServer):
     def __init__(self, model, cut: int, task: str):
         base = model.model
         super().__init__(model.config, cut, list(base.layers[cut:]), task)
         self.rotary_emb = copy.deepcopy(base.rotary_emb)
         self.norm = base.norm
         self.mask_types = block_mask_types(model.config)[cut:]
-        if task == TASK_CAUSAL_LM:
-            self.lm_head = untied_head_copy(model.lm_head, base.embed_tokens)
-        else:
-            self.score = model.score
+        self.attach_head(model, base.embed_tokens)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_blocks:
-            hidden = _run_blocks(self.config, self.rotary_emb, self.layers, self.mask_types, hidden, attention_mask)
-        hidden = self.norm(hidden)
-        if self.task == TASK_CAUSAL_LM:
-            return self.lm_head(hidden)
-        return pool_last_token(self.score(hidden), attention_mask)
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_blocks(self.config, self.rotary_emb, self.layers, self.mask_types, hidden, attention_mask)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
 
 
 def split_rotary_decoder(model, cut: int) -> tuple[RotaryDecoderClient, RotaryDecoderServer]:
     cut = check_cut(cut, model.config.num_hidden_layers)
-    task = TASK_CAUSAL_LM if hasattr(model, "lm_head") else TASK_SEQUENCE_CLASSIFICATION
-    return RotaryDecoderClient(model, cut), RotaryDecoderServer(model, cut, task)
+    return RotaryDecoderClient(model, cut), RotaryDecoderServer(model, cut, decoder_task(model))

@@ -13,28 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hosl.models.compat import block_output, create_causal_mask
+from hosl.models.compat import create_causal_mask, run_layers
 
-from .halves import (
-    TASK_CAUSAL_LM,
-    TASK_SEQUENCE_CLASSIFICATION,
-    ClientHalf,
-    ServerHalf,
-    check_cut,
-    pool_last_token,
-    untied_head_copy,
-)
+from .halves import ClientHalf, DecoderServer, check_cut, decoder_task
 
 
 def _run_blocks(config, blocks, hidden, attention_mask):
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     causal_mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
                                      position_ids=position_ids)
-    for block in blocks:
-        hidden = block(hidden, None, causal_mask, None, encoder_attention_mask=None, use_cache=False,
-                       position_ids=position_ids)
-        hidden = block_output(hidden)
-    return hidden
+    return run_layers(blocks, hidden, None, causal_mask, None, encoder_attention_mask=None, use_cache=False,
+                      position_ids=position_ids)
 
 
 class GPT2Client(ClientHalf):
@@ -46,37 +35,31 @@ class GPT2Client(ClientHalf):
         self.drop = transformer.drop
         self.layers = nn.ModuleList(transformer.h[:cut])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         inputs_embeds = self.wte(input_ids)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        hidden = self.drop(inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device))
-        if self.num_blocks:
-            hidden = _run_blocks(self.config, self.layers, hidden, attention_mask)
-        return hidden
+        return self.drop(inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device))
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_blocks(self.config, self.layers, hidden, attention_mask)
 
 
-class GPT2Server(ServerHalf):
+class GPT2Server(DecoderServer):
     def __init__(self, model, cut: int, task: str):
         transformer = model.transformer
         super().__init__(model.config, cut, list(transformer.h[cut:]), task)
         self.ln_f = transformer.ln_f
-        if task == TASK_CAUSAL_LM:
-            self.lm_head = untied_head_copy(model.lm_head, transformer.wte)
-        else:
-            self.score = model.score
+        self.attach_head(model, transformer.wte)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_blocks:
-            hidden = _run_blocks(self.config, self.layers, hidden, attention_mask)
-        hidden = self.ln_f(hidden)
-        if self.task == TASK_CAUSAL_LM:
-            return self.lm_head(hidden)
-        return pool_last_token(self.score(hidden), attention_mask)
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_blocks(self.config, self.layers, hidden, attention_mask)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(hidden)
 
 
 def split_gpt2(model, cut: int) -> tuple[GPT2Client, GPT2Server]:
     if model.config.add_cross_attention:
         raise TypeError("split() does not support GPT-2 models with cross-attention (add_cross_attention=True)")
     cut = check_cut(cut, model.config.n_layer)
-    task = TASK_CAUSAL_LM if hasattr(model, "lm_head") else TASK_SEQUENCE_CLASSIFICATION
-    return GPT2Client(model, cut), GPT2Server(model, cut, task)
+    return GPT2Client(model, cut), GPT2Server(model, cut, decoder_task(model))

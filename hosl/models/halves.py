@@ -1,5 +1,9 @@
-"""What every split half shares: the two base classes and the small helpers the per-architecture
-modules (``opt.py``, ``llama.py``, ``bert.py``) use.
+"""What every split half shares: the base classes and the small helpers the per-architecture
+modules (``decoder.py``, ``opt.py``, ``gpt2.py``, ``bert.py``) use.
+
+The decoder families differ only in how they embed tokens, run their blocks and normalise at the
+end; the order of those steps and the output head are the same for all of them, so
+:class:`ClientHalf` and :class:`DecoderServer` own the ``forward`` and call the family's hooks.
 
 Both halves hold *references* to the original model's submodules (no copies), except a tied output
 head, which :func:`untied_head_copy` turns into a server-owned copy.
@@ -21,7 +25,8 @@ class ClientHalf(nn.Module):
     """Embeddings + blocks ``[0, cut)``. ``forward(input_ids, attention_mask=None) -> hidden [B, T, H]``.
 
     Subclasses register the embedding modules first and ``layers`` last, so ``named_parameters()``
-    is deterministic and in forward order (``embed_tokens.weight``, ..., ``layers.0.*``, ...).
+    is deterministic and in forward order (``embed_tokens.weight``, ..., ``layers.0.*``, ...), and
+    define ``embed`` and ``run_blocks`` (or override ``forward``, as BERT's does).
     """
 
     def __init__(self, config, cut: int):
@@ -32,6 +37,18 @@ class ClientHalf(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.layers)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids, attention_mask)
+        if self.num_blocks:  # cut=0: the 4-D mask is not even built, as no block would read it
+            hidden = self.run_blocks(hidden, attention_mask)
+        return hidden
 
 
 class ServerHalf(nn.Module):
@@ -47,6 +64,40 @@ class ServerHalf(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self.layers)
+
+
+class DecoderServer(ServerHalf):
+    """A decoder's server: blocks, final norm, then the head of ``task``: ``lm_head`` (causal LM,
+    logits ``[B, T, vocab]``) or ``score`` pooled at each row's last attended token ``[B, C]``.
+
+    Subclasses register their final-norm modules, then call :meth:`attach_head` (so the head's
+    parameters come last), and define ``run_blocks`` and ``final_norm``.
+    """
+
+    def attach_head(self, model, input_embedding: nn.Embedding) -> None:
+        if self.task == TASK_CAUSAL_LM:
+            self.lm_head = untied_head_copy(model.lm_head, input_embedding)
+        else:
+            self.score = model.score
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_blocks:
+            hidden = self.run_blocks(hidden, attention_mask)
+        hidden = self.final_norm(hidden)
+        if self.task == TASK_CAUSAL_LM:
+            return self.lm_head(hidden)
+        return pool_last_token(self.score(hidden), attention_mask)
+
+
+def decoder_task(model: nn.Module) -> str:
+    """The task of a decoder's head: a causal LM has ``lm_head``, a sequence classifier ``score``."""
+    return TASK_CAUSAL_LM if hasattr(model, "lm_head") else TASK_SEQUENCE_CLASSIFICATION
 
 
 def check_cut(cut, num_layers: int) -> int:

@@ -14,19 +14,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.opt.modeling_opt import OPTForCausalLM, OPTForSequenceClassification
 
-from hosl.models.compat import block_output, create_causal_mask
+from hosl.models.compat import create_causal_mask, run_layers
 
-from .halves import (
-    TASK_CAUSAL_LM,
-    TASK_SEQUENCE_CLASSIFICATION,
-    ClientHalf,
-    ServerHalf,
-    check_cut,
-    pool_last_token,
-    untied_head_copy,
-)
+from .halves import ClientHalf, DecoderServer, check_cut, decoder_task
 
 
 def opt_position_ids(attention_mask: torch.Tensor | None, batch_size: int, seq_len: int, device):
@@ -43,6 +34,17 @@ def opt_position_ids(attention_mask: torch.Tensor | None, batch_size: int, seq_l
     return position_mask, position_ids
 
 
+def _run_layers(config, layers, hidden, attention_mask):
+    """Decoder layers under OPT's causal mask. The mask reads only the batch size, length, dtype
+    and device of ``hidden``, all of which ``project_in`` keeps, so building it after the
+    projection (HF builds it before) gives the same mask."""
+    batch_size, seq_len = hidden.shape[:2]
+    _, position_ids = opt_position_ids(attention_mask, batch_size, seq_len, hidden.device)
+    causal_mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
+    return run_layers(layers, hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None,
+                      use_cache=False)
+
+
 class OPTClient(ClientHalf):
     def __init__(self, model, cut: int):
         decoder = model.model.decoder
@@ -52,58 +54,39 @@ class OPTClient(ClientHalf):
         self.project_in = decoder.project_in  # None unless word_embed_proj_dim != hidden_size
         self.layers = nn.ModuleList(decoder.layers[:cut])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch_size, seq_len = input_ids.shape
         inputs_embeds = self.embed_tokens(input_ids)
         position_mask, position_ids = opt_position_ids(attention_mask, batch_size, seq_len, input_ids.device)
         pos_embeds = self.embed_positions(position_mask, 0, position_ids=position_ids)
-        if self.num_blocks:
-            causal_mask = create_causal_mask(
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None
-            )
         if self.project_in is not None:
             inputs_embeds = self.project_in(inputs_embeds)
-        hidden = inputs_embeds + pos_embeds.to(inputs_embeds.device)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None, use_cache=False)
-            hidden = block_output(hidden)
-        return hidden
+        return inputs_embeds + pos_embeds.to(inputs_embeds.device)
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_layers(self.config, self.layers, hidden, attention_mask)
 
 
-class OPTServer(ServerHalf):
+class OPTServer(DecoderServer):
     def __init__(self, model, cut: int, task: str):
         decoder = model.model.decoder
         super().__init__(model.config, cut, list(decoder.layers[cut:]), task)
         self.final_layer_norm = decoder.final_layer_norm
         self.project_out = decoder.project_out
-        if task == TASK_CAUSAL_LM:
-            self.lm_head = untied_head_copy(model.lm_head, decoder.embed_tokens)
-        else:
-            self.score = model.score
+        self.attach_head(model, decoder.embed_tokens)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_blocks:
-            batch_size, seq_len = hidden.shape[:2]
-            _, position_ids = opt_position_ids(attention_mask, batch_size, seq_len, hidden.device)
-            causal_mask = create_causal_mask(
-                config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None
-            )
-            for layer in self.layers:
-                hidden = layer(
-                    hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None, use_cache=False
-                )
-                hidden = block_output(hidden)
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_layers(self.config, self.layers, hidden, attention_mask)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``final_layer_norm`` (None in post-LayerNorm models), then ``project_out`` (if any)."""
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:
             hidden = self.project_out(hidden)
-        if self.task == TASK_CAUSAL_LM:
-            return self.lm_head(hidden).contiguous()
-        return pool_last_token(self.score(hidden), attention_mask)
+        return hidden
 
 
 def split_opt(model, cut: int) -> tuple[OPTClient, OPTServer]:
     cut = check_cut(cut, model.config.num_hidden_layers)
-    task = TASK_CAUSAL_LM if isinstance(model, OPTForCausalLM) else TASK_SEQUENCE_CLASSIFICATION
-    assert task == TASK_CAUSAL_LM or isinstance(model, OPTForSequenceClassification)
-    return OPTClient(model, cut), OPTServer(model, cut, task)
+    return OPTClient(model, cut), OPTServer(model, cut, decoder_task(model))

@@ -123,20 +123,16 @@ def _opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int = 502
     )
 
 
+def _tiny_decoder_config(config_class, **extra):
+    """3 x 32 (4 heads, 2 KV heads), byte-tokenizer vocabulary and ids, tied embeddings."""
+    return config_class(vocab_size=bytetok.BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        pad_token_id=bytetok.PAD_ID, bos_token_id=bytetok.BOS_ID, eos_token_id=bytetok.EOS_ID,
+                        tie_word_embeddings=True, **extra)
+
+
 def tiny_llama_config() -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=bytetok.BYTE_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=bytetok.PAD_ID,
-        bos_token_id=bytetok.BOS_ID,
-        eos_token_id=bytetok.EOS_ID,
-        tie_word_embeddings=True,
-    )
+    return _tiny_decoder_config(LlamaConfig)
 
 
 def tiny_bert_config() -> BertConfig:
@@ -154,14 +150,6 @@ def tiny_bert_config() -> BertConfig:
 
 def tiny_opt_config() -> OPTConfig:
     return _opt_config(layers=3, hidden=32, ffn=64, heads=4, vocab=bytetok.BYTE_VOCAB_SIZE, max_positions=128)
-
-
-def _tiny_decoder_config(config_class, **extra):
-    """3 x 32 (4 heads, 2 KV heads), byte-tokenizer vocabulary and ids, tied embeddings."""
-    return config_class(vocab_size=bytetok.BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        pad_token_id=bytetok.PAD_ID, bos_token_id=bytetok.BOS_ID, eos_token_id=bytetok.EOS_ID,
-                        tie_word_embeddings=True, **extra)
 
 
 def tiny_gpt2_config() -> GPT2Config:

@@ -15,7 +15,7 @@ from hosl.optim import linear_estimate as LE
 from hosl.optim.config import ZOConfig, config_attribute, optimizer_signature
 from hosl.optim.micro_batch import wrap_client_fn
 from hosl.optim.query_batch import ForwardProbe
-from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
+from hosl.optim.zo_base import ZerothOrderBase, batch_losses, call_checked, scalar_loss
 
 
 class HybridOrderOptimizer(ZerothOrderBase):
@@ -138,17 +138,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
                 with self.perturbed(seed, sign):
                     activations.append(client_fn().detach())
             with torch.no_grad():
-                if len(chunk) == 1:
-                    losses.append(float(scalar_loss(server_loss_fn(activations[0]), "server_loss_fn")))
-                    continue
-                out = server_loss_fn(torch.cat(activations, dim=0))
-            if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),):
-                raise ValueError(
-                    f"with server_batch={self.server_batch}, server_loss_fn must return one loss per copy "
-                    f"(shape [{len(chunk)}]) for {len(chunk)} concatenated activations, got "
-                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-                )
-            losses.extend(out.float().tolist())
+                out = server_loss_fn(activations[0] if len(chunk) == 1 else torch.cat(activations, dim=0))
+            losses.extend(batch_losses(out, len(chunk), "server_loss_fn", f"server_batch={self.server_batch}"))
             del activations
         return losses
 
@@ -158,15 +149,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
         for chunk, h in self._perturbed_activations(client_fn, points):
             with torch.no_grad():
                 out = server_loss_fn(h)
-            if len(chunk) == 1:
-                losses.append(float(scalar_loss(out, "server_loss_fn")))
-                continue
-            if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),):
-                raise ValueError(
-                    f"with query_batch={self.query_batch!r}, server_loss_fn must return one loss per copy "
-                    f"(shape [{len(chunk)}]) for {len(chunk)} stacked activations, got "
-                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-            losses.extend(out.float().tolist())
+            losses.extend(batch_losses(out, len(chunk), "server_loss_fn", f"query_batch={self.query_batch!r}"))
         return losses
 
     def _linear_server(self, h: torch.Tensor, server_loss_fn) -> LE.LinearServer:

@@ -15,7 +15,7 @@ from torch import nn
 from hosl.optim import functional as F
 from hosl.optim.config import ZOConfig, optimizer_signature
 from hosl.optim.query_batch import ForwardProbe
-from hosl.optim.zo_base import ZerothOrderBase, call_checked, scalar_loss
+from hosl.optim.zo_base import ZerothOrderBase, batch_losses, call_checked, scalar_loss
 
 
 class ZerothOrderOptimizer(ZerothOrderBase):
@@ -63,14 +63,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             chunk = points[i : i + d]
             with self.batched(chunk):
                 out = loss_fn()
-            if len(chunk) == 1:
-                losses.append(float(scalar_loss(out, "loss_fn")))
-                continue
-            if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),):
-                raise ValueError(
-                    f"with query_batch={self.query_batch!r}, loss_fn must return one loss per copy (shape "
-                    f"[{len(chunk)}]), got {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-            losses.extend(out.float().tolist())
+            losses.extend(batch_losses(out, len(chunk), "loss_fn", f"query_batch={self.query_batch!r}"))
         return losses
 
     def step(self, loss_fn: Callable[[], torch.Tensor]):

@@ -294,6 +294,19 @@ def scalar_loss(value, what: str) -> torch.Tensor:
     return value.reshape(())
 
 
+def batch_losses(out, count: int, what: str, setting: str) -> list[float]:
+    """The losses of ``count`` perturbed copies run as one batch: ``what``'s output ``out`` must be
+    one loss per copy, shape ``[count]`` (a lone copy: a scalar loss). ``setting`` names the option
+    that batched them (``"query_batch=4"``), for the error."""
+    if count == 1:
+        return [float(scalar_loss(out, what))]
+    if not isinstance(out, torch.Tensor) or out.shape != (count,):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"with {setting}, {what} must return one loss per copy (shape [{count}]) for {count} "
+                         f"copies in one batch, got {got}")
+    return out.float().tolist()
+
+
 def call_checked(fn: Callable, name: str) -> Callable:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}")

@@ -117,6 +117,21 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def open_channel(role: str, peer: str, cfg: TrainConfig, conn: Connection, stop: StopOnInterrupt,
+                 detail: str = "") -> Endpoint:
+    """Either side's way in: rendezvous with ``peer``, prove the shared secret over the new channel
+    and compare configurations; then the run counts as connected (``stop.connected``). ``detail``
+    ends the "connected" line."""
+    say(f"{role}: waiting for the {peer} on {conn.where()} (up to {conn.connect_timeout:g} s)")
+    run_id = conn.connect(stop.requested)
+    endpoint = Endpoint(peer, conn.peer_timeout)
+    confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
+    handshake(endpoint, role, fingerprint(cfg), conn.connect_timeout)
+    say(f"{role}: connected to the {endpoint.peer_name}{detail}")
+    stop.connected = True
+    return endpoint
+
+
 def check_split_mode(cfg: TrainConfig) -> None:
     cfg.validate()
     if cfg.mode not in SPLIT_MODES:
@@ -135,13 +150,7 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
     links: list[DistributedLink] = []
 
     def connect_server() -> DistributedLink:
-        say(f"client: waiting for the server on {conn.where()} (up to {conn.connect_timeout:g} s)")
-        run_id = conn.connect(stop.requested)
-        endpoint = Endpoint("server", conn.peer_timeout)
-        confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
-        handshake(endpoint, "client", fingerprint(cfg), conn.connect_timeout)
-        say(f"client: connected to the {endpoint.peer_name}")
-        stop.connected = True
+        endpoint = open_channel("client", "server", cfg, conn, stop)
         links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested))
         return links[0]
 
@@ -217,13 +226,8 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     stop = StopOnInterrupt("server")
     with stop:
         try:
-            say(f"server: waiting for the client on {conn.where()} (up to {conn.connect_timeout:g} s)")
-            run_id = conn.connect(stop.requested)
-            endpoint = Endpoint("client", conn.peer_timeout)
-            confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
-            handshake(endpoint, "server", fingerprint(cfg), conn.connect_timeout)
-            say(f"server: connected to the {endpoint.peer_name}; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
-            stop.connected = True
+            endpoint = open_channel("server", "client", cfg, conn, stop,
+                                    f"; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
             code = serve(endpoint, half.handle, phase_names=PHASE_NAMES, stop_requested=stop.requested,
                          first_timeout_s=conn.connect_timeout)
         finally:

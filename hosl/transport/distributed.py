@@ -385,6 +385,16 @@ class DistributedLink(Link):
 IDLE_STOP_GRACE_S = 2.0  # after a Ctrl-C, how long the server waits for a request to answer with the notice
 
 
+def _send_if_listening(endpoint: Endpoint, msg: Message, what: str, timeout_cap_s: float = 10.0) -> None:
+    """Send the server's last word (a shutdown notice or acknowledgement, an error report) within
+    ``timeout_cap_s`` at most. A peer that is already gone cannot read it, and that is no error of
+    its own: the caller goes on to return or raise what it was going to."""
+    try:
+        endpoint.send(msg, what, min(endpoint.timeout_s, timeout_cap_s))
+    except PeerLostError:
+        pass
+
+
 def serve(
     endpoint: Endpoint,
     handler: Handler,
@@ -419,25 +429,15 @@ def serve(
                 f"waiting for the next request from the client (last: {last})", timeout, stop_while_idle
             )
         except KeyboardInterrupt:  # Ctrl-C while idle: the client reads the notice as its next answer
-            try:
-                endpoint.send(
-                    Message(Kind.SHUTDOWN, code=int(ShutdownCode.INTERRUPTED)),
-                    "the shutdown notice",
-                    min(endpoint.timeout_s, 5.0),
-                )
-            except PeerLostError:
-                pass
+            _send_if_listening(
+                endpoint, Message(Kind.SHUTDOWN, code=int(ShutdownCode.INTERRUPTED)), "the shutdown notice", 5.0
+            )
             raise
         timeout = None
         if msg.kind == Kind.SHUTDOWN:
-            try:
-                endpoint.send(
-                    Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)),
-                    "the shutdown acknowledgement",
-                    min(endpoint.timeout_s, 10.0),
-                )
-            except PeerLostError:
-                pass
+            _send_if_listening(
+                endpoint, Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement"
+            )
             return msg.code
         if msg.kind != Kind.REQUEST:
             raise PeerProtocolError(
@@ -445,27 +445,19 @@ def serve(
             )
         last = f"phase '{names.get(msg.phase, msg.phase)}' of step {msg.step}"
         if stop_requested():
-            try:
-                endpoint.send(
-                    Message(Kind.SHUTDOWN, msg.phase, msg.step, code=int(ShutdownCode.INTERRUPTED)),
-                    "the shutdown notice",
-                    min(endpoint.timeout_s, 10.0),
-                )
-            except PeerLostError:
-                pass
+            _send_if_listening(
+                endpoint,
+                Message(Kind.SHUTDOWN, msg.phase, msg.step, code=int(ShutdownCode.INTERRUPTED)),
+                "the shutdown notice",
+            )
             raise KeyboardInterrupt
         try:
             reply = handler(msg)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
-            try:
-                endpoint.send(
-                    Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]),
-                    "an error report",
-                    min(endpoint.timeout_s, 10.0),
-                )
-            except PeerLostError:
-                pass
+            _send_if_listening(
+                endpoint, Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]), "an error report"
+            )
             raise HandlerError(f"could not answer {last} from the {endpoint.peer_name}: {text}") from exc
         endpoint.send(reply, f"the answer to {last}")
 
