@@ -89,8 +89,9 @@ class ZOConfig:
         cli=dict(choices=DIFFERENCES))
     step_scale: str = option(
         "none", "none: the step is lr * g; loss-std: FZOO's normalised step, g divided by the standard deviation "
-        "of the step's perturbed losses (moves ~lr per direction: use a far larger --lr-client, e.g. 1e-4; needs "
-        "2 or more perturbed losses; not with --server-estimate linear) (default %(default)s)",
+        "of the step's perturbed losses (each direction then moves the client by about lr/eps * z whatever the "
+        "loss's scale: pick --lr-client for that; needs 2 or more perturbed losses; not with --server-estimate "
+        "linear) (default %(default)s)",
         cli=dict(choices=STEP_SCALES))
     seed: int = option(0, "0 .. 2**63-1 (default %(default)s)", cli=dict(type="seed", group="run"), agree=True)
     backend: str | None = option(

@@ -52,9 +52,9 @@ def projected_gradients(
 
 def loss_spread_scaled(grads: Sequence[float], perturbed_losses: Sequence[float]) -> list[float]:
     """FZOO's normalised step (Dang et al., "FZOO", arXiv 2506.09034): ``g_q / sigma``, ``sigma`` the
-    sample standard deviation (n - 1) of the step's perturbed losses. The step then moves by about
-    ``lr`` per direction whatever the loss's scale: larger where the loss is flat, smaller where it
-    is steep (normalised SGD). ``sigma`` 0 or not finite (every perturbed loss equal, or a NaN): NaN
+    sample standard deviation (n - 1) of the step's perturbed losses. The perturbed losses are about
+    ``L0 +- eps * g_q``, so ``sigma ~ eps * rms(g)`` and ``g_q / sigma ~ 1 / eps``: each direction moves
+    the client by about ``lr / eps * z`` whatever the loss's scale (normalised SGD). ``sigma`` 0 or not finite (every perturbed loss equal, or a NaN): NaN
     grads, so the finite guard skips the update and counts it."""
     n = len(perturbed_losses)
     if n < 2:
