@@ -178,6 +178,7 @@ def test_superseded_means_some_run_lacks_the_fix(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_grid_runs_cells_as_processes_writes_tables_and_resumes(tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
@@ -326,6 +327,7 @@ def _report(tmp_path: Path, config: dict, *extra: str) -> tuple[dict, str]:
     return rows, (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_previous_rows_fill_cells_without_a_result_and_lose_to_results_on_disk(tmp_path, capsys):
     cells = {c.id: c for c in grid.expand(PREV_GRID)}
     out = tmp_path / "out"
@@ -372,6 +374,7 @@ def test_previous_rows_fill_cells_without_a_result_and_lose_to_results_on_disk(t
 
 
 @needs_git
+@pytest.mark.slow
 def test_previous_rows_under_a_superseded_rule_are_superseded(tmp_path, monkeypatch):
     """A row without a commit counts as run before every fix; one whose commit has the fix does not."""
     _stub_majority(monkeypatch, {0: (0.5, 500), 1: (0.5, 500)})
@@ -470,6 +473,7 @@ def test_learnt_verdict_at_its_boundaries():
 VERDICT_GRID = {**PREV_GRID, "modes": ["zero-shot", "fo-sl", "hosl"]}
 
 
+@pytest.mark.slow
 def test_cells_csv_and_report_give_each_cell_its_verdict(tmp_path, monkeypatch):
     """eval_examples and verdict per cell in cells.csv; results.md lists each trained cell under its
     verdict and the zero-shot cells apart."""
@@ -511,6 +515,7 @@ def test_cells_csv_and_report_give_each_cell_its_verdict(tmp_path, monkeypatch):
     assert "Which cells" not in table
 
 
+@pytest.mark.slow
 def test_previous_tables_without_the_new_columns_get_them(tmp_path, monkeypatch):
     """An earlier cells table without eval_examples/verdict: n from the cell's flags, the verdict by this
     script's rule; one with them: its n, the verdict recomputed; no data here: both empty, listed apart."""

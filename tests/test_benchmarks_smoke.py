@@ -24,6 +24,7 @@ def run_script(name: str, *args: str, timeout: int = 120) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_memory_script_tiny(tmp_path):
     out, png = tmp_path / "memory.json", tmp_path / "memory.png"
     run_script("memory.py", "--tiny", "--json", str(out), "--plot", str(png))
@@ -43,6 +44,7 @@ def test_memory_script_tiny(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_step_script_tiny(tmp_path):
     out = tmp_path / "step.json"
     run_script("step.py", "--tiny", "--variants", "mezo,hosl,hosl-qb,hosl-linear,fo-sl", "--json", str(out))

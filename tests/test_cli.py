@@ -37,6 +37,7 @@ def _losses(run):
 
 
 @needs_data
+@pytest.mark.slow
 def test_train_writes_summary_metrics_and_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert main(_args(run)) == 0
@@ -60,6 +61,7 @@ def test_train_writes_summary_metrics_and_checkpoint(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     straight, split_run = tmp_path / "straight", tmp_path / "split"
     assert main(_args(straight, steps=4)) == 0
@@ -72,6 +74,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_args(run, steps=2)) == 0
@@ -83,6 +86,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 
 @needs_data
 @pytest.mark.parametrize("mode", ["fo-sl", "zo-sl", "fo", "zo"])
+@pytest.mark.slow
 def test_baseline_modes_train(tmp_path, mode):
     run = tmp_path / mode
     assert main(_args(run, steps=2, mode=mode)) == 0
@@ -97,6 +101,7 @@ def test_baseline_modes_train(tmp_path, mode):
 
 
 @needs_data
+@pytest.mark.slow
 def test_frozen_client_trains_the_server_alone_as_fo_sl_at_lr_zero_does(tmp_path):
     """frozen-client: the client's checkpoint is its starting weights, the server's is not, one
     client forward per step and no backward; and it is the control the grid used to spell as fo-sl
@@ -120,6 +125,7 @@ def test_frozen_client_trains_the_server_alone_as_fo_sl_at_lr_zero_does(tmp_path
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_tiny_run_lowers_its_training_loss(tmp_path):
     """Four examples, one batch of them per step: the training loss of the same batch must fall."""
     run = tmp_path / "run"
@@ -150,6 +156,7 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys, extra, message):
 
 
 @needs_data
+@pytest.mark.slow
 def test_crash_mid_run_keeps_last_checkpoint_and_resume_matches(tmp_path, monkeypatch):
     from hosl.training import modes
 
@@ -189,6 +196,7 @@ def _minilm_installed() -> bool:
 
 @needs_data
 @pytest.mark.skipif(not _minilm_installed(), reason="minilm-l6 weights not installed (scripts/setup.sh installs them)")
+@pytest.mark.slow
 def test_demo_runs_the_three_modes_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--data-dir", str(DATA), "--out", str(out), "--steps", "2", "--no-progress"]) == 0

@@ -23,6 +23,7 @@ def _config(argv):
 
 
 @needs_data
+@pytest.mark.slow
 def test_a_runs_config_json_reproduces_the_run(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["train", "--model", "tiny-opt", "--task", "sst2", "--data-dir", str(DATA), "--cut", "1",

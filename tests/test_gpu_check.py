@@ -45,6 +45,7 @@ def dry_run(tmp_path_factory):
     return unpacked, proc
 
 
+@pytest.mark.slow
 def test_out_holds_the_archive_summary_and_log_tail(dry_run):
     unpacked, proc = dry_run
     out = unpacked.parent / "gpu-results"
@@ -58,6 +59,7 @@ def _positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_passed(dry_run):
     out, proc = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -71,18 +73,21 @@ def test_every_stage_ran_and_passed(dry_run):
     assert "stage kernels: ok" in (out / "gpu_check.log").read_text()
 
 
+@pytest.mark.slow
 def test_info_reports_the_interpreted_triton_backend(dry_run):
     info = json.loads((dry_run[0] / "info.json").read_text())
     assert info["device"] == "cpu" and info["triton_interpret"] == "1"
     assert {"reference", "cpu", "triton"} <= set(info["backends"])
 
 
+@pytest.mark.slow
 def test_tests_stage_collected_the_gpu_tests(dry_run):
     tests = json.loads((dry_run[0] / "tests.json").read_text())
     assert tests["tests"] > 0 and tests["failures"] == tests["errors"] == 0 and tests["failed"] == []
     assert tests["skipped"] == tests["tests"]  # no GPU here: every GPU-marked test skips, none is deselected silently
 
 
+@pytest.mark.slow
 def test_kernel_figures(dry_run):
     data = json.loads((dry_run[0] / "kernels.json").read_text())
     assert data["meta"]["backends"] == ["cpu", "triton"]
@@ -93,6 +98,7 @@ def test_kernel_figures(dry_run):
         assert math.isclose(row["roof_fraction"], row["hosl_gbps"] / row["roof_gbps"])
 
 
+@pytest.mark.slow
 def test_linear_figures(dry_run):
     data = json.loads((dry_run[0] / "linear.json").read_text())
     rows = {k: v for k, v in data.items() if k != "meta"}
@@ -105,6 +111,7 @@ def test_linear_figures(dry_run):
         assert rows[f"float32/32x48/D{d}/clean"]["over_clean"] == 1.0
 
 
+@pytest.mark.slow
 def test_step_figures(dry_run):
     data = json.loads((dry_run[0] / "step-tiny-opt.json").read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["model"] == "tiny-opt"
@@ -119,6 +126,7 @@ def test_step_figures(dry_run):
     assert all(_positive_finite(steps[f"{v}/q2"]["vs_hosl"]) for v in variants if v != "hosl")
 
 
+@pytest.mark.slow
 def test_memory_figures(dry_run):
     data = json.loads((dry_run[0] / "memory.json").read_text())
     assert data["meta"]["device"] == "cpu"
@@ -126,6 +134,7 @@ def test_memory_figures(dry_run):
     assert all(isinstance(v, int) and v > 0 for v in data["tiny-opt"].values())
 
 
+@pytest.mark.slow
 def test_report_renders_the_folder(dry_run):
     out = dry_run[0].parent / "gpu-results"  # the packed folder: the report reads its archive
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_report.py"), str(out)], capture_output=True,
@@ -145,6 +154,7 @@ def test_unknown_argument_is_refused(tmp_path):
     assert proc.returncode == 2 and "unknown stage nonsense" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_spent_budget_skips_stages_and_still_packs(tmp_path):
     """HOSL_GPU_BUDGET_S: a stage with no time left is not started (no-time, a failure), and the
     archive is written all the same."""

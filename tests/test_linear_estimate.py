@@ -141,6 +141,7 @@ def _records(run):
 
 
 @needs_data
+@pytest.mark.slow
 def test_train_in_process_placements_agree_and_traffic_is_as_placed(tmp_path):
     assert main(["train", *_args(tmp_path / "server")]) == 0
     assert main(["train", *_args(tmp_path / "client", "--linear-on", "client")]) == 0

@@ -175,6 +175,7 @@ def _losses(run):
 
 
 @needs_data
+@pytest.mark.slow
 def test_cli_lora_with_zo_adam_end_to_end_and_resume(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(_cli(straight)) == 0

@@ -296,6 +296,7 @@ def _losses(run):
 
 @needs_data
 @pytest.mark.parametrize("mode", ["hosl", "zo-sl"])
+@pytest.mark.slow
 def test_hosl_train_with_micro_batches_matches_the_whole_batch_run(tmp_path, mode):
     assert main(["train", *_train_args(tmp_path / "whole", mode)]) == 0
     assert main(["train", *_train_args(tmp_path / "sliced", mode, "--client-micro-batch", "2")]) == 0
@@ -339,6 +340,7 @@ def test_a_client_process_slices_locally_and_sends_the_assembled_activation(tmp_
     assert up(two) == up(one)  # the server receives whole activations, as without slicing
 
 
+@pytest.mark.slow
 def test_memory_benchmark_adds_micro_batch_and_budget_rows(tmp_path):
     """benchmarks/memory.py --client-micro-batch / --client-memory-budget: one row each, with the M used,
     the activation actually sent (B x T x H fp32 for tiny-opt at --tiny: 4 x 16 x 32) and the budget's plan;

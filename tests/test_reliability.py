@@ -141,6 +141,7 @@ def test_override_of_a_trajectory_setting_is_refused(base_run, data, tmp_path, c
     assert _snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_resume_after_losing_latest_falls_back_and_leaves_no_duplicate_records(data, tmp_path, monkeypatch):
     from hosl.training import modes
 
@@ -325,6 +326,7 @@ def test_overwrite_replaces_a_run_and_keeps_other_files(base_run, data, tmp_path
     assert [r["step"] for r in _records(run) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_empty_folder_and_resume_of_nothing_start_a_new_run(data, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

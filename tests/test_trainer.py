@@ -24,6 +24,7 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_one_step_is_the_server_sgd_step_and_the_client_stays_exact_at_zo_lr_0(tmp_path):
     model, _ = load_model("tiny-llama", "causal_lm")
     data = _dataset(4)
@@ -45,6 +46,7 @@ def test_one_step_is_the_server_sgd_step_and_the_client_stays_exact_at_zo_lr_0(t
         torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_both_halves_follow_the_trainers_schedule_and_the_loss_falls(tmp_path):
     model, _ = load_model("tiny-llama", "causal_lm")
     data = _dataset(4)  # one batch, seen at every step
@@ -68,6 +70,7 @@ def test_both_halves_follow_the_trainers_schedule_and_the_loss_falls(tmp_path):
     assert {id(p) for g in opt.param_groups for p in g["params"]} <= server_params
 
 
+@pytest.mark.slow
 def test_save_model_writes_a_from_pretrained_folder_with_the_split_logits(tmp_path):
     model, _ = load_model("tiny-qwen2", "causal_lm")
     trainer = HOSLTrainer(model, _args(tmp_path, max_steps=2), cut=2, zo_lr=1e-3, zo_eps=1e-2, num_queries=2,

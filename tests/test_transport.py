@@ -146,6 +146,7 @@ def test_a_malformed_reply_is_one_line_naming_the_peer_and_the_phase(tmp_path):
 
 
 @pytest.mark.parametrize("scenario,peer_timeout", [("die", "20"), ("silent", "2")])
+@pytest.mark.slow
 def test_a_dead_or_silent_server_is_reported_with_the_phase(tmp_path, scenario, peer_timeout):
     (rc0, out0), (rc1, _) = _pair(tmp_path, scenario, peer_timeout=peer_timeout, timeout=40,
                                     server_wait=1 if scenario == "silent" else 15)[0]
@@ -154,6 +155,7 @@ def test_a_dead_or_silent_server_is_reported_with_the_phase(tmp_path, scenario, 
     assert ("within 2 s" in out0) if scenario == "silent" else ("connection closed" in out0)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_an_idle_server_ends_it_with_130_and_the_client_is_told(tmp_path):
     port, out = _free_port(), tmp_path / "reply.pt"
     env = {"PEER_TIMEOUT": "20", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}

@@ -92,6 +92,7 @@ def _rademacher(kernel) -> bool:
     return kernel["constexprs"].get("FAMILY") == FAMILY_CODES["rademacher"]
 
 
+@pytest.mark.slow
 def test_every_family_is_compiled(compiled):
     """Each direction family has AOT variants of randn, perturb and zo_update (and the sphere norm)."""
     from hosl.directions.families import FAMILY_CODES
@@ -106,6 +107,7 @@ def _f32_ops(ptx: str) -> list[str]:
     return [op for op in _instructions(ptx) if op.endswith(".f32")]
 
 
+@pytest.mark.slow
 def test_every_kernel_is_compiled(compiled):
     built = {k["name"] for k in compiled["kernels"]}
     assert built == set(compiled["all_kernels"]) and built >= {"randn_kernel", "perturb_kernel", "zo_update_kernel",
@@ -123,6 +125,7 @@ def _dot_fmas(constexprs) -> int:
     return c["DB"] * c["BM"] * c["BN"] * c["BK"] // 128
 
 
+@pytest.mark.slow
 def test_ptx_has_no_fma(compiled):
     """No FMA anywhere, except exactly the multiply-adds of an fp32 "ieee" dot (its accumulation;
     the perturbed elements around it are still mul + add)."""
@@ -135,11 +138,13 @@ def test_ptx_has_no_fma(compiled):
         assert not fma, f"{k['name']} {k['constexprs']}: {sorted(set(fma))}"
 
 
+@pytest.mark.slow
 def test_check_sees_fma_when_fusion_is_allowed(compiled):
     """Control: the same kernel with enable_fp_fusion=True does contain fma.rn.f32."""
     assert "fma.rn.f32" in _instructions(compiled["fused_control"]["ptx"])
 
 
+@pytest.mark.slow
 def test_ptx_float_ops_are_correctly_rounded(compiled):
     """Every f32 add/sub/mul/div/sqrt carries ``.rn`` (explicit rounding: correctly rounded, and
     ptxas may not contract it into an FMA), nothing flushes subnormals (``.ftz``), and nothing
@@ -174,6 +179,7 @@ def test_fused_rademacher_variants_are_row_aligned():
             assert cst["ALIGNED"], fn.__name__
 
 
+@pytest.mark.slow
 def test_ptx_per_counter_work(compiled):
     """One Philox call per counter, feeding two Box-Muller pairs (one div.rn in the log and one
     sqrt.rn each): at most 2 mul.hi.u32 x 10 rounds per pair of divisions. Guards against a layout

@@ -106,6 +106,7 @@ def test_server_half_direction_is_not_a_copy_of_the_clients():
 
 
 @pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+@pytest.mark.slow
 def test_hosl_train_zo_sl_and_zo_write_the_same_weights(tmp_path):
     from hosl.cli import main
 
@@ -137,6 +138,7 @@ def test_one_dropout_policy_for_every_mode(mode):
 
 
 @pytest.mark.skipif(not (DATA / "sst2" / "train.tsv").exists(), reason=f"no task data at {DATA}")
+@pytest.mark.slow
 def test_zo_sl_resume_equals_uninterrupted(tmp_path):
     """The server half's ZO state waits for its optimizer (built at the first begin-step) on resume."""
     from hosl.cli import main
