@@ -58,7 +58,7 @@ def _check_randn(key_lo, key_hi, numel, offset, device, family="gaussian", scale
     validation.check_key_word(key_hi, "key_hi")
     validation.check_family(family)
     validation.check_index(numel, "numel")
-    validation.check_offsets([offset], [numel], "offset")
+    validation.check_offset(offset, numel, "offset")
     validation.to_float32(scale, "scale")
     if FAMILIES[family].per_tensor_factor:
         validation.check_sphere_numels([numel], "numel")
@@ -137,11 +137,11 @@ def _check_perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_h
         raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    validation.check_offsets([w_offset], [weight.numel()], "w_offset")
+    validation.check_offset(w_offset, weight.numel(), "w_offset")
     if b_offset is not None:
         if bias is None:
             raise ValueError("b_offset is given but bias is None; there is no bias to perturb")
-        validation.check_offsets([b_offset], [bias.numel()], "b_offset")
+        validation.check_offset(b_offset, bias.numel(), "b_offset")
     _check_directions(keys_lo, keys_hi, scales, family, factors, 2)
     if FAMILIES[family].per_tensor_factor:
         validation.check_sphere_numels([weight.numel()] + ([bias.numel()] if b_offset is not None else []),
@@ -158,7 +158,7 @@ def _check_perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, 
     if ids.device != weight.device:
         raise ValueError(f"ids is on {ids.device} but weight is on {weight.device}")
     _check_input(ids, "ids", shared_ids, len(scales), 1)
-    validation.check_offsets([w_offset], [weight.numel()], "w_offset")
+    validation.check_offset(w_offset, weight.numel(), "w_offset")
     _check_directions(keys_lo, keys_hi, scales, family, factors, 1)
     if FAMILIES[family].per_tensor_factor:
         validation.check_sphere_numels([weight.numel()], "weight")

@@ -122,8 +122,13 @@ def check_offsets(offsets: Sequence[int], numels: Sequence[int], name: str = "of
     if len(offsets) != len(numels):
         raise ValueError(f"{name} has {len(offsets)} entries but tensors has {len(numels)}; one per tensor")
     for j, (offset, numel) in enumerate(zip(offsets, numels)):
-        check_index(offset, f"{name}[{j}]")
-        check_coordinates(offset, numel, f"{name}[{j}]")
+        check_offset(offset, numel, f"{name}[{j}]")
+
+
+def check_offset(offset: int, numel: int, name: str) -> None:
+    """The first coordinate of a tensor of ``numel`` elements: ``>= 0``, the last one below 2**63."""
+    check_index(offset, name)
+    check_coordinates(offset, numel, name)
 
 
 def check_key_word(value: int, name: str) -> None:
