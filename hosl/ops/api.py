@@ -6,6 +6,11 @@ direction spec of :mod:`hosl.directions.spec`; every backend gives the same bits
 
 ``backend=`` (tests, benchmarks): run on the backend named, through :func:`hosl.ops.use_backend`;
 None: the fastest available for the tensors' device.
+
+These functions check and convert the user's arguments into the ops' (seeds into Philox keys,
+``offset`` into per-tensor offsets that fit int64, ``lr * coeffs`` into float32...); the ops of
+:mod:`hosl.ops.library` check the rest (tensor dtypes, devices, shapes, overlap, list lengths,
+sphere sizes) whoever calls them.
 """
 
 from __future__ import annotations
@@ -29,12 +34,9 @@ def _offsets(tensors, offset: int, offsets) -> list[int]:
         return [offset + start for start in accumulate([0] + numels[:-1])] if numels else []
     if offset:
         raise ValueError("pass either offset or offsets, not both")
-    offsets = list(offsets)
-    if len(offsets) != len(tensors):
-        raise ValueError(f"offsets has {len(offsets)} entries but tensors has {len(tensors)}; one per tensor")
     checked = [validation.check_index(o, f"offsets[{j}]") for j, o in enumerate(offsets)]
-    for o, n in zip(checked, numels):
-        validation.check_coordinates(o, n)
+    for j, (o, n) in enumerate(zip(checked, numels)):
+        validation.check_coordinates(o, n, f"offsets[{j}]")
     return checked
 
 
@@ -54,11 +56,8 @@ def randn(
     validation.check_coordinates(offset, numel)
     key_lo, key_hi = split_seed(seed)
     device = torch.device(device)
-    factored = FAMILIES[family].per_tensor_factor
-    if factored:
-        validation.check_sphere_numels([numel], "numel")
     with use_backend(backend):
-        factor = _sphere_factors([numel], [offset], seed, device)[0] if factored else 1.0
+        factor = _sphere_factors([numel], [offset], seed, device)[0] if FAMILIES[family].per_tensor_factor else 1.0
         return library.randn_op(key_lo, key_hi, numel, offset, device, family, factor)
 
 
@@ -83,7 +82,6 @@ def sphere_scales(tensors, seed: int, *, offset: int = 0, offsets=None, backend:
     seed = validation.check_seed(seed)
     offsets = _offsets(tensors, offset, offsets)
     numels = [t.numel() for t in tensors]
-    validation.check_sphere_numels(numels, "tensors")
     device = tensors[0].device if tensors else torch.device("cpu")
     with use_backend(backend):
         return _sphere_factors(numels, offsets, seed, device)
@@ -95,9 +93,8 @@ def _family_scales(tensors, offsets, family: str, seeds, scales) -> list[float] 
         if scales is not None:
             raise ValueError(f"scales is only for family='sphere', not family={family!r}")
         return None
-    numels = [t.numel() for t in tensors]
-    validation.check_sphere_numels(numels, "tensors")
     if scales is None:
+        numels = [t.numel() for t in tensors]
         device = tensors[0].device if tensors else torch.device("cpu")
         return [f for seed in seeds for f in _sphere_factors(numels, offsets, seed, device)]
     flat = []
@@ -131,13 +128,11 @@ def perturb_(
     """
     family = validation.check_family(family)
     tensors = validation.as_tensor_list(tensors, "tensors")
-    validation.check_weights(tensors, "tensors")
     seed = validation.check_seed(seed)
     scale = validation.to_float32(scale, "scale")
     offsets = _offsets(tensors, offset, offsets)
     if out is not None:
         out = validation.as_tensor_list(out, "out")
-        validation.check_outputs(tensors, out)
     key_lo, key_hi = split_seed(seed)
     written = tensors if out is None else out
     with use_backend(backend):
@@ -170,7 +165,6 @@ def zo_update_(
     """
     family = validation.check_family(family)
     tensors = validation.as_tensor_list(tensors, "tensors")
-    validation.check_weights(tensors, "tensors")
     seeds = list(seeds) if not isinstance(seeds, torch.Tensor) else seeds.tolist()
     coeffs = list(coeffs) if not isinstance(coeffs, torch.Tensor) else coeffs.tolist()
     if len(seeds) != len(coeffs):
@@ -217,9 +211,8 @@ def _fused_factors(family, factors, seeds, tensors, offsets, per: int) -> list[f
             raise ValueError(f"factors is only for family='sphere', not family={family!r}")
         return None
     seeds = list(seeds) if not isinstance(seeds, torch.Tensor) else seeds.tolist()
-    numels = [t.numel() for t in tensors]
-    validation.check_sphere_numels(numels, "weight/bias")
     if factors is None:
+        numels = [t.numel() for t in tensors]
         factors = [_sphere_factors(numels, offsets, s, tensors[0].device) for s in seeds]
     factors = list(factors)
     if len(factors) != len(seeds):
@@ -233,6 +226,8 @@ def _fused_factors(family, factors, seeds, tensors, offsets, per: int) -> list[f
 
 def _split_directions(t: torch.Tensor, num_dirs: int, per_direction: bool, what: str) -> tuple[torch.Tensor, tuple]:
     """``t`` as ``[D, rows, last]`` (per direction) or ``[rows, last]`` (shared), and the middle shape."""
+    if t.ndim < 1:
+        raise ValueError(f"{what} must have at least one dimension, got a scalar")
     if per_direction:
         if t.ndim < 2 or t.shape[0] != num_dirs:
             raise ValueError(f"{what} must be [D={num_dirs}, ...] with per_direction_input=True, got {tuple(t.shape)}")
@@ -273,25 +268,13 @@ def perturbed_linear(
     """
     family = validation.check_family(family)
     keys_lo, keys_hi, scales = _directions(seeds, scales)
-    validation.check_weights([weight] + ([bias] if bias is not None else []), "weight/bias")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}"
-                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x's last dimension must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     weight_offset = validation.check_index(weight_offset, "weight_offset")
-    validation.check_coordinates(weight_offset, weight.numel())
+    validation.check_coordinates(weight_offset, weight.numel(), "weight_offset")
     if bias_offset is not None:
         if bias is None:
             raise ValueError("bias_offset given without a bias")
         bias_offset = validation.check_index(bias_offset, "bias_offset")
-        validation.check_coordinates(bias_offset, bias.numel())
+        validation.check_coordinates(bias_offset, bias.numel(), "bias_offset")
     with use_backend(backend):
         flat = _fused_factors(family, factors, seeds, [weight] + ([bias] if bias_offset is not None else []),
                               [weight_offset] + ([bias_offset] if bias_offset is not None else []), 2)
@@ -325,13 +308,8 @@ def perturbed_embedding(
     """
     family = validation.check_family(family)
     keys_lo, keys_hi, scales = _directions(seeds, scales)
-    validation.check_weights([weight], "weight")
-    if weight.ndim != 2:
-        raise ValueError(f"weight must be [num_embeddings, embedding_dim], got shape {tuple(weight.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
-    if ids.device != weight.device:
-        raise ValueError(f"ids is on {ids.device} but weight is on {weight.device}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise IndexError(f"ids must lie in [0, {weight.shape[0]}), got [{int(ids.min())}, {int(ids.max())}]")
     offset = validation.check_index(offset, "offset")

@@ -24,7 +24,12 @@ _PREFERENCE = {
     "cuda": ("cuda", "triton", "reference"),
 }
 
-# The backend named by the innermost use_backend(); None: the fastest available.
+# The backend named by the innermost use_backend(); None: the fastest available. torch's dispatcher
+# cannot express this choice: it picks one kernel per dispatch key, and its keys name device types
+# (CPU, CUDA), while the backends here are several implementations for ONE device type (C++, Triton
+# or the reference on cuda; C++ or the reference on cpu). Registering another kernel would change
+# it for the whole process, not for one thread or asyncio task, so the choice is made inside the
+# device type's kernel (hosl.ops.library), from this context variable.
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("hosl_backend", default=None)
 
 _modules: dict[str, ModuleType | None] = {}

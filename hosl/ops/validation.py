@@ -1,7 +1,11 @@
 """Argument checks for the direction ops.
 
 Everything is checked before anything is written, so a call that raises leaves every tensor as it
-was. Messages name the argument and say what was expected.
+was. Messages name the argument and say what was expected. Two callers: the registered ops of
+:mod:`hosl.ops.library` check what the op itself needs to be safe (tensors, list lengths, offsets,
+key words, family, float32 scalars), whoever calls them; the Python API of :mod:`hosl.ops.api`
+checks and converts the user's arguments (seeds, ``offset``/``offsets``, ``lr * coeffs``...) into
+the op's. Every check here is O(number of tensors), never O(elements).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from hosl.directions.spec import SEED_LIMIT
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COORDINATE_LIMIT = 1 << 63  # coordinates are int64 in every backend
+KEY_WORD_LIMIT = 1 << 32  # a seed reaches the ops as the two 32-bit words of its Philox key
 
 
 def as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
@@ -30,8 +35,9 @@ def as_tensor_list(tensors, name: str) -> list[torch.Tensor]:
     return list(tensors)
 
 
-def check_weights(tensors: Sequence[torch.Tensor], name: str) -> None:
-    """Float dtype, contiguous, one device, no two tensors sharing memory."""
+def check_weights(tensors: Sequence[torch.Tensor], name: str, *, memory: bool = True) -> None:
+    """Float dtype, contiguous, one device, no two tensors sharing memory (``memory=False``: not
+    that last, for fake tensors, which have no memory)."""
     for j, t in enumerate(tensors):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}[{j}] has dtype {t.dtype}; expected float32, float16 or bfloat16")
@@ -43,7 +49,8 @@ def check_weights(tensors: Sequence[torch.Tensor], name: str) -> None:
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"{name} must all be on one device, got {sorted(map(str, devices))}")
-    _check_no_overlap(tensors, name)
+    if memory:
+        _check_no_overlap(tensors, name)
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int]:
@@ -60,7 +67,9 @@ def _check_no_overlap(tensors: Sequence[torch.Tensor], name: str) -> None:
             )
 
 
-def check_outputs(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> None:
+def check_outputs(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor], *, memory: bool = True) -> None:
+    """``out[j]`` like ``tensors[j]``, and aliasing no tensor but its own input (``memory`` as in
+    :func:`check_weights`)."""
     if len(out) != len(tensors):
         raise ValueError(f"out has {len(out)} tensors but tensors has {len(tensors)}; they must match")
     for j, (t, o) in enumerate(zip(tensors, out)):
@@ -70,7 +79,9 @@ def check_outputs(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) 
             )
         if o.device != t.device:
             raise ValueError(f"out[{j}] is on {o.device} but tensors[{j}] is on {t.device}")
-    check_weights(out, "out")
+    check_weights(out, "out", memory=memory)
+    if not memory:
+        return
     in_spans = [_memory_span(t) for t in tensors]
     for j, o in enumerate(out):
         if not o.numel():
@@ -99,11 +110,40 @@ def check_index(value, name: str) -> int:
     return value
 
 
-def check_coordinates(offset: int, total: int) -> None:
+def check_coordinates(offset: int, total: int, name: str = "offset") -> None:
     if offset + total > COORDINATE_LIMIT:
         raise ValueError(
-            f"coordinates offset={offset} .. offset+{total} exceed 2**63; coordinate indices are int64"
+            f"coordinates {name}={offset} .. {name}+{total} exceed 2**63; coordinate indices are int64"
         )
+
+
+def check_offsets(offsets: Sequence[int], numels: Sequence[int], name: str = "offsets") -> None:
+    """One first coordinate per tensor, each ``>= 0`` and with the tensor's coordinates below 2**63."""
+    if len(offsets) != len(numels):
+        raise ValueError(f"{name} has {len(offsets)} entries but tensors has {len(numels)}; one per tensor")
+    for j, (offset, numel) in enumerate(zip(offsets, numels)):
+        check_offset(offset, numel, f"{name}[{j}]")
+
+
+def check_offset(offset: int, numel: int, name: str) -> None:
+    """The first coordinate of a tensor of ``numel`` elements: ``>= 0``, the last one below 2**63."""
+    check_index(offset, name)
+    check_coordinates(offset, numel, name)
+
+
+def check_key_word(value: int, name: str) -> None:
+    """One 32-bit word of a Philox key (:func:`hosl.directions.spec.split_seed`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < KEY_WORD_LIMIT:
+        raise ValueError(f"{name} must be a 32-bit key word, an integer in [0, 2**32), got {value!r}")
+
+
+def check_keys(keys_lo: Sequence[int], keys_hi: Sequence[int], other: str, count: int) -> None:
+    """The Philox keys of ``count`` directions (as many as list ``other`` has) as two lists of key words."""
+    for name, words in (("keys_lo", keys_lo), ("keys_hi", keys_hi)):
+        if len(words) != count:
+            raise ValueError(f"{name} has {len(words)} entries but {other} has {count}; one key per direction")
+        for q, word in enumerate(words):
+            check_key_word(word, f"{name}[{q}]")
 
 
 def finite_real(value, name: str) -> float:
@@ -129,6 +169,12 @@ def to_float32(value, name: str) -> float:
     return rounded
 
 
+def check_float32s(values: Sequence[float], name: str) -> None:
+    """Every entry finite and within float32's range (what :func:`to_float32` accepts)."""
+    for j, value in enumerate(values):
+        to_float32(value, f"{name}[{j}]")
+
+
 def check_family(family) -> str:
     """One of the direction families of :data:`hosl.directions.families.FAMILIES`."""
     from hosl.directions.families import FAMILIES
@@ -147,6 +193,41 @@ def check_sphere_numels(numels, name: str) -> None:
     for j, n in enumerate(numels):
         if n > SPHERE_MAX_NUMEL:
             raise ValueError(f"{name}[{j}] has {n} elements; family='sphere' supports at most 2**33 per tensor")
+
+
+def check_factors(family: str, factors: Sequence[float] | None, count: int, name: str) -> None:
+    """An op's sphere factors: ``count`` float32 values for a family with a per-tensor factor,
+    None for the others."""
+    from hosl.directions.families import FAMILIES
+
+    if not FAMILIES[family].per_tensor_factor:
+        if factors is not None:
+            raise ValueError(f"{name} is only for a family with a per-tensor factor, not family={family!r}")
+        return
+    if factors is None or len(factors) != count:
+        got = "None" if factors is None else f"{len(factors)} entries"
+        raise ValueError(f"{name} is {got}; family={family!r} needs {count} factors")
+    check_float32s(factors, name)
+
+
+def check_step_fits(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], family: str) -> None:
+    """Refuse ``zo_update_`` coefficients whose step alone, ``sum_q |coeffs[q]| * max|z|`` (``max|z|``
+    the family's bound, ``FAMILIES[family].max_abs``), reaches a tensor dtype's largest finite value:
+    such an update would write inf (fp16 tops out at 65504). Only the step is bounded, not
+    ``w - decay*w`` plus the step, which needs a pass over the weights: the optimizers' finite guard
+    (:func:`hosl.optim.rules.update_is_safe`) bounds that, with the same ``max|z|``, and so skips an
+    update before it would be refused here."""
+    from hosl.directions.families import FAMILIES
+
+    total = math.fsum(abs(c) for c in coeffs)
+    for j, t in enumerate(tensors):
+        step = total * FAMILIES[family].max_abs(t.numel())
+        limit = torch.finfo(t.dtype).max
+        if step >= limit:
+            raise ValueError(
+                f"coeffs: sum |coeffs| = {total:g} times the {family!r} |z| bound gives a step of {step:g}, beyond "
+                f"{t.dtype}'s largest value {limit:g} for tensors[{j}]; the update would write inf"
+            )
 
 
 def check_scale_list(values, length: int, name: str) -> list[float]:

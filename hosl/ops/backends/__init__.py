@@ -1,8 +1,9 @@
 """Backends: one module per implementation of the six direction ops.
 
 Every backend module exposes the same six functions, called by the kernels of
-:mod:`hosl.ops.library` with arguments that are already validated (so backends do no checking of
-their own), every argument below passed (the defaults shown are the op schemas' own). ``family`` is one of
+:mod:`hosl.ops.library` with arguments those kernels have already checked (so backends do no
+checking of their own; ``perturbed_embedding``'s ``ids`` are only range-checked by the Python API),
+every argument below passed (the defaults shown are the op schemas' own). ``family`` is one of
 ``hosl.directions.families.FAMILIES``; ``z`` below is that family's direction
 (:func:`hosl.directions.families.direction_reference`), except that for ``"sphere"`` the backend only
 generates the Gaussian ``z`` and multiplies it by the per-tensor factor it is given (the factors

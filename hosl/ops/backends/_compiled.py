@@ -35,7 +35,7 @@ def _device(device) -> torch.device:
 
 
 class CompiledBackend:
-    """The contract's six functions over ``ext`` (arguments already validated by :mod:`hosl.ops`)."""
+    """The contract's six functions over ``ext`` (arguments already checked by the ops of :mod:`hosl.ops.library`)."""
 
     def __init__(self, ext: ModuleType | None):
         self.ext = ext
