@@ -54,8 +54,9 @@ def loss_spread_scaled(grads: Sequence[float], perturbed_losses: Sequence[float]
     """FZOO's normalised step (Dang et al., "FZOO", arXiv 2506.09034): ``g_q / sigma``, ``sigma`` the
     sample standard deviation (n - 1) of the step's perturbed losses. The perturbed losses are about
     ``L0 +- eps * g_q``, so ``sigma ~ eps * rms(g)`` and ``g_q / sigma ~ 1 / eps``: each direction moves
-    the client by about ``lr / eps * z`` whatever the loss's scale (normalised SGD). ``sigma`` 0 or not finite (every perturbed loss equal, or a NaN): NaN
-    grads, so the finite guard skips the update and counts it."""
+    the client by about ``lr / eps * z`` whatever the loss's scale (normalised SGD). ``sigma`` 0 or not
+    finite (every perturbed loss equal, or a NaN): NaN grads, so the finite guard skips the update and
+    counts it."""
     n = len(perturbed_losses)
     if n < 2:
         raise ValueError(f"the loss spread needs at least 2 perturbed losses, got {n}")
