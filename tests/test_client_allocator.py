@@ -55,6 +55,7 @@ def _retained(case: str) -> tuple[int, str]:
 
 
 @glibc_linux
+@pytest.mark.slow
 def test_freed_block_below_the_raised_threshold_stays_resident_by_default_and_not_after_the_call():
     default, _ = _retained("default")
     fixed, line = _retained("fixed")

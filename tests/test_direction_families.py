@@ -163,6 +163,7 @@ def test_perturb_and_update_match_reference(backend, family, dtype):
             assert_same_bits(w, e, f"zo_update {backend} {family} {dtype} tensor {j}")
 
 
+@pytest.mark.slow
 def test_cpu_rademacher_update_many_directions_and_tiles():
     """The C++ Rademacher update takes directions in batches of 16 and reuses Philox words across
     tiles: Q = 1, 16, 17 and 40 over tensors spanning several tiles and chunks, every SIMD variant."""

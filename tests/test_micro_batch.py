@@ -82,6 +82,7 @@ def test_bad_options_and_contracts_are_clear_errors():
 @pytest.mark.parametrize("name", list(FAMILIES))
 @pytest.mark.parametrize("micro", [1, 3])
 @pytest.mark.parametrize("perturbed_forward", ["auto", "scratch"])
+@pytest.mark.slow
 def test_micro_batched_activation_equals_the_whole_batch_clean_and_perturbed(name, micro, perturbed_forward):
     client = _client(name)
     ids, mask = _batch()
@@ -136,6 +137,7 @@ def test_weights_are_bit_exact_after_micro_batched_passes(dtype, perturbed_forwa
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.slow
 def test_a_step_with_micro_batches_gives_the_whole_batch_update(name):
     whole_client = _client(name)
     sliced_client = copy.deepcopy(whole_client)

@@ -114,6 +114,7 @@ def test_one_step_equals_slow_reference():
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_tiny_task():
     client, server = _model()
     x, y = _data()
@@ -122,6 +123,7 @@ def test_loss_decreases_on_a_tiny_task():
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
+@pytest.mark.slow
 def test_client_really_learns_with_a_frozen_server():
     client, server = _model()
     x, y = _data()

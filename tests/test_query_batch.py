@@ -193,6 +193,7 @@ def test_client_fn_that_bypasses_the_module_is_refused():
         opt.step(lambda: client[1](client[0](ids)), lambda h: h.float().pow(2).mean())
 
 
+@pytest.mark.slow
 def test_hosl_train_with_query_batch_sends_the_copies_stacked(tmp_path):
     """hosl train --query-batch: the D activations go to the server half in one losses message
     (same bytes as D messages of one copy), and the run follows the sequential one."""

@@ -78,6 +78,7 @@ def _run(tmp_path, wire, mode="hosl", steps=3):
 
 
 @needs_data
+@pytest.mark.slow
 def test_training_with_each_codec_uploads_less_and_keeps_the_first_clean_loss(tmp_path):
     native, native_losses = _run(tmp_path, "native")
     delta8, delta8_losses = _run(tmp_path, "delta8")
@@ -93,6 +94,7 @@ def test_training_with_each_codec_uploads_less_and_keeps_the_first_clean_loss(tm
 
 
 @needs_data
+@pytest.mark.slow
 def test_zo_sl_and_fo_sl_run_with_delta8(tmp_path):
     for mode in ("zo-sl", "fo-sl"):
         native, _ = _run(tmp_path, "native", mode=mode, steps=2)
