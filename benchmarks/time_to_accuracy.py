@@ -284,6 +284,12 @@ def _fmt_hit(point: dict | None) -> str:
     return f"{point['step']} / {point['client_forwards']:,} / {secs}"
 
 
+def _fmt_commits(run: dict) -> str:
+    """The commit(s) a run's attempts ran on, short, "+dirty" if any ran on a modified tree."""
+    commits = " ".join(c[:7] for c in run.get("commits") or ["unknown"])
+    return commits + (" +dirty" if run.get("dirty") else "")
+
+
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
@@ -294,16 +300,16 @@ def table_lines(report: dict) -> list[str]:
     levels = t["levels"]
     head = ["recipe", "seed", "flags", "client fwd/step"] + [
         f"to {name} ({100 * value:.1f}%): steps / client fwd / s" for name, value in levels.items()] + [
-        "final acc (%)", "best acc (%)", "train s"]
+        "final acc (%)", "best acc (%)", "train s", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in report["runs"]:
         flags = f"`{report['recipes'][r['recipe']]}`"
         if r["status"] != "done":
-            cols = [r["recipe"], str(r["seed"]), flags, "—"] + ["—"] * len(levels) + [r["status"], "—", "—"]
+            cols = [r["recipe"], str(r["seed"]), flags, "—"] + ["—"] * len(levels) + [r["status"], "—", "—", "—"]
         else:
             cols = [r["recipe"], str(r["seed"]), flags, str(r["forward_passes_per_step"].get("client_forward", "?"))]
             cols += [_fmt_hit(r["to_target"][name]) for name in levels]
-            cols += [_pct(r["final_accuracy"]), _pct(r["best_accuracy"]), f"{r['seconds']:.0f}"]
+            cols += [_pct(r["final_accuracy"]), _pct(r["best_accuracy"]), f"{r['seconds']:.0f}", _fmt_commits(r)]
         lines.append("| " + " | ".join(cols) + " |")
     return lines
 
@@ -312,7 +318,8 @@ def markdown(report: dict) -> str:
     s, t, p = report["setting"], report["targets"], report["provenance"]
     lines = [f"# Time to accuracy: {s['model']} / {s['task']} / cut {s['cut']}", "",
              f"- command: `{p['command']}`",
-             f"- code: {p['commit'] or 'unknown commit'}" + (" (dirty tree)" if p["dirty"] else ""),
+             f"- report written on: {p['commit'] or 'unknown commit'}" + (" (dirty tree)" if p["dirty"] else "")
+             + "; each run's commit is in the table (from its cell.json)",
              f"- machine: {p['machine']}; runs at {p['threads']} thread(s) each",
              f"- written: {p['written']}",
              f"- setting: {s['steps']} steps, evaluation every {s['eval_every']}, seeds "
@@ -326,7 +333,8 @@ def markdown(report: dict) -> str:
         lines += [f"No targets: {t['why']}."]
     lines += ["", "Each target cell: the first evaluation at or above the target, as training steps / client forward "
               "passes / training seconds (wall-clock, evaluations not counted); *not reached* if no evaluation "
-              "was. Final and best: evaluation accuracy at the last step and the best over all evaluations.", ""]
+              "was. Final and best: evaluation accuracy at the last step and the best over all evaluations. Commit: "
+              "the code each run ran on (+dirty: with uncommitted changes to tracked files).", ""]
     lines += table_lines(report)
     return "\n".join(lines) + "\n"
 

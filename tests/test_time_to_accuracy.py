@@ -60,14 +60,14 @@ def test_report_table_gives_steps_forwards_seconds_or_not_reached():
     levels = tta.targets(tta.final_mean(runs, "frozen"), tta.final_mean(runs, "fo-sl"))
     for r in tta.with_targets(runs, levels):
         r.update(forward_passes_per_step={"client_forward": 5}, best_accuracy=max(p["accuracy"] for p in r["curve"]),
-                 seconds=r["curve"][-1]["seconds"])
+                 seconds=r["curve"][-1]["seconds"], commits=["0123456789abcdef"], dirty=r["recipe"] == "hosl")
     report = {"targets": {"levels": levels}, "recipes": {"frozen": "--mode frozen-client", "fo-sl": "--mode fo-sl",
                                                          "hosl": "--mode hosl"}, "runs": runs}
     rows = {line.split(" | ")[0].strip("| "): line for line in tta.table_lines(report)[2:]}
     assert "to +50% (75.0%)" in tta.table_lines(report)[0] and "to +90% (79.0%)" in tta.table_lines(report)[0]
-    assert "| 50 / 250 / 30 | not reached | 77.0 | 77.0 | 60 |" in rows["hosl"]
+    assert "| 50 / 250 / 30 | not reached | 77.0 | 77.0 | 60 | 0123456 +dirty |" in rows["hosl"]
     assert "| 100 / 500 / 9 | 100 / 500 / 9 | 80.0 |" in rows["fo-sl"]
-    assert "| not reached | not reached | 70.0 |" in rows["frozen"]
+    assert "| not reached | not reached | 70.0 |" in rows["frozen"] and rows["frozen"].endswith("| 0123456 |")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -164,6 +164,7 @@ def test_runs_recipes_as_processes_and_writes_json_table_and_png(tmp_path):
     assert "| hosl | 0 | `--mode hosl --lr-client 1e-3` | 3 |" in table
     final = f"{100 * runs['hosl']['final_accuracy']:.1f}"
     assert f"| {final} | {100 * runs['hosl']['best_accuracy']:.1f} |" in table
+    assert runs["hosl"]["commits"] == [p["commit"] or "unknown"]
     if t["levels"]:
         assert "to +50% (" in table
     else:
