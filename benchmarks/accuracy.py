@@ -837,15 +837,19 @@ def _diff(a: dict | None, b: dict | None) -> str:
     return f"{a['accuracy_mean'] - b['accuracy_mean']:+.1f}" + (SUPERSEDED_MARK if a["superseded"] or b["superseded"] else "")
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    cpu = cpu_model()
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:

@@ -48,6 +48,10 @@ def test_train_writes_summary_metrics_and_checkpoint(tmp_path):
     # the summary's accuracy is the last evaluation's, a count of right answers out of --eval-size 8
     assert [e["step"] for e in evals] == [0, 2, 4] and summary["eval_accuracy"] == evals[-1]["eval_accuracy"]
     assert summary["eval_accuracy"] * 8 == round(summary["eval_accuracy"] * 8)
+    # each evaluation records the training seconds so far: the step record's at its step, 0 at step 0
+    step_seconds = {r["step"]: r["seconds"] for r in records if "loss" in r}
+    assert [e["seconds"] for e in evals] == [0.0, step_seconds[2], step_seconds[4]]
+    assert summary["eval_history"][-1]["seconds"] == summary["seconds"] > step_seconds[2] > 0
     assert summary["client_peak_bytes"] > summary["client_weight_bytes"] > 0
     assert len(_losses(run)) == 4 and all(math.isfinite(loss) for loss in _losses(run))
     assert summary["skipped_updates"] == 0 and summary["skipped_server_steps"] == 0

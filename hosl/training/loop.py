@@ -126,7 +126,9 @@ def _evaluate(run: Run, log: _Log, at_step: int) -> dict:
     result = evaluate(None, data.eval, run.tokenizer, cfg.eval_batch_size, data.template, model_kind=run.model_kind,
                       max_length=cfg.max_length, outputs_fn=lambda batch: run.mode.eval_outputs(batch, run.model_kind))
     run.set_training(True)
-    record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"]}
+    # seconds: training time so far (evaluations not counted), for accuracy-against-time curves
+    record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"],
+              "seconds": run.seconds}
     if getattr(data.template, "reports_perplexity", False):  # --task lm: one continuation per text
         record.update(eval_accuracy=None, eval_perplexity=math.exp(min(result["loss"], 700.0)))
     run.evals.append(record)
