@@ -89,3 +89,22 @@ def test_gradient_accumulation_is_refused(tmp_path):
     model, _ = load_model("tiny-opt", "causal_lm")
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
         HOSLTrainer(model, _args(tmp_path, gradient_accumulation_steps=2), cut=1)
+
+
+def test_the_zo_options_are_a_zoconfig_whose_defaults_are_the_optimizers(tmp_path):
+    import dataclasses
+
+    from hosl import ZOConfig
+
+    model, _ = load_model("tiny-opt", "causal_lm")
+    trainer = HOSLTrainer(model, _args(tmp_path), cut=1)
+    assert trainer.zo_config == ZOConfig()  # no second set of defaults in the Trainer
+    given = ZOConfig(direction="rademacher", num_queries=3, lr=1e-4)
+    trainer = HOSLTrainer(model, _args(tmp_path, seed=7), cut=1, zo_config=given, zo_eps=1e-2)
+    trainer.create_optimizer()
+    config = trainer.zo_optimizer.config
+    assert config == dataclasses.replace(given, eps=1e-2, seed=7)  # zo_eps replaces the config's; seed: args'
+    with pytest.raises(TypeError, match="zo_config must be a hosl.ZOConfig, got dict"):
+        HOSLTrainer(model, _args(tmp_path), cut=1, zo_config={"lr": 1e-3})
+    with pytest.raises(ValueError, match="eps"):
+        HOSLTrainer(model, _args(tmp_path), cut=1, zo_eps=-1.0)

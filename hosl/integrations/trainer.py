@@ -2,7 +2,8 @@
 
 The Trainer's training step is replaced, as MeZO's trainer does: each step is one
 :class:`~hosl.HybridOrderOptimizer` step on the split model. The **client** half (embeddings and the
-first ``cut`` blocks) is trained by the ZO estimate (``zo_lr``, ``zo_eps``, ``num_queries``); the
+first ``cut`` blocks) is trained by the ZO estimate (``zo_config``, a :class:`~hosl.optim.config.ZOConfig`,
+or its three most used options ``zo_lr``, ``zo_eps``, ``num_queries``); the
 **server** half gets its gradient from the clean pass, and everything after that is the Trainer's
 own: its optimizer (``args.optim``: SGD, AdamW, ...) built over the server's parameters only,
 gradient clipping, its LR scheduler (``args.lr_scheduler_type``, warmup), logging and
@@ -20,6 +21,8 @@ from the Trainer's own checkpoints (``resume_from_checkpoint``) is not supported
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +31,7 @@ from transformers.optimization import get_scheduler
 
 from hosl.models import TASK_CAUSAL_LM, split
 from hosl.optim import HybridOrderOptimizer
+from hosl.optim.config import ZOConfig
 
 
 def default_split_loss(logits: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -59,18 +63,27 @@ class SplitModel(nn.Module):
 class HOSLTrainer(Trainer):
     """``Trainer(model, args, ...)`` plus ``cut`` (blocks on the client) and the client's ZO settings.
 
+    ``zo_config``: every ZO option (default ``ZOConfig()``, HybridOrderOptimizer's defaults);
+    ``zo_lr``, ``zo_eps``, ``num_queries``, when given, replace its ``lr``, ``eps``, ``num_queries``.
+    The ZO seed is ``args.seed``.
+
     ``loss_fn(logits, inputs) -> scalar``: the loss on the server's logits (default
     :func:`default_split_loss`). ``model`` may be a ``peft`` LoRA model (only its trainable
     parameters train). Every other keyword goes to ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, args=None, *, cut: int, zo_lr: float = 1e-6, zo_eps: float = 1e-3,
-                 num_queries: int = 10, loss_fn=default_split_loss, **kwargs):
+    def __init__(self, model: nn.Module, args=None, *, cut: int, zo_config: ZOConfig | None = None,
+                 zo_lr: float | None = None, zo_eps: float | None = None, num_queries: int | None = None,
+                 loss_fn=default_split_loss, **kwargs):
         if args is not None and args.gradient_accumulation_steps != 1:
             raise ValueError("HOSLTrainer: gradient_accumulation_steps must be 1 (the ZO client updates every step)")
+        if zo_config is not None and not isinstance(zo_config, ZOConfig):
+            raise TypeError(f"HOSLTrainer: zo_config must be a hosl.ZOConfig, got {type(zo_config).__name__}")
+        given = {k: v for k, v in dict(lr=zo_lr, eps=zo_eps, num_queries=num_queries).items() if v is not None}
+        # replace() validates: a bad value is refused here, before the model is split
+        self.zo_config = dataclasses.replace(zo_config if zo_config is not None else ZOConfig(), **given)
         client, server = split(model, cut)
         self.split_model = SplitModel(client, server, loss_fn)
-        self.zo_settings = dict(lr=zo_lr, eps=zo_eps, num_queries=num_queries)
         self.zo_optimizer: HybridOrderOptimizer | None = None
         self.zo_scheduler = None
         super().__init__(model=self.split_model, args=args, **kwargs)
@@ -87,7 +100,8 @@ class HOSLTrainer(Trainer):
         """The Trainer's optimizer (``args.optim``) over the server half only; the ZO optimizer for the client."""
         optimizer = super().create_optimizer(model=self.server)
         if self.zo_optimizer is None:
-            self.zo_optimizer = HybridOrderOptimizer(self.client, None, seed=self.args.seed, **self.zo_settings)
+            self.zo_optimizer = HybridOrderOptimizer(self.client, None, config=self.zo_config,
+                                                     seed=self.args.seed)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
