@@ -237,7 +237,7 @@ def test_an_impossible_budget_is_refused_before_anything_changes():
     weights = sum(p.numel() * p.element_size() for p in client.parameters())
     with pytest.raises(ValueError, match="cannot hold the client's weights .* and its output activation"):
         mode.plan_client_memory(weights + 1, batch_size=64, seq_len=T)
-    assert hp.client_micro_batch is None and mode.opt.client_micro_batch is None
+    assert mode.client_micro_batch is None and mode.opt.client_micro_batch is None
     for k, v in client.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -252,7 +252,7 @@ def test_a_budget_sets_the_rows_the_step_then_runs():
     three_rows = roomy.planned_peak() - (B - 3) * roomy.per_row_transient
     plan = mode.plan_client_memory(three_rows + roomy.per_row_transient - 1, batch_size=B, seq_len=T)
     assert plan.micro_batch == 3 and plan.planned_peak() <= plan.budget
-    assert mode.opt.client_micro_batch == hp.client_micro_batch == 3
+    assert mode.opt.client_micro_batch == mode.client_micro_batch == 3
     ids, mask = _batch()
     calls = []
     mode.opt.step(_rows_fn(client, ids, mask, calls), _server_loss, batch_size=B)

@@ -220,7 +220,7 @@ def test_the_training_modes_build_their_optimizers_from_the_run_config():
     from hosl.training.run import hyper
 
     hp = hyper(cfg)
-    assert hp.zo == cfg.zo_config() and hp.lr_client == 1e-2 and hp.zo_optimizer == "momentum"
+    assert hp.zo == cfg.zo_config() and hp.lr_client == 1e-2 and hp.zo.variant == "momentum"
     mode = make_mode("hosl", _client(), None, hp, loss_of=None, proxy=object())
     assert mode.opt.config == cfg.zo_config()
     zo_mode = make_mode("zo", _client(), nn.Linear(3, 3), hp, loss_of=None)
@@ -257,3 +257,19 @@ def test_resume_rules_come_from_the_field_metadata():
         assert (key in NOT_COMPARED) == (rule == "ignore"), key
     assert {"lr_client", "server_batch", "client_micro_batch"} <= OVERRIDABLE and "backend" in NOT_COMPARED
 
+
+
+def test_train_config_declares_every_zo_option_as_zoconfig_does():
+    """TrainConfig's ZO fields are written out (hosl/training/config.py): the exposed ZOConfig fields,
+    last and in ZOConfig's order, each under its training name with ZOConfig's type (``| None``
+    where the training default is None) and the training default. A ZO option added to one and not
+    the other fails here."""
+    exposed = list(train_fields())
+    declared = dataclasses.fields(TrainConfig)[-len(exposed):]
+    assert [f.name for f in declared] == [train_name(f) for f in exposed]
+    for mine, theirs in zip(declared, exposed):
+        default = theirs.metadata["train_default"]
+        assert mine.default == default, mine.name
+        assert mine.type == (theirs.type if default == theirs.default else f"{theirs.type} | None"), mine.name
+    run_own = {f.name for f in dataclasses.fields(TrainConfig)[:-len(exposed)]}
+    assert not run_own & {train_name(f) for f in dataclasses.fields(ZOConfig)}  # no option declared twice

@@ -20,7 +20,8 @@ Each field's ``metadata`` says where else the option goes, so a new option is de
   key, ``--override`` key; the flag is ``--`` + the name with ``-`` for ``_``), or None for an
   option ``hosl train`` does not expose. ``train_default``: TrainConfig's default when it differs
   from the field's (None for ``lr``/``eps``: the paper's value for the mode and ``--lora``).
-  ``hosl/training/config.py`` generates the TrainConfig fields, ``hosl/cli.py`` the flags.
+  ``hosl/training/config.py`` declares the TrainConfig field (name, type, default: written out,
+  ``tests/test_zo_config.py`` checks they match), ``hosl/cli.py`` generates the flag.
 * ``cli``: how the flag parses: ``type`` (a name in ``hosl.cli.CLI_TYPES``), ``choices``,
   ``metavar``, ``group`` (``"zo"``: the zeroth-order group of the help; ``"run"``: the main group,
   for the settings non-ZO modes use too: the client's learning rate, weight decay, seed, backend).
@@ -55,6 +56,20 @@ BOTH = ("zo", "hybrid")
 # options whose default differs between the optimizers: ZOConfig() holds HOSL's (and hosl train's)
 OPTIMIZER_DEFAULTS = {"zo": {"num_queries": 1}, "hybrid": {}}
 
+# The paper's client settings, one home for every default that repeats them: ZOConfig's ``lr`` and
+# ``eps`` (full fine-tuning, ZO), and ``hosl train``'s (TrainConfig.resolved_lr_client / resolved_eps:
+# LoRA's for --lora, the FO rate for fo-sl and fo). hosl/integrations/trainer.py reads ZOConfig's.
+ZO_LR, ZO_EPS = 1e-6, 1e-3
+LORA_ZO_LR, LORA_ZO_EPS = 5e-5, 5e-3  # LoRA, r=8, alpha=16
+FO_CLIENT_LR = 1e-3
+
+
+def _short(x: float) -> str:
+    """1e-06 -> '1e-6', as the help writes numbers."""
+    mantissa, _, exponent = f"{x:.0e}".partition("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 # How errors name a field: the field's own name, or (TrainConfig.validate) its --flag.
 _LABEL: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("zo_config_label", default=str)
 
@@ -74,11 +89,13 @@ class ZOConfig:
     """The zeroth-order optimizers' options (see the module docstring for the metadata)."""
 
     lr: float = option(
-        1e-6, "client learning rate (default 1e-6 for ZO clients, 5e-5 with --lora; 1e-3 for FO clients)",
+        ZO_LR, f"client learning rate (default {_short(ZO_LR)} for ZO clients, {_short(LORA_ZO_LR)} with --lora; "
+        f"{_short(FO_CLIENT_LR)} for FO clients)",
         param_group=True, train="lr_client", train_default=None, cli=dict(type="float", group="run"), agree=True,
         on_resume="override")
     eps: float = option(
-        1e-3, "ZO smoothing scale (default 1e-3; 5e-3 with --lora)", param_group=True, train_default=None,
+        ZO_EPS, f"ZO smoothing scale (default {_short(ZO_EPS)}; {_short(LORA_ZO_EPS)} with --lora)", param_group=True,
+        train_default=None,
         cli=dict(type="float"), agree=True)
     num_queries: int = option(10, "ZO directions Q per step (default %(default)s)", cli=dict(type="int"))
     weight_decay: float = option(

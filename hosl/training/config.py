@@ -1,26 +1,34 @@
 """Everything one training run needs, with the defaults ``hosl train`` uses.
 
-The zeroth-order options (``lr_client``, ``eps``, ``num_queries``, ``zo_optimizer``, ...) are not
-written here: TrainConfig has one field per :class:`~hosl.optim.config.ZOConfig` field that
-``hosl train`` exposes, generated from that field (its training name and default;
-``hosl/optim/config.py``), after the run's own settings below. :meth:`TrainConfig.zo_config`
-turns them back into a validated ZOConfig.
+TrainConfig declares every field: the run's own settings, then the zeroth-order options
+(``lr_client``, ``eps``, ``num_queries``, ``zo_optimizer``, ...), one per
+:class:`~hosl.optim.config.ZOConfig` field that ``hosl train`` exposes, under its training name with
+its training default (``hosl/optim/config.py``: the field's ``train`` and ``train_default``; help,
+checks and flags come from there). ``tests/test_zo_config.py`` fails if the two fall out of step
+(a ZO option added to ZOConfig is added here too). :meth:`TrainConfig.zo_config` turns them back
+into a validated ZOConfig.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import asdict, dataclass, field
 
 from hosl.models.lora import LORA_HALVES
-from hosl.optim.config import ZOConfig, from_train_names, train_fields, train_name
+from hosl.optim.config import (
+    FO_CLIENT_LR,
+    LORA_ZO_EPS,
+    LORA_ZO_LR,
+    ZO_EPS,
+    ZO_LR,
+    ZOConfig,
+    from_train_names,
+    train_fields,
+    train_name,
+)
 from hosl.training.memory import parse_bytes
-from hosl.training.modes import MODES, ZO_CLIENT_MODES
+from hosl.training.modes import CLIENT_SLICING_MODES, MODES, QUERY_BATCH_MODES, ZO_CLIENT_MODES
 
-# the paper's ZO client settings: full fine-tuning, and LoRA (r=8, alpha=16)
-ZO_LR, ZO_EPS = 1e-6, 1e-3
-LORA_ZO_LR, LORA_ZO_EPS = 5e-5, 5e-3
-FO_CLIENT_LR = 1e-3
 MAX_SEED = 2**63 - 1  # seeds go through int64 (torch generators, the direction seed stream)
 
 
@@ -30,8 +38,10 @@ def flag(name: str) -> str:
 
 
 @dataclass
-class _RunSettings:
-    """The run's own settings (the ZO options follow, from ZOConfig)."""
+class TrainConfig:
+    """A run's settings: the run's own, then the ZO options (ZOConfig's, by their training names).
+    ``lr_client`` and ``eps`` default to None: the paper's values for the mode and ``--lora``
+    (:meth:`resolved_lr_client`, :meth:`resolved_eps`)."""
 
     model: str = "minilm-l6"
     task: str = "sst2"
@@ -79,22 +89,25 @@ class _RunSettings:
     progress: bool = True
     notes: list = field(default_factory=list)
 
-
-# lr_client, eps, num_queries, weight_decay, difference, seed, backend, direction, zo_optimizer,
-# zo_momentum, zo_betas, query_batch, query_memory_budget, server_batch, server_estimate, linear_on,
-# client_micro_batch (today's list: whatever ZOConfig declares with a training name)
-_ZOSettings = make_dataclass(
-    "_ZOSettings",
-    [(train_name(f), f.type if f.metadata["train_default"] == f.default else f"{f.type} | None",
-      field(default=f.metadata["train_default"])) for f in train_fields()])
-_ZOSettings.__module__ = __name__
-
-
-@dataclass
-class TrainConfig(_ZOSettings, _RunSettings):
-    """A run's settings: :class:`_RunSettings`' fields, then the ZO options' (ZOConfig's, by their
-    training names). ``lr_client`` and ``eps`` default to None: the paper's values for the mode and
-    ``--lora`` (:meth:`resolved_lr_client`, :meth:`resolved_eps`)."""
+    # -- the ZO options: ZOConfig's fields with a training name, in its order (hosl/optim/config.py) --
+    lr_client: float | None = None  # ZOConfig.lr; None: ZO_LR, LORA_ZO_LR or FO_CLIENT_LR
+    eps: float | None = None  # None: ZO_EPS or LORA_ZO_EPS
+    num_queries: int = 10
+    weight_decay: float = 0.0
+    difference: str = "central"
+    step_scale: str = "none"
+    seed: int = 0
+    backend: str | None = None
+    direction: str = "gaussian"
+    zo_optimizer: str = "sgd"  # ZOConfig.variant
+    zo_momentum: float = 0.9  # ZOConfig.momentum
+    zo_betas: tuple[float, float] = (0.9, 0.999)  # ZOConfig.betas
+    query_batch: int | str = 1
+    query_memory_budget: int | None = None
+    server_batch: int = 1
+    server_estimate: str = "exact"
+    linear_on: str = "server"
+    client_micro_batch: int | None = None
 
     def resolved_lr_client(self) -> float:
         if self.mode == "frozen-client":
@@ -197,9 +210,9 @@ class TrainConfig(_ZOSettings, _RunSettings):
         if self.client_micro_batch is None and self.client_memory_budget is None:
             return
         which = "--client-micro-batch" if self.client_micro_batch is not None else "--client-memory-budget"
-        if self.mode not in ("hosl", "zo-sl"):
-            raise ValueError(f"{which} slices the passes of a ZO client that sends its activation (--mode hosl or "
-                             f"zo-sl), got --mode {self.mode}")
+        if self.mode not in CLIENT_SLICING_MODES:
+            raise ValueError(f"{which} slices the passes of a ZO client that sends its activation (--mode "
+                             f"{' or '.join(CLIENT_SLICING_MODES)}), got --mode {self.mode}")
         if self.client_micro_batch is not None and self.client_memory_budget is not None:
             raise ValueError("give --client-micro-batch or --client-memory-budget, not both (the budget picks the rows)")
         if self.client_micro_batch is None:
@@ -208,9 +221,9 @@ class TrainConfig(_ZOSettings, _RunSettings):
     def _validate_step_options(self) -> None:
         """Which modes take --query-batch, --server-estimate, --linear-on (docs/optimizer.md); their
         values are ZOConfig's to check."""
-        if self.query_batch != 1 and self.mode not in ("hosl", "zo"):
-            raise ValueError(f"--query-batch batches the perturbed points of --mode hosl or zo (zo-sl perturbs its "
-                             f"server one point at a time), got --mode {self.mode}")
+        if self.query_batch != 1 and self.mode not in QUERY_BATCH_MODES:
+            raise ValueError(f"--query-batch batches the perturbed points of --mode {' or '.join(QUERY_BATCH_MODES)} "
+                             f"(zo-sl perturbs its server one point at a time), got --mode {self.mode}")
         if self.server_estimate == "linear" and self.mode != "hosl":
             raise ValueError(f"--server-estimate linear needs the server's gradient (--mode hosl), got --mode {self.mode}")
         if self.linear_on == "client" and self.server_estimate != "linear":

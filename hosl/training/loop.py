@@ -26,7 +26,7 @@ import torch
 from hosl.tasks import evaluate
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
-from hosl.training.protocol import SPLIT_MODES
+from hosl.training.modes import FO_CLIENT_MODES, SPLIT_MODES
 from hosl.training.run import Run, build_run, say
 from hosl.training.schedule import schedule_client_step
 from hosl.transport import Link
@@ -163,7 +163,7 @@ def _summary(run: Run, traffic: list) -> dict:
         "eval_perplexity": evals[-1].get("eval_perplexity") if evals else None,
         "eval_history": evals,
         "client_peak_bytes": mode.memory.peak_bytes(
-            run.client, fo_client=cfg.mode in ("fo-sl", "fo"),
+            run.client, fo_client=cfg.mode in FO_CLIENT_MODES,
             optimizer_state_bytes=mode.client_optimizer_state_bytes(), scratch_bytes=mode.scratch_bytes()),
         "client_weight_bytes": mode.memory.weight_bytes(run.client),
         "client_trainable_bytes": mode.memory.trainable_bytes(run.client),
@@ -175,7 +175,7 @@ def _summary(run: Run, traffic: list) -> dict:
                                                            cfg.server_estimate),
         "skipped_updates": mode.skipped_updates,
         "skipped_server_steps": mode.skipped_server_steps,
-        "client_micro_batch": run.hp.client_micro_batch,
+        "client_micro_batch": mode.client_micro_batch,
         "num_queries": cfg.num_queries,
         "lr_client": cfg.resolved_lr_client(),
         "eps": cfg.resolved_eps(),

@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
-from hosl.optim.config import ZOConfig, train_fields, train_name
+from hosl.optim.config import ZOConfig
 from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
 from hosl.optim.rules import rule_state_nbytes
 from hosl.tasks.evaluation import eval_outputs
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
-from hosl.training.protocol import SPLIT_MODES
 from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy
-
-MODES = ("hosl", "fo-sl", "zo-sl", "frozen-client", "fo", "zo")
-ZO_CLIENT_MODES = ("hosl", "zo-sl", "zo")
 
 # loss_of(logits, batch, copies) -> scalar (copies == 1) or [copies] losses
 LossFn = Callable[[torch.Tensor, dict, int], torch.Tensor]
@@ -44,8 +40,8 @@ class Hyper:
     """A run's optimizer settings: the ZO options (``zo``, one :class:`~hosl.optim.config.ZOConfig`
     for every ZO-trained half; its ``lr`` is also the FO client's rate in fo-sl) and the FO side's.
 
-    The ZO options read under their training names too (``hp.lr_client``, ``hp.zo_optimizer``,
-    ``hp.client_micro_batch``: TrainConfig's, declared in ZOConfig's field metadata)."""
+    The ZO options the FO side and the server read too are declared below as properties under
+    their training names (``hp.lr_client`` is ``hp.zo.lr``); every other ZO option is ``hp.zo.<field>``."""
 
     zo: ZOConfig = field(default_factory=ZOConfig)
     lr_server: float = 1e-3
@@ -59,15 +55,30 @@ class Hyper:
         """The options of the ZO optimizer ``optimizer`` builds (``"zo"`` or ``"hybrid"``)."""
         return self.zo.for_optimizer(optimizer)
 
-    def __getattr__(self, name: str):
-        field_name = _ZO_TRAIN_NAMES.get(name)
-        if field_name is None or name.startswith("_") or "zo" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        return getattr(self.zo, field_name)
+    @property
+    def lr_client(self) -> float:
+        """The client's learning rate (``zo.lr``): the ZO rule's, or fo-sl's FO client's."""
+        return self.zo.lr
 
+    @property
+    def weight_decay(self) -> float:
+        """``zo.weight_decay``: the FO optimizers use the run's weight decay too."""
+        return self.zo.weight_decay
 
-# training name -> ZOConfig field (lr_client -> lr, zo_optimizer -> variant, eps -> eps, ...)
-_ZO_TRAIN_NAMES = {train_name(f): f.name for f in train_fields()}
+    @property
+    def seed(self) -> int:
+        """``zo.seed``: the run's seed (the server's dropout stream is seeded from it)."""
+        return self.zo.seed
+
+    @property
+    def server_estimate(self) -> str:
+        """``zo.server_estimate``: how the hosl server half is estimated (the server reads it)."""
+        return self.zo.server_estimate
+
+    @property
+    def linear_on(self) -> str:
+        """``zo.linear_on``: where the linear estimate's dot products run (the server reads it)."""
+        return self.zo.linear_on
 
 
 def _inputs(batch):
@@ -75,8 +86,15 @@ def _inputs(batch):
 
 
 class Mode:
+    """A training mode. The class attributes say what kind it is; the mode lists below (``MODES``,
+    ``SPLIT_MODES``, ...) are derived from them, so a new mode is one class added to ``MODE_CLASSES``."""
+
     name: str
     split = False  # split modes talk to their server half through a ServerProxy
+    server_fo = False  # split modes: the server half trains first-order (its own optimizer)
+    zo_client = False  # the client half trains by the ZO estimate (the _ZOClientMode classes)
+    fo_client = False  # the client half trains first-order (it back-propagates: its memory holds the graph)
+    query_batch = False  # takes --query-batch (its optimizer batches the perturbed points)
 
     def __init__(self, client: nn.Module, server: nn.Module | None, hp: Hyper, loss_of: LossFn):
         self.client, self.server, self.hp, self.loss_of = client, server, hp, loss_of
@@ -94,6 +112,10 @@ class Mode:
             self.memory.note_output_rows(h, ids.shape[0])  # the assembled activation is what is sent
             return h
         return run
+
+    # rows per slice of the client's passes (--client-micro-batch; None: the whole batch at once). The
+    # ZO client modes hold it in one place each: HOSL's optimizer (it slices its own passes), zo-sl's mode.
+    client_micro_batch: int | None = None
 
     # 1-based number of the step being run; the loop sets it, split modes label their messages with it
     step_number = 0
@@ -143,6 +165,8 @@ def _sgd(params, lr, hp: Hyper):
 class _ZOClientMode:
     """What the modes whose client runs a ZO optimizer (``self.opt``) report."""
 
+    zo_client = True
+
     def client_optimizer_state_bytes(self):
         return self.opt.state_nbytes()
 
@@ -154,9 +178,7 @@ class _ZOClientMode:
         return self.opt.skipped_updates
 
     def set_client_micro_batch(self, rows: int | None) -> None:
-        self.hp.zo = replace(self.hp.zo, client_micro_batch=check_micro_batch(rows, "--client-micro-batch"))
-        if hasattr(self.opt, "client_micro_batch"):  # HOSL: the optimizer slices its own passes
-            self.opt.client_micro_batch = rows
+        self.client_micro_batch = check_micro_batch(rows, "--client-micro-batch")
 
     def plan_client_memory(self, budget: int, batch_size: int, seq_len: int):
         """Set the rows per client slice from ``budget`` (bytes; see :func:`plan_micro_batch`) and
@@ -194,6 +216,8 @@ class SplitMode(Mode):
 
 class HOSLMode(_ZOClientMode, SplitMode):
     name = "hosl"
+    server_fo = True
+    query_batch = True
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
@@ -202,6 +226,14 @@ class HOSLMode(_ZOClientMode, SplitMode):
         # applies the updates the server relays instead of its own
         self.sync = None
 
+    @property  # type: ignore[override]  # the optimizer's setting, read and set through the mode
+    def client_micro_batch(self) -> int | None:
+        return self.opt.client_micro_batch
+
+    @client_micro_batch.setter
+    def client_micro_batch(self, rows: int | None) -> None:
+        self.opt.client_micro_batch = rows
+
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
         if self.sync is not None:
@@ -209,7 +241,7 @@ class HOSLMode(_ZOClientMode, SplitMode):
         self.proxy.begin_step(self.step_number, batch)
         server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
         perturbed = self.proxy.losses  # an explicit call per perturbed activation (the clean one backprops)
-        if self.opt.client_micro_batch is None:
+        if self.client_micro_batch is None:
             loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss, perturbed_loss_fn=perturbed))
         else:  # the optimizer runs every pass in slices of client_micro_batch rows
             loss = float(self.opt.step(self.client_rows_fn(ids, mask), server_loss,
@@ -228,6 +260,8 @@ class FOSLMode(SplitMode):
     """Split backprop: the server returns dL/dh, the client back-props it."""
 
     name = "fo-sl"
+    server_fo = True
+    fo_client = True
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
@@ -260,6 +294,7 @@ class FrozenClientMode(SplitMode):
     between the two is what the ZO client's 2Q perturbed forwards buy."""
 
     name = "frozen-client"
+    server_fo = True
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
@@ -284,6 +319,7 @@ class ZOSLMode(_ZOClientMode, SplitMode):
         super().__init__(client, proxy, hp, loss_of)
         self.peer = ServerPerturbationPeer()
         self.opt = ZerothOrderOptimizer([client], peers=[self.peer], config=hp.zo_config("zo"))
+        self.client_micro_batch = hp.zo.client_micro_batch  # the ZO optimizer does not slice: the mode does
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
@@ -291,10 +327,10 @@ class ZOSLMode(_ZOClientMode, SplitMode):
 
         def loss():
             with torch.no_grad():
-                if self.hp.client_micro_batch is None:
+                if self.client_micro_batch is None:
                     h = self.run_client(ids, mask)
                 else:  # inside the optimizer's perturbed block: every slice at the same point
-                    h = MicroBatchedClient(self.client_rows_fn(ids, mask), ids.shape[0], self.hp.client_micro_batch)()
+                    h = MicroBatchedClient(self.client_rows_fn(ids, mask), ids.shape[0], self.client_micro_batch)()
             return self.proxy.losses(h, self.peer.point)
 
         value = float(self.opt.step(loss))
@@ -318,6 +354,7 @@ class _Whole(nn.Module):
 
 class FOMode(Mode):
     name = "fo"
+    fo_client = True
 
     def __init__(self, client, server, hp, loss_of):
         super().__init__(client, server, hp, loss_of)
@@ -338,6 +375,7 @@ class FOMode(Mode):
 
 class ZOMode(_ZOClientMode, Mode):
     name = "zo"
+    query_batch = True
 
     def __init__(self, client, server, hp, loss_of):
         super().__init__(client, server, hp, loss_of)
@@ -354,10 +392,22 @@ class ZOMode(_ZOClientMode, Mode):
         return {"zo": self.opt}
 
 
+# Every mode, in the order of --mode's choices; the lists every other module reads are derived here.
+MODE_CLASSES: tuple[type[Mode], ...] = (HOSLMode, FOSLMode, ZOSLMode, FrozenClientMode, FOMode, ZOMode)
+MODES = tuple(c.name for c in MODE_CLASSES)
+SPLIT_MODES = tuple(c.name for c in MODE_CLASSES if c.split)  # a client half and a server half (the protocol)
+ZO_CLIENT_MODES = tuple(c.name for c in MODE_CLASSES if c.zo_client)
+FO_CLIENT_MODES = tuple(c.name for c in MODE_CLASSES if c.fo_client)
+SERVER_FO_MODES = tuple(c.name for c in MODE_CLASSES if c.split and c.server_fo)
+# --client-micro-batch / --client-memory-budget: a ZO client that sends its activation
+CLIENT_SLICING_MODES = tuple(m for m in SPLIT_MODES if m in ZO_CLIENT_MODES)
+QUERY_BATCH_MODES = tuple(c.name for c in MODE_CLASSES if c.query_batch)
+
+
 def make_mode(name: str, client, server, hp: Hyper, loss_of: LossFn, proxy: ServerProxy | None = None) -> Mode:
-    """The mode ``name``. Split modes (hosl, fo-sl, zo-sl, frozen-client) need ``proxy`` (their server half);
+    """The mode ``name``. Split modes (``SPLIT_MODES``) need ``proxy`` (their server half);
     the unsplit baselines (fo, zo) need ``server``."""
-    classes = {c.name: c for c in (HOSLMode, FOSLMode, ZOSLMode, FrozenClientMode, FOMode, ZOMode)}
+    classes = {c.name: c for c in MODE_CLASSES}
     if name not in classes:
         raise ValueError(f"mode must be one of {list(MODES)}, got {name!r}")
     if name in SPLIT_MODES:

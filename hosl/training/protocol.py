@@ -80,7 +80,6 @@ class Phase(enum.IntEnum):
 
 
 PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
-SPLIT_MODES = ("hosl", "fo-sl", "zo-sl", "frozen-client")
 
 # clean-loss ints: [KEEP_ACTIVATION_GRAD] asks the server to keep dL/dh for the linear estimate
 KEEP_ACTIVATION_GRAD = 1

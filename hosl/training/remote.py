@@ -29,7 +29,8 @@ import torch
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop
-from hosl.training.protocol import PHASE_NAMES, SPLIT_MODES
+from hosl.training.modes import SPLIT_MODES
+from hosl.training.protocol import PHASE_NAMES
 from hosl.training.run import RunExistsError, build_run, hyper, load_split_model, loss_fn, say, train_dropout
 from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.server_handler import ServerHandler

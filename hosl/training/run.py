@@ -35,8 +35,8 @@ from hosl.training import checkpoint as ckpt
 from hosl.training import run_folder
 from hosl.training.config import TrainConfig
 from hosl.training.memory import parse_bytes, return_freed_memory
-from hosl.training.modes import Hyper, Mode, make_mode
-from hosl.training.protocol import PHASE_NAMES, SPLIT_MODES
+from hosl.training.modes import SPLIT_MODES, Hyper, Mode, make_mode
+from hosl.training.protocol import PHASE_NAMES
 from hosl.training.server_handler import ServerHandler
 from hosl.training.server_proxy import ServerProxy
 from hosl.transport import InProcessLink, Link

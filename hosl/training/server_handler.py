@@ -20,9 +20,9 @@ from torch import nn
 from hosl.optim import ZerothOrderOptimizer
 from hosl.optim.hygiene import ServerGrads
 from hosl.tasks.evaluation import eval_outputs
+from hosl.training.modes import SERVER_FO_MODES, SPLIT_MODES
 from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
-    SPLIT_MODES,
     ActivationWire,
     Phase,
     batch_from_server_side,
@@ -60,7 +60,7 @@ class ServerHandler:
         self.zo: ZerothOrderOptimizer | None = None
         self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
         self.skipped_optimizer_steps = 0  # hosl, fo-sl, frozen-client: server steps skipped for a non-finite loss or gradient
-        if mode in ("hosl", "fo-sl", "frozen-client"):
+        if mode in SERVER_FO_MODES:
             self.optimizer = make_server_optimizer(server.parameters(), hp)  # --server-optimizer
         self.batch: dict = {}
         self.mask: torch.Tensor | None = None
