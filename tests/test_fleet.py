@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from hosl.tasks.shard import parse_shard, shard_indices
 from hosl.training.fleet_client import step_seed
 from hosl.training.fleet_log import UpdateLog, relayed
-from hosl.training.protocol import catch_up_fields, catch_up_of, relay_fields, relay_of
+from hosl.training.protocol import CatchUp, Relay
 
 pytestmark = pytest.mark.filterwarnings("ignore:hosl. no compiled kernels")
 
@@ -34,20 +34,20 @@ UPDATES = [(1, [2**64 - 5, 7], [0.25, -1.5]), (3, [11, 12], [1e-300, 3.0])]
 # -- formats ----------------------------------------------------------------------------------------
 
 def test_relay_fields_round_trip_seeds_above_int63_and_exact_floats():
-    ints, floats = relay_fields(4, UPDATES)
-    skipped, back = relay_of(ints, floats)
+    ints, floats = Relay(4, UPDATES).to_fields()
+    skipped, back = Relay.from_fields(ints, floats)
     assert skipped == 4 and back == UPDATES
     assert all(-(2**63) <= i < 2**63 for i in ints)  # what an int64 tensor can carry
     with pytest.raises(ValueError, match="does not add up"):
-        relay_of(ints + [5], floats)
+        Relay.from_fields(ints + [5], floats)
 
 
 def test_catch_up_round_trip_and_count_check():
     steps = [UPDATES, [], [UPDATES[1]]]
-    start, to, back = catch_up_of(*catch_up_fields(2, 5, steps))
+    start, to, back = CatchUp.from_fields(*CatchUp(2, 5, steps).to_fields())
     assert (start, to, back) == (2, 5, steps)
     with pytest.raises(ValueError, match="carries 3 steps"):
-        catch_up_of(*catch_up_fields(2, 6, steps))
+        CatchUp.from_fields(*CatchUp(2, 6, steps).to_fields())
 
 
 def test_update_log_appends_in_order_survives_a_torn_line_and_truncates(tmp_path):

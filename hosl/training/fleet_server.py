@@ -43,7 +43,7 @@ import torch
 
 from hosl.training import checkpoint as ckpt
 from hosl.training.fleet_log import UpdateLog, relayed
-from hosl.training.protocol import ActivationWire, Phase, catch_up_fields, relay_fields, update_of
+from hosl.training.protocol import ActivationWire, CatchUp, ClientUpdate, Phase, Relay, ZOUpdate
 from hosl.training.remote import StopOnInterrupt, fingerprint, start_server_process, write_or_check_server_config
 from hosl.training.run import say
 from hosl.training.server_handler import ServerHandler
@@ -268,9 +268,9 @@ class FleetServer:
         slots = [self.live[r] for r in sorted(self.live)]
         updates = []
         for slot in slots:
-            seeds, grads = update_of(slot.held)
+            seeds, grads = ZOUpdate.from_fields(slot.held.ints, slot.held.floats)
             if seeds:
-                updates.append((slot.rank, seeds, grads))
+                updates.append(ClientUpdate(slot.rank, seeds, grads))
         params = [p for p in self.half.server.parameters() if p.grad is not None]
         if self.clean_count > 1:
             for p in params:
@@ -292,7 +292,8 @@ class FleetServer:
             slot.clean_loss, slot.activation_grad = math.nan, None
             if slot.wire is not None:
                 slot.wire.end_step()
-            ints, floats = relay_fields(self.half.skipped_server_steps, relayed(updates, slot.rank, self.client_sync))
+            relay = Relay(self.half.skipped_server_steps, relayed(updates, slot.rank, self.client_sync))
+            ints, floats = relay.to_fields()
             self._reply(slot.rank, Message(Kind.REPLY, msg.phase, msg.step, ints, floats))
 
     # -- joins' catch-up --------------------------------------------------------------------------
@@ -302,7 +303,7 @@ class FleetServer:
         have = sorted({0, *msg.ints})
         start = max(s for s in have if s <= self.completed)
         steps = [relayed(u, slot.rank, self.client_sync) for u in self.log.between(start, self.completed)]
-        ints, floats = catch_up_fields(start, self.completed, steps)
+        ints, floats = CatchUp(start, self.completed, steps).to_fields()
         self._event("catch-up", rank=slot.rank, start=start, to=self.completed)
         return Message(Kind.REPLY, msg.phase, msg.step, ints, floats)
 

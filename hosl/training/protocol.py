@@ -49,6 +49,11 @@ half's first coordinate is the client's coordinate count, which the client sends
 later). The two halves' perturbations are therefore independent parts of one direction, and ZO-SL
 is MeZO on the whole model.
 
+The integer and float lists a phase carries are declared below, one ``NamedTuple`` per payload
+with ``to_fields`` / ``from_fields`` (:class:`ZOPoint`, :class:`ZOUpdate`, :class:`Relay`,
+:class:`CatchUp`), and the protocol has a version, :data:`SPLIT_PROTOCOL_VERSION`, checked at the
+handshake.
+
 Labels travel up with the batch (``begin-step``), once per step: the client owns the data, and the
 server never reads a dataset, so the two can never disagree on the data order. The server
 sees labels, the attention mask and (for evaluation) the answer tokens, never the prompts.
@@ -57,10 +62,10 @@ sees labels, the attention mask and (for evaluation) the answer tokens, never th
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import torch
 
-from hosl.transport import Message
 from hosl.transport.codecs import check_codec, decode, encode
 from hosl.transport.wire import from_int64, to_int64
 
@@ -80,6 +85,12 @@ class Phase(enum.IntEnum):
 
 
 PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
+
+# The version of this protocol: the phases and the payload schemas below (the transport's own
+# framing has hosl.transport.PROTOCOL_VERSION). Both processes send it at the handshake
+# (hosl/training/remote.py, fingerprint) and a peer with another version is refused, naming both.
+# Raise it with any change to what a phase means or to a payload's layout.
+SPLIT_PROTOCOL_VERSION = 1
 
 # clean-loss ints: [KEEP_ACTIVATION_GRAD] asks the server to keep dL/dh for the linear estimate
 KEEP_ACTIVATION_GRAD = 1
@@ -106,76 +117,106 @@ def batch_from_server_side(tensors: list[torch.Tensor], model_kind: str, for_eva
     return batch
 
 
-# -- the ZO point of a losses request (zo-sl), and the update of an end-step ------------------------
+# -- the payloads that travel as integer and float lists: one declared schema each --------------------
+# Seeds are unsigned 64-bit; they travel as int64 (hosl/transport/wire.py: to_int64 / from_int64).
 
-def point_fields(point: tuple[int, float] | None) -> tuple[list[int], list[float]]:
-    """(ints, floats) of a ``losses`` request at ``point`` = (seed, scale); none: the current weights."""
-    return ([to_int64(point[0])], [point[1]]) if point is not None else ([], [])
+class ZOPoint(NamedTuple):
+    """The point a zo-sl ``losses`` request evaluates the server half at: ints ``[seed]``, floats
+    ``[scale]``. A request with no ints is at the current weights (``from_fields`` gives None)."""
 
+    seed: int
+    scale: float
 
-def point_of(request: Message) -> tuple[int, float] | None:
-    """The (seed, scale) a ``losses`` request evaluates at, or None (the current weights)."""
-    return (from_int64(request.ints[0]), request.floats[0]) if request.ints else None
+    def to_fields(self) -> tuple[list[int], list[float]]:
+        return [to_int64(self.seed)], [self.scale]
 
-
-def update_fields(seeds, grads) -> tuple[list[int], list[float]]:
-    """(ints, floats) of a zo-sl ``end-step``: the step's seeds and projected gradients."""
-    return [to_int64(s) for s in seeds], list(grads)
-
-
-def update_of(request: Message) -> tuple[list[int], list[float]]:
-    """The (seeds, projected gradients) of an ``end-step`` request; empty: no ZO update."""
-    return [from_int64(s) for s in request.ints], list(request.floats)
+    @classmethod
+    def from_fields(cls, ints: list[int], floats: list[float]) -> ZOPoint | None:
+        return cls(from_int64(ints[0]), floats[0]) if ints else None
 
 
-# -- fleets: the relayed updates of an end-step reply, and a join's catch-up --------------------------
+class ZOUpdate(NamedTuple):
+    """A zo-sl (or fleet) ``end-step`` request's update: ints ``[seed_1, ...]``, floats
+    ``[projected gradient_1, ...]``; empty: no ZO update this step."""
 
-def relay_fields(skipped: int, updates) -> tuple[list[int], list[float]]:
-    """(ints, floats) of a fleet's end-step reply: ``[skipped, n, rank_1, count_1, ..., seeds...]``
-    and the gradients, for ``updates`` = [(rank, seeds, grads), ...] in the order to apply them."""
-    ints, floats = [skipped, len(updates)], []
-    for rank, seeds, _grads in updates:
-        ints += [rank, len(seeds)]
-    for _rank, seeds, grads in updates:
-        ints += [to_int64(s) for s in seeds]
-        floats += list(grads)
-    return ints, floats
+    seeds: list[int]
+    grads: list[float]
 
+    def to_fields(self) -> tuple[list[int], list[float]]:
+        return [to_int64(s) for s in self.seeds], list(self.grads)
 
-def relay_of(ints: list[int], floats: list[float]) -> tuple[int, list[tuple[int, list[int], list[float]]]]:
-    """(skipped, updates) of :func:`relay_fields`."""
-    skipped, n = ints[0], ints[1]
-    heads = [(ints[2 + 2 * i], ints[3 + 2 * i]) for i in range(n)]
-    pos, fpos, updates = 2 + 2 * n, 0, []
-    for rank, count in heads:
-        updates.append((rank, [from_int64(s) for s in ints[pos:pos + count]], list(floats[fpos:fpos + count])))
-        pos, fpos = pos + count, fpos + count
-    if pos != len(ints) or fpos != len(floats):
-        raise ValueError(f"a relayed update of {len(ints)} ints and {len(floats)} floats does not add up")
-    return skipped, updates
+    @classmethod
+    def from_fields(cls, ints: list[int], floats: list[float]) -> ZOUpdate:
+        return cls([from_int64(s) for s in ints], list(floats))
 
 
-def catch_up_fields(start: int, to: int, steps) -> tuple[list[int], list[float]]:
-    """A join reply: restart from checkpoint step ``start``, replay ``steps`` (each a list of
-    (rank, seeds, grads) for steps start+1..to), then run from step ``to + 1``."""
-    ints, floats = [start, to], []
-    for updates in steps:
-        i, f = relay_fields(0, updates)
-        ints += [len(i), len(f), *i]
-        floats += f
-    return ints, floats
+class ClientUpdate(NamedTuple):
+    """One client's update as a fleet's server relays it (``rank``: whose)."""
+
+    rank: int
+    seeds: list[int]
+    grads: list[float]
 
 
-def catch_up_of(ints: list[int], floats: list[float]):
-    """(start, to, [updates of each step]) of :func:`catch_up_fields`."""
-    start, to, pos, fpos, steps = ints[0], ints[1], 2, 0, []
-    while pos < len(ints):
-        n_i, n_f = ints[pos], ints[pos + 1]
-        steps.append(relay_of(ints[pos + 2:pos + 2 + n_i], floats[fpos:fpos + n_f])[1])
-        pos, fpos = pos + 2 + n_i, fpos + n_f
-    if len(steps) != to - start:
-        raise ValueError(f"a catch-up from step {start} to {to} carries {len(steps)} steps")
-    return start, to, steps
+class Relay(NamedTuple):
+    """A fleet's ``end-step`` reply: the count of skipped server steps and the updates to apply, in
+    order. ints ``[skipped, n, rank_1, count_1, ..., rank_n, count_n, seeds of 1..n]``, floats: the
+    gradients of 1..n."""
+
+    skipped: int
+    updates: list[ClientUpdate]
+
+    def to_fields(self) -> tuple[list[int], list[float]]:
+        ints, floats = [self.skipped, len(self.updates)], []
+        for rank, seeds, _grads in self.updates:
+            ints += [rank, len(seeds)]
+        for _rank, seeds, grads in self.updates:
+            ints += [to_int64(s) for s in seeds]
+            floats += list(grads)
+        return ints, floats
+
+    @classmethod
+    def from_fields(cls, ints: list[int], floats: list[float]) -> Relay:
+        skipped, n = ints[0], ints[1]
+        heads = [(ints[2 + 2 * i], ints[3 + 2 * i]) for i in range(n)]
+        pos, fpos, updates = 2 + 2 * n, 0, []
+        for rank, count in heads:
+            seeds = [from_int64(s) for s in ints[pos:pos + count]]
+            updates.append(ClientUpdate(rank, seeds, list(floats[fpos:fpos + count])))
+            pos, fpos = pos + count, fpos + count
+        if pos != len(ints) or fpos != len(floats):
+            raise ValueError(f"a relayed update of {len(ints)} ints and {len(floats)} floats does not add up")
+        return cls(skipped, updates)
+
+
+class CatchUp(NamedTuple):
+    """A ``join`` reply: restart from checkpoint step ``start``, replay ``steps`` (each the list of
+    updates of steps start+1 .. to, as :class:`Relay` carries them), then run from step ``to + 1``.
+    ints ``[start, to, (n_ints, n_floats, the step's Relay ints) per step]``, floats: each step's
+    Relay floats."""
+
+    start: int
+    to: int
+    steps: list[list[ClientUpdate]]
+
+    def to_fields(self) -> tuple[list[int], list[float]]:
+        ints, floats = [self.start, self.to], []
+        for updates in self.steps:
+            i, f = Relay(0, updates).to_fields()
+            ints += [len(i), len(f), *i]
+            floats += f
+        return ints, floats
+
+    @classmethod
+    def from_fields(cls, ints: list[int], floats: list[float]) -> CatchUp:
+        start, to, pos, fpos, steps = ints[0], ints[1], 2, 0, []
+        while pos < len(ints):
+            n_i, n_f = ints[pos], ints[pos + 1]
+            steps.append(Relay.from_fields(ints[pos + 2:pos + 2 + n_i], floats[fpos:fpos + n_f]).updates)
+            pos, fpos = pos + 2 + n_i, fpos + n_f
+        if len(steps) != to - start:
+            raise ValueError(f"a catch-up from step {start} to {to} carries {len(steps)} steps")
+        return cls(start, to, steps)
 
 
 # -- activations on the wire (--wire) -----------------------------------------------------------------

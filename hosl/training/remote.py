@@ -30,13 +30,13 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop
 from hosl.training.modes import SPLIT_MODES
-from hosl.training.protocol import PHASE_NAMES
+from hosl.training.protocol import PHASE_NAMES, SPLIT_PROTOCOL_VERSION
 from hosl.training.run import RunExistsError, build_run, hyper, load_split_model, loss_fn, say, train_dropout
 from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.server_handler import ServerHandler
 from hosl.transport import SECRET_ENV, ShutdownCode
 from hosl.transport.auth import confirm_channel, write_secret_file
-from hosl.transport.distributed import DistributedLink, Endpoint, connect, disconnect, handshake, serve
+from hosl.transport.distributed import DistributedLink, Endpoint, Version, connect, disconnect, handshake, serve
 
 # What both sides must agree on: these run settings, and the ZO options whose ZOConfig field says
 # ``agree`` (hosl/optim/config.py: lr_client, eps, weight_decay, seed, direction, zo_optimizer,
@@ -80,8 +80,10 @@ class Connection:
 
 
 def fingerprint(cfg: TrainConfig) -> dict:
-    """The settings both processes must share, as the scalars the handshake compares."""
-    values = {name: getattr(cfg, name) for name in FINGERPRINT_FIELDS}
+    """The settings both processes must share, as the scalars the handshake compares; first the
+    split protocol's version (a peer speaking another is refused before any setting is compared)."""
+    values: dict = {"split protocol": Version(SPLIT_PROTOCOL_VERSION)}
+    values.update({name: getattr(cfg, name) for name in FINGERPRINT_FIELDS})
     values["lora_alpha"] = float(cfg.lora_alpha)
     values["lora_targets"] = ",".join(cfg.lora_target_list() or ())  # "" : the architecture's default
     values.update(cfg.zo_config().fingerprint())  # lr_client and eps resolved; zo_betas as zo_betas[0], [1]

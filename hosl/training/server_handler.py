@@ -25,9 +25,9 @@ from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
     ActivationWire,
     Phase,
+    ZOPoint,
+    ZOUpdate,
     batch_from_server_side,
-    point_of,
-    update_of,
 )
 from hosl.training.schedule import make_server_optimizer, schedule_step
 from hosl.transport import Message
@@ -170,7 +170,7 @@ class ServerHandler:
     def _losses(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """Losses without grad, one per copy stacked in h: hosl's perturbed activations, or (zo-sl)
         the server half at the request's ZO point."""
-        point = point_of(request)
+        point = ZOPoint.from_fields(request.ints, request.floats)
         at_point = self.zo.at_point(*point) if point is not None else contextlib.nullcontext()
         with torch.no_grad(), at_point:
             out = self._loss(self.wire.unpack(tensors, "copies", self._dtype())[0])
@@ -194,7 +194,7 @@ class ServerHandler:
                 self.skipped_optimizer_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         elif request.ints:  # zo-sl: the client's update, with the same seeds and estimates
-            self.zo.apply_update(*update_of(request))
+            self.zo.apply_update(*ZOUpdate.from_fields(request.ints, request.floats))
         self.clean_loss = math.nan
         self.activation_grad = None
         self.wire.end_step()

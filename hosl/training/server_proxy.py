@@ -12,12 +12,12 @@ import torch
 from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
     ActivationWire,
+    CatchUp,
     Phase,
-    catch_up_of,
-    point_fields,
-    relay_of,
+    Relay,
+    ZOPoint,
+    ZOUpdate,
     server_side_of,
-    update_fields,
 )
 from hosl.transport import Link
 
@@ -49,7 +49,7 @@ class ServerProxy:
     def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
         """Losses without grad: a scalar for one copy of the batch, ``[copies]`` for several;
         ``point`` (zo-sl): the (seed, scale) the server half is evaluated at."""
-        ints, floats = point_fields(point)
+        ints, floats = ZOPoint(*point).to_fields() if point is not None else ([], [])
         values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=self.wire.pack(h, "copies"),
                                 expect_floats=max(1, h.shape[0] // max(self.rows, 1))).floats
         return torch.tensor(values[0] if h.shape[0] == self.rows else values, dtype=torch.float64)
@@ -63,16 +63,16 @@ class ServerProxy:
         """Ends the step (zo-sl, fleets: sending this client's update); returns the updates a
         fleet's server relays back ([(rank, seeds, grads), ...]; empty outside a fleet)."""
         self.wire.end_step()
-        ints, floats = update_fields(seeds, grads)
+        ints, floats = ZOUpdate(list(seeds), list(grads)).to_fields()
         reply = self.link.call(Phase.END_STEP, self.step, ints=ints, floats=floats)
         if reply.ints:
             self.skipped_server_steps = reply.ints[0]
-        return relay_of(reply.ints, reply.floats)[1] if len(reply.ints) > 1 else []
+        return Relay.from_fields(reply.ints, reply.floats).updates if len(reply.ints) > 1 else []
 
     def join(self, checkpoint_steps) -> tuple[int, int, list]:
         """A fleet client's catch-up: (restart step, fleet step, the updates of each step between)."""
         reply = self.link.call(Phase.JOIN, self.step, ints=list(checkpoint_steps))
-        return catch_up_of(reply.ints, reply.floats)
+        return tuple(CatchUp.from_fields(reply.ints, reply.floats))
 
     def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         reply = self.link.call(Phase.EVAL, self.step, tensors=[

@@ -466,6 +466,13 @@ def serve(
 ROLES = ("client", "server")
 
 
+class Version(int):
+    """A handshake field that is the version of a protocol spoken over this transport (the split
+    protocol's, hosl/training/protocol.py): compared before the configuration fields, and a peer
+    with another version (or none) is refused with "<name> version mismatch: this side speaks A,
+    the <peer> B"."""
+
+
 def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little", signed=True)
 
@@ -517,6 +524,10 @@ def handshake(endpoint: Endpoint, role: str, fields: Mapping[str, object], timeo
     if their_role == ROLES.index(role):
         raise ConfigMismatchError(f"both sides were started as the {role}; start one client and one server")
     pairs = dict(zip(theirs.ints[3::2], theirs.ints[4::2]))
+    for name, mine in fields.items():
+        if isinstance(mine, Version) and pairs.get(_stable_hash(name)) != mine:
+            spoken = pairs.get(_stable_hash(name), "none (a hosl from before it had one)")
+            raise ConfigMismatchError(f"{name} version mismatch: this side speaks {int(mine)}, the {peer} {spoken}")
     for name in names:
         key = _stable_hash(name)
         if key not in pairs:
