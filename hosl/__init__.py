@@ -28,4 +28,13 @@ def merge(client, server, *, fold_lora: bool = True):
     return _merge(client, server, fold_lora=fold_lora)
 
 
-__all__ = ["HybridOrderOptimizer", "ZOConfig", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "merge", "__version__"]
+__all__ = [
+    "HybridOrderOptimizer",
+    "ZOConfig",
+    "ZerothOrderOptimizer",
+    "ops",
+    "per_copy_mean",
+    "split",
+    "merge",
+    "__version__",
+]

@@ -32,8 +32,9 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
             return None
         # a checkout has setup.py beside kernels/; an installed hosl never needs this finder, and a
         # top-level `kernels` package of another project in site-packages must not be picked up
-        if not (os.path.isfile(os.path.join(_ROOT, "setup.py"))
-                and os.path.isfile(os.path.join(_KERNELS_DIR, "api.py"))):
+        if not (
+            os.path.isfile(os.path.join(_ROOT, "setup.py")) and os.path.isfile(os.path.join(_KERNELS_DIR, "api.py"))
+        ):
             return None
         spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)
         spec.submodule_search_locations = [_KERNELS_DIR]

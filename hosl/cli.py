@@ -83,8 +83,15 @@ def add_zo_args(p, defaults: TrainConfig, group: str) -> None:
         if cli.get("group", "zo") != group:
             continue
         name = train_name(f)
-        kwargs = {k: v for k, v in (("type", CLI_TYPES.get(cli.get("type"))), ("choices", cli.get("choices")),
-                                    ("metavar", cli.get("metavar"))) if v is not None}
+        kwargs = {
+            k: v
+            for k, v in (
+                ("type", CLI_TYPES.get(cli.get("type"))),
+                ("choices", cli.get("choices")),
+                ("metavar", cli.get("metavar")),
+            )
+            if v is not None
+        }
         p.add_argument(flag(name), dest=name, default=getattr(defaults, name), help=field_help(f), **kwargs)
 
 
@@ -98,59 +105,117 @@ def _lora_defaults() -> str:
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     d = defaults
-    p.add_argument("--model", default=d.model,
-                   help=f"hub name, local folder, or {' | '.join(MODEL_NAMES)} (default {d.model}); families: "
-                        f"{architectures.titles()}")
-    p.add_argument("--task", default=d.task, help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc, or custom | lm "
-                   "with --train-file (your own data; default %(default)s)")
+    p.add_argument(
+        "--model",
+        default=d.model,
+        help=f"hub name, local folder, or {' | '.join(MODEL_NAMES)} (default {d.model}); families: "
+        f"{architectures.titles()}",
+    )
+    p.add_argument(
+        "--task",
+        default=d.task,
+        help="sst2 | rte | cb | boolq | wsc | wic | copa | multirc, or custom | lm "
+        "with --train-file (your own data; default %(default)s)",
+    )
     cli_options.add_data_args(p, d)
     cli_options.add_config_arg(p)
     cli_options.add_schedule_args(p, d)
     p.add_argument("--mode", default=d.mode, choices=MODES, help="who trains how (default %(default)s)")
     p.add_argument("--cut", type=int, default=d.cut, help="blocks on the client (default %(default)s)")
-    p.add_argument("--dropout", default=d.dropout, choices=("off", "on"),
-                   help="dropout while training, the same in every mode (default %(default)s, as MeZO: a ZO "
-                        "estimate needs its + and - passes to see the same function)")
+    p.add_argument(
+        "--dropout",
+        default=d.dropout,
+        choices=("off", "on"),
+        help="dropout while training, the same in every mode (default %(default)s, as MeZO: a ZO "
+        "estimate needs its + and - passes to see the same function)",
+    )
     add_zo_args(p, d, "run")  # --lr-client, --weight-decay, --seed, --backend (ZOConfig's; the FO modes use them too)
-    p.add_argument("--lr-server", type=finite_float, default=d.lr_server, help="server SGD learning rate (default %(default)s)")
-    p.add_argument("--momentum", type=finite_float, default=d.momentum,
-                   help="SGD momentum of FO optimizers (default %(default)s)")
-    add_zo_args(p.add_argument_group("zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo; "
-                                     "hosl/optim/config.py ZOConfig)"), d, "zo")
+    p.add_argument(
+        "--lr-server", type=finite_float, default=d.lr_server, help="server SGD learning rate (default %(default)s)"
+    )
+    p.add_argument(
+        "--momentum", type=finite_float, default=d.momentum, help="SGD momentum of FO optimizers (default %(default)s)"
+    )
+    add_zo_args(
+        p.add_argument_group(
+            "zeroth-order options (the ZO-trained halves of hosl, zo-sl, zo; hosl/optim/config.py ZOConfig)"
+        ),
+        d,
+        "zo",
+    )
     g = p.add_argument_group("LoRA (peft)")
-    g.add_argument("--lora", action="store_true",
-                   help="train LoRA adapters instead of all weights; checkpoints then hold the adapters only")
+    g.add_argument(
+        "--lora",
+        action="store_true",
+        help="train LoRA adapters instead of all weights; checkpoints then hold the adapters only",
+    )
     g.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank (default %(default)s)")
-    g.add_argument("--lora-alpha", type=finite_float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)")
-    g.add_argument("--lora-targets", default=d.lora_targets, metavar="NAMES",
-                   help=f"comma-separated module names to adapt (default: {_lora_defaults()})")
-    g.add_argument("--lora-halves", default=d.lora_halves, choices=LORA_HALVES,
-                   help="which half gets adapters; the other trains all its weights (default %(default)s)")
-    p.add_argument("--client-memory-budget", default=d.client_memory_budget, metavar="SIZE",
-                   help="hosl / zo-sl: e.g. 1.0GiB; pick --client-micro-batch from the client's measured per-row "
-                        "cost, refusing a budget below weights + output activation (default: none)")
+    g.add_argument(
+        "--lora-alpha", type=finite_float, default=d.lora_alpha, help="scaling alpha/r (default %(default)s)"
+    )
+    g.add_argument(
+        "--lora-targets",
+        default=d.lora_targets,
+        metavar="NAMES",
+        help=f"comma-separated module names to adapt (default: {_lora_defaults()})",
+    )
+    g.add_argument(
+        "--lora-halves",
+        default=d.lora_halves,
+        choices=LORA_HALVES,
+        help="which half gets adapters; the other trains all its weights (default %(default)s)",
+    )
+    p.add_argument(
+        "--client-memory-budget",
+        default=d.client_memory_budget,
+        metavar="SIZE",
+        help="hosl / zo-sl: e.g. 1.0GiB; pick --client-micro-batch from the client's measured per-row "
+        "cost, refusing a budget below weights + output activation (default: none)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
-    p.add_argument("--train-size", type=int, default=d.train_size, help="training examples sampled (default %(default)s)")
+    p.add_argument(
+        "--train-size", type=int, default=d.train_size, help="training examples sampled (default %(default)s)"
+    )
     p.add_argument("--eval-size", type=int, default=d.eval_size, help="evaluation examples (default %(default)s)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default: 4 per run)")
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default: 4 per run)"
+    )
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="(default: at each evaluation)")
-    p.add_argument("--data-dir", default=d.data_dir,
-                   help="local task data laid out as ../shared/data (default: the Hugging Face hub)")
-    p.add_argument("--out", default=d.out,
-                   help="run folder: new or empty, or (with --resume/--overwrite) one that holds a run; "
-                        "any other folder is refused (default %(default)s)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest intact checkpoint; every setting that "
-                        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change; "
-                        "steps under a linear/cosine --lr-schedule only with --override steps)")
-    p.add_argument("--override", dest="overrides", action="append", default=[], metavar="FIELD",
-                   help=f"with --resume: allow FIELD to differ from the run's: {', '.join(sorted(OVERRIDABLE))}; "
-                        "repeatable; recorded in metrics.jsonl and resumes.jsonl")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out that holds one (hosl's files there are replaced)")
+    p.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="local task data laid out as ../shared/data (default: the Hugging Face hub)",
+    )
+    p.add_argument(
+        "--out",
+        default=d.out,
+        help="run folder: new or empty, or (with --resume/--overwrite) one that holds a run; "
+        "any other folder is refused (default %(default)s)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest intact checkpoint; every setting that "
+        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change; "
+        "steps under a linear/cosine --lr-schedule only with --override steps)",
+    )
+    p.add_argument(
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD",
+        help=f"with --resume: allow FIELD to differ from the run's: {', '.join(sorted(OVERRIDABLE))}; "
+        "repeatable; recorded in metrics.jsonl and resumes.jsonl",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out that holds one (hosl's files there are replaced)",
+    )
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="(default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     cli_remote.add_fleet_args(p, d)
@@ -163,17 +228,38 @@ def _cmd_train(args) -> int:
         return cli_remote.cmd_train_remote(args)
     cfg = cli_options.config_from(args)
     if cfg.clients:
-        raise ValueError(f"--clients {cfg.clients} is a fleet: start the server with hosl serve --clients "
-                         f"{cfg.clients} and each client with hosl train --role client --clients {cfg.clients} "
-                         "--rank R (docs/fleet.md)")
+        raise ValueError(
+            f"--clients {cfg.clients} is a fleet: start the server with hosl serve --clients "
+            f"{cfg.clients} and each client with hosl train --role client --clients {cfg.clients} "
+            "--rank R (docs/fleet.md)"
+        )
     summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("mode", "task", "model", "steps", "eval_accuracy",
-                                              "client_peak_bytes", "seconds")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds")
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
-DEMO = dict(model="minilm-l6", task="sst2", cut=2, num_queries=2, eps=1e-3, steps=150, batch_size=16,
-            max_length=64, train_size=1000, eval_size=300, eval_every=50, lr_server=1e-2)
+DEMO = dict(
+    model="minilm-l6",
+    task="sst2",
+    cut=2,
+    num_queries=2,
+    eps=1e-3,
+    steps=150,
+    batch_size=16,
+    max_length=64,
+    train_size=1000,
+    eval_size=300,
+    eval_every=50,
+    lr_server=1e-2,
+)
 DEMO_MODES = ("hosl", "zo-sl", "fo-sl")
 DEMO_CLIENT_LR = {"hosl": 1e-5, "zo-sl": 1e-5, "fo-sl": 1e-3}  # FO 1e-2 made FO-SL unstable (docs/accuracy.md)
 
@@ -186,19 +272,32 @@ def _cmd_demo(args) -> int:
         data_dir = DEFAULT_DATA_DIR
     rows = []
     for mode in DEMO_MODES:
-        cfg = TrainConfig(mode=mode, data_dir=data_dir, out=str(Path(args.out) / mode), seed=args.seed,
-                          lr_client=DEMO_CLIENT_LR[mode], progress=args.progress, resume=args.resume,
-                          overwrite=args.overwrite,
-                          steps=args.steps or DEMO["steps"], **{k: v for k, v in DEMO.items() if k != "steps"})
-        print(f"[hosl] demo: {mode} on {cfg.model}/{cfg.task}, {cfg.steps} steps, Q={cfg.num_queries}, cut={cfg.cut}",
-              file=sys.stderr, flush=True)
+        cfg = TrainConfig(
+            mode=mode,
+            data_dir=data_dir,
+            out=str(Path(args.out) / mode),
+            seed=args.seed,
+            lr_client=DEMO_CLIENT_LR[mode],
+            progress=args.progress,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            steps=args.steps or DEMO["steps"],
+            **{k: v for k, v in DEMO.items() if k != "steps"},
+        )
+        print(
+            f"[hosl] demo: {mode} on {cfg.model}/{cfg.task}, {cfg.steps} steps, Q={cfg.num_queries}, cut={cfg.cut}",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(train(cfg))
     header = f"{'mode':8} {'eval acc (start -> end)':>26} {'client bytes':>14} {'seconds':>8}"
     print(header)
     print("-" * len(header))
     for s in rows:
         start = s["eval_history"][0]["eval_accuracy"]
-        print(f"{s['mode']:8} {start:>12.3f} -> {s['eval_accuracy']:<11.3f} {s['client_peak_bytes']:>14,} {s['seconds']:>8.1f}")
+        print(
+            f"{s['mode']:8} {start:>12.3f} -> {s['eval_accuracy']:<11.3f} {s['client_peak_bytes']:>14,} {s['seconds']:>8.1f}"
+        )
     (Path(args.out) / "demo.json").write_text(json.dumps(rows, indent=2))
     return 0
 
@@ -216,8 +315,9 @@ def _cmd_info(args) -> int:
     from hosl.ops.backends import cpu
 
     if cpu.is_available():  # which SIMD variant the C++ kernels run (HOSL_CPU_ISA can lower it)
-        print(f"cpu kernels: ISA {cpu.isa()} (this CPU supports: {', '.join(cpu.supported_isas())}) "
-              f"on {cpu.cpu_model()}")
+        print(
+            f"cpu kernels: ISA {cpu.isa()} (this CPU supports: {', '.join(cpu.supported_isas())}) on {cpu.cpu_model()}"
+        )
     return 0
 
 
@@ -232,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_remote.register(sub, _add_train_args, TrainConfig())
     cli_export.register(sub)
     p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL vs FO-SL side by side (CPU, ~5 minutes)")
-    p_demo.add_argument("--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)")
+    p_demo.add_argument(
+        "--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)"
+    )
     p_demo.add_argument("--out", default="runs/demo", help="(default %(default)s)")
     p_demo.add_argument("--steps", type=int, default=None, help=f"steps per mode (default {DEMO['steps']})")
     p_demo.add_argument("--seed", type=seed_int, default=0)

@@ -17,14 +17,16 @@ def _cmd_export(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a run's latest checkpoint as a Hugging Face model folder (LoRA: + PEFT adapter)",
+        "export",
+        help="write a run's latest checkpoint as a Hugging Face model folder (LoRA: + PEFT adapter)",
         description="Rebuild the run's model from its config.json, load its latest checkpoint (both halves; for a "
-                    "two-process run pass the --out holding client/ and server/) and write a folder that "
-                    "transformers loads with from_pretrained. Full runs: DIR is the model (+ tokenizer). LoRA runs: "
-                    "DIR/base (the weights under the adapters), DIR/adapter (PeftModel.from_pretrained(base, "
-                    "DIR/adapter)) and, with --merge-lora, DIR/merged. A tied embedding/head that trained apart is "
-                    "saved untied (tie_word_embeddings=false).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "two-process run pass the --out holding client/ and server/) and write a folder that "
+        "transformers loads with from_pretrained. Full runs: DIR is the model (+ tokenizer). LoRA runs: "
+        "DIR/base (the weights under the adapters), DIR/adapter (PeftModel.from_pretrained(base, "
+        "DIR/adapter)) and, with --merge-lora, DIR/merged. A tied embedding/head that trained apart is "
+        "saved untied (tie_word_embeddings=false).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("run", help="run folder (the --out of hosl train)")
     p.add_argument("--out", required=True, help="new or empty folder to write")
     p.add_argument("--merge-lora", action="store_true", help="LoRA runs: also write DIR/merged, the adapters folded in")

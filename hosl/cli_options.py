@@ -12,21 +12,44 @@ import sys
 
 def add_data_args(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("your own data (--task custom: classification; --task lm: plain text, perplexity)")
-    g.add_argument("--train-file", default=d.train_file, metavar="F",
-                   help="training rows: .csv, .tsv, .json or .jsonl (read with the datasets library)")
-    g.add_argument("--eval-file", default=d.eval_file, metavar="F",
-                   help="evaluation rows (default: held out of --train-file, at most half of it)")
+    g.add_argument(
+        "--train-file",
+        default=d.train_file,
+        metavar="F",
+        help="training rows: .csv, .tsv, .json or .jsonl (read with the datasets library)",
+    )
+    g.add_argument(
+        "--eval-file",
+        default=d.eval_file,
+        metavar="F",
+        help="evaluation rows (default: held out of --train-file, at most half of it)",
+    )
     g.add_argument("--text-field", default=d.text_field, metavar="COLUMN", help="the text column (default %(default)s)")
-    g.add_argument("--text-pair-field", default=d.text_pair_field, metavar="COLUMN",
-                   help="custom: a second text column (premise/hypothesis style; default none)")
-    g.add_argument("--label-field", default=d.label_field, metavar="COLUMN",
-                   help="custom: the label column; the classes are its distinct values (default %(default)s)")
-    g.add_argument("--template", default=d.template,
-                   help="custom: prompt as a format string over the columns, e.g. 'Review: {text}\\nSentiment:' "
-                        "(default '{text}\\nAnswer:'; an encoder reads the bare text unless given)")
-    g.add_argument("--verbalizer", default=d.verbalizer, metavar="L=W,...",
-                   help="custom: the answer word of each label, e.g. 'neg=terrible,pos=great' or a JSON object "
-                        "(default: each label's own text)")
+    g.add_argument(
+        "--text-pair-field",
+        default=d.text_pair_field,
+        metavar="COLUMN",
+        help="custom: a second text column (premise/hypothesis style; default none)",
+    )
+    g.add_argument(
+        "--label-field",
+        default=d.label_field,
+        metavar="COLUMN",
+        help="custom: the label column; the classes are its distinct values (default %(default)s)",
+    )
+    g.add_argument(
+        "--template",
+        default=d.template,
+        help="custom: prompt as a format string over the columns, e.g. 'Review: {text}\\nSentiment:' "
+        "(default '{text}\\nAnswer:'; an encoder reads the bare text unless given)",
+    )
+    g.add_argument(
+        "--verbalizer",
+        default=d.verbalizer,
+        metavar="L=W,...",
+        help="custom: the answer word of each label, e.g. 'neg=terrible,pos=great' or a JSON object "
+        "(default: each label's own text)",
+    )
 
 
 def config_from(args: argparse.Namespace):
@@ -41,9 +64,13 @@ def config_from(args: argparse.Namespace):
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, metavar="FILE",
-                   help="settings from a .json or .yaml file (keys: TrainConfig's field names, e.g. a run's "
-                        "config.json, which reproduces that run); flags given on the command line win")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="settings from a .json or .yaml file (keys: TrainConfig's field names, e.g. a run's "
+        "config.json, which reproduces that run); flags given on the command line win",
+    )
 
 
 # Settings that say what this one command does to --out, not how the run trains: taken from the
@@ -77,21 +104,26 @@ def read_config_file(path: str) -> dict:
             values = json.loads(text)
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         first = " ".join(str(exc).split())
-        raise ValueError(f"--config {path}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
-                         f"({first})") from None
+        raise ValueError(
+            f"--config {path}: not valid {'YAML' if file.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({first})"
+        ) from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of setting: value, got {type(values).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(k for k in values if k not in known)
     if unknown:
-        raise ValueError(f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown[:5]))}; the keys are "
-                         "TrainConfig's field names (hosl/training/config.py; the ZO options' come from ZOConfig in "
-                         "hosl/optim/config.py), as in a run's config.json")
+        raise ValueError(
+            f"--config {path}: unknown setting(s) {', '.join(map(repr, unknown[:5]))}; the keys are "
+            "TrainConfig's field names (hosl/training/config.py; the ZO options' come from ZOConfig in "
+            "hosl/optim/config.py), as in a run's config.json"
+        )
     for key in ONE_SHOT:  # a run's config.json records them: never let a file resume or replace a run
         if values.pop(key, None):
             flag = "--override" if key == "overrides" else f"--{key}"
-            print(f"[hosl] --config {path}: {key} is not taken from a config file; pass {flag} if you mean it",
-                  file=sys.stderr)
+            print(
+                f"[hosl] --config {path}: {key} is not taken from a config file; pass {flag} if you mean it",
+                file=sys.stderr,
+            )
     return values
 
 
@@ -109,10 +141,21 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
 
 def add_schedule_args(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("optimizers and learning-rate schedule (hosl/training/schedule.py)")
-    g.add_argument("--server-optimizer", default=d.server_optimizer, choices=("sgd", "adamw"),
-                   help="the server half's optimizer in hosl and fo-sl: SGD with --momentum, or AdamW "
-                        "(default %(default)s)")
-    g.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "linear", "cosine"),
-                   help="every optimizer's learning rate over --steps, after the warmup (default %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="linear warmup over the first N steps (default %(default)s)")
+    g.add_argument(
+        "--server-optimizer",
+        default=d.server_optimizer,
+        choices=("sgd", "adamw"),
+        help="the server half's optimizer in hosl and fo-sl: SGD with --momentum, or AdamW (default %(default)s)",
+    )
+    g.add_argument(
+        "--lr-schedule",
+        default=d.lr_schedule,
+        choices=("constant", "linear", "cosine"),
+        help="every optimizer's learning rate over --steps, after the warmup (default %(default)s)",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="linear warmup over the first N steps (default %(default)s)",
+    )

@@ -29,48 +29,91 @@ ROLES = ("local", "client", "server", "auto")
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("two-process runs (default: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)")
-    g.add_argument("--rank", type=int, default=None,
-                   help="two-process run: 0 or 1 (the client is usually 0); fleet (--clients N): the server is 0, "
-                        "the clients 1..N")
+    g = p.add_argument_group(
+        "two-process runs (default: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT as torchrun sets them)"
+    )
+    g.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="two-process run: 0 or 1 (the client is usually 0); fleet (--clients N): the server is 0, "
+        "the clients 1..N",
+    )
     g.add_argument("--world-size", type=int, default=None, help="always 2 (a fleet does not use it)")
     g.add_argument("--master-addr", default=None, help="host of rank 0 (default 127.0.0.1)")
     g.add_argument("--master-port", type=int, default=None, help="rendezvous port on the master")
-    g.add_argument("--peer-timeout", type=float, default=30.0,
-                   help="seconds to wait for any one answer of the other side before giving up (default %(default)s)")
-    g.add_argument("--connect-timeout", type=float, default=300.0,
-                   help="seconds for the start: the other side loading its model, the rendezvous, the proof of the "
-                        "secret; a taken port or an absent peer ends after it (default %(default)s)")
-    g.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"),
-                   help="torch.distributed backend (default: nccl when CUDA is available, else gloo)")
-    g.add_argument("--secret-file", default=None, metavar="PATH",
-                   help="file holding the secret both sides share (default: the HOSL_SECRET environment variable; "
-                        "hosl serve without either generates one in OUT/server/secret, mode 0600)")
+    g.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for any one answer of the other side before giving up (default %(default)s)",
+    )
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        help="seconds for the start: the other side loading its model, the rendezvous, the proof of the "
+        "secret; a taken port or an absent peer ends after it (default %(default)s)",
+    )
+    g.add_argument(
+        "--dist-backend",
+        default=None,
+        choices=("gloo", "nccl"),
+        help="torch.distributed backend (default: nccl when CUDA is available, else gloo)",
+    )
+    g.add_argument(
+        "--secret-file",
+        default=None,
+        metavar="PATH",
+        help="file holding the secret both sides share (default: the HOSL_SECRET environment variable; "
+        "hosl serve without either generates one in OUT/server/secret, mode 0600)",
+    )
 
 
 def add_fleet_args(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("fleets: one server, many clients (docs/fleet.md)")
-    g.add_argument("--clients", type=int, default=d.clients, metavar="N",
-                   help="hosl serve: serve a fleet of N hosl clients (ranks 1..N; the server is rank 0 and hosts "
-                        "the rendezvous); each client: hosl train --role client --clients N --rank R "
-                        "(default 0: one client, the two-process run)")
-    g.add_argument("--client-sync", default=d.client_sync, choices=("shared", "local"),
-                   help="shared: one client model, every client applies every client's update each step, so all "
-                        "hold the same bits; local: each client keeps its own client half (default %(default)s)")
-    g.add_argument("--shard", default=d.shard, metavar="iid|dirichlet:ALPHA|by-file",
-                   help="which training examples each fleet client sees: a round-robin deal of a seeded "
-                        "permutation, label skew drawn from Dirichlet(ALPHA), or each client's own --train-file "
-                        "(default %(default)s)")
-    g.add_argument("--wire", default=d.wire, choices=("native", "float32", "bfloat16", "float16", "delta8"),
-                   help="how activations travel up: as computed, cast to a float format, or delta8 (the perturbed "
-                        "copies as int8 differences from the clean activation, per-row scaled); docs/transport.md "
-                        "(default %(default)s)")
+    g.add_argument(
+        "--clients",
+        type=int,
+        default=d.clients,
+        metavar="N",
+        help="hosl serve: serve a fleet of N hosl clients (ranks 1..N; the server is rank 0 and hosts "
+        "the rendezvous); each client: hosl train --role client --clients N --rank R "
+        "(default 0: one client, the two-process run)",
+    )
+    g.add_argument(
+        "--client-sync",
+        default=d.client_sync,
+        choices=("shared", "local"),
+        help="shared: one client model, every client applies every client's update each step, so all "
+        "hold the same bits; local: each client keeps its own client half (default %(default)s)",
+    )
+    g.add_argument(
+        "--shard",
+        default=d.shard,
+        metavar="iid|dirichlet:ALPHA|by-file",
+        help="which training examples each fleet client sees: a round-robin deal of a seeded "
+        "permutation, label skew drawn from Dirichlet(ALPHA), or each client's own --train-file "
+        "(default %(default)s)",
+    )
+    g.add_argument(
+        "--wire",
+        default=d.wire,
+        choices=("native", "float32", "bfloat16", "float16", "delta8"),
+        help="how activations travel up: as computed, cast to a float format, or delta8 (the perturbed "
+        "copies as int8 differences from the clean activation, per-row scaled); docs/transport.md "
+        "(default %(default)s)",
+    )
 
 
 def add_role_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--role", default="local", choices=ROLES,
-                   help="local: both halves here (default); client/server: one half of a two-process run; "
-                        "auto: client on rank 0, server on rank 1 (for torchrun)")
+    p.add_argument(
+        "--role",
+        default="local",
+        choices=ROLES,
+        help="local: both halves here (default); client/server: one half of a two-process run; "
+        "auto: client on rank 0, server on rank 1 (for torchrun)",
+    )
 
 
 def register(sub, add_train_args, defaults) -> None:
@@ -91,15 +134,23 @@ def _connection(args, role: str):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
     found = load_secret(args.secret_file)
     if found is None and args.role == "auto":
-        raise ValueError(f"--role auto (torchrun) needs the same secret on both ranks: set {SECRET_ENV} (e.g. "
-                         f"{SECRET_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))') torchrun ...) "
-                         f"or pass --secret-file")
+        raise ValueError(
+            f"--role auto (torchrun) needs the same secret on both ranks: set {SECRET_ENV} (e.g. "
+            f"{SECRET_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))') torchrun ...) "
+            f"or pass --secret-file"
+        )
     if found is not None:
         print(f"[hosl] {role}: using the shared secret from {found[1]}", file=sys.stderr, flush=True)
-    return Connection(rank=args.rank, world_size=args.world_size, master_addr=args.master_addr,
-                      master_port=args.master_port, peer_timeout=args.peer_timeout,
-                      connect_timeout=args.connect_timeout, backend=args.dist_backend,
-                      secret=found[0] if found else None)
+    return Connection(
+        rank=args.rank,
+        world_size=args.world_size,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        peer_timeout=args.peer_timeout,
+        connect_timeout=args.connect_timeout,
+        backend=args.dist_backend,
+        secret=found[0] if found else None,
+    )
 
 
 def resolve_role(args) -> str:
@@ -146,7 +197,16 @@ def cmd_train_remote(args) -> int:
         summary = run_fleet_client(cfg, _connection(args, "client"))
     else:
         summary = run_client(cfg, _connection(args, "client"))
-    keys = ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds",
-            "bytes_up_per_step", "bytes_down_per_step")
+    keys = (
+        "mode",
+        "task",
+        "model",
+        "steps",
+        "eval_accuracy",
+        "client_peak_bytes",
+        "seconds",
+        "bytes_up_per_step",
+        "bytes_down_per_step",
+    )
     print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     return 0

@@ -118,9 +118,13 @@ def _assemble(client, server, fold_lora: bool):
     for name, tensor in fresh.state_dict(keep_vars=True).items():
         names_of.setdefault(id(tensor), []).append(name)
     head = fresh.get_output_embeddings() if hasattr(fresh, "get_output_embeddings") else None
-    head_path = next((name for name, module in fresh.named_modules() if module is head), None) if head is not None else None
+    head_path = (
+        next((name for name, module in fresh.named_modules() if module is head), None) if head is not None else None
+    )
     # the model's own names of the head's tensors (a tied head's weight also has the embedding's name)
-    head_names = {n: [f"{head_path}.{n}"] for n in ("weight", "bias") if head_path and getattr(head, n, None) is not None}
+    head_names = {
+        n: [f"{head_path}.{n}"] for n in ("weight", "bias") if head_path and getattr(head, n, None) is not None
+    }
 
     key_map, values = {}, {}
     for side, real, fresh_half in (("client", client, fresh_client), ("server", server, fresh_server)):
@@ -128,8 +132,10 @@ def _assemble(client, server, fold_lora: bool):
         fresh_state = fresh_half.state_dict(keep_vars=True)
         if state.keys() != fresh_state.keys():
             extra, missing = sorted(state.keys() - fresh_state.keys()), sorted(fresh_state.keys() - state.keys())
-            raise ValueError(f"merge(): the {side} half does not match its model class: unexpected {extra[:5]}, "
-                             f"missing {missing[:5]}")
+            raise ValueError(
+                f"merge(): the {side} half does not match its model class: unexpected {extra[:5]}, "
+                f"missing {missing[:5]}"
+            )
         for key, tensor in fresh_state.items():
             targets = names_of.get(id(tensor))
             if targets is None and side == "server" and key.startswith("lm_head."):
@@ -198,8 +204,14 @@ def adapter_model(client, server):
             fan_in_fan_out |= bool(getattr(module, "fan_in_fan_out", False))
     if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError(f"adapter_model(): adapters of different ranks/alphas ({ranks}, {alphas}) are not supported")
-    config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), target_modules=sorted(full_paths), lora_dropout=0.0,
-                        bias="none", fan_in_fan_out=fan_in_fan_out)
+    config = LoraConfig(
+        r=ranks.pop(),
+        lora_alpha=alphas.pop(),
+        target_modules=sorted(full_paths),
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=fan_in_fan_out,
+    )
     with torch.random.fork_rng(devices=[]):
         peft_model = get_peft_model(peft_base, config)
     inner = peft_model.get_base_model()
@@ -268,12 +280,15 @@ def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
     cfg = _config_of(run)
     latest = _newest(run, [])  # both halves are checked next, with a hint for a two-process run's client/
     if latest is None:
-        raise ExportError(f"{run} holds no checkpoint yet (one is written at each evaluation; "
-                          "an interrupted run keeps its last one)")
+        raise ExportError(
+            f"{run} holds no checkpoint yet (one is written at each evaluation; an interrupted run keeps its last one)"
+        )
     for half in ("client", "server"):
         if not (latest / f"{half}.safetensors").exists():
-            raise ExportError(f"{latest} has no {half}.safetensors (for a two-process run, export the --out folder "
-                              "that holds client/ and server/)")
+            raise ExportError(
+                f"{latest} has no {half}.safetensors (for a two-process run, export the --out folder "
+                "that holds client/ and server/)"
+            )
     return cfg, {"client": latest, "server": latest}, int(latest.name.split("-")[1])
 
 
@@ -303,8 +318,15 @@ def export_run(run, out, *, merge_lora: bool = False) -> dict:
         ckpt.load_checkpoint(paths[half], {half: module})
     client.eval()
     server.eval()
-    record = {"run": str(Path(run).resolve()), "step": step, "model": cfg.model, "task": cfg.task, "cut": cfg.cut,
-              "lora": bool(cfg.lora), "auto_class": _auto_class(server).__name__}
+    record = {
+        "run": str(Path(run).resolve()),
+        "step": step,
+        "model": cfg.model,
+        "task": cfg.task,
+        "cut": cfg.cut,
+        "lora": bool(cfg.lora),
+        "auto_class": _auto_class(server).__name__,
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -324,8 +346,12 @@ def export_run(run, out, *, merge_lora: bool = False) -> dict:
                 tokenizer.save_pretrained(staging / "adapter")
             if merge_lora:
                 merged = merge(client, server, fold_lora=True)
-                _save_model(merged, tokenizer, staging / "merged",
-                            {**record, "tie_word_embeddings": bool(getattr(merged.config, "tie_word_embeddings", False))})
+                _save_model(
+                    merged,
+                    tokenizer,
+                    staging / "merged",
+                    {**record, "tie_word_embeddings": bool(getattr(merged.config, "tie_word_embeddings", False))},
+                )
             (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
         if out.exists():
             out.rmdir()  # empty (checked above)

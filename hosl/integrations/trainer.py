@@ -72,9 +72,19 @@ class HOSLTrainer(Trainer):
     parameters train). Every other keyword goes to ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, args=None, *, cut: int, zo_config: ZOConfig | None = None,
-                 zo_lr: float | None = None, zo_eps: float | None = None, num_queries: int | None = None,
-                 loss_fn=default_split_loss, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        args=None,
+        *,
+        cut: int,
+        zo_config: ZOConfig | None = None,
+        zo_lr: float | None = None,
+        zo_eps: float | None = None,
+        num_queries: int | None = None,
+        loss_fn=default_split_loss,
+        **kwargs,
+    ):
         if args is not None and args.gradient_accumulation_steps != 1:
             raise ValueError("HOSLTrainer: gradient_accumulation_steps must be 1 (the ZO client updates every step)")
         if zo_config is not None and not isinstance(zo_config, ZOConfig):
@@ -100,8 +110,7 @@ class HOSLTrainer(Trainer):
         """The Trainer's optimizer (``args.optim``) over the server half only; the ZO optimizer for the client."""
         optimizer = super().create_optimizer(model=self.server)
         if self.zo_optimizer is None:
-            self.zo_optimizer = HybridOrderOptimizer(self.client, None, config=self.zo_config,
-                                                     seed=self.args.seed)
+            self.zo_optimizer = HybridOrderOptimizer(self.client, None, config=self.zo_config, seed=self.args.seed)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -109,10 +118,13 @@ class HOSLTrainer(Trainer):
         if self.zo_scheduler is None:
             if self.zo_optimizer is None:
                 self.create_optimizer()
-            self.zo_scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer=self.zo_optimizer,
-                                              num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                                              num_training_steps=num_training_steps,
-                                              scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+            self.zo_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=self.zo_optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
         return scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:

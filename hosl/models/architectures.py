@@ -72,18 +72,33 @@ def titles() -> str:
 
 for _arch in (
     Architecture("opt", "OPT", (OPTForCausalLM, OPTForSequenceClassification), split_opt, ATTENTION_QV),
-    Architecture("llama", "Llama (SmolLM2)", (LlamaForCausalLM, LlamaForSequenceClassification),
-                 split_rotary_decoder, ATTENTION_QV),
-    Architecture("bert", "BERT (MiniLM)", (BertModel, BertForSequenceClassification), split_bert, ("query", "value"),
-                 encoder=True),
-    Architecture("qwen2", "Qwen2", (Qwen2ForCausalLM, Qwen2ForSequenceClassification), split_rotary_decoder,
-                 ATTENTION_QV),
-    Architecture("qwen3", "Qwen3", (Qwen3ForCausalLM, Qwen3ForSequenceClassification), split_rotary_decoder,
-                 ATTENTION_QV),
-    Architecture("mistral", "Mistral", (MistralForCausalLM, MistralForSequenceClassification), split_rotary_decoder,
-                 ATTENTION_QV),
-    Architecture("gemma", "Gemma", (GemmaForCausalLM, GemmaForSequenceClassification), split_rotary_decoder,
-                 ATTENTION_QV),
+    Architecture(
+        "llama",
+        "Llama (SmolLM2)",
+        (LlamaForCausalLM, LlamaForSequenceClassification),
+        split_rotary_decoder,
+        ATTENTION_QV,
+    ),
+    Architecture(
+        "bert",
+        "BERT (MiniLM)",
+        (BertModel, BertForSequenceClassification),
+        split_bert,
+        ("query", "value"),
+        encoder=True,
+    ),
+    Architecture(
+        "qwen2", "Qwen2", (Qwen2ForCausalLM, Qwen2ForSequenceClassification), split_rotary_decoder, ATTENTION_QV
+    ),
+    Architecture(
+        "qwen3", "Qwen3", (Qwen3ForCausalLM, Qwen3ForSequenceClassification), split_rotary_decoder, ATTENTION_QV
+    ),
+    Architecture(
+        "mistral", "Mistral", (MistralForCausalLM, MistralForSequenceClassification), split_rotary_decoder, ATTENTION_QV
+    ),
+    Architecture(
+        "gemma", "Gemma", (GemmaForCausalLM, GemmaForSequenceClassification), split_rotary_decoder, ATTENTION_QV
+    ),
     # GPT-2 fuses q, k and v in c_attn
     Architecture("gpt2", "GPT-2", (GPT2LMHeadModel, GPT2ForSequenceClassification), split_gpt2, ("c_attn",)),
 ):

@@ -44,8 +44,9 @@ def block_mask_types(config) -> list[str]:
 
 def _run_blocks(config, rotary_emb, layers, mask_types, hidden, attention_mask):
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                  position_ids=position_ids)
+    kwargs = dict(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids
+    )
     masks = {}
     if FULL in mask_types:
         masks[FULL] = create_causal_mask(**kwargs)
@@ -53,8 +54,14 @@ def _run_blocks(config, rotary_emb, layers, mask_types, hidden, attention_mask):
         masks[SLIDING] = create_sliding_window_causal_mask(**kwargs)
     position_embeddings = rotary_emb(hidden, position_ids)
     for layer, mask_type in zip(layers, mask_types):
-        hidden = layer(hidden, attention_mask=masks[mask_type], position_embeddings=position_embeddings,
-                       position_ids=position_ids, cache=None, use_cache=False)
+        hidden = layer(
+            hidden,
+            attention_mask=masks[mask_type],
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=None,
+            use_cache=False,
+        )
         hidden = block_output(hidden)
     return hidden
 

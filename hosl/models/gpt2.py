@@ -20,10 +20,12 @@ from .halves import ClientHalf, DecoderServer, check_cut, decoder_task
 
 def _run_blocks(config, blocks, hidden, attention_mask):
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    causal_mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                                     position_ids=position_ids)
-    return run_layers(blocks, hidden, None, causal_mask, None, encoder_attention_mask=None, use_cache=False,
-                      position_ids=position_ids)
+    causal_mask = create_causal_mask(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids
+    )
+    return run_layers(
+        blocks, hidden, None, causal_mask, None, encoder_attention_mask=None, use_cache=False, position_ids=position_ids
+    )
 
 
 class GPT2Client(ClientHalf):

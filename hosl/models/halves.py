@@ -109,7 +109,9 @@ def check_cut(cut, num_layers: int) -> int:
     except TypeError:
         raise ValueError(f"cut must be an int in [0, {num_layers}], got {cut!r}") from None
     if not 0 <= cut <= num_layers:
-        raise ValueError(f"cut={cut} is out of range: this model has {num_layers} blocks, valid cuts are 0..{num_layers}")
+        raise ValueError(
+            f"cut={cut} is out of range: this model has {num_layers} blocks, valid cuts are 0..{num_layers}"
+        )
     return cut
 
 

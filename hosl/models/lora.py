@@ -33,8 +33,10 @@ def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
     ``config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"no default LoRA targets for model type {model_type!r}; pass targets "
-                         f"(--lora-targets), e.g. the attention projections' module names")
+        raise ValueError(
+            f"no default LoRA targets for model type {model_type!r}; pass targets "
+            f"(--lora-targets), e.g. the attention projections' module names"
+        )
     return ARCHITECTURES[model_type].lora_targets
 
 
@@ -75,8 +77,14 @@ def apply_lora(
     if not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
     targets = list(targets) if targets else list(default_lora_targets(model))
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none",
-                        layers_to_transform=None if layers is None else list(layers))
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        layers_to_transform=None if layers is None else list(layers),
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)

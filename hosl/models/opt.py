@@ -41,8 +41,9 @@ def _run_layers(config, layers, hidden, attention_mask):
     batch_size, seq_len = hidden.shape[:2]
     _, position_ids = opt_position_ids(attention_mask, batch_size, seq_len, hidden.device)
     causal_mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
-    return run_layers(layers, hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None,
-                      use_cache=False)
+    return run_layers(
+        layers, hidden, attention_mask=causal_mask, position_ids=position_ids, cache=None, use_cache=False
+    )
 
 
 class OPTClient(ClientHalf):

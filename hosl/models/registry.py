@@ -125,10 +125,20 @@ def _opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int = 502
 
 def _tiny_decoder_config(config_class, **extra):
     """3 x 32 (4 heads, 2 KV heads), byte-tokenizer vocabulary and ids, tied embeddings."""
-    return config_class(vocab_size=bytetok.BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        pad_token_id=bytetok.PAD_ID, bos_token_id=bytetok.BOS_ID, eos_token_id=bytetok.EOS_ID,
-                        tie_word_embeddings=True, **extra)
+    return config_class(
+        vocab_size=bytetok.BYTE_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=bytetok.PAD_ID,
+        bos_token_id=bytetok.BOS_ID,
+        eos_token_id=bytetok.EOS_ID,
+        tie_word_embeddings=True,
+        **extra,
+    )
 
 
 def tiny_llama_config() -> LlamaConfig:
@@ -153,15 +163,25 @@ def tiny_opt_config() -> OPTConfig:
 
 
 def tiny_gpt2_config() -> GPT2Config:
-    return GPT2Config(vocab_size=bytetok.BYTE_VOCAB_SIZE, n_positions=128, n_embd=32, n_layer=3, n_head=4, n_inner=64,
-                      pad_token_id=bytetok.PAD_ID, bos_token_id=bytetok.BOS_ID, eos_token_id=bytetok.EOS_ID,
-                      tie_word_embeddings=True)
+    return GPT2Config(
+        vocab_size=bytetok.BYTE_VOCAB_SIZE,
+        n_positions=128,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_inner=64,
+        pad_token_id=bytetok.PAD_ID,
+        bos_token_id=bytetok.BOS_ID,
+        eos_token_id=bytetok.EOS_ID,
+        tie_word_embeddings=True,
+    )
 
 
 # the sliding windows are tiny on purpose: tests then see both kinds of mask on short texts
 TINY_DECODER_CONFIGS = {
-    "tiny-qwen2": lambda: _tiny_decoder_config(Qwen2Config, use_sliding_window=True, sliding_window=4,
-                                               max_window_layers=1),
+    "tiny-qwen2": lambda: _tiny_decoder_config(
+        Qwen2Config, use_sliding_window=True, sliding_window=4, max_window_layers=1
+    ),
     "tiny-qwen3": lambda: _tiny_decoder_config(Qwen3Config, head_dim=8),
     "tiny-mistral": lambda: _tiny_decoder_config(MistralConfig, sliding_window=4),
     "tiny-gemma": lambda: _tiny_decoder_config(GemmaConfig, head_dim=8),
@@ -189,7 +209,9 @@ def resolve_model(name: str) -> ModelSource:
     if name in _RANDOM_CONFIGS:
         config = _RANDOM_CONFIGS[name]()
         tokenizer = "minilm" if config.model_type == "bert" else "byte"  # tiny-bert reuses MiniLM's vocabulary
-        return ModelSource(name, "random", config=config, tokenizer=tokenizer, encoder_only=is_encoder(config.model_type))
+        return ModelSource(
+            name, "random", config=config, tokenizer=tokenizer, encoder_only=is_encoder(config.model_type)
+        )
     return ModelSource(name, "pretrained", location=name)
 
 

@@ -43,8 +43,9 @@ def split(model: nn.Module, cut: int) -> tuple[ClientHalf, ServerHalf]:
     arch = of_model(model)
     if arch is None:
         classes = ", ".join(cls.__name__ for a in ARCHITECTURES.entries() for cls in a.model_classes)
-        raise TypeError(f"split() does not support {type(model).__name__}; supported families: {titles()} "
-                        f"(classes: {classes})")
+        raise TypeError(
+            f"split() does not support {type(model).__name__}; supported families: {titles()} (classes: {classes})"
+        )
     client, server = arch.splitter(model, cut)
     client.train(model.training)
     server.train(model.training)

@@ -98,8 +98,15 @@ def _write_checksums(folder: Path) -> None:
     _atomic_write_text(folder / CHECKSUMS, json.dumps({"format": 1, "files": table}, indent=2))
 
 
-def save_checkpoint(run_dir: Path, step: int, modules: Mapping[str, torch.nn.Module], state: dict,
-                    keep: int = 1, *, trainable_only: bool = False) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: Mapping[str, torch.nn.Module],
+    state: dict,
+    keep: int = 1,
+    *,
+    trainable_only: bool = False,
+) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -107,15 +114,20 @@ def save_checkpoint(run_dir: Path, step: int, modules: Mapping[str, torch.nn.Mod
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, module in modules.items():
-        save_file(_tensors(module, trainable_only), str(tmp / f"{name}.safetensors"),
-                  metadata={CONTENTS_KEY: "trainable" if trainable_only else "full"})
+        save_file(
+            _tensors(module, trainable_only),
+            str(tmp / f"{name}.safetensors"),
+            metadata={CONTENTS_KEY: "trainable" if trainable_only else "full"},
+        )
     torch.save(state, tmp / STATE)
     try:  # a state that read_state would refuse fails here, at the first save, not at the resume
         torch.load(tmp / STATE, weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TypeError(f"the checkpoint state holds {_refused(exc)}, which read_state would refuse; a state holds "
-                        "tensors, numbers, strings and containers of them only") from None
+        raise TypeError(
+            f"the checkpoint state holds {_refused(exc)}, which read_state would refuse; a state holds "
+            "tensors, numbers, strings and containers of them only"
+        ) from None
     _write_checksums(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -143,8 +155,9 @@ def verify(path: Path, names: list[str] | None = None) -> list[str]:
         table = json.loads(manifest.read_text())["files"]
         expected = {name: (entry["sha256"], int(entry["bytes"])) for name, entry in table.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{manifest} is damaged ({exc.__class__.__name__}: {exc}); the checkpoint cannot be "
-                              "verified") from None
+        raise CheckpointError(
+            f"{manifest} is damaged ({exc.__class__.__name__}: {exc}); the checkpoint cannot be verified"
+        ) from None
     for name in expected:
         if Path(name).name != name or name in (".", ".."):
             raise CheckpointError(f"{manifest} lists {name!r}, which is not a file of the checkpoint folder")
@@ -157,11 +170,15 @@ def verify(path: Path, names: list[str] | None = None) -> list[str]:
             raise CheckpointError(f"checkpoint {path} is incomplete: missing {name}")
         actual = file.stat().st_size
         if actual != size:
-            raise CheckpointError(f"{file} is {actual} bytes, its checksum record says {size}: the file is truncated "
-                                  "or was changed after it was written")
+            raise CheckpointError(
+                f"{file} is {actual} bytes, its checksum record says {size}: the file is truncated "
+                "or was changed after it was written"
+            )
         if sha256_of(file) != sha:
-            raise CheckpointError(f"{file} does not match its sha256 in {CHECKSUMS}: the file is damaged or was "
-                                  "changed after it was written")
+            raise CheckpointError(
+                f"{file} does not match its sha256 in {CHECKSUMS}: the file is damaged or was "
+                "changed after it was written"
+            )
     return []
 
 
@@ -195,9 +212,11 @@ def read_state(path: Path) -> dict:
     try:
         state = torch.load(file, weights_only=True)
     except pickle.UnpicklingError as exc:  # what the restricted unpickler raises for anything it refuses
-        raise CheckpointError(f"{file} holds {_refused(exc)}, which a checkpoint state may not: loading it could run "
-                              "code, so it is refused (hosl writes tensors, numbers and strings only); move "
-                              f"{Path(path).name} away to fall back to an older checkpoint, or start the run again") from None
+        raise CheckpointError(
+            f"{file} holds {_refused(exc)}, which a checkpoint state may not: loading it could run "
+            "code, so it is refused (hosl writes tensors, numbers and strings only); move "
+            f"{Path(path).name} away to fall back to an older checkpoint, or start the run again"
+        ) from None
     except Exception as exc:  # zip errors of a damaged file come in many classes
         raise CheckpointError(f"{file} cannot be read ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(state, dict):
@@ -217,8 +236,10 @@ def _read_weights(file: Path) -> tuple[str, dict]:
         raise CheckpointError(f"{file} cannot be read as safetensors ({exc.__class__.__name__}: {exc})") from None
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise CheckpointError(f"{file} holds NaN or Inf weights (in {', '.join(bad[:3])}"
-                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); refusing to load it")
+        raise CheckpointError(
+            f"{file} holds NaN or Inf weights (in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); refusing to load it"
+        )
     return contents, tensors
 
 
@@ -233,15 +254,19 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> None:
             expected = set(module.state_dict())
             missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
             if missing or unexpected:
-                raise CheckpointError(f"{file} does not fit this {name}: missing {sorted(missing)[:5]}, unexpected "
-                                      f"{sorted(unexpected)[:5]} (was the run started with another --model/--cut?)")
+                raise CheckpointError(
+                    f"{file} does not fit this {name}: missing {sorted(missing)[:5]}, unexpected "
+                    f"{sorted(unexpected)[:5]} (was the run started with another --model/--cut?)"
+                )
             continue
         trainable = {k for k, p in module.named_parameters() if p.requires_grad}
         missing, unexpected = trainable - tensors.keys(), tensors.keys() - trainable
         if missing or unexpected:
-            raise CheckpointError(f"{file} holds trainable parameters only, and they do not match this {name}'s: "
-                                  f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
-                                  "(was the run started with other LoRA settings?)")
+            raise CheckpointError(
+                f"{file} holds trainable parameters only, and they do not match this {name}'s: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
+                "(was the run started with other LoRA settings?)"
+            )
     for name, module in modules.items():
         file, contents, tensors = read[name]
         try:

@@ -158,7 +158,9 @@ class TrainConfig:
         from hosl.training.schedule import LR_SCHEDULES, SERVER_OPTIMIZERS
 
         if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"--server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}")
+            raise ValueError(
+                f"--server-optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -203,18 +205,24 @@ class TrainConfig:
         parse_shard(self.shard)
         check_codec(self.wire, "--wire")
         if self.clients and self.mode != "hosl":
-            raise ValueError(f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
-                             f"got --mode {self.mode}")
+            raise ValueError(
+                f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
+                f"got --mode {self.mode}"
+            )
 
     def _validate_client_slicing(self) -> None:
         if self.client_micro_batch is None and self.client_memory_budget is None:
             return
         which = "--client-micro-batch" if self.client_micro_batch is not None else "--client-memory-budget"
         if self.mode not in CLIENT_SLICING_MODES:
-            raise ValueError(f"{which} slices the passes of a ZO client that sends its activation (--mode "
-                             f"{' or '.join(CLIENT_SLICING_MODES)}), got --mode {self.mode}")
+            raise ValueError(
+                f"{which} slices the passes of a ZO client that sends its activation (--mode "
+                f"{' or '.join(CLIENT_SLICING_MODES)}), got --mode {self.mode}"
+            )
         if self.client_micro_batch is not None and self.client_memory_budget is not None:
-            raise ValueError("give --client-micro-batch or --client-memory-budget, not both (the budget picks the rows)")
+            raise ValueError(
+                "give --client-micro-batch or --client-memory-budget, not both (the budget picks the rows)"
+            )
         if self.client_micro_batch is None:
             parse_bytes(self.client_memory_budget)
 
@@ -222,10 +230,14 @@ class TrainConfig:
         """Which modes take --query-batch, --server-estimate, --linear-on (docs/optimizer.md); their
         values are ZOConfig's to check."""
         if self.query_batch != 1 and self.mode not in QUERY_BATCH_MODES:
-            raise ValueError(f"--query-batch batches the perturbed points of --mode {' or '.join(QUERY_BATCH_MODES)} "
-                             f"(zo-sl perturbs its server one point at a time), got --mode {self.mode}")
+            raise ValueError(
+                f"--query-batch batches the perturbed points of --mode {' or '.join(QUERY_BATCH_MODES)} "
+                f"(zo-sl perturbs its server one point at a time), got --mode {self.mode}"
+            )
         if self.server_estimate == "linear" and self.mode != "hosl":
-            raise ValueError(f"--server-estimate linear needs the server's gradient (--mode hosl), got --mode {self.mode}")
+            raise ValueError(
+                f"--server-estimate linear needs the server's gradient (--mode hosl), got --mode {self.mode}"
+            )
         if self.linear_on == "client" and self.server_estimate != "linear":
             raise ValueError("--linear-on client applies to --server-estimate linear")
 

@@ -69,9 +69,11 @@ def catch_up(run: Run, say) -> tuple[int, int]:
     start, to, steps = run.proxy.join(have)
     if start != run.step:
         if start == 0:
-            raise RuntimeError(f"the fleet is at step {to}, before this client's checkpoints ({have[1:]}); its "
-                               f"initial weights are needed: start this client again in a new --out (it replays "
-                               f"the fleet's log from step 0)")
+            raise RuntimeError(
+                f"the fleet is at step {to}, before this client's checkpoints ({have[1:]}); its "
+                f"initial weights are needed: start this client again in a new --out (it replays "
+                f"the fleet's log from step 0)"
+            )
         _reload(run, start)
     opt = run.mode.opt
     for step, updates in enumerate(steps, start + 1):
@@ -111,12 +113,23 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
 
     def connect_server() -> DistributedLink:
         say(f"client {rank}: joining the fleet on {conn.where()} (up to {conn.connect_timeout:g} s)")
-        endpoint = join_fleet(secret=conn.secret, rank=rank, addr=conn.addr(), port=conn.port(),
-                              timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
-                              fields=fingerprint(cfg), backend=conn.backend or "gloo", stop_requested=stop.requested)
+        endpoint = join_fleet(
+            secret=conn.secret,
+            rank=rank,
+            addr=conn.addr(),
+            port=conn.port(),
+            timeout_s=conn.connect_timeout,
+            peer_timeout=conn.peer_timeout,
+            fields=fingerprint(cfg),
+            backend=conn.backend or "gloo",
+            stop_requested=stop.requested,
+        )
         stop.connected = True
-        barrier = {int(Phase.CLEAN_LOSS): conn.connect_timeout, int(Phase.END_STEP): conn.connect_timeout,
-                   int(Phase.JOIN): conn.connect_timeout}
+        barrier = {
+            int(Phase.CLEAN_LOSS): conn.connect_timeout,
+            int(Phase.END_STEP): conn.connect_timeout,
+            int(Phase.JOIN): conn.connect_timeout,
+        }
         links.append(DistributedLink(endpoint, PHASE_NAMES, stop.requested, reply_timeouts=barrier))
         say(f"client {rank}: joined as rank {rank} of {cfg.clients} ({cfg.client_sync} client model)")
         return links[0]

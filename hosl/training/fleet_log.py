@@ -34,8 +34,10 @@ class UpdateLog:
         for n, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-                self.steps[int(record["step"])] = [(int(r), [int(s) for s in seeds], [float(g) for g in grads])
-                                                   for r, seeds, grads in record["updates"]]
+                self.steps[int(record["step"])] = [
+                    (int(r), [int(s) for s in seeds], [float(g) for g in grads])
+                    for r, seeds, grads in record["updates"]
+                ]
             except (ValueError, KeyError, TypeError):
                 if n == len(lines):  # a torn last line (killed mid-write): that step never finished
                     break
@@ -61,8 +63,12 @@ class UpdateLog:
             return
         self.steps = {s: u for s, u in self.steps.items() if s <= step}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps({"step": s, "updates": [[r, list(a), list(g)] for r, a, g in u]}) + "\n"
-                               for s, u in sorted(self.steps.items())))
+        tmp.write_text(
+            "".join(
+                json.dumps({"step": s, "updates": [[r, list(a), list(g)] for r, a, g in u]}) + "\n"
+                for s, u in sorted(self.steps.items())
+            )
+        )
         os.replace(tmp, self.path)
 
     def between(self, start: int, to: int) -> list[list[Update]]:

@@ -68,9 +68,20 @@ class ClientSlot:
 
 
 class FleetServer:
-    def __init__(self, host: FleetHost, half: ServerHandler, log: UpdateLog, *, clients: int, client_sync: str,
-                 fields: dict, run_dir: Path, start_timeout_s: float, say: Callable[[str], None],
-                 completed: int = 0):
+    def __init__(
+        self,
+        host: FleetHost,
+        half: ServerHandler,
+        log: UpdateLog,
+        *,
+        clients: int,
+        client_sync: str,
+        fields: dict,
+        run_dir: Path,
+        start_timeout_s: float,
+        say: Callable[[str], None],
+        completed: int = 0,
+    ):
         self.host, self.half, self.log = host, half, log
         self.clients, self.client_sync, self.fields = clients, client_sync, fields
         self.run_dir, self.say = Path(run_dir), say
@@ -112,8 +123,9 @@ class FleetServer:
                 if not any(s.held is None for s in self.live.values()):
                     time.sleep(0.01)  # everyone waits on a barrier that cannot fire yet (the fleet is starting)
                 continue
-            got = self.host.next_message(waiting, idle=lambda at=next_join_check: self.collecting and
-                                         time.monotonic() >= at)
+            got = self.host.next_message(
+                waiting, idle=lambda at=next_join_check: self.collecting and time.monotonic() >= at
+            )
             if got is None:
                 continue
             rank, msg = got
@@ -145,8 +157,10 @@ class FleetServer:
             self.live[joined.rank] = ClientSlot(joined.rank)
             self.counts["rejoins" if rejoin else "joins"] += 1
             self._event("rejoin" if rejoin else "join", rank=joined.rank)
-            self.say(f"server: client rank {joined.rank} {'re' if rejoin else ''}joined at step {self.completed} "
-                     f"({len(self.live)} live)")
+            self.say(
+                f"server: client rank {joined.rank} {'re' if rejoin else ''}joined at step {self.completed} "
+                f"({len(self.live)} live)"
+            )
         if self.host.refused > refused_before:
             self.counts["refused_joins"] += self.host.refused - refused_before
             self._event("refused", count=self.host.refused - refused_before)
@@ -163,7 +177,9 @@ class FleetServer:
         slot = self.live[rank]
         if msg.kind == Kind.SHUTDOWN:
             with contextlib.suppress(PeerLostError):
-                self.host.send(rank, Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement")
+                self.host.send(
+                    rank, Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement"
+                )
             self._leave(rank, done=msg.code == int(ShutdownCode.DONE), why=f"said goodbye (code {msg.code})")
             return
         try:
@@ -176,8 +192,9 @@ class FleetServer:
             self.counts["errors"] += 1
             text = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(PeerLostError):
-                self.host.send(rank, Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]),
-                               "an error report")
+                self.host.send(
+                    rank, Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]), "an error report"
+                )
             self._drop(rank, f"its request failed: {text}")
             return
         self._reply(rank, reply)
@@ -196,17 +213,21 @@ class FleetServer:
             return Message(Kind.REPLY, msg.phase, msg.step)
         if phase == Phase.BEGIN_STEP:
             if msg.step != self.completed + 1 or not self.collecting:
-                raise ValueError(f"client rank {slot.rank} begins step {msg.step} but the fleet is at step "
-                                 f"{self.completed + (0 if self.collecting else 1)} (a client out of step: restart "
-                                 f"it with --resume to catch up)")
+                raise ValueError(
+                    f"client rank {slot.rank} begins step {msg.step} but the fleet is at step "
+                    f"{self.completed + (0 if self.collecting else 1)} (a client out of step: restart "
+                    f"it with --resume to catch up)"
+                )
         with self._as(slot):
             return self.half.handle(msg)
 
     def _hold(self, slot: ClientSlot, msg: Message) -> None:
         expected = Phase.CLEAN_LOSS if self.collecting else Phase.END_STEP
         if msg.phase != expected or msg.step != self.completed + 1:
-            raise ValueError(f"client rank {slot.rank} sent {Phase(msg.phase).name.lower()} of step {msg.step} while "
-                             f"the fleet waits for {expected.name.lower()} of step {self.completed + 1}")
+            raise ValueError(
+                f"client rank {slot.rank} sent {Phase(msg.phase).name.lower()} of step {msg.step} while "
+                f"the fleet waits for {expected.name.lower()} of step {self.completed + 1}"
+            )
         slot.held = msg
 
     @contextlib.contextmanager
@@ -215,13 +236,23 @@ class FleetServer:
         h = self.half
         if slot.wire is None:
             slot.wire = ActivationWire(h.wire.codec)
-        h.mask, h.batch, h.clean_loss, h.activation_grad, h.wire = (slot.mask, slot.batch, slot.clean_loss,
-                                                                     slot.activation_grad, slot.wire)
+        h.mask, h.batch, h.clean_loss, h.activation_grad, h.wire = (
+            slot.mask,
+            slot.batch,
+            slot.clean_loss,
+            slot.activation_grad,
+            slot.wire,
+        )
         try:
             yield
         finally:
-            slot.mask, slot.batch, slot.clean_loss, slot.activation_grad, slot.wire = (h.mask, h.batch, h.clean_loss,
-                                                                                       h.activation_grad, h.wire)
+            slot.mask, slot.batch, slot.clean_loss, slot.activation_grad, slot.wire = (
+                h.mask,
+                h.batch,
+                h.clean_loss,
+                h.activation_grad,
+                h.wire,
+            )
 
     def _reply(self, rank: int, reply: Message) -> None:
         try:
@@ -256,8 +287,11 @@ class FleetServer:
             except Exception as exc:
                 self.counts["errors"] += 1
                 with contextlib.suppress(PeerLostError):
-                    self.host.send(rank, Message(Kind.ERROR, msg.phase, msg.step,
-                                                 tensors=[text_tensor(f"{type(exc).__name__}: {exc}")]), "an error report")
+                    self.host.send(
+                        rank,
+                        Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(f"{type(exc).__name__}: {exc}")]),
+                        "an error report",
+                    )
                 self._drop(rank, f"its clean loss failed: {exc}")
                 continue
             self.clean_count += 1
@@ -284,9 +318,15 @@ class FleetServer:
         self.log.append(step, updates)  # on disk before any client applies it
         self.completed, self.collecting = step, True
         self.counts["rounds"] += 1
-        self._event("step", step=step, members=[s.rank for s in slots], clean=self.clean_count,
-                    updates=[u[0] for u in updates], server_step_skipped=self.half.skipped_server_steps > skipped_before,
-                    seconds=round(time.monotonic() - self.round_started, 4))
+        self._event(
+            "step",
+            step=step,
+            members=[s.rank for s in slots],
+            clean=self.clean_count,
+            updates=[u[0] for u in updates],
+            server_step_skipped=self.half.skipped_server_steps > skipped_before,
+            seconds=round(time.monotonic() - self.round_started, 4),
+        )
         for slot in slots:
             msg, slot.held = slot.held, None
             slot.clean_loss, slot.activation_grad = math.nan, None
@@ -324,14 +364,29 @@ class FleetServer:
         self.last_live = time.monotonic()
 
     def _event(self, kind: str, **fields) -> None:
-        self.events.write(json.dumps({"event": kind, "fleet_step": self.completed,
-                                      "time": round(time.monotonic() - self.started_at, 4), **fields}) + "\n")
+        self.events.write(
+            json.dumps(
+                {
+                    "event": kind,
+                    "fleet_step": self.completed,
+                    "time": round(time.monotonic() - self.started_at, 4),
+                    **fields,
+                }
+            )
+            + "\n"
+        )
 
     def summary(self) -> dict:
-        return {"role": "server", "clients": self.clients, "client_sync": self.client_sync, "steps": self.completed,
-                "finished": sorted(self.finished), **self.counts,
-                "skipped_server_steps": self.half.skipped_server_steps,
-                "server_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {
+            "role": "server",
+            "clients": self.clients,
+            "client_sync": self.client_sync,
+            "steps": self.completed,
+            "finished": sorted(self.finished),
+            **self.counts,
+            "skipped_server_steps": self.half.skipped_server_steps,
+            "server_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
 
 
 def run_fleet_server(cfg, conn) -> int:
@@ -350,23 +405,43 @@ def run_fleet_server(cfg, conn) -> int:
     log = UpdateLog(log_path)
     log.truncate(completed)
     if log.last_step < completed:
-        raise RuntimeError(f"{log_path} ends at step {log.last_step} but the server's checkpoint is at step "
-                           f"{completed}: the log cannot rebuild the clients")
+        raise RuntimeError(
+            f"{log_path} ends at step {log.last_step} but the server's checkpoint is at step "
+            f"{completed}: the log cannot rebuild the clients"
+        )
     write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
     with stop:
         say(f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model)")
-        host = FleetHost(secret=conn.secret, addr=conn.addr(), port=conn.port(),
-                         timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
-                         backend=conn.backend or "gloo", stop_requested=stop.requested, log=say)
+        host = FleetHost(
+            secret=conn.secret,
+            addr=conn.addr(),
+            port=conn.port(),
+            timeout_s=conn.connect_timeout,
+            peer_timeout=conn.peer_timeout,
+            backend=conn.backend or "gloo",
+            stop_requested=stop.requested,
+            log=say,
+        )
         stop.connected = True
-        fleet = FleetServer(host, half, log, clients=cfg.clients, client_sync=cfg.client_sync,
-                            fields=fingerprint(cfg), run_dir=run_dir, start_timeout_s=conn.connect_timeout,
-                            say=say, completed=completed)
+        fleet = FleetServer(
+            host,
+            half,
+            log,
+            clients=cfg.clients,
+            client_sync=cfg.client_sync,
+            fields=fingerprint(cfg),
+            run_dir=run_dir,
+            start_timeout_s=conn.connect_timeout,
+            say=say,
+            completed=completed,
+        )
         summary = fleet.serve()
     if fleet.saved_step != fleet.completed and fleet.completed > 0:
         half.save(fleet.completed)
     (run_dir / "summary.json").write_text(json.dumps({"mode": cfg.mode, "model": cfg.model, **summary}, indent=2))
-    say(f"server: fleet done at step {fleet.completed}: {summary['rounds']} rounds, {summary['dropped']} drops, "
-         f"{summary['rejoins']} rejoins, {summary['refused_joins']} refused joins")
+    say(
+        f"server: fleet done at step {fleet.completed}: {summary['rounds']} rounds, {summary['dropped']} drops, "
+        f"{summary['rejoins']} rejoins, {summary['refused_joins']} refused joins"
+    )
     return 0 if summary["finished"] == list(range(1, cfg.clients + 1)) else 1

@@ -43,9 +43,13 @@ def forward_passes_per_step(mode: str, q: int, difference: str, server_estimate:
         "hosl": dict(client_forward=1 + perturbed, server_forward=hosl_server, client_backward=0, server_backward=1),
         "fo-sl": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
         "frozen-client": dict(client_forward=1, server_forward=1, client_backward=0, server_backward=1),
-        "zo-sl": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),
+        "zo-sl": dict(
+            client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0
+        ),
         "fo": dict(client_forward=1, server_forward=1, client_backward=1, server_backward=1),
-        "zo": dict(client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0),
+        "zo": dict(
+            client_forward=perturbed + clean, server_forward=perturbed + clean, client_backward=0, server_backward=0
+        ),
     }
     return table[mode]
 
@@ -66,7 +70,9 @@ def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None)
     the link to the server process; this process then holds only the client."""
     cfg.validate()
     if connect_server is not None and cfg.mode not in SPLIT_MODES:
-        raise ValueError(f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server")
+        raise ValueError(
+            f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server"
+        )
     return run_loop(build_run(cfg, connect_server=connect_server))
 
 
@@ -94,8 +100,13 @@ def run_loop(run: Run) -> dict:
             loss = run.mode.step(batch)
             run.seconds += time.perf_counter() - t0
             run.step += 1
-            record = {"step": run.step, "loss": loss, "seconds": run.seconds, "skipped_updates": run.mode.skipped_updates,
-                      "skipped_server_steps": run.mode.skipped_server_steps}
+            record = {
+                "step": run.step,
+                "loss": loss,
+                "seconds": run.seconds,
+                "skipped_updates": run.mode.skipped_updates,
+                "skipped_server_steps": run.mode.skipped_server_steps,
+            }
             if link is not None:
                 traffic.append((link.bytes_up - up0, link.bytes_down - down0))
                 record.update(bytes_up=traffic[-1][0], bytes_down=traffic[-1][1])
@@ -123,18 +134,28 @@ def run_loop(run: Run) -> dict:
 def _evaluate(run: Run, log: _Log, at_step: int) -> dict:
     cfg, data = run.cfg, run.data
     run.set_training(False)
-    result = evaluate(None, data.eval, run.tokenizer, cfg.eval_batch_size, data.template, model_kind=run.model_kind,
-                      max_length=cfg.max_length, outputs_fn=lambda batch: run.mode.eval_outputs(batch, run.model_kind))
+    result = evaluate(
+        None,
+        data.eval,
+        run.tokenizer,
+        cfg.eval_batch_size,
+        data.template,
+        model_kind=run.model_kind,
+        max_length=cfg.max_length,
+        outputs_fn=lambda batch: run.mode.eval_outputs(batch, run.model_kind),
+    )
     run.set_training(True)
     # seconds: training time so far (evaluations not counted), for accuracy-against-time curves
-    record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"],
-              "seconds": run.seconds}
+    record = {"step": at_step, "eval_accuracy": result["accuracy"], "eval_loss": result["loss"], "seconds": run.seconds}
     if getattr(data.template, "reports_perplexity", False):  # --task lm: one continuation per text
         record.update(eval_accuracy=None, eval_perplexity=math.exp(min(result["loss"], 700.0)))
     run.evals.append(record)
     log.write({"event": "eval", **record})
-    shown = (f"perplexity {record['eval_perplexity']:.4f}" if "eval_perplexity" in record
-             else f"accuracy {result['accuracy']:.4f}")
+    shown = (
+        f"perplexity {record['eval_perplexity']:.4f}"
+        if "eval_perplexity" in record
+        else f"accuracy {result['accuracy']:.4f}"
+    )
     say(f"step {at_step}: eval {shown}, loss {result['loss']:.4f}")
     return record
 
@@ -143,8 +164,15 @@ def save_run(run: Run, at_step: int) -> None:
     """Checkpoint ``run`` at ``at_step`` (in a two-process run or fleet, the server's half first)."""
     if run.remote:
         run.proxy.save(at_step)  # the server's half first: a client checkpoint implies the server's
-    state = {"step": at_step, "seconds": run.seconds, "evals": run.evals, "optimizers": run.mode.optimizer_state(),
-             "batches": run.batches.state_dict(), "torch_rng": torch.get_rng_state(), "config": run.cfg.to_dict()}
+    state = {
+        "step": at_step,
+        "seconds": run.seconds,
+        "evals": run.evals,
+        "optimizers": run.mode.optimizer_state(),
+        "batches": run.batches.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "config": run.cfg.to_dict(),
+    }
     if run.half is not None:
         state["server_half"] = run.half.state_dict()
     ckpt.save_checkpoint(run.run_dir, at_step, run.modules, state, trainable_only=run.cfg.lora)
@@ -163,16 +191,20 @@ def _summary(run: Run, traffic: list) -> dict:
         "eval_perplexity": evals[-1].get("eval_perplexity") if evals else None,
         "eval_history": evals,
         "client_peak_bytes": mode.memory.peak_bytes(
-            run.client, fo_client=cfg.mode in FO_CLIENT_MODES,
-            optimizer_state_bytes=mode.client_optimizer_state_bytes(), scratch_bytes=mode.scratch_bytes()),
+            run.client,
+            fo_client=cfg.mode in FO_CLIENT_MODES,
+            optimizer_state_bytes=mode.client_optimizer_state_bytes(),
+            scratch_bytes=mode.scratch_bytes(),
+        ),
         "client_weight_bytes": mode.memory.weight_bytes(run.client),
         "client_trainable_bytes": mode.memory.trainable_bytes(run.client),
         "client_optimizer_state_bytes": mode.client_optimizer_state_bytes(),
         "client_scratch_bytes": mode.scratch_bytes(),
         "seconds": run.seconds,
         "train_examples": run.step * cfg.batch_size,
-        "forward_passes_per_step": forward_passes_per_step(cfg.mode, cfg.num_queries, cfg.difference,
-                                                           cfg.server_estimate),
+        "forward_passes_per_step": forward_passes_per_step(
+            cfg.mode, cfg.num_queries, cfg.difference, cfg.server_estimate
+        ),
         "skipped_updates": mode.skipped_updates,
         "skipped_server_steps": mode.skipped_server_steps,
         "client_micro_batch": mode.client_micro_batch,

@@ -172,8 +172,11 @@ class LiveTensorPeak(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in torch.utils._pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t in self._seen:
                 continue
@@ -225,15 +228,23 @@ class MicroBatchPlan:
     reserve: int = 0
 
     def planned_peak(self) -> int:
-        return (self.weights + self.scratch + self.output + self.fixed_transient
-                + self.per_row_transient * self.micro_batch + self.reserve)
+        return (
+            self.weights
+            + self.scratch
+            + self.output
+            + self.fixed_transient
+            + self.per_row_transient * self.micro_batch
+            + self.reserve
+        )
 
     def describe(self) -> str:
-        return (f"client memory budget {gib(self.budget)}: weights {gib(self.weights)} + scratch {gib(self.scratch)} "
-                f"+ output activation {gib(self.output)} + runtime reserve {gib(self.reserve)} + transients "
-                f"{gib(self.fixed_transient)} + {self.per_row_transient / 2**20:.1f} MiB/row -> {self.micro_batch} of "
-                f"{self.batch_size} rows per "
-                f"slice (planned peak {gib(self.planned_peak())})")
+        return (
+            f"client memory budget {gib(self.budget)}: weights {gib(self.weights)} + scratch {gib(self.scratch)} "
+            f"+ output activation {gib(self.output)} + runtime reserve {gib(self.reserve)} + transients "
+            f"{gib(self.fixed_transient)} + {self.per_row_transient / 2**20:.1f} MiB/row -> {self.micro_batch} of "
+            f"{self.batch_size} rows per "
+            f"slice (planned peak {gib(self.planned_peak())})"
+        )
 
 
 # What a CPU client's resident memory held beyond the tensors the probe counts, with
@@ -248,14 +259,25 @@ def runtime_reserve(device) -> int:
     return CPU_RUNTIME_RESERVE if torch.device(device).type == "cpu" else 0
 
 
-def plan_micro_batch(budget: int, *, weights: int, scratch: int, output: int, fixed_transient: int,
-                     per_row_transient: int, batch_size: int, reserve: int = 0) -> MicroBatchPlan:
+def plan_micro_batch(
+    budget: int,
+    *,
+    weights: int,
+    scratch: int,
+    output: int,
+    fixed_transient: int,
+    per_row_transient: int,
+    batch_size: int,
+    reserve: int = 0,
+) -> MicroBatchPlan:
     """The largest ``M <= batch_size`` whose planned peak (``reserve`` included: what the runtime holds
     beyond the probed tensors, :func:`runtime_reserve`) fits ``budget``; a ValueError naming the
     numbers when not even the weights and the output activation fit, or not one row on top of them."""
     if budget < weights + output:
-        raise ValueError(f"--client-memory-budget {gib(budget)} cannot hold the client's weights ({gib(weights)}) "
-                         f"and its output activation ({gib(output)}): {gib(weights + output)} at the least")
+        raise ValueError(
+            f"--client-memory-budget {gib(budget)} cannot hold the client's weights ({gib(weights)}) "
+            f"and its output activation ({gib(output)}): {gib(weights + output)} at the least"
+        )
     free = budget - weights - scratch - output - fixed_transient - reserve
     rows = batch_size if per_row_transient == 0 else min(batch_size, free // per_row_transient)
     if rows < 1:
@@ -263,6 +285,8 @@ def plan_micro_batch(budget: int, *, weights: int, scratch: int, output: int, fi
             f"--client-memory-budget {gib(budget)} holds the weights ({gib(weights)}) and the output activation "
             f"({gib(output)}) but not the perturbed pass on one row: + scratch {gib(scratch)} + runtime reserve "
             f"{gib(reserve)} + transients {gib(fixed_transient + per_row_transient)} = "
-            f"{gib(weights + output + scratch + reserve + fixed_transient + per_row_transient)}")
-    return MicroBatchPlan(budget, weights, scratch, output, fixed_transient, per_row_transient, batch_size, int(rows),
-                          reserve)
+            f"{gib(weights + output + scratch + reserve + fixed_transient + per_row_transient)}"
+        )
+    return MicroBatchPlan(
+        budget, weights, scratch, output, fixed_transient, per_row_transient, batch_size, int(rows), reserve
+    )

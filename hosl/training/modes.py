@@ -107,10 +107,12 @@ class Mode:
 
     def client_rows_fn(self, ids, mask):
         """``client_fn(rows)`` of a micro-batched client pass (:mod:`hosl.optim.micro_batch`)."""
+
         def run(rows: slice):
             h = self.client(ids[rows], mask[rows])
             self.memory.note_output_rows(h, ids.shape[0])  # the assembled activation is what is sent
             return h
+
         return run
 
     # rows per slice of the client's passes (--client-micro-batch; None: the whole batch at once). The
@@ -158,8 +160,9 @@ class Mode:
 
 def _sgd(params, lr, hp: Hyper):
     """The FO optimizers: SGD with momentum over the trainable parameters (LoRA: the adapters)."""
-    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=hp.momentum,
-                           weight_decay=hp.weight_decay)
+    return torch.optim.SGD(
+        [p for p in params if p.requires_grad], lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+    )
 
 
 class _ZOClientMode:
@@ -191,9 +194,16 @@ class _ZOClientMode:
         with self.opt.perturbed(0, 1.0):  # the + point of seed 0 (a peer only records it)
             fixed, per_row, out_row = probe_row_cost(lambda n: self.client(ids[:n], mask[:n]))
         state = rule_state_nbytes(self.opt.variant, sum(p.numel() for p in self.client.parameters() if p.requires_grad))
-        plan = plan_micro_batch(budget, weights=weights, scratch=self.scratch_bytes() + state,
-                                output=out_row * batch_size, fixed_transient=fixed, per_row_transient=per_row,
-                                batch_size=batch_size, reserve=runtime_reserve(device))
+        plan = plan_micro_batch(
+            budget,
+            weights=weights,
+            scratch=self.scratch_bytes() + state,
+            output=out_row * batch_size,
+            fixed_transient=fixed,
+            per_row_transient=per_row,
+            batch_size=batch_size,
+            reserve=runtime_reserve(device),
+        )
         self.set_client_micro_batch(plan.micro_batch)
         return plan
 
@@ -244,8 +254,11 @@ class HOSLMode(_ZOClientMode, SplitMode):
         if self.client_micro_batch is None:
             loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss, perturbed_loss_fn=perturbed))
         else:  # the optimizer runs every pass in slices of client_micro_batch rows
-            loss = float(self.opt.step(self.client_rows_fn(ids, mask), server_loss,
-                                       batch_size=ids.shape[0], perturbed_loss_fn=perturbed))
+            loss = float(
+                self.opt.step(
+                    self.client_rows_fn(ids, mask), server_loss, batch_size=ids.shape[0], perturbed_loss_fn=perturbed
+                )
+            )
         if self.sync is None:
             self.proxy.end_step()  # the server's optimizer steps (if the clean loss was finite)
         else:
@@ -284,8 +297,12 @@ class FOSLMode(SplitMode):
         return {"client": self.client_opt}
 
     def client_optimizer_state_bytes(self):
-        return sum(t.numel() * t.element_size() for s in self.client_opt.state.values()
-                   for t in s.values() if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.client_opt.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
 
 
 class FrozenClientMode(SplitMode):
@@ -386,6 +403,7 @@ class ZOMode(_ZOClientMode, Mode):
         def loss():  # with query_batch, the output holds D copies of the batch: one loss per copy
             out = self.whole(*_inputs(batch))
             return self.loss_of(out, batch, out.shape[0] // batch["input_ids"].shape[0])
+
         return float(self.opt.step(loss))
 
     def optimizers(self):

@@ -120,6 +120,7 @@ def batch_from_server_side(tensors: list[torch.Tensor], model_kind: str, for_eva
 # -- the payloads that travel as integer and float lists: one declared schema each --------------------
 # Seeds are unsigned 64-bit; they travel as int64 (hosl/transport/wire.py: to_int64 / from_int64).
 
+
 class ZOPoint(NamedTuple):
     """The point a zo-sl ``losses`` request evaluates the server half at: ints ``[seed]``, floats
     ``[scale]``. A request with no ints is at the current weights (``from_fields`` gives None)."""
@@ -181,8 +182,8 @@ class Relay(NamedTuple):
         heads = [(ints[2 + 2 * i], ints[3 + 2 * i]) for i in range(n)]
         pos, fpos, updates = 2 + 2 * n, 0, []
         for rank, count in heads:
-            seeds = [from_int64(s) for s in ints[pos:pos + count]]
-            updates.append(ClientUpdate(rank, seeds, list(floats[fpos:fpos + count])))
+            seeds = [from_int64(s) for s in ints[pos : pos + count]]
+            updates.append(ClientUpdate(rank, seeds, list(floats[fpos : fpos + count])))
             pos, fpos = pos + count, fpos + count
         if pos != len(ints) or fpos != len(floats):
             raise ValueError(f"a relayed update of {len(ints)} ints and {len(floats)} floats does not add up")
@@ -212,7 +213,7 @@ class CatchUp(NamedTuple):
         start, to, pos, fpos, steps = ints[0], ints[1], 2, 0, []
         while pos < len(ints):
             n_i, n_f = ints[pos], ints[pos + 1]
-            steps.append(Relay.from_fields(ints[pos + 2:pos + 2 + n_i], floats[fpos:fpos + n_f]).updates)
+            steps.append(Relay.from_fields(ints[pos + 2 : pos + 2 + n_i], floats[fpos : fpos + n_f]).updates)
             pos, fpos = pos + 2 + n_i, fpos + n_f
         if len(steps) != to - start:
             raise ValueError(f"a catch-up from step {start} to {to} carries {len(steps)} steps")
@@ -220,6 +221,7 @@ class CatchUp(NamedTuple):
 
 
 # -- activations on the wire (--wire) -----------------------------------------------------------------
+
 
 class ActivationWire:
     """How a request's activation travels (``hosl/transport/codecs.py``), the same on both sides.

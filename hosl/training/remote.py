@@ -42,9 +42,27 @@ from hosl.transport.distributed import DistributedLink, Endpoint, Version, conne
 # ``agree`` (hosl/optim/config.py: lr_client, eps, weight_decay, seed, direction, zo_optimizer,
 # zo_momentum, zo_betas, ...). Fields that only the client uses (steps, data sizes, Q, ...) are not
 # compared: the server follows whatever the client sends.
-FINGERPRINT_FIELDS = ("model", "task", "mode", "cut", "dtype", "lr_server", "momentum", "dropout", "lora", "lora_r",
-                      "lora_alpha", "lora_targets", "lora_halves", "server_optimizer", "lr_schedule", "warmup_steps",
-                      "clients", "client_sync", "wire")
+FINGERPRINT_FIELDS = (
+    "model",
+    "task",
+    "mode",
+    "cut",
+    "dtype",
+    "lr_server",
+    "momentum",
+    "dropout",
+    "lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "lora_halves",
+    "server_optimizer",
+    "lr_schedule",
+    "warmup_steps",
+    "clients",
+    "client_sync",
+    "wire",
+)
 
 
 @dataclass
@@ -74,9 +92,16 @@ class Connection:
 
     def connect(self, stop_requested) -> str:
         """Rendezvous and prove the secret (both ways); returns the run id."""
-        return connect(secret=self.secret, rank=self.rank, world_size=self.world_size, master_addr=self.master_addr,
-                       master_port=self.master_port, timeout_s=self.connect_timeout, backend=self.backend,
-                       stop_requested=stop_requested)
+        return connect(
+            secret=self.secret,
+            rank=self.rank,
+            world_size=self.world_size,
+            master_addr=self.master_addr,
+            master_port=self.master_port,
+            timeout_s=self.connect_timeout,
+            backend=self.backend,
+            stop_requested=stop_requested,
+        )
 
 
 def fingerprint(cfg: TrainConfig) -> dict:
@@ -120,8 +145,9 @@ class StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def open_channel(role: str, peer: str, cfg: TrainConfig, conn: Connection, stop: StopOnInterrupt,
-                 detail: str = "") -> Endpoint:
+def open_channel(
+    role: str, peer: str, cfg: TrainConfig, conn: Connection, stop: StopOnInterrupt, detail: str = ""
+) -> Endpoint:
     """Either side's way in: rendezvous with ``peer``, prove the shared secret over the new channel
     and compare configurations; then the run counts as connected (``stop.connected``). ``detail``
     ends the "connected" line."""
@@ -138,7 +164,9 @@ def open_channel(role: str, peer: str, cfg: TrainConfig, conn: Connection, stop:
 def check_split_mode(cfg: TrainConfig) -> None:
     cfg.validate()
     if cfg.mode not in SPLIT_MODES:
-        raise ValueError(f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server")
+        raise ValueError(
+            f"--mode {cfg.mode} trains the unsplit model; only {', '.join(SPLIT_MODES)} run as client and server"
+        )
 
 
 def run_client(cfg: TrainConfig, conn: Connection) -> dict:
@@ -146,8 +174,10 @@ def run_client(cfg: TrainConfig, conn: Connection) -> dict:
     then the training loop; returns the run's summary."""
     check_split_mode(cfg)
     if not conn.secret:
-        raise ValueError(f"the client needs the server's shared secret: pass --secret-file PATH (the file `hosl serve` "
-                         f"wrote, e.g. OUT/server/secret, copied over a secure channel) or set {SECRET_ENV}")
+        raise ValueError(
+            f"the client needs the server's shared secret: pass --secret-file PATH (the file `hosl serve` "
+            f"wrote, e.g. OUT/server/secret, copied over a secure channel) or set {SECRET_ENV}"
+        )
     cfg = replace(cfg, out=str(Path(cfg.out) / "client"))
     stop = StopOnInterrupt("client")
     links: list[DistributedLink] = []
@@ -204,20 +234,33 @@ def start_server_process(cfg: TrainConfig, conn: Connection, clients: str) -> tu
     check_split_mode(cfg)
     run_dir = Path(cfg.out) / "server"
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:
-        raise RunExistsError(f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out")
+        raise RunExistsError(
+            f"{run_dir} already holds a server run; pass --resume to continue it or choose another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     if not conn.secret:
         secret_path = run_dir / "secret"
         conn = replace(conn, secret=write_secret_file(secret_path))
-        say(f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600). "
+        say(
+            f"server: no --secret-file or {SECRET_ENV} given: generated a shared secret in {secret_path} (mode 0600). "
             f"Start {clients} with --secret-file {secret_path} (copy the file over a secure channel, e.g. scp) "
-            f"or {SECRET_ENV}=\"$(cat {secret_path})\"")
+            f'or {SECRET_ENV}="$(cat {secret_path})"'
+        )
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client  # that half lives in the client process(es)
-    half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
-                         train_dropout=train_dropout(cfg), checkpoint_dir=run_dir, resume_allowed=cfg.resume,
-                         trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
+    half = ServerHandler(
+        server,
+        cfg.mode,
+        hyper(cfg),
+        loss_fn(model_kind),
+        model_kind,
+        train_dropout=train_dropout(cfg),
+        checkpoint_dir=run_dir,
+        resume_allowed=cfg.resume,
+        trainable_only_checkpoints=cfg.lora,
+        wire=cfg.wire,
+    )
     return conn, run_dir, half
 
 
@@ -229,14 +272,21 @@ def run_server(cfg: TrainConfig, conn: Connection) -> int:
     stop = StopOnInterrupt("server")
     with stop:
         try:
-            endpoint = open_channel("server", "client", cfg, conn, stop,
-                                    f"; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})")
-            code = serve(endpoint, half.handle, phase_names=PHASE_NAMES, stop_requested=stop.requested,
-                         first_timeout_s=conn.connect_timeout)
+            endpoint = open_channel(
+                "server", "client", cfg, conn, stop, f"; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})"
+            )
+            code = serve(
+                endpoint,
+                half.handle,
+                phase_names=PHASE_NAMES,
+                stop_requested=stop.requested,
+                first_timeout_s=conn.connect_timeout,
+            )
         finally:
             disconnect()
     reason = {int(c): c.name.lower() for c in ShutdownCode}.get(code, str(code))
     say(f"server: the client said goodbye ({reason})")
-    (run_dir / "summary.json").write_text(json.dumps({"role": "server", "mode": cfg.mode, "model": cfg.model,
-                                                      "client_shutdown": reason}, indent=2))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"role": "server", "mode": cfg.mode, "model": cfg.model, "client_shutdown": reason}, indent=2)
+    )
     return {int(ShutdownCode.DONE): 0, int(ShutdownCode.INTERRUPTED): 130}.get(code, 1)

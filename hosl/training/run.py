@@ -54,8 +54,9 @@ def say(msg: str) -> None:
 
 # -- the model, its loss and optimizer settings -------------------------------------------------------
 
+
 def _model_kind(name: str, source) -> str:
-    """"classifier" for encoders (classification head), "causal_lm" for decoders."""
+    """ "classifier" for encoders (classification head), "causal_lm" for decoders."""
     if source.encoder_only or source.kind != "pretrained":
         return "classifier" if source.encoder_only else "causal_lm"
     from transformers import AutoConfig
@@ -73,18 +74,27 @@ def _model_kind(name: str, source) -> str:
 def loss_fn(model_kind: str):
     """``loss_of(logits, batch, copies)``: the mean loss (one copy) or one loss per copy."""
     if model_kind == "classifier":
+
         def loss_of(logits, batch, copies):
             return classification_loss(logits, batch["labels"], reduction="mean" if copies == 1 else "per_copy")
     else:
+
         def loss_of(logits, batch, copies):
             return lm_answer_loss(logits, batch, reduction="mean" if copies == 1 else "per_copy", num_copies=copies)
+
     return loss_of
 
 
 def hyper(cfg: TrainConfig) -> Hyper:
-    return Hyper(zo=cfg.zo_config(), lr_server=cfg.lr_server, momentum=cfg.momentum,
-                 server_optimizer=cfg.server_optimizer, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-                 total_steps=cfg.steps)
+    return Hyper(
+        zo=cfg.zo_config(),
+        lr_server=cfg.lr_server,
+        momentum=cfg.momentum,
+        server_optimizer=cfg.server_optimizer,
+        lr_schedule=cfg.lr_schedule,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=cfg.steps,
+    )
 
 
 def train_dropout(cfg: TrainConfig) -> bool:
@@ -105,12 +115,23 @@ def load_split_model(cfg: TrainConfig, data: TaskData | None = None):
         raise ValueError(f"--task {cfg.task} trains a causal LM on plain text; {cfg.model} is an encoder")
     task_kind = TASK_SEQUENCE_CLASSIFICATION if model_kind == "classifier" else TASK_CAUSAL_LM
     say(f"loading {cfg.model} ({task_kind})")
-    model, tokenizer = load_model(cfg.model, task_kind, num_labels=num_labels if model_kind == "classifier" else None,
-                                  dtype=DTYPES[cfg.dtype], seed=cfg.seed)
+    model, tokenizer = load_model(
+        cfg.model,
+        task_kind,
+        num_labels=num_labels if model_kind == "classifier" else None,
+        dtype=DTYPES[cfg.dtype],
+        seed=cfg.seed,
+    )
     if cfg.lora:
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_target_list(),
-                           layers=lora_layers(model.config.num_hidden_layers, cfg.cut, cfg.lora_halves),
-                           train_head=model_kind == "classifier", seed=cfg.seed)
+        model = apply_lora(
+            model,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            targets=cfg.lora_target_list(),
+            layers=lora_layers(model.config.num_hidden_layers, cfg.cut, cfg.lora_halves),
+            train_head=model_kind == "classifier",
+            seed=cfg.seed,
+        )
     client, server = split(model, cut=cfg.cut)
     if cfg.lora and cfg.lora_halves != "both":  # the half without adapters trains all its weights
         (server if cfg.lora_halves == "client" else client).requires_grad_(True)
@@ -118,6 +139,7 @@ def load_split_model(cfg: TrainConfig, data: TaskData | None = None):
 
 
 # -- the run ------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Run:
@@ -158,8 +180,9 @@ def _set_training(client, server, half, dropout_on: bool, flag: bool) -> None:
         server.train(flag and dropout_on)
 
 
-def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None,
-              fleet_rank: int | None = None) -> Run:
+def build_run(
+    cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None, fleet_rank: int | None = None
+) -> Run:
     """The run ``cfg`` (validated) describes. ``connect_server`` (two-process runs): called once the
     model is loaded, returns the link to the server process; this process then holds only the client.
     ``fleet_rank``: this client's rank in a fleet of ``cfg.clients`` (its ``--shard`` of the data)."""
@@ -180,18 +203,44 @@ def build_run(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = N
         server = None  # that half lives in the server process
         link = connect_server()
     elif cfg.mode in SPLIT_MODES:
-        half = ServerHandler(server, cfg.mode, hp, loss_of, model_kind, train_dropout=dropout_on,
-                             trainable_only_checkpoints=cfg.lora, wire=cfg.wire)
+        half = ServerHandler(
+            server,
+            cfg.mode,
+            hp,
+            loss_of,
+            model_kind,
+            train_dropout=dropout_on,
+            trainable_only_checkpoints=cfg.lora,
+            wire=cfg.wire,
+        )
         link = InProcessLink(half.handle, PHASE_NAMES)
     proxy = ServerProxy(link, model_kind, wire=cfg.wire) if link is not None else None
     _set_training(client, server, half, dropout_on, True)
     mode = make_mode(cfg.mode, client, server, hp, loss_of, proxy=proxy)
     _plan_client_memory(cfg, mode)
-    batches = ShuffledBatches(data.train, cfg.batch_size, seed=cfg.seed,
-                              collate_fn=make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length))
-    run = Run(cfg=cfg, run_dir=Path(cfg.out), data=data, model_kind=model_kind, tokenizer=tokenizer, client=client,
-              server=server, hp=hp, mode=mode, batches=batches, dropout_on=dropout_on, remote=remote, half=half,
-              link=link, proxy=proxy)
+    batches = ShuffledBatches(
+        data.train,
+        cfg.batch_size,
+        seed=cfg.seed,
+        collate_fn=make_collate_fn(data.template, tokenizer, model_kind, cfg.max_length),
+    )
+    run = Run(
+        cfg=cfg,
+        run_dir=Path(cfg.out),
+        data=data,
+        model_kind=model_kind,
+        tokenizer=tokenizer,
+        client=client,
+        server=server,
+        hp=hp,
+        mode=mode,
+        batches=batches,
+        dropout_on=dropout_on,
+        remote=remote,
+        half=half,
+        link=link,
+        proxy=proxy,
+    )
     _start_folder(run, kind, plan)
     return run
 
@@ -205,8 +254,10 @@ def _shard(data: TaskData, cfg: TrainConfig, rank: int) -> TaskData:
     labels = [ex.get("label") for ex in data.train]
     labels = labels if all(isinstance(v, int) for v in labels) else None
     keep = shard_indices(labels, rank, cfg.clients, cfg.shard, cfg.seed)
-    note = (f"fleet client rank {rank} of {cfg.clients}: --shard {cfg.shard} gives it {len(keep)} of "
-            f"{len(data.train)} training examples")
+    note = (
+        f"fleet client rank {rank} of {cfg.clients}: --shard {cfg.shard} gives it {len(keep)} of "
+        f"{len(data.train)} training examples"
+    )
     return replace_fields(data, train=[data.train[i] for i in keep], notes=[*data.notes, note])
 
 
@@ -264,8 +315,9 @@ def load_resume_state(state: dict, mode, half) -> None:
     """Optimizer, server-half and data-order state from a checkpoint; learning rates stay those of
     this command (equal to the run's unless changed with --override)."""
     try:
-        mode.load_optimizer_state({k: ckpt.with_current_lr(opt, state["optimizers"][k])
-                                   for k, opt in mode.optimizers().items()})
+        mode.load_optimizer_state(
+            {k: ckpt.with_current_lr(opt, state["optimizers"][k]) for k, opt in mode.optimizers().items()}
+        )
         if half is not None:
             saved = dict(state["server_half"])
             if half.optimizer is not None and saved.get("optimizer") is not None:
@@ -274,8 +326,9 @@ def load_resume_state(state: dict, mode, half) -> None:
                 saved["zo"] = ckpt.with_lr(saved["zo"], half.hp.lr_client)
             half.load_state_dict(saved)
     except (KeyError, ValueError) as exc:
-        raise ckpt.CheckpointError(f"{ckpt.STATE} of the checkpoint does not fit this run's optimizers "
-                                   f"({exc.__class__.__name__}: {exc})") from None
+        raise ckpt.CheckpointError(
+            f"{ckpt.STATE} of the checkpoint does not fit this run's optimizers ({exc.__class__.__name__}: {exc})"
+        ) from None
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -291,10 +344,14 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 def _record_resume(run_dir: Path, plan: run_folder.ResumePlan, step: int, overrides: list) -> None:
     """One record in metrics.jsonl and in resumes.jsonl (config.json keeps the run's first settings)."""
-    record = {"event": "resume", "step": step,
-              "checkpoint": plan.checkpoint.name if plan.checkpoint is not None else None,
-              "changes": plan.changes, "overrides": list(overrides or []),
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "event": "resume",
+        "step": step,
+        "checkpoint": plan.checkpoint.name if plan.checkpoint is not None else None,
+        "changes": plan.changes,
+        "overrides": list(overrides or []),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     line = json.dumps(record) + "\n"
     with open(run_dir / run_folder.METRICS, "a") as f:
         f.write(line)

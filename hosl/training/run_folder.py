@@ -26,7 +26,13 @@ from hosl.optim.config import train_fields, train_name
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 
-CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS = "config.json", "metrics.jsonl", "summary.json", "resumes.jsonl", "checkpoints"
+CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "resumes.jsonl",
+    "checkpoints",
+)
 HOSL_FILES = (CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS)
 # config.json keys that mark it as hosl's (every hosl run has had these)
 CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
@@ -36,16 +42,20 @@ CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 # The ZO options' rules are their ZOConfig field's ``on_resume`` (hosl/optim/config.py): ``backend`` is not
 # compared; ``lr_client``, ``server_batch`` and ``client_micro_batch`` are overridable.
 _ZO_ON_RESUME = {train_name(f): f.metadata["on_resume"] for f in train_fields()}
-NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress", "notes"}
-                         | {k for k, rule in _ZO_ON_RESUME.items() if rule == "ignore"})
+NOT_COMPARED = frozenset(
+    {"out", "resume", "overwrite", "overrides", "progress", "notes"}
+    | {k for k, rule in _ZO_ON_RESUME.items() if rule == "ignore"}
+)
 # Settings that change how long the run goes and what it records, not the trajectory of its steps:
 # a resume may change them freely (each change is recorded). Not ``steps`` under a decaying
 # ``lr_schedule``: there the rate of every step depends on it (then it needs --override steps).
 FREE = frozenset({"steps", "eval_every", "checkpoint_every", "eval_batch_size"})
 # Settings that change the trajectory but that a resume may change with --override FIELD: the
 # learning rates, where the data lives, and how passes are batched (same math, other rounding).
-OVERRIDABLE = frozenset({"lr_server", "data_dir", "client_memory_budget", "steps"}
-                        | {k for k, rule in _ZO_ON_RESUME.items() if rule == "override"})
+OVERRIDABLE = frozenset(
+    {"lr_server", "data_dir", "client_memory_budget", "steps"}
+    | {k for k, rule in _ZO_ON_RESUME.items() if rule == "override"}
+)
 
 
 class RunFolderError(ValueError):
@@ -77,7 +87,7 @@ def _hosl_config(path: Path) -> dict | None:
 
 
 def kind_of(path: Path) -> str:
-    """"absent", "file", "empty", "run" (a hosl run folder) or "other"."""
+    """ "absent", "file", "empty", "run" (a hosl run folder) or "other"."""
     if not path.exists():
         return "file" if path.is_symlink() else "absent"
     if not path.is_dir():
@@ -105,13 +115,17 @@ def check_out(cfg: TrainConfig) -> str:
     elif not os.access(path, os.W_OK | os.X_OK):
         raise RunFolderError(f"--out {path}: the folder is not writable")
     if kind == "run" and not (cfg.resume or cfg.overwrite):
-        raise RunFolderError(f"--out {path} already holds a hosl run; pass --resume to continue it, --overwrite "
-                             "to replace it, or choose another --out")
+        raise RunFolderError(
+            f"--out {path} already holds a hosl run; pass --resume to continue it, --overwrite "
+            "to replace it, or choose another --out"
+        )
     if kind == "other" and not cfg.overwrite:
         what = _other_description(path)
-        raise RunFolderError(f"--out {path} is not empty and {what} ({_listing(path)}); choose an empty or new "
-                             "folder, or pass --overwrite to start a run there (hosl's files config.json, "
-                             "metrics.jsonl, summary.json, resumes.jsonl, checkpoints/ would be replaced)")
+        raise RunFolderError(
+            f"--out {path} is not empty and {what} ({_listing(path)}); choose an empty or new "
+            "folder, or pass --overwrite to start a run there (hosl's files config.json, "
+            "metrics.jsonl, summary.json, resumes.jsonl, checkpoints/ would be replaced)"
+        )
     return kind
 
 
@@ -156,8 +170,13 @@ def _effective(values: dict) -> dict:
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in values.items() if k in known})
     out = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as config.json holds them
-    out.update(lr_client=cfg.resolved_lr_client(), eps=cfg.resolved_eps(), eval_every=cfg.resolved_eval_every(),
-               checkpoint_every=cfg.resolved_checkpoint_every(), lora_targets=cfg.lora_target_list())
+    out.update(
+        lr_client=cfg.resolved_lr_client(),
+        eps=cfg.resolved_eps(),
+        eval_every=cfg.resolved_eval_every(),
+        checkpoint_every=cfg.resolved_checkpoint_every(),
+        lora_targets=cfg.lora_target_list(),
+    )
     if not cfg.lora:  # LoRA settings of a run without LoRA are not used
         for name in ("lora_r", "lora_alpha", "lora_targets", "lora_halves"):
             out.pop(name, None)
@@ -170,10 +189,13 @@ def normalise_override(name: str) -> str:
         return key
     known = {f.name for f in fields(TrainConfig)}
     if key in known:
-        raise RunFolderError(f"--override {name}: {key} changes the trajectory and cannot change on resume; "
-                             f"fields that may: {', '.join(sorted(OVERRIDABLE))}")
-    raise RunFolderError(f"--override {name}: no such setting; fields that may change on resume: "
-                         f"{', '.join(sorted(OVERRIDABLE))}")
+        raise RunFolderError(
+            f"--override {name}: {key} changes the trajectory and cannot change on resume; "
+            f"fields that may: {', '.join(sorted(OVERRIDABLE))}"
+        )
+    raise RunFolderError(
+        f"--override {name}: no such setting; fields that may change on resume: {', '.join(sorted(OVERRIDABLE))}"
+    )
 
 
 def compare(run_values: dict, cfg: TrainConfig) -> dict:
@@ -187,6 +209,7 @@ def compare(run_values: dict, cfg: TrainConfig) -> dict:
         free.discard("steps")  # a linear/cosine schedule runs over --steps
     refused = [k for k in changed if k not in free and k not in overrides]
     if refused:
+
         def flag(k):
             return "--" + k.replace("_", "-")
 

@@ -60,8 +60,9 @@ def schedule_step(hp, step: int, optimizers: dict) -> None:
 def schedule_client_step(mode, hp, step: int) -> None:
     """The client-side optimizers of ``mode`` (the unsplit ``fo`` mode's runs at ``--lr-server``)."""
     if is_scheduled(hp):
-        schedule_step(hp, step, {opt: hp.lr_server if name == "fo" else hp.lr_client
-                                 for name, opt in mode.optimizers().items()})
+        schedule_step(
+            hp, step, {opt: hp.lr_server if name == "fo" else hp.lr_client for name, opt in mode.optimizers().items()}
+        )
 
 
 def make_server_optimizer(params, hp) -> torch.optim.Optimizer:

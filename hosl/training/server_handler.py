@@ -44,9 +44,20 @@ class ServerHandler:
     and an in-process run draw the same masks on both halves.
     """
 
-    def __init__(self, server: nn.Module, mode: str, hp, loss_of: Callable, model_kind: str, *,
-                 train_dropout: bool, checkpoint_dir: Path | None = None, resume_allowed: bool = True,
-                 trainable_only_checkpoints: bool = False, wire: str = "native"):
+    def __init__(
+        self,
+        server: nn.Module,
+        mode: str,
+        hp,
+        loss_of: Callable,
+        model_kind: str,
+        *,
+        train_dropout: bool,
+        checkpoint_dir: Path | None = None,
+        resume_allowed: bool = True,
+        trainable_only_checkpoints: bool = False,
+        wire: str = "native",
+    ):
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode {mode!r} has no server half; split modes are {', '.join(SPLIT_MODES)}")
         self.server, self.mode, self.hp, self.loss_of, self.model_kind = server, mode, hp, loss_of, model_kind
@@ -59,7 +70,9 @@ class ServerHandler:
         # zo-sl: built once the client's coordinate count is known (the first begin-step)
         self.zo: ZerothOrderOptimizer | None = None
         self._pending_zo_state: dict | None = None  # a resumed zo state, loaded when self.zo is built
-        self.skipped_optimizer_steps = 0  # hosl, fo-sl, frozen-client: server steps skipped for a non-finite loss or gradient
+        self.skipped_optimizer_steps = (
+            0  # hosl, fo-sl, frozen-client: server steps skipped for a non-finite loss or gradient
+        )
         if mode in SERVER_FO_MODES:
             self.optimizer = make_server_optimizer(server.parameters(), hp)  # --server-optimizer
         self.batch: dict = {}
@@ -106,13 +119,17 @@ class ServerHandler:
         if self.zo is None:
             # perturbed and updated with the client's seeds, direction family and update rule (its
             # generator is unused; a momentum/adam rule keeps its own state of the server's weights)
-            self.zo = ZerothOrderOptimizer(self.server, config=self.hp.zo_config("zo"), coordinate_offset=client_coordinates)
+            self.zo = ZerothOrderOptimizer(
+                self.server, config=self.hp.zo_config("zo"), coordinate_offset=client_coordinates
+            )
             if self._pending_zo_state is not None:
                 self.zo.load_state_dict(self._pending_zo_state)
                 self._pending_zo_state = None
         elif self.zo.layouts[0].offset != client_coordinates:
-            raise ValueError(f"the client now counts {client_coordinates} coordinates, but the server half's "
-                             f"numbering starts at {self.zo.layouts[0].offset}: the two halves do not belong to one model")
+            raise ValueError(
+                f"the client now counts {client_coordinates} coordinates, but the server half's "
+                f"numbering starts at {self.zo.layouts[0].offset}: the two halves do not belong to one model"
+            )
         return self.zo
 
     def _device(self) -> torch.device:
@@ -203,16 +220,20 @@ class ServerHandler:
     # -- hosl's linear estimate -------------------------------------------------------------------
     def _kept_activation_grad(self) -> torch.Tensor:
         if self.activation_grad is None:
-            raise ValueError("no dL/dh at the clean point for this step (the clean-loss request did not ask to "
-                             "keep it, the clean loss was not finite, or the server half has no gradient)")
+            raise ValueError(
+                "no dL/dh at the clean point for this step (the clean-loss request did not ask to "
+                "keep it, the clean loss was not finite, or the server half has no gradient)"
+            )
         return self.activation_grad
 
     def _linear_grad(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """dL/dh itself, only with linear_on='client'."""
         grad = self._kept_activation_grad()
         if getattr(self.hp, "linear_on", "server") != "client":
-            raise ValueError("the client asked for dL/dh but this server keeps it (linear_on='server'); "
-                             "start both sides with --linear-on client to send it down")
+            raise ValueError(
+                "the client asked for dL/dh but this server keeps it (linear_on='server'); "
+                "start both sides with --linear-on client to send it down"
+            )
         return self._reply(request, tensors=[grad])
 
     def _linear_dots(self, request: Message, tensors: list[torch.Tensor]) -> Message:
@@ -244,10 +265,12 @@ class ServerHandler:
         return self._reply(request)
 
     def state_dict(self) -> dict:
-        return {"skipped_optimizer_steps": self.skipped_optimizer_steps,
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
-                "rng_state": self.rng_state}
+        return {
+            "skipped_optimizer_steps": self.skipped_optimizer_steps,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
+            "rng_state": self.rng_state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None:
@@ -267,9 +290,14 @@ class ServerHandler:
         if self.checkpoint_dir is None:
             raise RuntimeError("this server half has no checkpoint folder")
         # keep two: the client saves after the server, so it may die holding only the previous one
-        ckpt.save_checkpoint(self.checkpoint_dir, step, {"server": self.server},
-                             {"step": step, "server_half": self.state_dict()}, keep=2,
-                             trainable_only=self.trainable_only_checkpoints)
+        ckpt.save_checkpoint(
+            self.checkpoint_dir,
+            step,
+            {"server": self.server},
+            {"step": step, "server_half": self.state_dict()},
+            keep=2,
+            trainable_only=self.trainable_only_checkpoints,
+        )
 
     def resume(self, step: int) -> None:
         from hosl.training import checkpoint as ckpt
@@ -283,8 +311,10 @@ class ServerHandler:
         path = ckpt.checkpoint_at(self.checkpoint_dir, step)
         if path is None:
             have = ", ".join(p.name for p in ckpt.list_checkpoints(self.checkpoint_dir)) or "none"
-            raise FileNotFoundError(f"the client resumes at step {step} but the server has no checkpoint for it "
-                                    f"in {self.checkpoint_dir} (has: {have})")
+            raise FileNotFoundError(
+                f"the client resumes at step {step} but the server has no checkpoint for it "
+                f"in {self.checkpoint_dir} (has: {have})"
+            )
         state = ckpt.load_checkpoint(path, {"server": self.server})
         # the learning rates come from this process's settings (checked against the run's on start,
         # so they differ only under --override), not from the checkpoint

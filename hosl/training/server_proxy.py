@@ -36,27 +36,39 @@ class ServerProxy:
         """``client_coordinates`` (zo-sl): where the server half's coordinate numbering starts."""
         self.step, self.rows = step, batch["attention_mask"].shape[0]
         self.wire.end_step()
-        self.link.call(Phase.BEGIN_STEP, step, ints=[] if client_coordinates is None else [client_coordinates],
-                       tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)])
+        self.link.call(
+            Phase.BEGIN_STEP,
+            step,
+            ints=[] if client_coordinates is None else [client_coordinates],
+            tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)],
+        )
 
     def clean_loss(self, h: torch.Tensor, keep_grad: bool = False) -> float:
         """The server's loss at the clean point, back-propagated there (``keep_grad``: and dL/dh kept
         for the linear estimate)."""
         ints = [KEEP_ACTIVATION_GRAD] if keep_grad else []
-        return self.link.call(Phase.CLEAN_LOSS, self.step, ints=ints, tensors=self.wire.pack(h, "clean"),
-                              expect_floats=1).floats[0]
+        return self.link.call(
+            Phase.CLEAN_LOSS, self.step, ints=ints, tensors=self.wire.pack(h, "clean"), expect_floats=1
+        ).floats[0]
 
     def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
         """Losses without grad: a scalar for one copy of the batch, ``[copies]`` for several;
         ``point`` (zo-sl): the (seed, scale) the server half is evaluated at."""
         ints, floats = ZOPoint(*point).to_fields() if point is not None else ([], [])
-        values = self.link.call(Phase.LOSSES, self.step, ints=ints, floats=floats, tensors=self.wire.pack(h, "copies"),
-                                expect_floats=max(1, h.shape[0] // max(self.rows, 1))).floats
+        values = self.link.call(
+            Phase.LOSSES,
+            self.step,
+            ints=ints,
+            floats=floats,
+            tensors=self.wire.pack(h, "copies"),
+            expect_floats=max(1, h.shape[0] // max(self.rows, 1)),
+        ).floats
         return torch.tensor(values[0] if h.shape[0] == self.rows else values, dtype=torch.float64)
 
     def backprop(self, h: torch.Tensor) -> tuple[float, torch.Tensor]:
-        reply = self.link.call(Phase.BACKPROP, self.step, tensors=self.wire.pack(h, "plain"), expect_floats=1,
-                               expect_tensors=1)
+        reply = self.link.call(
+            Phase.BACKPROP, self.step, tensors=self.wire.pack(h, "plain"), expect_floats=1, expect_tensors=1
+        )
         return reply.floats[0], reply.tensors[0]
 
     def end_step(self, seeds=(), grads=()) -> list:
@@ -75,9 +87,17 @@ class ServerProxy:
         return tuple(CatchUp.from_fields(reply.ints, reply.floats))
 
     def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
-        reply = self.link.call(Phase.EVAL, self.step, tensors=[
-            *self.wire.pack(h, "plain"), batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=True)],
-            expect_floats=1, expect_tensors=1)
+        reply = self.link.call(
+            Phase.EVAL,
+            self.step,
+            tensors=[
+                *self.wire.pack(h, "plain"),
+                batch["attention_mask"],
+                *server_side_of(batch, self.model_kind, for_eval=True),
+            ],
+            expect_floats=1,
+            expect_tensors=1,
+        )
         return reply.tensors[0], reply.floats[0]
 
     def save(self, step: int) -> None:
@@ -112,8 +132,11 @@ class RemoteLinearServer:
         return self.proxy.link.call(Phase.LINEAR_GRAD, self.proxy.step).tensors[0]
 
     def directional(self, deltas: torch.Tensor) -> list[float]:
-        return list(self.proxy.link.call(Phase.LINEAR_DOTS, self.proxy.step,
-                                         tensors=self.proxy.wire.pack(deltas, "difference")).floats)
+        return list(
+            self.proxy.link.call(
+                Phase.LINEAR_DOTS, self.proxy.step, tensors=self.proxy.wire.pack(deltas, "difference")
+            ).floats
+        )
 
 
 class ServerPerturbationPeer:
