@@ -10,8 +10,8 @@ VENV=${1:-.venv}
 RUFF_VERSION=0.17.5
 MYPY_VERSION=2.4.1
 LINTED=(hosl)                          # ruff check: all of hosl/
-FORMATTED=(hosl/transport hosl/tasks)  # ruff format --check: only these so far
-TYPED=(hosl/directions hosl/forward hosl/tasks hosl/transport)  # mypy: only these so far
+FORMATTED=(hosl/integrations hosl/models hosl/tasks hosl/training hosl/transport)  # ruff format --check: these so far
+TYPED=(hosl/directions hosl/forward hosl/integrations hosl/models hosl/tasks hosl/training hosl/transport)  # mypy: these so far
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[lint] no virtual environment at $VENV (create it with: VENV=$VENV bash scripts/setup.sh)" >&2

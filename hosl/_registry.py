@@ -15,9 +15,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-T = TypeVar("T")
+
+class _Named(Protocol):
+    """What a registry needs of an entry (for the type checker)."""
+
+    @property
+    def name(self) -> str: ...
+
+
+class _Helped(_Named, Protocol):
+    @property
+    def help(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Named)
+H = TypeVar("H", bound=_Helped)
 
 
 class Registry(Generic[T]):
@@ -80,6 +94,6 @@ class Registry(Generic[T]):
         """The first entry (registration order) for which ``predicate`` holds, or None."""
         return next((e for e in self._entries.values() if predicate(e)), None)
 
-    def help(self) -> str:
+    def help(self: Registry[H]) -> str:
         """``name (help), name (help), ...``: the entries' ``help`` texts, for a flag's help."""
         return ", ".join(f"{e.name} ({e.help})" if e.help else e.name for e in self._entries.values())

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from hosl import cli_export, cli_options, cli_remote
 from hosl.models import MODEL_NAMES, architectures
@@ -246,7 +247,7 @@ def _cmd_train(args) -> int:
     return 0
 
 
-DEMO = dict(
+DEMO: dict[str, Any] = dict(
     model="minilm-l6",
     task="sst2",
     cut=2,

@@ -39,9 +39,13 @@ import shutil
 import tempfile
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # imported where used: hosl.training is loaded only by export_run
+    from hosl.training.config import TrainConfig
 
 EXPORT_RECORD = "hosl_export.json"
 
@@ -61,7 +65,7 @@ def _lora_layer_class():
     return LoraLayer
 
 
-def _lora_modules(half: nn.Module) -> dict[str, nn.Module]:
+def _lora_modules(half: nn.Module) -> dict[str, Any]:  # peft LoraLayer modules
     cls = _lora_layer_class()
     if cls is None:
         return {}
@@ -126,7 +130,8 @@ def _assemble(client, server, fold_lora: bool):
         n: [f"{head_path}.{n}"] for n in ("weight", "bias") if head_path and getattr(head, n, None) is not None
     }
 
-    key_map, values = {}, {}
+    key_map: dict[tuple[str, str], list[str]] = {}
+    values: dict[str, list] = {}
     for side, real, fresh_half in (("client", client, fresh_client), ("server", server, fresh_server)):
         state = plain_state(real, fold_lora)
         fresh_state = fresh_half.state_dict(keep_vars=True)
@@ -155,7 +160,7 @@ def _assemble(client, server, fold_lora: bool):
         fresh.config.tie_word_embeddings = False
         if hasattr(fresh.config, "get_text_config"):
             fresh.config.get_text_config().tie_word_embeddings = False
-        head.weight = nn.Parameter(head.weight.detach().clone())  # its own storage from now on
+        head.weight = nn.Parameter(head.weight.detach().clone())  # type: ignore[union-attr]  # untie implies a head; its own storage from now on
         head_keys = {name for names in head_names.values() for name in names}
         for target, sources in values.items():
             if len(sources) > 1:
@@ -227,7 +232,7 @@ def adapter_model(client, server):
 # -- exporting a run ------------------------------------------------------------------------------
 
 
-def _config_of(folder: Path):
+def _config_of(folder: Path) -> TrainConfig:
     from hosl.training.config import TrainConfig
 
     path = folder / "config.json"
@@ -258,7 +263,7 @@ def _newest(folder: Path, names: list[str]) -> Path | None:
     return path
 
 
-def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
+def find_checkpoints(run: Path) -> tuple[TrainConfig, dict[str, Path], int]:
     """(config, {"client": checkpoint folder, "server": checkpoint folder}, step) of the newest
     checkpoint of ``run`` (the one ``--resume`` would pick): a one-process run folder, or a
     two-process ``--out`` with ``client/`` and ``server/``."""

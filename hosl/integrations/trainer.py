@@ -22,6 +22,7 @@ from the Trainer's own checkpoints (``resume_from_checkpoint``) is not supported
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,9 @@ class HOSLTrainer(Trainer):
             raise ValueError("HOSLTrainer: gradient_accumulation_steps must be 1 (the ZO client updates every step)")
         if zo_config is not None and not isinstance(zo_config, ZOConfig):
             raise TypeError(f"HOSLTrainer: zo_config must be a hosl.ZOConfig, got {type(zo_config).__name__}")
-        given = {k: v for k, v in dict(lr=zo_lr, eps=zo_eps, num_queries=num_queries).items() if v is not None}
+        given: dict[str, Any] = {
+            k: v for k, v in dict(lr=zo_lr, eps=zo_eps, num_queries=num_queries).items() if v is not None
+        }
         # replace() validates: a bad value is refused here, before the model is split
         self.zo_config = dataclasses.replace(zo_config if zo_config is not None else ZOConfig(), **given)
         client, server = split(model, cut)
@@ -120,10 +123,10 @@ class HOSLTrainer(Trainer):
                 self.create_optimizer()
             self.zo_scheduler = get_scheduler(
                 self.args.lr_scheduler_type,
-                optimizer=self.zo_optimizer,
+                optimizer=self.zo_optimizer,  # type: ignore[arg-type]  # create_optimizer() just set it
                 num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
                 num_training_steps=num_training_steps,
-                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,  # type: ignore[arg-type]  # the Trainer's own
             )
         return scheduler
 
@@ -134,7 +137,9 @@ class HOSLTrainer(Trainer):
         self.split_model.eval()  # dropout off: see the module docstring
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         loss_fn = self.split_model.loss_fn
-        loss = self.zo_optimizer.step(lambda: self.client(ids, mask), lambda h: loss_fn(self.server(h, mask), inputs))
+        opt = self.zo_optimizer
+        assert opt is not None, "the Trainer calls create_optimizer() before the first step"
+        loss = opt.step(lambda: self.client(ids, mask), lambda h: loss_fn(self.server(h, mask), inputs))
         if self.zo_scheduler is not None:
             self.zo_scheduler.step()
         return torch.as_tensor(float(loss), device=self.args.device)
@@ -146,7 +151,7 @@ class HOSLTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         merge(self.client, self.server).save_pretrained(output_dir)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            self.processing_class.save_pretrained(output_dir)  # type: ignore[arg-type]  # output_dir: TrainingArguments always has one
         torch.save(self.args, f"{output_dir}/training_args.bin")
 
     @property

@@ -39,7 +39,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     # The weights are plain fp32 now; without this the saved config would ask for the GGUF quantizer again.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as a module; None drops the quantizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

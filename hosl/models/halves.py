@@ -36,7 +36,7 @@ class ClientHalf(nn.Module):
 
     @property
     def num_blocks(self) -> int:
-        return len(self.layers)
+        return len(self.layers)  # type: ignore[arg-type]  # an nn.ModuleList (torch types submodules as Tensor | Module)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError

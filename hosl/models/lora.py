@@ -37,7 +37,7 @@ def default_lora_targets(model: nn.Module) -> tuple[str, ...]:
             f"no default LoRA targets for model type {model_type!r}; pass targets "
             f"(--lora-targets), e.g. the attention projections' module names"
         )
-    return ARCHITECTURES[model_type].lora_targets
+    return ARCHITECTURES[str(model_type)].lora_targets  # a registered name (checked above)
 
 
 def lora_layers(num_blocks: int, cut: int, halves: str) -> list[int] | None:
@@ -79,7 +79,7 @@ def apply_lora(
     targets = list(targets) if targets else list(default_lora_targets(model))
     config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r takes a float
         target_modules=targets,
         lora_dropout=0.0,
         bias="none",

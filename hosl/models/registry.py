@@ -266,7 +266,8 @@ def load_model(
                 setattr(config, key, value)
             model = auto_class.from_config(config).to(dtype)
         else:
-            folder = ensure_converted(Path(source.location), name) if source.kind == "gguf" else source.location
+            location: str = source.location  # type: ignore[assignment]  # set for every source but a config
+            folder = ensure_converted(Path(location), name) if source.kind == "gguf" else location
             model = auto_class.from_pretrained(folder, dtype=dtype, **label_kwargs)
 
     tokenizer = _load_tokenizer(source, str(folder) if folder is not None else None)

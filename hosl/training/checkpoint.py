@@ -74,12 +74,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders (``step-N``), oldest first. Intact or not: see ``verify``."""
     root = Path(run_dir) / "checkpoints"
     found = [p for p in root.glob("step-*") if p.is_dir() and _step_of(p) is not None]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=_step_of)  # type: ignore[arg-type]  # step folders only (filtered above)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """The steps of the checkpoint folders in ``run_dir``, oldest first."""
-    return [_step_of(p) for p in list_checkpoints(run_dir)]
+    return [_step_of(p) for p in list_checkpoints(run_dir)]  # type: ignore[misc]  # step folders only
 
 
 def sha256_of(path: Path) -> str:
@@ -133,7 +133,7 @@ def save_checkpoint(
     os.replace(tmp, final)
     _atomic_write_text(root / LATEST, final.name)
     # prune: only checkpoints of earlier steps, and only now that the new one is complete on disk
-    older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]
+    older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]  # type: ignore[operator]  # step folders only
     for p in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final

@@ -66,7 +66,7 @@ def catch_up(run: Run, say) -> tuple[int, int]:
     """Join the fleet's step: restart from the checkpoint the server picks, replay the update log
     up to the fleet's step. Returns (restart step, fleet step)."""
     have = sorted({0, run.step, *ckpt.checkpoint_steps(run.run_dir)})
-    start, to, steps = run.proxy.join(have)
+    start, to, steps = run.proxy.join(have)  # type: ignore[union-attr]  # a fleet client has a proxy
     if start != run.step:
         if start == 0:
             raise RuntimeError(
@@ -75,7 +75,7 @@ def catch_up(run: Run, say) -> tuple[int, int]:
                 f"the fleet's log from step 0)"
             )
         _reload(run, start)
-    opt = run.mode.opt
+    opt = run.mode.opt  # type: ignore[attr-defined]  # a fleet client is hosl
     for step, updates in enumerate(steps, start + 1):
         schedule_client_step(run.mode, run.hp, step)
         apply_updates(opt, updates)
@@ -136,7 +136,7 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
 
     with stop, goodbye_on_exit(links):
         run = build_run(cfg, connect_server=connect_server, fleet_rank=rank)
-        run.mode.sync = FleetSync(rank, cfg.seed)
+        run.mode.sync = FleetSync(rank, cfg.seed)  # type: ignore[attr-defined]  # a fleet client is hosl
         run.evaluates = cfg.client_sync == "local" or rank == 1  # shared: one model, rank 1 evaluates it
         catch_up(run, say)
         summary = run_loop(run)

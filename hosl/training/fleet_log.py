@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 Update = tuple[int, list[int], list[float]]  # (rank, seeds, projected gradients)
@@ -47,7 +48,7 @@ class UpdateLog:
     def last_step(self) -> int:
         return max(self.steps, default=0)
 
-    def append(self, step: int, updates: list[Update]) -> None:
+    def append(self, step: int, updates: Sequence[Update]) -> None:
         if step != self.last_step + 1:
             raise ValueError(f"the update log holds steps up to {self.last_step}; cannot append step {step}")
         line = json.dumps({"step": step, "updates": [[r, list(s), list(g)] for r, s, g in updates]})
@@ -79,6 +80,6 @@ class UpdateLog:
         return [self.steps[s] for s in range(start + 1, to + 1)]
 
 
-def relayed(updates: list[Update], rank: int, client_sync: str) -> list[Update]:
+def relayed(updates: Sequence[Update], rank: int, client_sync: str) -> list[Update]:
     """What ``rank`` applies of a step's ``updates``: all of them (``shared``) or its own (``local``)."""
     return list(updates) if client_sync == "shared" else [u for u in updates if u[0] == rank]

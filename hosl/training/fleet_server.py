@@ -124,7 +124,8 @@ class FleetServer:
                     time.sleep(0.01)  # everyone waits on a barrier that cannot fire yet (the fleet is starting)
                 continue
             got = self.host.next_message(
-                waiting, idle=lambda at=next_join_check: self.collecting and time.monotonic() >= at
+                waiting,
+                idle=lambda at=next_join_check: self.collecting and time.monotonic() >= at,  # type: ignore[misc]  # a lambda with a default
             )
             if got is None:
                 continue
@@ -283,13 +284,13 @@ class FleetServer:
             msg, slot.held = slot.held, None
             try:
                 with self._as(slot):
-                    reply = self.half.handle(msg)
+                    reply = self.half.handle(msg)  # type: ignore[arg-type]  # held: the clean-loss request
             except Exception as exc:
                 self.counts["errors"] += 1
                 with contextlib.suppress(PeerLostError):
                     self.host.send(
                         rank,
-                        Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(f"{type(exc).__name__}: {exc}")]),
+                        Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(f"{type(exc).__name__}: {exc}")]),  # type: ignore[union-attr]  # held: the clean-loss request
                         "an error report",
                     )
                 self._drop(rank, f"its clean loss failed: {exc}")
@@ -302,13 +303,13 @@ class FleetServer:
         slots = [self.live[r] for r in sorted(self.live)]
         updates = []
         for slot in slots:
-            seeds, grads = ZOUpdate.from_fields(slot.held.ints, slot.held.floats)
+            seeds, grads = ZOUpdate.from_fields(slot.held.ints, slot.held.floats)  # type: ignore[union-attr]  # held: each slot's end-step
             if seeds:
                 updates.append(ClientUpdate(slot.rank, seeds, grads))
         params = [p for p in self.half.server.parameters() if p.grad is not None]
         if self.clean_count > 1:
             for p in params:
-                p.grad.div_(self.clean_count)
+                p.grad.div_(self.clean_count)  # type: ignore[union-attr]  # filtered above
         losses = [s.clean_loss for s in slots]
         self.half.clean_loss = sum(losses) if losses and all(math.isfinite(v) for v in losses) else math.nan
         if self.clean_count == 0:
@@ -334,7 +335,7 @@ class FleetServer:
                 slot.wire.end_step()
             relay = Relay(self.half.skipped_server_steps, relayed(updates, slot.rank, self.client_sync))
             ints, floats = relay.to_fields()
-            self._reply(slot.rank, Message(Kind.REPLY, msg.phase, msg.step, ints, floats))
+            self._reply(slot.rank, Message(Kind.REPLY, msg.phase, msg.step, ints, floats))  # type: ignore[union-attr]  # held: the end-step request
 
     # -- joins' catch-up --------------------------------------------------------------------------
     def _catch_up(self, slot: ClientSlot, msg: Message) -> Message:

@@ -135,7 +135,7 @@ def _evaluate(run: Run, log: _Log, at_step: int) -> dict:
     cfg, data = run.cfg, run.data
     run.set_training(False)
     result = evaluate(
-        None,
+        None,  # type: ignore[arg-type]  # the mode's eval_outputs runs it
         data.eval,
         run.tokenizer,
         cfg.eval_batch_size,
@@ -163,7 +163,7 @@ def _evaluate(run: Run, log: _Log, at_step: int) -> dict:
 def save_run(run: Run, at_step: int) -> None:
     """Checkpoint ``run`` at ``at_step`` (in a two-process run or fleet, the server's half first)."""
     if run.remote:
-        run.proxy.save(at_step)  # the server's half first: a client checkpoint implies the server's
+        run.proxy.save(at_step)  # type: ignore[union-attr]  # remote: has a proxy; the server's half first: a client checkpoint implies the server's
     state = {
         "step": at_step,
         "seconds": run.seconds,

@@ -27,6 +27,7 @@ from hosl.optim import HybridOrderOptimizer, ZerothOrderOptimizer
 from hosl.optim.config import ZOConfig
 from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
 from hosl.optim.rules import rule_state_nbytes
+from hosl.optim.zo_base import ZerothOrderBase
 from hosl.tasks.evaluation import eval_outputs
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
 from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy
@@ -95,6 +96,7 @@ class Mode:
     zo_client = False  # the client half trains by the ZO estimate (the _ZOClientMode classes)
     fo_client = False  # the client half trains first-order (it back-propagates: its memory holds the graph)
     query_batch = False  # takes --query-batch (its optimizer batches the perturbed points)
+    proxy: ServerProxy  # split modes: their server half (SplitMode sets it)
 
     def __init__(self, client: nn.Module, server: nn.Module | None, hp: Hyper, loss_of: LossFn):
         self.client, self.server, self.hp, self.loss_of = client, server, hp, loss_of
@@ -129,7 +131,7 @@ class Mode:
     def eval_outputs(self, batch, model_kind: str):
         """(option scores or class logits, summed loss) of ``batch`` at the current weights."""
         with torch.no_grad():
-            return eval_outputs(self.server(self.client(*_inputs(batch)), batch["attention_mask"]), batch, model_kind)
+            return eval_outputs(self.server(self.client(*_inputs(batch)), batch["attention_mask"]), batch, model_kind)  # type: ignore[misc]  # split modes override this
 
     def optimizer_state(self) -> dict:
         return {k: opt.state_dict() for k, opt in self.optimizers().items()}
@@ -169,6 +171,9 @@ class _ZOClientMode:
     """What the modes whose client runs a ZO optimizer (``self.opt``) report."""
 
     zo_client = True
+    client: nn.Module  # the mode's (this is a mixin of Mode)
+    opt: ZerothOrderBase  # each mode declares which
+    memory: ClientMemory
 
     def client_optimizer_state_bytes(self):
         return self.opt.state_nbytes()
@@ -226,6 +231,7 @@ class SplitMode(Mode):
 
 class HOSLMode(_ZOClientMode, SplitMode):
     name = "hosl"
+    opt: HybridOrderOptimizer
     server_fo = True
     query_batch = True
 
@@ -236,7 +242,7 @@ class HOSLMode(_ZOClientMode, SplitMode):
         # applies the updates the server relays instead of its own
         self.sync = None
 
-    @property  # type: ignore[override]  # the optimizer's setting, read and set through the mode
+    @property  # the optimizer's setting, read and set through the mode
     def client_micro_batch(self) -> int | None:
         return self.opt.client_micro_batch
 
@@ -331,6 +337,7 @@ class ZOSLMode(_ZOClientMode, SplitMode):
     coordinates numbered after the client's (one numbering of the whole model, as ``zo`` has)."""
 
     name = "zo-sl"
+    opt: ZerothOrderOptimizer
 
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
@@ -392,6 +399,7 @@ class FOMode(Mode):
 
 class ZOMode(_ZOClientMode, Mode):
     name = "zo"
+    opt: ZerothOrderOptimizer
     query_batch = True
 
     def __init__(self, client, server, hp, loss_of):
@@ -431,7 +439,7 @@ def make_mode(name: str, client, server, hp: Hyper, loss_of: LossFn, proxy: Serv
     if name in SPLIT_MODES:
         if proxy is None:
             raise ValueError(f"mode {name!r} needs a ServerProxy to its server half")
-        return classes[name](client, proxy, hp, loss_of)
+        return classes[name](client, proxy, hp, loss_of)  # type: ignore[arg-type]  # a split mode's 2nd argument
     if server is None:
         raise ValueError(f"mode {name!r} runs the unsplit model and needs the server half in this process")
     return classes[name](client, server, hp, loss_of)

@@ -62,6 +62,7 @@ sees labels, the attention mask and (for evaluation) the answer tokens, never th
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -165,7 +166,7 @@ class Relay(NamedTuple):
     gradients of 1..n."""
 
     skipped: int
-    updates: list[ClientUpdate]
+    updates: Sequence[tuple[int, list[int], list[float]]]  # ClientUpdates, or plain (rank, seeds, grads)
 
     def to_fields(self) -> tuple[list[int], list[float]]:
         ints, floats = [self.skipped, len(self.updates)], []
@@ -198,7 +199,7 @@ class CatchUp(NamedTuple):
 
     start: int
     to: int
-    steps: list[list[ClientUpdate]]
+    steps: Sequence[Sequence[tuple[int, list[int], list[float]]]]
 
     def to_fields(self) -> tuple[list[int], list[float]]:
         ints, floats = [self.start, self.to], []

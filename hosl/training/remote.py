@@ -93,7 +93,7 @@ class Connection:
     def connect(self, stop_requested) -> str:
         """Rendezvous and prove the secret (both ways); returns the run id."""
         return connect(
-            secret=self.secret,
+            secret=self.secret,  # type: ignore[arg-type]  # the CLI always sets one
             rank=self.rank,
             world_size=self.world_size,
             master_addr=self.master_addr,
@@ -154,7 +154,7 @@ def open_channel(
     say(f"{role}: waiting for the {peer} on {conn.where()} (up to {conn.connect_timeout:g} s)")
     run_id = conn.connect(stop.requested)
     endpoint = Endpoint(peer, conn.peer_timeout)
-    confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)
+    confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)  # type: ignore[arg-type]  # the CLI always sets one
     handshake(endpoint, role, fingerprint(cfg), conn.connect_timeout)
     say(f"{role}: connected to the {endpoint.peer_name}{detail}")
     stop.connected = True

@@ -201,7 +201,7 @@ def build_run(
     half = link = None
     if remote:
         server = None  # that half lives in the server process
-        link = connect_server()
+        link = connect_server()  # type: ignore[misc]  # remote: given
     elif cfg.mode in SPLIT_MODES:
         half = ServerHandler(
             server,
@@ -251,8 +251,8 @@ def _shard(data: TaskData, cfg: TrainConfig, rank: int) -> TaskData:
 
     from hosl.tasks.shard import shard_indices
 
-    labels = [ex.get("label") for ex in data.train]
-    labels = labels if all(isinstance(v, int) for v in labels) else None
+    found = [ex.get("label") for ex in data.train]
+    labels = [v for v in found if isinstance(v, int)] if all(isinstance(v, int) for v in found) else None
     keep = shard_indices(labels, rank, cfg.clients, cfg.shard, cfg.seed)
     note = (
         f"fleet client rank {rank} of {cfg.clients}: --shard {cfg.shard} gives it {len(keep)} of "
@@ -283,14 +283,14 @@ def _plan_client_memory(cfg: TrainConfig, mode: Mode) -> None:
     if cfg.client_micro_batch is not None or cfg.client_memory_budget is not None:
         say(return_freed_memory())  # sliced client passes: resident memory follows the tensors
     if cfg.client_memory_budget is not None:  # refuses a budget too small before any step or file write
-        say(mode.plan_client_memory(parse_bytes(cfg.client_memory_budget), cfg.batch_size, cfg.max_length).describe())
+        say(mode.plan_client_memory(parse_bytes(cfg.client_memory_budget), cfg.batch_size, cfg.max_length).describe())  # type: ignore[attr-defined]  # a ZO client mode (validate)
 
 
 def _start_folder(run: Run, kind: str, plan: run_folder.ResumePlan | None) -> None:
     """Restore the checkpoint a resume starts from (the server process loads its half at the same
     step), then record the resume, or write a new run's config.json."""
     if plan is not None and plan.checkpoint is not None:
-        state = plan.state
+        state: dict = plan.state  # type: ignore[assignment]  # loaded with the checkpoint
         ckpt.load_weights(plan.checkpoint, run.modules)
         load_resume_state(state, run.mode, run.half)
         run.batches.load_state_dict(state["batches"])
@@ -300,7 +300,7 @@ def _start_folder(run: Run, kind: str, plan: run_folder.ResumePlan | None) -> No
     elif plan is not None:
         say(f"--resume: no checkpoint in {run.run_dir} yet, starting again from step 0")
     if run.remote:
-        run.proxy.resume(run.step)  # the server loads its half at the same step (or starts fresh at 0)
+        run.proxy.resume(run.step)  # type: ignore[union-attr]  # remote: has a proxy; the server loads its half at the same step (or starts fresh at 0)
     if plan is not None:
         _drop_metrics_after(run.run_dir / run_folder.METRICS, run_folder.resume_step(plan.state))
         _record_resume(run.run_dir, plan, run.step, run.cfg.overrides)

@@ -139,9 +139,9 @@ class ServerHandler:
         return next(self.server.parameters()).dtype
 
     def _loss(self, h: torch.Tensor) -> torch.Tensor:
-        rows = self.mask.shape[0]
+        rows = self.mask.shape[0]  # type: ignore[union-attr]  # set by begin-step
         copies = h.shape[0] // rows
-        mask = self.mask.repeat(copies, 1) if copies > 1 else self.mask
+        mask = self.mask.repeat(copies, 1) if copies > 1 else self.mask  # type: ignore[union-attr]  # set by begin-step
         return self.loss_of(self.server(h, mask), self.batch, copies)
 
     @staticmethod
@@ -188,7 +188,7 @@ class ServerHandler:
         """Losses without grad, one per copy stacked in h: hosl's perturbed activations, or (zo-sl)
         the server half at the request's ZO point."""
         point = ZOPoint.from_fields(request.ints, request.floats)
-        at_point = self.zo.at_point(*point) if point is not None else contextlib.nullcontext()
+        at_point = self.zo.at_point(*point) if point is not None else contextlib.nullcontext()  # type: ignore[union-attr]  # zo-sl: built at begin-step
         with torch.no_grad(), at_point:
             out = self._loss(self.wire.unpack(tensors, "copies", self._dtype())[0])
         losses = [float(out)] if out.dim() == 0 else out.float().tolist()
@@ -211,7 +211,7 @@ class ServerHandler:
                 self.skipped_optimizer_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         elif request.ints:  # zo-sl: the client's update, with the same seeds and estimates
-            self.zo.apply_update(*ZOUpdate.from_fields(request.ints, request.floats))
+            self.zo.apply_update(*ZOUpdate.from_fields(request.ints, request.floats))  # type: ignore[union-attr]  # zo-sl: built at begin-step
         self.clean_loss = math.nan
         self.activation_grad = None
         self.wire.end_step()

@@ -79,12 +79,12 @@ class ServerProxy:
         reply = self.link.call(Phase.END_STEP, self.step, ints=ints, floats=floats)
         if reply.ints:
             self.skipped_server_steps = reply.ints[0]
-        return Relay.from_fields(reply.ints, reply.floats).updates if len(reply.ints) > 1 else []
+        return list(Relay.from_fields(reply.ints, reply.floats).updates) if len(reply.ints) > 1 else []
 
-    def join(self, checkpoint_steps) -> tuple[int, int, list]:
+    def join(self, checkpoint_steps) -> CatchUp:
         """A fleet client's catch-up: (restart step, fleet step, the updates of each step between)."""
         reply = self.link.call(Phase.JOIN, self.step, ints=list(checkpoint_steps))
-        return tuple(CatchUp.from_fields(reply.ints, reply.floats))
+        return CatchUp.from_fields(reply.ints, reply.floats)
 
     def eval_outputs(self, h: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         reply = self.link.call(
@@ -116,7 +116,7 @@ class ServerProxy:
         def server_loss(h: torch.Tensor) -> torch.Tensor:
             return torch.tensor(self.clean_loss(h, keep_grad=linear), dtype=torch.float64)
 
-        server_loss.linear_server = lambda: RemoteLinearServer(self)  # hosl's linear estimate
+        server_loss.linear_server = lambda: RemoteLinearServer(self)  # type: ignore[attr-defined]  # the optimizer looks for it; hosl's linear estimate
         return server_loss
 
 
