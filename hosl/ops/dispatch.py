@@ -73,7 +73,7 @@ def _cuda_arch_mismatch() -> str:
     if not archs:
         return ""
     capability = tuple(torch.cuda.get_device_capability())
-    if arch_runs_on(capability, archs):
+    if arch_runs_on(capability, archs):  # type: ignore[arg-type]  # (major, minor)
         return ""
     cc = f"{capability[0]}.{capability[1]}"
     return (f"hosl._C_cuda was built for {';'.join(archs)}, which cannot run on this GPU (compute capability "
@@ -155,7 +155,7 @@ def backend_for(device_type: str) -> ModuleType:
             )
         return module
     for candidate in _PREFERENCE.get(device_type, ("reference",)):
-        module = _load(candidate)
+        module = _load(candidate)  # type: ignore[assignment]  # None: not built here
         if module is not None and device_type in module.DEVICE_TYPES:
             if candidate == "reference" and device_type not in _warned_once:
                 _warned_once.add(device_type)

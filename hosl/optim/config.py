@@ -41,6 +41,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from hosl import ops
 from hosl.directions.families import FAMILIES
@@ -54,7 +55,7 @@ STEP_SCALES = ("none", "loss-std")
 OPTIMIZERS = {"zo": "ZerothOrderOptimizer", "hybrid": "HybridOrderOptimizer"}
 BOTH = ("zo", "hybrid")
 # options whose default differs between the optimizers: ZOConfig() holds HOSL's (and hosl train's)
-OPTIMIZER_DEFAULTS = {"zo": {"num_queries": 1}, "hybrid": {}}
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"zo": {"num_queries": 1}, "hybrid": {}}
 
 # The paper's client settings, one home for every default that repeats them: ZOConfig's ``lr`` and
 # ``eps`` (full fine-tuning, ZO), and ``hosl train``'s (TrainConfig.resolved_lr_client / resolved_eps:
@@ -221,7 +222,7 @@ class ZOConfig:
     def for_optimizer(self, optimizer: str) -> ZOConfig:
         """This config with the options ``optimizer`` does not take reset to their defaults (one config
         for a run: each of its optimizers gets the part that applies to it)."""
-        reset = {f.name: f.default for f in fields(self)
+        reset: dict[str, Any] = {f.name: f.default for f in fields(self)
                  if optimizer not in f.metadata["optimizers"] and getattr(self, f.name) != f.default}
         return dataclasses.replace(self, **reset) if reset else self
 

@@ -187,7 +187,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
                 out += dots(torch.cat(deltas, dim=0))
         return [v / (2 * eps if central else eps) for v in out]
 
-    def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor],  # type: ignore[override]  # a HOSL step's own arguments
              *, batch_size: int | None = None, perturbed_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """One HOSL step; returns the clean loss (detached). ``batch_size``: with ``client_micro_batch``.
 
@@ -275,4 +275,4 @@ class HybridOrderOptimizer(ZerothOrderBase):
             self.server_optimizer.load_state_dict(server_state)
 
 
-HybridOrderOptimizer.__init__.__signature__ = optimizer_signature(HybridOrderOptimizer.__init__, "hybrid")
+HybridOrderOptimizer.__init__.__signature__ = optimizer_signature(HybridOrderOptimizer.__init__, "hybrid")  # type: ignore[attr-defined]  # what help() shows

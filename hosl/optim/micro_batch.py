@@ -89,9 +89,9 @@ class MicroBatchedClient:
                 elif part.shape[1:] != out.shape[1:]:
                     raise ValueError(f"client_fn(rows) returned rows of shape {tuple(part.shape[1:])} for rows "
                                      f"{rows.start}:{rows.stop}, but {tuple(out.shape[1:])} for rows 0:{self.micro_batch}")
-                out.view(copies, self.batch_size, *out.shape[1:])[:, rows].copy_(part.view(copies, n, *part.shape[1:]))
+                out.view(copies, self.batch_size, *out.shape[1:])[:, rows].copy_(part.view(copies, n, *part.shape[1:]))  # type: ignore[arg-type]  # set with out
                 del part  # the slice's activation goes before the next slice runs
-        return out
+        return out  # type: ignore[return-value]  # batch_size > 0 rows ran
 
 
 def wrap_client_fn(client_fn, micro_batch: int | None, batch_size: int | None):

@@ -30,7 +30,7 @@ class ForwardProbe:
         self.modules = list(modules)
         self.largest = 0
         self.output = 0
-        self._handles = []
+        self._handles: list = []
 
     @staticmethod
     def _nbytes(out) -> int:
@@ -77,7 +77,7 @@ def resolve(query_batch: int | str, budget: int | None, per_copy: int, weight_by
             limit = min(limit, torch.cuda.mem_get_info(device)[0] // 2)
         extra = limit // per_copy if per_copy > 0 else points
         return max(1, min(points, 1 + extra))
-    d = min(query_batch, points)
+    d: int = min(query_batch, points)  # type: ignore[assignment]  # an int once "auto" is handled
     need = (d - 1) * per_copy
     if budget is not None and need > budget:
         raise ValueError(

@@ -66,7 +66,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             losses.extend(batch_losses(out, len(chunk), "loss_fn", f"query_batch={self.query_batch!r}"))
         return losses
 
-    def step(self, loss_fn: Callable[[], torch.Tensor]):
+    def step(self, loss_fn: Callable[[], torch.Tensor]):  # type: ignore[override]  # loss_fn is required (ZO)
         """One ZO step; returns the clean loss (forward differences) or the mean perturbed loss. If
         anything raises, the weights and the seed stream are as the step found them."""
         with self.seed_stream_kept_on_error():
@@ -92,4 +92,4 @@ class ZerothOrderOptimizer(ZerothOrderBase):
         return torch.tensor(clean)
 
 
-ZerothOrderOptimizer.__init__.__signature__ = optimizer_signature(ZerothOrderOptimizer.__init__, "zo")
+ZerothOrderOptimizer.__init__.__signature__ = optimizer_signature(ZerothOrderOptimizer.__init__, "zo")  # type: ignore[attr-defined]  # what help() shows

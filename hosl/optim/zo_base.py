@@ -64,7 +64,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
             if not isinstance(m, nn.Module):
                 raise TypeError(f"expected an nn.Module to train with ZO, got {type(m).__name__}")
         # one numbering over all the modules (MeZO on the whole): each starts where the previous ends
-        self.layouts = []
+        self.layouts: list[ParameterLayout] = []
         for m in modules:
             self.layouts.append(ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else c.coordinate_offset))
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
@@ -78,7 +78,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.perturbers = [p for p, _ in made]
         self.perturbed_forward_info = [line for _, line in made]
         # query_batch: D points per client forward (hosl.forward.batched), built on first use
-        self.batch_perturbers = None
+        self.batch_perturbers: list | None = None
         self.last_query_batch = 1  # the D the last step ran
         fell_back = c.perturbed_forward == "fused" and c.direction != "gaussian"
         for i, line in enumerate(self.perturbed_forward_info):

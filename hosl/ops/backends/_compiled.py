@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ class CompiledBackend:
     """The contract's six functions over ``ext`` (arguments already checked by the ops of :mod:`hosl.ops.library`)."""
 
     def __init__(self, ext: ModuleType | None):
-        self.ext = ext
+        self.ext: Any = ext  # the extension module; None only where the backend reports itself unavailable
 
     def randn(self, key_lo, key_hi, numel, offset, device, family="gaussian", scale=1.0) -> torch.Tensor:
         return self.ext.randn(key_lo, key_hi, numel, offset, _device(device), FAMILY_CODES[family], scale)

@@ -7,10 +7,13 @@ variable ``HOSL_CPU_ISA`` can lower it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hosl.ops.backends._compiled import CompiledBackend, import_extension
 
 DEVICE_TYPES = ("cpu",)
 
+_C: Any
 _C, _IMPORT_ERROR = import_extension("hosl._C", "build it with `pip install --no-build-isolation -e .`")
 
 
