@@ -118,3 +118,11 @@ def test_hyper_declares_the_zo_options_it_offers_and_no_others():
                                                                                           "client")
     with pytest.raises(AttributeError):
         hp.zo_optimizer  # noqa: B018
+
+
+def test_every_mode_has_its_forward_pass_count():
+    from hosl.training.loop import forward_passes_per_step
+
+    for name in modes.MODES:
+        passes = forward_passes_per_step(name, 2, "central")
+        assert set(passes) == {"client_forward", "server_forward", "client_backward", "server_backward"}, name
