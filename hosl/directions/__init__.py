@@ -7,5 +7,12 @@
 from hosl.directions.families import FAMILIES, FAMILY_CODES, DirectionFamily, direction_reference
 from hosl.directions.spec import SEED_LIMIT, randn_reference, split_seed
 
-__all__ = ["FAMILIES", "FAMILY_CODES", "SEED_LIMIT", "DirectionFamily", "direction_reference", "randn_reference",
-           "split_seed"]
+__all__ = [
+    "FAMILIES",
+    "FAMILY_CODES",
+    "SEED_LIMIT",
+    "DirectionFamily",
+    "direction_reference",
+    "randn_reference",
+    "split_seed",
+]

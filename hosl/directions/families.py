@@ -85,11 +85,27 @@ def direction_reference(family: str, seed: int, numel: int, offset: int = 0) -> 
 # float32 rounding of the factor).
 GAUSSIAN_MAX = 5.8
 
-FAMILIES.register(DirectionFamily(
-    "gaussian", 0, spec.randn_reference, lambda numel: GAUSSIAN_MAX, help="", compile_dtypes=ALL_DTYPES))
-FAMILIES.register(DirectionFamily(
-    "rademacher", 1, spec.rademacher_reference, lambda numel: 1.0, help="+-1",
-    coords_per_counter=spec.RADEMACHER_COORDS_PER_COUNTER, compile_dtypes=(torch.float32, torch.bfloat16)))
-FAMILIES.register(DirectionFamily(
-    "sphere", 2, spec.sphere_reference, lambda numel: math.sqrt(numel) * 1.01,
-    help="Gaussian, each tensor scaled to norm sqrt(numel)", per_tensor_factor=True))
+FAMILIES.register(
+    DirectionFamily("gaussian", 0, spec.randn_reference, lambda numel: GAUSSIAN_MAX, help="", compile_dtypes=ALL_DTYPES)
+)
+FAMILIES.register(
+    DirectionFamily(
+        "rademacher",
+        1,
+        spec.rademacher_reference,
+        lambda numel: 1.0,
+        help="+-1",
+        coords_per_counter=spec.RADEMACHER_COORDS_PER_COUNTER,
+        compile_dtypes=(torch.float32, torch.bfloat16),
+    )
+)
+FAMILIES.register(
+    DirectionFamily(
+        "sphere",
+        2,
+        spec.sphere_reference,
+        lambda numel: math.sqrt(numel) * 1.01,
+        help="Gaussian, each tensor scaled to norm sqrt(numel)",
+        per_tensor_factor=True,
+    )
+)

@@ -40,18 +40,37 @@ SQRT2 = float.fromhex("0x1.6a09e6p+0")
 TWO_POW_M23 = float.fromhex("0x1p-23")
 
 # ln(m) = 2*s*(1 + s^2*(L3 + s^2*(L5 + s^2*(L7 + s^2*L9)))),  s = (m-1)/(m+1),  m in [sqrt(.5), sqrt(2)]
-LOG_COEFFS = tuple(float.fromhex(h) for h in (
-    "0x1.555556p-2", "0x1.99999ap-3", "0x1.24924ap-3", "0x1.c71c72p-4"))  # L3, L5, L7, L9
+LOG_COEFFS = tuple(
+    float.fromhex(h) for h in ("0x1.555556p-2", "0x1.99999ap-3", "0x1.24924ap-3", "0x1.c71c72p-4")
+)  # L3, L5, L7, L9
 
 # sin(pi/2*f) = f*(S1 + f^2*(S3 + ... + f^2*S13)),  f in (0, 1)
-SIN_COEFFS = tuple(float.fromhex(h) for h in (
-    "0x1.921fb6p+0", "-0x1.4abbcep-1", "0x1.466bc6p-4", "-0x1.32d2ccp-8",
-    "0x1.507834p-13", "-0x1.e30750p-19", "0x1.e8f434p-25"))  # S1 .. S13
+SIN_COEFFS = tuple(
+    float.fromhex(h)
+    for h in (
+        "0x1.921fb6p+0",
+        "-0x1.4abbcep-1",
+        "0x1.466bc6p-4",
+        "-0x1.32d2ccp-8",
+        "0x1.507834p-13",
+        "-0x1.e30750p-19",
+        "0x1.e8f434p-25",
+    )
+)  # S1 .. S13
 
 # cos(pi/2*f) = C0 + f^2*(C2 + ... + f^2*C12)
-COS_COEFFS = tuple(float.fromhex(h) for h in (
-    "0x1p+0", "-0x1.3bd3ccp+0", "0x1.03c1f0p-2", "-0x1.55d3c8p-6",
-    "0x1.e1f506p-11", "-0x1.a6d1f2p-16", "0x1.f9d38ap-22"))  # C0 .. C12
+COS_COEFFS = tuple(
+    float.fromhex(h)
+    for h in (
+        "0x1p+0",
+        "-0x1.3bd3ccp+0",
+        "0x1.03c1f0p-2",
+        "-0x1.55d3c8p-6",
+        "0x1.e1f506p-11",
+        "-0x1.a6d1f2p-16",
+        "0x1.f9d38ap-22",
+    )
+)  # C0 .. C12
 
 SEED_LIMIT = 1 << 64
 _MASK32 = 0xFFFFFFFF
@@ -71,8 +90,8 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     m is split in 16-bit halves so that no intermediate leaves int64's range.
     """
     m_lo, m_hi = m & 0xFFFF, m >> 16
-    t_lo = a * m_lo                      # < 2**48
-    t_hi = a * m_hi                      # < 2**48
+    t_lo = a * m_lo  # < 2**48
+    t_hi = a * m_hi  # < 2**48
     low_sum = t_lo + ((t_hi & 0xFFFF) << 16)  # < 2**49
     lo = low_sum & _MASK32
     hi = (t_hi >> 16) + (low_sum >> 32)
@@ -102,7 +121,7 @@ def _f32(x: float) -> torch.Tensor:
 
 def _uniform_open(word: torch.Tensor) -> torch.Tensor:
     """((word >> 9) + 0.5) * 2**-23: exact, strictly inside (0, 1)."""
-    k = (word >> 9).to(torch.float32)           # < 2**23, exact
+    k = (word >> 9).to(torch.float32)  # < 2**23, exact
     return (k + 0.5) * TWO_POW_M23
 
 
@@ -183,7 +202,7 @@ def randn_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
     z2, z3 = _box_muller(x2, x3)
     z = torch.stack((z0, z1, z2, z3), dim=1).reshape(-1)
     start = offset - 4 * first
-    return z[start:start + numel].clone()
+    return z[start : start + numel].clone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,10 +227,10 @@ def rademacher_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor
     per = RADEMACHER_COORDS_PER_COUNTER
     first, last = offset // per, (offset + numel - 1) // per
     words = torch.stack(_philox_words(seed, first, last), dim=1)  # [counters, 4]
-    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int64)) & 1                # [counters, 4, 32]
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int64)) & 1  # [counters, 4, 32]
     z = (1 - 2 * bits).to(torch.float32).reshape(-1)
     start = offset - per * first
-    return z[start:start + numel].clone()
+    return z[start : start + numel].clone()
 
 
 # Sphere: the Gaussian direction with each tensor's slice rescaled to norm sqrt(numel). The norm
@@ -225,7 +244,7 @@ SPHERE_MAX_NUMEL = 1 << 33
 
 def sphere_sq_norm(z: torch.Tensor) -> int:
     """``sum_i floor(float32(z_i * z_i) * 2**24)`` as a Python int (the fixed-point ``|z|^2 * 2**24``)."""
-    z2 = z.float() * z.float()                                    # float32, correctly rounded
+    z2 = z.float() * z.float()  # float32, correctly rounded
     fixed = (z2 * float(1 << SPHERE_FRACTION_BITS)).to(torch.int64)  # power of two: exact; truncates
     return int(fixed.sum())
 

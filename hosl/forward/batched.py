@@ -58,9 +58,15 @@ def repeat_batch(args: tuple, kwargs: dict, copies: int) -> tuple[tuple, dict, i
 class BatchedPerturber:
     """Batched perturbed forwards of one module tree (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None,
-                 fused_backend: str | None = None, direction: str = "gaussian",
-                 sphere_scales: SphereScales | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: ParameterLayout,
+        backend: str | None = None,
+        fused_backend: str | None = None,
+        direction: str = "gaussian",
+        sphere_scales: SphereScales | None = None,
+    ):
         self.module, self.layout, self.backend, self.fused_backend = module, layout, backend, fused_backend
         self.direction = direction
         if direction == "sphere" and sphere_scales is None:
@@ -95,9 +101,11 @@ class BatchedPerturber:
 
     def describe(self) -> str:
         kinds = [k for _, k, _ in self.fused]
-        return (f"batched ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
-                f"{len(kinds) - kinds.count(LINEAR)} embedding layers with D directions per call; "
-                f"{len(self.looped)} other modules once per direction")
+        return (
+            f"batched ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
+            f"{len(kinds) - kinds.count(LINEAR)} embedding layers with D directions per call; "
+            f"{len(self.looped)} other modules once per direction"
+        )
 
     # -- the directions of a call -------------------------------------------------------------
     def _directions(self, rows: int) -> list[int]:
@@ -107,7 +115,8 @@ class BatchedPerturber:
         if self.root_calls == 0 or rows % len(self._points):
             raise RuntimeError(
                 f"with query_batch, client_fn must run the client module itself (the optimizer repeats its batch "
-                f"inputs {len(self._points)} times in the module's forward pre-hook); a layer got {rows} rows")
+                f"inputs {len(self._points)} times in the module's forward pre-hook); a layer got {rows} rows"
+            )
         return list(range(len(self._points)))
 
     def _factors_of(self, dirs: list[int], slots: list) -> list[list[float]] | None:
@@ -124,14 +133,23 @@ class BatchedPerturber:
             xs = x.reshape(d, x.shape[0] // d, *x.shape[1:])
             perturb_slots = [w_slot] + ([b_slot] if b_slot is not None else [])
             y = ops.perturbed_linear(
-                xs, mod.weight, mod.bias, seeds=[self._points[i][0] for i in dirs],
-                scales=[self._points[i][1] for i in dirs], weight_offset=w_slot.offset,
-                bias_offset=b_slot.offset if b_slot is not None else None, per_direction_input=True,
-                family=self.direction, factors=self._factors_of(dirs, perturb_slots),
+                xs,
+                mod.weight,
+                mod.bias,
+                seeds=[self._points[i][0] for i in dirs],
+                scales=[self._points[i][1] for i in dirs],
+                weight_offset=w_slot.offset,
+                bias_offset=b_slot.offset if b_slot is not None else None,
+                per_direction_input=True,
+                family=self.direction,
+                factors=self._factors_of(dirs, perturb_slots),
                 # on CUDA the fused Triton linear only for few rows per direction, else materialise + cuBLAS
-                backend=ops.perturbed_linear_backend(xs[0].numel() // max(x.shape[-1], 1), x.device,
-                                                     self.fused_backend))
+                backend=ops.perturbed_linear_backend(
+                    xs[0].numel() // max(x.shape[-1], 1), x.device, self.fused_backend
+                ),
+            )
             return y.reshape(x.shape[0], *y.shape[2:])
+
         return forward
 
     def _lookup(self, mod: nn.Embedding, slots: dict):
@@ -142,11 +160,18 @@ class BatchedPerturber:
             d = len(dirs)
             factors = self._factors_of(dirs, [w_slot])
             y = ops.perturbed_embedding(
-                ids.reshape(d, ids.shape[0] // d, *ids.shape[1:]), mod.weight,
-                seeds=[self._points[i][0] for i in dirs], scales=[self._points[i][1] for i in dirs],
-                offset=w_slot.offset, per_direction_input=True, family=self.direction,
-                factors=None if factors is None else [f[0] for f in factors], backend=self.fused_backend)
+                ids.reshape(d, ids.shape[0] // d, *ids.shape[1:]),
+                mod.weight,
+                seeds=[self._points[i][0] for i in dirs],
+                scales=[self._points[i][1] for i in dirs],
+                offset=w_slot.offset,
+                per_direction_input=True,
+                family=self.direction,
+                factors=None if factors is None else [f[0] for f in factors],
+                backend=self.fused_backend,
+            )
             return y.reshape(ids.shape[0], *y.shape[2:])
+
         return lookup
 
     def _embedding_intercept(self, mod: nn.Embedding, slots: dict):
@@ -162,29 +187,48 @@ class BatchedPerturber:
             d = len(self._points)
             first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
             if first is None or first.ndim == 0 or first.shape[0] % d:
-                raise RuntimeError(f"{type(mod).__name__} got no input with {d} copies of the batch along dim 0; "
-                                   "the batched perturbed forward cannot split it by direction (use query_batch=1)")
+                raise RuntimeError(
+                    f"{type(mod).__name__} got no input with {d} copies of the batch along dim 0; "
+                    "the batched perturbed forward cannot split it by direction (use query_batch=1)"
+                )
             rows = first.shape[0]
 
             def part(a, i):
                 if isinstance(a, torch.Tensor) and a.ndim >= 1 and a.shape[0] == rows:
-                    return a[i * (rows // d): (i + 1) * (rows // d)]
+                    return a[i * (rows // d) : (i + 1) * (rows // d)]
                 return a
 
             outs = []
             for i in range(d):
-                outs.append(self._one_direction(mod, class_forward, params, slots, i,
-                                                tuple(part(a, i) for a in args),
-                                                {k: part(v, i) for k, v in kwargs.items()}))
+                outs.append(
+                    self._one_direction(
+                        mod,
+                        class_forward,
+                        params,
+                        slots,
+                        i,
+                        tuple(part(a, i) for a in args),
+                        {k: part(v, i) for k, v in kwargs.items()},
+                    )
+                )
             return _concat(outs)
+
         return forward
 
     def _one_direction(self, mod, class_forward, params, slots, i, args, kwargs):
         outs = [self._scratch.take(p) for p in params]
         seed, scale = self._points[i]
         factors = self._factors_of([i], slots)
-        ops.perturb_(params, seed, scale, out=outs, offsets=[s.offset for s in slots], family=self.direction,
-                     scales=None if factors is None else factors[0], backend=self.backend)
+        ops.perturb_(
+            params,
+            seed,
+            scale,
+            out=outs,
+            offsets=[s.offset for s in slots],
+            family=self.direction,
+            scales=None if factors is None else factors[0],
+            backend=self.backend,
+        )
         originals = [p.data for p in params]
         outer, self._active = self._active, i
         try:
@@ -222,8 +266,11 @@ class BatchedPerturber:
         handle = self.module.register_forward_pre_hook(repeat_inputs, prepend=True, with_kwargs=True)
         try:
             for mod, kind, slots in self.fused:
-                make = {LINEAR: self._linear, EMBEDDING: lambda m, s: self._lookup(m, s),
-                        EMBEDDING_INTERCEPT: self._embedding_intercept}[kind]
+                make = {
+                    LINEAR: self._linear,
+                    EMBEDDING: lambda m, s: self._lookup(m, s),
+                    EMBEDDING_INTERCEPT: self._embedding_intercept,
+                }[kind]
                 self._swap(mod, make(mod, slots), swapped)
             for mod, owned in self.looped:
                 self._swap(mod, self._looped(mod, owned), swapped)
@@ -251,6 +298,7 @@ def _concat(outs: list):
     if isinstance(first, torch.Tensor):
         return torch.cat(outs, dim=0)
     if isinstance(first, (tuple, list)):
-        return type(first)(_concat([o[j] for o in outs]) if isinstance(first[j], torch.Tensor) else first[j]
-                            for j in range(len(first)))
+        return type(first)(
+            _concat([o[j] for o in outs]) if isinstance(first[j], torch.Tensor) else first[j] for j in range(len(first))
+        )
     raise TypeError(f"a module run once per direction returned {type(first).__name__}; expected tensors")

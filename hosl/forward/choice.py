@@ -27,8 +27,14 @@ def fused_unavailable_reason(modules, backend: str | None) -> str:
     return ops.fused_kernels_reason("cuda", backend)
 
 
-def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None, perturbed_forward: str,
-                   direction: str = "gaussian", sphere_scales=None):
+def make_perturber(
+    module: nn.Module,
+    layout: ParameterLayout,
+    backend: str | None,
+    perturbed_forward: str,
+    direction: str = "gaussian",
+    sphere_scales=None,
+):
     """The perturber for ``perturbed_forward`` (``"auto"``: fused where available, else scratch) and a
     line saying which and why, for the log.
 
@@ -42,9 +48,14 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
         raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
     if perturbed_forward == "scratch" or direction != "gaussian":
         p = ModuleScratchPerturber(module, layout, backend, direction=direction, sphere_scales=sphere_scales)
-        why = "asked for" if perturbed_forward == "scratch" else (
-            f"perturbed_forward={perturbed_forward!r}, but the one-point fused perturber makes Gaussian "
-            f"directions only and direction={direction!r}")
+        why = (
+            "asked for"
+            if perturbed_forward == "scratch"
+            else (
+                f"perturbed_forward={perturbed_forward!r}, but the one-point fused perturber makes Gaussian "
+                f"directions only and direction={direction!r}"
+            )
+        )
         return p, f"perturbed forward: scratch, module at a time ({why}; {p.scratch_nbytes()} bytes of scratch)"
     if perturbed_forward == "auto":
         reason = fused_unavailable_reason([module], backend)
@@ -59,11 +70,13 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
     return p, f"perturbed forward: {p.describe()}"
 
 
-def make_batched_perturber(module: nn.Module, layout: ParameterLayout, backend: str | None,
-                           direction: str = "gaussian", sphere_scales=None):
+def make_batched_perturber(
+    module: nn.Module, layout: ParameterLayout, backend: str | None, direction: str = "gaussian", sphere_scales=None
+):
     """The :class:`~hosl.forward.batched.BatchedPerturber` of ``query_batch > 1``: the fused
     Triton ops where ``"auto"`` would pick them (CUDA + Triton), else ``backend``'s materialising ops
     (one perturbed copy of one layer at a time). Every direction family runs fused."""
     fused_backend = "triton" if not fused_unavailable_reason([module], backend) else backend
-    return BatchedPerturber(module, layout, backend, fused_backend=fused_backend, direction=direction,
-                            sphere_scales=sphere_scales)
+    return BatchedPerturber(
+        module, layout, backend, fused_backend=fused_backend, direction=direction, sphere_scales=sphere_scales
+    )

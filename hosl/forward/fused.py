@@ -79,9 +79,12 @@ def intercepting_forward(mod: nn.Module, lookup, path: str, remedy: str):
         with mode:
             out = class_forward(mod, *args, **kwargs)
         if mode.hits == 0:
-            raise RuntimeError(f"{type(mod).__name__}.forward did not call F.embedding on its weight, so the {path} "
-                               f"cannot perturb it; {remedy}")
+            raise RuntimeError(
+                f"{type(mod).__name__}.forward did not call F.embedding on its weight, so the {path} "
+                f"cannot perturb it; {remedy}"
+            )
         return out
+
     return forward
 
 
@@ -92,8 +95,13 @@ class FusedPerturber(ModuleScratchPerturber):
     materialise, which is only useful to test this class without Triton).
     """
 
-    def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None,
-                 fused_backend: str | None = "triton"):
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: ParameterLayout,
+        backend: str | None = None,
+        fused_backend: str | None = "triton",
+    ):
         super().__init__(module, layout, backend)
         self.fused_backend = fused_backend
         self.fused: list[tuple[nn.Module, str, dict]] = []
@@ -109,9 +117,11 @@ class FusedPerturber(ModuleScratchPerturber):
 
     def describe(self) -> str:
         kinds = [k for _, k, _ in self.fused]
-        return (f"fused ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
-                f"{len(kinds) - kinds.count(LINEAR)} embedding layers; scratch: {len(self.owners)} other modules "
-                f"({self.scratch_nbytes()} bytes of scratch)")
+        return (
+            f"fused ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
+            f"{len(kinds) - kinds.count(LINEAR)} embedding layers; scratch: {len(self.owners)} other modules "
+            f"({self.scratch_nbytes()} bytes of scratch)"
+        )
 
     # -- the swapped forwards -----------------------------------------------------------------
     def _linear(self, mod: nn.Linear, slots: dict):
@@ -119,17 +129,30 @@ class FusedPerturber(ModuleScratchPerturber):
 
         def forward(x):
             return ops.perturbed_linear(
-                x, mod.weight, mod.bias, seeds=[self._seed], scales=[self._scale],
-                weight_offset=slots["weight"].offset, bias_offset=bias_slot.offset if bias_slot else None,
+                x,
+                mod.weight,
+                mod.bias,
+                seeds=[self._seed],
+                scales=[self._scale],
+                weight_offset=slots["weight"].offset,
+                bias_offset=bias_slot.offset if bias_slot else None,
                 # on CUDA the fused Triton linear only for few rows, else materialise + cuBLAS
-                backend=ops.perturbed_linear_backend(x.numel() // max(x.shape[-1], 1), x.device,
-                                                              self.fused_backend))[0]
+                backend=ops.perturbed_linear_backend(x.numel() // max(x.shape[-1], 1), x.device, self.fused_backend),
+            )[0]
+
         return forward
 
     def _lookup(self, mod: nn.Embedding, slots: dict):
         def lookup(ids):
-            return ops.perturbed_embedding(ids, mod.weight, seeds=[self._seed], scales=[self._scale],
-                                           offset=slots["weight"].offset, backend=self.fused_backend)[0]
+            return ops.perturbed_embedding(
+                ids,
+                mod.weight,
+                seeds=[self._seed],
+                scales=[self._scale],
+                offset=slots["weight"].offset,
+                backend=self.fused_backend,
+            )[0]
+
         return lookup
 
     def _embedding_intercept(self, mod: nn.Embedding, slots: dict):
@@ -142,14 +165,17 @@ class FusedPerturber(ModuleScratchPerturber):
             try:
                 for mod, kind, slots in self.fused:
                     if "forward" in mod.__dict__:
-                        raise RuntimeError(f"{type(mod).__name__} already has an instance forward; "
-                                           "use perturbed_forward='scratch'")
-                    make = {LINEAR: self._linear, EMBEDDING: lambda m, s: self._lookup(m, s),
-                            EMBEDDING_INTERCEPT: self._embedding_intercept}[kind]
+                        raise RuntimeError(
+                            f"{type(mod).__name__} already has an instance forward; use perturbed_forward='scratch'"
+                        )
+                    make = {
+                        LINEAR: self._linear,
+                        EMBEDDING: lambda m, s: self._lookup(m, s),
+                        EMBEDDING_INTERCEPT: self._embedding_intercept,
+                    }[kind]
                     mod.forward = make(mod, slots)
                     swapped.append(mod)
                 yield
             finally:
                 for mod in swapped:
                     del mod.forward
-

@@ -96,8 +96,9 @@ class SphereScales:
             self._cache.move_to_end(seed)
             return self._cache[seed]
         slots = self.layout.slots
-        factors = ops.sphere_scales([s.param.data for s in slots], seed, offsets=[s.offset for s in slots],
-                                    backend=self.backend)
+        factors = ops.sphere_scales(
+            [s.param.data for s in slots], seed, offsets=[s.offset for s in slots], backend=self.backend
+        )
         self.computed += 1
         self._cache[seed] = factors
         while len(self._cache) > self.keep:

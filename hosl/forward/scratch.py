@@ -67,8 +67,14 @@ class _ScratchStack:
 class ModuleScratchPerturber:
     """Perturbed forwards of one module tree, one owning submodule at a time."""
 
-    def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None,
-                 direction: str = "gaussian", sphere_scales: SphereScales | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: ParameterLayout,
+        backend: str | None = None,
+        direction: str = "gaussian",
+        sphere_scales: SphereScales | None = None,
+    ):
         if direction not in FAMILIES:
             raise ValueError(f"direction must be one of {FAMILIES}, got {direction!r}")
         self.module = module
@@ -108,11 +114,20 @@ class ModuleScratchPerturber:
         def hook(mod, args):
             params = [s.param for s in slots]
             outs = [self._scratch.take(p) for p in params]
-            ops.perturb_(params, self._seed, self._scale, out=outs, offsets=[s.offset for s in slots],
-                         family=self.direction, scales=self.factors_of(slots), backend=self.backend)
+            ops.perturb_(
+                params,
+                self._seed,
+                self._scale,
+                out=outs,
+                offsets=[s.offset for s in slots],
+                family=self.direction,
+                scales=self.factors_of(slots),
+                backend=self.backend,
+            )
             for p, out in zip(params, outs):
                 self._originals[id(p)] = p.data
                 p.data = out
+
         return hook
 
     def _post_hook(self, slots):
@@ -122,6 +137,7 @@ class ModuleScratchPerturber:
                 if original is not None:
                     self._scratch.give_back(s.param.data)
                     s.param.data = original
+
         return hook
 
     @contextlib.contextmanager

@@ -21,5 +21,17 @@ from hosl.ops.dispatch import (
 
 report_missing_cuda_kernels()
 
-__all__ = ["BACKENDS", "available_backends", "fused_kernels_reason", "perturb_", "perturbed_embedding", "perturbed_linear",
-           "perturbed_linear_backend", "randn", "sphere_scales", "unavailable_reasons", "use_backend", "zo_update_"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "fused_kernels_reason",
+    "perturb_",
+    "perturbed_embedding",
+    "perturbed_linear",
+    "perturbed_linear_backend",
+    "randn",
+    "sphere_scales",
+    "unavailable_reasons",
+    "use_backend",
+    "zo_update_",
+]

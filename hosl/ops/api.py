@@ -186,8 +186,9 @@ def zo_update_(
         if not seeds:  # weight decay alone: no direction, so no family
             family, factors = "gaussian", None
         if tensors and (seeds or decay):
-            library.zo_update_op(tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay,
-                                 family, factors)
+            library.zo_update_op(
+                tensors, offsets, [k[0] for k in keys], [k[1] for k in keys], scaled, decay, family, factors
+            )
     return tensors
 
 
@@ -276,11 +277,28 @@ def perturbed_linear(
         bias_offset = validation.check_index(bias_offset, "bias_offset")
         validation.check_coordinates(bias_offset, bias.numel(), "bias_offset")
     with use_backend(backend):
-        flat = _fused_factors(family, factors, seeds, [weight] + ([bias] if bias_offset is not None else []),
-                              [weight_offset] + ([bias_offset] if bias_offset is not None else []), 2)
+        flat = _fused_factors(
+            family,
+            factors,
+            seeds,
+            [weight] + ([bias] if bias_offset is not None else []),
+            [weight_offset] + ([bias_offset] if bias_offset is not None else []),
+            2,
+        )
         x2, middle = _split_directions(x, len(scales), per_direction_input, "x")
-        y = library.perturbed_linear_op(x2, weight, bias, weight_offset, bias_offset, keys_lo, keys_hi, scales,
-                                        not per_direction_input, family, flat)
+        y = library.perturbed_linear_op(
+            x2,
+            weight,
+            bias,
+            weight_offset,
+            bias_offset,
+            keys_lo,
+            keys_hi,
+            scales,
+            not per_direction_input,
+            family,
+            flat,
+        )
     return y.view(len(scales), *middle, weight.shape[0])
 
 
@@ -320,6 +338,7 @@ def perturbed_embedding(
         factors = [[f] for f in (factors.tolist() if isinstance(factors, torch.Tensor) else factors)]
     with use_backend(backend):
         flat = _fused_factors(family, factors, seeds, [weight], [offset], 1)
-        y = library.perturbed_embedding_op(ids2, weight, offset, keys_lo, keys_hi, scales, not per_direction_input,
-                                           family, flat)
+        y = library.perturbed_embedding_op(
+            ids2, weight, offset, keys_lo, keys_hi, scales, not per_direction_input, family, flat
+        )
     return y.view(len(scales), *middle, weight.shape[1])

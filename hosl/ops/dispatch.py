@@ -76,8 +76,10 @@ def _cuda_arch_mismatch() -> str:
     if arch_runs_on(capability, archs):  # type: ignore[arg-type]  # (major, minor)
         return ""
     cc = f"{capability[0]}.{capability[1]}"
-    return (f"hosl._C_cuda was built for {';'.join(archs)}, which cannot run on this GPU (compute capability "
-            f"{cc}); rebuild with TORCH_CUDA_ARCH_LIST={cc} pip install --no-build-isolation -e .")
+    return (
+        f"hosl._C_cuda was built for {';'.join(archs)}, which cannot run on this GPU (compute capability "
+        f"{cc}); rebuild with TORCH_CUDA_ARCH_LIST={cc} pip install --no-build-isolation -e ."
+    )
 
 
 def _load(name: str) -> ModuleType | None:
@@ -97,8 +99,10 @@ def _load(name: str) -> ModuleType | None:
             _modules[name] = None
             _load_errors[name] = f"{type(exc).__name__}: {exc}"
         if _modules[name] is None and name in ("cpu", "cuda") and getattr(_build_config(), "BUILD_EXT", True) is False:
-            _load_errors[name] = ("hosl was installed with HOSL_BUILD_EXT=0, so no compiled kernels: "
-                                  "the reference and Triton backends only")
+            _load_errors[name] = (
+                "hosl was installed with HOSL_BUILD_EXT=0, so no compiled kernels: "
+                "the reference and Triton backends only"
+            )
     return _modules[name]
 
 
@@ -150,9 +154,7 @@ def backend_for(device_type: str) -> ModuleType:
     if name is not None:
         module = _named(name)
         if device_type not in module.DEVICE_TYPES:
-            raise ValueError(
-                f"backend {name!r} runs on {list(module.DEVICE_TYPES)} tensors, not on {device_type!r}"
-            )
+            raise ValueError(f"backend {name!r} runs on {list(module.DEVICE_TYPES)} tensors, not on {device_type!r}")
         return module
     for candidate in _PREFERENCE.get(device_type, ("reference",)):
         module = _load(candidate)  # type: ignore[assignment]  # None: not built here

@@ -39,6 +39,7 @@ def _backend_call(function: str, check):
     and the checks have the same defaults (the contract of :mod:`hosl.ops.backends`), so ``*args``
     passes through.
     """
+
     def impl(device_type: str, *args):
         check(*args)
         return getattr(backend_for(device_type), function)(*args)
@@ -73,8 +74,7 @@ def _check_sq_norms(numels, offsets, key_lo, key_hi, device):
     validation.check_key_word(key_hi, "key_hi")
 
 
-def _check_perturb(tensors, out, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None, *,
-                   memory=True):
+def _check_perturb(tensors, out, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None, *, memory=True):
     validation.check_weights(tensors, "tensors", memory=memory)
     validation.check_outputs(tensors, out, memory=memory)
     validation.check_offsets(offsets, [t.numel() for t in tensors])
@@ -85,8 +85,9 @@ def _check_perturb(tensors, out, offsets, key_lo, key_hi, scale, family="gaussia
     _check_factors(family, dir_scales, 1, tensors, "dir_scales")
 
 
-def _check_zo_update(tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None, *,
-                     memory=True):
+def _check_zo_update(
+    tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None, *, memory=True
+):
     validation.check_weights(tensors, "tensors", memory=memory)
     validation.check_offsets(offsets, [t.numel() for t in tensors])
     validation.check_keys(keys_lo, keys_hi, "coeffs", len(coeffs))
@@ -122,14 +123,29 @@ def _check_input(t, name, shared, num_dirs, dims):
         raise ValueError(f"{name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
 
 
-def _check_perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
-                            family="gaussian", factors=None, *, memory=True):
+def _check_perturbed_linear(
+    x,
+    weight,
+    bias,
+    w_offset,
+    b_offset,
+    keys_lo,
+    keys_hi,
+    scales,
+    shared_x,
+    family="gaussian",
+    factors=None,
+    *,
+    memory=True,
+):
     validation.check_weights([weight] + ([bias] if bias is not None else []), "weight/bias", memory=memory)
     if weight.ndim != 2:
         raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise TypeError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}"
-                        f"{'' if bias is None else ', ' + str(bias.dtype)}")
+        raise TypeError(
+            f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}"
+            f"{'' if bias is None else ', ' + str(bias.dtype)}"
+        )
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     _check_input(x, "x", shared_x, len(scales), 2)
@@ -144,12 +160,14 @@ def _check_perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_h
         validation.check_offset(b_offset, bias.numel(), "b_offset")
     _check_directions(keys_lo, keys_hi, scales, family, factors, 2)
     if FAMILIES[family].per_tensor_factor:
-        validation.check_sphere_numels([weight.numel()] + ([bias.numel()] if b_offset is not None else []),
-                                       "weight/bias")
+        validation.check_sphere_numels(
+            [weight.numel()] + ([bias.numel()] if b_offset is not None else []), "weight/bias"
+        )
 
 
-def _check_perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian",
-                               factors=None, *, memory=True):
+def _check_perturbed_embedding(
+    ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None, *, memory=True
+):
     validation.check_weights([weight], "weight", memory=memory)
     if weight.ndim != 2:
         raise ValueError(f"weight must be [num_embeddings, embedding_dim], got shape {tuple(weight.shape)}")
@@ -178,7 +196,12 @@ def _sq_norms(device_type: str, *args) -> torch.Tensor:
 
 @torch.library.custom_op("hosl::randn", mutates_args=())
 def randn_op(
-    key_lo: int, key_hi: int, numel: int, offset: int, device: torch.device, family: str = "gaussian",
+    key_lo: int,
+    key_hi: int,
+    numel: int,
+    offset: int,
+    device: torch.device,
+    family: str = "gaussian",
     scale: float = 1.0,
 ) -> torch.Tensor:
     """float32 ``z(seed, offset + e)`` for ``e < numel`` on ``device`` (sphere: ``scale * z_gaussian``)."""
@@ -264,14 +287,16 @@ def perturbed_linear_op(
     factors: list[float] | None = None,
 ) -> torch.Tensor:
     """``[D, M, N]``: ``x[d] @ round(W + scales[d]*Z_d)^T + round(b + scales[d]*z_b,d)``."""
-    return _perturbed_linear(weight.device.type, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
-                             shared_x, family, factors)
+    return _perturbed_linear(
+        weight.device.type, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family, factors
+    )
 
 
 @perturbed_linear_op.register_fake
 def _(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian", factors=None):
-    _check_perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family, factors,
-                            memory=False)
+    _check_perturbed_linear(
+        x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family, factors, memory=False
+    )
     return x.new_empty((len(scales), x.shape[-2], weight.shape[0]))
 
 
@@ -288,19 +313,27 @@ def perturbed_embedding_op(
     factors: list[float] | None = None,
 ) -> torch.Tensor:
     """``[D, T, H]``: rows ``ids`` of ``round(W + scales[d]*Z_d)``."""
-    return _perturbed_embedding(weight.device.type, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
-                                family, factors)
+    return _perturbed_embedding(
+        weight.device.type, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family, factors
+    )
 
 
 @perturbed_embedding_op.register_fake
 def _(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None):
-    _check_perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family, factors,
-                               memory=False)
+    _check_perturbed_embedding(
+        ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family, factors, memory=False
+    )
     return weight.new_empty((len(scales), ids.shape[-1], weight.shape[1]))
 
 
 # The kernel per device type: the same implementation, bound to the device type torch dispatched on.
-for _op, _impl in ((randn_op, _randn), (sq_norms_op, _sq_norms), (perturb_op, _perturb), (zo_update_op, _zo_update),
-                   (perturbed_linear_op, _perturbed_linear), (perturbed_embedding_op, _perturbed_embedding)):
+for _op, _impl in (
+    (randn_op, _randn),
+    (sq_norms_op, _sq_norms),
+    (perturb_op, _perturb),
+    (zo_update_op, _zo_update),
+    (perturbed_linear_op, _perturbed_linear),
+    (perturbed_embedding_op, _perturbed_embedding),
+):
     for _device_type in DEVICE_TYPES:
         _op.register_kernel(_device_type, functools.partial(_impl, _device_type))

@@ -62,9 +62,7 @@ def _check_no_overlap(tensors: Sequence[torch.Tensor], name: str) -> None:
     spans = sorted((*_memory_span(t), j) for j, t in enumerate(tensors) if t.numel())
     for (_s0, e0, j0), (s1, _e1, j1) in zip(spans, spans[1:]):
         if s1 < e0:
-            raise ValueError(
-                f"{name}[{j0}] and {name}[{j1}] share memory; each coordinate must be written once"
-            )
+            raise ValueError(f"{name}[{j0}] and {name}[{j1}] share memory; each coordinate must be written once")
 
 
 def check_outputs(tensors: Sequence[torch.Tensor], out: Sequence[torch.Tensor], *, memory: bool = True) -> None:
@@ -112,9 +110,7 @@ def check_index(value, name: str) -> int:
 
 def check_coordinates(offset: int, total: int, name: str = "offset") -> None:
     if offset + total > COORDINATE_LIMIT:
-        raise ValueError(
-            f"coordinates {name}={offset} .. {name}+{total} exceed 2**63; coordinate indices are int64"
-        )
+        raise ValueError(f"coordinates {name}={offset} .. {name}+{total} exceed 2**63; coordinate indices are int64")
 
 
 def check_offsets(offsets: Sequence[int], numels: Sequence[int], name: str = "offsets") -> None:

@@ -75,14 +75,32 @@ def _short(x: float) -> str:
 _LABEL: contextvars.ContextVar[Callable[[str], str]] = contextvars.ContextVar("zo_config_label", default=str)
 
 
-def option(default, help: str | Callable[[], str], *, optimizers=BOTH, param_group: bool = False, train: str | None = "",
-           train_default=dataclasses.MISSING, cli: Mapping | None = None, agree: bool = False,
-           on_resume: str = "compare"):
+def option(
+    default,
+    help: str | Callable[[], str],
+    *,
+    optimizers=BOTH,
+    param_group: bool = False,
+    train: str | None = "",
+    train_default=dataclasses.MISSING,
+    cli: Mapping | None = None,
+    agree: bool = False,
+    on_resume: str = "compare",
+):
     """A ZOConfig field with its metadata (see the module docstring). ``train=""``: the field's name."""
-    return field(default=default, metadata=dict(
-        help=help, optimizers=tuple(optimizers), param_group=param_group, train=train,
-        train_default=default if train_default is dataclasses.MISSING else train_default, cli=dict(cli or {}),
-        agree=agree, on_resume=on_resume))
+    return field(
+        default=default,
+        metadata=dict(
+            help=help,
+            optimizers=tuple(optimizers),
+            param_group=param_group,
+            train=train,
+            train_default=default if train_default is dataclasses.MISSING else train_default,
+            cli=dict(cli or {}),
+            agree=agree,
+            on_resume=on_resume,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -90,72 +108,137 @@ class ZOConfig:
     """The zeroth-order optimizers' options (see the module docstring for the metadata)."""
 
     lr: float = option(
-        ZO_LR, f"client learning rate (default {_short(ZO_LR)} for ZO clients, {_short(LORA_ZO_LR)} with --lora; "
+        ZO_LR,
+        f"client learning rate (default {_short(ZO_LR)} for ZO clients, {_short(LORA_ZO_LR)} with --lora; "
         f"{_short(FO_CLIENT_LR)} for FO clients)",
-        param_group=True, train="lr_client", train_default=None, cli=dict(type="float", group="run"), agree=True,
-        on_resume="override")
-    eps: float = option(
-        ZO_EPS, f"ZO smoothing scale (default {_short(ZO_EPS)}; {_short(LORA_ZO_EPS)} with --lora)", param_group=True,
+        param_group=True,
+        train="lr_client",
         train_default=None,
-        cli=dict(type="float"), agree=True)
+        cli=dict(type="float", group="run"),
+        agree=True,
+        on_resume="override",
+    )
+    eps: float = option(
+        ZO_EPS,
+        f"ZO smoothing scale (default {_short(ZO_EPS)}; {_short(LORA_ZO_EPS)} with --lora)",
+        param_group=True,
+        train_default=None,
+        cli=dict(type="float"),
+        agree=True,
+    )
     num_queries: int = option(10, "ZO directions Q per step (default %(default)s)", cli=dict(type="int"))
     weight_decay: float = option(
-        0.0, "(not on biases and norms; default %(default)s)", param_group=True,
-        cli=dict(type="float", group="run"), agree=True)
+        0.0,
+        "(not on biases and norms; default %(default)s)",
+        param_group=True,
+        cli=dict(type="float", group="run"),
+        agree=True,
+    )
     difference: str = option(
-        "central", "central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)",
-        cli=dict(choices=DIFFERENCES))
+        "central",
+        "central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)",
+        cli=dict(choices=DIFFERENCES),
+    )
     step_scale: str = option(
-        "none", "none: the step is lr * g; loss-std: FZOO's normalised step, g divided by the standard deviation "
+        "none",
+        "none: the step is lr * g; loss-std: FZOO's normalised step, g divided by the standard deviation "
         "of the step's perturbed losses (each direction then moves the client by about lr/eps * z whatever the "
         "loss's scale: pick --lr-client for that; needs 2 or more perturbed losses; not with --server-estimate "
         "linear) (default %(default)s)",
-        cli=dict(choices=STEP_SCALES))
+        cli=dict(choices=STEP_SCALES),
+    )
     seed: int = option(0, "0 .. 2**63-1 (default %(default)s)", cli=dict(type="seed", group="run"), agree=True)
     backend: str | None = option(
-        None, "direction-op backend (default: the fastest available)", cli=dict(choices=ops.BACKENDS, group="run"),
-        on_resume="ignore")
+        None,
+        "direction-op backend (default: the fastest available)",
+        cli=dict(choices=ops.BACKENDS, group="run"),
+        on_resume="ignore",
+    )
     perturbed_forward: str = option(
-        "auto", "how a perturbed pass runs: auto, scratch or fused (hosl/forward)", train=None)
+        "auto", "how a perturbed pass runs: auto, scratch or fused (hosl/forward)", train=None
+    )
     direction: str = option(
-        "gaussian", lambda: f"direction family: {FAMILIES.help()}; non-Gaussian families use the scratch perturbed "
-        "forward (default %(default)s)", cli=dict(choices=FAMILIES), agree=True)
+        "gaussian",
+        lambda: (
+            f"direction family: {FAMILIES.help()}; non-Gaussian families use the scratch perturbed "
+            "forward (default %(default)s)"
+        ),
+        cli=dict(choices=FAMILIES),
+        agree=True,
+    )
     variant: str = option(
-        "sgd", lambda: f"update rule on the ZO gradient estimate: {RULES.help()} (default %(default)s)",
-        train="zo_optimizer", cli=dict(choices=RULES), agree=True)
+        "sgd",
+        lambda: f"update rule on the ZO gradient estimate: {RULES.help()} (default %(default)s)",
+        train="zo_optimizer",
+        cli=dict(choices=RULES),
+        agree=True,
+    )
     momentum: float = option(
-        0.9, "of --zo-optimizer momentum (default %(default)s)", param_group=True, train="zo_momentum",
-        cli=dict(type="float"), agree=True)
+        0.9,
+        "of --zo-optimizer momentum (default %(default)s)",
+        param_group=True,
+        train="zo_momentum",
+        cli=dict(type="float"),
+        agree=True,
+    )
     betas: tuple[float, float] = option(
-        (0.9, 0.999), "of --zo-optimizer adam (default 0.9,0.999)", param_group=True, train="zo_betas",
-        cli=dict(type="betas", metavar="B1,B2"), agree=True)
+        (0.9, 0.999),
+        "of --zo-optimizer adam (default 0.9,0.999)",
+        param_group=True,
+        train="zo_betas",
+        cli=dict(type="betas", metavar="B1,B2"),
+        agree=True,
+    )
     adam_eps: float = option(1e-8, "the adam rule's epsilon", param_group=True, train=None, agree=True)
     coordinate_offset: int = option(
-        0, "the first module's first coordinate (the ZO-SL server half: the client's coordinate count)",
-        optimizers=("zo",), train=None)
+        0,
+        "the first module's first coordinate (the ZO-SL server half: the client's coordinate count)",
+        optimizers=("zo",),
+        train=None,
+    )
     query_batch: int | str = option(
-        1, "hosl / zo: run D perturbed points in one client forward over a D x B batch (fused linear/embedding "
+        1,
+        "hosl / zo: run D perturbed points in one client forward over a D x B batch (fused linear/embedding "
         "with D directions on CUDA), or 'auto' (the largest D within --query-memory-budget); default "
-        "%(default)s: one point per forward, the least memory", cli=dict(type="query_batch", metavar="D"))
+        "%(default)s: one point per forward, the least memory",
+        cli=dict(type="query_batch", metavar="D"),
+    )
     query_memory_budget: int | None = option(
-        None, "bytes the batched points may add to the client's peak (--query-batch auto picks D from it; an "
+        None,
+        "bytes the batched points may add to the client's peak (--query-batch auto picks D from it; an "
         "explicit D beyond it is refused; default for auto: 1/4 of the client's weights)",
-        cli=dict(type="int", metavar="BYTES"))
+        cli=dict(type="int", metavar="BYTES"),
+    )
     server_batch: int = option(
-        1, "perturbed activations the server evaluates in one batch (default %(default)s: least memory)",
-        optimizers=("hybrid",), cli=dict(type="int"), on_resume="override")
+        1,
+        "perturbed activations the server evaluates in one batch (default %(default)s: least memory)",
+        optimizers=("hybrid",),
+        cli=dict(type="int"),
+        on_resume="override",
+    )
     server_estimate: str = option(
-        "exact", "hosl: exact (the server runs every perturbed activation, default) or linear (dL/dh . (h+ - h-) "
+        "exact",
+        "hosl: exact (the server runs every perturbed activation, default) or linear (dL/dh . (h+ - h-) "
         "/ 2eps from the server's clean backward: one server forward per step)",
-        optimizers=("hybrid",), cli=dict(choices=SERVER_ESTIMATES))
+        optimizers=("hybrid",),
+        cli=dict(choices=SERVER_ESTIMATES),
+    )
     linear_on: str = option(
-        "server", "linear estimate: the server computes the Q dot products (default; the client uploads Q "
+        "server",
+        "linear estimate: the server computes the Q dot products (default; the client uploads Q "
         "activation differences) or the client does, after receiving dL/dh (which tells it about the labels; "
-        "see docs/optimizer.md)", optimizers=("hybrid",), cli=dict(choices=LINEAR_PLACEMENTS))
+        "see docs/optimizer.md)",
+        optimizers=("hybrid",),
+        cli=dict(choices=LINEAR_PLACEMENTS),
+    )
     client_micro_batch: int | None = option(
-        None, "hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the assembled "
+        None,
+        "hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the assembled "
         "activation; same update up to matmul rounding (default: the whole batch)",
-        optimizers=("hybrid",), cli=dict(type="int", metavar="M"), on_resume="override")
+        optimizers=("hybrid",),
+        cli=dict(type="int", metavar="M"),
+        on_resume="override",
+    )
 
     def __post_init__(self):
         label = _LABEL.get()
@@ -169,8 +252,10 @@ class ZOConfig:
         _one_of(self.difference, DIFFERENCES, label("difference"))
         _one_of(self.step_scale, STEP_SCALES, label("step_scale"))
         if self.step_scale == "loss-std" and self.difference == "forward" and self.num_queries < 2:
-            raise ValueError(f"{label('step_scale')}=loss-std divides by the spread of the perturbed losses: with "
-                             f"{label('difference')}=forward it needs {label('num_queries')} >= 2, got {self.num_queries}")
+            raise ValueError(
+                f"{label('step_scale')}=loss-std divides by the spread of the perturbed losses: with "
+                f"{label('difference')}=forward it needs {label('num_queries')} >= 2, got {self.num_queries}"
+            )
         if self.backend is not None:
             _one_of(self.backend, ops.BACKENDS, label("backend"))
         _one_of(self.perturbed_forward, PERTURBED_FORWARDS, label("perturbed_forward"))
@@ -187,19 +272,30 @@ class ZOConfig:
             raise ValueError(f"{label('query_batch')} must be an integer >= 1 or 'auto', got {qb!r}")
         budget = self.query_memory_budget
         if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget < 0:
-                raise ValueError(f"{label('query_memory_budget')} must be a number of bytes >= 0 (or None), got {budget!r}")
+            if (
+                isinstance(budget, bool)
+                or not isinstance(budget, (int, float))
+                or not math.isfinite(budget)
+                or budget < 0
+            ):
+                raise ValueError(
+                    f"{label('query_memory_budget')} must be a number of bytes >= 0 (or None), got {budget!r}"
+                )
             set_("query_memory_budget", int(budget))
         if isinstance(self.server_batch, bool) or not isinstance(self.server_batch, int) or self.server_batch < 1:
             raise ValueError(f"{label('server_batch')} must be an integer >= 1, got {self.server_batch!r}")
         if qb != 1 and self.server_batch != 1:
-            raise ValueError(f"{label('query_batch')}={qb!r} batches the perturbed points itself: it does not take "
-                             f"{label('server_batch')} > 1 ({label('client_micro_batch')} composes: M rows of each "
-                             "of the D copies)")
+            raise ValueError(
+                f"{label('query_batch')}={qb!r} batches the perturbed points itself: it does not take "
+                f"{label('server_batch')} > 1 ({label('client_micro_batch')} composes: M rows of each "
+                "of the D copies)"
+            )
         _one_of(self.server_estimate, SERVER_ESTIMATES, label("server_estimate"))
         if self.step_scale == "loss-std" and self.server_estimate == "linear":
-            raise ValueError(f"{label('step_scale')}=loss-std needs the perturbed losses; {label('server_estimate')}"
-                             "=linear has only their linearisation (use --server-estimate exact)")
+            raise ValueError(
+                f"{label('step_scale')}=loss-std needs the perturbed losses; {label('server_estimate')}"
+                "=linear has only their linearisation (use --server-estimate exact)"
+            )
         _one_of(self.linear_on, LINEAR_PLACEMENTS, label("linear_on"))
         check_micro_batch(self.client_micro_batch, label("client_micro_batch"))
 
@@ -222,8 +318,11 @@ class ZOConfig:
     def for_optimizer(self, optimizer: str) -> ZOConfig:
         """This config with the options ``optimizer`` does not take reset to their defaults (one config
         for a run: each of its optimizers gets the part that applies to it)."""
-        reset: dict[str, Any] = {f.name: f.default for f in fields(self)
-                 if optimizer not in f.metadata["optimizers"] and getattr(self, f.name) != f.default}
+        reset: dict[str, Any] = {
+            f.name: f.default
+            for f in fields(self)
+            if optimizer not in f.metadata["optimizers"] and getattr(self, f.name) != f.default
+        }
         return dataclasses.replace(self, **reset) if reset else self
 
     @classmethod
@@ -237,7 +336,9 @@ class ZOConfig:
                 raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
             takers = by_name[name].metadata["optimizers"]
             if optimizer not in takers:
-                raise TypeError(f"{owner} does not take {name} (an option of {', '.join(OPTIMIZERS[t] for t in takers)})")
+                raise TypeError(
+                    f"{owner} does not take {name} (an option of {', '.join(OPTIMIZERS[t] for t in takers)})"
+                )
         if config is None:
             base = cls.defaults_for(optimizer)
         elif not isinstance(config, cls):
@@ -245,12 +346,16 @@ class ZOConfig:
         else:
             base = config
             for f in fields(cls):
-                if optimizer not in f.metadata["optimizers"] and getattr(config, f.name) != f.default \
-                        and f.name not in options:
+                if (
+                    optimizer not in f.metadata["optimizers"]
+                    and getattr(config, f.name) != f.default
+                    and f.name not in options
+                ):
                     raise ValueError(
                         f"config.{f.name}={getattr(config, f.name)!r} is an option of "
                         f"{', '.join(OPTIMIZERS[t] for t in f.metadata['optimizers'])}, not of {owner}; "
-                        f"pass config.for_optimizer({optimizer!r}) (it resets such options to their defaults)")
+                        f"pass config.for_optimizer({optimizer!r}) (it resets such options to their defaults)"
+                    )
         return dataclasses.replace(base, **options) if options else base
 
     # -- what other parts read ------------------------------------------------------------------
@@ -299,6 +404,7 @@ def from_train_names(values: Mapping) -> dict:
 def config_attribute(name: str, *, settable: bool = False) -> property:
     """An optimizer attribute that reads ``self.config.<name>``; settable ones replace the config
     (validated again)."""
+
     def get(self):
         return getattr(self.config, name)
 
@@ -314,9 +420,11 @@ def optimizer_signature(init, optimizer: str) -> inspect.Signature:
     sig = inspect.signature(init)
     defaults = ZOConfig.defaults_for(optimizer)
     params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, f.name),
-                                 annotation=f.type)
-               for f in fields(ZOConfig) if optimizer in f.metadata["optimizers"]]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=getattr(defaults, f.name), annotation=f.type)
+        for f in fields(ZOConfig)
+        if optimizer in f.metadata["optimizers"]
+    ]
     return sig.replace(parameters=params)
 
 

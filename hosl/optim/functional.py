@@ -130,8 +130,16 @@ def materialise_estimate(
     the ops' own update (``0 - (1 * -c_q) * z_q`` for each ``q``), so every backend gives the same bits.
     """
     out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-    ops.zo_update_([out], seeds, [-c for c in coeffs], lr=1.0, offsets=[offset], family=direction,
-                   scales=None if scales is None else [[s] for s in scales], backend=backend)
+    ops.zo_update_(
+        [out],
+        seeds,
+        [-c for c in coeffs],
+        lr=1.0,
+        offsets=[offset],
+        family=direction,
+        scales=None if scales is None else [[s] for s in scales],
+        backend=backend,
+    )
     return out
 
 
@@ -147,8 +155,9 @@ def _with_decay(grad: torch.Tensor, w32: torch.Tensor, weight_decay: float) -> t
 
 
 @torch.no_grad()
-def momentum_step_(param: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *, lr: float, momentum: float,
-                   weight_decay: float = 0.0) -> None:
+def momentum_step_(
+    param: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *, lr: float, momentum: float, weight_decay: float = 0.0
+) -> None:
     """ZO-SGD with momentum (torch's SGD, no dampening): ``b = mu*b + (g + wd*w)``; ``w -= lr*b``.
 
     ``buf`` (float32, the state) is updated in place; ``grad`` (float32) is consumed.
@@ -160,8 +169,18 @@ def momentum_step_(param: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, *
 
 
 @torch.no_grad()
-def adam_step_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, *,
-               step: int, lr: float, betas: tuple[float, float], adam_eps: float, weight_decay: float = 0.0) -> None:
+def adam_step_(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    adam_eps: float,
+    weight_decay: float = 0.0,
+) -> None:
     """ZO-Adam (torch's Adam with L2 decay) on the estimate; ``step`` is this update's 1-based count.
 
     ``d = g + wd*w``; ``m = b1*m + (1-b1)*d``; ``v = b2*v + (1-b2)*d^2``;
@@ -173,7 +192,7 @@ def adam_step_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Ten
     d = _with_decay(grad, w32, weight_decay)
     exp_avg.mul_(beta1).add_(d, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
-    bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
     denom = torch.sqrt(exp_avg_sq, out=grad).div_(math.sqrt(bias2)).add_(adam_eps)
     _write(param, w32.addcdiv_(exp_avg, denom, value=-lr / bias1))
 
@@ -188,8 +207,9 @@ def sign_step_(param: torch.Tensor, grad: torch.Tensor, *, lr: float, weight_dec
 
 def state_nbytes(state: MutableMapping[torch.Tensor, dict]) -> int:
     """Bytes of the tensors held in an optimizer ``state``."""
-    return sum(t.numel() * t.element_size() for st in state.values() for t in st.values()
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size() for st in state.values() for t in st.values() if isinstance(t, torch.Tensor)
+    )
 
 
 def draw_seeds(generator: torch.Generator, count: int) -> list[int]:

@@ -78,8 +78,15 @@ class HybridOrderOptimizer(ZerothOrderBase):
     # settable: the training loop's --client-memory-budget picks it after construction
     client_micro_batch = config_attribute("client_micro_batch", settable=True)
 
-    def __init__(self, client: nn.Module, server_optimizer: torch.optim.Optimizer | None, *,
-                 config: ZOConfig | None = None, server: nn.Module | None = None, **options):
+    def __init__(
+        self,
+        client: nn.Module,
+        server_optimizer: torch.optim.Optimizer | None,
+        *,
+        config: ZOConfig | None = None,
+        server: nn.Module | None = None,
+        **options,
+    ):
         config = ZOConfig.of_optimizer(self.config_kind, config, options)
         if server_optimizer is not None and not isinstance(server_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -124,7 +131,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
                 raise RuntimeError(
                     f"with query_batch={self.query_batch!r}, client_fn must run the client module (the optimizer "
                     f"repeats its batch inputs {len(chunk)} times) and return one activation row per input row; "
-                    f"got {h.shape[0]} rows for {len(chunk)} copies")
+                    f"got {h.shape[0]} rows for {len(chunk)} copies"
+                )
             yield chunk, h
 
     def _perturbed_losses(self, client_fn, server_loss_fn, points) -> list[float]:
@@ -187,8 +195,14 @@ class HybridOrderOptimizer(ZerothOrderBase):
                 out += dots(torch.cat(deltas, dim=0))
         return [v / (2 * eps if central else eps) for v in out]
 
-    def step(self, client_fn: Callable[[], torch.Tensor], server_loss_fn: Callable[[torch.Tensor], torch.Tensor],  # type: ignore[override]  # a HOSL step's own arguments
-             *, batch_size: int | None = None, perturbed_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def step(  # type: ignore[override]  # a HOSL step's own arguments
+        self,
+        client_fn: Callable[[], torch.Tensor],
+        server_loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        batch_size: int | None = None,
+        perturbed_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         """One HOSL step; returns the clean loss (detached). ``batch_size``: with ``client_micro_batch``.
 
         ``server_loss_fn(h)`` is called once, at the clean point, with grad enabled (also when
@@ -197,8 +211,9 @@ class HybridOrderOptimizer(ZerothOrderBase):
         the client's weights, the server's gradients and the seed stream are as the step found them.
         """
         with self.seed_stream_kept_on_error(), self._server_grads.kept_on_error():
-            return self._step(client_fn, server_loss_fn, batch_size=batch_size,
-                              perturbed_loss_fn=perturbed_loss_fn or server_loss_fn)
+            return self._step(
+                client_fn, server_loss_fn, batch_size=batch_size, perturbed_loss_fn=perturbed_loss_fn or server_loss_fn
+            )
 
     def _server_step(self, clean: float) -> None:
         """The server optimizer's step, skipped (and counted) for a non-finite clean loss or gradient."""
@@ -239,8 +254,11 @@ class HybridOrderOptimizer(ZerothOrderBase):
         seeds = F.draw_seeds(self.generator, self.num_queries)
         if linear:
             losses = []
-            grads = ([math.nan] * len(seeds) if server is None  # a non-finite clean loss: the update is skipped
-                     else self._linear_grads(client_fn, server, h0.detach(), self.points(seeds)))
+            grads = (
+                [math.nan] * len(seeds)
+                if server is None  # a non-finite clean loss: the update is skipped
+                else self._linear_grads(client_fn, server, h0.detach(), self.points(seeds))
+            )
             del h0, server
         else:
             losses = self._perturbed_losses(client_fn, perturbed_loss_fn, self.points(seeds))

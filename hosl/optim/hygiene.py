@@ -16,8 +16,9 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def check_server_optimizer(server_optimizer: torch.optim.Optimizer | None, client: nn.Module,
-                           server: nn.Module | None = None) -> None:
+def check_server_optimizer(
+    server_optimizer: torch.optim.Optimizer | None, client: nn.Module, server: nn.Module | None = None
+) -> None:
     """Refuse a server optimizer that holds any of the client's parameters (by identity or shared
     storage). The optimizer cannot know the server module unless given it: with ``server``, every
     parameter must be one of the server's and every trainable server parameter must be in it."""
@@ -31,21 +32,26 @@ def check_server_optimizer(server_optimizer: torch.optim.Optimizer | None, clien
     for i, p in enumerate(params):
         name = client_names.get(id(p)) or (client_storage.get(p.untyped_storage().data_ptr()) if p.numel() else None)
         if name is not None:
-            raise ValueError(f"server_optimizer holds the client's parameter {name!r} (its parameter {i}): the "
-                             "client is trained by this optimizer's ZO estimate, the server optimizer must hold "
-                             "only server parameters")
+            raise ValueError(
+                f"server_optimizer holds the client's parameter {name!r} (its parameter {i}): the "
+                "client is trained by this optimizer's ZO estimate, the server optimizer must hold "
+                "only server parameters"
+            )
     if server is None:
         return
     server_names = {id(p): n for n, p in server.named_parameters()}
     for i, p in enumerate(params):
         if id(p) not in server_names:
-            raise ValueError(f"server_optimizer's parameter {i} (shape {tuple(p.shape)}) is not a parameter of "
-                             "the server module")
+            raise ValueError(
+                f"server_optimizer's parameter {i} (shape {tuple(p.shape)}) is not a parameter of the server module"
+            )
     held = {id(p) for p in params}
     missing = [n for n, p in server.named_parameters() if p.requires_grad and id(p) not in held]
     if missing:
-        raise ValueError(f"server_optimizer does not hold the server's trainable parameter {missing[0]!r}"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it would never train")
+        raise ValueError(
+            f"server_optimizer does not hold the server's trainable parameter {missing[0]!r}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: it would never train"
+        )
 
 
 class ActivationCheck:
@@ -67,10 +73,16 @@ class ActivationCheck:
         if self.shape is None:
             self.shape = h.shape
         elif h.shape != self.shape and not (
-                self.batched and h.dim() == len(self.shape) and h.shape[1:] == self.shape[1:]
-                and self.shape[0] and h.shape[0] % self.shape[0] == 0):
-            raise ValueError(f"client_fn returned shape {tuple(h.shape)} within a step whose clean activation has "
-                             f"shape {tuple(self.shape)}: every call of one step must see the same batch")
+            self.batched
+            and h.dim() == len(self.shape)
+            and h.shape[1:] == self.shape[1:]
+            and self.shape[0]
+            and h.shape[0] % self.shape[0] == 0
+        ):
+            raise ValueError(
+                f"client_fn returned shape {tuple(h.shape)} within a step whose clean activation has "
+                f"shape {tuple(self.shape)}: every call of one step must see the same batch"
+            )
         return h
 
 
@@ -110,5 +122,6 @@ class ServerGrads:
         if not grads:
             return True
         # the two ends of each gradient (aminmax: one fast read; a NaN or inf shows in them)
-        return bool(torch.isfinite(torch.stack([torch.stack(torch.aminmax(g.detach())).float().cpu()
-                                                for g in grads])).all())
+        return bool(
+            torch.isfinite(torch.stack([torch.stack(torch.aminmax(g.detach())).float().cpu() for g in grads])).all()
+        )

@@ -38,8 +38,10 @@ def dot_per_copy(g: torch.Tensor, deltas: torch.Tensor) -> list[float]:
     accumulated in float64 (the differences are small; their sum should not lose bits to it)."""
     rows = g.shape[0]
     if deltas.shape[0] % rows or tuple(deltas.shape[1:]) != tuple(g.shape[1:]):
-        raise ValueError(f"activation differences of shape {tuple(deltas.shape)} are not copies of the "
-                         f"activation gradient's shape {tuple(g.shape)}")
+        raise ValueError(
+            f"activation differences of shape {tuple(deltas.shape)} are not copies of the "
+            f"activation gradient's shape {tuple(g.shape)}"
+        )
     d = deltas.reshape(deltas.shape[0] // rows, -1).double()
     return (d @ g.reshape(-1).double().to(d.device)).tolist()
 
@@ -65,6 +67,8 @@ class LocalLinearServer:
         return dot_per_copy(self.grad, deltas)
 
 
-NO_GRADIENT = ("server_estimate='linear' needs dL/dh, the gradient of the server's clean loss with respect "
-               "to the activation, and server_loss_fn's loss has none (a frozen server, or a loss computed "
-               "without grad); use server_estimate='exact'")
+NO_GRADIENT = (
+    "server_estimate='linear' needs dL/dh, the gradient of the server's clean loss with respect "
+    "to the activation, and server_loss_fn's loss has none (a frozen server, or a loss computed "
+    "without grad); use server_estimate='exact'"
+)

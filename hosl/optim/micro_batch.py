@@ -70,8 +70,10 @@ class MicroBatchedClient:
         if not ok or (copies is not None and part.shape[0] != copies * expected):
             got = tuple(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
             want = f"{expected} rows" if copies in (None, 1) else f"{copies} copies of {expected} rows"
-            raise ValueError(f"client_fn(rows) must return the activation of rows {rows.start}:{rows.stop} "
-                             f"({want} along dim 0), got {got}")
+            raise ValueError(
+                f"client_fn(rows) must return the activation of rows {rows.start}:{rows.stop} "
+                f"({want} along dim 0), got {got}"
+            )
         return part
 
     def __call__(self) -> torch.Tensor:
@@ -87,8 +89,10 @@ class MicroBatchedClient:
                     copies = part.shape[0] // n
                     out = torch.empty((copies * self.batch_size, *part.shape[1:]), dtype=part.dtype, device=part.device)
                 elif part.shape[1:] != out.shape[1:]:
-                    raise ValueError(f"client_fn(rows) returned rows of shape {tuple(part.shape[1:])} for rows "
-                                     f"{rows.start}:{rows.stop}, but {tuple(out.shape[1:])} for rows 0:{self.micro_batch}")
+                    raise ValueError(
+                        f"client_fn(rows) returned rows of shape {tuple(part.shape[1:])} for rows "
+                        f"{rows.start}:{rows.stop}, but {tuple(out.shape[1:])} for rows 0:{self.micro_batch}"
+                    )
                 out.view(copies, self.batch_size, *out.shape[1:])[:, rows].copy_(part.view(copies, n, *part.shape[1:]))  # type: ignore[arg-type]  # set with out
                 del part  # the slice's activation goes before the next slice runs
         return out  # type: ignore[return-value]  # batch_size > 0 rows ran
@@ -99,10 +103,13 @@ def wrap_client_fn(client_fn, micro_batch: int | None, batch_size: int | None):
     zero-argument contract), else a :class:`MicroBatchedClient` over ``batch_size`` rows."""
     if micro_batch is None:
         if batch_size is not None:
-            raise ValueError("batch_size is only used with client_micro_batch (client_fn(rows)); "
-                             "without it client_fn takes no argument")
+            raise ValueError(
+                "batch_size is only used with client_micro_batch (client_fn(rows)); "
+                "without it client_fn takes no argument"
+            )
         return client_fn
     if batch_size is None:
-        raise ValueError(f"with client_micro_batch={micro_batch}, step() needs batch_size= (the rows client_fn(rows) "
-                         "can run)")
+        raise ValueError(
+            f"with client_micro_batch={micro_batch}, step() needs batch_size= (the rows client_fn(rows) can run)"
+        )
     return MicroBatchedClient(client_fn, batch_size, micro_batch)

@@ -64,8 +64,14 @@ class ForwardProbe:
         return 2 * self.largest + self.output
 
 
-def resolve(query_batch: int | str, budget: int | None, per_copy: int, weight_bytes: int, points: int,
-            device: torch.device | None = None) -> int:
+def resolve(
+    query_batch: int | str,
+    budget: int | None,
+    per_copy: int,
+    weight_bytes: int,
+    points: int,
+    device: torch.device | None = None,
+) -> int:
     """The ``D`` to run: ``query_batch`` itself (checked against the budget and, on CUDA, the free
     memory) or, for ``"auto"``, the largest that fits; never more than ``points``.
 
@@ -82,10 +88,13 @@ def resolve(query_batch: int | str, budget: int | None, per_copy: int, weight_by
     if budget is not None and need > budget:
         raise ValueError(
             f"query_batch={query_batch} needs about {need} bytes beyond the sequential pass ({d - 1} more copies of "
-            f"a {per_copy}-byte forward) but query_memory_budget={budget}; lower query_batch or use 'auto'")
+            f"a {per_copy}-byte forward) but query_memory_budget={budget}; lower query_batch or use 'auto'"
+        )
     if device is not None and device.type == "cuda" and need > 0:
         free = torch.cuda.mem_get_info(device)[0]
         if need > free:
-            raise ValueError(f"query_batch={query_batch} needs about {need} bytes beyond the sequential pass but "
-                             f"{device} has {free} bytes free; lower query_batch or use 'auto'")
+            raise ValueError(
+                f"query_batch={query_batch} needs about {need} bytes beyond the sequential pass but "
+                f"{device} has {free} bytes free; lower query_batch or use 'auto'"
+            )
     return d

@@ -56,13 +56,30 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
     tensor from its float32 estimate ``g`` (consumed). Weight decay is passed only to the layout's
     decay group."""
 
-    def step(layout: ParameterLayout, seeds, grads, state: State, *, weight_decay: float,
-             direction: str = "gaussian", scales=None, backend: str | None = None, **hyper) -> None:
+    def step(
+        layout: ParameterLayout,
+        seeds,
+        grads,
+        state: State,
+        *,
+        weight_decay: float,
+        direction: str = "gaussian",
+        scales=None,
+        backend: str | None = None,
+        **hyper,
+    ) -> None:
         coeffs = [g / len(seeds) for g in grads]
         for j, slot in enumerate(layout.slots):
             p = slot.param.data
-            g = F.materialise_estimate(p, slot.offset, seeds, coeffs, direction=direction,
-                                       scales=None if scales is None else [row[j] for row in scales], backend=backend)
+            g = F.materialise_estimate(
+                p,
+                slot.offset,
+                seeds,
+                coeffs,
+                direction=direction,
+                scales=None if scales is None else [row[j] for row in scales],
+                backend=backend,
+            )
             tensor_step(p, state[slot.param], g, weight_decay=weight_decay if slot.decay else 0.0, **hyper)
             del g
 
@@ -71,8 +88,9 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
 
 # -- the rules ------------------------------------------------------------------------------------
 def _sgd_step(layout, seeds, grads, state, *, lr, weight_decay, direction, scales, backend, **_):
-    F.zo_sgd(layout, seeds, grads, lr=lr, weight_decay=weight_decay, direction=direction, scales=scales,
-             backend=backend)
+    F.zo_sgd(
+        layout, seeds, grads, lr=lr, weight_decay=weight_decay, direction=direction, scales=scales, backend=backend
+    )
 
 
 def _sgd_bound(m, d, params, state, *, lr, **_):
@@ -95,8 +113,17 @@ def _adam_tensor(p, st, g, *, lr, betas, adam_eps, weight_decay, **_):
     if "exp_avg" not in st:
         st.update(step=0, exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
     st["step"] += 1
-    F.adam_step_(p, st["exp_avg"], st["exp_avg_sq"], g, step=st["step"], lr=lr, betas=betas, adam_eps=adam_eps,
-                 weight_decay=weight_decay)
+    F.adam_step_(
+        p,
+        st["exp_avg"],
+        st["exp_avg_sq"],
+        g,
+        step=st["step"],
+        lr=lr,
+        betas=betas,
+        adam_eps=adam_eps,
+        weight_decay=weight_decay,
+    )
 
 
 def _adam_bound(m, d, params, state, *, lr, betas, adam_eps, **_):
@@ -107,7 +134,7 @@ def _adam_bound(m, d, params, state, *, lr, betas, adam_eps, **_):
     v1 = beta2 * F.max_abs([st["exp_avg_sq"] for st in sts]) + (1 - beta2) * d * d
     if not (m1 < _F32_MAX and v1 < _F32_MAX):
         return math.inf
-    bias1, bias2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    bias1, bias2 = 1.0 - beta1**step, 1.0 - beta2**step
     bound = m + lr / bias1 * m1 / adam_eps  # denominator >= adam_eps
     if beta1 * beta1 < beta2:  # |m| <= k sqrt(v) for a state built by this rule from zero
         k = (1 - beta1) / math.sqrt((1 - beta2) * (1 - beta1 * beta1 / beta2))
@@ -124,8 +151,15 @@ def _sign_bound(m, d, params, state, *, lr, weight_decay, **_):
 
 
 RULES.register(UpdateRule("sgd", 0, _sgd_step, _sgd_bound, help="no state"))
-RULES.register(UpdateRule("momentum", 1, per_tensor_step(_momentum_tensor), _momentum_bound,
-                          help="float32 state on the client: 1x the trainable parameters"))
+RULES.register(
+    UpdateRule(
+        "momentum",
+        1,
+        per_tensor_step(_momentum_tensor),
+        _momentum_bound,
+        help="float32 state on the client: 1x the trainable parameters",
+    )
+)
 RULES.register(UpdateRule("adam", 2, per_tensor_step(_adam_tensor), _adam_bound, help="2x"))
 RULES.register(UpdateRule("sign", 0, per_tensor_step(_sign_tensor), _sign_bound, help="sign of the estimate"))
 
@@ -136,9 +170,18 @@ def rule_state_nbytes(variant: str, trainable_numel: int) -> int:
     return 4 * RULES[variant].state_elements * trainable_numel
 
 
-def zo_step(variant: str, layout: ParameterLayout, seeds: Sequence[int], grads: Sequence[float], state: State, *,
-            direction: str = "gaussian", scales: Sequence[Sequence[float]] | None = None, backend: str | None = None,
-            **hyper) -> None:
+def zo_step(
+    variant: str,
+    layout: ParameterLayout,
+    seeds: Sequence[int],
+    grads: Sequence[float],
+    state: State,
+    *,
+    direction: str = "gaussian",
+    scales: Sequence[Sequence[float]] | None = None,
+    backend: str | None = None,
+    **hyper,
+) -> None:
     """One update of ``variant`` (a name in :data:`RULES`) from ``Q`` seeds and their estimates ``g_q``.
 
     ``state`` maps each parameter to its dict of float32 state tensors (an ``Optimizer.state``),
@@ -146,12 +189,19 @@ def zo_step(variant: str, layout: ParameterLayout, seeds: Sequence[int], grads: 
     ``hyper``: every one of :data:`~hosl.optim.functional.STEP_HYPERPARAMETERS`
     (:func:`~hosl.optim.functional.step_hyperparameters` of a param group).
     """
-    RULES[variant].step(layout, seeds, grads, state, direction=direction, scales=scales, backend=backend,
-                        **hyper)
+    RULES[variant].step(layout, seeds, grads, state, direction=direction, scales=scales, backend=backend, **hyper)
 
 
-def update_is_safe(variant: str, layout: ParameterLayout, seeds: Sequence[int], grads: Sequence[float],
-                   state: State, *, direction: str = "gaussian", **hyper) -> bool:
+def update_is_safe(
+    variant: str,
+    layout: ParameterLayout,
+    seeds: Sequence[int],
+    grads: Sequence[float],
+    state: State,
+    *,
+    direction: str = "gaussian",
+    **hyper,
+) -> bool:
     """True when ``zo_step`` with these arguments is certain to leave every weight (and the rule's
     float32 state) finite; False means skip the update.
 

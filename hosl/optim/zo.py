@@ -41,8 +41,14 @@ class ZerothOrderOptimizer(ZerothOrderBase):
 
     config_kind = "zo"
 
-    def __init__(self, modules: nn.Module | Sequence[nn.Module], *, config: ZOConfig | None = None,
-                 peers: Sequence = (), **options):
+    def __init__(
+        self,
+        modules: nn.Module | Sequence[nn.Module],
+        *,
+        config: ZOConfig | None = None,
+        peers: Sequence = (),
+        **options,
+    ):
         modules = [modules] if isinstance(modules, nn.Module) else list(modules)
         super().__init__(modules, ZOConfig.of_optimizer(self.config_kind, config, options), peers=peers)
 

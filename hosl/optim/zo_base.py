@@ -66,15 +66,20 @@ class ZerothOrderBase(torch.optim.Optimizer):
         # one numbering over all the modules (MeZO on the whole): each starts where the previous ends
         self.layouts: list[ParameterLayout] = []
         for m in modules:
-            self.layouts.append(ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else c.coordinate_offset))
+            self.layouts.append(
+                ParameterLayout(m, offset=self.layouts[-1].end if self.layouts else c.coordinate_offset)
+            )
         # sphere: each seed's per-tensor factors, computed once and shared by the passes and the update
         factor = FAMILIES[c.direction].per_tensor_factor
-        self.sphere_scales = [SphereScales(lay, c.backend, keep=c.num_queries) if factor else None
-                              for lay in self.layouts]
+        self.sphere_scales = [
+            SphereScales(lay, c.backend, keep=c.num_queries) if factor else None for lay in self.layouts
+        ]
         # "auto": fused Linear/Embedding kernels on CUDA+Triton, else the materialising fused path (one
         # layer at a time); scratch when asked for or for a non-Gaussian direction (hosl/forward/choice.py)
-        made = [make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph)
-                for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)]
+        made = [
+            make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph)
+            for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)
+        ]
         self.perturbers = [p for p, _ in made]
         self.perturbed_forward_info = [line for _, line in made]
         # query_batch: D points per client forward (hosl.forward.batched), built on first use
@@ -130,8 +135,10 @@ class ZerothOrderBase(torch.optim.Optimizer):
         """All ZO-trained modules run the ``D = len(points)`` points ``(seed, sign)`` in one forward
         over their inputs repeated ``D`` times (:mod:`hosl.forward.batched`)."""
         if self.batch_perturbers is None:
-            self.batch_perturbers = [make_batched_perturber(p.module, lay, self.backend, self.direction, sph)
-                                     for p, lay, sph in zip(self.perturbers, self.layouts, self.sphere_scales)]
+            self.batch_perturbers = [
+                make_batched_perturber(p.module, lay, self.backend, self.direction, sph)
+                for p, lay, sph in zip(self.perturbers, self.layouts, self.sphere_scales)
+            ]
         with contextlib.ExitStack() as stack:
             for group, perturber in zip(self.param_groups, self.batch_perturbers):
                 stack.enter_context(perturber.perturbed([(seed, sign * group["eps"]) for seed, sign in points]))
@@ -142,8 +149,9 @@ class ZerothOrderBase(torch.optim.Optimizer):
         ``query_memory_budget``: a ValueError before any weight is touched when it cannot fit."""
         weight_bytes = sum(s.param.numel() * s.param.element_size() for lay in self.layouts for s in lay.slots)
         device = self.layouts[0].slots[0].param.device if self.layouts and self.layouts[0].slots else None
-        self.last_query_batch = QB.resolve(self.query_batch, self.query_memory_budget, per_copy_bytes, weight_bytes,
-                                           points, device)
+        self.last_query_batch = QB.resolve(
+            self.query_batch, self.query_memory_budget, per_copy_bytes, weight_bytes, points, device
+        )
         return self.last_query_batch
 
     def points(self, seeds: Sequence[int]) -> list[tuple[int, float]]:
@@ -174,14 +182,23 @@ class ZerothOrderBase(torch.optim.Optimizer):
         (:func:`hosl.optim.rules.update_is_safe`: checked for all groups before any is written)."""
         per_group = self.group_grads(grads)
         for group, layout, g in zip(self.param_groups, self.layouts, per_group):
-            if not rules.update_is_safe(self.variant, layout, seeds, g, self.state, direction=self.direction,
-                                        **F.step_hyperparameters(group)):
+            if not rules.update_is_safe(
+                self.variant, layout, seeds, g, self.state, direction=self.direction, **F.step_hyperparameters(group)
+            ):
                 self.skipped_updates += 1
                 return False
         for group, layout, sphere, g in zip(self.param_groups, self.layouts, self.sphere_scales, per_group):
-            rules.zo_step(self.variant, layout, seeds, g, self.state, direction=self.direction,
-                          scales=None if sphere is None else [sphere(s) for s in seeds], backend=self.backend,
-                          **F.step_hyperparameters(group))
+            rules.zo_step(
+                self.variant,
+                layout,
+                seeds,
+                g,
+                self.state,
+                direction=self.direction,
+                scales=None if sphere is None else [sphere(s) for s in seeds],
+                backend=self.backend,
+                **F.step_hyperparameters(group),
+            )
         for peer in self.peers:
             peer.update(seeds, grads)
         return True
@@ -190,9 +207,11 @@ class ZerothOrderBase(torch.optim.Optimizer):
         """Refused once built: each group is one module's coordinate layout, perturber and eps,
         fixed at construction (build a new optimizer over all the modules instead)."""
         if getattr(self, "_groups_fixed", False):
-            raise ValueError(f"{type(self).__name__} does not take add_param_group: its groups are the modules given "
-                             "at construction (each with its own coordinates, perturber and eps); build a new "
-                             "optimizer over all the modules instead")
+            raise ValueError(
+                f"{type(self).__name__} does not take add_param_group: its groups are the modules given "
+                "at construction (each with its own coordinates, perturber and eps); build a new "
+                "optimizer over all the modules instead"
+            )
         super().add_param_group(param_group)
 
     @contextlib.contextmanager
@@ -225,6 +244,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         if self.variant == "sgd":
             return 0
         return max(s.param.numel() for lay in self.layouts for s in lay.slots) * 4
+
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self):
         state = super().state_dict()
@@ -246,25 +266,38 @@ class ZerothOrderBase(torch.optim.Optimizer):
         if extra is None:
             raise ValueError("state_dict has no 'hosl' entry: it was not saved by a hosl optimizer")
         # fields a state saved before they were recorded may lack: then the default they had
-        defaults = {"direction": "gaussian", "variant": "sgd", "num_queries": self.num_queries,
-                    "difference": self.difference, "layout": None}
-        for key, mine in (("num_queries", self.num_queries), ("difference", self.difference),
-                          ("direction", self.direction), ("variant", self.variant)):
+        defaults = {
+            "direction": "gaussian",
+            "variant": "sgd",
+            "num_queries": self.num_queries,
+            "difference": self.difference,
+            "layout": None,
+        }
+        for key, mine in (
+            ("num_queries", self.num_queries),
+            ("difference", self.difference),
+            ("direction", self.direction),
+            ("variant", self.variant),
+        ):
             saved = extra.get(key, defaults[key])
             if saved != mine:
                 raise ValueError(f"the state_dict was saved with {key}={saved!r}, this optimizer has {key}={mine!r}")
         saved_layout = extra.get("layout")
         if saved_layout is not None and saved_layout != self.layout_signature():
             difference = _layout_difference(saved_layout, self.layout_signature())
-            raise ValueError("the state_dict was saved with another parameter layout (names, shapes or first "
-                             f"coordinates of the trainable parameters): {difference}")
+            raise ValueError(
+                "the state_dict was saved with another parameter layout (names, shapes or first "
+                f"coordinates of the trainable parameters): {difference}"
+            )
         super().load_state_dict(state_dict)
         # torch casts loaded state to each parameter's dtype; this state is float32 whatever the weights' dtype
         params = [p for group in self.param_groups for p in group["params"]]
         for index, saved in state_dict["state"].items():
             p = params[index]
-            self.state[p] = {k: v.to(device=p.device, dtype=v.dtype, copy=True) if isinstance(v, torch.Tensor) else v
-                             for k, v in saved.items()}
+            self.state[p] = {
+                k: v.to(device=p.device, dtype=v.dtype, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in saved.items()
+            }
         for group in self.param_groups:  # state saved before these options existed
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -302,8 +335,10 @@ def batch_losses(out, count: int, what: str, setting: str) -> list[float]:
         return [float(scalar_loss(out, what))]
     if not isinstance(out, torch.Tensor) or out.shape != (count,):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"with {setting}, {what} must return one loss per copy (shape [{count}]) for {count} "
-                         f"copies in one batch, got {got}")
+        raise ValueError(
+            f"with {setting}, {what} must return one loss per copy (shape [{count}]) for {count} "
+            f"copies in one batch, got {got}"
+        )
     return out.float().tolist()
 
 

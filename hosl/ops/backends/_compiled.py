@@ -45,24 +45,44 @@ class CompiledBackend:
         return self.ext.randn(key_lo, key_hi, numel, offset, _device(device), FAMILY_CODES[family], scale)
 
     def perturb(self, tensors, outs, offsets, key_lo, key_hi, scale, family="gaussian", dir_scales=None) -> None:
-        self.ext.perturb(list(tensors), list(outs), list(offsets), key_lo, key_hi, scale, FAMILY_CODES[family],
-                         list(dir_scales or []))
+        self.ext.perturb(
+            list(tensors),
+            list(outs),
+            list(offsets),
+            key_lo,
+            key_hi,
+            scale,
+            FAMILY_CODES[family],
+            list(dir_scales or []),
+        )
 
     def zo_update(self, tensors, offsets, keys_lo, keys_hi, coeffs, decay, family="gaussian", dir_scales=None) -> None:
-        self.ext.zo_update(list(tensors), list(offsets), list(keys_lo), list(keys_hi), list(coeffs), decay,
-                           FAMILY_CODES[family], list(dir_scales or []))
+        self.ext.zo_update(
+            list(tensors),
+            list(offsets),
+            list(keys_lo),
+            list(keys_hi),
+            list(coeffs),
+            decay,
+            FAMILY_CODES[family],
+            list(dir_scales or []),
+        )
 
     def sq_norms(self, numels, offsets, key_lo, key_hi, device) -> list[int]:
         return self.ext.sq_norms(list(numels), list(offsets), key_lo, key_hi, _device(device))
 
-    def perturbed_linear(self, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
-                         family="gaussian", factors=None) -> torch.Tensor:
+    def perturbed_linear(
+        self, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian", factors=None
+    ) -> torch.Tensor:
         """No fused kernel here: materialise W + scale*Z with this backend's perturb, then F.linear."""
-        return materialised.perturbed_linear(self.perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi,
-                                             scales, shared_x, family, factors)
+        return materialised.perturbed_linear(
+            self.perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family, factors
+        )
 
-    def perturbed_embedding(self, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian",
-                            factors=None) -> torch.Tensor:
+    def perturbed_embedding(
+        self, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None
+    ) -> torch.Tensor:
         """No fused kernel here: perturb only the rows looked up, with this backend's perturb."""
-        return materialised.perturbed_embedding(self.perturb, ids, weight, w_offset, keys_lo, keys_hi, scales,
-                                                shared_ids, family=family, factors=factors)
+        return materialised.perturbed_embedding(
+            self.perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family=family, factors=factors
+        )

@@ -21,8 +21,9 @@ def _dir_scales(family, factors, index, count=1):
     return [factors[index]] * count if family == "sphere" else None
 
 
-def perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
-                     family="gaussian", factors=None):
+def perturbed_linear(
+    perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian", factors=None
+):
     w_p = torch.empty_like(weight)
     b_p = torch.empty_like(bias) if bias is not None and b_offset is not None else bias
     outs = []
@@ -36,8 +37,19 @@ def perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys
     return torch.stack(outs)
 
 
-def perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, rows_only=True,
-                        family="gaussian", factors=None):
+def perturbed_embedding(
+    perturb,
+    ids,
+    weight,
+    w_offset,
+    keys_lo,
+    keys_hi,
+    scales,
+    shared_ids,
+    rows_only=True,
+    family="gaussian",
+    factors=None,
+):
     hidden = weight.shape[1]
     outs = []
     for d, (lo, hi, scale) in enumerate(zip(keys_lo, keys_hi, scales)):
@@ -47,8 +59,16 @@ def perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales
             srcs = [weight[r] for r in rows]
             dsts = list(torch.empty((len(rows), hidden), dtype=weight.dtype, device=weight.device).unbind(0))
             # sphere: one factor for the whole weight, whichever rows are perturbed
-            perturb(srcs, dsts, [w_offset + r * hidden for r in rows], lo, hi, scale, family,
-                    _dir_scales(family, factors, d, len(rows)))
+            perturb(
+                srcs,
+                dsts,
+                [w_offset + r * hidden for r in rows],
+                lo,
+                hi,
+                scale,
+                family,
+                _dir_scales(family, factors, d, len(rows)),
+            )
             table = torch.stack(dsts) if dsts else weight.new_empty((0, hidden))
             outs.append(table[torch.searchsorted(torch.tensor(rows, device=tok.device), tok)])
         else:

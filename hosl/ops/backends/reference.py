@@ -61,13 +61,27 @@ def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
     return [sphere_sq_norm(randn_reference(seed, n, o)) for n, o in zip(numels, offsets)]
 
 
-def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian",
-                     factors=None) -> torch.Tensor:
-    return materialised.perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
-                                         shared_x, family, factors)
+def perturbed_linear(
+    x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian", factors=None
+) -> torch.Tensor:
+    return materialised.perturbed_linear(
+        perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family, factors
+    )
 
 
-def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian",
-                        factors=None) -> torch.Tensor:
-    return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
-                                            rows_only=False, family=family, factors=factors)
+def perturbed_embedding(
+    ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None
+) -> torch.Tensor:
+    return materialised.perturbed_embedding(
+        perturb,
+        ids,
+        weight,
+        w_offset,
+        keys_lo,
+        keys_hi,
+        scales,
+        shared_ids,
+        rows_only=False,
+        family=family,
+        factors=factors,
+    )

@@ -58,18 +58,23 @@ def sq_norms(numels, offsets, key_lo, key_hi, device) -> list[int]:
     return _k.sq_norms(numels, offsets, key_lo, key_hi, device)
 
 
-def perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian",
-                     factors=None):
+def perturbed_linear(
+    x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family="gaussian", factors=None
+):
     if family not in _k.FUSED_FAMILIES:  # no fused tile for it yet: W + s*z with this backend's perturb
-        return materialised.perturbed_linear(perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales,
-                                             shared_x, family, factors)
-    return _k.perturbed_linear(x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x,
-                               family=family, factors=factors)
+        return materialised.perturbed_linear(
+            perturb, x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family, factors
+        )
+    return _k.perturbed_linear(
+        x, weight, bias, w_offset, b_offset, keys_lo, keys_hi, scales, shared_x, family=family, factors=factors
+    )
 
 
 def perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None):
     if family not in _k.FUSED_FAMILIES:
-        return materialised.perturbed_embedding(perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
-                                                family=family, factors=factors)
-    return _k.perturbed_embedding(ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids,
-                                  family=family, factors=factors)
+        return materialised.perturbed_embedding(
+            perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family=family, factors=factors
+        )
+    return _k.perturbed_embedding(
+        ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family=family, factors=factors
+    )
