@@ -46,6 +46,9 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--secret-file", default=None, metavar="PATH",
                    help="file holding the secret both sides share (default: the HOSL_SECRET environment variable; "
                         "hosl serve without either generates one in OUT/server/secret, mode 0600)")
+    g.add_argument("--encrypt", action="store_true",
+                   help="encrypt every message's payloads (ChaCha20-Poly1305) as well as authenticating it (every "
+                        "message always carries a MAC); both sides must pass it (docs/transport.md)")
 
 
 def add_fleet_args(p: argparse.ArgumentParser, d) -> None:
@@ -99,7 +102,7 @@ def _connection(args, role: str):
     return Connection(rank=args.rank, world_size=args.world_size, master_addr=args.master_addr,
                       master_port=args.master_port, peer_timeout=args.peer_timeout,
                       connect_timeout=args.connect_timeout, backend=args.dist_backend,
-                      secret=found[0] if found else None)
+                      secret=found[0] if found else None, encrypt=args.encrypt)
 
 
 def resolve_role(args) -> str:

@@ -356,9 +356,10 @@ def test_the_servers_death_stops_every_client_and_a_resumed_fleet_ends_identical
 @pytest.mark.slow
 @needs_data
 def test_local_clients_keep_their_own_halves_and_apply_only_their_own_updates(tmp_path):
-    """(Also the linear server estimate and delta8 uploads through a fleet's per-client state.)"""
+    """(Also the linear server estimate and delta8 uploads through a fleet's per-client state, and every
+    pair's messages encrypted: --encrypt.)"""
     out, port, n = tmp_path / "fleet", _free_port(), 2
-    extra = ("--client-sync", "local", "--server-estimate", "linear", "--wire", "delta8")
+    extra = ("--client-sync", "local", "--server-estimate", "linear", "--wire", "delta8", "--encrypt")
     server = _server(out, n, port, *extra)
     clients = [_client(out, n, r, port, *extra) for r in range(1, n + 1)]
     for proc in (*clients, server):

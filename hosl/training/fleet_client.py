@@ -113,7 +113,8 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
         say(f"client {rank}: joining the fleet on {conn.where()} (up to {conn.connect_timeout:g} s)")
         endpoint = join_fleet(secret=conn.secret, rank=rank, addr=conn.addr(), port=conn.port(),
                               timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
-                              fields=fingerprint(cfg), backend=conn.backend or "gloo", stop_requested=stop.requested)
+                              fields=fingerprint(cfg), backend=conn.backend or "gloo", stop_requested=stop.requested,
+                              encrypt=conn.encrypt)
         stop.connected = True
         barrier = {int(Phase.CLEAN_LOSS): conn.connect_timeout, int(Phase.END_STEP): conn.connect_timeout,
                    int(Phase.JOIN): conn.connect_timeout}

@@ -49,7 +49,7 @@ from hosl.training.run import say
 from hosl.training.server_handler import ServerHandler
 from hosl.transport import Message, PeerLostError, ShutdownCode
 from hosl.transport.fleet import FleetHost
-from hosl.transport.wire import Kind, text_tensor
+from hosl.transport.wire import Kind, tensor_text, text_tensor
 
 JOIN_CHECK_S = 0.2  # how often the server looks for joining clients while it waits on messages
 
@@ -165,6 +165,9 @@ class FleetServer:
             with contextlib.suppress(PeerLostError):
                 self.host.send(rank, Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement")
             self._leave(rank, done=msg.code == int(ShutdownCode.DONE), why=f"said goodbye (code {msg.code})")
+            return
+        if msg.kind == Kind.ERROR:  # the client refused an answer (it failed its authentication check, say)
+            self._drop(rank, f"it gave up: {tensor_text(msg.tensors[0]) if msg.tensors else '?'}")
             return
         try:
             phase = Phase(msg.phase)
@@ -357,7 +360,8 @@ def run_fleet_server(cfg, conn) -> int:
         say(f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model)")
         host = FleetHost(secret=conn.secret, addr=conn.addr(), port=conn.port(),
                          timeout_s=conn.connect_timeout, peer_timeout=conn.peer_timeout,
-                         backend=conn.backend or "gloo", stop_requested=stop.requested, log=say)
+                         backend=conn.backend or "gloo", stop_requested=stop.requested, log=say,
+                         encrypt=conn.encrypt)
         stop.connected = True
         fleet = FleetServer(host, half, log, clients=cfg.clients, client_sync=cfg.client_sync,
                             fields=fingerprint(cfg), run_dir=run_dir, start_timeout_s=conn.connect_timeout,

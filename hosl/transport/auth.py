@@ -18,7 +18,8 @@ crosses, each side proves it holds the secret without revealing it:
    connects to; this step does: the process at the other end of the very connection that will
    carry activations and labels holds the secret.
 
-Nothing is encrypted: what crosses after this is readable by anyone on the network path (see
+After step 2 every message carries a MAC under a session key derived from the secret and both
+channel nonces, and with ``--encrypt`` its payloads are encrypted (``hosl/transport/session.py``,
 docs/transport.md). Comparisons use ``hmac.compare_digest``.
 """
 
@@ -242,18 +243,23 @@ def authenticate_over_store(
 
 
 # -- step 2: over the tensor channel --------------------------------------------------------------
-def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float) -> None:
+def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float, *, encrypt: bool = False) -> None:
     """Prove the secret again over the point-to-point connection that will carry the tensors,
-    with fresh nonces, so the process at its other end is the one that passed step 1.
-    ``endpoint`` is a :class:`hosl.transport.distributed.Endpoint`; only nonces and HMACs cross."""
+    with fresh nonces, so the process at its other end is the one that passed step 1; then give
+    ``endpoint`` the session that authenticates (and with ``encrypt``, encrypts) every later message
+    (:class:`hosl.transport.session.Session`, keys from the secret and both nonces).
+    ``endpoint`` is a :class:`hosl.transport.distributed.Endpoint`; only nonces, the ``encrypt``
+    flags and HMACs cross. Both sides must pass the same ``encrypt`` (else ``ConfigMismatchError``)."""
+    from hosl.transport.link import ConfigMismatchError
+    from hosl.transport.session import Session
     from hosl.transport.wire import Kind, Message
 
     host = endpoint.rank == 0
     mine_label, their_label = (b"channel-host", b"channel-joiner") if host else (b"channel-joiner", b"channel-host")
     what = "the channel check (proof of the shared secret)"
 
-    def exchange(payload: bytes) -> bytes:
-        msg = Message(Kind.AUTH, tensors=[torch.frombuffer(bytearray(payload), dtype=torch.uint8)])
+    def exchange(payload: bytes, flags: list[int]) -> Message:
+        msg = Message(Kind.AUTH, ints=flags, tensors=[torch.frombuffer(bytearray(payload), dtype=torch.uint8)])
         if host:
             endpoint.send(msg, what, timeout_s)
             theirs = endpoint.recv(f"waiting for {what}", timeout_s)
@@ -262,20 +268,32 @@ def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float) -> N
             endpoint.send(msg, what, timeout_s)
         if theirs.kind != Kind.AUTH or len(theirs.tensors) != 1 or theirs.tensors[0].dtype != torch.uint8:
             raise AuthError(f"the {endpoint.peer_name} did not answer {what} (not a hosl peer of this version?)")
-        return bytes(theirs.tensors[0].cpu().tolist())
+        return theirs
 
     mine = secrets.token_bytes(NONCE_BYTES)
-    theirs = exchange(mine)
-    if len(theirs) != NONCE_BYTES:
-        raise AuthError(f"the {endpoint.peer_name} sent a malformed nonce in {what}")
+    first = exchange(mine, [int(encrypt)])
+    theirs = bytes(first.tensors[0].cpu().tolist())
+    if len(theirs) != NONCE_BYTES or len(first.ints) != 1 or first.ints[0] not in (0, 1):
+        raise AuthError(f"the {endpoint.peer_name} sent a malformed nonce in {what} (not a hosl peer of this version?)")
+    their_encrypt = bool(first.ints[0])
     n_host, n_joiner = (mine, theirs) if host else (theirs, mine)
+    enc_host, enc_joiner = (encrypt, their_encrypt) if host else (their_encrypt, encrypt)
     rid = run_id.encode("ascii")
-    tag = exchange(proof(secret, mine_label, rid, n_host, n_joiner))
-    if not proof_ok(secret, their_label, (rid, n_host, n_joiner), tag):
+    flags = f"encrypt={int(enc_host)},{int(enc_joiner)}".encode("ascii")  # proven: no one on the path flips them
+    tag = bytes(exchange(proof(secret, mine_label, rid, n_host, n_joiner, flags), []).tensors[0].cpu().tolist())
+    if not proof_ok(secret, their_label, (rid, n_host, n_joiner, flags), tag):
         raise AuthError(
             f"the connection to the {endpoint.peer_name} is not held by the process that proved the "
             f"shared secret (the rendezvous store was tampered with?); nothing else was sent"
         )
+    if their_encrypt != encrypt:
+        raise ConfigMismatchError(
+            f"configuration mismatch with the {endpoint.peer_name}: --encrypt is {'on' if encrypt else 'off'} here "
+            f"and {'on' if their_encrypt else 'off'} there; start both sides with the same --encrypt"
+        )
+    endpoint.session = Session(
+        secret, run_id, n_host, n_joiner, is_host=host, encrypt=encrypt, peer_name=endpoint.peer_name
+    )
 
 
 def _poll(store, key: str, deadline: float, every_s: float = 0.05) -> bytes | None:

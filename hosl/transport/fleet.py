@@ -35,8 +35,9 @@ import torch
 import torch.distributed as dist
 
 from hosl.transport.auth import AuthError, ConnectError, authenticate_over_store, confirm_channel
-from hosl.transport.distributed import Endpoint, handshake, open_store
+from hosl.transport.distributed import Endpoint, handshake, open_store, refuse_to_peer
 from hosl.transport.link import ConfigMismatchError, PeerError, PeerLostError
+from hosl.transport.session import TamperedMessageError
 from hosl.transport.waiting import call_bounded
 from hosl.transport.wire import Message
 
@@ -82,6 +83,7 @@ class FleetHost:
         backend: str = "gloo",
         stop_requested: Callable[[], bool] | None = None,
         log: Callable[[str], None] = lambda _msg: None,
+        encrypt: bool = False,
     ):
         if not secret:
             raise ValueError("a fleet needs a shared secret (--secret-file or HOSL_SECRET)")
@@ -89,6 +91,7 @@ class FleetHost:
         self.timeout_s, self.peer_timeout = timeout_s, peer_timeout
         self.stop_requested = stop_requested or (lambda: False)
         self.log = log
+        self.encrypt = encrypt  # every pair's messages are MACed; with encrypt, their payloads encrypted too
         self.store = open_store(addr, port, 0, time.monotonic() + timeout_s, timeout_s, self.stop_requested)
         self.store.add(JOINS, 0)
         self.seen_joins = 0
@@ -145,7 +148,7 @@ class FleetHost:
             self.stop_requested,
         )
         endpoint = Endpoint("client", self.peer_timeout, group=group, rank=0, peer_rank=rank)
-        confirm_channel(endpoint, self.secret, run_id, self.peer_timeout)
+        confirm_channel(endpoint, self.secret, run_id, self.peer_timeout, encrypt=self.encrypt)
         handshake(endpoint, "server", fields, self.peer_timeout)
         self.drop(rank)  # a rank that joins again replaces its old connection
         self.endpoints[rank] = endpoint
@@ -199,6 +202,9 @@ class FleetHost:
                 return rank, failure
             try:
                 return rank, self.endpoints[rank].recv_rest(header, "receiving a request")
+            except TamperedMessageError as exc:  # tell the client why (authenticated), then it counts as lost
+                refuse_to_peer(self.endpoints[rank], exc)
+                return rank, exc
             except PeerLostError as exc:
                 return rank, exc
 
@@ -235,6 +241,7 @@ def join_fleet(
     fields: Mapping[str, object],
     backend: str = "gloo",
     stop_requested: Callable[[], bool] | None = None,
+    encrypt: bool = False,
 ) -> Endpoint:
     """A client's side: join the fleet whose server listens on ``addr:port`` as ``rank`` (>= 1);
     returns the endpoint to the server. Raises :class:`AuthError` (secrets differ, or the server
@@ -290,7 +297,7 @@ def join_fleet(
         stop_requested,
     )
     endpoint = Endpoint("server", peer_timeout, group=group, rank=1, peer_rank=0)
-    confirm_channel(endpoint, secret, run_id, timeout_s)
+    confirm_channel(endpoint, secret, run_id, timeout_s, encrypt=encrypt)
     handshake(endpoint, "client", fields, timeout_s)
     endpoint.store = store  # kept alive with the endpoint
     return endpoint
