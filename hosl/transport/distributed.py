@@ -137,6 +137,13 @@ def open_store(
     def make():
         return dist.TCPStore(addr, port, 2, host, store_timeout, wait_for_workers=False, multi_tenant=True)
 
+    if not host:  # wait for the port here: TCPStore's own retries print C++ stack frames to stderr
+        _wait_for_listener(addr, port, deadline, stop_requested)
+        if time.monotonic() >= deadline:
+            raise ConnectError(
+                f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}"
+            )
+
     def on_timeout():
         return ConnectError(
             f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}"
@@ -158,6 +165,18 @@ def open_store(
         raise ConnectError(
             f"could not reach the rendezvous on {where}: {_port_cause(addr, port)} [{_first_line(exc)}]"
         ) from None
+
+
+def _wait_for_listener(addr: str, port: int, deadline: float, stop_requested: Callable[[], bool] | None) -> None:
+    """Return once something accepts connections on ``addr:port``, or at ``deadline``."""
+    while time.monotonic() < deadline:
+        if stop_requested is not None and stop_requested():
+            raise KeyboardInterrupt
+        try:
+            with socket.create_connection((addr, port), timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
+                return
+        except OSError:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def _port_cause(addr: str, port: int) -> str:
