@@ -415,14 +415,17 @@ port, stop = int(sys.argv[1]), sys.argv[2]
 store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60), wait_for_workers=False,
                       multi_tenant=True)
 rounds = 0
-while not os.path.exists(stop):
-    n = int(store.add("hosl/fleet/v1/joins", 3))
-    for k in range(max(1, n - 40), n + 40):
-        store.set(f"hosl/fleet/v1/join/{k}/refused", b"STRANGER SAYS NO")
-    if rounds % 20 == 0:
-        store.set(f"hosl/fleet/v1/join/{n}/rank", b"1")
-    rounds += 1
-    time.sleep(0.2)
+try:
+    while not os.path.exists(stop):
+        n = int(store.add("hosl/fleet/v1/joins", 3))
+        for k in range(max(1, n - 40), n + 40):
+            store.set(f"hosl/fleet/v1/join/{k}/refused", b"STRANGER SAYS NO")
+        if rounds % 20 == 0:
+            store.set(f"hosl/fleet/v1/join/{n}/rank", b"1")
+        rounds += 1
+        time.sleep(0.2)
+except Exception:  # the server finished and took its store with it
+    pass
 print("STRANGER ROUNDS", rounds, flush=True)
 """
 
@@ -443,13 +446,13 @@ def test_a_stranger_writing_to_the_rendezvous_store_changes_nothing(tmp_path):
     code_s, log_s = _finish(server)
     stop.touch()
     code_x, log_x = _finish(stranger, 60)
-    assert code_x == 0 and "STRANGER ROUNDS" in log_x, log_x[-2000:]
-    assert int(log_x.split("STRANGER ROUNDS")[1].split()[0]) >= 20  # it was at it for the whole run
     assert code_s == 0, log_s[-3000:]
     for code, log in results:
         assert code == 0 and "STRANGER" not in log, log[-3000:]
     summary = json.loads((out / "server" / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["dropped"] == 0 and summary["finished"] == [1, 2]
+    assert code_x == 0 and "STRANGER ROUNDS" in log_x, log_x[-2000:]
+    assert int(log_x.split("STRANGER ROUNDS")[1].split()[0]) >= 20  # it was at it for the whole run
 
 
 def _store_answers(port) -> bool:

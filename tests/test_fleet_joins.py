@@ -95,3 +95,15 @@ def test_a_stranger_bumping_the_counter_never_holds_up_the_host_and_slots_stay_b
     assert [j.rank for j in joined] == [1]
     assert longest < 2.0  # each look at the slots returns at once: a running step is never held up
     assert len(host._slots) <= MAX_WAITING_SLOTS
+
+
+def test_a_refused_verdict_written_by_a_stranger_does_not_end_a_join(host):
+    """The auth verdict of the client's join reads "refused" before the server has said anything:
+    the client waits on for the server's proof (which overwrites it) and joins."""
+    stranger = _stranger_store(host.port)
+    stranger.set(f"{KEYS}join/1/auth/verdict", b"refused")
+    result = {}
+    client = _join_in_thread(host.port, 1, result, timeout_s=15.0)
+    joined, _ = _serve_joins(host, lambda: not client.is_alive())
+    assert "error" not in result, result.get("error")
+    assert [j.rank for j in joined] == [1]

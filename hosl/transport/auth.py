@@ -137,6 +137,7 @@ def authenticate_over_store(
     keys: str | None = None,
     roles: tuple[str, str] = ("client", "server"),
     joiner_rank: int = 1,
+    believe_refusal: bool = True,
 ) -> str:
     """Mutual challenge/response through ``store``; returns the run id both sides derive.
 
@@ -144,8 +145,11 @@ def authenticate_over_store(
     in messages, ``timeout_s`` the connect timeout behind ``deadline``. ``keys``: the store prefix of
     this exchange (default: the two-process run's); ``roles``: (host, joiner) as messages name them
     (a two-process run's client hosts; a fleet's server does, ``hosl/transport/fleet.py``), and
-    ``joiner_rank`` the joiner's rank. Raises :class:`AuthError` on a wrong proof (after telling the other side) and
-    :class:`ConnectError` when the other side does not show up before ``deadline``.
+    ``joiner_rank`` the joiner's rank. ``believe_refusal`` False (a fleet's joins): a "refused"
+    verdict in the store, which anyone who reaches it can write, does not end the joiner's wait for
+    the host's proof; it is reported only if no proof comes before ``deadline``. Raises
+    :class:`AuthError` on a wrong proof (after telling the other side) and :class:`ConnectError` when
+    the other side does not show up before ``deadline``.
     """
     keys = keys or _keys_prefix()
     host, joiner = roles
@@ -226,6 +230,16 @@ def authenticate_over_store(
     n1 = secrets.token_bytes(NONCE_BYTES)
     put(keys + "response", n1 + proof(secret, b"joiner", n0, n1))
     verdict = wait_get(keys + "verdict", f"waiting for the {host}'s verdict on this {joiner}'s proof")
+    if verdict == b"refused" and not believe_refusal:
+        put(keys + "verdict-seen", b"1")
+        proven = _wait_for_proven_verdict(store, keys + "verdict", secret, (n0, n1), deadline, stop_requested)
+        if proven is None:
+            raise AuthError(
+                f"the {host} on {where} did not prove the shared secret within the connect timeout, and the "
+                f"rendezvous store says it refused this side (a refusal anyone who reaches the store can write): "
+                f"the two sides probably hold different secrets (pass both the same --secret-file or {SECRET_ENV})"
+            )
+        verdict = proven
     if verdict == b"refused":
         put(keys + "verdict-seen", b"1")
         raise AuthError(
@@ -294,6 +308,25 @@ def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float, *, e
     endpoint.session = Session(
         secret, run_id, n_host, n_joiner, is_host=host, encrypt=encrypt, peer_name=endpoint.peer_name
     )
+
+
+def _wait_for_proven_verdict(
+    store,
+    key: str,
+    secret: bytes,
+    nonces: tuple[bytes, bytes],
+    deadline: float,
+    stop_requested: Callable[[], bool] | None,
+) -> bytes | None:
+    """The value of ``key`` once it holds the host's proof over ``nonces``, or None at ``deadline``."""
+    while time.monotonic() < deadline:
+        if stop_requested is not None and stop_requested():
+            raise KeyboardInterrupt
+        value = store.get(key)
+        if value.startswith(b"ok") and proof_ok(secret, b"host", nonces, value[2:]):
+            return value
+        time.sleep(0.1)
+    return None
 
 
 def _poll(store, key: str, deadline: float, every_s: float = 0.05) -> bytes | None:

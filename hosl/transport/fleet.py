@@ -359,6 +359,7 @@ def join_fleet(
         keys=keys + "auth/",
         roles=("server", f"client (rank {rank})"),
         joiner_rank=rank,
+        believe_refusal=False,  # the store is open to strangers; only the server's proof counts
     )
     group = call_bounded(
         lambda: pair_group(backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", store), 1, peer_timeout),
