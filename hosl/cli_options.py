@@ -7,6 +7,7 @@ parser code back (``tests/test_training_structure.py`` checks hosl has no import
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 
@@ -117,6 +118,13 @@ def read_config_file(path: str) -> dict:
             "TrainConfig's field names (hosl/training/config.py; the ZO options' come from ZOConfig in "
             "hosl/optim/config.py), as in a run's config.json"
         )
+    defaults = TrainConfig()
+    nulls = sorted(k for k, v in values.items() if v is None and getattr(defaults, k) is not None)
+    if nulls:
+        raise ValueError(
+            f"--config {path}: {nulls[0]} is null; give it a value (or leave the key out for its "
+            f"default, {getattr(defaults, nulls[0])!r})"
+        )
     for key in ONE_SHOT:  # a run's config.json records them: never let a file resume or replace a run
         if values.pop(key, None):
             flag = "--override" if key == "overrides" else f"--{key}"
@@ -127,9 +135,25 @@ def read_config_file(path: str) -> dict:
     return values
 
 
+# What argparse takes for a negative value rather than an option: -1, -.5, and (beyond argparse's own
+# pattern) -1e-3 and -1GiB, so `--lr-client -1e-3` reaches the option's own check (no option of hosl
+# looks like a number).
+NEGATIVE_VALUE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?[A-Za-z]*$")
+
+
+def accept_negative_values(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` and its subcommands' parsers read ``-1e-3`` as a value (see NEGATIVE_VALUE)."""
+    parser._negative_number_matcher = NEGATIVE_VALUE  # argparse's own attribute for this pattern
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                accept_negative_values(sub)
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """``parser.parse_args(argv)``; when the command got ``--config FILE``, the file's values become
     that command's defaults and the arguments are parsed again, so explicit flags still win."""
+    accept_negative_values(parser)
     args = parser.parse_args(argv)
     path = getattr(args, "config", None)
     if not path:

@@ -68,6 +68,12 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
         help="file holding the secret both sides share (default: the HOSL_SECRET environment variable; "
         "hosl serve without either generates one in OUT/server/secret, mode 0600)",
     )
+    g.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt every message's payloads (ChaCha20-Poly1305) as well as authenticating it (every "
+        "message always carries a MAC); both sides must pass it (docs/transport.md)",
+    )
 
 
 def add_fleet_args(p: argparse.ArgumentParser, d) -> None:
@@ -150,6 +156,7 @@ def _connection(args, role: str):
         connect_timeout=args.connect_timeout,
         backend=args.dist_backend,
         secret=found[0] if found else None,
+        encrypt=args.encrypt,
     )
 
 

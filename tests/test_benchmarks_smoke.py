@@ -93,3 +93,17 @@ def test_kernel_script_names_cpu_model_and_forced_isa(tmp_path):
     assert meta["cpu_isa"] == "scalar"
     assert meta["cpu_model"] == cpu.cpu_model() and meta["cpu_model"]
     assert meta["threads"] == 1
+
+
+@pytest.mark.slow
+def test_message_auth_script_tiny(tmp_path):
+    out = tmp_path / "auth.json"
+    run_script("message_auth.py", "--hidden", "16", "--batch-size", "2", "--max-length", "4", "--queries", "1",
+               "--repeats", "1", "--json", str(out))
+    data = json.loads(out.read_text())
+    assert set(data["modes"]) == {"none", "mac", "encrypt"}
+    copies, tokens = 3, 2 * 4  # 2Q+1 activations of batch x sequence x hidden fp32, the mask, the labels
+    assert data["config"]["payload_bytes_per_step"] > copies * tokens * 16 * 4 + tokens * 8
+    for mode, row in data["modes"].items():
+        assert math.isfinite(row["total_s"]) and row["total_s"] >= 0, mode
+        assert row["total_s"] == pytest.approx(row["seal_s"] + row["open_s"])

@@ -356,9 +356,10 @@ def test_the_servers_death_stops_every_client_and_a_resumed_fleet_ends_identical
 @pytest.mark.slow
 @needs_data
 def test_local_clients_keep_their_own_halves_and_apply_only_their_own_updates(tmp_path):
-    """(Also the linear server estimate and delta8 uploads through a fleet's per-client state.)"""
+    """(Also the linear server estimate and delta8 uploads through a fleet's per-client state, and every
+    pair's messages encrypted: --encrypt.)"""
     out, port, n = tmp_path / "fleet", _free_port(), 2
-    extra = ("--client-sync", "local", "--server-estimate", "linear", "--wire", "delta8")
+    extra = ("--client-sync", "local", "--server-estimate", "linear", "--wire", "delta8", "--encrypt")
     server = _server(out, n, port, *extra)
     clients = [_client(out, n, r, port, *extra) for r in range(1, n + 1)]
     for proc in (*clients, server):
@@ -403,6 +404,61 @@ def test_a_second_client_with_a_taken_rank_is_refused_and_the_fleet_goes_on(tmp_
     assert code_t != 0 and "refused rank 2: rank 2 is connected already" in log_t, log_t[-2000:]
     summary = json.loads((out / "server" / "summary.json").read_text())
     assert summary["refused_joins"] == 1 and summary["steps"] == STEPS and summary["dropped"] == 0
+
+
+# A stranger with access to the rendezvous store but not the secret, doing what issue 35 found:
+# bumping the join counter, writing "refused" keys where clients would read them, and posting a rank
+# it never proves. It goes on until the file named by its second argument appears.
+STORE_STRANGER = """
+import datetime, os, sys, time, torch.distributed as dist
+port, stop = int(sys.argv[1]), sys.argv[2]
+store = dist.TCPStore("127.0.0.1", port, 2, False, datetime.timedelta(seconds=60), wait_for_workers=False,
+                      multi_tenant=True)
+rounds = 0
+try:
+    while not os.path.exists(stop):
+        n = int(store.add("hosl/fleet/v1/joins", 3))
+        for k in range(max(1, n - 40), n + 40):
+            store.set(f"hosl/fleet/v1/join/{k}/refused", b"STRANGER SAYS NO")
+        if rounds % 20 == 0:
+            store.set(f"hosl/fleet/v1/join/{n}/rank", b"1")
+        rounds += 1
+        time.sleep(0.2)
+except Exception:  # the server finished and took its store with it
+    pass
+print("STRANGER ROUNDS", rounds, flush=True)
+"""
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_stranger_writing_to_the_rendezvous_store_changes_nothing(tmp_path):
+    out, port, n = tmp_path / "fleet", _free_port(), 2
+    server = _server(out, n, port)
+    stop = tmp_path / "stop"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _store_answers(port):
+        time.sleep(0.2)
+    stranger = subprocess.Popen([sys.executable, "-c", STORE_STRANGER, str(port), str(stop)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    clients = [_client(out, n, r, port) for r in range(1, n + 1)]
+    results = [_finish(c) for c in clients]
+    code_s, log_s = _finish(server)
+    stop.touch()
+    code_x, log_x = _finish(stranger, 60)
+    assert code_s == 0, log_s[-3000:]
+    for code, log in results:
+        assert code == 0 and "STRANGER" not in log, log[-3000:]
+    summary = json.loads((out / "server" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["dropped"] == 0 and summary["finished"] == [1, 2]
+    assert code_x == 0 and "STRANGER ROUNDS" in log_x, log_x[-2000:]
+    assert int(log_x.split("STRANGER ROUNDS")[1].split()[0]) >= 20  # it was at it for the whole run
+
+
+def _store_answers(port) -> bool:
+    """The fleet server's rendezvous store is up (its port accepts connections)."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.parametrize("argv,message", [

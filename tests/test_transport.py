@@ -141,7 +141,9 @@ def test_mismatched_configuration_is_refused_on_both_sides(tmp_path):
 def test_a_malformed_reply_is_one_line_naming_the_peer_and_the_phase(tmp_path):
     (rc0, out0), (rc1, out1) = _pair(tmp_path, "garbage")[0]
     assert rc0 == 3 and rc1 == 0, out0 + out1
-    assert "PeerProtocolError: the server (rank 1) sent something that is not a hosl message" in out0
+    # after the channel check every message is authenticated: one that is not hosl's is refused as tampered
+    assert "TamperedMessageError: refused a message from the server (rank 1)" in out0
+    assert "something that is not a hosl message (bad magic number)" in out0
     assert "phase 'phase 3' of step 11" in out0 and "Traceback" not in out0
 
 

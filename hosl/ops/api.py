@@ -56,6 +56,8 @@ def randn(
     validation.check_coordinates(offset, numel)
     key_lo, key_hi = split_seed(seed)
     device = torch.device(device)
+    if device.type == "meta":  # shapes only, as torch.randn(..., device="meta") gives
+        return torch.empty(numel, dtype=torch.float32, device=device)
     with use_backend(backend):
         factor = _sphere_factors([numel], [offset], seed, device)[0] if FAMILIES[family].per_tensor_factor else 1.0
         return library.randn_op(key_lo, key_hi, numel, offset, device, family, factor)

@@ -249,6 +249,8 @@ class ZOConfig:
         _number(self.weight_decay, label("weight_decay"), allow_zero=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"{label('seed')} must be an integer, got {type(self.seed).__name__}")
+        if not 0 <= self.seed < 2**63:  # what the CLI's --seed takes; the generators hold 64 bits
+            raise ValueError(f"{label('seed')} must be an integer in [0, 2**63 - 1], got {self.seed}")
         _one_of(self.difference, DIFFERENCES, label("difference"))
         _one_of(self.step_scale, STEP_SCALES, label("step_scale"))
         if self.step_scale == "loss-std" and self.difference == "forward" and self.num_queries < 2:

@@ -247,6 +247,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
             clean = float(loss0.detach())
             if loss0.requires_grad and torch.isfinite(loss0):
                 loss0.backward()
+                if self.steps_taken == 0:  # without server=, the first step shows what the optimizer holds
+                    hygiene.check_server_grads(self.server_optimizer)
         server = self._linear_server(h0, server_loss_fn) if linear and math.isfinite(clean) else None
         if not linear:
             del h0  # the clean activation is not needed again: free it before the perturbed passes

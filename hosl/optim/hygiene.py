@@ -16,6 +16,21 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def check_server_grads(server_optimizer: torch.optim.Optimizer | None) -> None:
+    """After the first clean backward: refuse a server optimizer none of whose parameters got a
+    gradient from ``server_loss_fn``'s loss (it holds another module's parameters and would never
+    train the server; ``server=`` at construction catches this before any step)."""
+    if server_optimizer is None:
+        return
+    params = optimizer_params(server_optimizer)
+    if params and all(p.grad is None for p in params):
+        raise ValueError(
+            f"none of server_optimizer's {len(params)} parameters got a gradient from server_loss_fn's loss: "
+            "it holds parameters of another module, not the server's, and would never train it (pass server= "
+            "to check this when the optimizer is built)"
+        )
+
+
 def check_server_optimizer(
     server_optimizer: torch.optim.Optimizer | None, client: nn.Module, server: nn.Module | None = None
 ) -> None:

@@ -320,6 +320,8 @@ def _layout_difference(saved: list, mine: list) -> str:
 
 
 def scalar_loss(value, what: str) -> torch.Tensor:
+    if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, bool):
+        raise TypeError(f"{what} must return the loss as a tensor (or a number), got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(value, dtype=torch.float32)
     if value.numel() != 1:

@@ -195,6 +195,14 @@ def label_words(opts: FileTaskOptions, train_rows: list[dict] | None = None) -> 
             f"--train-file {opts.train_file}: column {opts.label_field!r} holds one label value "
             f"({next(iter(seen))!r}); classification needs at least two"
         )
+    numeric = _sorted_labels({v for v in seen if v.lstrip("-").isdigit()})
+    named = sorted(seen.difference(numeric))
+    if numeric and named:  # 0/1 beside "neg"/"pos": most likely two spellings of the same classes
+        raise DataError(
+            f"--train-file {opts.train_file}: column {opts.label_field!r} mixes numeric labels "
+            f"({', '.join(numeric[:5])}) with named ones ({', '.join(named[:5])}); write every label one way, "
+            f"or list the classes with --verbalizer if they really are {len(seen)} different ones"
+        )
     return {label: label for label in _sorted_labels(seen)}
 
 

@@ -123,6 +123,7 @@ def run_fleet_client(cfg: TrainConfig, conn) -> dict:
             fields=fingerprint(cfg),
             backend=conn.backend or "gloo",
             stop_requested=stop.requested,
+            encrypt=conn.encrypt,
         )
         stop.connected = True
         barrier = {

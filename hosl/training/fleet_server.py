@@ -49,7 +49,7 @@ from hosl.training.run import say
 from hosl.training.server_handler import ServerHandler
 from hosl.transport import Message, PeerLostError, ShutdownCode
 from hosl.transport.fleet import FleetHost
-from hosl.transport.wire import Kind, text_tensor
+from hosl.transport.wire import Kind, tensor_text, text_tensor
 
 JOIN_CHECK_S = 0.2  # how often the server looks for joining clients while it waits on messages
 
@@ -182,6 +182,9 @@ class FleetServer:
                     rank, Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement"
                 )
             self._leave(rank, done=msg.code == int(ShutdownCode.DONE), why=f"said goodbye (code {msg.code})")
+            return
+        if msg.kind == Kind.ERROR:  # the client refused an answer (it failed its authentication check, say)
+            self._drop(rank, f"it gave up: {tensor_text(msg.tensors[0]) if msg.tensors else '?'}")
             return
         try:
             phase = Phase(msg.phase)
@@ -423,6 +426,7 @@ def run_fleet_server(cfg, conn) -> int:
             backend=conn.backend or "gloo",
             stop_requested=stop.requested,
             log=say,
+            encrypt=conn.encrypt,
         )
         stop.connected = True
         fleet = FleetServer(

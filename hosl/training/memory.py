@@ -103,7 +103,10 @@ def parse_bytes(text, name: str = "--client-memory-budget") -> int:
         value, unit = float(m.group(1)), m.group(2).lower()
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {text!r}")
-    return int(value * _UNITS[unit])
+    size = value * _UNITS[unit]
+    if not size < 2**63:  # 1e400 reads as inf
+        raise ValueError(f"{name} must be a size below 8 EiB (2**63 bytes), got {text!r}")
+    return int(size)
 
 
 def gib(n: int) -> str:

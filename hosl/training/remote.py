@@ -75,6 +75,7 @@ class Connection:
     connect_timeout: float = 300.0  # rendezvous, handshake and the first request (the peer may be loading)
     backend: str | None = None  # gloo | nccl (default: nccl when CUDA is available)
     secret: bytes | None = field(default=None, repr=False)  # shared by both sides; see hosl/transport/auth.py
+    encrypt: bool = False  # --encrypt: payloads encrypted too (hosl/transport/session.py); both sides alike
 
     def addr(self) -> str:
         """The rendezvous host: --master-addr, else MASTER_ADDR (torchrun), else 127.0.0.1."""
@@ -154,7 +155,7 @@ def open_channel(
     say(f"{role}: waiting for the {peer} on {conn.where()} (up to {conn.connect_timeout:g} s)")
     run_id = conn.connect(stop.requested)
     endpoint = Endpoint(peer, conn.peer_timeout)
-    confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout)  # type: ignore[arg-type]  # the CLI always sets one
+    confirm_channel(endpoint, conn.secret, run_id, conn.connect_timeout, encrypt=conn.encrypt)  # type: ignore[arg-type]  # the CLI always sets one
     handshake(endpoint, role, fingerprint(cfg), conn.connect_timeout)
     say(f"{role}: connected to the {endpoint.peer_name}{detail}")
     stop.connected = True

@@ -338,8 +338,12 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         return
     kept = run_folder.metrics_up_to(path, step)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    except OSError as exc:  # e.g. an immutable or read-only metrics.jsonl: name it, leave no .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot rewrite {path} to resume ({exc.strerror or exc})") from None
 
 
 def _record_resume(run_dir: Path, plan: run_folder.ResumePlan, step: int, overrides: list) -> None:

@@ -17,6 +17,7 @@ from hosl.transport.link import (
     PeerShutdownError,
     RemoteError,
 )
+from hosl.transport.session import TamperedMessageError
 from hosl.transport.wire import PROTOCOL_VERSION, Kind, Message, ShutdownCode, message_nbytes
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "PeerShutdownError",
     "RemoteError",
     "ShutdownCode",
+    "TamperedMessageError",
     "message_nbytes",
 ]

@@ -18,7 +18,8 @@ crosses, each side proves it holds the secret without revealing it:
    connects to; this step does: the process at the other end of the very connection that will
    carry activations and labels holds the secret.
 
-Nothing is encrypted: what crosses after this is readable by anyone on the network path (see
+After step 2 every message carries a MAC under a session key derived from the secret and both
+channel nonces, and with ``--encrypt`` its payloads are encrypted (``hosl/transport/session.py``,
 docs/transport.md). Comparisons use ``hmac.compare_digest``.
 """
 
@@ -136,6 +137,7 @@ def authenticate_over_store(
     keys: str | None = None,
     roles: tuple[str, str] = ("client", "server"),
     joiner_rank: int = 1,
+    believe_refusal: bool = True,
 ) -> str:
     """Mutual challenge/response through ``store``; returns the run id both sides derive.
 
@@ -143,8 +145,11 @@ def authenticate_over_store(
     in messages, ``timeout_s`` the connect timeout behind ``deadline``. ``keys``: the store prefix of
     this exchange (default: the two-process run's); ``roles``: (host, joiner) as messages name them
     (a two-process run's client hosts; a fleet's server does, ``hosl/transport/fleet.py``), and
-    ``joiner_rank`` the joiner's rank. Raises :class:`AuthError` on a wrong proof (after telling the other side) and
-    :class:`ConnectError` when the other side does not show up before ``deadline``.
+    ``joiner_rank`` the joiner's rank. ``believe_refusal`` False (a fleet's joins): a "refused"
+    verdict in the store, which anyone who reaches it can write, does not end the joiner's wait for
+    the host's proof; it is reported only if no proof comes before ``deadline``. Raises
+    :class:`AuthError` on a wrong proof (after telling the other side) and :class:`ConnectError` when
+    the other side does not show up before ``deadline``.
     """
     keys = keys or _keys_prefix()
     host, joiner = roles
@@ -225,6 +230,16 @@ def authenticate_over_store(
     n1 = secrets.token_bytes(NONCE_BYTES)
     put(keys + "response", n1 + proof(secret, b"joiner", n0, n1))
     verdict = wait_get(keys + "verdict", f"waiting for the {host}'s verdict on this {joiner}'s proof")
+    if verdict == b"refused" and not believe_refusal:
+        put(keys + "verdict-seen", b"1")
+        proven = _wait_for_proven_verdict(store, keys + "verdict", secret, (n0, n1), deadline, stop_requested)
+        if proven is None:
+            raise AuthError(
+                f"the {host} on {where} did not prove the shared secret within the connect timeout, and the "
+                f"rendezvous store says it refused this side (a refusal anyone who reaches the store can write): "
+                f"the two sides probably hold different secrets (pass both the same --secret-file or {SECRET_ENV})"
+            )
+        verdict = proven
     if verdict == b"refused":
         put(keys + "verdict-seen", b"1")
         raise AuthError(
@@ -242,18 +257,23 @@ def authenticate_over_store(
 
 
 # -- step 2: over the tensor channel --------------------------------------------------------------
-def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float) -> None:
+def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float, *, encrypt: bool = False) -> None:
     """Prove the secret again over the point-to-point connection that will carry the tensors,
-    with fresh nonces, so the process at its other end is the one that passed step 1.
-    ``endpoint`` is a :class:`hosl.transport.distributed.Endpoint`; only nonces and HMACs cross."""
+    with fresh nonces, so the process at its other end is the one that passed step 1; then give
+    ``endpoint`` the session that authenticates (and with ``encrypt``, encrypts) every later message
+    (:class:`hosl.transport.session.Session`, keys from the secret and both nonces).
+    ``endpoint`` is a :class:`hosl.transport.distributed.Endpoint`; only nonces, the ``encrypt``
+    flags and HMACs cross. Both sides must pass the same ``encrypt`` (else ``ConfigMismatchError``)."""
+    from hosl.transport.link import ConfigMismatchError
+    from hosl.transport.session import Session
     from hosl.transport.wire import Kind, Message
 
     host = endpoint.rank == 0
     mine_label, their_label = (b"channel-host", b"channel-joiner") if host else (b"channel-joiner", b"channel-host")
     what = "the channel check (proof of the shared secret)"
 
-    def exchange(payload: bytes) -> bytes:
-        msg = Message(Kind.AUTH, tensors=[torch.frombuffer(bytearray(payload), dtype=torch.uint8)])
+    def exchange(payload: bytes, flags: list[int]) -> Message:
+        msg = Message(Kind.AUTH, ints=flags, tensors=[torch.frombuffer(bytearray(payload), dtype=torch.uint8)])
         if host:
             endpoint.send(msg, what, timeout_s)
             theirs = endpoint.recv(f"waiting for {what}", timeout_s)
@@ -262,20 +282,51 @@ def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float) -> N
             endpoint.send(msg, what, timeout_s)
         if theirs.kind != Kind.AUTH or len(theirs.tensors) != 1 or theirs.tensors[0].dtype != torch.uint8:
             raise AuthError(f"the {endpoint.peer_name} did not answer {what} (not a hosl peer of this version?)")
-        return bytes(theirs.tensors[0].cpu().tolist())
+        return theirs
 
     mine = secrets.token_bytes(NONCE_BYTES)
-    theirs = exchange(mine)
-    if len(theirs) != NONCE_BYTES:
-        raise AuthError(f"the {endpoint.peer_name} sent a malformed nonce in {what}")
+    first = exchange(mine, [int(encrypt)])
+    theirs = bytes(first.tensors[0].cpu().tolist())
+    if len(theirs) != NONCE_BYTES or len(first.ints) != 1 or first.ints[0] not in (0, 1):
+        raise AuthError(f"the {endpoint.peer_name} sent a malformed nonce in {what} (not a hosl peer of this version?)")
+    their_encrypt = bool(first.ints[0])
     n_host, n_joiner = (mine, theirs) if host else (theirs, mine)
+    enc_host, enc_joiner = (encrypt, their_encrypt) if host else (their_encrypt, encrypt)
     rid = run_id.encode("ascii")
-    tag = exchange(proof(secret, mine_label, rid, n_host, n_joiner))
-    if not proof_ok(secret, their_label, (rid, n_host, n_joiner), tag):
+    flags = f"encrypt={int(enc_host)},{int(enc_joiner)}".encode("ascii")  # proven: no one on the path flips them
+    tag = bytes(exchange(proof(secret, mine_label, rid, n_host, n_joiner, flags), []).tensors[0].cpu().tolist())
+    if not proof_ok(secret, their_label, (rid, n_host, n_joiner, flags), tag):
         raise AuthError(
             f"the connection to the {endpoint.peer_name} is not held by the process that proved the "
             f"shared secret (the rendezvous store was tampered with?); nothing else was sent"
         )
+    if their_encrypt != encrypt:
+        raise ConfigMismatchError(
+            f"configuration mismatch with the {endpoint.peer_name}: --encrypt is {'on' if encrypt else 'off'} here "
+            f"and {'on' if their_encrypt else 'off'} there; start both sides with the same --encrypt"
+        )
+    endpoint.session = Session(
+        secret, run_id, n_host, n_joiner, is_host=host, encrypt=encrypt, peer_name=endpoint.peer_name
+    )
+
+
+def _wait_for_proven_verdict(
+    store,
+    key: str,
+    secret: bytes,
+    nonces: tuple[bytes, bytes],
+    deadline: float,
+    stop_requested: Callable[[], bool] | None,
+) -> bytes | None:
+    """The value of ``key`` once it holds the host's proof over ``nonces``, or None at ``deadline``."""
+    while time.monotonic() < deadline:
+        if stop_requested is not None and stop_requested():
+            raise KeyboardInterrupt
+        value = store.get(key)
+        if value.startswith(b"ok") and proof_ok(secret, b"host", nonces, value[2:]):
+            return value
+        time.sleep(0.1)
+    return None
 
 
 def _poll(store, key: str, deadline: float, every_s: float = 0.05) -> bytes | None:

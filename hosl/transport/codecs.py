@@ -141,6 +141,9 @@ def decode(
     if reference is not None:
         d = _repeated(reference, _copies(q, reference), device) + d
     out_dtype = dtype or (reference.dtype if reference is not None else torch.float32)
+    if out_dtype in (torch.float16, torch.bfloat16):  # a reconstruction past the format's largest finite
+        big = torch.finfo(out_dtype).max  # value would round to inf; the value sent was within it
+        d = torch.where(torch.isfinite(d), d.clamp(-big, big), d)
     return d.to(out_dtype)
 
 

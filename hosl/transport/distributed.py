@@ -13,6 +13,7 @@ responsive to signals.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -37,6 +38,7 @@ from hosl.transport.link import (
     PeerShutdownError,
     RemoteError,
 )
+from hosl.transport.session import TAG_TRAILER, Session, TamperedMessageError
 from hosl.transport.waiting import call_bounded
 from hosl.transport.wire import (
     HEADER_LEN,
@@ -135,6 +137,13 @@ def open_store(
     def make():
         return dist.TCPStore(addr, port, 2, host, store_timeout, wait_for_workers=False, multi_tenant=True)
 
+    if not host:  # wait for the port here: TCPStore's own retries print C++ stack frames to stderr
+        _wait_for_listener(addr, port, deadline, stop_requested)
+        if time.monotonic() >= deadline:
+            raise ConnectError(
+                f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}"
+            )
+
     def on_timeout():
         return ConnectError(
             f"could not reach the rendezvous on {where} within {timeout_s:g} s: {_port_cause(addr, port)}"
@@ -156,6 +165,18 @@ def open_store(
         raise ConnectError(
             f"could not reach the rendezvous on {where}: {_port_cause(addr, port)} [{_first_line(exc)}]"
         ) from None
+
+
+def _wait_for_listener(addr: str, port: int, deadline: float, stop_requested: Callable[[], bool] | None) -> None:
+    """Return once something accepts connections on ``addr:port``, or at ``deadline``."""
+    while time.monotonic() < deadline:
+        if stop_requested is not None and stop_requested():
+            raise KeyboardInterrupt
+        try:
+            with socket.create_connection((addr, port), timeout=min(1.0, max(0.05, deadline - time.monotonic()))):
+                return
+        except OSError:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def _port_cause(addr: str, port: int) -> str:
@@ -193,6 +214,8 @@ class Endpoint:
     ``rank`` (0 or 1) and ``peer_rank`` names the peer in messages."""
 
     store: object = None  # a fleet's endpoint keeps its TCPStore alive here (hosl/transport/fleet.py)
+    # set by the channel check (hosl/transport/auth.py): from then on every message is sealed and checked
+    session: Session | None = None
 
     def __init__(
         self,
@@ -285,6 +308,8 @@ class Endpoint:
         if msg.tensors:
             parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
             parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
+        if self.session is not None:
+            parts = self.session.seal(parts)
         what = f"sending {what}"
         works = self._post([lambda t=t, tag=tag: self._isend(t.to(dev), tag) for tag, t in parts], what)
         self._wait(works, what, timeout_s or self.timeout_s)
@@ -310,6 +335,12 @@ class Endpoint:
         dev = self.device
         values = header.tolist()
         problem = check_header(values)
+        if problem is not None and self.session is not None:  # an authenticated peer never sends one
+            self.session.broken = "an earlier message was malformed"
+            raise TamperedMessageError(
+                f"refused a message from the {self.peer_name} while {what}: it has {problem} (altered on the way, "
+                f"or not sent by the {self.peer_name}); nothing of it was used"
+            )
         if problem is not None:
             raise PeerProtocolError(f"the {self.peer_name} sent {problem} while {what}")
         _magic, kind, phase, step, n_ints, n_floats, n_tensors, code = values
@@ -328,7 +359,18 @@ class Endpoint:
             lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()
         ]
         self._wait(self._post(posts, what), what, timeout_s)
+        if self.session is not None:
+            self._open(header, small, tensors, what, timeout_s)
         return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
+
+    def _open(self, header, small, tensors, what: str, timeout_s: float) -> None:
+        """Receive the message's trailer and check it (:meth:`Session.open`, which decrypts in place)."""
+        assert self.session is not None
+        trailer = torch.empty(self.session.trailer_len, dtype=torch.uint8, device=self.device)
+        self._wait(self._post([lambda: self._irecv(trailer, TAG_TRAILER)], what), what, timeout_s)
+        parts = [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]]
+        parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(tensors) if t.numel()]
+        self.session.open(parts, trailer, what)
 
 
 class DistributedLink(Link):
@@ -356,7 +398,12 @@ class DistributedLink(Link):
             raise KeyboardInterrupt
         what = f"phase '{self.phase_name(request.phase)}' of step {request.step}"
         self.endpoint.send(request, f"the request for {what}")
-        reply = self.endpoint.recv(f"waiting for the answer to {what}", self.reply_timeouts.get(request.phase))
+        try:
+            reply = self.endpoint.recv(f"waiting for the answer to {what}", self.reply_timeouts.get(request.phase))
+        except TamperedMessageError as exc:
+            self.closed = True
+            refuse_to_peer(self.endpoint, exc, request.phase, request.step)
+            raise
         if reply.kind == Kind.REPLY:
             return reply
         peer = self.endpoint.peer_name
@@ -395,6 +442,14 @@ def _send_if_listening(endpoint: Endpoint, msg: Message, what: str, timeout_cap_
         pass
 
 
+def refuse_to_peer(endpoint: Endpoint, exc: TamperedMessageError, phase: int = 0, step: int = 0) -> None:
+    """Tell the peer (in an authenticated ERROR message, best effort) that this side refused one of its
+    messages, so both sides stop with the same reason."""
+    text = f"{type(exc).__name__}: {exc}"
+    with contextlib.suppress(PeerLostError):
+        _send_if_listening(endpoint, Message(Kind.ERROR, phase, step, tensors=[text_tensor(text)]), "a refusal")
+
+
 def serve(
     endpoint: Endpoint,
     handler: Handler,
@@ -428,6 +483,9 @@ def serve(
             msg = endpoint.recv(
                 f"waiting for the next request from the client (last: {last})", timeout, stop_while_idle
             )
+        except TamperedMessageError as exc:
+            refuse_to_peer(endpoint, exc)
+            raise
         except KeyboardInterrupt:  # Ctrl-C while idle: the client reads the notice as its next answer
             _send_if_listening(
                 endpoint, Message(Kind.SHUTDOWN, code=int(ShutdownCode.INTERRUPTED)), "the shutdown notice", 5.0
@@ -439,6 +497,10 @@ def serve(
                 endpoint, Message(Kind.SHUTDOWN, code=int(ShutdownCode.DONE)), "the shutdown acknowledgement"
             )
             return msg.code
+        if msg.kind == Kind.ERROR:  # the client refused the last answer (e.g. it failed its authentication check)
+            raise RemoteError(
+                f"the {endpoint.peer_name} gave up after {last}: {tensor_text(msg.tensors[0]) if msg.tensors else '?'}"
+            )
         if msg.kind != Kind.REQUEST:
             raise PeerProtocolError(
                 f"the {endpoint.peer_name} sent an unexpected {msg.kind.name} message (last: {last})"

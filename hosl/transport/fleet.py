@@ -13,9 +13,14 @@ Joining (:func:`join_fleet` on the peer, :meth:`FleetHost.accept_joins` on the h
    (:func:`hosl.transport.auth.authenticate_over_store`, host = the server), which also gives the
    run id of this pair;
 3. the pair group forms under a store prefix derived from the run id, both sides prove the secret
-   again over it (:func:`~hosl.transport.auth.confirm_channel`) and compare configurations
-   (:func:`~hosl.transport.distributed.handshake`).
+   again over it (:func:`~hosl.transport.auth.confirm_channel`, which also starts the authenticated
+   session) and compare configurations (:func:`~hosl.transport.distributed.handshake`);
+4. the host says over that connection whether the rank joins (it may be taken or out of range).
 
+The host never waits on a join: each slot proves the secret in a thread of its own, at most
+``MAX_JOINING`` at once and ``MAX_WAITING_SLOTS`` waiting, each within the peer timeout. Nothing
+the store says is believed (anyone reaching its port can write any key): a stranger with store
+access can delay a join by at most the connect timeout and never holds up a running step.
 A stranger that fails a proof is refused and logged; the host goes on serving the others. The
 host waits for the next message of any of a set of peers (:meth:`FleetHost.next_message`), with
 a per-peer silence limit. Knows nothing of ZO or models: messages are
@@ -35,10 +40,11 @@ import torch
 import torch.distributed as dist
 
 from hosl.transport.auth import AuthError, ConnectError, authenticate_over_store, confirm_channel
-from hosl.transport.distributed import Endpoint, handshake, open_store
-from hosl.transport.link import ConfigMismatchError, PeerError, PeerLostError
+from hosl.transport.distributed import Endpoint, handshake, open_store, refuse_to_peer
+from hosl.transport.link import PeerLostError, PeerProtocolError
+from hosl.transport.session import TamperedMessageError
 from hosl.transport.waiting import call_bounded
-from hosl.transport.wire import Message
+from hosl.transport.wire import Kind, Message, tensor_text, text_tensor
 
 KEYS = "hosl/fleet/v1/"
 JOINS = KEYS + "joins"  # the counter each joining peer increments
@@ -54,6 +60,23 @@ def pair_group(backend: str, store, rank: int, timeout_s: float):
         options._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, 2, options)
     raise ValueError(f"--dist-backend must be gloo or nccl, got {backend!r}")
+
+
+MAX_WAITING_SLOTS = 32  # join numbers waiting for their rank key; beyond it the oldest are skipped
+MAX_JOINING = 4  # joins proving the secret at once
+VERDICT_OK = "joined"
+
+
+def _send_verdict(endpoint: Endpoint, why: str | None, timeout_s: float) -> bool:
+    """Tell a client that proved the secret whether its rank joined (``why`` None) or why not, over
+    the authenticated connection; False when it is gone."""
+    text = VERDICT_OK if why is None else why
+    kind = Kind.REPLY if why is None else Kind.ERROR
+    try:
+        endpoint.send(Message(kind, tensors=[text_tensor(text)]), "the join verdict", min(timeout_s, 10.0))
+        return True
+    except PeerLostError:
+        return False
 
 
 def _join_keys(i: int) -> str:
@@ -82,6 +105,7 @@ class FleetHost:
         backend: str = "gloo",
         stop_requested: Callable[[], bool] | None = None,
         log: Callable[[str], None] = lambda _msg: None,
+        encrypt: bool = False,
     ):
         if not secret:
             raise ValueError("a fleet needs a shared secret (--secret-file or HOSL_SECRET)")
@@ -89,9 +113,12 @@ class FleetHost:
         self.timeout_s, self.peer_timeout = timeout_s, peer_timeout
         self.stop_requested = stop_requested or (lambda: False)
         self.log = log
+        self.encrypt = encrypt  # every pair's messages are MACed; with encrypt, their payloads encrypted too
         self.store = open_store(addr, port, 0, time.monotonic() + timeout_s, timeout_s, self.stop_requested)
-        self.store.add(JOINS, 0)
-        self.seen_joins = 0
+        self.seen_joins = int(self.store.add(JOINS, 0))  # numbers taken before this host started are stale
+        self._slots: dict[int, float] = {}  # join number -> when first seen (waiting for its rank, or joining)
+        self._running: set[int] = set()  # join numbers whose proof runs in a thread
+        self._done: queue.Queue[tuple[int, Joined | BaseException]] = queue.Queue()
         self.endpoints: dict[int, Endpoint] = {}
         self._headers: dict[int, tuple[torch.Tensor, object]] = {}  # rank -> its posted header receive
         self._arrivals: queue.Queue[tuple[int, torch.Tensor, PeerLostError | None]] = (
@@ -100,30 +127,85 @@ class FleetHost:
         self.refused = 0  # joins refused (a wrong secret, a malformed or vanished peer, a config mismatch)
 
     # -- joining ----------------------------------------------------------------------------------
+    # Nothing a store key says is believed before the join proved the secret: the store is open to
+    # anyone who reaches its port. Each join number is a slot that waits (without blocking the
+    # serving loop) for its rank key, then proves the secret in a thread of its own; slots are
+    # bounded and time out on their own, so a stranger bumping the counter or posting ranks delays
+    # a real join by at most the connect timeout and never holds up a running step. Whether the rank
+    # may join is said over the authenticated connection, never through the store.
     def pending_joins(self) -> int:
-        return int(self.store.add(JOINS, 0)) - self.seen_joins
+        """Join numbers posted but not yet looked at, plus slots in progress or finished unread."""
+        return int(self.store.add(JOINS, 0)) - self.seen_joins + len(self._slots) + self._done.qsize()
 
     def accept_joins(self, fields: Mapping[str, object], valid_rank: Callable[[int], str | None]) -> list[Joined]:
-        """Accept every join posted since the last call. ``valid_rank(rank)`` returns why a rank
-        may not join now, or None. A refused join is logged and counted, never raised."""
-        joined = []
-        while self.pending_joins() > 0:
-            self.seen_joins += 1
-            try:
-                joined.append(self._accept(self.seen_joins, fields, valid_rank))
-            except (PeerError, ConfigMismatchError, ValueError, RuntimeError) as exc:
+        """Look at every join slot (never waiting on one) and return the joins that completed since
+        the last call. ``valid_rank(rank)`` returns why a rank may not join now, or None; the client
+        is told over its authenticated connection. A refused or expired join is logged and counted,
+        never raised."""
+        now = time.monotonic()
+        posted = int(self.store.add(JOINS, 0))
+        for i in range(max(self.seen_joins + 1, posted - MAX_WAITING_SLOTS + 1), posted + 1):
+            self._slots[i] = now
+        skipped = max(0, posted - self.seen_joins - MAX_WAITING_SLOTS)
+        self.seen_joins = max(self.seen_joins, posted)
+        waiting = sorted(i for i in self._slots if i not in self._running)
+        for i in waiting[: max(0, len(waiting) - MAX_WAITING_SLOTS)]:  # the newest slots are kept
+            del self._slots[i]
+            skipped += 1
+        if skipped:
+            self.log(f"skipped {skipped} join number(s) beyond the {MAX_WAITING_SLOTS} waiting slots")
+        for i in sorted(i for i in self._slots if i not in self._running):
+            if len(self._running) >= MAX_JOINING:
+                break
+            if self.store.check([_join_keys(i) + "rank"]):
+                self._start(i, fields)
+            elif now - self._slots[i] > self.peer_timeout:
+                del self._slots[i]
                 self.refused += 1
-                self.log(f"refused join #{self.seen_joins}: {exc}")
+                self.log(f"refused join #{i}: no rank posted within {self.peer_timeout:g} s")
+        joined = []
+        while not self._done.empty():
+            i, result = self._done.get()
+            self._slots.pop(i, None)
+            self._running.discard(i)
+            if isinstance(result, BaseException):
+                self.refused += 1
+                self.log(f"refused join #{i}: {result}")
+                continue
+            why = valid_rank(result.rank)
+            if why is not None:
+                self.refused += 1
+                self.log(f"refused join #{i}: rank {result.rank}: {why}")
+                _send_verdict(result.endpoint, why, self.peer_timeout)
+                continue
+            if not _send_verdict(result.endpoint, None, self.peer_timeout):
+                self.refused += 1
+                self.log(f"refused join #{i}: rank {result.rank} vanished before it was told it joined")
+                continue
+            self.drop(result.rank)  # a rank that joins again replaces its old connection
+            self.endpoints[result.rank] = result.endpoint
+            joined.append(result)
         return joined
 
-    def _accept(self, i: int, fields, valid_rank) -> Joined:
+    def _start(self, i: int, fields) -> None:
+        self._running.add(i)
+
+        def run():
+            try:
+                result: Joined | BaseException = self._accept(i, fields)
+            except BaseException as exc:  # handed to the serving thread
+                result = exc
+            self._done.put((i, result))
+
+        threading.Thread(target=run, name=f"hosl-fleet-join-{i}", daemon=True).start()
+
+    def _accept(self, i: int, fields) -> Joined:
         keys = _join_keys(i)
         deadline = time.monotonic() + self.peer_timeout
-        rank = self._posted_rank(keys, deadline)
-        why = valid_rank(rank)
-        if why is not None:
-            self.store.set(keys + "refused", why.encode("utf-8"))
-            raise ValueError(f"rank {rank}: {why}")
+        text = self.store.get(keys + "rank").decode("ascii", errors="replace")
+        if not text.isdigit() or len(text) > 9:
+            raise ValueError(f"a join posted a malformed rank {text[:20]!r}")
+        rank = int(text)  # a claim until the secret is proven; checked by valid_rank once it is
         run_id = authenticate_over_store(
             self.store,
             is_host=True,
@@ -145,21 +227,9 @@ class FleetHost:
             self.stop_requested,
         )
         endpoint = Endpoint("client", self.peer_timeout, group=group, rank=0, peer_rank=rank)
-        confirm_channel(endpoint, self.secret, run_id, self.peer_timeout)
+        confirm_channel(endpoint, self.secret, run_id, self.peer_timeout, encrypt=self.encrypt)
         handshake(endpoint, "server", fields, self.peer_timeout)
-        self.drop(rank)  # a rank that joins again replaces its old connection
-        self.endpoints[rank] = endpoint
         return Joined(rank, endpoint)
-
-    def _posted_rank(self, keys: str, deadline: float) -> int:
-        while time.monotonic() < deadline:
-            if self.store.check([keys + "rank"]):
-                text = self.store.get(keys + "rank").decode("ascii", errors="replace")
-                if not text.isdigit():
-                    raise ValueError(f"a join posted a malformed rank {text[:20]!r}")
-                return int(text)
-            time.sleep(0.01)
-        raise ConnectError("a join was counted but posted no rank in time")
 
     # -- messages ---------------------------------------------------------------------------------
     def send(self, rank: int, msg: Message, what: str) -> None:
@@ -199,6 +269,9 @@ class FleetHost:
                 return rank, failure
             try:
                 return rank, self.endpoints[rank].recv_rest(header, "receiving a request")
+            except TamperedMessageError as exc:  # tell the client why (authenticated), then it counts as lost
+                refuse_to_peer(self.endpoints[rank], exc)
+                return rank, exc
             except PeerLostError as exc:
                 return rank, exc
 
@@ -235,6 +308,7 @@ def join_fleet(
     fields: Mapping[str, object],
     backend: str = "gloo",
     stop_requested: Callable[[], bool] | None = None,
+    encrypt: bool = False,
 ) -> Endpoint:
     """A client's side: join the fleet whose server listens on ``addr:port`` as ``rank`` (>= 1);
     returns the endpoint to the server. Raises :class:`AuthError` (secrets differ, or the server
@@ -257,19 +331,22 @@ def join_fleet(
     )
     keys = _join_keys(i)
     store.set(keys + "rank", str(rank).encode("ascii"))
-    # the server either challenges this join or says why it refuses the rank (taken, out of range)
+    # wait for the server's challenge; nothing else in the store is believed (a "refused" key, say:
+    # anyone can write one). A join number that fell out of the server's window of waiting slots (a
+    # stranger bumped the counter past it) is given up for a new one.
+    polls = 0
     while not store.check([keys + "auth/challenge"]):
-        if store.check([keys + "refused"]):
-            raise AuthError(
-                f"the server on {where} refused rank {rank}: "
-                f"{store.get(keys + 'refused').decode('utf-8', errors='replace')}"
-            )
         if time.monotonic() > deadline:
             raise ConnectError(
                 f"the server on {where} did not take up this join within {timeout_s:g} s (--connect-timeout)"
             )
         if stop_requested is not None and stop_requested():
             raise KeyboardInterrupt
+        polls += 1
+        if polls % 10 == 0 and int(store.add(JOINS, 0)) - i >= MAX_WAITING_SLOTS:
+            i = int(store.add(JOINS, 1))
+            keys = _join_keys(i)
+            store.set(keys + "rank", str(rank).encode("ascii"))
         time.sleep(0.05)
     run_id = authenticate_over_store(
         store,
@@ -282,6 +359,7 @@ def join_fleet(
         keys=keys + "auth/",
         roles=("server", f"client (rank {rank})"),
         joiner_rank=rank,
+        believe_refusal=False,  # the store is open to strangers; only the server's proof counts
     )
     group = call_bounded(
         lambda: pair_group(backend, dist.PrefixStore(f"{KEYS}pair/{run_id}/", store), 1, peer_timeout),
@@ -290,7 +368,13 @@ def join_fleet(
         stop_requested,
     )
     endpoint = Endpoint("server", peer_timeout, group=group, rank=1, peer_rank=0)
-    confirm_channel(endpoint, secret, run_id, timeout_s)
+    confirm_channel(endpoint, secret, run_id, timeout_s, encrypt=encrypt)
     handshake(endpoint, "client", fields, timeout_s)
+    verdict = endpoint.recv("waiting for the server to accept this rank", max(1.0, deadline - time.monotonic()))
+    text = tensor_text(verdict.tensors[0]) if verdict.tensors else ""
+    if verdict.kind == Kind.ERROR:
+        raise AuthError(f"the server on {where} refused rank {rank}: {text}")
+    if verdict.kind != Kind.REPLY or text != VERDICT_OK:
+        raise PeerProtocolError(f"the server on {where} answered the join with {verdict.kind.name} {text[:40]!r}")
     endpoint.store = store  # kept alive with the endpoint
     return endpoint
