@@ -46,12 +46,13 @@ where ``"auto"`` would pick them, else ``backend``'s materialising ops.
 from hosl.forward.batched import BatchedPerturber, repeat_batch
 from hosl.forward.choice import PERTURBED_FORWARDS, fused_unavailable_reason, make_batched_perturber, make_perturber
 from hosl.forward.fused import FusedPerturber, fused_kind
-from hosl.forward.layout import ParameterLayout, ParameterSlot, SphereScales
+from hosl.forward.layout import LowRankSeeds, ParameterLayout, ParameterSlot, SphereScales
 from hosl.forward.scratch import ModuleScratchPerturber
 
 __all__ = [
     "BatchedPerturber",
     "FusedPerturber",
+    "LowRankSeeds",
     "ModuleScratchPerturber",
     "PERTURBED_FORWARDS",
     "ParameterLayout",

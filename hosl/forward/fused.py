@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hosl import ops
-from hosl.forward.layout import ParameterLayout
+from hosl.forward.layout import LowRankSeeds, ParameterLayout
 from hosl.forward.scratch import ModuleScratchPerturber
 
 LINEAR, EMBEDDING, EMBEDDING_INTERCEPT = "linear", "embedding", "embedding-intercept"
@@ -93,8 +93,11 @@ class FusedPerturber(ModuleScratchPerturber):
     """
 
     def __init__(self, module: nn.Module, layout: ParameterLayout, backend: str | None = None,
-                 fused_backend: str | None = "triton"):
-        super().__init__(module, layout, backend)
+                 fused_backend: str | None = "triton", direction: str = "gaussian",
+                 lowrank: LowRankSeeds | None = None):
+        if direction not in ("gaussian", "lowrank"):
+            raise ValueError(f"the one-point fused perturber makes Gaussian or lowrank directions, not {direction!r}")
+        super().__init__(module, layout, backend, direction=direction, lowrank=lowrank)
         self.fused_backend = fused_backend
         self.fused: list[tuple[nn.Module, str, dict]] = []
         scratch_owners = []
@@ -118,6 +121,11 @@ class FusedPerturber(ModuleScratchPerturber):
         bias_slot = slots.get("bias")
 
         def forward(x):
+            if self.lowrank is not None:  # x W^T + s (x V) U^T: no kernel to pick
+                return ops.perturbed_linear(
+                    x, mod.weight, mod.bias, seeds=[self._seed], scales=[self._scale],
+                    weight_offset=slots["weight"].offset, bias_offset=bias_slot.offset if bias_slot else None,
+                    family="lowrank", backend=self.backend, **self.lowrank.op_options([self._seed]))[0]
             return ops.perturbed_linear(
                 x, mod.weight, mod.bias, seeds=[self._seed], scales=[self._scale],
                 weight_offset=slots["weight"].offset, bias_offset=bias_slot.offset if bias_slot else None,
@@ -128,6 +136,10 @@ class FusedPerturber(ModuleScratchPerturber):
 
     def _lookup(self, mod: nn.Embedding, slots: dict):
         def lookup(ids):
+            if self.lowrank is not None:
+                return ops.perturbed_embedding(ids, mod.weight, seeds=[self._seed], scales=[self._scale],
+                                               offset=slots["weight"].offset, family="lowrank", backend=self.backend,
+                                               **self.lowrank.op_options([self._seed]))[0]
             return ops.perturbed_embedding(ids, mod.weight, seeds=[self._seed], scales=[self._scale],
                                            offset=slots["weight"].offset, backend=self.fused_backend)[0]
         return lookup

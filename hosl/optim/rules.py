@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hosl._registry import Registry
-from hosl.directions.families import FAMILIES
+from hosl.directions.families import family_max_abs
 from hosl.forward.layout import ParameterLayout
 from hosl.optim import functional as F
 
@@ -57,12 +57,14 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
     decay group."""
 
     def step(layout: ParameterLayout, seeds, grads, state: State, *, weight_decay: float,
-             direction: str = "gaussian", scales=None, backend: str | None = None, **hyper) -> None:
+             direction: str = "gaussian", scales=None, backend: str | None = None, rank: int | None = None,
+             u_seeds=None, **hyper) -> None:
         coeffs = [g / len(seeds) for g in grads]
         for j, slot in enumerate(layout.slots):
             p = slot.param.data
             g = F.materialise_estimate(p, slot.offset, seeds, coeffs, direction=direction,
-                                       scales=None if scales is None else [row[j] for row in scales], backend=backend)
+                                       scales=None if scales is None else [row[j] for row in scales], backend=backend,
+                                       rank=rank, u_seeds=u_seeds)
             tensor_step(p, state[slot.param], g, weight_decay=weight_decay if slot.decay else 0.0, **hyper)
             del g
 
@@ -70,9 +72,10 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
 
 
 # -- the rules ------------------------------------------------------------------------------------
-def _sgd_step(layout, seeds, grads, state, *, lr, weight_decay, direction, scales, backend, **_):
+def _sgd_step(layout, seeds, grads, state, *, lr, weight_decay, direction, scales, backend, rank=None, u_seeds=None,
+              **_):
     F.zo_sgd(layout, seeds, grads, lr=lr, weight_decay=weight_decay, direction=direction, scales=scales,
-             backend=backend)
+             backend=backend, rank=rank, u_seeds=u_seeds)
 
 
 def _sgd_bound(m, d, params, state, *, lr, **_):
@@ -138,27 +141,30 @@ def rule_state_nbytes(variant: str, trainable_numel: int) -> int:
 
 def zo_step(variant: str, layout: ParameterLayout, seeds: Sequence[int], grads: Sequence[float], state: State, *,
             direction: str = "gaussian", scales: Sequence[Sequence[float]] | None = None, backend: str | None = None,
-            **hyper) -> None:
+            rank: int | None = None, u_seeds: Sequence[int] | None = None, **hyper) -> None:
     """One update of ``variant`` (a name in :data:`RULES`) from ``Q`` seeds and their estimates ``g_q``.
 
     ``state`` maps each parameter to its dict of float32 state tensors (an ``Optimizer.state``),
     created by the rule on first use. Weight decay applies to the layout's decay group only.
     ``hyper``: every one of :data:`~hosl.optim.functional.STEP_HYPERPARAMETERS`
-    (:func:`~hosl.optim.functional.step_hyperparameters` of a param group).
+    (:func:`~hosl.optim.functional.step_hyperparameters` of a param group). ``rank`` and ``u_seeds``
+    (the seeds of each direction's ``U``; default: ``seeds``) are the ``"lowrank"`` family's, passed
+    to the rule only with that family.
     """
+    extra = {} if direction != "lowrank" else {"rank": rank, "u_seeds": u_seeds}
     RULES[variant].step(layout, seeds, grads, state, direction=direction, scales=scales, backend=backend,
-                        **hyper)
+                        **extra, **hyper)
 
 
 def update_is_safe(variant: str, layout: ParameterLayout, seeds: Sequence[int], grads: Sequence[float],
-                   state: State, *, direction: str = "gaussian", **hyper) -> bool:
+                   state: State, *, direction: str = "gaussian", rank: int | None = None, **hyper) -> bool:
     """True when ``zo_step`` with these arguments is certain to leave every weight (and the rule's
     float32 state) finite; False means skip the update.
 
     Checked before anything is written, from bounds rather than from the result, so nothing needs
     undoing and no copy of the weights is held: with ``M = max|w|`` (one read of the weights),
     ``S = sum_q |g_q| / Q * max|z|`` (the estimate's largest coordinate, ``max|z|`` from the
-    direction family's ``max_abs``) and the rule's state maxima, the rule's worst-case ``|w_new|``
+    direction family's ``max_abs``, at ``rank`` for ``"lowrank"``) and the rule's state maxima, the rule's worst-case ``|w_new|``
     must stay below the weight dtype's largest finite value (with a margin for rounding). The bound
     is loose only for weights or updates near that limit.
     """
@@ -168,7 +174,7 @@ def update_is_safe(variant: str, layout: ParameterLayout, seeds: Sequence[int], 
         return False
     params = [s.param for s in layout.slots]
     dtype_max = min(torch.finfo(p.dtype).max for p in params) * (1 - 2**-8)
-    zmax = max(FAMILIES[direction].max_abs(p.numel()) for p in params)
+    zmax = max(family_max_abs(direction, p.numel(), rank) for p in params)
     s = sum(abs(g) for g in grads) / len(grads) * zmax
     m = F.max_abs(params)
     d = s + weight_decay * m  # |estimate + decay|, the rules' input
