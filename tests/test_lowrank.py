@@ -156,6 +156,11 @@ def test_a_rank_too_large_is_refused_and_changes_nothing():
         ops.zo_update_(w, [1], [1.0], lr=0.1, offsets=OFFSETS, family="lowrank")
     with pytest.raises(ValueError, match="rank is only for family='lowrank'"):
         ops.perturb_(w, 1, 0.1, offsets=OFFSETS, rank=2)
+    with pytest.raises(ValueError, match="u_seeds is only for family='lowrank'"):
+        ops.perturbed_linear(torch.ones(2, 6), w[0], seeds=[1], scales=[0.1], weight_offset=0, u_seeds=[2])
+    with pytest.raises(ValueError, match="rank=9 is too large for weight of shape \\(8, 6\\)"):
+        ops.perturbed_linear(torch.ones(2, 6), w[0], seeds=[1], scales=[0.1], weight_offset=0, family="lowrank",
+                             rank=9)
     assert all(torch.equal(a, b) for a, b in zip(w, before))
     assert families.FAMILIES["lowrank"].code is None and "lowrank" not in families.FAMILY_CODES
 
@@ -282,13 +287,19 @@ def test_resample_every_keeps_u_for_k_steps(tiny_client):
     ids, mask = _batch()
     opt = hosl.ZerothOrderOptimizer(client, direction="lowrank", rank=2, resample_every=2, num_queries=2,
                                     lr=1e-3)
-    seen = []
+    seen, saved = [], None
     for _ in range(3):
         opt.step(lambda: client(ids, mask).float().pow(2).mean())
         seen.append((list(opt.last_seeds), dict(opt.lowrank.u_seeds)))
+        saved = saved or copy.deepcopy(opt.state_dict())
     (s0, u0), (s1, u1), (s2, u2) = seen
     assert u0 == dict(zip(s0, s0)) and u1 == dict(zip(s1, s0)) and u2 == dict(zip(s2, s2))
     assert s1 != s0 and s2 != s1
+    # a resumed optimizer keeps the window's U seeds
+    resumed = hosl.ZerothOrderOptimizer(client, direction="lowrank", rank=2, resample_every=2, num_queries=2, lr=1e-3)
+    resumed.load_state_dict(saved)
+    resumed.step(lambda: client(ids, mask).float().pow(2).mean())
+    assert resumed.last_seeds == s1 and resumed.lowrank.u_seeds == u1
 
 
 @pytest.mark.slow

@@ -135,5 +135,5 @@ FAMILIES.register(DirectionFamily(
     help="Gaussian, each tensor scaled to norm sqrt(numel)", per_tensor_factor=True))
 FAMILIES.register(DirectionFamily(
     "lowrank", None, spec.randn_reference, _lowrank_max_abs,
-    help="each 2-D weight z = U V^T / sqrt(R), Gaussian U [m, R], V [n, R] (--rank R); vectors Gaussian",
+    help="each 2-D weight z = U V^T / sqrt(R), Gaussian U [m, R], V [n, R] (--direction-rank R); vectors Gaussian",
     shaped_reference=spec.lowrank_reference, rank_max_abs=_lowrank_rank_max_abs))

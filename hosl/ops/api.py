@@ -339,6 +339,8 @@ def perturbed_linear(
     """
     family = validation.check_family(family)
     rank = lowrank.check_rank(family, rank)
+    if rank is None and u_seeds is not None:
+        raise ValueError("u_seeds is only for family='lowrank'")
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     weight_offset = validation.check_index(weight_offset, "weight_offset")
     validation.check_coordinates(weight_offset, weight.numel(), "weight_offset")
@@ -348,6 +350,8 @@ def perturbed_linear(
         bias_offset = validation.check_index(bias_offset, "bias_offset")
         validation.check_coordinates(bias_offset, bias.numel(), "bias_offset")
     if rank is not None:
+        if factors is not None:
+            raise ValueError("factors is only for family='sphere', not family='lowrank'")
         seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds)
         if weight.ndim != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -397,6 +401,8 @@ def perturbed_embedding(
     """
     family = validation.check_family(family)
     rank = lowrank.check_rank(family, rank)
+    if rank is None and u_seeds is not None:
+        raise ValueError("u_seeds is only for family='lowrank'")
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
@@ -407,6 +413,8 @@ def perturbed_embedding(
     ids2, middle = _split_directions(ids.long().unsqueeze(-1), len(scales), per_direction_input, "ids")
     ids2 = ids2.squeeze(-1).contiguous()
     if rank is not None:
+        if factors is not None:
+            raise ValueError("factors is only for family='sphere', not family='lowrank'")
         seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds)
         lowrank.check_shapes([weight.shape], rank, ["weight"])
         with use_backend(backend):

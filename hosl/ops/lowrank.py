@@ -145,7 +145,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, w_offset: int, b_offset,
     u, v = _stacked_factors((m, n), seeds, u_seeds, w_offset, rank, x.device)
     xv = torch.matmul(xs, v.to(x.dtype))  # [D, rows, R] (a shared x broadcasts over D)
     xv = xv * _coefficients(scales, rank, x.device).to(x.dtype)[:, None, None]
-    y = base + torch.bmm(xv, u.to(x.dtype).transpose(1, 2))
+    y = torch.baddbmm(base, xv, u.to(x.dtype).transpose(1, 2))  # base broadcasts over D when x is shared
     if bias is not None:
         b = _perturbed_bias(bias, b_offset, seeds, scales, x.device) if b_offset is not None else bias.expand(num_dirs, m)
         y = y + b[:, None, :].to(y.dtype)
