@@ -257,7 +257,7 @@ def test_fused_path_falls_back_to_scratch_for_other_families(caplog):
     with caplog.at_level(logging.INFO, logger="hosl.optim"):
         opt = hosl.HybridOrderOptimizer(client, None, perturbed_forward="fused", direction="rademacher")
     assert type(opt.perturbers[0]) is ModuleScratchPerturber
-    assert "Gaussian directions only" in opt.perturbed_forward_info[0]
+    assert "Gaussian and lowrank directions only" in opt.perturbed_forward_info[0]
     assert any(r.levelno == logging.WARNING and "Gaussian" in r.getMessage() for r in caplog.records)
     gauss = hosl.HybridOrderOptimizer(client, None, perturbed_forward="fused")
     assert type(gauss.perturbers[0]) is not ModuleScratchPerturber

@@ -33,8 +33,8 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
     line saying which and why, for the log.
 
     The fused linear/embedding ops (``hosl.ops.perturbed_linear`` / ``perturbed_embedding``) take
-    every direction family, but the one-point :class:`~hosl.forward.fused.FusedPerturber` passes
-    them none (Gaussian only): any other ``direction`` runs the scratch path (whatever
+    every direction family, but the one-point :class:`~hosl.forward.fused.FusedPerturber` makes
+    Gaussian and lowrank directions only: any other ``direction`` runs the scratch path (whatever
     ``perturbed_forward`` says), and the line says so; but ``"lowrank"``'s ``x W^T + s (x V) U^T``
     runs fused on any device (``lowrank``: its rank and U seeds) unless ``"scratch"`` is asked for.
     ``query_batch > 1`` (:func:`make_batched_perturber`) runs every family fused.
@@ -49,7 +49,7 @@ def make_perturber(module: nn.Module, layout: ParameterLayout, backend: str | No
                                    lowrank=lowrank)
         why = "asked for" if perturbed_forward == "scratch" else (
             f"perturbed_forward={perturbed_forward!r}, but the one-point fused perturber makes Gaussian "
-            f"directions only and direction={direction!r}")
+            f"and lowrank directions only and direction={direction!r}")
         return p, f"perturbed forward: scratch, module at a time ({why}; {p.scratch_nbytes()} bytes of scratch)"
     if perturbed_forward == "auto":
         reason = fused_unavailable_reason([module], backend)
