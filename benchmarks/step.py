@@ -53,8 +53,8 @@ shared and noisy); ratios come from one run.
     python benchmarks/step.py --batches 1x32,4x64,16x128 --queries 10 --repeats 1 --warmup 0 \
         --variants hosl,hosl-qb,hosl-auto,hosl-linear,hosl-linear-client,fo-sl --json step_issue15.json
     python benchmarks/step.py --device cuda --model opt-1.3b-random --batch 16 --seq 128 --queries 10
-    python benchmarks/step.py --variants hosl,hosl-qb --queries 10 --query-batch 10 --repeats 1 \
-        --directions gaussian,lowrank:1,lowrank:4 --json step_lowrank.json   # issue 31's batched-vs-sequential
+    python benchmarks/step.py --variants hosl,hosl-qb --queries 10 --repeats 1 --warmup 0 \
+        --directions gaussian,lowrank:1,lowrank:4 --json step_lowrank.json   # sequential vs D = 2Q, per family
 
 On a GPU (``--device cuda``) every bucket and step is closed by ``torch.cuda.synchronize()`` so the
 times are the GPU's, not the launch queue's.

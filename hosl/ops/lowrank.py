@@ -145,10 +145,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias, w_offset: int, b_offset,
     u, v = _stacked_factors((m, n), seeds, u_seeds, w_offset, rank, x.device)
     xv = torch.matmul(xs, v.to(x.dtype))  # [D, rows, R] (a shared x broadcasts over D)
     xv = xv * _coefficients(scales, rank, x.device).to(x.dtype)[:, None, None]
-    y = torch.baddbmm(base, xv, u.to(x.dtype).transpose(1, 2))  # base broadcasts over D when x is shared
+    ut = u.to(x.dtype).transpose(1, 2)
+    # in place where base has a row block per direction; a shared x's base broadcasts over D
+    y = base.baddbmm_(xv, ut) if not shared_x else torch.baddbmm(base, xv, ut)
     if bias is not None:
         b = _perturbed_bias(bias, b_offset, seeds, scales, x.device) if b_offset is not None else bias.expand(num_dirs, m)
-        y = y + b[:, None, :].to(y.dtype)
+        y.add_(b[:, None, :].to(y.dtype))
     return y
 
 
