@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +94,10 @@ def test_kernel_script_names_cpu_model_and_forced_isa(tmp_path):
     assert meta["cpu_isa"] == "scalar"
     assert meta["cpu_model"] == cpu.cpu_model() and meta["cpu_model"]
     assert meta["threads"] == 1
+
+
+def test_step_directions_option_keys_each_family_apart():
+    step = load_benchmark("step")
+    assert step.parse_direction("gaussian") == {"direction": "gaussian"}
+    assert step.parse_direction("lowrank:4") == {"direction": "lowrank", "rank": 4}
+    assert [step.direction_tag(d) for d in ("gaussian", "lowrank:1", "lowrank:4")] == ["", "/lowrank-r1", "/lowrank-r4"]
