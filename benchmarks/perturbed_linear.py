@@ -11,6 +11,10 @@ over ``--tokens`` rows, 16 x 128 by default) and each number of directions ``D``
                 input shared by all directions (the first layer of a client: the embedding output is the
                 same for every direction).
 
+* ``lowrank-r<R>`` (``--ranks``, e.g. ``1,4``): the same call with ``family="lowrank", rank=R``:
+                one GEMM ``x W^T`` over all ``D x tokens`` rows plus a batched rank-R term per direction
+                (``hosl/ops/lowrank.py``, any device), and ``lowrank-r<R>/shared``.
+
 ``triton`` is the fused kernel (weights read once per tile, the direction generated in registers);
 ``cuda`` and ``cpu`` materialise one perturbed copy of the layer per direction and call ``F.linear``.
 Times are the minimum over ``--repeats`` after a warm-up (``torch.cuda.Event`` on a GPU);
@@ -19,6 +23,8 @@ Times are the minimum over ``--repeats`` after a warm-up (``torch.cuda.Event`` o
     python benchmarks/perturbed_linear.py --device cuda --json linear.json
     TRITON_INTERPRET=1 python benchmarks/perturbed_linear.py --device cpu --backends triton,cpu \\
         --shapes 32x48 --tokens 8 --directions 1,2 --repeats 1        # seconds: the dry run
+    python benchmarks/perturbed_linear.py --device cpu --backends cpu --ranks 1,4 --shapes 768x768 \
+        --tokens 256 --directions 10 --dtypes float32                 # low rank vs clean on CPU
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ def main(argv=None) -> dict:
     p.add_argument("--directions", default="1,20", help="values of D (default %(default)s: 1 and 2Q at Q=10)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--ranks", default="", help="also the lowrank family at these ranks, e.g. 1,4 (default: none)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")
@@ -115,6 +122,14 @@ def main(argv=None) -> dict:
                     rows[f"{backend}/shared"] = best_seconds(
                         lambda: hosl.ops.perturbed_linear(x[0], w, b, seeds=seeds, scales=scales, weight_offset=0,
                                                           bias_offset=n * k, backend=backend), a.repeats, a.device)
+                for rank in (int(v) for v in a.ranks.split(",") if v):
+                    low = dict(seeds=seeds, scales=scales, weight_offset=0, bias_offset=n * k, family="lowrank",
+                               rank=rank)
+                    rows[f"lowrank-r{rank}"] = best_seconds(
+                        lambda: hosl.ops.perturbed_linear(x, w, b, per_direction_input=True, **low), a.repeats,
+                        a.device)
+                    rows[f"lowrank-r{rank}/shared"] = best_seconds(
+                        lambda: hosl.ops.perturbed_linear(x[0], w, b, **low), a.repeats, a.device)
                 for case, seconds in rows.items():
                     key = f"{prefix}/{case}"
                     results[key] = {"seconds": seconds, "over_clean": seconds / clean, "tflops": flops / seconds / 1e12,
@@ -124,7 +139,8 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/perturbed_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": a.device,
         "device_name": torch.cuda.get_device_name() if a.device == "cuda" else (platform.processor() or platform.machine()),
-        "backends": backends, "torch": torch.__version__, "repeats": a.repeats,
+        "backends": backends, "ranks": [int(v) for v in a.ranks.split(",") if v], "torch": torch.__version__,
+        "repeats": a.repeats,
         "timing": f"min of {a.repeats} after a warm-up" + (", torch.cuda.Event" if a.device == "cuda" else ""),
     }
     if a.json:

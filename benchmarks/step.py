@@ -24,6 +24,11 @@ without grad, the client ZO update over all ``Q`` directions, and the server's S
             ``--query-batch`` applies to these too.
 * ``hosl``    takes ``--query-batch`` / ``--server-estimate`` / ``--linear-on`` as given (defaults: today's
             sequential exact step).
+* ``--directions gaussian,lowrank:1,lowrank:4``: every hosl variant once per direction family
+            (``lowrank:R``: ``direction="lowrank", rank=R``; its sequential passes run the fused
+            ``x W^T + s (x V) U^T`` one point at a time, its batched ones one GEMM over the ``D*B``
+            rows plus a rank-R term per direction); keys ``variant/qQ/lowrank-rR``, ``vs_hosl`` against
+            ``hosl`` of the same direction.
 * ``fo-sl``   FO-SL's step: client forward with autograd, server forward and backward, client backward
             with dL/dh, both SGD steps.
 
@@ -48,6 +53,8 @@ shared and noisy); ratios come from one run.
     python benchmarks/step.py --batches 1x32,4x64,16x128 --queries 10 --repeats 1 --warmup 0 \
         --variants hosl,hosl-qb,hosl-auto,hosl-linear,hosl-linear-client,fo-sl --json step_issue15.json
     python benchmarks/step.py --device cuda --model opt-1.3b-random --batch 16 --seq 128 --queries 10
+    python benchmarks/step.py --variants hosl,hosl-qb --queries 10 --repeats 1 --warmup 0 \
+        --directions gaussian,lowrank:1,lowrank:4 --json step_lowrank.json   # sequential vs D = 2Q, per family
 
 On a GPU (``--device cuda``) every bucket and step is closed by ``torch.cuda.synchronize()`` so the
 times are the GPU's, not the launch queue's.
@@ -278,7 +285,21 @@ def bytes_per_step(variant: str, opts: dict, q: int, activation: int) -> tuple[i
     return (2 * q + 1) * activation, 0
 
 
-def run_variant(variant, q, client, server, batch, repeats, a=None, warmup=1):
+def parse_direction(text: str) -> dict:
+    """``"gaussian"`` -> ``{"direction": "gaussian"}``; ``"lowrank:4"`` -> ``{"direction": "lowrank", "rank": 4}``."""
+    name, _, rank = text.partition(":")
+    return {"direction": name, **({"rank": int(rank)} if rank else {})}
+
+
+def direction_tag(text: str) -> str:
+    """The result key's suffix of a ``--directions`` entry ("" for gaussian, ``/lowrank-r4``)."""
+    options = parse_direction(text)
+    if options["direction"] == "gaussian":
+        return ""
+    return f"/{options['direction']}" + (f"-r{options['rank']}" if "rank" in options else "")
+
+
+def run_variant(variant, q, client, server, batch, repeats, a=None, warmup=1, direction: dict | None = None):
     import torch
 
     import hosl
@@ -311,7 +332,8 @@ def run_variant(variant, q, client, server, batch, repeats, a=None, warmup=1):
         best_passes.server_bwd = 1
     else:
         opts = hosl_options(variant, q, a) if a is not None else {"server_batch": 1 if variant == "hosl" else 2 * q}
-        opt = hosl.HybridOrderOptimizer(client, server_opt, lr=1e-6, eps=1e-3, num_queries=q, **opts)
+        opt = hosl.HybridOrderOptimizer(client, server_opt, lr=1e-6, eps=1e-3, num_queries=q, **opts,
+                                        **(direction or {}))
         for r in range(repeats + warmup):
             t, passes = Buckets(), Passes(ids.shape[0])
             t0 = time.perf_counter()
@@ -384,6 +406,8 @@ def main(argv=None) -> dict:
                    help="hosl, hosl-linear*: points per client forward; hosl-qb: D (default 2Q when 1)")
     p.add_argument("--query-memory-budget", type=int, default=None, metavar="BYTES",
                    help="hosl-auto (and an explicit D): the bytes the batched points may add")
+    p.add_argument("--directions", default="gaussian", metavar="NAME[:R],...",
+                   help="direction families of the hosl variants, e.g. gaussian,lowrank:1,lowrank:4 (default %(default)s)")
     p.add_argument("--server-estimate", default="exact", choices=("exact", "linear"), help="of the hosl variant")
     p.add_argument("--linear-on", default="server", choices=("server", "client"), help="of the hosl variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant before the timed ones")
@@ -416,35 +440,39 @@ def main(argv=None) -> dict:
         batch = make_batch(client.config.vocab_size, b, seq, a.device)
         tag = f"/b{b}x{seq}" if a.batches else ""
         for q in [int(x) for x in a.queries.split(",")]:
-            for variant in a.variants.split(","):
+            runs = [(v, d) for d in a.directions.split(",") for v in a.variants.split(",")
+                    if d == a.directions.split(",")[0] or v not in ("mezo", "fo-sl")]  # those have no direction
+            for variant, direction in runs:
                 # every variant starts from the same weights (MeZO's walk and the updates change them)
                 state_c = {k: v.clone() for k, v in client.state_dict().items()}
                 state_s = {k: v.clone() for k, v in server.state_dict().items()}
-                row = run_variant(variant, q, client, server, batch, a.repeats, a, a.warmup)
+                key = f"{variant}/q{q}{tag}" + ("" if variant in ("mezo", "fo-sl") else direction_tag(direction))
+                row = run_variant(variant, q, client, server, batch, a.repeats, a, a.warmup, parse_direction(direction))
                 row["fwd_equiv"] = row.pop("_passes").fwd_equiv(client_share)
                 opts = {k: row.get(k) for k in ("server_estimate", "linear_on")}
                 row["bytes_up"], row["bytes_down"] = bytes_per_step(variant, opts, q, b * seq * hidden * 4)
-                results[f"{variant}/q{q}{tag}"] = row
+                results[key] = row
                 client.load_state_dict(state_c)
                 server.load_state_dict(state_s)
-                print(f"  {variant} Q={q} {b}x{seq}: {row['step_s']:.3f} s", file=sys.stderr, flush=True)
+                print(f"  {key.split('/')[0]} Q={q} {b}x{seq} {direction}: {row['step_s']:.3f} s", file=sys.stderr,
+                      flush=True)
                 if a.json:  # as we go: a long run stopped early keeps what it measured
                     Path(a.json).write_text(json.dumps(results, indent=2))
-            for variant in a.variants.split(","):
+            for variant, direction in runs:
+                dtag = "" if variant in ("mezo", "fo-sl") else direction_tag(direction)
+                key = f"{variant}/q{q}{tag}{dtag}"
                 base = f"mezo/q{q}{tag}"
                 if variant != "mezo" and base in results:
-                    results[f"{variant}/q{q}{tag}"]["speedup_vs_mezo"] = (
-                        results[base]["step_s"] / results[f"{variant}/q{q}{tag}"]["step_s"])
-                if variant != "hosl" and f"hosl/q{q}{tag}" in results:
-                    results[f"{variant}/q{q}{tag}"]["vs_hosl"] = (
-                        results[f"{variant}/q{q}{tag}"]["step_s"] / results[f"hosl/q{q}{tag}"]["step_s"])
+                    results[key]["speedup_vs_mezo"] = results[base]["step_s"] / results[key]["step_s"]
+                if variant != "hosl" and f"hosl/q{q}{tag}{dtag}" in results:
+                    results[key]["vs_hosl"] = results[key]["step_s"] / results[f"hosl/q{q}{tag}{dtag}"]["step_s"]
 
     results["meta"] = {
         "command": "python benchmarks/step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": a.model, "cut": a.cut, "batch": a.batch, "seq": a.seq, "batches": a.batches, "dtype": "float32",
         "device": a.device, "client_matmul_share": client_share,
         "device_name": torch.cuda.get_device_name() if a.device == "cuda" else None,
-        "client_params": n_client, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "client_params": n_client, "directions": a.directions, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "timing": f"min of {a.repeats} steps after {a.warmup} warm-up step(s), per variant",
     }

@@ -50,6 +50,8 @@ class Registry(Generic[T]):
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         for attr in self._unique:
+            if getattr(entry, attr) is None:  # None: the entry has no such value (a shaped family's code)
+                continue
             clash = [e.name for e in self._entries.values() if getattr(e, attr) == getattr(entry, attr)]
             if clash:
                 raise ValueError(f"{self.kind} {name!r}: {attr}={getattr(entry, attr)!r} is {clash[0]!r}'s")

@@ -105,7 +105,7 @@ def family_variants(block_counters: int = 256) -> list[tuple[int, int, tuple[int
     """``(FAMILY code, BN, dtype codes)`` of each registered family at ``block_counters`` (a GPU's):
     the variants the ahead-of-time compile check builds of the multi-tensor kernels."""
     return [(f.code, family_layout(f.name, block_counters)[0], tuple(dtype_code(d) for d in f.compile_dtypes))
-            for f in FAMILIES.entries()]
+            for f in FAMILIES.entries() if f.code is not None]  # a shaped family has no kernel of its own
 
 
 @triton.jit

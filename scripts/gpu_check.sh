@@ -21,10 +21,12 @@
 #            OPT-125M and OPT-1.3B, batch 64, seq 256
 #   tests    pytest of the tests that need CUDA for real: CUDA kernels, Triton compiled (not
 #            interpreted), perturbed linear/embedding, fused forward on CUDA, cpu == cuda == triton
-#            == reference (tests/test_backend_identity.py); the dry run collects them and runs the
-#            GPU-marked ones, which skip
+#            == reference (tests/test_backend_identity.py; the lowrank family's in tests/test_lowrank.py);
+#            the dry run collects them and runs the GPU-marked ones, which skip
 #   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q,
-#            2048 rows per direction; and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
+#            2048 rows per direction, and the lowrank family's x W^T + s (x V) U^T at ranks 1 and 4 (one
+#            GEMM over the D x 2048 rows + a rank-R term per direction) against the same clean rows;
+#            and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
 #   kernels  benchmarks/direction_kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
 #
 # Output under $OUT (default gpu-results/), three files (the device tool brings back only a handful):
@@ -126,7 +128,8 @@ fi
 # sizes: the GPU run vs the dry run
 if ((DRY)); then
   KERNEL_ARGS=(--device cpu --backends cpu,triton --numel 1024 --tensors 2 --repeats 1)
-  LINEAR_ARGS=(--device cpu --backends triton,cpu --shapes 32x48 --tokens 8 --directions 1,4 --dtypes float32 --repeats 1)
+  LINEAR_ARGS=(--device cpu --backends triton,cpu --shapes 32x48 --tokens 8 --directions 1,4 --dtypes float32 --repeats 1
+               --ranks 1,4)
   STEP_MODELS=(tiny-opt:tiny-opt)
   STEP_ARGS=(--device cpu --cut 2 --batch 2 --seq 8 --queries 2 --repeats 1)
   MEMORY_ARGS=(--device cpu --models tiny-opt --dtypes float32 --batch 4 --seq 16 --cut 2 --threads 1 --modes fo-sl,hosl)
@@ -134,7 +137,7 @@ if ((DRY)); then
   T_BUILD=60 T_INFO=60 T_TESTS=120 T_KERNELS=120 T_LINEAR=60 T_STEP=180 T_MEMORY=120
 else
   KERNEL_ARGS=(--device cuda --numel $((1 << 24)) --tensors 16 --repeats 10)
-  LINEAR_ARGS=(--device cuda --repeats 10)
+  LINEAR_ARGS=(--device cuda --repeats 10 --ranks 1,4)
   STEP_MODELS=(opt-125m:opt-125m-random opt-1.3b:opt-1.3b-random)
   STEP_ARGS=(--device cuda --cut 5 --batch 16 --seq 128 --queries 10 --repeats 1 --threads "$(nproc)")
   MEMORY_ARGS=(--device cuda --models opt-125m,opt-1.3b --dtypes float32 --batch 64 --seq 256 --cut 5 --modes fo-sl,hosl,floor)
@@ -144,7 +147,8 @@ else
   T_BUILD=300 T_INFO=60 T_TESTS=420 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
 fi
 TEST_FILES=(tests/test_cuda_kernels.py tests/test_backend_identity.py tests/test_triton_backend.py
-            tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py)
+            tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py
+            tests/test_lowrank.py::test_every_backend_gives_the_reference_bits)
 # (tests/test_triton_compile.py compiles for sm_90 without a GPU: it runs in CI, not here)
 
 # --------------------------------------------------------------------------------------------------

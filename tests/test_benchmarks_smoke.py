@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,3 +108,10 @@ def test_message_auth_script_tiny(tmp_path):
     for mode, row in data["modes"].items():
         assert math.isfinite(row["total_s"]) and row["total_s"] >= 0, mode
         assert row["total_s"] == pytest.approx(row["seal_s"] + row["open_s"])
+
+
+def test_step_directions_option_keys_each_family_apart():
+    step = load_benchmark("step")
+    assert step.parse_direction("gaussian") == {"direction": "gaussian"}
+    assert step.parse_direction("lowrank:4") == {"direction": "lowrank", "rank": 4}
+    assert [step.direction_tag(d) for d in ("gaussian", "lowrank:1", "lowrank:4")] == ["", "/lowrank-r1", "/lowrank-r4"]

@@ -33,6 +33,7 @@ OTHER = {
     "adam_eps": (1e-6, None), "coordinate_offset": (5, None), "query_batch": (2, "2"),
     "query_memory_budget": (1000, "1000"), "server_batch": (2, "2"), "server_estimate": ("linear", "linear"),
     "linear_on": ("client", "client"), "client_micro_batch": (2, "2"), "step_scale": ("loss-std", "loss-std"),
+    "rank": (2, "2"), "resample_every": (3, "3"),
 }
 # a value the one validation refuses, and the error's type
 BAD = {
@@ -44,13 +45,15 @@ BAD = {
     "query_memory_budget": (-1, ValueError), "server_batch": (0, ValueError),
     "server_estimate": ("quadratic", ValueError), "linear_on": ("nowhere", ValueError),
     "client_micro_batch": (0, ValueError), "step_scale": ("sigma", ValueError),
+    "rank": (0, ValueError), "resample_every": (0, ValueError),
 }
 # the options hosl train does not expose (a deliberate choice for each: add the field here, or give it
 # a training name in its metadata)
 LIBRARY_ONLY = {"perturbed_forward", "adam_eps", "coordinate_offset"}
 # the options both processes of a two-process run must share: the server half's optimizer (zo-sl) or the
 # update it applies depends on them; the others only shape the client's work (the server follows it)
-MUST_AGREE = {"lr", "eps", "weight_decay", "seed", "direction", "variant", "momentum", "betas", "adam_eps"}
+MUST_AGREE = {"lr", "eps", "weight_decay", "seed", "direction", "variant", "momentum", "betas", "adam_eps", "rank",
+              "resample_every"}
 
 
 def _flag(name: str) -> str:

@@ -29,6 +29,14 @@ VARIANTS = tuple(RULES)
 FAMILIES = tuple(FAMILY_REGISTRY)
 
 
+def _z(family, seed, slot):
+    """The family's z of one parameter (a shaped family at ZOConfig's default rank, 1), flat."""
+    entry = FAMILY_REGISTRY[family]
+    if entry.shaped:
+        return entry.shaped_reference(seed, tuple(slot.param.shape), slot.offset, 1).reshape(-1)
+    return direction_reference(family, seed, slot.param.numel(), slot.offset)
+
+
 def _model(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     client = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 8)).to(dtype)
@@ -61,7 +69,7 @@ class SlowRule:
         layout = ParameterLayout(client)
         for slot in layout.slots:
             p = slot.param
-            g = sum(gq / len(seeds) * direction_reference(family, s, p.numel(), slot.offset).double()
+            g = sum(gq / len(seeds) * _z(family, s, slot).double()
                     for gq, s in zip(grads, seeds)).view(p.shape)
             w = p.detach().double()
             wd = self.wd if slot.decay else 0.0
@@ -94,8 +102,8 @@ def _slow_projected_grads(client, server, x, y, family, seeds, eps):
     for s in seeds:
         losses = []
         for sign in (1.0, -1.0):
-            params = {slot.name: slot.param.detach() + (sign * eps) * direction_reference(
-                family, s, slot.param.numel(), slot.offset).view_as(slot.param) for slot in layout.slots}
+            params = {slot.name: slot.param.detach() + (sign * eps) * _z(family, s, slot).view_as(slot.param)
+                      for slot in layout.slots}
             with torch.no_grad():
                 losses.append(_loss_fn(server, y)(torch.func.functional_call(client, params, (x,))).item())
         out.append((losses[0] - losses[1]) / (2 * eps))
@@ -249,7 +257,7 @@ def test_fused_path_falls_back_to_scratch_for_other_families(caplog):
     with caplog.at_level(logging.INFO, logger="hosl.optim"):
         opt = hosl.HybridOrderOptimizer(client, None, perturbed_forward="fused", direction="rademacher")
     assert type(opt.perturbers[0]) is ModuleScratchPerturber
-    assert "Gaussian directions only" in opt.perturbed_forward_info[0]
+    assert "Gaussian and lowrank directions only" in opt.perturbed_forward_info[0]
     assert any(r.levelno == logging.WARNING and "Gaussian" in r.getMessage() for r in caplog.records)
     gauss = hosl.HybridOrderOptimizer(client, None, perturbed_forward="fused")
     assert type(gauss.perturbers[0]) is not ModuleScratchPerturber

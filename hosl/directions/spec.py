@@ -17,7 +17,8 @@ inside (0, 1): ``u = ((x >> 9) + 0.5) * 2**-23``.
 
 Direction families (end of this file; registered in :mod:`hosl.directions.families`): ``"gaussian"``
 (the above), ``"rademacher"`` (one Philox bit per coordinate, 128 coordinates per counter) and
-``"sphere"`` (each tensor's Gaussian slice times one float32 factor, from an order-free fixed-point norm).
+``"sphere"`` (each tensor's Gaussian slice times one float32 factor, from an order-free fixed-point norm)
+and ``"lowrank"`` (a 2-D tensor's ``z = U V^T / sqrt(R)`` from Gaussian ``U``, ``V`` at its own coordinates).
 """
 
 from __future__ import annotations
@@ -270,3 +271,54 @@ def sphere_reference(seed: int, numel: int, offset: int = 0) -> torch.Tensor:
     ``float32(s * z)`` with ``s = sphere_scale(numel, sphere_sq_norm(z))``."""
     z = randn_reference(seed, numel, offset)
     return _f32(sphere_scale(numel, sphere_sq_norm(z))) * z
+
+
+# Low rank: a 2-D tensor (m x n) at offset o gets z = U V^T * c_R with U = gaussian(seed, m*R, o) as
+# [m, R] and V = gaussian(v_seed, n*R, o + m*R) as [n, R] (v_seed = seed unless the U is kept over
+# several steps: docs/directions.md, "lowrank"), summed over r = 0 .. R-1 in order in float32, each
+# product and sum rounded on its own (no FMA), and c_R = float32(1/sqrt(R)) applied last. The U and
+# V coordinates are the tensor's own, so (m + n) * R <= m * n. Other shapes keep the Gaussian z.
+def lowrank_factor(rank: int) -> float:
+    """``c_R = float32(1 / sqrt(R))``: the float64 value rounded once to float32."""
+    import math
+
+    import numpy as np
+
+    return float(np.float32(1.0 / math.sqrt(rank)))
+
+
+def lowrank_max_rank(shape) -> int:
+    """The largest ``R`` with ``(m + n) * R <= m * n`` for a 2-D ``shape`` (0 when there is none)."""
+    m, n = shape
+    return (m * n) // (m + n)
+
+
+def lowrank_outer_sum(u: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tensor:
+    """``(sum_r u[:, r] v[:, r]^T) * c_R`` from ``u`` [m, R] and ``v`` [n, R] (float32), in the spec's
+    order: ``acc = u_0 v_0``, then ``acc = acc + u_r v_r`` for r = 1 .. R-1 (each product and sum a
+    separate correctly rounded float32 operation: torch's elementwise kernels on any device), then
+    ``acc * c_R``. Every backend materialises ``z`` with this function."""
+    acc = u[:, 0:1] * v[None, :, 0]
+    for r in range(1, rank):
+        acc = acc + u[:, r : r + 1] * v[None, :, r]
+    return acc * lowrank_factor(rank)
+
+
+def lowrank_reference(seed: int, shape, offset: int, rank: int, u_seed: int | None = None) -> torch.Tensor:
+    """The low-rank direction of ONE tensor of ``shape`` placed at ``offset``, float32, shaped.
+
+    A 2-D shape ``(m, n)`` with ``(m + n) * rank <= m * n``: ``U V^T * c_R`` as above, ``U`` from
+    ``u_seed`` (default: ``seed``) and ``V`` from ``seed``; any other shape: the Gaussian ``z``.
+    """
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if len(shape) != 2:
+        return randn_reference(seed, numel, offset).view(shape)
+    m, n = shape
+    if rank < 1 or rank > lowrank_max_rank(shape):
+        raise ValueError(f"rank must be in [1, {lowrank_max_rank(shape)}] for a {m} x {n} tensor, got {rank}")
+    u = randn_reference(seed if u_seed is None else u_seed, m * rank, offset).view(m, rank)
+    v = randn_reference(seed, n * rank, offset + m * rank).view(n, rank)
+    return lowrank_outer_sum(u, v, rank)

@@ -36,8 +36,10 @@ Which one runs (:func:`~hosl.forward.choice.make_perturber`, from the optimizers
   is None or ``"triton"`` and Triton runs natively (``hosl.ops.fused_kernels_reason`` says why
   not); otherwise fused with ``backend``'s materialising ops (bit-identical to scratch, and no
   vocabulary-sized embedding scratch).
-* any ``direction`` other than ``"gaussian"``: scratch, whatever ``perturbed_forward`` says (the
-  one-point fused perturber is Gaussian-only); the log line says so.
+* ``"rademacher"`` and ``"sphere"``: scratch, whatever ``perturbed_forward`` says (the one-point
+  fused perturber makes Gaussian and low-rank directions only); the log line says so.
+* ``"lowrank"``: fused on any device (``x W^T + s (x V) U^T``, ``hosl/ops/lowrank.py``) unless
+  ``"scratch"`` is asked for.
 
 ``query_batch > 1`` uses :func:`~hosl.forward.choice.make_batched_perturber` instead: the Triton ops
 where ``"auto"`` would pick them, else ``backend``'s materialising ops.
@@ -46,12 +48,13 @@ where ``"auto"`` would pick them, else ``backend``'s materialising ops.
 from hosl.forward.batched import BatchedPerturber, repeat_batch
 from hosl.forward.choice import PERTURBED_FORWARDS, fused_unavailable_reason, make_batched_perturber, make_perturber
 from hosl.forward.fused import FusedPerturber, fused_kind
-from hosl.forward.layout import ParameterLayout, ParameterSlot, SphereScales
+from hosl.forward.layout import LowRankSeeds, ParameterLayout, ParameterSlot, SphereScales
 from hosl.forward.scratch import ModuleScratchPerturber
 
 __all__ = [
     "BatchedPerturber",
     "FusedPerturber",
+    "LowRankSeeds",
     "ModuleScratchPerturber",
     "PERTURBED_FORWARDS",
     "ParameterLayout",

@@ -32,7 +32,7 @@ from torch import nn
 
 from hosl import ops
 from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, fused_kind, intercepting_forward
-from hosl.forward.layout import ParameterLayout, SphereScales
+from hosl.forward.layout import LowRankSeeds, ParameterLayout, SphereScales
 from hosl.forward.scratch import _ScratchStack, scratch_sizes
 
 
@@ -66,9 +66,13 @@ class BatchedPerturber:
         fused_backend: str | None = None,
         direction: str = "gaussian",
         sphere_scales: SphereScales | None = None,
+        lowrank: LowRankSeeds | None = None,
     ):
         self.module, self.layout, self.backend, self.fused_backend = module, layout, backend, fused_backend
         self.direction = direction
+        if (direction == "lowrank") != (lowrank is not None):
+            raise ValueError("lowrank (the rank and U seeds) is given with direction='lowrank' and only then")
+        self.lowrank = lowrank
         if direction == "sphere" and sphere_scales is None:
             sphere_scales = SphereScales(layout, backend)
         self.sphere_scales = sphere_scales if direction == "sphere" else None
@@ -132,6 +136,22 @@ class BatchedPerturber:
             d = len(dirs)
             xs = x.reshape(d, x.shape[0] // d, *x.shape[1:])
             perturb_slots = [w_slot] + ([b_slot] if b_slot is not None else [])
+            seeds = [self._points[i][0] for i in dirs]
+            if self.lowrank is not None:  # one GEMM over the D*B rows + a batched rank-R term
+                y = ops.perturbed_linear(
+                    xs,
+                    mod.weight,
+                    mod.bias,
+                    seeds=seeds,
+                    scales=[self._points[i][1] for i in dirs],
+                    weight_offset=w_slot.offset,
+                    bias_offset=b_slot.offset if b_slot is not None else None,
+                    per_direction_input=True,
+                    family="lowrank",
+                    backend=self.backend,
+                    **self.lowrank.op_options(seeds),
+                )
+                return y.reshape(x.shape[0], *y.shape[2:])
             y = ops.perturbed_linear(
                 xs,
                 mod.weight,
@@ -159,16 +179,18 @@ class BatchedPerturber:
             dirs = self._directions(ids.shape[0])
             d = len(dirs)
             factors = self._factors_of(dirs, [w_slot])
+            seeds = [self._points[i][0] for i in dirs]
+            extra = {} if self.lowrank is None else {"backend": self.backend, **self.lowrank.op_options(seeds)}
             y = ops.perturbed_embedding(
                 ids.reshape(d, ids.shape[0] // d, *ids.shape[1:]),
                 mod.weight,
-                seeds=[self._points[i][0] for i in dirs],
+                seeds=seeds,
                 scales=[self._points[i][1] for i in dirs],
                 offset=w_slot.offset,
                 per_direction_input=True,
                 family=self.direction,
                 factors=None if factors is None else [f[0] for f in factors],
-                backend=self.fused_backend,
+                **{"backend": self.fused_backend, **extra},
             )
             return y.reshape(ids.shape[0], *y.shape[2:])
 
@@ -219,6 +241,7 @@ class BatchedPerturber:
         outs = [self._scratch.take(p) for p in params]
         seed, scale = self._points[i]
         factors = self._factors_of([i], slots)
+        extra = {} if self.lowrank is None else {"rank": self.lowrank.rank, "u_seed": self.lowrank.u_seed(seed)}
         ops.perturb_(
             params,
             seed,
@@ -228,6 +251,7 @@ class BatchedPerturber:
             family=self.direction,
             scales=None if factors is None else factors[0],
             backend=self.backend,
+            **extra,
         )
         originals = [p.data for p in params]
         outer, self._active = self._active, i

@@ -13,7 +13,7 @@ from torch import nn
 from hosl import ops
 from hosl.forward.batched import BatchedPerturber
 from hosl.forward.fused import FusedPerturber
-from hosl.forward.layout import ParameterLayout
+from hosl.forward.layout import LowRankSeeds, ParameterLayout
 from hosl.forward.scratch import ModuleScratchPerturber
 
 PERTURBED_FORWARDS = ("auto", "scratch", "fused")
@@ -34,26 +34,33 @@ def make_perturber(
     perturbed_forward: str,
     direction: str = "gaussian",
     sphere_scales=None,
+    lowrank: LowRankSeeds | None = None,
 ):
     """The perturber for ``perturbed_forward`` (``"auto"``: fused where available, else scratch) and a
     line saying which and why, for the log.
 
     The fused linear/embedding ops (``hosl.ops.perturbed_linear`` / ``perturbed_embedding``) take
-    every direction family, but the one-point :class:`~hosl.forward.fused.FusedPerturber` passes
-    them none (Gaussian only): any other ``direction`` runs the scratch path (whatever
-    ``perturbed_forward`` says), and the line says so. ``query_batch > 1``
-    (:func:`make_batched_perturber`) runs every family fused.
+    every direction family, but the one-point :class:`~hosl.forward.fused.FusedPerturber` makes
+    Gaussian and lowrank directions only: any other ``direction`` runs the scratch path (whatever
+    ``perturbed_forward`` says), and the line says so; but ``"lowrank"``'s ``x W^T + s (x V) U^T``
+    runs fused on any device (``lowrank``: its rank and U seeds) unless ``"scratch"`` is asked for.
+    ``query_batch > 1`` (:func:`make_batched_perturber`) runs every family fused.
     """
     if perturbed_forward not in PERTURBED_FORWARDS:
         raise ValueError(f"perturbed_forward must be one of {PERTURBED_FORWARDS}, got {perturbed_forward!r}")
+    if direction == "lowrank" and perturbed_forward != "scratch":
+        low = FusedPerturber(module, layout, backend, fused_backend=backend, direction=direction, lowrank=lowrank)
+        return low, f"perturbed forward: {low.describe()} (lowrank: x W^T + s (x V) U^T, any device)"
     if perturbed_forward == "scratch" or direction != "gaussian":
-        p = ModuleScratchPerturber(module, layout, backend, direction=direction, sphere_scales=sphere_scales)
+        p = ModuleScratchPerturber(
+            module, layout, backend, direction=direction, sphere_scales=sphere_scales, lowrank=lowrank
+        )
         why = (
             "asked for"
             if perturbed_forward == "scratch"
             else (
                 f"perturbed_forward={perturbed_forward!r}, but the one-point fused perturber makes Gaussian "
-                f"directions only and direction={direction!r}"
+                f"and lowrank directions only and direction={direction!r}"
             )
         )
         return p, f"perturbed forward: scratch, module at a time ({why}; {p.scratch_nbytes()} bytes of scratch)"
@@ -71,12 +78,23 @@ def make_perturber(
 
 
 def make_batched_perturber(
-    module: nn.Module, layout: ParameterLayout, backend: str | None, direction: str = "gaussian", sphere_scales=None
+    module: nn.Module,
+    layout: ParameterLayout,
+    backend: str | None,
+    direction: str = "gaussian",
+    sphere_scales=None,
+    lowrank: LowRankSeeds | None = None,
 ):
     """The :class:`~hosl.forward.batched.BatchedPerturber` of ``query_batch > 1``: the fused
     Triton ops where ``"auto"`` would pick them (CUDA + Triton), else ``backend``'s materialising ops
     (one perturbed copy of one layer at a time). Every direction family runs fused."""
     fused_backend = "triton" if not fused_unavailable_reason([module], backend) else backend
     return BatchedPerturber(
-        module, layout, backend, fused_backend=fused_backend, direction=direction, sphere_scales=sphere_scales
+        module,
+        layout,
+        backend,
+        fused_backend=fused_backend,
+        direction=direction,
+        sphere_scales=sphere_scales,
+        lowrank=lowrank,
     )

@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hosl import ops
-from hosl.forward.layout import ParameterLayout
+from hosl.forward.layout import LowRankSeeds, ParameterLayout
 from hosl.forward.scratch import ModuleScratchPerturber
 
 LINEAR, EMBEDDING, EMBEDDING_INTERCEPT = "linear", "embedding", "embedding-intercept"
@@ -101,8 +101,12 @@ class FusedPerturber(ModuleScratchPerturber):
         layout: ParameterLayout,
         backend: str | None = None,
         fused_backend: str | None = "triton",
+        direction: str = "gaussian",
+        lowrank: LowRankSeeds | None = None,
     ):
-        super().__init__(module, layout, backend)
+        if direction not in ("gaussian", "lowrank"):
+            raise ValueError(f"the one-point fused perturber makes Gaussian or lowrank directions, not {direction!r}")
+        super().__init__(module, layout, backend, direction=direction, lowrank=lowrank)
         self.fused_backend = fused_backend
         self.fused: list[tuple[nn.Module, str, dict]] = []
         scratch_owners = []
@@ -128,6 +132,19 @@ class FusedPerturber(ModuleScratchPerturber):
         bias_slot = slots.get("bias")
 
         def forward(x):
+            if self.lowrank is not None:  # x W^T + s (x V) U^T: no kernel to pick
+                return ops.perturbed_linear(
+                    x,
+                    mod.weight,
+                    mod.bias,
+                    seeds=[self._seed],
+                    scales=[self._scale],
+                    weight_offset=slots["weight"].offset,
+                    bias_offset=bias_slot.offset if bias_slot else None,
+                    family="lowrank",
+                    backend=self.backend,
+                    **self.lowrank.op_options([self._seed]),
+                )[0]
             return ops.perturbed_linear(
                 x,
                 mod.weight,
@@ -144,6 +161,17 @@ class FusedPerturber(ModuleScratchPerturber):
 
     def _lookup(self, mod: nn.Embedding, slots: dict):
         def lookup(ids):
+            if self.lowrank is not None:
+                return ops.perturbed_embedding(
+                    ids,
+                    mod.weight,
+                    seeds=[self._seed],
+                    scales=[self._scale],
+                    offset=slots["weight"].offset,
+                    family="lowrank",
+                    backend=self.backend,
+                    **self.lowrank.op_options([self._seed]),
+                )[0]
             return ops.perturbed_embedding(
                 ids,
                 mod.weight,

@@ -104,3 +104,20 @@ class SphereScales:
         while len(self._cache) > self.keep:
             self._cache.popitem(last=False)
         return factors
+
+
+class LowRankSeeds:
+    """The ``"lowrank"`` family's options shared by a layout's perturbers and its update: the rank
+    ``R`` and the seed of each direction's ``U`` (``resample_every``: the optimizer sets
+    ``u_seeds``, ``{direction seed: U seed}``, each step; a seed not in it is its own U seed)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.u_seeds: dict[int, int] = {}
+
+    def u_seed(self, seed: int) -> int:
+        return self.u_seeds.get(seed, seed)
+
+    def op_options(self, seeds) -> dict:
+        """The ``rank`` and ``u_seeds`` keywords of the ``hosl.ops`` calls for directions ``seeds``."""
+        return {"rank": self.rank, "u_seeds": [self.u_seed(s) for s in seeds]}

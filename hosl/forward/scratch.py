@@ -8,7 +8,8 @@ module's parameters (a stack, should a module with parameters nest inside anothe
 
 ``direction`` is the ``hosl.ops`` direction family; for ``"sphere"`` the per-tensor factors of the
 seed come from a :class:`~hosl.forward.layout.SphereScales` (shared with the optimizer's update, so
-they are computed once per seed and step) and are passed to ``perturb_`` as ``scales=``.
+they are computed once per seed and step) and are passed to ``perturb_`` as ``scales=``; for
+``"lowrank"`` a :class:`~hosl.forward.layout.LowRankSeeds` gives the rank and each seed's ``U`` seed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from hosl import ops
 from hosl.directions.families import FAMILIES
-from hosl.forward.layout import ParameterLayout, SphereScales
+from hosl.forward.layout import LowRankSeeds, ParameterLayout, SphereScales
 
 
 def scratch_sizes(module: nn.Module, scratched: set) -> dict:
@@ -74,9 +75,13 @@ class ModuleScratchPerturber:
         backend: str | None = None,
         direction: str = "gaussian",
         sphere_scales: SphereScales | None = None,
+        lowrank: LowRankSeeds | None = None,
     ):
         if direction not in FAMILIES:
             raise ValueError(f"direction must be one of {FAMILIES}, got {direction!r}")
+        if (direction == "lowrank") != (lowrank is not None):
+            raise ValueError("lowrank (the rank and U seeds) is given with direction='lowrank' and only then")
+        self.lowrank = lowrank
         self.module = module
         self.layout = layout
         self.backend = backend
@@ -103,6 +108,12 @@ class ModuleScratchPerturber:
     def scratch_nbytes(self) -> int:
         return sum(n * key[0].itemsize for key, n in self._scratch_sizes().items())
 
+    def lowrank_options(self, seed: int) -> dict:
+        """The ``rank`` and ``u_seed`` keywords of ``perturb_`` at ``seed`` (none for other families)."""
+        if self.lowrank is None:
+            return {}
+        return {"rank": self.lowrank.rank, "u_seed": self.lowrank.u_seed(seed)}
+
     def factors_of(self, slots) -> list[float] | None:
         """The current seed's sphere factors of ``slots`` (None for the other families)."""
         if self._factors is None:
@@ -123,6 +134,7 @@ class ModuleScratchPerturber:
                 family=self.direction,
                 scales=self.factors_of(slots),
                 backend=self.backend,
+                **self.lowrank_options(self._seed),
             )
             for p, out in zip(params, outs):
                 self._originals[id(p)] = p.data

@@ -15,13 +15,14 @@ sphere sizes) whoever calls them.
 
 from __future__ import annotations
 
+import math
 from itertools import accumulate
 
 import torch
 
 from hosl.directions.families import FAMILIES
 from hosl.directions.spec import sphere_scale, split_seed
-from hosl.ops import library, validation
+from hosl.ops import library, lowrank, validation
 from hosl.ops.dispatch import use_backend
 
 
@@ -41,23 +42,48 @@ def _offsets(tensors, offset: int, offsets) -> list[int]:
 
 
 def randn(
-    seed: int, numel: int, offset: int = 0, *, family: str = "gaussian", device="cpu", backend: str | None = None
+    seed: int,
+    numel: int,
+    offset: int = 0,
+    *,
+    family: str = "gaussian",
+    device="cpu",
+    backend: str | None = None,
+    rank: int | None = None,
+    shape=None,
+    u_seed: int | None = None,
 ) -> torch.Tensor:
     """Coordinates ``offset .. offset+numel-1`` of ``z(seed)`` as a float32 tensor on ``device``.
 
     ``family``: ``"gaussian"`` (default), ``"rademacher"`` (+-1), or ``"sphere"``, for which the
     ``numel`` coordinates are treated as ONE tensor and rescaled to norm ``sqrt(numel)`` (the
     direction a tensor placed at ``offset`` gets from ``perturb_``/``zo_update_``).
+
+    ``"lowrank"`` (``rank=R``): the ``numel`` coordinates are ONE tensor of ``shape`` (default: a
+    vector, which gets the Gaussian z); a 2-D ``shape`` gives ``U V^T * c_R`` flattened, ``U`` from
+    ``u_seed`` (default ``seed``). ``shape`` and ``u_seed`` are only for ``"lowrank"``.
     """
     family = validation.check_family(family)
     seed = validation.check_seed(seed)
     numel = validation.check_index(numel, "numel")
     offset = validation.check_index(offset, "offset")
     validation.check_coordinates(offset, numel)
+    rank = lowrank.check_rank(family, rank)
     key_lo, key_hi = split_seed(seed)
     device = torch.device(device)
+    if rank is None and (shape is not None or u_seed is not None):
+        raise ValueError("shape and u_seed are only for family='lowrank'")
+    if rank is not None:
+        shape = (numel,) if shape is None else tuple(int(d) for d in shape)
+        if math.prod(shape) != numel:
+            raise ValueError(f"shape {shape} has {math.prod(shape)} elements, numel is {numel}")
+        lowrank.check_shapes([shape], rank, ["shape"])
+        u_seed = None if u_seed is None else validation.check_seed(u_seed, "u_seed")
     if device.type == "meta":  # shapes only, as torch.randn(..., device="meta") gives
-        return torch.empty(numel, dtype=torch.float32, device=device)
+        return torch.empty(numel if shape is None else shape, dtype=torch.float32, device=device)
+    if rank is not None:
+        with use_backend(backend):
+            return lowrank.direction(shape, seed, offset, rank, device, u_seed)
     with use_backend(backend):
         factor = _sphere_factors([numel], [offset], seed, device)[0] if FAMILIES[family].per_tensor_factor else 1.0
         return library.randn_op(key_lo, key_hi, numel, offset, device, family, factor)
@@ -117,13 +143,16 @@ def perturb_(
     family: str = "gaussian",
     scales=None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seed: int | None = None,
 ):
     """``w + scale * z(seed)`` for every tensor ``w``: in place, or into ``out`` (weights untouched).
 
     ``offsets`` (one per tensor) places tensors at arbitrary coordinates instead of consecutively.
     ``family`` picks the direction (``"gaussian"``, ``"rademacher"``, ``"sphere"``); for
     ``"sphere"``, ``scales`` may pass the per-tensor factors from :func:`sphere_scales` (computed
-    here otherwise), and ``z = float32(scales[j] * z_gaussian)``.
+    here otherwise), and ``z = float32(scales[j] * z_gaussian)``. ``"lowrank"`` takes ``rank=R`` (and
+    ``u_seed``, the seed of ``U``; default ``seed``): each 2-D tensor's ``z`` is ``U V^T * c_R``.
 
     Math in float32, stored with round-to-nearest-even into each tensor's dtype. Returns the tensors
     written (``out`` if given, else ``tensors``).
@@ -137,6 +166,20 @@ def perturb_(
         out = validation.as_tensor_list(out, "out")
     key_lo, key_hi = split_seed(seed)
     written = tensors if out is None else out
+    rank = lowrank.check_rank(family, rank)
+    if rank is not None:
+        lowrank.check_shapes([t.shape for t in tensors], rank, [f"tensors[{j}]" for j in range(len(tensors))])
+        if scales is not None:
+            raise ValueError("scales is only for family='sphere', not family='lowrank'")
+        u_seed = None if u_seed is None else validation.check_seed(u_seed, "u_seed")
+        if tensors:
+            validation.check_weights(tensors, "tensors")
+            validation.check_outputs(tensors, written)
+            with use_backend(backend):
+                lowrank.perturb(tensors, written, offsets, seed, scale, rank, u_seed)
+        return written
+    if u_seed is not None:
+        raise ValueError("u_seed is only for family='lowrank'")
     with use_backend(backend):
         factors = _family_scales(tensors, offsets, family, [seed], None if scales is None else [scales])
         if tensors:
@@ -157,15 +200,20 @@ def zo_update_(
     family: str = "gaussian",
     scales=None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seeds=None,
 ):
     """``w -= lr * (sum_q coeffs[q] * z(seeds[q]) + weight_decay * w)``, all directions in one pass.
 
     In float32, per element: ``acc = w - (lr*wd)*w``, then ``acc -= (lr*c_q) * z_q`` for each q in
     order, where ``lr*wd`` and ``lr*c_q`` are rounded to float32 once; stored round-to-nearest-even.
     ``family`` as in :func:`perturb_`; for ``"sphere"``, ``scales[q]`` (optional) is direction
-    ``q``'s per-tensor factor list from :func:`sphere_scales`.
+    ``q``'s per-tensor factor list from :func:`sphere_scales`. ``"lowrank"``: ``rank=R``, and
+    ``u_seeds[q]`` the seed of direction ``q``'s ``U`` (default: ``seeds``); each 2-D ``z_q`` is
+    materialised (the reference; the optimizers' update is one GEMM, ``hosl/optim/lowrank_update.py``).
     """
     family = validation.check_family(family)
+    rank = lowrank.check_rank(family, rank)
     tensors = validation.as_tensor_list(tensors, "tensors")
     seeds = list(seeds) if not isinstance(seeds, torch.Tensor) else seeds.tolist()
     coeffs = list(coeffs) if not isinstance(coeffs, torch.Tensor) else coeffs.tolist()
@@ -183,6 +231,22 @@ def zo_update_(
         if len(scales) != len(seeds):
             raise ValueError(f"scales has {len(scales)} entries but seeds has {len(seeds)}; one list per seed")
     keys = [split_seed(s) for s in seeds]
+    if rank is not None:
+        lowrank.check_shapes([t.shape for t in tensors], rank, [f"tensors[{j}]" for j in range(len(tensors))])
+        if scales is not None:
+            raise ValueError("scales is only for family='sphere', not family='lowrank'")
+        if u_seeds is not None:
+            u_seeds = [validation.check_seed(s, f"u_seeds[{q}]") for q, s in enumerate(u_seeds)]
+            if len(u_seeds) != len(seeds):
+                raise ValueError(f"u_seeds has {len(u_seeds)} entries but seeds has {len(seeds)}; one per seed")
+        if tensors and (seeds or decay):
+            validation.check_weights(tensors, "tensors")
+            validation.check_step_fits(tensors, scaled, family, rank)
+            with use_backend(backend):
+                lowrank.zo_update(tensors, offsets, seeds, scaled, decay, rank, u_seeds)
+        return tensors
+    if u_seeds is not None:
+        raise ValueError("u_seeds is only for family='lowrank'")
     with use_backend(backend):
         factors = _family_scales(tensors, offsets, family, seeds, scales)
         if not seeds:  # weight decay alone: no direction, so no family
@@ -205,6 +269,17 @@ def _directions(seeds, scales) -> tuple[list[int], list[int], list[float]]:
     keys = [split_seed(validation.check_seed(s, f"seeds[{d}]")) for d, s in enumerate(seeds)]
     scales = [validation.to_float32(s, f"scales[{d}]") for d, s in enumerate(scales)]
     return [k[0] for k in keys], [k[1] for k in keys], scales
+
+
+def _lowrank_seeds(keys_lo, keys_hi, u_seeds) -> tuple[list[int], list[int] | None]:
+    """The seeds of the directions (from their keys) and their checked ``u_seeds`` (None: the seeds)."""
+    seeds = [lo | (hi << 32) for lo, hi in zip(keys_lo, keys_hi)]
+    if u_seeds is None:
+        return seeds, None
+    u_seeds = list(u_seeds) if not isinstance(u_seeds, torch.Tensor) else u_seeds.tolist()
+    if len(u_seeds) != len(seeds):
+        raise ValueError(f"u_seeds has {len(u_seeds)} entries but seeds has {len(seeds)}; one per direction")
+    return seeds, [validation.check_seed(s, f"u_seeds[{d}]") for d, s in enumerate(u_seeds)]
 
 
 def _fused_factors(family, factors, seeds, tensors, offsets, per: int) -> list[float] | None:
@@ -252,6 +327,8 @@ def perturbed_linear(
     family: str = "gaussian",
     factors=None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seeds=None,
 ) -> torch.Tensor:
     """``F.linear`` at ``D`` perturbed points at once, forward only; ``weight`` and ``bias`` are never written.
 
@@ -268,8 +345,14 @@ def perturbed_linear(
     ``"sphere"``: ``factors[d]`` is the pair ``(weight factor, bias factor)`` of direction ``d``
     (:func:`sphere_scales` of ``[weight, bias]`` at their offsets; computed here when None; the bias
     entry is unused when ``bias_offset`` is None).
+    ``"lowrank"`` (``rank=R``; ``u_seeds[d]``: direction ``d``'s ``U`` seed, default ``seeds``):
+    ``x W^T + s_d c_R (x V_d) U_d^T`` without forming ``W + s z`` (:mod:`hosl.ops.lowrank`; equal to the
+    materialised forward up to matmul rounding); the bias gets its Gaussian z.
     """
     family = validation.check_family(family)
+    rank = lowrank.check_rank(family, rank)
+    if rank is None and u_seeds is not None:
+        raise ValueError("u_seeds is only for family='lowrank'")
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     weight_offset = validation.check_index(weight_offset, "weight_offset")
     validation.check_coordinates(weight_offset, weight.numel(), "weight_offset")
@@ -278,6 +361,23 @@ def perturbed_linear(
             raise ValueError("bias_offset given without a bias")
         bias_offset = validation.check_index(bias_offset, "bias_offset")
         validation.check_coordinates(bias_offset, bias.numel(), "bias_offset")
+    if rank is not None:
+        if factors is not None:
+            raise ValueError("factors is only for family='sphere', not family='lowrank'")
+        seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds)
+        if weight.ndim != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        lowrank.check_shapes([weight.shape], rank, ["weight"])
+        x2, middle = _split_directions(x, len(scales), per_direction_input, "x")
+        if x2.shape[-1] != weight.shape[1] or x.dtype != weight.dtype:
+            raise ValueError(
+                f"x [..., {x2.shape[-1]}] {x.dtype} does not match weight {tuple(weight.shape)} {weight.dtype}"
+            )
+        with use_backend(backend):
+            y = lowrank.linear(
+                x2, weight, bias, weight_offset, bias_offset, seed_list, scales, not per_direction_input, rank, u_list
+            )
+        return y.reshape(len(scales), *middle, weight.shape[0])
     with use_backend(backend):
         flat = _fused_factors(
             family,
@@ -316,6 +416,8 @@ def perturbed_embedding(
     family: str = "gaussian",
     factors=None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seeds=None,
 ) -> torch.Tensor:
     """``F.embedding(ids, W + scales[d] * Z_d)`` for ``D`` directions, perturbing only the rows looked up.
 
@@ -325,8 +427,13 @@ def perturbed_embedding(
     for every direction, or with ``per_direction_input`` ``[D, ...]``. Returns ``[D, ..., H]``.
     ``family`` as for :func:`perturbed_linear`; ``"sphere"``: ``factors[d]`` is direction ``d``'s
     factor of the whole ``weight`` (:func:`sphere_scales`; computed here when None).
+    ``"lowrank"`` (``rank=R``, ``u_seeds`` as for :func:`perturbed_linear`): ``E[ids] + s_d c_R
+    U_d[ids] V_d^T``, equal to the rows of ``W + s z`` up to the rounding of the rank-R product.
     """
     family = validation.check_family(family)
+    rank = lowrank.check_rank(family, rank)
+    if rank is None and u_seeds is not None:
+        raise ValueError("u_seeds is only for family='lowrank'")
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
@@ -336,6 +443,14 @@ def perturbed_embedding(
     validation.check_coordinates(offset, weight.numel())
     ids2, middle = _split_directions(ids.long().unsqueeze(-1), len(scales), per_direction_input, "ids")
     ids2 = ids2.squeeze(-1).contiguous()
+    if rank is not None:
+        if factors is not None:
+            raise ValueError("factors is only for family='sphere', not family='lowrank'")
+        seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds)
+        lowrank.check_shapes([weight.shape], rank, ["weight"])
+        with use_backend(backend):
+            y = lowrank.embedding(ids2, weight, offset, seed_list, scales, not per_direction_input, rank, u_list)
+        return y.reshape(len(scales), *middle, weight.shape[1])
     if FAMILIES[family].per_tensor_factor and factors is not None:
         factors = [[f] for f in (factors.tolist() if isinstance(factors, torch.Tensor) else factors)]
     with use_backend(backend):

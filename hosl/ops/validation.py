@@ -206,18 +206,20 @@ def check_factors(family: str, factors: Sequence[float] | None, count: int, name
     check_float32s(factors, name)
 
 
-def check_step_fits(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], family: str) -> None:
+def check_step_fits(
+    tensors: Sequence[torch.Tensor], coeffs: Sequence[float], family: str, rank: int | None = None
+) -> None:
     """Refuse ``zo_update_`` coefficients whose step alone, ``sum_q |coeffs[q]| * max|z|`` (``max|z|``
     the family's bound, ``FAMILIES[family].max_abs``), reaches a tensor dtype's largest finite value:
     such an update would write inf (fp16 tops out at 65504). Only the step is bounded, not
     ``w - decay*w`` plus the step, which needs a pass over the weights: the optimizers' finite guard
     (:func:`hosl.optim.rules.update_is_safe`) bounds that, with the same ``max|z|``, and so skips an
     update before it would be refused here."""
-    from hosl.directions.families import FAMILIES
+    from hosl.directions.families import family_max_abs
 
     total = math.fsum(abs(c) for c in coeffs)
     for j, t in enumerate(tensors):
-        step = total * FAMILIES[family].max_abs(t.numel())
+        step = total * family_max_abs(family, t.numel(), rank)
         limit = torch.finfo(t.dtype).max
         if step >= limit:
             raise ValueError(

@@ -160,10 +160,25 @@ class ZOConfig:
     direction: str = option(
         "gaussian",
         lambda: (
-            f"direction family: {FAMILIES.help()}; non-Gaussian families use the scratch perturbed "
-            "forward (default %(default)s)"
+            f"direction family: {FAMILIES.help()}; rademacher and sphere use the scratch perturbed "
+            "forward, lowrank its own x W^T + s (x V) U^T / sqrt(R) (default %(default)s)"
         ),
         cli=dict(choices=FAMILIES),
+        agree=True,
+    )
+    rank: int = option(
+        1,
+        "--direction lowrank: the rank R of each weight matrix's direction U V^T / sqrt(R) (at most "
+        "m*n/(m+n) for an m x n weight; the other families ignore it; default %(default)s)",
+        train="direction_rank",
+        cli=dict(type="int", metavar="R"),
+        agree=True,
+    )
+    resample_every: int = option(
+        1,
+        "--direction lowrank: keep each direction's U for K steps (LOZO's lazy subspace; V is fresh every "
+        "step; the other families ignore it; default %(default)s: U fresh every step too)",
+        cli=dict(type="int", metavar="K"),
         agree=True,
     )
     variant: str = option(
@@ -262,6 +277,8 @@ class ZOConfig:
             _one_of(self.backend, ops.BACKENDS, label("backend"))
         _one_of(self.perturbed_forward, PERTURBED_FORWARDS, label("perturbed_forward"))
         _one_of(self.direction, FAMILIES, label("direction"))
+        _number(self.rank, label("rank"), integer=True)
+        _number(self.resample_every, label("resample_every"), integer=True)
         _one_of(self.variant, RULES, label("variant"))
         _fraction(self.momentum, label("momentum"))
         if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:

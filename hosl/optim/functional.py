@@ -88,12 +88,21 @@ def zo_sgd(
     direction: str = "gaussian",
     scales: Sequence[Sequence[float]] | None = None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seeds: Sequence[int] | None = None,
 ) -> None:
     """One ZO-SGD step over all directions: ``w -= lr * (mean_q g_q z(s_q) + wd * w)``.
 
     Biases and norms (``layout``'s no-decay group) get no weight decay. Each group is one call of
     the fused multi-tensor ``zo_update_``: every weight is read and written once for all Q.
+    ``direction="lowrank"`` (``rank``, ``u_seeds``): one rank-``Q*R`` GEMM per weight matrix
+    (:mod:`hosl.optim.lowrank_update`).
     """
+    if direction == "lowrank":
+        from hosl.optim.lowrank_update import lowrank_sgd
+
+        lowrank_sgd(layout, seeds, grads, lr=lr, weight_decay=weight_decay, rank=rank, u_seeds=u_seeds, backend=backend)
+        return
     q = len(seeds)
     coeffs = [g / q for g in grads]
     index = {id(s.param): j for j, s in enumerate(layout.slots)}
@@ -122,11 +131,14 @@ def materialise_estimate(
     direction: str = "gaussian",
     scales: Sequence[float] | None = None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``sum_q coeffs[q] * z(seeds[q])`` at the coordinates of a tensor shaped ``like`` placed at
     ``offset``, as a new float32 tensor (accumulated in float32, directions in order).
 
-    ``scales[q]`` is the tensor's sphere factor for seed ``q`` (``direction="sphere"``). Written by
+    ``scales[q]`` is the tensor's sphere factor for seed ``q`` (``direction="sphere"``); ``rank`` and
+    ``u_seeds`` are the ``"lowrank"`` family's. Written by
     the ops' own update (``0 - (1 * -c_q) * z_q`` for each ``q``), so every backend gives the same bits.
     """
     out = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
@@ -139,6 +151,8 @@ def materialise_estimate(
         family=direction,
         scales=None if scales is None else [[s] for s in scales],
         backend=backend,
+        rank=rank,
+        u_seeds=u_seeds,
     )
     return out
 

@@ -254,6 +254,7 @@ class HybridOrderOptimizer(ZerothOrderBase):
             del h0  # the clean activation is not needed again: free it before the perturbed passes
 
         seeds = F.draw_seeds(self.generator, self.num_queries)
+        self.begin_directions(seeds)
         if linear:
             losses = []
             grads = (

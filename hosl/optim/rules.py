@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hosl._registry import Registry
-from hosl.directions.families import FAMILIES
+from hosl.directions.families import family_max_abs
 from hosl.forward.layout import ParameterLayout
 from hosl.optim import functional as F
 
@@ -66,6 +66,8 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
         direction: str = "gaussian",
         scales=None,
         backend: str | None = None,
+        rank: int | None = None,
+        u_seeds=None,
         **hyper,
     ) -> None:
         coeffs = [g / len(seeds) for g in grads]
@@ -79,6 +81,8 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
                 direction=direction,
                 scales=None if scales is None else [row[j] for row in scales],
                 backend=backend,
+                rank=rank,
+                u_seeds=u_seeds,
             )
             tensor_step(p, state[slot.param], g, weight_decay=weight_decay if slot.decay else 0.0, **hyper)
             del g
@@ -87,9 +91,20 @@ def per_tensor_step(tensor_step: Callable[..., None]) -> Callable[..., None]:
 
 
 # -- the rules ------------------------------------------------------------------------------------
-def _sgd_step(layout, seeds, grads, state, *, lr, weight_decay, direction, scales, backend, **_):
+def _sgd_step(
+    layout, seeds, grads, state, *, lr, weight_decay, direction, scales, backend, rank=None, u_seeds=None, **_
+):
     F.zo_sgd(
-        layout, seeds, grads, lr=lr, weight_decay=weight_decay, direction=direction, scales=scales, backend=backend
+        layout,
+        seeds,
+        grads,
+        lr=lr,
+        weight_decay=weight_decay,
+        direction=direction,
+        scales=scales,
+        backend=backend,
+        rank=rank,
+        u_seeds=u_seeds,
     )
 
 
@@ -180,6 +195,8 @@ def zo_step(
     direction: str = "gaussian",
     scales: Sequence[Sequence[float]] | None = None,
     backend: str | None = None,
+    rank: int | None = None,
+    u_seeds: Sequence[int] | None = None,
     **hyper,
 ) -> None:
     """One update of ``variant`` (a name in :data:`RULES`) from ``Q`` seeds and their estimates ``g_q``.
@@ -187,9 +204,14 @@ def zo_step(
     ``state`` maps each parameter to its dict of float32 state tensors (an ``Optimizer.state``),
     created by the rule on first use. Weight decay applies to the layout's decay group only.
     ``hyper``: every one of :data:`~hosl.optim.functional.STEP_HYPERPARAMETERS`
-    (:func:`~hosl.optim.functional.step_hyperparameters` of a param group).
+    (:func:`~hosl.optim.functional.step_hyperparameters` of a param group). ``rank`` and ``u_seeds``
+    (the seeds of each direction's ``U``; default: ``seeds``) are the ``"lowrank"`` family's, passed
+    to the rule only with that family.
     """
-    RULES[variant].step(layout, seeds, grads, state, direction=direction, scales=scales, backend=backend, **hyper)
+    extra = {} if direction != "lowrank" else {"rank": rank, "u_seeds": u_seeds}
+    RULES[variant].step(
+        layout, seeds, grads, state, direction=direction, scales=scales, backend=backend, **extra, **hyper
+    )
 
 
 def update_is_safe(
@@ -200,6 +222,7 @@ def update_is_safe(
     state: State,
     *,
     direction: str = "gaussian",
+    rank: int | None = None,
     **hyper,
 ) -> bool:
     """True when ``zo_step`` with these arguments is certain to leave every weight (and the rule's
@@ -208,7 +231,7 @@ def update_is_safe(
     Checked before anything is written, from bounds rather than from the result, so nothing needs
     undoing and no copy of the weights is held: with ``M = max|w|`` (one read of the weights),
     ``S = sum_q |g_q| / Q * max|z|`` (the estimate's largest coordinate, ``max|z|`` from the
-    direction family's ``max_abs``) and the rule's state maxima, the rule's worst-case ``|w_new|``
+    direction family's ``max_abs``, at ``rank`` for ``"lowrank"``) and the rule's state maxima, the rule's worst-case ``|w_new|``
     must stay below the weight dtype's largest finite value (with a margin for rounding). The bound
     is loose only for weights or updates near that limit.
     """
@@ -218,7 +241,7 @@ def update_is_safe(
         return False
     params = [s.param for s in layout.slots]
     dtype_max = min(torch.finfo(p.dtype).max for p in params) * (1 - 2**-8)
-    zmax = max(FAMILIES[direction].max_abs(p.numel()) for p in params)
+    zmax = max(family_max_abs(direction, p.numel(), rank) for p in params)
     s = sum(abs(g) for g in grads) / len(grads) * zmax
     m = F.max_abs(params)
     d = s + weight_decay * m  # |estimate + decay|, the rules' input

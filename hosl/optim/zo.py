@@ -85,6 +85,7 @@ class ZerothOrderOptimizer(ZerothOrderBase):
             with torch.no_grad():
                 clean = float(scalar_loss(loss_fn(), "loss_fn"))
         seeds = F.draw_seeds(self.generator, self.num_queries)
+        self.begin_directions(seeds)
         losses = self._perturbed_losses(loss_fn, self.points(seeds))
         grads = self.estimate(losses, clean)
         self.last_seeds, self.last_projected_grads = seeds, grads

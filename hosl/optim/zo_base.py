@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from hosl.directions.families import FAMILIES
-from hosl.forward import ParameterLayout, SphereScales, make_batched_perturber, make_perturber
+from hosl.forward import LowRankSeeds, ParameterLayout, SphereScales, make_batched_perturber, make_perturber
+from hosl.ops.lowrank import check_shapes
 from hosl.optim import functional as F
 from hosl.optim import query_batch as QB
 from hosl.optim import rules
@@ -74,10 +75,23 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.sphere_scales = [
             SphereScales(lay, c.backend, keep=c.num_queries) if factor else None for lay in self.layouts
         ]
+        # lowrank: the rank and each direction's U seed (resample_every), shared by the passes and the update
+        self.lowrank = LowRankSeeds(c.rank) if c.direction == "lowrank" else None
+        if self.lowrank is not None:
+            for lay in self.layouts:
+                check_shapes(
+                    [tuple(s.param.shape) for s in lay.slots], c.rank, [f"parameter {s.name}" for s in lay.slots]
+                )
+            if c.resample_every > 1 and peers:
+                raise ValueError(
+                    "resample_every > 1 keeps U seeds in this optimizer; a peer could not follow them "
+                    "(use resample_every=1 with peers)"
+                )
+        self.window_seeds: list[int] = []  # resample_every: the seeds of the first step of the current window
         # "auto": fused Linear/Embedding kernels on CUDA+Triton, else the materialising fused path (one
         # layer at a time); scratch when asked for or for a non-Gaussian direction (hosl/forward/choice.py)
         made = [
-            make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph)
+            make_perturber(m, lay, c.backend, c.perturbed_forward, c.direction, sph, self.lowrank)
             for m, lay, sph in zip(modules, self.layouts, self.sphere_scales)
         ]
         self.perturbers = [p for p, _ in made]
@@ -85,7 +99,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         # query_batch: D points per client forward (hosl.forward.batched), built on first use
         self.batch_perturbers: list | None = None
         self.last_query_batch = 1  # the D the last step ran
-        fell_back = c.perturbed_forward == "fused" and c.direction != "gaussian"
+        fell_back = c.perturbed_forward == "fused" and c.direction not in ("gaussian", "lowrank")
         for i, line in enumerate(self.perturbed_forward_info):
             logger.log(logging.WARNING if fell_back else logging.INFO, "%s module %d: %s", type(self).__name__, i, line)
         groups = [{"params": lay.params(), "module_index": i} for i, lay in enumerate(self.layouts)]
@@ -136,7 +150,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         over their inputs repeated ``D`` times (:mod:`hosl.forward.batched`)."""
         if self.batch_perturbers is None:
             self.batch_perturbers = [
-                make_batched_perturber(p.module, lay, self.backend, self.direction, sph)
+                make_batched_perturber(p.module, lay, self.backend, self.direction, sph, self.lowrank)
                 for p, lay, sph in zip(self.perturbers, self.layouts, self.sphere_scales)
             ]
         with contextlib.ExitStack() as stack:
@@ -153,6 +167,17 @@ class ZerothOrderBase(torch.optim.Optimizer):
             self.query_batch, self.query_memory_budget, per_copy_bytes, weight_bytes, points, device
         )
         return self.last_query_batch
+
+    def begin_directions(self, seeds: Sequence[int]) -> None:
+        """Called with each step's fresh seeds before its perturbed passes. ``"lowrank"`` with
+        ``resample_every = K``: the seeds of the first step of each K-step window (``steps_taken %
+        K == 0``) become the U seeds, direction ``q`` of every step in the window taking window seed
+        ``q`` (docs/directions.md, "lowrank")."""
+        if self.lowrank is None:
+            return
+        if self.steps_taken % self.config.resample_every == 0 or len(self.window_seeds) != len(seeds):
+            self.window_seeds = list(seeds)
+        self.lowrank.u_seeds = dict(zip(seeds, self.window_seeds))
 
     def points(self, seeds: Sequence[int]) -> list[tuple[int, float]]:
         signs = (1.0, -1.0) if self.difference == "central" else (1.0,)
@@ -183,7 +208,14 @@ class ZerothOrderBase(torch.optim.Optimizer):
         per_group = self.group_grads(grads)
         for group, layout, g in zip(self.param_groups, self.layouts, per_group):
             if not rules.update_is_safe(
-                self.variant, layout, seeds, g, self.state, direction=self.direction, **F.step_hyperparameters(group)
+                self.variant,
+                layout,
+                seeds,
+                g,
+                self.state,
+                direction=self.direction,
+                rank=self.config.rank if self.lowrank is not None else None,
+                **F.step_hyperparameters(group),
             ):
                 self.skipped_updates += 1
                 return False
@@ -195,6 +227,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 g,
                 self.state,
                 direction=self.direction,
+                **({} if self.lowrank is None else self.lowrank.op_options(seeds)),
                 scales=None if sphere is None else [sphere(s) for s in seeds],
                 backend=self.backend,
                 **F.step_hyperparameters(group),
@@ -257,6 +290,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
             "direction": self.direction,
             "variant": self.variant,
             "layout": self.layout_signature(),
+            "window_seeds": list(self.window_seeds),
         }
         return state
 
@@ -304,6 +338,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.generator.set_state(extra["generator"])
         self.steps_taken = extra["steps_taken"]
         self.skipped_updates = extra["skipped_updates"]
+        self.window_seeds = list(extra.get("window_seeds", []))
 
 
 def _layout_difference(saved: list, mine: list) -> str:

@@ -99,6 +99,8 @@ class TrainConfig:
     seed: int = 0
     backend: str | None = None
     direction: str = "gaussian"
+    direction_rank: int = 1  # ZOConfig.rank
+    resample_every: int = 1
     zo_optimizer: str = "sgd"  # ZOConfig.variant
     zo_momentum: float = 0.9  # ZOConfig.momentum
     zo_betas: tuple[float, float] = (0.9, 0.999)  # ZOConfig.betas
