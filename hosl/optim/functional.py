@@ -101,6 +101,8 @@ def zo_sgd(
     if direction == "lowrank":
         from hosl.optim.lowrank_update import lowrank_sgd
 
+        if rank is None:
+            raise ValueError("direction='lowrank' needs rank= (the R of each weight's U V^T)")
         lowrank_sgd(layout, seeds, grads, lr=lr, weight_decay=weight_decay, rank=rank, u_seeds=u_seeds, backend=backend)
         return
     q = len(seeds)
