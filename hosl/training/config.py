@@ -77,6 +77,7 @@ class _RunSettings:
     shard: str = "iid"  # iid | dirichlet:ALPHA | by-file: which training examples each client sees
     wire: str = "native"  # upload codec of the activations: native | float32 | bfloat16 | float16 | delta8
     progress: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb: where the metrics records also go (hosl/training/tracking.py)
     notes: list = field(default_factory=list)
 
 
@@ -165,6 +166,9 @@ class TrainConfig(_ZOSettings, _RunSettings):
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.dropout not in ("off", "on"):
             raise ValueError(f"--dropout must be off or on, got {self.dropout!r}")
+        from hosl.training.tracking import check_report_to
+
+        check_report_to(self.report_to)  # an unknown tracker, or one whose package is missing
         zo = self.zo_config()  # every ZO option, checked once, by ZOConfig
         for f in train_fields():  # a --config file's lists (zo_betas: [0.9, 0.99]) become the tuples ZOConfig keeps
             if isinstance(getattr(self, train_name(f)), list):

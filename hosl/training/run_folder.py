@@ -36,7 +36,7 @@ CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 # The ZO options' rules are their ZOConfig field's ``on_resume`` (hosl/optim/config.py): ``backend`` is not
 # compared; ``lr_client``, ``server_batch`` and ``client_micro_batch`` are overridable.
 _ZO_ON_RESUME = {train_name(f): f.metadata["on_resume"] for f in train_fields()}
-NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress", "notes"}
+NOT_COMPARED = frozenset({"out", "resume", "overwrite", "overrides", "progress", "report_to", "notes"}
                          | {k for k, rule in _ZO_ON_RESUME.items() if rule == "ignore"})
 # Settings that change how long the run goes and what it records, not the trajectory of its steps:
 # a resume may change them freely (each change is recorded). Not ``steps`` under a decaying
