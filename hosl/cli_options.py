@@ -116,3 +116,11 @@ def add_schedule_args(p: argparse.ArgumentParser, d) -> None:
                    help="every optimizer's learning rate over --steps, after the warmup (default %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear warmup over the first N steps (default %(default)s)")
+
+
+def summary_lines(summary: dict, extra: tuple[str, ...] = ()) -> dict:
+    """What ``hosl train`` prints at the end: the run, its last evaluation (accuracy, or perplexity
+    for --task lm), the client's peak bytes, the training seconds, then ``extra`` keys."""
+    metric = "eval_perplexity" if summary.get("eval_perplexity") is not None else "eval_accuracy"
+    keys = ("mode", "task", "model", "steps", metric, "client_peak_bytes", "seconds", *extra)
+    return {k: summary.get(k) for k in keys}

@@ -41,6 +41,20 @@ def is_scheduled(hp) -> bool:
     return getattr(hp, "lr_schedule", "constant") != "constant" or getattr(hp, "warmup_steps", 0) > 0
 
 
+# which base rate each half trains at, per mode: the unsplit fo mode runs at --lr-server, zo and
+# zo-sl's ZO server half at --lr-client (frozen-client's client rate resolves to 0)
+_HALF_RATES = {"fo": ("lr_server", "lr_server"), "zo": ("lr_client", "lr_client"),
+               "zo-sl": ("lr_client", "lr_client")}
+
+
+def half_rates(mode: str, hp, step: int) -> tuple[float, float]:
+    """(client, server) learning rate of step ``step`` (1-based) in ``mode``: the base rate each half
+    trains at times the schedule's factor (the rates the optimizers are set to before that step)."""
+    factor = lr_factor(hp.lr_schedule, step, hp.warmup_steps, hp.total_steps) if is_scheduled(hp) else 1.0
+    client, server = _HALF_RATES.get(mode, ("lr_client", "lr_server"))
+    return getattr(hp, client) * factor, getattr(hp, server) * factor
+
+
 def set_lr(optimizer, base_lr: float, factor: float) -> None:
     if optimizer is None:
         return
