@@ -38,6 +38,7 @@ class _RunSettings:
     # --task custom / lm: your own files (csv, tsv, json, jsonl); see hosl/tasks/custom.py
     train_file: str | None = None
     eval_file: str | None = None  # None: evaluation rows are held out of train_file
+    eval_fraction: float = 0.1  # without eval_file: the share of train_file's rows held out (at most eval_size)
     text_field: str = "text"
     text_pair_field: str | None = None
     label_field: str = "label"
