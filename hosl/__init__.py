@@ -28,4 +28,13 @@ def merge(client, server, *, fold_lora: bool = True):
     return _merge(client, server, fold_lora=fold_lora)
 
 
-__all__ = ["HybridOrderOptimizer", "ZOConfig", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "merge", "__version__"]
+def load_run(run, *, merged: bool = False, fold_lora: bool = True):
+    """A trained run folder's model at its newest checkpoint: a ``LoadedRun`` with ``client`` and
+    ``server`` (and ``merged``, one Hugging Face model, with ``merged=True``). See hosl.run_loading."""
+    from hosl.run_loading import load_run as _load_run
+
+    return _load_run(run, merged=merged, fold_lora=fold_lora)
+
+
+__all__ = ["HybridOrderOptimizer", "ZOConfig", "ZerothOrderOptimizer", "ops", "per_copy_mean", "split", "merge", "load_run",
+           "__version__"]

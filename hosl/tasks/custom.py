@@ -366,3 +366,37 @@ def configured_num_labels(cfg) -> int | None:
     if is_file_task(cfg.task):
         return num_labels(opts)
     return get_task_spec(cfg.task).num_labels
+
+
+def configured_label_names(cfg) -> list[str] | None:
+    """Class names of ``cfg.task`` in label order (custom: its labels, from the training file or
+    ``--verbalizer``; a built-in task: its registry's), None for ``lm``."""
+    from .registry import get_task_spec
+
+    opts = FileTaskOptions.of(cfg)
+    check_options(opts)
+    if cfg.task == LM:
+        return None
+    if cfg.task == CUSTOM:
+        return list(label_words(opts))
+    return list(get_task_spec(cfg.task).label_names)
+
+
+def configured_prompt(cfg) -> dict:
+    """How a run's causal LM is prompted and scored: ``{"template", "verbalizer"}`` (``hosl
+    export`` records it). Custom: the format string and {label: word}; a built-in task: its
+    template's name (hosl/tasks/templates.py) and {label: word}; ``lm``: no prompt."""
+    from .templates import get_template
+
+    opts = FileTaskOptions.of(cfg)
+    check_options(opts)
+    if cfg.task == LM:
+        return {"template": None, "verbalizer": None}
+    if cfg.task == CUSTOM:
+        has_pair = bool(opts.text_pair_field)
+        template = opts.template or (DEFAULT_PAIR_TEMPLATE if has_pair else DEFAULT_TEMPLATE)
+        return {"template": template, "verbalizer": label_words(opts)}
+    builtin = get_template(cfg.task)
+    names = configured_label_names(cfg) or []
+    words = dict(zip(names, builtin.verbalizer)) if len(builtin.verbalizer) == len(names) else None
+    return {"template": type(builtin).__name__, "verbalizer": words}
