@@ -145,9 +145,10 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                    help="run folder: new or empty, or (with --resume/--overwrite) one that holds a run; "
                         "any other folder is refused (default %(default)s)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its newest intact checkpoint; every setting that "
-                        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change; "
-                        "steps under a linear/cosine --lr-schedule only with --override steps)")
+                   help="continue the run in --out from its newest intact checkpoint, with the settings of its "
+                        "config.json (--resume --out RUN alone is enough); a flag given that changes the trajectory "
+                        "must match the run's (steps and eval/checkpoint cadence may change; steps under a "
+                        "linear/cosine --lr-schedule only with --override steps)")
     p.add_argument("--override", dest="overrides", action="append", default=[], metavar="FIELD",
                    help=f"with --resume: allow FIELD to differ from the run's: {', '.join(sorted(OVERRIDABLE))}; "
                         "repeatable; recorded in metrics.jsonl and resumes.jsonl")

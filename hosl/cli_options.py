@@ -15,7 +15,10 @@ def add_data_args(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--train-file", default=d.train_file, metavar="F",
                    help="training rows: .csv, .tsv, .json or .jsonl (read with the datasets library)")
     g.add_argument("--eval-file", default=d.eval_file, metavar="F",
-                   help="evaluation rows (default: held out of --train-file, at most half of it)")
+                   help="evaluation rows (default: --eval-fraction of --train-file's rows, held out of training)")
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction, metavar="F",
+                   help="without --eval-file: the share of --train-file's rows held out for evaluation, at least "
+                        "one and at most --eval-size (default %(default)s)")
     g.add_argument("--text-field", default=d.text_field, metavar="COLUMN", help="the text column (default %(default)s)")
     g.add_argument("--text-pair-field", default=d.text_pair_field, metavar="COLUMN",
                    help="custom: a second text column (premise/hypothesis style; default none)")
@@ -95,11 +98,25 @@ def read_config_file(path: str) -> dict:
     return values
 
 
+def resumed_config(args: argparse.Namespace) -> str | None:
+    """``hosl train --resume --out RUN`` without ``--config``: RUN's ``config.json``, when there is
+    one, so the run continues with its own settings and only the flags given change them."""
+    if getattr(args, "command", None) != "train" or not getattr(args, "resume", False):
+        return None
+    from pathlib import Path
+
+    from hosl.training import run_folder
+
+    out = Path(args.out)
+    return str(out / run_folder.CONFIG) if run_folder.kind_of(out) == "run" else None
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``; when the command got ``--config FILE``, the file's values become
-    that command's defaults and the arguments are parsed again, so explicit flags still win."""
+    """``parser.parse_args(argv)``; when the command got ``--config FILE`` (or is ``train --resume``
+    of a run folder: its ``config.json``), the file's values become that command's defaults and the
+    arguments are parsed again, so explicit flags still win."""
     args = parser.parse_args(argv)
-    path = getattr(args, "config", None)
+    path = getattr(args, "config", None) or resumed_config(args)
     if not path:
         return args
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

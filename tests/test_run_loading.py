@@ -76,3 +76,20 @@ def test_quiet_transformers_silences_the_newly_initialized_head_report(capfd, ca
         load_model("minilm-l6", "sequence_classification", num_labels=2)
     err = capfd.readouterr().err
     assert "newly initialized" not in caplog.text + err and "Loading weights" not in err
+
+
+@pytest.mark.parametrize("lr_client,tied", [("1e-2", False), ("0", True)])
+def test_tie_head_ties_equal_copies_and_refuses_copies_that_trained_apart(tmp_path, capsys, lr_client, tied):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the fox jumps over the dog {i}\n" for i in range(8)))
+    run = tmp_path / "run"
+    # lr-server 0: the server's head copy stays the pretrained embedding; the client's moves unless its lr is 0
+    assert main(["train", "--model", "tiny-gpt2", "--task", "lm", "--train-file", str(corpus), "--steps", "1",
+                 "--batch-size", "2", "--eval-size", "2", "--max-length", "16", "--cut", "1", "--num-queries", "1",
+                 "--lr-client", lr_client, "--lr-server", "0", "--out", str(run), "--no-progress"]) == 0
+    code = main(["export", str(run), "--out", str(tmp_path / "hf"), "--tie-head"])
+    err = capsys.readouterr().err
+    if tied:
+        assert code == 0 and json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"]
+    else:
+        assert code == 2 and "trained apart" in err and not (tmp_path / "hf").exists()
