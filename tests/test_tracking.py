@@ -51,6 +51,11 @@ def test_tensorboard_events_hold_the_loss_and_the_records_hold_rates_and_memory(
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in steps])
     perplexity = events.Scalars("eval/perplexity")
     assert [e.step for e in perplexity] == [0, 2, 3]
+    # --overwrite starts the events afresh too (run_folder.TRACKER_DIRS are hosl's files)
+    _lm_run(tmp_path, "tb", "--report-to", "tensorboard", "--overwrite", "--steps", "2")
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
 
 
 def test_report_to_refuses_an_unknown_tracker_and_names_the_install_for_a_missing_one(monkeypatch):
@@ -86,3 +91,11 @@ def test_plot_draws_two_runs_and_refuses_a_folder_that_is_not_a_run(tmp_path, ca
     assert main(["plot", str(first), str(tmp_path / "notes"), "--out", str(tmp_path / "other.png")]) == 2
     assert "is not a hosl run folder" in capsys.readouterr().err
     assert not (tmp_path / "other.png").exists()
+
+
+def test_wandb_writes_an_offline_run_in_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # not installed by scripts/setup.sh: pip install wandb
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = _lm_run(tmp_path, "wb", "--report-to", "wandb")
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0

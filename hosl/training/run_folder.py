@@ -27,7 +27,8 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 
 CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS = "config.json", "metrics.jsonl", "summary.json", "resumes.jsonl", "checkpoints"
-HOSL_FILES = (CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS)
+TRACKER_DIRS = ("tensorboard", "wandb")  # what --report-to writes (hosl/training/tracking.py)
+HOSL_FILES = (CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS, *TRACKER_DIRS)
 # config.json keys that mark it as hosl's (every hosl run has had these)
 CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 

@@ -10,7 +10,11 @@ unsplit ``fo`` mode's) times
   ``constant`` 1, ``linear`` ``1 - p``, ``cosine`` ``(1 + cos(pi p)) / 2``.
 
 Both processes of a two-process run compute it from the step number the client sends, so they
-agree without exchanging anything. ``constant`` without warmup (the default) never touches a
+agree without exchanging anything. Why not ``transformers.get_scheduler`` (which ``HOSLTrainer``
+uses): its schedulers are stateful ``LambdaLR`` objects counted from 0, whose first warmup step
+trains at rate 0 (linear, warmup 2 of 6 steps: 0, 0.5, 1, 0.75, 0.5, 0.25 against this module's
+0.5, 1, 1, 0.75, 0.5, 0.25), so they would change every scheduled run's trajectory and need state in
+both processes. ``constant`` without warmup (the default) never touches a
 learning rate.
 """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 REPORT_TO = ("none", "tensorboard", "wandb")
 # the module each tracker needs, and the pip command that installs it
 _NEEDS = {"tensorboard": ("tensorboard", "pip install 'hosl[track]'"), "wandb": ("wandb", "pip install wandb")}
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = "tensorboard"  # one of run_folder.TRACKER_DIRS, which --overwrite clears
 
 
 def check_report_to(report_to: str) -> None:
