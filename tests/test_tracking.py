@@ -93,6 +93,7 @@ def test_plot_draws_two_runs_and_refuses_a_folder_that_is_not_a_run(tmp_path, ca
     assert not (tmp_path / "other.png").exists()
 
 
+@pytest.mark.slow
 def test_wandb_writes_an_offline_run_in_the_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("wandb")  # not installed by scripts/setup.sh: pip install wandb
     monkeypatch.setenv("WANDB_SILENT", "true")

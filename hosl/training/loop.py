@@ -82,7 +82,7 @@ def run_loop(run: Run) -> dict:
     """Train ``run`` from its step to ``cfg.steps``: evaluate (at step 0 of a new run, every
     ``eval_every`` steps and at the end), checkpoint, log each step; returns the summary."""
     cfg, link = run.cfg, run.link
-    resumed_after = run.step if run.step or run.evals else None  # a resume: its checkpoint's step
+    resumed_after = run.step if cfg.resume else None  # a resume: its checkpoint's step (0: none yet)
     log = _Log(run.run_dir / "metrics.jsonl",
                open_tracker(cfg.report_to, run.run_dir, cfg.to_dict(), resumed_after))
     eval_every, ckpt_every = cfg.resolved_eval_every(), cfg.resolved_checkpoint_every()

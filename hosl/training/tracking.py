@@ -59,7 +59,8 @@ class TensorBoardTracker(Tracker):
     def __init__(self, run_dir: Path, resumed_after: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        purge = resumed_after + 1 if resumed_after is not None else None
+        # a resume forgets the records after its checkpoint (metrics.jsonl too); without one, all of them
+        purge = (resumed_after + 1 if resumed_after else 0) if resumed_after is not None else None
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=purge)
 
     def log(self, record: dict) -> None:
