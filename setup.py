@@ -39,15 +39,28 @@ FALLBACK_CUDA_ARCHS = ("8.0", "9.0")  # when torch does not say what it was buil
 _ARCH = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
 
 
+# the architecture names torch's own builder (torch.utils.cpp_extension) accepts, and the archs each
+# stands for there
+NAMED_ARCHS = {
+    "Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
+    "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
+    "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+    "Blackwell+Tegra": "11.0", "Blackwell": "10.0;10.3;12.0;12.1+PTX",
+}
+
+
 def parse_arch_list(text: str) -> list[str]:
-    """``TORCH_CUDA_ARCH_LIST`` (entries separated by ';', ',' or spaces) -> its entries, in order."""
-    entries = [e for e in re.split(r"[;,\s]+", text.strip()) if e]
+    """``TORCH_CUDA_ARCH_LIST`` (entries separated by ';', ',' or spaces) -> its entries, in order;
+    a named arch (``Hopper``, ``Ampere``, ...) stands for the archs torch's builder gives it."""
+    entries = []
+    for entry in (e for e in re.split(r"[;,\s]+", text.strip()) if e):
+        entries += NAMED_ARCHS[entry].split(";") if entry in NAMED_ARCHS else [entry]
     if not entries:
         raise ValueError("TORCH_CUDA_ARCH_LIST is empty: expected archs like '8.0;9.0+PTX'")
     for entry in entries:
         if not _ARCH.match(entry):
-            raise ValueError(f"TORCH_CUDA_ARCH_LIST: {entry!r} is not an arch like 8.0, 9.0a or 9.0+PTX "
-                             "(named archs such as 'Hopper' are not accepted by hosl's setup.py)")
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: {entry!r} is not an arch like 8.0, 9.0a or 9.0+PTX, nor "
+                             f"a name torch's builder accepts ({', '.join(NAMED_ARCHS)})")
     return entries
 
 
@@ -115,7 +128,7 @@ def _import_torch():
     except ImportError:  # pragma: no cover - exercised only by a wrong install command
         sys.exit(
             "hosl: torch must be installed before building the extensions. Run\n"
-            "    pip install torch==2.13.0            # the CPU build, or another torch in [2.5, 2.15)\n"
+            "    pip install torch==2.13.0            # the CPU build, or another torch in [2.13, 2.15)\n"
             "    pip install --no-build-isolation -e .\n"
             "or install without compiling anything (reference and Triton backends only):\n"
             "    HOSL_BUILD_EXT=0 pip install -e .\n"

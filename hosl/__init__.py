@@ -28,6 +28,14 @@ def merge(client, server, *, fold_lora: bool = True):
     return _merge(client, server, fold_lora=fold_lora)
 
 
+def load_run(run, *, merged: bool = False, fold_lora: bool = True):
+    """A trained run folder's model at its newest checkpoint: a ``LoadedRun`` with ``client`` and
+    ``server`` (and ``merged``, one Hugging Face model, with ``merged=True``). See hosl.run_loading."""
+    from hosl.run_loading import load_run as _load_run
+
+    return _load_run(run, merged=merged, fold_lora=fold_lora)
+
+
 __all__ = [
     "HybridOrderOptimizer",
     "ZOConfig",
@@ -36,5 +44,6 @@ __all__ = [
     "per_copy_mean",
     "split",
     "merge",
+    "load_run",
     "__version__",
 ]

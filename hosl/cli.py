@@ -1,6 +1,7 @@
 """The ``hosl`` command: ``train`` one run (or its client half, ``--role client``), ``serve`` the
 server half of a two-process run or a fleet (hosl/cli_remote.py), ``export`` a run as a Hugging Face
-model folder (hosl/cli_export.py), ``demo`` (HOSL vs ZO-SL vs FO-SL side by side), ``info``.
+model folder (hosl/cli_export.py), ``plot`` runs' curves (hosl/cli_plot.py), ``demo`` (HOSL vs
+ZO-SL vs FO-SL side by side), ``info``.
 
 Exit status: 0 done; 2 a usage error, a refused input (argument, run folder, checkpoint, data
 file) or a lost/refusing peer, reported as one ``hosl: error: ...`` line on stderr (set
@@ -17,13 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hosl import cli_export, cli_options, cli_remote
+from hosl import cli_export, cli_options, cli_plot, cli_remote
 from hosl.models import MODEL_NAMES, architectures
 from hosl.models.lora import LORA_HALVES
 from hosl.optim.config import field_help, train_fields, train_name
 from hosl.training.config import MAX_SEED, TrainConfig, flag
 from hosl.training.modes import MODES
 from hosl.training.run_folder import OVERRIDABLE
+from hosl.training.tracking import REPORT_TO
 
 DEFAULT_DATA_DIR = "../shared/data"
 
@@ -199,9 +201,10 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its newest intact checkpoint; every setting that "
-        "changes the trajectory must match the run's (steps and eval/checkpoint cadence may change; "
-        "steps under a linear/cosine --lr-schedule only with --override steps)",
+        help="continue the run in --out from its newest intact checkpoint, with the settings of its "
+        "config.json (--resume --out RUN alone is enough); a flag given that changes the trajectory "
+        "must match the run's (steps and eval/checkpoint cadence may change; steps under a "
+        "linear/cosine --lr-schedule only with --override steps)",
     )
     p.add_argument(
         "--override",
@@ -219,6 +222,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     )
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"), help="(default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--report-to",
+        default=d.report_to,
+        choices=REPORT_TO,
+        help="also send every metrics.jsonl record to TensorBoard (event files in OUT/tensorboard; "
+        "pip install 'hosl[track]') or W&B (offline, OUT/wandb; pip install wandb) "
+        "(default %(default)s)",
+    )
     cli_remote.add_fleet_args(p, d)
 
 
@@ -235,15 +246,7 @@ def _cmd_train(args) -> int:
             "--rank R (docs/fleet.md)"
         )
     summary = train(cfg)
-    print(
-        json.dumps(
-            {
-                k: summary[k]
-                for k in ("mode", "task", "model", "steps", "eval_accuracy", "client_peak_bytes", "seconds")
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps(cli_options.summary_lines(summary), indent=2))
     return 0
 
 
@@ -332,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.set_defaults(func=_cmd_train)
     cli_remote.register(sub, _add_train_args, TrainConfig())
     cli_export.register(sub)
+    cli_plot.register(sub)
     p_demo = sub.add_parser("demo", help="MiniLM-L6 on SST-2: HOSL vs ZO-SL vs FO-SL side by side (CPU, ~5 minutes)")
     p_demo.add_argument(
         "--data-dir", default=None, help=f"task data (default {DEFAULT_DATA_DIR} if present, else the hub)"

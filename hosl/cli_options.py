@@ -23,7 +23,15 @@ def add_data_args(p: argparse.ArgumentParser, d) -> None:
         "--eval-file",
         default=d.eval_file,
         metavar="F",
-        help="evaluation rows (default: held out of --train-file, at most half of it)",
+        help="evaluation rows (default: --eval-fraction of --train-file's rows, held out of training)",
+    )
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        metavar="F",
+        help="without --eval-file: the share of --train-file's rows held out for evaluation, at least "
+        "one and at most --eval-size (default %(default)s)",
     )
     g.add_argument("--text-field", default=d.text_field, metavar="COLUMN", help="the text column (default %(default)s)")
     g.add_argument(
@@ -150,12 +158,26 @@ def accept_negative_values(parser: argparse.ArgumentParser) -> None:
                 accept_negative_values(sub)
 
 
+def resumed_config(args: argparse.Namespace) -> str | None:
+    """``hosl train --resume --out RUN`` without ``--config``: RUN's ``config.json``, when there is
+    one, so the run continues with its own settings and only the flags given change them."""
+    if getattr(args, "command", None) != "train" or not getattr(args, "resume", False):
+        return None
+    from pathlib import Path
+
+    from hosl.training import run_folder
+
+    out = Path(args.out)
+    return str(out / run_folder.CONFIG) if run_folder.kind_of(out) == "run" else None
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``; when the command got ``--config FILE``, the file's values become
-    that command's defaults and the arguments are parsed again, so explicit flags still win."""
+    """``parser.parse_args(argv)``; when the command got ``--config FILE`` (or is ``train --resume``
+    of a run folder: its ``config.json``), the file's values become that command's defaults and the
+    arguments are parsed again, so explicit flags still win."""
     accept_negative_values(parser)
     args = parser.parse_args(argv)
-    path = getattr(args, "config", None)
+    path = getattr(args, "config", None) or resumed_config(args)
     if not path:
         return args
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -183,3 +205,11 @@ def add_schedule_args(p: argparse.ArgumentParser, d) -> None:
         default=d.warmup_steps,
         help="linear warmup over the first N steps (default %(default)s)",
     )
+
+
+def summary_lines(summary: dict, extra: tuple[str, ...] = ()) -> dict:
+    """What ``hosl train`` prints at the end: the run, its last evaluation (accuracy, or perplexity
+    for --task lm), the client's peak bytes, the training seconds, then ``extra`` keys."""
+    metric = "eval_perplexity" if summary.get("eval_perplexity") is not None else "eval_accuracy"
+    keys = ("mode", "task", "model", "steps", metric, "client_peak_bytes", "seconds", *extra)
+    return {k: summary.get(k) for k in keys}

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+from hosl import cli_options
 from hosl.cli_options import config_from
 
 ROLES = ("local", "client", "server", "auto")
@@ -204,16 +205,5 @@ def cmd_train_remote(args) -> int:
         summary = run_fleet_client(cfg, _connection(args, "client"))
     else:
         summary = run_client(cfg, _connection(args, "client"))
-    keys = (
-        "mode",
-        "task",
-        "model",
-        "steps",
-        "eval_accuracy",
-        "client_peak_bytes",
-        "seconds",
-        "bytes_up_per_step",
-        "bytes_down_per_step",
-    )
-    print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    print(json.dumps(cli_options.summary_lines(summary, ("bytes_up_per_step", "bytes_down_per_step")), indent=2))
     return 0

@@ -16,36 +16,16 @@ were cut from) holding the halves' weights under the model's own parameter names
 and a ``PeftModel`` over it whose adapters are the halves'; ``peft_model.save_pretrained`` writes
 a PEFT adapter folder.
 
-``export_run(run, out)`` (``hosl export RUN --out DIR``) rebuilds a run's model from its
-``config.json`` exactly as training did, loads its latest checkpoint (the one ``--resume`` would
-pick: ``checkpoints/latest``, or the newest intact one when that is missing; a two-process run's
-``client/`` and ``server/`` halves at the same step), and writes:
-
-* a full fine-tuning run: ``DIR`` is one model folder (``save_pretrained``, the tokenizer,
-  ``hosl_export.json``) that ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``
-  (BERT-style encoders) ``.from_pretrained(DIR)`` loads;
-* a LoRA run: ``DIR/base`` (model folder of the weights under the adapters), ``DIR/adapter`` (PEFT
-  adapter folder: ``PeftModel.from_pretrained(base_model, DIR/adapter)``) and, with
-  ``merge_lora``, ``DIR/merged`` (the folded model).
-
-Everything is written under a temporary name next to ``DIR`` and renamed into place at the end,
-so a failed export leaves no ``DIR`` behind.
+``hosl export RUN --out DIR`` (``hosl/run_export.py``) writes a run's model with these; the run
+is found and loaded by ``hosl/run_loading.py`` (``hosl.load_run``).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
-from dataclasses import fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:  # imported where used: hosl.training is loaded only by export_run
-    from hosl.training.config import TrainConfig
 
 EXPORT_RECORD = "hosl_export.json"
 
@@ -152,10 +132,12 @@ def _assemble(client, server, fold_lora: bool):
                 values.setdefault(target, []).append((side, state[key]))
 
     tied = bool(getattr(config, "tie_word_embeddings", False)) and head is not None
-    untie = False
+    untie, apart = False, None
     for sources in values.values():
         if len(sources) > 1 and not all(torch.equal(sources[0][1], v) for _, v in sources[1:]):
             untie = True  # the client's embedding and the server's head copy trained apart
+            first, other = sources[0][1], sources[1][1]
+            apart = (int((first != other).sum()), first.numel(), float((first.float() - other.float()).abs().max()))
     if untie:
         fresh.config.tie_word_embeddings = False
         if hasattr(fresh.config, "get_text_config"):
@@ -175,6 +157,7 @@ def _assemble(client, server, fold_lora: bool):
         for target, sources in values.items():
             target_state[target].copy_(sources[0][1])
     fresh.hosl_tied_head = tied and not untie  # an attribute for callers and the export record
+    fresh.hosl_head_apart = apart  # (elements that differ, elements, largest difference) when untied
     return fresh, key_map
 
 
@@ -227,141 +210,3 @@ def adapter_model(client, server):
                 getattr(target, part)["default"].weight.copy_(getattr(module, part)["default"].weight)
     peft_model.eval()
     return base, peft_model
-
-
-# -- exporting a run ------------------------------------------------------------------------------
-
-
-def _config_of(folder: Path) -> TrainConfig:
-    from hosl.training.config import TrainConfig
-
-    path = folder / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{folder} is not a hosl run folder: no config.json") from None
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
-        raise ExportError(f"{path}: not readable as JSON ({exc})") from None
-    if not isinstance(raw, dict) or "model" not in raw or "cut" not in raw:
-        raise ExportError(f"{path} is not a hosl run configuration (no model/cut)")
-    known = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in raw.items() if k in known})
-    if isinstance(cfg.zo_betas, list):
-        cfg.zo_betas = tuple(cfg.zo_betas)
-    return cfg
-
-
-def _newest(folder: Path, names: list[str]) -> Path | None:
-    """The checkpoint ``--resume`` would pick in ``folder``: ``latest``, or when that is missing or
-    dangling the newest one that verifies (``find_resumable``; its notes are shown)."""
-    from hosl.training import checkpoint as ckpt
-    from hosl.training.run import say
-
-    path, notes = ckpt.find_resumable(folder, names)
-    for note in notes:
-        say(note)
-    return path
-
-
-def find_checkpoints(run: Path) -> tuple[TrainConfig, dict[str, Path], int]:
-    """(config, {"client": checkpoint folder, "server": checkpoint folder}, step) of the newest
-    checkpoint of ``run`` (the one ``--resume`` would pick): a one-process run folder, or a
-    two-process ``--out`` with ``client/`` and ``server/``."""
-    from hosl.training import checkpoint as ckpt
-
-    run = Path(run)
-    if not run.is_dir():
-        raise ExportError(f"run folder {run} does not exist or is not a folder")
-    if (run / "client" / "config.json").exists() and (run / "server").is_dir():
-        cfg = _config_of(run / "client")
-        latest = _newest(run / "client", ["client"])
-        if latest is None:
-            raise ExportError(f"{run / 'client'} holds no checkpoint yet (one is written at each evaluation)")
-        step = int(latest.name.split("-")[1])
-        server = ckpt.checkpoint_at(run / "server", step)
-        if server is None:
-            raise ExportError(f"{run / 'server'} has no checkpoint for step {step}, the client's latest")
-        return cfg, {"client": latest, "server": server}, step
-    cfg = _config_of(run)
-    latest = _newest(run, [])  # both halves are checked next, with a hint for a two-process run's client/
-    if latest is None:
-        raise ExportError(
-            f"{run} holds no checkpoint yet (one is written at each evaluation; an interrupted run keeps its last one)"
-        )
-    for half in ("client", "server"):
-        if not (latest / f"{half}.safetensors").exists():
-            raise ExportError(
-                f"{latest} has no {half}.safetensors (for a two-process run, export the --out folder "
-                "that holds client/ and server/)"
-            )
-    return cfg, {"client": latest, "server": latest}, int(latest.name.split("-")[1])
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"--out {out} exists and is not an empty folder; choose a new one")
-
-
-def _save_model(model, tokenizer, folder: Path, record: dict) -> None:
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
-
-
-def export_run(run, out, *, merge_lora: bool = False) -> dict:
-    """Export the latest checkpoint of ``run`` to ``out`` (layout in the module docstring). Returns
-    the export record (also written as ``hosl_export.json``)."""
-    from hosl.training import checkpoint as ckpt
-    from hosl.training.run import load_split_model
-
-    out = Path(out)
-    _check_out(out)
-    cfg, paths, step = find_checkpoints(Path(run))
-    model_kind, tokenizer, client, server = load_split_model(cfg)
-    for half, module in (("client", client), ("server", server)):
-        ckpt.load_checkpoint(paths[half], {half: module})
-    client.eval()
-    server.eval()
-    record = {
-        "run": str(Path(run).resolve()),
-        "step": step,
-        "model": cfg.model,
-        "task": cfg.task,
-        "cut": cfg.cut,
-        "lora": bool(cfg.lora),
-        "auto_class": _auto_class(server).__name__,
-    }
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        if not cfg.lora:
-            model = merge(client, server)
-            record["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
-            _save_model(model, tokenizer, staging, record)
-        else:
-            base, peft_model = adapter_model(client, server)
-            record["tie_word_embeddings"] = bool(getattr(base.config, "tie_word_embeddings", False))
-            record["layout"] = {"base": "base", "adapter": "adapter", **({"merged": "merged"} if merge_lora else {})}
-            _save_model(base, tokenizer, staging / "base", record)
-            peft_model.peft_config["default"].base_model_name_or_path = str((out / "base").resolve())
-            peft_model.save_pretrained(staging / "adapter")
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging / "adapter")
-            if merge_lora:
-                merged = merge(client, server, fold_lora=True)
-                _save_model(
-                    merged,
-                    tokenizer,
-                    staging / "merged",
-                    {**record, "tie_word_embeddings": bool(getattr(merged.config, "tie_word_embeddings", False))},
-                )
-            (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return record

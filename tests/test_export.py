@@ -108,7 +108,7 @@ def _train(out, model, *extra):
 
 
 def _split_from_run(run, folder=None):
-    from hosl.export import _config_of
+    from hosl.run_loading import _config_of
 
     cfg = _config_of(Path(run))
     kind, tokenizer, client, server = load_split_model(cfg)

@@ -36,7 +36,8 @@ def read_lock(text: str) -> dict[str, Version]:
 def declared_requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["bench"] + extras["models"]]
+    setup_installs = extras["test"] + extras["bench"] + extras["models"] + extras["track"]  # scripts/setup.sh
+    return [Requirement(r) for r in project["dependencies"] + setup_installs]
 
 
 def test_read_lock_rejects_a_range():

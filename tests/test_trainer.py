@@ -108,3 +108,33 @@ def test_the_zo_options_are_a_zoconfig_whose_defaults_are_the_optimizers(tmp_pat
         HOSLTrainer(model, _args(tmp_path), cut=1, zo_config={"lr": 1e-3})
     with pytest.raises(ValueError, match="eps"):
         HOSLTrainer(model, _args(tmp_path), cut=1, zo_eps=-1.0)
+
+
+@pytest.mark.slow
+def test_resuming_from_a_checkpoint_reaches_the_weights_of_an_uninterrupted_run(tmp_path):
+    from hosl import ZOConfig
+
+    def trainer_for(out, **kw):
+        model, _ = load_model("tiny-llama", "causal_lm", seed=0)
+        zo = ZOConfig(lr=1e-3, eps=1e-2, num_queries=2, variant="momentum", momentum=0.9, seed=3)
+        return HOSLTrainer(model, _args(tmp_path / out, max_steps=4, save_strategy="steps", save_steps=2,
+                                        lr_scheduler_type="linear", **kw),
+                           cut=1, zo_config=zo, train_dataset=_dataset(16))
+
+    whole = trainer_for("whole")
+    whole.train()
+    logged = [r for r in whole.state.log_history if "loss" in r]
+    assert all("zo_learning_rate" in r and r["zo_skipped_updates"] == 0 for r in logged)
+    assert logged[0]["zo_learning_rate"] > logged[-1]["zo_learning_rate"]  # the client follows the linear decay
+    resumed = trainer_for("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for (name, a), b in zip(whole.split_model.state_dict().items(), resumed.split_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(whole.zo_optimizer.generator.get_state(), resumed.zo_optimizer.generator.get_state())
+    # without the client's state a checkpoint is not resumable: said before any step
+    fresh = trainer_for("fresh")
+    (tmp_path / "whole" / "out" / "checkpoint-4" / "hosl_state.pt").unlink()
+    with pytest.raises(ValueError, match="has no hosl_state.pt"):
+        fresh.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-4"))
+    assert fresh.state.global_step == 0

@@ -15,13 +15,21 @@ Rules that follow from the ZO estimate: dropout is off in both halves while trai
 ``+`` and ``-`` passes of a direction must see the same function; MeZO does the same), and
 ``gradient_accumulation_steps`` must be 1 (the client updates at every step).
 
-``save_model`` writes ``hosl.merge(client, server)``: a plain Hugging Face model folder. Resuming
-from the Trainer's own checkpoints (``resume_from_checkpoint``) is not supported.
+``save_model`` writes ``hosl.merge(client, server)``: a plain Hugging Face model folder. Each of
+the Trainer's checkpoints also holds ``hosl_state.pt``: the split model's own state dict (the
+halves as they train, the server's untied head copy included) and the client's ZO optimizer
+(its seed stream, momentum/Adam state, skipped updates) and ZO scheduler, so
+``trainer.train(resume_from_checkpoint=...)`` continues where the checkpoint left off: resuming
+reaches the same weights as a run that was never interrupted (``tests/test_trainer.py``).
+
+The Trainer's logs gain ``zo_learning_rate`` (the client's rate) and ``zo_skipped_updates``
+(client updates the optimizer's finite guard skipped so far) beside its own ``learning_rate``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -33,6 +41,8 @@ from transformers.optimization import get_scheduler
 from hosl.models import TASK_CAUSAL_LM, split
 from hosl.optim import HybridOrderOptimizer
 from hosl.optim.config import ZOConfig
+
+HOSL_STATE = "hosl_state.pt"  # beside the Trainer's files in each checkpoint-N folder
 
 
 def default_split_loss(logits: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -143,6 +153,54 @@ class HOSLTrainer(Trainer):
         if self.zo_scheduler is not None:
             self.zo_scheduler.step()
         return torch.as_tensor(float(loss), device=self.args.device)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The Trainer's log record plus the client's ZO learning rate and skipped updates."""
+        if self.zo_optimizer is not None and "loss" in logs:
+            logs = {
+                **logs,
+                "zo_learning_rate": self.zo_optimizer.param_groups[0]["lr"],
+                "zo_skipped_updates": self.zo_optimizer.skipped_updates,
+            }
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then ``hosl_state.pt`` beside it (see the module docstring)."""
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            state = {
+                "split_model": self.split_model.state_dict(),
+                "zo_optimizer": self.zo_optimizer.state_dict() if self.zo_optimizer is not None else None,
+                "zo_scheduler": self.zo_scheduler.state_dict() if self.zo_scheduler is not None else None,
+            }
+            torch.save(state, os.path.join(folder, HOSL_STATE))
+
+    def _hosl_state(self, checkpoint: str) -> dict:
+        path = os.path.join(checkpoint, HOSL_STATE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"HOSLTrainer: {checkpoint} has no {HOSL_STATE} (the split model and the client's ZO "
+                "state); it was not written by HOSLTrainer, so it cannot be resumed"
+            )
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The split model's weights from the checkpoint's ``hosl_state.pt`` (its model folder holds
+        the merged model, whose parameter names are not the split model's)."""
+        state = self._hosl_state(resume_from_checkpoint)
+        self.split_model.load_state_dict(state["split_model"])
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """The Trainer's optimizer and scheduler, then the client's ZO optimizer and scheduler."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        state = self._hosl_state(checkpoint)
+        if state["zo_optimizer"] is not None:
+            self.zo_optimizer.load_state_dict(state["zo_optimizer"])
+        if state["zo_scheduler"] is not None and self.zo_scheduler is not None:
+            self.zo_scheduler.load_state_dict(state["zo_scheduler"])
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """A Hugging Face model folder of the merged halves (and the tokenizer, if the Trainer has one)."""

@@ -19,8 +19,9 @@ text, evaluated by perplexity), from local CSV/TSV/JSON/JSONL files read with ``
 sequence (cut at ``--max-length`` tokens); the loss is the next-token cross-entropy of all its
 tokens and evaluation reports the perplexity ``exp(mean token loss)``.
 
-Without ``--eval-file`` the evaluation rows are held out of the training file (at most half of it,
-disjoint from training), and the run's notes say so. Every problem with the files (missing,
+Without ``--eval-file`` the evaluation rows are held out of the training file (``--eval-fraction``
+of its rows, default 0.1, at least one and at most ``--eval-size``; disjoint from training), and
+the run's notes say so. Every problem with the files (missing,
 unreadable, empty, a missing column, an empty text, an unknown label, a template field that is no
 column) is a :class:`~hosl.tasks.data.DataError` naming the file and the column, raised before any
 model loads.
@@ -48,6 +49,7 @@ READERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".tsv": ("csv", {"delimiter": "\t", "na_filter": False}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
+    ".txt": ("text", {}),  # --task lm: one text per non-blank line, in the column "text"
 }
 DEFAULT_TEMPLATE, DEFAULT_PAIR_TEMPLATE = "{text}\nAnswer:", "{text}\n{text_pair}\nAnswer:"
 
@@ -64,6 +66,7 @@ class FileTaskOptions:
     label_field: str = "label"
     template: str | None = None
     verbalizer: str | None = None
+    eval_fraction: float = 0.1  # without eval_file: the share of the training file held out
 
     @classmethod
     def of(cls, cfg) -> FileTaskOptions:
@@ -86,8 +89,11 @@ def check_options(opts: FileTaskOptions) -> None:
         if file_flags:
             raise ValueError(f"{', '.join(file_flags)} go with --task custom or --task lm, not --task {opts.task}")
         return
+    fraction = opts.eval_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"--eval-fraction must be a number in (0, 1), got {fraction!r}")
     if not opts.train_file:
-        raise ValueError(f"--task {opts.task} needs --train-file F (csv, tsv, json or jsonl)")
+        raise ValueError(f"--task {opts.task} needs --train-file F (csv, tsv, json or jsonl; .txt for lm)")
     if opts.task == LM:
         extra = [f for f in file_flags if f in ("--template", "--verbalizer", "--text-pair-field")]
         if extra:
@@ -97,17 +103,24 @@ def check_options(opts: FileTaskOptions) -> None:
 # -- reading ---------------------------------------------------------------------------------------
 
 
-def read_rows(path: str, flag: str) -> list[dict]:
-    """The rows of a local csv/tsv/json/jsonl file; DataError naming ``flag`` and the file otherwise."""
+def read_rows(path: str, flag: str, task: str) -> list[dict]:
+    """The rows of a local csv/tsv/json/jsonl file (or a .txt for ``--task lm``: one row per
+    non-blank line); DataError naming ``flag`` and the file otherwise."""
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{flag} {path}: no such file")
     suffix = file.suffix.lower()
     if suffix not in READERS:
         raise DataError(
-            f"{flag} {path}: unknown format {suffix or '(no suffix)'!r}; expected .csv, .tsv, .json or .jsonl"
+            f"{flag} {path}: unknown format {suffix or '(no suffix)'!r}; expected .csv, .tsv, .json or .jsonl "
+            "(or .txt for --task lm)"
         )
     builder, options = READERS[suffix]
+    if suffix == ".txt" and task != LM:
+        raise DataError(
+            f"{flag} {path}: a .txt file has one text per line and no labels; --task custom needs "
+            ".csv, .tsv, .json or .jsonl with a label column"
+        )
     if file.stat().st_size == 0:
         raise DataError(f"{flag} {path}: the file is empty")
     bars_were_off = datasets.is_progress_bar_enabled() is False
@@ -120,6 +133,8 @@ def read_rows(path: str, flag: str) -> list[dict]:
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
+    if suffix == ".txt":  # blank lines separate paragraphs; they are not texts
+        rows = [row for row in rows if row["text"].strip()]
     if not rows:
         raise DataError(f"{flag} {path}: no rows")
     return rows
@@ -161,10 +176,14 @@ def parse_verbalizer(text: str) -> dict[str, str]:
             label, word = item.split("=", 1)
             pairs.append((_label_key(label), word.strip()))
     words = dict(pairs)
-    if len(words) != len(pairs) or len(words) < 2:
-        raise ValueError("--verbalizer: needs at least two distinct labels, each once")
-    if any(not w for w in words.values()):
-        raise ValueError("--verbalizer: every label needs a non-empty word")
+    repeated = sorted({label for label, _ in pairs if sum(other == label for other, _ in pairs) > 1})
+    if repeated:
+        raise ValueError(f"--verbalizer: label {repeated[0]!r} is listed more than once; give each label once")
+    if len(words) < 2:
+        raise ValueError(f"--verbalizer: needs at least two distinct labels, got {', '.join(map(repr, words))}")
+    empty = [label for label, word in words.items() if not word]
+    if empty:
+        raise ValueError(f"--verbalizer: label {empty[0]!r} has an empty word; every label needs one")
     return words
 
 
@@ -178,7 +197,7 @@ def label_words(opts: FileTaskOptions, train_rows: list[dict] | None = None) -> 
     """{label: answer word} in label order (index = class id) for ``--task custom``."""
     if train_rows is None:
         train_file = _train_file(opts)
-        train_rows = read_rows(train_file, "--train-file")
+        train_rows = read_rows(train_file, "--train-file", opts.task)
         _check_columns(train_rows, train_file, "--train-file", {opts.label_field: "--label-field"})
     seen = {_label_key(row[opts.label_field]) for row in train_rows}
     if opts.verbalizer:
@@ -208,8 +227,11 @@ def label_words(opts: FileTaskOptions, train_rows: list[dict] | None = None) -> 
 
 def _train_file(opts: FileTaskOptions) -> str:
     """``--train-file``, which :func:`check_options` requires of a file task."""
+    fraction = opts.eval_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ValueError(f"--eval-fraction must be a number in (0, 1), got {fraction!r}")
     if not opts.train_file:
-        raise ValueError(f"--task {opts.task} needs --train-file F (csv, tsv, json or jsonl)")
+        raise ValueError(f"--task {opts.task} needs --train-file F (csv, tsv, json or jsonl; .txt for lm)")
     return opts.train_file
 
 
@@ -299,9 +321,10 @@ def _examples(rows, opts: FileTaskOptions, path: str, flag: str, words: dict[str
                 example["text_pair"] = str(row[opts.text_pair_field])
             label = _label_key(row[opts.label_field])
             if label not in index:
+                known = "--verbalizer's labels" if opts.verbalizer else "the training labels"
                 raise DataError(
                     f"{flag} {path}: row {i + 1}, column {opts.label_field!r} has label {label!r}, which "
-                    f"the training labels ({', '.join(index)}) do not include"
+                    f"{known} ({', '.join(index)}) do not include"
                 )
             example["label"] = index[label]
         examples.append(example)
@@ -314,7 +337,7 @@ def sample_file_task(opts: FileTaskOptions, train_size: int, eval_size: int, see
     """Train and eval sets of a file task, sampled as the built-in tasks are (MeZO's seeded draw)."""
     check_options(opts)
     train_file = _train_file(opts)
-    train_rows = read_rows(train_file, "--train-file")
+    train_rows = read_rows(train_file, "--train-file", opts.task)
     words = None
     if opts.task == CUSTOM:
         _check_columns(train_rows, train_file, "--train-file", {opts.label_field: "--label-field"})
@@ -322,7 +345,9 @@ def sample_file_task(opts: FileTaskOptions, train_size: int, eval_size: int, see
     pool = _examples(train_rows, opts, train_file, "--train-file", words)
     notes = []
     if opts.eval_file:
-        eval_pool = _examples(read_rows(opts.eval_file, "--eval-file"), opts, opts.eval_file, "--eval-file", words)
+        eval_pool = _examples(
+            read_rows(opts.eval_file, "--eval-file", opts.task), opts, opts.eval_file, "--eval-file", words
+        )
         train = [pool[i] for i in mezo_subset_indices(len(pool), train_size, seed)]
         evaluation = [eval_pool[i] for i in mezo_subset_indices(len(eval_pool), eval_size, seed)]
     else:
@@ -331,7 +356,9 @@ def sample_file_task(opts: FileTaskOptions, train_size: int, eval_size: int, see
                 f"--train-file {opts.train_file}: one row cannot give both training and evaluation "
                 "examples; add rows or pass --eval-file"
             )
-        train, evaluation = _split_shared_pool(opts.task, pool, train_size, eval_size, seed, seed)
+        train, evaluation = _split_shared_pool(
+            opts.task, pool, train_size, eval_size, seed, seed, eval_fraction=opts.eval_fraction
+        )
         notes.append(
             f"{opts.task}: no --eval-file; {len(evaluation)} of the {len(pool)} rows of {opts.train_file} "
             f"are held out for evaluation, {len(train)} others train."
@@ -374,3 +401,37 @@ def configured_num_labels(cfg) -> int | None:
     if is_file_task(cfg.task):
         return num_labels(opts)
     return get_task_spec(cfg.task).num_labels
+
+
+def configured_label_names(cfg) -> list[str] | None:
+    """Class names of ``cfg.task`` in label order (custom: its labels, from the training file or
+    ``--verbalizer``; a built-in task: its registry's), None for ``lm``."""
+    from .registry import get_task_spec
+
+    opts = FileTaskOptions.of(cfg)
+    check_options(opts)
+    if cfg.task == LM:
+        return None
+    if cfg.task == CUSTOM:
+        return list(label_words(opts))
+    return list(get_task_spec(cfg.task).label_names)
+
+
+def configured_prompt(cfg) -> dict:
+    """How a run's causal LM is prompted and scored: ``{"template", "verbalizer"}`` (``hosl
+    export`` records it). Custom: the format string and {label: word}; a built-in task: its
+    template's name (hosl/tasks/templates.py) and {label: word}; ``lm``: no prompt."""
+    from .templates import get_template
+
+    opts = FileTaskOptions.of(cfg)
+    check_options(opts)
+    if cfg.task == LM:
+        return {"template": None, "verbalizer": None}
+    if cfg.task == CUSTOM:
+        has_pair = bool(opts.text_pair_field)
+        template = opts.template or (DEFAULT_PAIR_TEMPLATE if has_pair else DEFAULT_TEMPLATE)
+        return {"template": template, "verbalizer": label_words(opts)}
+    builtin = get_template(cfg.task)
+    names = configured_label_names(cfg) or []
+    words = dict(zip(names, builtin.verbalizer)) if len(builtin.verbalizer) == len(names) else None
+    return {"template": type(builtin).__name__, "verbalizer": words}

@@ -108,13 +108,15 @@ def _group_key(task: str, example: dict, row: int):
     return row
 
 
-def _split_shared_pool(task, pool, train_size, eval_size, seed, eval_seed):
+def _split_shared_pool(task, pool, train_size, eval_size, seed, eval_seed, eval_fraction=0.5):
+    """(train, eval) from one pool: at most ``eval_fraction`` of its rows (at least one) and at most
+    ``eval_size`` are held out for evaluation, whole groups at a time; the rest train."""
     groups: OrderedDict = OrderedDict()
     for row, example in enumerate(pool):
         groups.setdefault(_group_key(task, example, row), []).append(row)
     group_rows = list(groups.values())
 
-    eval_target = min(eval_size, len(pool) // 2)
+    eval_target = min(eval_size, max(1, int(len(pool) * eval_fraction)))
     eval_rows: list[int] = []
     remaining_groups = []
     for g in np.random.RandomState(eval_seed).permutation(len(group_rows)).tolist():

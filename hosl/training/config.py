@@ -48,6 +48,7 @@ class TrainConfig:
     # --task custom / lm: your own files (csv, tsv, json, jsonl); see hosl/tasks/custom.py
     train_file: str | None = None
     eval_file: str | None = None  # None: evaluation rows are held out of train_file
+    eval_fraction: float = 0.1  # without eval_file: the share of train_file's rows held out (at most eval_size)
     text_field: str = "text"
     text_pair_field: str | None = None
     label_field: str = "label"
@@ -87,6 +88,7 @@ class TrainConfig:
     shard: str = "iid"  # iid | dirichlet:ALPHA | by-file: which training examples each client sees
     wire: str = "native"  # upload codec of the activations: native | float32 | bfloat16 | float16 | delta8
     progress: bool = True
+    report_to: str = "none"  # none | tensorboard | wandb: where the metrics records also go (hosl/training/tracking.py)
     notes: list = field(default_factory=list)
 
     # -- the ZO options: ZOConfig's fields with a training name, in its order (hosl/optim/config.py) --
@@ -182,6 +184,9 @@ class TrainConfig:
             raise ValueError(f"--dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.dropout not in ("off", "on"):
             raise ValueError(f"--dropout must be off or on, got {self.dropout!r}")
+        from hosl.training.tracking import check_report_to
+
+        check_report_to(self.report_to)  # an unknown tracker, or one whose package is missing
         zo = self.zo_config()  # every ZO option, checked once, by ZOConfig
         for f in train_fields():  # a --config file's lists (zo_betas: [0.9, 0.99]) become the tuples ZOConfig keeps
             if isinstance(getattr(self, train_name(f)), list):

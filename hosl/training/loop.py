@@ -28,7 +28,8 @@ from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.modes import FO_CLIENT_MODES, SPLIT_MODES
 from hosl.training.run import Run, build_run, say
-from hosl.training.schedule import schedule_client_step
+from hosl.training.schedule import half_rates, schedule_client_step
+from hosl.training.tracking import open_tracker
 from hosl.transport import Link
 
 
@@ -55,14 +56,21 @@ def forward_passes_per_step(mode: str, q: int, difference: str, server_estimate:
 
 
 class _Log:
-    def __init__(self, path: Path):
+    """metrics.jsonl, and the ``--report-to`` tracker that receives the same records."""
+
+    def __init__(self, path: Path, tracker=None):
         self.file = open(path, "a", buffering=1)
+        self.tracker = tracker
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self):
         self.file.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def train(cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None) -> dict:
@@ -80,7 +88,8 @@ def run_loop(run: Run) -> dict:
     """Train ``run`` from its step to ``cfg.steps``: evaluate (at step 0 of a new run, every
     ``eval_every`` steps and at the end), checkpoint, log each step; returns the summary."""
     cfg, link = run.cfg, run.link
-    log = _Log(run.run_dir / "metrics.jsonl")
+    resumed_after = run.step if cfg.resume else None  # a resume: its checkpoint's step (0: none yet)
+    log = _Log(run.run_dir / "metrics.jsonl", open_tracker(cfg.report_to, run.run_dir, cfg.to_dict(), resumed_after))
     eval_every, ckpt_every = cfg.resolved_eval_every(), cfg.resolved_checkpoint_every()
     traffic = []  # (bytes_up, bytes_down) of each step of this session
     bar = None
@@ -100,12 +109,16 @@ def run_loop(run: Run) -> dict:
             loss = run.mode.step(batch)
             run.seconds += time.perf_counter() - t0
             run.step += 1
+            lr_client, lr_server = half_rates(cfg.mode, run.hp, run.step)
             record = {
                 "step": run.step,
                 "loss": loss,
                 "seconds": run.seconds,
+                "lr_client": lr_client,
+                "lr_server": lr_server,
                 "skipped_updates": run.mode.skipped_updates,
                 "skipped_server_steps": run.mode.skipped_server_steps,
+                "client_peak_bytes": client_peak_bytes(run),
             }
             if link is not None:
                 traffic.append((link.bytes_up - up0, link.bytes_down - down0))
@@ -178,6 +191,18 @@ def save_run(run: Run, at_step: int) -> None:
     ckpt.save_checkpoint(run.run_dir, at_step, run.modules, state, trainable_only=run.cfg.lora)
 
 
+def client_peak_bytes(run: Run) -> int:
+    """The client's accounted peak so far (hosl/training/memory.py: weights, gradients, optimizer
+    state, ZO scratch, activations)."""
+    mode = run.mode
+    return mode.memory.peak_bytes(
+        run.client,
+        fo_client=run.cfg.mode in FO_CLIENT_MODES,
+        optimizer_state_bytes=mode.client_optimizer_state_bytes(),
+        scratch_bytes=mode.scratch_bytes(),
+    )
+
+
 def _summary(run: Run, traffic: list) -> dict:
     cfg, mode, evals = run.cfg, run.mode, run.evals
     summary = {
@@ -190,12 +215,7 @@ def _summary(run: Run, traffic: list) -> dict:
         "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
         "eval_perplexity": evals[-1].get("eval_perplexity") if evals else None,
         "eval_history": evals,
-        "client_peak_bytes": mode.memory.peak_bytes(
-            run.client,
-            fo_client=cfg.mode in FO_CLIENT_MODES,
-            optimizer_state_bytes=mode.client_optimizer_state_bytes(),
-            scratch_bytes=mode.scratch_bytes(),
-        ),
+        "client_peak_bytes": client_peak_bytes(run),
         "client_weight_bytes": mode.memory.weight_bytes(run.client),
         "client_trainable_bytes": mode.memory.trainable_bytes(run.client),
         "client_optimizer_state_bytes": mode.client_optimizer_state_bytes(),

@@ -33,7 +33,8 @@ CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS = (
     "resumes.jsonl",
     "checkpoints",
 )
-HOSL_FILES = (CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS)
+TRACKER_DIRS = ("tensorboard", "wandb")  # what --report-to writes (hosl/training/tracking.py)
+HOSL_FILES = (CONFIG, METRICS, SUMMARY, RESUMES, CHECKPOINTS, *TRACKER_DIRS)
 # config.json keys that mark it as hosl's (every hosl run has had these)
 CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 
@@ -43,7 +44,7 @@ CONFIG_SIGNATURE = ("model", "task", "mode", "cut", "seed", "steps", "out")
 # compared; ``lr_client``, ``server_batch`` and ``client_micro_batch`` are overridable.
 _ZO_ON_RESUME = {train_name(f): f.metadata["on_resume"] for f in train_fields()}
 NOT_COMPARED = frozenset(
-    {"out", "resume", "overwrite", "overrides", "progress", "notes"}
+    {"out", "resume", "overwrite", "overrides", "progress", "report_to", "notes"}
     | {k for k, rule in _ZO_ON_RESUME.items() if rule == "ignore"}
 )
 # Settings that change how long the run goes and what it records, not the trajectory of its steps:

@@ -10,7 +10,11 @@ unsplit ``fo`` mode's) times
   ``constant`` 1, ``linear`` ``1 - p``, ``cosine`` ``(1 + cos(pi p)) / 2``.
 
 Both processes of a two-process run compute it from the step number the client sends, so they
-agree without exchanging anything. ``constant`` without warmup (the default) never touches a
+agree without exchanging anything. Why not ``transformers.get_scheduler`` (which ``HOSLTrainer``
+uses): its schedulers are stateful ``LambdaLR`` objects counted from 0, whose first warmup step
+trains at rate 0 (linear, warmup 2 of 6 steps: 0, 0.5, 1, 0.75, 0.5, 0.25 against this module's
+0.5, 1, 1, 0.75, 0.5, 0.25), so they would change every scheduled run's trajectory and need state in
+both processes. ``constant`` without warmup (the default) never touches a
 learning rate.
 """
 
@@ -39,6 +43,19 @@ def lr_factor(schedule: str, step: int, warmup_steps: int, total_steps: int) -> 
 
 def is_scheduled(hp) -> bool:
     return getattr(hp, "lr_schedule", "constant") != "constant" or getattr(hp, "warmup_steps", 0) > 0
+
+
+# which base rate each half trains at, per mode: the unsplit fo mode runs at --lr-server, zo and
+# zo-sl's ZO server half at --lr-client (frozen-client's client rate resolves to 0)
+_HALF_RATES = {"fo": ("lr_server", "lr_server"), "zo": ("lr_client", "lr_client"), "zo-sl": ("lr_client", "lr_client")}
+
+
+def half_rates(mode: str, hp, step: int) -> tuple[float, float]:
+    """(client, server) learning rate of step ``step`` (1-based) in ``mode``: the base rate each half
+    trains at times the schedule's factor (the rates the optimizers are set to before that step)."""
+    factor = lr_factor(hp.lr_schedule, step, hp.warmup_steps, hp.total_steps) if is_scheduled(hp) else 1.0
+    client, server = _HALF_RATES.get(mode, ("lr_client", "lr_server"))
+    return getattr(hp, client) * factor, getattr(hp, server) * factor
 
 
 def set_lr(optimizer, base_lr: float, factor: float) -> None:
