@@ -13,13 +13,17 @@ import contextlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from hosl.export import ExportError, merge
 
+if TYPE_CHECKING:  # imported where used: hosl.training loads only when a run is
+    from hosl.training.config import TrainConfig
 
-def _config_of(folder: Path):
+
+def _config_of(folder: Path) -> TrainConfig:
     from hosl.training.config import TrainConfig
 
     path = folder / "config.json"
@@ -50,7 +54,7 @@ def _newest(folder: Path, names: list[str]) -> Path | None:
     return path
 
 
-def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
+def find_checkpoints(run: Path) -> tuple[TrainConfig, dict[str, Path], int]:
     """(config, {"client": checkpoint folder, "server": checkpoint folder}, step) of the newest
     checkpoint of ``run`` (the one ``--resume`` would pick): a one-process run folder, or a
     two-process ``--out`` with ``client/`` and ``server/``."""
@@ -88,10 +92,10 @@ def find_checkpoints(run: Path) -> tuple[object, dict[str, Path], int]:
 class LoadedRun:
     """A run's model at its newest checkpoint."""
 
-    config: object  # the run's TrainConfig
+    config: TrainConfig  # the run's configuration
     step: int  # the checkpoint's step
     model_kind: str  # "classifier" or "causal_lm"
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer, or None
     client: nn.Module
     server: nn.Module
     labels: list[str] | None  # class names in label order (None: a causal LM's --task lm)
@@ -123,8 +127,9 @@ def set_label_names(model: nn.Module, labels: list[str] | None) -> None:
     """``config.id2label`` / ``label2id`` from the run's labels (a classifier's, for ``pipeline``)."""
     if labels is None or getattr(model.config, "num_labels", None) != len(labels):
         return
-    model.config.id2label = dict(enumerate(labels))
-    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    config: Any = model.config  # a transformers PretrainedConfig
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
 
 
 def load_run(run, *, merged: bool = False, fold_lora: bool = True) -> LoadedRun:

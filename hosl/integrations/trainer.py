@@ -197,7 +197,7 @@ class HOSLTrainer(Trainer):
         if checkpoint is None:
             return
         state = self._hosl_state(checkpoint)
-        if state["zo_optimizer"] is not None:
+        if state["zo_optimizer"] is not None and self.zo_optimizer is not None:
             self.zo_optimizer.load_state_dict(state["zo_optimizer"])
         if state["zo_scheduler"] is not None and self.zo_scheduler is not None:
             self.zo_scheduler.load_state_dict(state["zo_scheduler"])
