@@ -67,6 +67,17 @@ def add_fleet_args(p: argparse.ArgumentParser, d) -> None:
                         "(default %(default)s)")
 
 
+def add_server_procs_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a server half over several processes (docs/fleet.md)")
+    g.add_argument("--server-procs", type=int, default=1, metavar="P",
+                   help="run the server half as P processes on this machine (this one is rank 0 and spawns the "
+                        "others); each computes on its share of every batch's rows (default %(default)s)")
+    g.add_argument("--server-parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="with --server-procs > 1: ddp, a replica of the server half per process "
+                        "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; "
+                        "benchmarks only for now: no checkpoints) (default %(default)s)")
+
+
 def add_role_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--role", default="local", choices=ROLES,
                    help="local: both halves here (default); client/server: one half of a two-process run; "
@@ -78,6 +89,7 @@ def register(sub, add_train_args, defaults) -> None:
     p = sub.add_parser("serve", help="run the server half of a two-process run (see also train --role client)")
     add_train_args(p, defaults)
     add_connection_args(p)
+    add_server_procs_args(p)
     p.set_defaults(func=cmd_serve, role="server")
 
 
