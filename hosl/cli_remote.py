@@ -131,6 +131,10 @@ def resolve_role(args) -> str:
 
 def cmd_serve(args) -> int:
     cfg = config_from(args)
+    if args.server_procs != 1:
+        raise ValueError("hosl serve --server-procs > 1 (a client process and several server processes) is not "
+                         "supported yet; hosl train --server-procs P runs the server half over P processes "
+                         "with the client in rank 0 (docs/fleet.md)")
     if cfg.clients:
         from hosl.training.fleet_server import run_fleet_server
 
