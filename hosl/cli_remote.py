@@ -131,19 +131,19 @@ def resolve_role(args) -> str:
 
 def cmd_serve(args) -> int:
     cfg = config_from(args)
-    if args.server_procs != 1:
-        raise ValueError("hosl serve --server-procs > 1 (a client process and several server processes) is not "
-                         "supported yet; hosl train --server-procs P runs the server half over P processes "
-                         "with the client in rank 0 (docs/fleet.md)")
     if cfg.clients:
         from hosl.training.fleet_server import run_fleet_server
+
+        if args.server_procs != 1:
+            raise ValueError(f"--server-procs {args.server_procs} with --clients (a fleet) is not supported yet; "
+                             "a fleet's server runs as one process")
 
         if args.rank not in (None, 0):
             raise ValueError(f"the server of a fleet is rank 0, got --rank {args.rank}")
         return run_fleet_server(cfg, _connection(args, "server"))
     from hosl.training.remote import run_server
 
-    return run_server(cfg, _connection(args, "server"))
+    return run_server(cfg, _connection(args, "server"), args.server_procs, args.server_parallel)
 
 
 def cmd_train_remote(args) -> int:
@@ -155,7 +155,7 @@ def cmd_train_remote(args) -> int:
     if cfg.clients and role == "server":
         return cmd_serve(args)
     if role == "server":
-        return run_server(cfg, _connection(args, "server"))
+        return run_server(cfg, _connection(args, "server"), args.server_procs, args.server_parallel)
     if cfg.clients:
         from hosl.training.fleet_client import run_fleet_client
 

@@ -97,7 +97,9 @@ class ServerGroup:
             if isinstance(child, nn.ModuleList):
                 for block in child:
                     fully_shard(block)
-        fully_shard(module)
+        # the root too reshards after each forward: a forward without backward (an evaluation, the
+        # perturbed losses) would otherwise leave its own parameters (e.g. the head) gathered
+        fully_shard(module, reshard_after_forward=True)
         return module
 
     # -- rows ----------------------------------------------------------------------------------

@@ -1,7 +1,13 @@
-"""Starting a server half over several processes (``--server-procs P``): this process is server
-rank 0 and spawns ranks 1..P-1 with ``torch.multiprocessing``; each loads the same server half,
-joins the group (``hosl/training/server_group.py``) and answers what rank 0 shares until it is
-told to stop.
+"""Starting a server half over several processes (``--server-procs P``) with
+``torch.multiprocessing``; each rank loads the same server half, joins the group
+(``hosl/training/server_group.py``) and answers what rank 0 shares until it is told to stop.
+
+* ``hosl train --server-procs P`` (:func:`server_ranks`): this process holds the client and is
+  server rank 0; it spawns ranks 1..P-1.
+* ``hosl serve --server-procs P`` (:func:`relayed_server_ranks`): this process speaks to the client
+  and spawns all P ranks; it relays each request to rank 0 over a pipe (the link to the client and
+  the server ranks' group are each a process's default torch.distributed group, and one process
+  holds only one).
 
 The ranks rendezvous on a free port of 127.0.0.1 (one machine). Every wait is bounded by
 ``timeout_s``: the group's collectives, and the wait for the spawned ranks to exit.
@@ -13,6 +19,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -43,28 +50,89 @@ def check_server_procs(cfg: TrainConfig, procs: int, parallel: str) -> None:
     if parallel == "fsdp":
         raise ValueError("--server-parallel fsdp does not write checkpoints yet (a sharded server half needs "
                          "torch.distributed.checkpoint); use ddp, or benchmarks/server_scaling.py to measure fsdp")
-    if cfg.batch_size < procs:
-        raise ValueError(f"--server-procs {procs} splits each batch's rows over the ranks: --batch-size must be at "
-                         f"least {procs}, got {cfg.batch_size}")
 
 
-def _rank_main(index: int, cfg: TrainConfig, procs: int, parallel: str, port: int, timeout_s: float,
-               backend: str | None) -> None:
-    """Server rank ``index + 1`` (a spawned process)."""
+def _start_rank(rank: int, cfg: TrainConfig, procs: int, parallel: str, port: int, timeout_s: float,
+                backend: str | None, checkpoint_dir: str | None):
+    """Load the server half, join the group as ``rank``; returns (group, handler)."""
     from hosl.training.run import hyper, load_split_model, loss_fn, train_dropout
     from hosl.training.server_handler import ServerHandler
 
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client
-    group = ServerGroup.join(index + 1, procs, parallel, "127.0.0.1", port, timeout_s, backend)
+    group = ServerGroup.join(rank, procs, parallel, "127.0.0.1", port, timeout_s, backend)
+    half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
+                         train_dropout=train_dropout(cfg), trainable_only_checkpoints=cfg.lora, wire=cfg.wire,
+                         group=group, checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+                         resume_allowed=cfg.resume)
+    return group, half
+
+
+def _rank_main(index: int, cfg: TrainConfig, procs: int, parallel: str, port: int, timeout_s: float,
+               backend: str | None) -> None:
+    """Server rank ``index + 1`` of ``hosl train --server-procs`` (a spawned process)."""
+    group, half = _start_rank(index + 1, cfg, procs, parallel, port, timeout_s, backend, None)
     try:
-        half = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(model_kind), model_kind,
-                             train_dropout=train_dropout(cfg), trainable_only_checkpoints=cfg.lora, wire=cfg.wire,
-                             group=group)
         follow(group, half.answer)
     finally:
         group.leave()
+
+
+def _relayed_rank_main(rank: int, cfg: TrainConfig, procs: int, parallel: str, port: int, timeout_s: float,
+                       backend: str | None, checkpoint_dir: str, pipe) -> None:
+    """Server rank ``rank`` of ``hosl serve --server-procs`` (a spawned process); rank 0 answers the
+    requests the serving process relays over ``pipe`` (None: no more), sending back
+    ``("reply", message)`` or ``("error", text)``."""
+    group, half = _start_rank(rank, cfg, procs, parallel, port, timeout_s, backend, checkpoint_dir)
+    try:
+        if rank != 0:
+            follow(group, half.answer)
+            return
+        pipe.send(("ready", None))
+        while (request := _recv_or_none(pipe)) is not None:
+            try:
+                pipe.send(("reply", half.handle(request)))
+            except Exception as exc:  # noqa: BLE001 - the serving process reports it to the client
+                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        group.share(None)
+    finally:
+        group.leave()
+
+
+def _recv_or_none(pipe):
+    try:
+        return pipe.recv()
+    except EOFError:  # the serving process is gone
+        return None
+
+
+class RankZeroRelay:
+    """The serving process's handler for ``hosl serve --server-procs``: each request goes to server
+    rank 0 (a child process) and its answer comes back, within ``timeout_s`` (``first_timeout_s``
+    for the first: the ranks may still be loading)."""
+
+    def __init__(self, pipe, timeout_s: float, first_timeout_s: float):
+        self.pipe, self.timeout_s, self.first_timeout_s = pipe, timeout_s, first_timeout_s
+        self._ready = False
+
+    def _wait(self, what: str, timeout_s: float):
+        if not self.pipe.poll(timeout_s):
+            raise RuntimeError(f"server rank 0 did not {what} within {timeout_s:g} s (did a server rank die?)")
+        try:
+            return self.pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"server rank 0 exited before it could {what}") from None
+
+    def handle(self, request):
+        if not self._ready:
+            self._wait("load the server half and join the other ranks", self.first_timeout_s)
+            self._ready = True
+        self.pipe.send(request)
+        status, value = self._wait("answer", self.timeout_s)
+        if status == "error":
+            raise RuntimeError(value)
+        return value
 
 
 @contextlib.contextmanager
@@ -100,3 +168,22 @@ def _wait_for(spawned, grace_s: float) -> None:
     for process in spawned.processes:
         if process.is_alive():
             process.terminate()
+
+
+@contextlib.contextmanager
+def relayed_server_ranks(cfg: TrainConfig, procs: int, parallel: str, checkpoint_dir: Path, timeout_s: float,
+                         first_timeout_s: float, backend: str | None = None) -> Iterator[RankZeroRelay]:
+    """``hosl serve --server-procs P``: all P ranks spawned; yields the relay to rank 0. On exit the
+    ranks are told to stop and waited for."""
+    check_parallel(procs, parallel)
+    ours, theirs = mp.get_context("spawn").Pipe()
+    spawned = mp.start_processes(_relayed_rank_main, args=(cfg, procs, parallel, free_port(), timeout_s, backend,
+                                                           str(checkpoint_dir), theirs),
+                                 nprocs=procs, join=False, start_method="spawn")
+    try:
+        yield RankZeroRelay(ours, timeout_s, first_timeout_s)
+    finally:
+        with contextlib.suppress(OSError):
+            ours.send(None)
+        ours.close()
+        _wait_for(spawned, _EXIT_GRACE_S)
