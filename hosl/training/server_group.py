@@ -83,9 +83,11 @@ class ServerGroup:
         """The module to run forwards through: ``module`` itself (one process, or nothing to
         train), ``DistributedDataParallel(module)``, or ``module`` sharded in place with FSDP2
         (each block of every ``nn.ModuleList``, then the root)."""
+        if not self.distributed:
+            return module  # one process: where and as it is
         module.to(self.device)
-        if not self.distributed or not any(p.requires_grad for p in module.parameters()):
-            return module  # one process, or nothing trains: the replicas stay equal without any sync
+        if not any(p.requires_grad for p in module.parameters()):
+            return module  # nothing trains: the replicas stay equal without any sync
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
