@@ -183,7 +183,7 @@ def _train_with_server_procs(cfg: TrainConfig, args) -> dict:
 
     cfg.validate()
     check_server_procs(cfg, args.server_procs, args.server_parallel)
-    with server_ranks(cfg, args.server_procs, args.server_parallel, timeout_s=args.peer_timeout,
+    with server_ranks(cfg, args.server_procs, args.server_parallel, timeout_s=args.connect_timeout,
                       backend=args.dist_backend) as group:
         return run_loop(build_run(cfg, server_group=group))
 

@@ -156,3 +156,22 @@ def test_a_client_process_and_two_server_ranks_train_to_the_losses_of_one_proces
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_killed_server_rank_is_named_at_the_next_request():
+    """Rank 1 killed (SIGKILL): rank 0's next collective fails at once (the connection resets) and
+    the group raises a PeerLostError naming the rank and how it ended."""
+    import multiprocessing
+    import signal
+
+    from hosl.transport.link import PeerLostError
+    from hosl.transport.wire import Kind, Message
+
+    cfg = TrainConfig(model="tiny-opt", task="sst2", mode="hosl", cut=1, batch_size=4)
+    with pytest.raises(PeerLostError, match=r"lost server rank 1 \(killed by signal 9\)"):
+        with server_ranks(cfg, 2, "ddp", timeout_s=120.0) as group:
+            (rank_1,) = multiprocessing.active_children()
+            os.kill(rank_1.pid, signal.SIGKILL)
+            rank_1.join(30)
+            group.share(Message(Kind.REQUEST, 1, 1))

@@ -9,8 +9,11 @@
   the server ranks' group are each a process's default torch.distributed group, and one process
   holds only one).
 
-The ranks rendezvous on a free port of 127.0.0.1 (one machine). Every wait is bounded by
-``timeout_s``: the group's collectives, and the wait for the spawned ranks to exit.
+The ranks rendezvous on a free port of 127.0.0.1 (one machine). Every wait is bounded: the
+rendezvous and the group's collectives by ``--connect-timeout`` (a rank may still be loading its
+half, and between requests the client may be evaluating), the wait for the spawned ranks to exit
+by ``_EXIT_GRACE_S``. A rank that dies closes its connections: the next collective of the others
+fails at once, and rank 0 raises a ``PeerLostError`` naming the lost rank.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from hosl.training.config import TrainConfig
 from hosl.training.protocol import SPLIT_MODES
 from hosl.training.server_group import ServerGroup, check_parallel, follow
+from hosl.transport.link import PeerLostError
 
 _EXIT_GRACE_S = 30.0  # how long rank 0 waits for the other ranks to exit once told to stop
+_DEATH_GRACE_S = 2.0  # after a failed collective: how long to wait for a rank's exit to be readable
 
 
 def free_port() -> int:
@@ -152,36 +158,60 @@ def server_ranks(cfg: TrainConfig, procs: int, parallel: str = "ddp", timeout_s:
         group = ServerGroup.join(0, procs, parallel, "127.0.0.1", port, timeout_s, backend)
         yield group
         group.share(None)  # no more requests
+    except Exception as exc:
+        lost = _lost_ranks(spawned, first_rank=1)
+        if lost:
+            raise PeerLostError(f"lost {lost} (server ranks of --server-procs {procs}): "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                ) from exc
+        raise
     finally:
         if group is not None:
             group.leave()
         _wait_for(spawned, _EXIT_GRACE_S)
 
 
+def _lost_ranks(spawned, first_rank: int) -> str:
+    """The spawned ranks that have exited with a failure, e.g. "server rank 1 (killed by signal 9)"."""
+    lost = []
+    for i, process in enumerate(spawned.processes):
+        process.join(_DEATH_GRACE_S)  # its sockets close a moment before its exit can be read
+        code = process.exitcode
+        if code not in (None, 0):
+            why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            lost.append(f"server rank {first_rank + i} ({why})")
+    return ", ".join(lost)
+
+
 def _wait_for(spawned, grace_s: float) -> None:
-    """Wait up to ``grace_s`` for the spawned ranks; end those still running (a rank that failed
-    raises here, as ``ProcessRaisedException``)."""
+    """Wait up to ``grace_s`` for the spawned ranks; end those still running. A rank's own failure
+    was printed by that rank and reaches rank 0 as a failed collective, so it is not raised again."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if spawned.join(timeout=max(0.1, deadline - time.monotonic())):
-            return
+        try:
+            if spawned.join(timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except ProcessException:
+            continue  # one rank failed; wait for the others
     for process in spawned.processes:
         if process.is_alive():
             process.terminate()
 
 
 @contextlib.contextmanager
-def relayed_server_ranks(cfg: TrainConfig, procs: int, parallel: str, checkpoint_dir: Path, timeout_s: float,
-                         first_timeout_s: float, backend: str | None = None) -> Iterator[RankZeroRelay]:
-    """``hosl serve --server-procs P``: all P ranks spawned; yields the relay to rank 0. On exit the
-    ranks are told to stop and waited for."""
+def relayed_server_ranks(cfg: TrainConfig, procs: int, parallel: str, checkpoint_dir: Path, answer_timeout_s: float,
+                         connect_timeout_s: float, backend: str | None = None) -> Iterator[RankZeroRelay]:
+    """``hosl serve --server-procs P``: all P ranks spawned; yields the relay to rank 0, which waits
+    ``answer_timeout_s`` for each answer (``connect_timeout_s`` for the first, while the ranks
+    load). The ranks' group (rendezvous and collectives) is bounded by ``connect_timeout_s``. On
+    exit the ranks are told to stop and waited for."""
     check_parallel(procs, parallel)
     ours, theirs = mp.get_context("spawn").Pipe()
-    spawned = mp.start_processes(_relayed_rank_main, args=(cfg, procs, parallel, free_port(), timeout_s, backend,
-                                                           str(checkpoint_dir), theirs),
+    spawned = mp.start_processes(_relayed_rank_main, args=(cfg, procs, parallel, free_port(), connect_timeout_s,
+                                                           backend, str(checkpoint_dir), theirs),
                                  nprocs=procs, join=False, start_method="spawn")
     try:
-        yield RankZeroRelay(ours, timeout_s, first_timeout_s)
+        yield RankZeroRelay(ours, answer_timeout_s, connect_timeout_s)
     finally:
         with contextlib.suppress(OSError):
             ours.send(None)
