@@ -152,6 +152,9 @@ def cmd_train_remote(args) -> int:
 
     role = resolve_role(args)
     cfg = config_from(args)
+    if role == "client" and args.server_procs != 1:
+        raise ValueError(f"--server-procs {args.server_procs} belongs to the server (hosl serve --server-procs); "
+                         "a client process holds no server half")
     if cfg.clients and role == "server":
         return cmd_serve(args)
     if role == "server":
