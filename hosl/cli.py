@@ -245,9 +245,26 @@ def _cmd_train(args) -> int:
             f"{cfg.clients} and each client with hosl train --role client --clients {cfg.clients} "
             "--rank R (docs/fleet.md)"
         )
-    summary = train(cfg)
+    if args.server_procs != 1:
+        summary = _train_with_server_procs(cfg, args)
+    else:
+        summary = train(cfg)
     print(json.dumps(cli_options.summary_lines(summary), indent=2))
     return 0
+
+
+def _train_with_server_procs(cfg: TrainConfig, args) -> dict:
+    """``hosl train --server-procs P``: the in-process server half as rank 0 of P processes."""
+    from hosl.training.loop import run_loop
+    from hosl.training.run import build_run
+    from hosl.training.server_ranks import check_server_procs, server_ranks
+
+    cfg.validate()
+    check_server_procs(cfg, args.server_procs, args.server_parallel)
+    with server_ranks(
+        cfg, args.server_procs, args.server_parallel, timeout_s=args.connect_timeout, backend=args.dist_backend
+    ) as group:
+        return run_loop(build_run(cfg, server_group=group))
 
 
 DEMO: dict[str, Any] = dict(
@@ -332,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p_train, TrainConfig())
     cli_remote.add_role_arg(p_train)
     cli_remote.add_connection_args(p_train)
+    cli_remote.add_server_procs_args(p_train)
     p_train.set_defaults(func=_cmd_train)
     cli_remote.register(sub, _add_train_args, TrainConfig())
     cli_export.register(sub)

@@ -113,6 +113,26 @@ def add_fleet_args(p: argparse.ArgumentParser, d) -> None:
     )
 
 
+def add_server_procs_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a server half over several processes (docs/fleet.md)")
+    g.add_argument(
+        "--server-procs",
+        type=int,
+        default=1,
+        metavar="P",
+        help="run the server half as P processes on this machine (this one is rank 0 and spawns the "
+        "others); each computes on its share of every batch's rows (default %(default)s)",
+    )
+    g.add_argument(
+        "--server-parallel",
+        default="ddp",
+        choices=("ddp", "fsdp"),
+        help="with --server-procs > 1: ddp, a replica of the server half per process "
+        "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; "
+        "benchmarks only for now: no checkpoints) (default %(default)s)",
+    )
+
+
 def add_role_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--role",
@@ -128,6 +148,7 @@ def register(sub, add_train_args, defaults) -> None:
     p = sub.add_parser("serve", help="run the server half of a two-process run (see also train --role client)")
     add_train_args(p, defaults)
     add_connection_args(p)
+    add_server_procs_args(p)
     p.set_defaults(func=cmd_serve, role="server")
 
 
@@ -181,12 +202,18 @@ def cmd_serve(args) -> int:
     if cfg.clients:
         from hosl.training.fleet_server import run_fleet_server
 
+        if args.server_procs != 1:
+            raise ValueError(
+                f"--server-procs {args.server_procs} with --clients (a fleet) is not supported yet; "
+                "a fleet's server runs as one process"
+            )
+
         if args.rank not in (None, 0):
             raise ValueError(f"the server of a fleet is rank 0, got --rank {args.rank}")
         return run_fleet_server(cfg, _connection(args, "server"))
     from hosl.training.remote import run_server
 
-    return run_server(cfg, _connection(args, "server"))
+    return run_server(cfg, _connection(args, "server"), args.server_procs, args.server_parallel)
 
 
 def cmd_train_remote(args) -> int:
@@ -195,10 +222,15 @@ def cmd_train_remote(args) -> int:
 
     role = resolve_role(args)
     cfg = config_from(args)
+    if role == "client" and args.server_procs != 1:
+        raise ValueError(
+            f"--server-procs {args.server_procs} belongs to the server (hosl serve --server-procs); "
+            "a client process holds no server half"
+        )
     if cfg.clients and role == "server":
         return cmd_serve(args)
     if role == "server":
-        return run_server(cfg, _connection(args, "server"))
+        return run_server(cfg, _connection(args, "server"), args.server_procs, args.server_parallel)
     if cfg.clients:
         from hosl.training.fleet_client import run_fleet_client
 

@@ -398,6 +398,7 @@ def run_fleet_server(cfg, conn) -> int:
     ``hosl.training.remote.Connection``), serve until every client finished (or none is connected
     for ``--connect-timeout`` seconds). Exit status 0 when every rank finished, else 1."""
     conn, run_dir, half = start_server_process(cfg, conn, "every client")
+    assert half is not None  # loaded here: start_server_process loads it unless told not to
     log_path = run_dir / "fleet_log.jsonl"
     completed = 0
     if cfg.resume and ckpt.list_checkpoints(run_dir):

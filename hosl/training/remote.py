@@ -228,10 +228,13 @@ def write_or_check_server_config(run_dir: Path, cfg: TrainConfig) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
-def start_server_process(cfg: TrainConfig, conn: Connection, clients: str) -> tuple[Connection, Path, ServerHandler]:
+def start_server_process(
+    cfg: TrainConfig, conn: Connection, clients: str, load_half: bool = True
+) -> tuple[Connection, Path, ServerHandler | None]:
     """What a server process does before it connects: check the mode and its run folder
     (``OUT/server``), generate a secret if none was given (telling ``clients`` how to get it), load
-    the server half. Returns the connection (with the secret), the run folder and the handler."""
+    the server half (unless not ``load_half``: other processes hold it). Returns the connection
+    (with the secret), the run folder and the handler."""
     check_split_mode(cfg)
     run_dir = Path(cfg.out) / "server"
     if ckpt.list_checkpoints(run_dir) and not cfg.resume:
@@ -247,6 +250,8 @@ def start_server_process(cfg: TrainConfig, conn: Connection, clients: str) -> tu
             f"Start {clients} with --secret-file {secret_path} (copy the file over a secure channel, e.g. scp) "
             f'or {SECRET_ENV}="$(cat {secret_path})"'
         )
+    if not load_half:
+        return conn, run_dir, None
     torch.manual_seed(cfg.seed)
     model_kind, _tokenizer, client, server = load_split_model(cfg)
     del client  # that half lives in the client process(es)
@@ -265,20 +270,38 @@ def start_server_process(cfg: TrainConfig, conn: Connection, clients: str) -> tu
     return conn, run_dir, half
 
 
-def run_server(cfg: TrainConfig, conn: Connection) -> int:
+def run_server(cfg: TrainConfig, conn: Connection, server_procs: int = 1, server_parallel: str = "ddp") -> int:
     """The server half: answer the client until it says goodbye. Returns an exit status: 0 when
-    the client finished, 130 when it was interrupted, 1 when it failed."""
-    conn, run_dir, half = start_server_process(cfg, conn, "the client")
+    the client finished, 130 when it was interrupted, 1 when it failed. ``server_procs`` > 1: the
+    server half runs in that many spawned processes (``hosl/training/server_ranks.py``) and this one
+    relays the client's requests to them."""
+    from hosl.training.server_ranks import check_server_procs, relayed_server_ranks
+
+    check_server_procs(cfg, server_procs, server_parallel)
+    conn, run_dir, half = start_server_process(cfg, conn, "the client", load_half=server_procs == 1)
     write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")
-    with stop:
+    ranks = (
+        contextlib.nullcontext(half)
+        if half is not None
+        else relayed_server_ranks(
+            cfg, server_procs, server_parallel, run_dir, conn.peer_timeout, conn.connect_timeout, conn.backend
+        )
+    )
+    with stop, ranks as answerer:
         try:
             endpoint = open_channel(
-                "server", "client", cfg, conn, stop, f"; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})"
+                "server",
+                "client",
+                cfg,
+                conn,
+                stop,
+                f"; serving {cfg.mode} on {cfg.model} (cut {cfg.cut})"
+                + (f" over {server_procs} processes" if server_procs > 1 else ""),
             )
             code = serve(
                 endpoint,
-                half.handle,
+                answerer.handle,
                 phase_names=PHASE_NAMES,
                 stop_requested=stop.requested,
                 first_timeout_s=conn.connect_timeout,

@@ -37,6 +37,7 @@ from hosl.training.config import TrainConfig
 from hosl.training.memory import parse_bytes, return_freed_memory
 from hosl.training.modes import SPLIT_MODES, Hyper, Mode, make_mode
 from hosl.training.protocol import PHASE_NAMES
+from hosl.training.server_group import ServerGroup
 from hosl.training.server_handler import ServerHandler
 from hosl.training.server_proxy import ServerProxy
 from hosl.transport import InProcessLink, Link
@@ -181,11 +182,17 @@ def _set_training(client, server, half, dropout_on: bool, flag: bool) -> None:
 
 
 def build_run(
-    cfg: TrainConfig, *, connect_server: Callable[[], Link] | None = None, fleet_rank: int | None = None
+    cfg: TrainConfig,
+    *,
+    connect_server: Callable[[], Link] | None = None,
+    fleet_rank: int | None = None,
+    server_group: ServerGroup | None = None,
 ) -> Run:
     """The run ``cfg`` (validated) describes. ``connect_server`` (two-process runs): called once the
     model is loaded, returns the link to the server process; this process then holds only the client.
-    ``fleet_rank``: this client's rank in a fleet of ``cfg.clients`` (its ``--shard`` of the data)."""
+    ``fleet_rank``: this client's rank in a fleet of ``cfg.clients`` (its ``--shard`` of the data).
+    ``server_group``: the in-process server half is rank 0 of several (``--server-procs``,
+    ``hosl/training/server_ranks.py``)."""
     remote = connect_server is not None
     kind, plan = _check_out(cfg, remote)
     torch.manual_seed(cfg.seed)
@@ -212,6 +219,7 @@ def build_run(
             train_dropout=dropout_on,
             trainable_only_checkpoints=cfg.lora,
             wire=cfg.wire,
+            group=server_group,
         )
         link = InProcessLink(half.handle, PHASE_NAMES)
     proxy = ServerProxy(link, model_kind, wire=cfg.wire) if link is not None else None

@@ -30,6 +30,7 @@ from hosl.training.protocol import (
     batch_from_server_side,
 )
 from hosl.training.schedule import make_server_optimizer, schedule_step
+from hosl.training.server_group import ServerGroup
 from hosl.transport import Message
 from hosl.transport.wire import Kind
 
@@ -57,10 +58,18 @@ class ServerHandler:
         resume_allowed: bool = True,
         trainable_only_checkpoints: bool = False,
         wire: str = "native",
+        group: ServerGroup | None = None,
     ):
         if mode not in SPLIT_MODES:
             raise ValueError(f"mode {mode!r} has no server half; split modes are {', '.join(SPLIT_MODES)}")
+        self.group = group or ServerGroup()  # --server-procs: this rank of the server's processes
+        if self.group.distributed and self.group.parallel == "fsdp" and mode == "zo-sl":
+            raise ValueError(
+                "--mode zo-sl perturbs whole server weights in place; with --server-procs > 1 use "
+                "--server-parallel ddp (FSDP2 shards them)"
+            )
         self.server, self.mode, self.hp, self.loss_of, self.model_kind = server, mode, hp, loss_of, model_kind
+        self.forward_module = self.group.wrap(server)  # server itself, or its DDP / FSDP2 form
         self.train_dropout = train_dropout
         self.checkpoint_dir = checkpoint_dir
         self.resume_allowed = resume_allowed
@@ -80,7 +89,7 @@ class ServerHandler:
         self.clean_loss = math.nan
         self.activation_grad: torch.Tensor | None = None  # hosl linear: dL/dh at this step's clean point
         self.wire = ActivationWire(wire)  # --wire: how activations arrive (delta8 keeps the step's reference)
-        self.server.train(train_dropout)
+        self.forward_module.train(train_dropout)
         # phase -> (method(request, tensors) -> reply, runs on the server's random stream)
         self._phases = {
             Phase.BEGIN_STEP: (self._begin_step, True),
@@ -96,6 +105,12 @@ class ServerHandler:
         }
 
     def handle(self, request: Message) -> Message:
+        if self.group.distributed:  # rank 0: the other server ranks answer every request too
+            self.group.share(request)
+        return self.answer(request)
+
+    def answer(self, request: Message) -> Message:
+        """This rank's part of ``request`` (the whole of it with one server process)."""
         method, on_own_rng = self._phases[Phase(request.phase)]  # an unknown phase is a ValueError
         dev = self._device()
         tensors = [t.to(dev) for t in request.tensors]
@@ -139,10 +154,21 @@ class ServerHandler:
         return next(self.server.parameters()).dtype
 
     def _loss(self, h: torch.Tensor) -> torch.Tensor:
-        rows = self.mask.shape[0]  # type: ignore[union-attr]  # set by begin-step
+        """The mean loss of the batch at ``h`` (copies stacked: one per copy); several server ranks
+        each compute it on their rows and the group combines them."""
+        assert self.mask is not None  # set by begin-step
+        rows, group = self.mask.shape[0], self.group
         copies = h.shape[0] // rows
-        mask = self.mask.repeat(copies, 1) if copies > 1 else self.mask  # type: ignore[union-attr]  # set by begin-step
-        return self.loss_of(self.server(h, mask), self.batch, copies)
+        mask, batch = group.rows_of(self.mask, rows), {k: group.rows_of(v, rows) for k, v in self.batch.items()}
+        mask = mask.repeat(copies, 1) if copies > 1 else mask
+        local = self.loss_of(self.forward_module(group.rows_of(h, rows), mask), batch, copies)
+        return group.mean(local, self._loss_weight(batch) if group.has_rows(rows) else 0.0)
+
+    def _loss_weight(self, batch: dict) -> float:
+        """A rank's share of the batch's mean loss: its rows (classifier), or its answer tokens
+        (causal LM: the labels predicted from the position before)."""
+        labels = batch["labels"]
+        return float(labels.shape[0] if self.model_kind == "classifier" else (labels[:, 1:] != -100).sum())
 
     @staticmethod
     def _reply(request: Message, **kw) -> Message:
@@ -181,7 +207,7 @@ class ServerHandler:
             self.clean_loss = float(loss.detach())
             if loss.requires_grad and math.isfinite(self.clean_loss):  # no grad: a frozen server
                 loss.backward()
-        self.activation_grad = h.grad if keep_grad else None
+        self.activation_grad = self.group.input_grad(h.grad) if keep_grad else None
         return self._reply(request, floats=[self.clean_loss])
 
     def _losses(self, request: Message, tensors: list[torch.Tensor]) -> Message:
@@ -201,7 +227,7 @@ class ServerHandler:
             loss = self._loss(h)
             loss.backward()
         self.clean_loss = float(loss.detach())
-        return self._reply(request, floats=[self.clean_loss], tensors=[h.grad])
+        return self._reply(request, floats=[self.clean_loss], tensors=[self.group.input_grad(h.grad)])
 
     def _end_step(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         if self.optimizer is not None:
@@ -247,17 +273,23 @@ class ServerHandler:
     def _eval(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         h, (mask, *rest) = self.wire.unpack(tensors, "plain", self._dtype())
         batch = batch_from_server_side(rest, self.model_kind, for_eval=True)
-        self.server.train(False)
+        rows, group = mask.shape[0], self.group
+        batch = {k: group.rows_of(v, rows) for k, v in batch.items()}
+        self.forward_module.train(False)
         try:
             with torch.no_grad():
-                out, loss_sum = eval_outputs(self.server(h, mask), batch, self.model_kind)
+                out, loss_sum = eval_outputs(
+                    self.forward_module(group.rows_of(h, rows), group.rows_of(mask, rows)), batch, self.model_kind
+                )
         finally:
-            self.server.train(self.train_dropout)
+            self.forward_module.train(self.train_dropout)
+        out, loss_sum = group.gather_rows(out, rows), group.total(loss_sum, counts=group.has_rows(rows))
         return self._reply(request, floats=[loss_sum], tensors=[out])
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _save(self, request: Message, tensors: list[torch.Tensor]) -> Message:
-        self.save(request.step)
+        if self.group.rank == 0:  # the replicas are equal (ddp; fsdp refuses checkpoints)
+            self.save(request.step)
         return self._reply(request)
 
     def _resume(self, request: Message, tensors: list[torch.Tensor]) -> Message:

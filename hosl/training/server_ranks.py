@@ -1,0 +1,268 @@
+"""Starting a server half over several processes (``--server-procs P``) with
+``torch.multiprocessing``; each rank loads the same server half, joins the group
+(``hosl/training/server_group.py``) and answers what rank 0 shares until it is told to stop.
+
+* ``hosl train --server-procs P`` (:func:`server_ranks`): this process holds the client and is
+  server rank 0; it spawns ranks 1..P-1.
+* ``hosl serve --server-procs P`` (:func:`relayed_server_ranks`): this process speaks to the client
+  and spawns all P ranks; it relays each request to rank 0 over a pipe (the link to the client and
+  the server ranks' group are each a process's default torch.distributed group, and one process
+  holds only one).
+
+The ranks rendezvous on a free port of 127.0.0.1 (one machine). Every wait is bounded: the
+rendezvous and the group's collectives by ``--connect-timeout`` (a rank may still be loading its
+half, and between requests the client may be evaluating), the wait for the spawned ranks to exit
+by ``_EXIT_GRACE_S``. A rank that dies closes its connections: the next collective of the others
+fails at once, and rank 0 raises a ``PeerLostError`` naming the lost rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+from hosl.training.config import TrainConfig
+from hosl.training.modes import SPLIT_MODES
+from hosl.training.server_group import ServerGroup, check_parallel, follow
+from hosl.transport.link import PeerLostError
+
+_EXIT_GRACE_S = 30.0  # how long rank 0 waits for the other ranks to exit once told to stop
+_DEATH_GRACE_S = 2.0  # after a failed collective: how long to wait for a rank's exit to be readable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_server_procs(cfg: TrainConfig, procs: int, parallel: str) -> None:
+    """Refuse what several server ranks do not do (yet), before anything starts."""
+    check_parallel(procs, parallel)
+    if procs == 1:
+        return
+    if cfg.mode not in SPLIT_MODES:
+        raise ValueError(f"--server-procs {procs} needs a split mode ({', '.join(SPLIT_MODES)}), got --mode {cfg.mode}")
+    if cfg.resume:
+        raise ValueError(
+            f"--resume with --server-procs {procs} is not supported yet: resume with --server-procs 1 "
+            "(a ddp run's checkpoints are those of one server process)"
+        )
+    if parallel == "fsdp":
+        raise ValueError(
+            "--server-parallel fsdp does not write checkpoints yet (a sharded server half needs "
+            "torch.distributed.checkpoint); use ddp, or benchmarks/server_scaling.py to measure fsdp"
+        )
+
+
+def _start_rank(
+    rank: int,
+    cfg: TrainConfig,
+    procs: int,
+    parallel: str,
+    port: int,
+    timeout_s: float,
+    backend: str | None,
+    checkpoint_dir: str | None,
+):
+    """Load the server half, join the group as ``rank``; returns (group, handler)."""
+    from hosl.training.run import hyper, load_split_model, loss_fn, train_dropout
+    from hosl.training.server_handler import ServerHandler
+
+    torch.manual_seed(cfg.seed)
+    model_kind, _tokenizer, client, server = load_split_model(cfg)
+    del client
+    group = ServerGroup.join(rank, procs, parallel, "127.0.0.1", port, timeout_s, backend)
+    half = ServerHandler(
+        server,
+        cfg.mode,
+        hyper(cfg),
+        loss_fn(model_kind),
+        model_kind,
+        train_dropout=train_dropout(cfg),
+        trainable_only_checkpoints=cfg.lora,
+        wire=cfg.wire,
+        group=group,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        resume_allowed=cfg.resume,
+    )
+    return group, half
+
+
+def _rank_main(
+    index: int, cfg: TrainConfig, procs: int, parallel: str, port: int, timeout_s: float, backend: str | None
+) -> None:
+    """Server rank ``index + 1`` of ``hosl train --server-procs`` (a spawned process)."""
+    group, half = _start_rank(index + 1, cfg, procs, parallel, port, timeout_s, backend, None)
+    try:
+        follow(group, half.answer)
+    finally:
+        group.leave()
+
+
+def _relayed_rank_main(
+    rank: int,
+    cfg: TrainConfig,
+    procs: int,
+    parallel: str,
+    port: int,
+    timeout_s: float,
+    backend: str | None,
+    checkpoint_dir: str,
+    pipe,
+) -> None:
+    """Server rank ``rank`` of ``hosl serve --server-procs`` (a spawned process); rank 0 answers the
+    requests the serving process relays over ``pipe`` (None: no more), sending back
+    ``("reply", message)`` or ``("error", text)``."""
+    group, half = _start_rank(rank, cfg, procs, parallel, port, timeout_s, backend, checkpoint_dir)
+    try:
+        if rank != 0:
+            follow(group, half.answer)
+            return
+        pipe.send(("ready", None))
+        while (request := _recv_or_none(pipe)) is not None:
+            try:
+                pipe.send(("reply", half.handle(request)))
+            except Exception as exc:  # noqa: BLE001 - the serving process reports it to the client
+                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        group.share(None)
+    finally:
+        group.leave()
+
+
+def _recv_or_none(pipe):
+    try:
+        return pipe.recv()
+    except EOFError:  # the serving process is gone
+        return None
+
+
+class RankZeroRelay:
+    """The serving process's handler for ``hosl serve --server-procs``: each request goes to server
+    rank 0 (a child process) and its answer comes back, within ``timeout_s`` (``first_timeout_s``
+    for the first: the ranks may still be loading)."""
+
+    def __init__(self, pipe, timeout_s: float, first_timeout_s: float):
+        self.pipe, self.timeout_s, self.first_timeout_s = pipe, timeout_s, first_timeout_s
+        self._ready = False
+
+    def _wait(self, what: str, timeout_s: float):
+        if not self.pipe.poll(timeout_s):
+            raise RuntimeError(f"server rank 0 did not {what} within {timeout_s:g} s (did a server rank die?)")
+        try:
+            return self.pipe.recv()
+        except EOFError:
+            raise RuntimeError(f"server rank 0 exited before it could {what}") from None
+
+    def handle(self, request):
+        if not self._ready:
+            self._wait("load the server half and join the other ranks", self.first_timeout_s)
+            self._ready = True
+        self.pipe.send(request)
+        status, value = self._wait("answer", self.timeout_s)
+        if status == "error":
+            raise RuntimeError(value)
+        return value
+
+
+@contextlib.contextmanager
+def server_ranks(
+    cfg: TrainConfig, procs: int, parallel: str = "ddp", timeout_s: float = 60.0, backend: str | None = None
+) -> Iterator[ServerGroup]:
+    """Rank 0's group (this process), with ranks 1..``procs``-1 spawned and joined; on exit the
+    ranks are told to stop and waited for (``procs == 1``: one process, nothing spawned)."""
+    check_parallel(procs, parallel)
+    if procs == 1:
+        yield ServerGroup()
+        return
+    port = free_port()
+    spawned = mp.start_processes(
+        _rank_main,
+        args=(cfg, procs, parallel, port, timeout_s, backend),
+        nprocs=procs - 1,
+        join=False,
+        start_method="spawn",
+    )
+    group = None
+    try:
+        group = ServerGroup.join(0, procs, parallel, "127.0.0.1", port, timeout_s, backend)
+        yield group
+        group.share(None)  # no more requests
+    except Exception as exc:
+        lost = _lost_ranks(spawned, first_rank=1)
+        if lost:
+            raise PeerLostError(
+                f"lost {lost} (server ranks of --server-procs {procs}): "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            ) from exc
+        raise
+    finally:
+        if group is not None:
+            group.leave()
+        _wait_for(spawned, _EXIT_GRACE_S)
+
+
+def _lost_ranks(spawned, first_rank: int) -> str:
+    """The spawned ranks that have exited with a failure, e.g. "server rank 1 (killed by signal 9)"."""
+    lost = []
+    for i, process in enumerate(spawned.processes):
+        process.join(_DEATH_GRACE_S)  # its sockets close a moment before its exit can be read
+        code = process.exitcode
+        if code not in (None, 0):
+            why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            lost.append(f"server rank {first_rank + i} ({why})")
+    return ", ".join(lost)
+
+
+def _wait_for(spawned, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for the spawned ranks; end those still running. A rank's own failure
+    was printed by that rank and reaches rank 0 as a failed collective, so it is not raised again."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            if spawned.join(timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except ProcessException:
+            continue  # one rank failed; wait for the others
+    for process in spawned.processes:
+        if process.is_alive():
+            process.terminate()
+
+
+@contextlib.contextmanager
+def relayed_server_ranks(
+    cfg: TrainConfig,
+    procs: int,
+    parallel: str,
+    checkpoint_dir: Path,
+    answer_timeout_s: float,
+    connect_timeout_s: float,
+    backend: str | None = None,
+) -> Iterator[RankZeroRelay]:
+    """``hosl serve --server-procs P``: all P ranks spawned; yields the relay to rank 0, which waits
+    ``answer_timeout_s`` for each answer (``connect_timeout_s`` for the first, while the ranks
+    load). The ranks' group (rendezvous and collectives) is bounded by ``connect_timeout_s``. On
+    exit the ranks are told to stop and waited for."""
+    check_parallel(procs, parallel)
+    ours, theirs = mp.get_context("spawn").Pipe()
+    spawned = mp.start_processes(
+        _relayed_rank_main,
+        args=(cfg, procs, parallel, free_port(), connect_timeout_s, backend, str(checkpoint_dir), theirs),
+        nprocs=procs,
+        join=False,
+        start_method="spawn",
+    )
+    try:
+        yield RankZeroRelay(ours, answer_timeout_s, connect_timeout_s)
+    finally:
+        with contextlib.suppress(OSError):
+            ours.send(None)
+        ours.close()
+        _wait_for(spawned, _EXIT_GRACE_S)
