@@ -228,11 +228,11 @@ try:
     info["triton"] = triton.__version__
 except ImportError:
     info["triton"] = None
-try:
-    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-except Exception:
-    info["git_commit"] = None
+# the commit and clean-tree flag: git where it is, else the GIT_COMMIT file a copy of the tree carries
+# (python -m hosl.provenance --write, run in the checkout before copying it; hosl/provenance.py)
+from hosl.provenance import checkout_state
+state = checkout_state()
+info["git_commit"], info["git_dirty"], info["commit_source"] = state["commit"], state["dirty"], state["commit_source"]
 if device == "cuda":
     try:
         info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],

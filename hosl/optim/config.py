@@ -136,7 +136,8 @@ class ZOConfig:
         "see docs/optimizer.md)", optimizers=("hybrid",), cli=dict(choices=LINEAR_PLACEMENTS))
     client_micro_batch: int | None = option(
         None, "hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the assembled "
-        "activation; same update up to matmul rounding (default: the whole batch)",
+        "activation; same update up to matmul rounding. fo-sl: forward and backward M rows at a time, gradients "
+        "accumulated, one step (default: the whole batch)",
         optimizers=("hybrid",), cli=dict(type="int", metavar="M"), on_resume="override")
 
     def __post_init__(self):

@@ -57,6 +57,8 @@ class _RunSettings:
     lora_targets: str | None = None  # comma-separated module names; None: per architecture
     lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
     client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
+    client_checkpointing: bool = False  # fo-sl: each client block under torch.utils.checkpoint
+    client_fused_step: bool = False  # fo-sl: the client's SGD step inside backward (post-accumulate-grad hooks)
     steps: int = 1000
     batch_size: int = 16
     max_length: int = 128
@@ -176,6 +178,7 @@ class TrainConfig(_ZOSettings, _RunSettings):
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
         self._validate_client_slicing()
+        self._validate_lean_fo_client()
         self._validate_fleet()
 
     def _validate_fleet(self) -> None:
@@ -193,13 +196,24 @@ class TrainConfig(_ZOSettings, _RunSettings):
             raise ValueError(f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
                              f"got --mode {self.mode}")
 
+    def _validate_lean_fo_client(self) -> None:
+        for name in ("client_checkpointing", "client_fused_step"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag(name)} must be true or false, got {value!r}")
+            if value and self.mode != "fo-sl":
+                raise ValueError(f"{flag(name)} applies to a first-order client (--mode fo-sl), got --mode {self.mode}")
+
     def _validate_client_slicing(self) -> None:
         if self.client_micro_batch is None and self.client_memory_budget is None:
             return
         which = "--client-micro-batch" if self.client_micro_batch is not None else "--client-memory-budget"
+        if self.mode == "fo-sl" and self.client_memory_budget is None:
+            return  # fo-sl: gradient accumulation over slices of M rows (hosl/training/lean_fo_client.py)
         if self.mode not in ("hosl", "zo-sl"):
+            also = " or accumulates a split FO client's gradients (--mode fo-sl)" if self.client_memory_budget is None else ""
             raise ValueError(f"{which} slices the passes of a ZO client that sends its activation (--mode hosl or "
-                             f"zo-sl), got --mode {self.mode}")
+                             f"zo-sl){also}, got --mode {self.mode}")
         if self.client_micro_batch is not None and self.client_memory_budget is not None:
             raise ValueError("give --client-micro-batch or --client-memory-budget, not both (the budget picks the rows)")
         if self.client_micro_batch is None:

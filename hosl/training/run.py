@@ -84,7 +84,8 @@ def loss_fn(model_kind: str):
 def hyper(cfg: TrainConfig) -> Hyper:
     return Hyper(zo=cfg.zo_config(), lr_server=cfg.lr_server, momentum=cfg.momentum,
                  server_optimizer=cfg.server_optimizer, lr_schedule=cfg.lr_schedule, warmup_steps=cfg.warmup_steps,
-                 total_steps=cfg.steps)
+                 total_steps=cfg.steps, client_checkpointing=cfg.client_checkpointing,
+                 client_fused_step=cfg.client_fused_step)
 
 
 def train_dropout(cfg: TrainConfig) -> bool:
