@@ -192,6 +192,9 @@ class TrainConfig(_ZOSettings, _RunSettings):
             raise ValueError(f"--client-sync must be shared or local, got {self.client_sync!r}")
         parse_shard(self.shard)
         check_codec(self.wire, "--wire")
+        if self.clients and (self.client_update != "joint" or self.server_grad != "clean"):
+            raise ValueError("a fleet's clients send one clean activation and one update per step: it runs "
+                             "--server-grad clean --client-update joint")
         if self.clients and self.mode != "hosl":
             raise ValueError(f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
                              f"got --mode {self.mode}")
@@ -227,6 +230,10 @@ class TrainConfig(_ZOSettings, _RunSettings):
                              f"server one point at a time), got --mode {self.mode}")
         if self.server_estimate == "linear" and self.mode != "hosl":
             raise ValueError(f"--server-estimate linear needs the server's gradient (--mode hosl), got --mode {self.mode}")
+        for name, plain in (("server_grad", "clean"), ("client_update", "joint")):
+            value = getattr(self, name)
+            if value != plain and self.mode != "hosl":
+                raise ValueError(f"{flag(name)} {value} applies to --mode hosl (the authors' step), got --mode {self.mode}")
         if self.linear_on == "client" and self.server_estimate != "linear":
             raise ValueError("--linear-on client applies to --server-estimate linear")
 

@@ -209,7 +209,7 @@ class HOSLMode(_ZOClientMode, SplitMode):
         if self.sync is not None:
             self.sync.before_step(self.opt, self.step_number)
         self.proxy.begin_step(self.step_number, batch)
-        server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
+        server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear", server_grad=self.hp.server_grad)
         perturbed = self.proxy.losses  # an explicit call per perturbed activation (the clean one backprops)
         if self.opt.client_micro_batch is None:
             loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss, perturbed_loss_fn=perturbed))
