@@ -60,8 +60,8 @@ each), ``--fo-sl-checkpointing`` an ``fo-sl-ckpt`` row (every client block under
 parameter inside backward, each gradient freed at once), and ``--fo-sl-leanest 16,...`` an
 ``fo-sl-lean-m<M>`` row with all three. Their table sets each against plain FO-SL and against the
 HOSL row at the same ``M`` (``hosl-m<M>``, or ``hosl`` for ``M = B``); micro-batched rows fix glibc's
-mmap threshold as the HOSL ones do. Their breakdown's ``gradients`` is 0 for a fused step without
-micro-batching (the gradients live at the peak are in "activations" then)::
+mmap threshold as the HOSL ones do. Their breakdown's ``gradients`` is 0 for a fused step with one
+backward (no ``M`` below the batch: the gradients live at the peak are in "activations" then)::
 
     python benchmarks/memory.py --models opt-125m --dtypes float32 --modes fo-sl,hosl \
         --client-micro-batch 16,1 --fo-sl-checkpointing --fo-sl-fused-step --fo-sl-leanest 64,16,1
@@ -308,8 +308,9 @@ def _lean_fo_sl(args, client, ids, mask, row, baseline, resident_before, hwm_res
     t0 = time.perf_counter()
     lean.step(lambda rows: client(ids[rows], mask[rows]), args.batch, backprop)
     seconds = time.perf_counter() - t0
-    # gradients: every one is held at once unless the step is fused into a single backward
-    row["gradients"] = 0 if args.fused_step and not args.micro_batch else _nbytes(client.parameters())
+    # gradients: every one is held at once unless the step is fused into a single backward (M = B)
+    single_backward = not args.micro_batch or args.micro_batch >= args.batch
+    row["gradients"] = 0 if args.fused_step and single_backward else _nbytes(client.parameters())
     row["optimizer_state"] = _nbytes(t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     row.update(micro_batch=args.micro_batch or args.batch, checkpointing=args.checkpointing, fused_step=args.fused_step,
                step_seconds=round(seconds, 2))

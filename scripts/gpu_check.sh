@@ -44,6 +44,8 @@
 # torch and a package registry is reachable, HOSL_GPU_PIP_INSTALL=1 makes a venv (.venv-gpu) and
 # pip-installs torch and those packages first.
 # The dry run uses $PYTHON (else .venv/bin/python, else python3) with hosl installed; no build.
+# info.json records the commit and whether the tree was clean: from git, or where the copy has no
+# .git, from a GIT_COMMIT file: run `python -m hosl.provenance --write` in the checkout before copying.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
