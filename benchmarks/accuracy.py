@@ -309,13 +309,12 @@ def _git(*args: str) -> subprocess.CompletedProcess | None:
 
 def checkout_state() -> dict:
     """The commit of this checkout (the code every cell imports) and whether its tracked files differ
-    from it. ``commit``/``dirty`` are None where git or the repository is not available."""
-    head = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    commit = head.stdout.strip() if head is not None and head.returncode == 0 else None
-    files = ([line[3:] for line in status.stdout.splitlines() if line.strip()]
-             if status is not None and status.returncode == 0 else None)
-    return {"commit": commit, "dirty": None if files is None else bool(files), "dirty_files": (files or [])[:50],
+    from it (``hosl/provenance.py``: git, else the tree's GIT_COMMIT file). ``commit``/``dirty`` are
+    None where neither is available."""
+    from hosl.provenance import checkout_state as state_of
+
+    state = state_of(REPO_ROOT)
+    return {"commit": state["commit"], "dirty": state["dirty"], "dirty_files": state["dirty_files"],
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

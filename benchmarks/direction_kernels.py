@@ -250,8 +250,10 @@ def main(argv=None) -> dict:
               f"{r['speedup_vs_mezo']:>9.1f}x {r['hosl_over_roof']:>9.2f}x {r['hosl_gbps']:>10.1f} "
               f"{r['roof_fraction']:>7.0%}")
     if args.json:
+        from hosl.provenance import stamped
+
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(stamped(results), f, indent=2)
         print(f"wrote {args.json}")
     return results
 

@@ -83,7 +83,9 @@ def main(argv=None) -> dict:
     for e, s in summary.items():
         print(f"{e:>8} {s['rel_diff_median']:>18.3g} {s['rel_diff_max']:>15.3g} {s['cosine_min']:>13.4f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+        from hosl.provenance import stamped
+
+        Path(a.json).write_text(json.dumps(stamped(results), indent=2))
         print(f"wrote {a.json}")
     return results
 

@@ -51,6 +51,20 @@ activation handed to the server), ``transients = peak - weights - scratch - outp
 time (``step_s``, the optimizer step alone) against the ``M = B`` row (or plain ``hosl``)::
 
     python benchmarks/memory.py --models opt-125m --modes fo-sl,hosl --client-micro-batch 64,16,4,1
+
+The leanest FO-SL client (``hosl/training/lean_fo_client.py``, the options of ``hosl train --mode fo-sl``):
+``--fo-sl-micro-batch 16,...`` adds an ``fo-sl-m<M>`` row per ``M`` (gradient accumulation: slices of
+``M`` rows run without autograd to assemble the activation, then again with autograd, one backward
+each), ``--fo-sl-checkpointing`` an ``fo-sl-ckpt`` row (every client block under
+``torch.utils.checkpoint``), ``--fo-sl-fused-step`` an ``fo-sl-fused`` row (the SGD step applied per
+parameter inside backward, each gradient freed at once), and ``--fo-sl-leanest 16,...`` an
+``fo-sl-lean-m<M>`` row with all three. Their table sets each against plain FO-SL and against the
+HOSL row at the same ``M`` (``hosl-m<M>``, or ``hosl`` for ``M = B``); micro-batched rows fix glibc's
+mmap threshold as the HOSL ones do. Their breakdown's ``gradients`` is 0 for a fused step with one
+backward (no ``M`` below the batch: the gradients live at the peak are in "activations" then)::
+
+    python benchmarks/memory.py --models opt-125m --dtypes float32 --modes fo-sl,hosl \
+        --client-micro-batch 16,1 --fo-sl-checkpointing --fo-sl-fused-step --fo-sl-leanest 64,16,1
 """
 
 from __future__ import annotations
@@ -197,6 +211,8 @@ def run_child(args) -> dict:
             sent.append(h[0].numel() * h[0].element_size())
         return torch.rand(())
 
+    if args.mode == "fo-sl" and (args.micro_batch or args.checkpointing or args.fused_step):
+        return _lean_fo_sl(args, client, ids, mask, row, baseline, resident_before, hwm_reset, sent)
     try:
         micro = _micro_batch_setup(args, client, ids, mask) if args.mode == "hosl" else None
     except ValueError as exc:  # a budget the plan refuses (as hosl train would): a row that says so
@@ -245,7 +261,14 @@ def run_child(args) -> dict:
         raise ValueError(f"unknown mode {args.mode!r}")
     seconds = time.perf_counter() - t0
 
-    if cuda:
+    return _finish_row(args, row, seconds, baseline, resident_before, hwm_reset, sent)
+
+
+def _finish_row(args, row, seconds, baseline, resident_before, hwm_reset, sent) -> dict:
+    """The peak above ``baseline`` after the step, and the breakdown's remainder ("activations")."""
+    import torch
+
+    if args.device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - baseline
         how = "torch.cuda.max_memory_allocated - allocated before the model"
@@ -259,6 +282,41 @@ def run_child(args) -> dict:
     return row
 
 
+def _lean_fo_sl(args, client, ids, mask, row, baseline, resident_before, hwm_reset, sent) -> dict:
+    """An FO-SL client with hosl/training/lean_fo_client.py's options (``--micro-batch``,
+    ``--checkpointing``, ``--fused-step``), as ``hosl train --mode fo-sl`` runs it; the server's
+    ``dL/dh`` is a random tensor. Micro-batched rows fix glibc's mmap threshold as hosl train does."""
+    import torch
+
+    from hosl.training.lean_fo_client import LeanFOClient
+    from hosl.training.memory import return_freed_memory
+
+    if args.micro_batch and not args.default_allocator:
+        row["allocator"] = return_freed_memory()
+    client.train()  # FO-SL trains with dropout, as the plain row does
+    opt = torch.optim.SGD(client.parameters(), lr=1e-3, momentum=0.9)
+    for p in client.parameters():  # the state every step after the first one sees
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    lean = LeanFOClient(client, opt, micro_batch=args.micro_batch, checkpointing=args.checkpointing,
+                        fused_step=args.fused_step)
+    gen = torch.Generator(device=args.device).manual_seed(2)
+
+    def backprop(h):  # dL/dh as if returned by the server
+        sent.append(h.numel() * h.element_size())
+        return 1.0, torch.randn(h.shape, generator=gen, dtype=h.dtype, device=h.device)
+
+    t0 = time.perf_counter()
+    lean.step(lambda rows: client(ids[rows], mask[rows]), args.batch, backprop)
+    seconds = time.perf_counter() - t0
+    # gradients: every one is held at once unless the step is fused into a single backward (M = B)
+    single_backward = not args.micro_batch or args.micro_batch >= args.batch
+    row["gradients"] = 0 if args.fused_step and single_backward else _nbytes(client.parameters())
+    row["optimizer_state"] = _nbytes(t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    row.update(micro_batch=args.micro_batch or args.batch, checkpointing=args.checkpointing, fused_step=args.fused_step,
+               step_seconds=round(seconds, 2))
+    return _finish_row(args, row, seconds, baseline, resident_before, hwm_reset, sent)
+
+
 # ---------------------------------------------------------------------------------------------
 # the parent: one subprocess per configuration, table, JSON, plot
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +327,8 @@ def child_command(model: str, dtype: str, mode: str, batch: int, a) -> list[str]
             "--queries", str(a.queries), "--device", a.device, "--perturbed-forward", a.perturbed_forward,
             *(["--micro-batch", str(a.micro_batch)] if getattr(a, "micro_batch", None) else []),
             *(["--budget", a.budget] if getattr(a, "budget", None) else []),
+            *(["--checkpointing"] if getattr(a, "checkpointing", False) else []),
+            *(["--fused-step"] if getattr(a, "fused_step", False) else []),
             *(["--default-allocator"] if a.default_allocator else [])]
 
 
@@ -286,13 +346,13 @@ def gib(n: int) -> str:
 
 
 def print_table(results: dict, details: dict) -> None:
-    print(f"{'config':<16} {'mode':<6} {'peak GiB':>9} {'weights':>8} {'grads':>8} {'optim':>8} "
+    print(f"{'config':<16} {'mode':<16} {'peak GiB':>9} {'weights':>8} {'grads':>8} {'optim':>8} "
           f"{'scratch':>8} {'activ.':>8} {'s':>6}")
     for key, modes in details.items():
         for mode, r in modes.items():
             if "refused" in r:  # a budget the plan refused: print_micro_table says why
                 continue
-            print(f"{key:<16} {mode:<6} {gib(r['peak']):>9} {gib(r['weights']):>8} {gib(r['gradients']):>8} "
+            print(f"{key:<16} {mode:<16} {gib(r['peak']):>9} {gib(r['weights']):>8} {gib(r['gradients']):>8} "
                   f"{gib(r['optimizer_state']):>8} {gib(r['scratch']):>8} {gib(r['activations']):>8} "
                   f"{r['seconds']:>6.1f}")
     print()
@@ -333,12 +393,25 @@ def _micro_batch_setup(args, client, ids, mask):
 
 
 def _micro_rows(a):
-    """``(row label, args for the child)`` of each ``--client-micro-batch`` M and ``--client-memory-budget``."""
+    """``(row label, mode, args for the child)`` of each ``--client-micro-batch`` M and
+    ``--client-memory-budget`` (HOSL), and of the lean FO-SL rows (``--fo-sl-*``)."""
+    def child(**kw):
+        return argparse.Namespace(**{**vars(a), "micro_batch": None, "budget": None, "checkpointing": False,
+                                     "fused_step": False, **kw})
+
     rows = []
     for m in filter(None, a.client_micro_batch.split(",")):
-        rows.append((f"hosl-m{int(m)}", argparse.Namespace(**{**vars(a), "micro_batch": int(m), "budget": None})))
+        rows.append((f"hosl-m{int(m)}", "hosl", child(micro_batch=int(m))))
     for size in filter(None, a.client_memory_budget.split(",")):
-        rows.append((f"hosl-budget-{size}", argparse.Namespace(**{**vars(a), "micro_batch": None, "budget": size})))
+        rows.append((f"hosl-budget-{size}", "hosl", child(budget=size)))
+    for m in filter(None, a.fo_sl_micro_batch.split(",")):
+        rows.append((f"fo-sl-m{int(m)}", "fo-sl", child(micro_batch=int(m))))
+    if a.fo_sl_checkpointing:
+        rows.append(("fo-sl-ckpt", "fo-sl", child(checkpointing=True)))
+    if a.fo_sl_fused_step:
+        rows.append(("fo-sl-fused", "fo-sl", child(fused_step=True)))
+    for m in filter(None, a.fo_sl_leanest.split(",")):
+        rows.append((f"fo-sl-lean-m{int(m)}", "fo-sl", child(micro_batch=int(m), checkpointing=True, fused_step=True)))
     return rows
 
 
@@ -355,13 +428,40 @@ def print_micro_table(details: dict) -> None:
           f"{'transient':>9} {'peak/(w+out)':>12} {'FO-SL/peak':>10} {'step s':>7} {'vs M=B':>7}")
     for key, mode, r in rows:
         modes = details[key]
-        ref = next((x for x in modes.values() if x.get("micro_batch") == x.get("batch")), modes.get("hosl"))
+        ref = next((x for k, x in modes.items() if k.startswith("hosl-") and x.get("micro_batch") == x.get("batch")),
+                   modes.get("hosl"))
         slower = f"{r['step_seconds'] / ref['step_seconds']:.2f}x" if ref and ref.get("step_seconds") else "-"
         fo = f"{modes['fo-sl']['peak'] / r['peak']:.2f}x" if "fo-sl" in modes else "-"
         transient = r["peak"] - r["weights"] - r["scratch"] - r["output"]
         print(f"{key:<16} {mode:<18} {r['micro_batch']:>3} {gib(r['peak']):>9} {gib(r['weights']):>8} "
               f"{gib(r['output']):>8} {gib(r['scratch']):>8} {gib(transient):>9} "
               f"{r['peak'] / (r['weights'] + r['output']):>11.2f}x {fo:>10} {r['step_seconds']:>7.1f} {slower:>7}")
+
+
+def _hosl_at(modes: dict, m: int, batch: int):
+    """The HOSL row at micro-batch ``m`` (plain ``hosl`` when ``m`` is the whole batch), or None."""
+    row = modes.get(f"hosl-m{m}")
+    if row is None and m == batch:
+        row = modes.get("hosl")
+    return row
+
+
+def print_fo_sl_table(details: dict) -> None:
+    """The lean FO-SL rows against plain FO-SL and against HOSL at the same micro-batch."""
+    rows = [(key, mode, r) for key, modes in details.items() for mode, r in modes.items() if mode.startswith("fo-sl-")]
+    if not rows:
+        return
+    print()
+    print(f"{'config':<16} {'row':<16} {'M':>3} {'ckpt':>5} {'fused':>5} {'peak GiB':>9} {'FO-SL/peak':>10} "
+          f"{'peak/HOSL@M':>11} {'step s':>7}")
+    for key, mode, r in rows:
+        modes = details[key]
+        plain = f"{modes['fo-sl']['peak'] / r['peak']:.2f}x" if "fo-sl" in modes else "-"
+        hosl_row = _hosl_at(modes, r["micro_batch"], r["batch"])
+        vs_hosl = f"{r['peak'] / hosl_row['peak']:.2f}x" if hosl_row else "-"
+        print(f"{key:<16} {mode:<16} {r['micro_batch']:>3} {'yes' if r['checkpointing'] else 'no':>5} "
+              f"{'yes' if r['fused_step'] else 'no':>5} {gib(r['peak']):>9} {plain:>10} {vs_hosl:>11} "
+              f"{r['step_seconds']:>7.1f}")
 
 
 def plot(results: dict, details: dict, path: str, title: str) -> None:
@@ -428,6 +528,17 @@ def main(argv=None) -> dict:
                    help="add a micro-batched HOSL row per M (rows per client slice), e.g. 64,16,4,1")
     p.add_argument("--client-memory-budget", default="", metavar="SIZE,...",
                    help="add a HOSL row per budget, M picked as hosl train --client-memory-budget does, e.g. 0.4GiB")
+    p.add_argument("--fo-sl-micro-batch", default="", metavar="M,...",
+                   help="add an FO-SL row per M: gradient accumulation over slices of M rows (hosl train --mode "
+                        "fo-sl --client-micro-batch M)")
+    p.add_argument("--fo-sl-checkpointing", action="store_true",
+                   help="add an FO-SL row with each client block checkpointed (--client-checkpointing)")
+    p.add_argument("--fo-sl-fused-step", action="store_true",
+                   help="add an FO-SL row with the SGD step fused into backward (--client-fused-step)")
+    p.add_argument("--fo-sl-leanest", default="", metavar="M,...",
+                   help="add an FO-SL row per M with all three: micro-batch M, checkpointing, fused step")
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fused-step", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--default-allocator", action="store_true",
                    help="micro-batched rows keep glibc's default allocator settings (hosl train fixes its mmap "
                         "threshold for them: hosl.training.memory.return_freed_memory)")
@@ -461,8 +572,10 @@ def main(argv=None) -> dict:
 
     def write(out: dict) -> None:
         if a.json:
+            from hosl.provenance import stamped
+
             with open(a.json, "w") as f:
-                json.dump(out, f, indent=2)
+                json.dump(stamped(out), f, indent=2)
 
     results, details = {}, {}
     for label in a.models.split(","):
@@ -475,8 +588,8 @@ def main(argv=None) -> dict:
                 row.update(batch=batch, seq=a.seq, dtype=dtype)
                 details[key][mode] = row
                 print(f"  {key} {mode}: {gib(row['peak'])} GiB in {row['seconds']:.1f} s", file=sys.stderr)
-            for label_m, extra in _micro_rows(a):
-                row = run_one(MODELS[label], dtype, "hosl", batch, extra)
+            for label_m, row_mode, extra in _micro_rows(a):
+                row = run_one(MODELS[label], dtype, row_mode, batch, extra)
                 row.update(batch=batch, seq=a.seq, dtype=dtype)
                 details[key][label_m] = row
                 if "refused" in row:
@@ -490,6 +603,7 @@ def main(argv=None) -> dict:
 
     print_table(results, details)
     print_micro_table(details)
+    print_fo_sl_table(details)
     meta["torch"] = next(iter(next(iter(details.values())).values()))["torch"]
     out = {**results, "details": details, "meta": meta}
     write(out)

@@ -144,8 +144,10 @@ def main(argv=None) -> dict:
         "timing": f"min of {a.repeats} after a warm-up" + (", torch.cuda.Event" if a.device == "cuda" else ""),
     }
     if a.json:
+        from hosl.provenance import stamped
+
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(stamped(results), f, indent=2)
         print(f"wrote {a.json}")
     return results
 

@@ -491,8 +491,10 @@ def main(argv=None) -> dict:
               f"{r['server_backward']:>11.3f} {r['perturb_update']:>12.3f} {r.get('query_batch_used', ''):>3} "
               f"{r['fwd_equiv']:>7.2f} {r['bytes_up'] / 1e6:>8.2f} {r['bytes_down'] / 1e6:>8.2f} {rel:>8} {speed:>8}")
     if a.json:
+        from hosl.provenance import stamped
+
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(stamped(results), f, indent=2)
         print(f"wrote {a.json}")
     return results
 

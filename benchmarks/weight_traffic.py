@@ -121,8 +121,10 @@ def main(argv=None):
     print(f"common to both: clean pass reads W once ({weights / 2**20:.1f} MiB), the update reads and writes W "
           f"once ({2 * weights / 2**20:.1f} MiB)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "tokens": tokens, "client_weight_bytes": weights,
-                                               "elements_by_kind": by_kind, "rows": rows}, indent=2))
+        from hosl.provenance import stamped
+
+        Path(args.json).write_text(json.dumps(stamped({"args": vars(args), "tokens": tokens, "client_weight_bytes": weights,
+                                                       "elements_by_kind": by_kind, "rows": rows}), indent=2))
         print(f"wrote {args.json}")
 
 

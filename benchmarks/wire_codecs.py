@@ -141,7 +141,9 @@ def main(argv=None) -> dict:
         print(f"{c:>9} {s['bytes_up_per_step_mean']:>14,.0f} {s['ratio_to_native']:>9.3f} {s['rel_err_median']:>17.3g} "
               f"{s['rel_err_max']:>14.3g} {s['cosine_min']:>13.6f}")
     if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+        from hosl.provenance import stamped
+
+        Path(a.json).write_text(json.dumps(stamped(results), indent=2))
         print(f"wrote {a.json}")
     return results
 

@@ -175,6 +175,18 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         help="hosl / zo-sl: e.g. 1.0GiB; pick --client-micro-batch from the client's measured per-row "
         "cost, refusing a budget below weights + output activation (default: none)",
     )
+    p.add_argument(
+        "--client-checkpointing",
+        action="store_true",
+        help="fo-sl: run each client block under torch.utils.checkpoint (keeps block inputs, "
+        "recomputes the rest in backward)",
+    )
+    p.add_argument(
+        "--client-fused-step",
+        action="store_true",
+        help="fo-sl: apply the client's SGD step to each parameter inside backward and free its "
+        "gradient at once (plain SGD with momentum)",
+    )
     p.add_argument("--steps", type=int, default=d.steps, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step (default %(default)s)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")

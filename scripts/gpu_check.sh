@@ -46,6 +46,8 @@
 # torch and a package registry is reachable, HOSL_GPU_PIP_INSTALL=1 makes a venv (.venv-gpu) and
 # pip-installs torch and those packages first.
 # The dry run uses $PYTHON (else .venv/bin/python, else python3) with hosl installed; no build.
+# info.json records the commit and whether the tree was clean: from git, or where the copy has no
+# .git, from a GIT_COMMIT file: run `python -m hosl.provenance --write` in the checkout before copying.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -232,11 +234,11 @@ try:
     info["triton"] = triton.__version__
 except ImportError:
     info["triton"] = None
-try:
-    info["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        check=True).stdout.strip()
-except Exception:
-    info["git_commit"] = None
+# the commit and clean-tree flag: git where it is, else the GIT_COMMIT file a copy of the tree carries
+# (python -m hosl.provenance --write, run in the checkout before copying it; hosl/provenance.py)
+from hosl.provenance import checkout_state
+state = checkout_state()
+info["git_commit"], info["git_dirty"], info["commit_source"] = state["commit"], state["dirty"], state["commit_source"]
 if device == "cuda":
     try:
         info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],

@@ -128,6 +128,14 @@ def sync_cost(a, counts: list[int]) -> list[dict]:
     return rows
 
 
+def _stamped(result: dict) -> dict:
+    """``result`` with the checkout's commit and clean-tree flag (hosl/provenance.py)."""
+    sys.path.insert(0, str(ROOT))
+    from hosl.provenance import stamped
+
+    return stamped(result)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", default="1,2,4,8")
@@ -155,7 +163,7 @@ def main(argv=None) -> dict:
         result = {"command": "python scripts/measure_fleet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "settings": vars(a), "sync": sync_cost(a, counts)}
         if a.json:
-            Path(a.json).write_text(json.dumps(result, indent=2))
+            Path(a.json).write_text(json.dumps(_stamped(result), indent=2))
         return result
     work = Path(a.work)
     if work.exists():
@@ -181,7 +189,7 @@ def main(argv=None) -> dict:
     result = {"command": "python scripts/measure_fleet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "settings": vars(a), "rows": rows}
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
+        Path(a.json).write_text(json.dumps(_stamped(result), indent=2))
     return result
 
 

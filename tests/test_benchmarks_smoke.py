@@ -28,7 +28,8 @@ def run_script(name: str, *args: str, timeout: int = 120) -> None:
 @pytest.mark.slow
 def test_memory_script_tiny(tmp_path):
     out, png = tmp_path / "memory.json", tmp_path / "memory.png"
-    run_script("memory.py", "--tiny", "--json", str(out), "--plot", str(png))
+    run_script("memory.py", "--tiny", "--json", str(out), "--plot", str(png), "--fo-sl-leanest", "2",
+               "--fo-sl-fused-step", timeout=300)
     data = json.loads(out.read_text())
     assert set(data) == {"tiny-opt", "details", "meta"}
     assert set(data["tiny-opt"]) == {"fo-sl", "zo-sl", "hosl", "floor"}
@@ -36,9 +37,19 @@ def test_memory_script_tiny(tmp_path):
     for mode, row in data["details"]["tiny-opt"].items():
         assert {"peak", "weights", "gradients", "optimizer_state", "scratch", "activations", "batch",
                 "seq", "dtype"} <= set(row), mode
-        assert row["peak"] == data["tiny-opt"][mode]
+        assert row["peak"] == data["tiny-opt"].get(mode, row["peak"])
         assert sum(row[k] for k in ("weights", "gradients", "optimizer_state", "scratch", "activations")) == row["peak"]
     details = data["details"]["tiny-opt"]
+    # the lean FO-SL rows (hosl/training/lean_fo_client.py): what each ran, and the gradients it held
+    lean, fused = details["fo-sl-lean-m2"], details["fo-sl-fused"]
+    assert (lean["micro_batch"], lean["checkpointing"], lean["fused_step"]) == (2, True, True)
+    assert lean["gradients"] == lean["weights"]  # accumulated over the slices
+    assert (fused["micro_batch"], fused["fused_step"], fused["gradients"]) == (4, True, 0)  # freed inside backward
+    # the commit and clean-tree flag of the code that ran (hosl/provenance.py)
+    from hosl.provenance import checkout_state
+
+    here = checkout_state(ROOT)
+    assert {k: data["meta"]["provenance"][k] for k in ("commit", "dirty")} == {k: here[k] for k in ("commit", "dirty")}
     assert details["fo-sl"]["gradients"] == details["fo-sl"]["weights"]  # one gradient per fp32 weight
     assert details["fo-sl"]["optimizer_state"] == details["fo-sl"]["weights"]  # SGD momentum
     assert details["hosl"]["scratch"] > 0 and details["hosl"]["gradients"] == 0

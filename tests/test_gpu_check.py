@@ -78,6 +78,11 @@ def test_info_reports_the_interpreted_triton_backend(dry_run):
     info = json.loads((dry_run[0] / "info.json").read_text())
     assert info["device"] == "cpu" and info["triton_interpret"] == "1"
     assert {"reference", "cpu", "triton"} <= set(info["backends"])
+    from hosl.provenance import checkout_state
+
+    here = checkout_state(ROOT)  # git in a checkout, else its GIT_COMMIT file (a copy of the tree)
+    assert (info["git_commit"], info["git_dirty"], info["commit_source"]) == (
+        here["commit"], here["dirty"], here["commit_source"])
 
 
 @pytest.mark.slow

@@ -275,7 +275,8 @@ def test_hosl_train_refuses_an_impossible_budget_with_one_line_and_no_run_folder
 def test_the_micro_batch_flags_are_checked_in_the_config():
     from hosl.training.config import TrainConfig
 
-    for kw, match in ((dict(mode="fo-sl", client_micro_batch=2), r"\(--mode hosl or zo-sl\), got --mode fo-sl"),
+    for kw, match in ((dict(mode="fo", client_micro_batch=2), r"\(--mode fo-sl\), got --mode fo"),
+                      (dict(mode="fo-sl", client_memory_budget="1GiB"), r"\(--mode hosl or zo-sl\), got --mode fo-sl"),
                       (dict(client_micro_batch=0), "--client-micro-batch must be"),
                       (dict(client_micro_batch=2, client_memory_budget="1GiB"), "not both"),
                       (dict(client_memory_budget="big"), "--client-memory-budget must be a size")):

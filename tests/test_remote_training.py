@@ -107,6 +107,23 @@ def test_two_processes_match_one_process(tmp_path, mode):
 
 
 @needs_data
+@pytest.mark.slow
+def test_the_authors_step_over_two_processes_matches_one_process(tmp_path):
+    """--server-grad perturbed --client-update per-direction: the weighted-backward requests cross the
+    socket and give the in-process run's losses and weights bit for bit."""
+    authors = ("--server-grad", "perturbed", "--client-update", "per-direction")
+    client, server = _start(tmp_path / "two", "hosl", 2, *authors, port=_free_port())
+    assert main(["train", *_args(tmp_path / "one", "hosl", 2, *authors)]) == 0
+    (rc_c, out_c), (rc_s, out_s) = _finish(client), _finish(server)
+    assert rc_c == 0 and rc_s == 0, out_c + out_s
+    one, two = tmp_path / "one", tmp_path / "two" / "client"
+    assert _losses_by_step(two) == _losses_by_step(one)
+    _assert_same_weights(one / "checkpoints/step-2/client.safetensors", two / "checkpoints/step-2/client.safetensors")
+    _assert_same_weights(one / "checkpoints/step-2/server.safetensors",
+                         tmp_path / "two/server/checkpoints/step-2/server.safetensors")
+
+
+@needs_data
 def test_killed_server_stops_the_client_and_both_resume_to_the_uninterrupted_result(tmp_path):
     run = tmp_path / "two"
     client, server = _start(run, "hosl", 6, port=_free_port(), peer_timeout=15)

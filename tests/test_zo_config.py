@@ -34,6 +34,7 @@ OTHER = {
     "query_memory_budget": (1000, "1000"), "server_batch": (2, "2"), "server_estimate": ("linear", "linear"),
     "linear_on": ("client", "client"), "client_micro_batch": (2, "2"), "step_scale": ("loss-std", "loss-std"),
     "rank": (2, "2"), "resample_every": (3, "3"),
+    "server_grad": ("perturbed", "perturbed"), "client_update": ("per-direction", "per-direction"),
 }
 # a value the one validation refuses, and the error's type
 BAD = {
@@ -46,6 +47,7 @@ BAD = {
     "server_estimate": ("quadratic", ValueError), "linear_on": ("nowhere", ValueError),
     "client_micro_batch": (0, ValueError), "step_scale": ("sigma", ValueError),
     "rank": (0, ValueError), "resample_every": (0, ValueError),
+    "server_grad": ("sideways", ValueError), "client_update": ("each", ValueError),
 }
 # the options hosl train does not expose (a deliberate choice for each: add the field here, or give it
 # a training name in its metadata)

@@ -10,8 +10,10 @@
 // the definition shared with the CPU); the kernel is instantiated for every family of
 // HOSL_FAMILIES (launch_family below), so this file names no family except the Gaussian sq_norms.
 // For Rademacher a thread's four coordinates are 4 bits of one Philox word; the 32 threads of a
-// warp cover 128 consecutive aligned coordinates, i.e. all use the same Philox counter (computed
-// by each lane: the call is warp-uniform, the ops stay memory-bound). The per-tensor factor (sphere)
+// warp cover 128 consecutive aligned coordinates, i.e. all use the same Philox counter, and every
+// lane computes that full Philox (10 rounds) for its 4 coordinates: 32 times the work of one call
+// per counter. That work, not memory, bounds these ops: on the 2026-11-30 H200 run the Rademacher
+// update reached 15% of the copy roof (docs/results.md, "GPU"). The per-tensor factor (sphere)
 // is passed to direction4 whenever the host gave factors; sq_norms reduces sphere_sq_term per warp
 // and adds it atomically (integers: exact in any order).
 //

@@ -51,6 +51,8 @@ from hosl.optim.micro_batch import check_micro_batch
 from hosl.optim.rules import RULES
 
 DIFFERENCES = ("central", "forward")
+SERVER_GRADS = ("clean", "perturbed")  # hosl: where the server's gradient is taken
+CLIENT_UPDATES = ("joint", "per-direction")  # hosl: one client update per step, or one per direction
 STEP_SCALES = ("none", "loss-std")
 OPTIMIZERS = {"zo": "ZerothOrderOptimizer", "hybrid": "HybridOrderOptimizer"}
 BOTH = ("zo", "hybrid")
@@ -246,10 +248,27 @@ class ZOConfig:
         optimizers=("hybrid",),
         cli=dict(choices=LINEAR_PLACEMENTS),
     )
+    server_grad: str = option(
+        "clean",
+        "hosl: where the server's gradient is taken: clean (one backward at the clean activation; default) "
+        "or perturbed (at each direction's +eps activation, averaged over Q, as the authors' code does; "
+        "docs/paper_settings.md)",
+        optimizers=("hybrid",),
+        cli=dict(choices=SERVER_GRADS),
+    )
+    client_update: str = option(
+        "joint",
+        "hosl: joint (one client update over all Q directions; default) or per-direction (a plain "
+        "ZO-SGD update after each direction's two passes, lr/Q times its estimate, as the authors' code steps "
+        "per direction; docs/paper_settings.md)",
+        optimizers=("hybrid",),
+        cli=dict(choices=CLIENT_UPDATES),
+    )
     client_micro_batch: int | None = option(
         None,
         "hosl / zo-sl: run every client pass (clean and perturbed) M rows at a time and send the assembled "
-        "activation; same update up to matmul rounding (default: the whole batch)",
+        "activation; same update up to matmul rounding. fo-sl: forward and backward M rows at a time, gradients "
+        "accumulated, one step (default: the whole batch)",
         optimizers=("hybrid",),
         cli=dict(type="int", metavar="M"),
         on_resume="override",
@@ -317,6 +336,37 @@ class ZOConfig:
             )
         _one_of(self.linear_on, LINEAR_PLACEMENTS, label("linear_on"))
         check_micro_batch(self.client_micro_batch, label("client_micro_batch"))
+        self._check_authors_step(label)
+
+    def _check_authors_step(self, label) -> None:
+        """``server_grad=perturbed`` and ``client_update=per-direction`` run one direction's passes at a
+        time with the exact server estimate; per-direction steps are plain ZO-SGD."""
+        _one_of(self.server_grad, SERVER_GRADS, label("server_grad"))
+        _one_of(self.client_update, CLIENT_UPDATES, label("client_update"))
+        for name, value, plain in (
+            ("server_grad", self.server_grad, "clean"),
+            ("client_update", self.client_update, "joint"),
+        ):
+            if value == plain:
+                continue
+            if self.server_estimate != "exact":
+                raise ValueError(f"{label(name)}={value} needs {label('server_estimate')}=exact")
+            if self.query_batch != 1 or self.server_batch != 1:
+                raise ValueError(
+                    f"{label(name)}={value} runs one perturbed point at a time: it does not take "
+                    f"{label('query_batch')} or {label('server_batch')} > 1"
+                )
+        if self.client_update == "per-direction":
+            if self.difference != "central":
+                raise ValueError(
+                    f"{label('client_update')}=per-direction needs {label('difference')}=central "
+                    "(a forward difference would reuse a clean loss taken before the earlier updates)"
+                )
+            if self.variant != "sgd" or self.weight_decay != 0 or self.step_scale != "none":
+                raise ValueError(
+                    f"{label('client_update')}=per-direction steps plain ZO-SGD: it needs "
+                    f"{label('variant')}=sgd, {label('weight_decay')}=0 and {label('step_scale')}=none"
+                )
 
     # -- building -------------------------------------------------------------------------------
     @classmethod

@@ -77,6 +77,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
     linear_on = config_attribute("linear_on")
     # settable: the training loop's --client-memory-budget picks it after construction
     client_micro_batch = config_attribute("client_micro_batch", settable=True)
+    server_grad = config_attribute("server_grad")
+    client_update = config_attribute("client_update")
 
     def __init__(
         self,
@@ -238,6 +240,8 @@ class HybridOrderOptimizer(ZerothOrderBase):
         client_fn = hygiene.ActivationCheck(client_fn, batched=self.query_batch != 1)
         call_checked(server_loss_fn, "server_loss_fn")
         call_checked(perturbed_loss_fn, "perturbed_loss_fn")
+        if self.server_grad != "clean" or self.client_update != "joint":
+            return self._step_by_direction(client_fn, server_loss_fn, perturbed_loss_fn)
         with torch.no_grad(), self._clean_probe():
             h0 = client_fn()
         linear = self.server_estimate == "linear"  # keep dL/dh at the clean point
@@ -278,6 +282,89 @@ class HybridOrderOptimizer(ZerothOrderBase):
             self.skipped_updates += 1
         self.steps_taken += 1
         return loss0.detach()
+
+    def _step_by_direction(self, client_fn, server_loss_fn, perturbed_loss_fn):
+        """The authors' step, one direction at a time (``docs/paper_settings.md``).
+        ``server_grad="perturbed"``: the clean pass gives the loss only; the server back-propagates
+        its loss at each direction's ``+eps z`` activation with weight ``1/Q`` (``server_loss_fn``'s
+        ``weighted_backward(h, w)`` where it has one: a server behind the split protocol).
+        ``client_update="per-direction"``: after each direction's two passes the client takes a
+        ZO-SGD step of ``lr/Q`` times that direction's estimate, so the next direction is evaluated
+        at the updated weights."""
+        perturbed_server = self.server_grad == "perturbed"
+        per_direction = self.client_update == "per-direction"
+        if per_direction and self.defer_update:
+            raise ValueError(
+                "client_update='per-direction' updates the client between directions: it cannot defer "
+                "its update to a fleet (defer_update)"
+            )
+        with torch.no_grad():
+            h0 = client_fn().detach()
+        if perturbed_server:
+            with torch.no_grad():
+                clean = float(scalar_loss(server_loss_fn(h0), "server_loss_fn"))
+        else:
+            with torch.enable_grad():
+                loss0 = scalar_loss(server_loss_fn(h0), "server_loss_fn")
+                clean = float(loss0.detach())
+                if loss0.requires_grad and math.isfinite(clean):
+                    loss0.backward()
+            del loss0
+        del h0
+        backward = getattr(server_loss_fn, "weighted_backward", None) or self._weighted_backward(server_loss_fn)
+        seeds = F.draw_seeds(self.generator, self.num_queries)
+        weight = 1.0 / len(seeds)
+        losses: list[float] = []
+        grads: list[float] = []
+        server_finite = math.isfinite(clean)
+        for seed in seeds:
+            pair = []
+            for seed_, sign in self.points([seed]):
+                with self.perturbed(seed_, sign):
+                    h = client_fn().detach()
+                if perturbed_server and sign > 0:
+                    value = float(backward(h, weight))
+                    server_finite = server_finite and math.isfinite(value)
+                else:
+                    with torch.no_grad():
+                        value = float(scalar_loss(perturbed_loss_fn(h), "perturbed_loss_fn"))
+                del h
+                pair.append(value)
+            g = self.estimate(pair, clean)
+            losses += pair
+            grads += g
+            if per_direction:
+                if F.all_finite([clean, *pair, *g]):
+                    self.apply_update([seed], [g[0] / len(seeds)])
+                else:
+                    self.skipped_updates += 1
+        self.last_seeds, self.last_projected_grads = seeds, grads
+        self._server_step(clean if server_finite else math.nan)
+        self.pending_update = ([], [])
+        if not per_direction:
+            if F.all_finite([clean, *losses, *grads]):
+                if self.defer_update:
+                    self.pending_update = (list(seeds), list(grads))
+                else:
+                    self.apply_update(seeds, grads)
+            else:
+                self.skipped_updates += 1
+        self.steps_taken += 1
+        return torch.tensor(clean)
+
+    @staticmethod
+    def _weighted_backward(server_loss_fn):
+        """In-process server: its loss at ``h`` back-propagated with weight ``w``; returns the loss."""
+
+        def backward(h: torch.Tensor, w: float) -> float:
+            with torch.enable_grad():
+                loss = scalar_loss(server_loss_fn(h), "server_loss_fn")
+                value = float(loss.detach())
+                if loss.requires_grad and math.isfinite(value):
+                    (loss * w).backward()
+            return value
+
+        return backward
 
     def state_dict(self):
         state = super().state_dict()

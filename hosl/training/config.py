@@ -68,6 +68,8 @@ class TrainConfig:
     lora_targets: str | None = None  # comma-separated module names; None: per architecture
     lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
     client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
+    client_checkpointing: bool = False  # fo-sl: each client block under torch.utils.checkpoint
+    client_fused_step: bool = False  # fo-sl: the client's SGD step inside backward (post-accumulate-grad hooks)
     steps: int = 1000
     batch_size: int = 16
     max_length: int = 128
@@ -111,6 +113,8 @@ class TrainConfig:
     server_batch: int = 1
     server_estimate: str = "exact"
     linear_on: str = "server"
+    server_grad: str = "clean"
+    client_update: str = "joint"
     client_micro_batch: int | None = None
 
     def resolved_lr_client(self) -> float:
@@ -198,6 +202,7 @@ class TrainConfig:
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
         self._validate_client_slicing()
+        self._validate_lean_fo_client()
         self._validate_fleet()
 
     def _validate_fleet(self) -> None:
@@ -211,20 +216,40 @@ class TrainConfig:
             raise ValueError(f"--client-sync must be shared or local, got {self.client_sync!r}")
         parse_shard(self.shard)
         check_codec(self.wire, "--wire")
+        if self.clients and (self.client_update != "joint" or self.server_grad != "clean"):
+            raise ValueError(
+                "a fleet's clients send one clean activation and one update per step: it runs "
+                "--server-grad clean --client-update joint"
+            )
         if self.clients and self.mode != "hosl":
             raise ValueError(
                 f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
                 f"got --mode {self.mode}"
             )
 
+    def _validate_lean_fo_client(self) -> None:
+        for name in ("client_checkpointing", "client_fused_step"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag(name)} must be true or false, got {value!r}")
+            if value and self.mode != "fo-sl":
+                raise ValueError(f"{flag(name)} applies to a first-order client (--mode fo-sl), got --mode {self.mode}")
+
     def _validate_client_slicing(self) -> None:
         if self.client_micro_batch is None and self.client_memory_budget is None:
             return
         which = "--client-micro-batch" if self.client_micro_batch is not None else "--client-memory-budget"
+        if self.mode == "fo-sl" and self.client_memory_budget is None:
+            return  # fo-sl: gradient accumulation over slices of M rows (hosl/training/lean_fo_client.py)
         if self.mode not in CLIENT_SLICING_MODES:
+            also = (
+                " or accumulates a split FO client's gradients (--mode fo-sl)"
+                if self.client_memory_budget is None
+                else ""
+            )
             raise ValueError(
                 f"{which} slices the passes of a ZO client that sends its activation (--mode "
-                f"{' or '.join(CLIENT_SLICING_MODES)}), got --mode {self.mode}"
+                f"{' or '.join(CLIENT_SLICING_MODES)}){also}, got --mode {self.mode}"
             )
         if self.client_micro_batch is not None and self.client_memory_budget is not None:
             raise ValueError(
@@ -245,6 +270,12 @@ class TrainConfig:
             raise ValueError(
                 f"--server-estimate linear needs the server's gradient (--mode hosl), got --mode {self.mode}"
             )
+        for name, plain in (("server_grad", "clean"), ("client_update", "joint")):
+            value = getattr(self, name)
+            if value != plain and self.mode != "hosl":
+                raise ValueError(
+                    f"{flag(name)} {value} applies to --mode hosl (the authors' step), got --mode {self.mode}"
+                )
         if self.linear_on == "client" and self.server_estimate != "linear":
             raise ValueError("--linear-on client applies to --server-estimate linear")
 

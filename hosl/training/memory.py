@@ -162,9 +162,10 @@ class LiveTensorPeak(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._refs: dict[int, list] = {}  # storage pointer -> [bytes, tensors alive on it]
-        self._seen = weakref.WeakSet()
+        self._seen: set[int] = set()  # id() of the tensors counted and alive (a WeakSet would compare tensors with ==)
 
-    def _release(self, key: int) -> None:
+    def _release(self, key: int, tensor_id: int) -> None:
+        self._seen.discard(tensor_id)
         entry = self._refs.get(key)
         if entry is None:
             return
@@ -181,7 +182,7 @@ class LiveTensorPeak(TorchDispatchMode):
             if isinstance(t, torch.Tensor)
         }
         for t in torch.utils._pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t in self._seen:
+            if not isinstance(t, torch.Tensor) or id(t) in self._seen:
                 continue
             key = t.untyped_storage().data_ptr()
             if key == 0:
@@ -193,8 +194,8 @@ class LiveTensorPeak(TorchDispatchMode):
                 self.live += self._refs[key][0]
                 self.peak = max(self.peak, self.live)
             self._refs[key][1] += 1
-            self._seen.add(t)
-            weakref.finalize(t, self._release, key)
+            self._seen.add(id(t))
+            weakref.finalize(t, self._release, key, id(t))
         return out
 
 

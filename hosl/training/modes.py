@@ -16,7 +16,6 @@ through a ``ServerProxy`` (``server_proxy.py``), in this process or in another o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from hosl.optim.micro_batch import MicroBatchedClient, check_micro_batch
 from hosl.optim.rules import rule_state_nbytes
 from hosl.optim.zo_base import ZerothOrderBase
 from hosl.tasks.evaluation import eval_outputs
+from hosl.training.lean_fo_client import LeanFOClient
 from hosl.training.memory import ClientMemory, plan_micro_batch, probe_row_cost, runtime_reserve
 from hosl.training.server_proxy import ServerPerturbationPeer, ServerProxy
 
@@ -51,6 +51,8 @@ class Hyper:
     lr_schedule: str = "constant"  # constant | linear | cosine, over total_steps
     warmup_steps: int = 0
     total_steps: int = 0
+    client_checkpointing: bool = False  # fo-sl: each client block under torch.utils.checkpoint
+    client_fused_step: bool = False  # fo-sl: the client's SGD step inside backward, gradients freed at once
 
     def zo_config(self, optimizer: str) -> ZOConfig:
         """The options of the ZO optimizer ``optimizer`` builds (``"zo"`` or ``"hybrid"``)."""
@@ -255,7 +257,9 @@ class HOSLMode(_ZOClientMode, SplitMode):
         if self.sync is not None:
             self.sync.before_step(self.opt, self.step_number)
         self.proxy.begin_step(self.step_number, batch)
-        server_loss = self.proxy.hosl_loss_fn(linear=self.hp.server_estimate == "linear")
+        server_loss = self.proxy.hosl_loss_fn(
+            linear=self.hp.server_estimate == "linear", server_grad=self.hp.zo.server_grad
+        )
         perturbed = self.proxy.losses  # an explicit call per perturbed activation (the clean one backprops)
         if self.client_micro_batch is None:
             loss = float(self.opt.step(lambda: self.run_client(ids, mask), server_loss, perturbed_loss_fn=perturbed))
@@ -276,7 +280,9 @@ class HOSLMode(_ZOClientMode, SplitMode):
 
 
 class FOSLMode(SplitMode):
-    """Split backprop: the server returns dL/dh, the client back-props it."""
+    """Split backprop: the server returns dL/dh, the client back-props it. ``hp.client_micro_batch``,
+    ``hp.client_checkpointing`` and ``hp.client_fused_step`` make the client leaner
+    (``hosl/training/lean_fo_client.py``)."""
 
     name = "fo-sl"
     server_fo = True
@@ -285,17 +291,24 @@ class FOSLMode(SplitMode):
     def __init__(self, client, proxy, hp, loss_of):
         super().__init__(client, proxy, hp, loss_of)
         self.client_opt = _sgd(client.parameters(), hp.lr_client, hp)
+        self.lean = LeanFOClient(
+            client,
+            self.client_opt,
+            micro_batch=hp.client_micro_batch,
+            checkpointing=hp.client_checkpointing,
+            fused_step=hp.client_fused_step,
+        )
 
     def step(self, batch) -> float:
         ids, mask = _inputs(batch)
         self.proxy.begin_step(self.step_number, batch)
-        with self.memory.measure_saved():
-            h = self.run_client(ids, mask)
-        loss, grad = self.proxy.backprop(h)  # h crosses the cut; the activation gradient comes back
-        h.backward(grad.to(h.device))
-        if math.isfinite(loss):
-            self.client_opt.step()
-        self.client_opt.zero_grad(set_to_none=True)
+        if self.lean.micro_batch is None:
+
+            def run(rows):
+                return self.run_client(ids, mask)
+        else:
+            run = self.client_rows_fn(ids, mask)
+        loss = self.lean.step(run, ids.shape[0], self.proxy.backprop, measure=self.memory.measure_saved)
         self.proxy.end_step()
         return loss
 

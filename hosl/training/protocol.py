@@ -38,6 +38,12 @@ first-order passes (it computes with grad and back-propagates), ``losses`` and `
 evaluations without grad. The server decides by the phase alone, never by the grad mode it
 happens to be called under (an in-process server runs inside the client's optimizer step).
 
+HOSL with ``--server-grad perturbed`` (the authors' step): the clean-loss request carries ints
+``[NO_BACKWARD]`` (the loss only), and each direction's ``+`` activation goes up (as a ``plain``
+activation: the step's clean one stays the wire's reference) in a clean-loss request with ints
+``[WEIGHTED_BACKWARD]`` and floats ``[1/Q]``: the server back-propagates its loss
+there with that weight (its gradients accumulate over the Q directions) and answers the loss.
+
 HOSL's linear estimate (``--server-estimate linear``): the clean-loss request asks the server to
 keep dL/dh (ints ``[KEEP_ACTIVATION_GRAD]``); the client then asks for the Q scalars
 (``linear-dots``, Q activation differences up) or, only when the server was started with
@@ -93,8 +99,12 @@ PHASE_NAMES = {int(p): p.name.lower().replace("_", "-") for p in Phase}
 # Raise it with any change to what a phase means or to a payload's layout.
 SPLIT_PROTOCOL_VERSION = 1
 
-# clean-loss ints: [KEEP_ACTIVATION_GRAD] asks the server to keep dL/dh for the linear estimate
+# clean-loss ints: [KEEP_ACTIVATION_GRAD] asks the server to keep dL/dh for the linear estimate;
+# --server-grad perturbed: [NO_BACKWARD] at the clean point (the loss only), and [WEIGHTED_BACKWARD]
+# with floats [w] at each direction's + point (the loss there back-propagated with weight w = 1/Q)
 KEEP_ACTIVATION_GRAD = 1
+NO_BACKWARD = 2
+WEIGHTED_BACKWARD = 3
 
 # What of a batch the server needs, by model kind (training / evaluation), in wire order.
 _TRAIN_KEYS = ("labels",)

@@ -95,6 +95,8 @@ def hyper(cfg: TrainConfig) -> Hyper:
         lr_schedule=cfg.lr_schedule,
         warmup_steps=cfg.warmup_steps,
         total_steps=cfg.steps,
+        client_checkpointing=cfg.client_checkpointing,
+        client_fused_step=cfg.client_fused_step,
     )
 
 

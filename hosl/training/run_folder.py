@@ -54,7 +54,7 @@ FREE = frozenset({"steps", "eval_every", "checkpoint_every", "eval_batch_size"})
 # Settings that change the trajectory but that a resume may change with --override FIELD: the
 # learning rates, where the data lives, and how passes are batched (same math, other rounding).
 OVERRIDABLE = frozenset(
-    {"lr_server", "data_dir", "client_memory_budget", "steps"}
+    {"lr_server", "data_dir", "client_memory_budget", "steps", "client_checkpointing", "client_fused_step"}
     | {k for k, rule in _ZO_ON_RESUME.items() if rule == "override"}
 )
 

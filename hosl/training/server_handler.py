@@ -23,6 +23,8 @@ from hosl.tasks.evaluation import eval_outputs
 from hosl.training.modes import SERVER_FO_MODES, SPLIT_MODES
 from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
+    NO_BACKWARD,
+    WEIGHTED_BACKWARD,
     ActivationWire,
     Phase,
     ZOPoint,
@@ -198,8 +200,16 @@ class ServerHandler:
     def _clean_loss(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """hosl, frozen-client: FO at the clean point, back-propagated into the server's weights (and
         dL/dh kept when the request asks for it: the linear estimate)."""
+        flag = request.ints[0] if request.ints else None
+        if flag == WEIGHTED_BACKWARD:  # --server-grad perturbed: a + point, back-propagated with weight 1/Q
+            return self._weighted_backward(request, self.wire.unpack(tensors, "plain", self._dtype())[0])
         h, _ = self.wire.unpack(tensors, "clean", self._dtype())
-        keep_grad = bool(request.ints) and request.ints[0] == KEEP_ACTIVATION_GRAD
+        keep_grad = flag == KEEP_ACTIVATION_GRAD
+        if flag == NO_BACKWARD:  # --server-grad perturbed: the clean point gives the loss only
+            with torch.no_grad():
+                self.clean_loss = float(self._loss(h))
+            self.activation_grad = None
+            return self._reply(request, floats=[self.clean_loss])
         if keep_grad:
             h = h.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -209,6 +219,18 @@ class ServerHandler:
                 loss.backward()
         self.activation_grad = self.group.input_grad(h.grad) if keep_grad else None
         return self._reply(request, floats=[self.clean_loss])
+
+    def _weighted_backward(self, request: Message, h: torch.Tensor) -> Message:
+        if len(request.floats) != 1:
+            raise ValueError("a weighted-backward clean-loss request must carry its weight")
+        with torch.enable_grad():
+            loss = self._loss(h)
+            value = float(loss.detach())
+            if loss.requires_grad and math.isfinite(value):
+                (loss * request.floats[0]).backward()
+        if not math.isfinite(value):
+            self.clean_loss = math.nan  # a non-finite point: the server skips this step, as in-process
+        return self._reply(request, floats=[value])
 
     def _losses(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """Losses without grad, one per copy stacked in h: hosl's perturbed activations, or (zo-sl)

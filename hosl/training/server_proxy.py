@@ -11,6 +11,8 @@ import torch
 
 from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
+    NO_BACKWARD,
+    WEIGHTED_BACKWARD,
     ActivationWire,
     CatchUp,
     Phase,
@@ -43,12 +45,24 @@ class ServerProxy:
             tensors=[batch["attention_mask"], *server_side_of(batch, self.model_kind, for_eval=False)],
         )
 
-    def clean_loss(self, h: torch.Tensor, keep_grad: bool = False) -> float:
+    def clean_loss(self, h: torch.Tensor, keep_grad: bool = False, backward: bool = True) -> float:
         """The server's loss at the clean point, back-propagated there (``keep_grad``: and dL/dh kept
-        for the linear estimate)."""
-        ints = [KEEP_ACTIVATION_GRAD] if keep_grad else []
+        for the linear estimate; ``backward=False``: the loss only, ``--server-grad perturbed``)."""
+        ints = [KEEP_ACTIVATION_GRAD] if keep_grad else [] if backward else [NO_BACKWARD]
         return self.link.call(
             Phase.CLEAN_LOSS, self.step, ints=ints, tensors=self.wire.pack(h, "clean"), expect_floats=1
+        ).floats[0]
+
+    def weighted_backward(self, h: torch.Tensor, weight: float) -> float:
+        """``--server-grad perturbed``: the server's loss at a perturbed activation, back-propagated
+        into its weights with ``weight`` (its gradients accumulate over the step's directions)."""
+        return self.link.call(
+            Phase.CLEAN_LOSS,
+            self.step,
+            ints=[WEIGHTED_BACKWARD],
+            floats=[weight],
+            tensors=self.wire.pack(h, "plain"),
+            expect_floats=1,
         ).floats[0]
 
     def losses(self, h: torch.Tensor, point: tuple[int, float] | None = None) -> torch.Tensor:
@@ -106,17 +120,21 @@ class ServerProxy:
     def resume(self, step: int) -> None:
         self.link.call(Phase.RESUME, step)
 
-    def hosl_loss_fn(self, linear: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hosl_loss_fn(self, linear: bool = False, server_grad: str = "clean") -> Callable[[torch.Tensor], torch.Tensor]:
         """``server_loss_fn`` for ``HybridOrderOptimizer.step``: the clean point (the server
         back-propagates on its side and the returned loss carries no graph). The perturbed
         activations go to :meth:`losses`, passed as ``perturbed_loss_fn``: each call says which
         it is. ``linear``: the server keeps dL/dh and ``server_loss.linear_server()`` reaches it
-        (``server_estimate="linear"``)."""
+        (``server_estimate="linear"``). ``server_grad="perturbed"``: the clean point gives the loss
+        only and ``server_loss.weighted_backward(h, w)`` sends a ``+`` activation to back-propagate."""
+        backward = server_grad == "clean"
 
         def server_loss(h: torch.Tensor) -> torch.Tensor:
-            return torch.tensor(self.clean_loss(h, keep_grad=linear), dtype=torch.float64)
+            return torch.tensor(self.clean_loss(h, keep_grad=linear, backward=backward), dtype=torch.float64)
 
         server_loss.linear_server = lambda: RemoteLinearServer(self)  # type: ignore[attr-defined]  # the optimizer looks for it; hosl's linear estimate
+        if not backward:
+            server_loss.weighted_backward = self.weighted_backward  # type: ignore[attr-defined]  # the authors' step looks for it
         return server_loss
 
 
