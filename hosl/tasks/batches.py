@@ -5,6 +5,9 @@ The stream is the concatenation of per-epoch permutations, epoch ``e`` shuffled 
 and may run across an epoch boundary, so every batch has exactly ``batch_size`` examples and every
 example is seen once per epoch. The position is (epoch, offset): ``state_dict()`` is a few ints, and
 an iterator given that state continues with exactly the batches the original would have produced.
+
+Kept rather than torchdata's ``StatefulDataLoader``, which also resumes mid-epoch: switching would
+change the batches every recorded run and result in ``docs/`` was trained on, for a new dependency.
 """
 
 from __future__ import annotations

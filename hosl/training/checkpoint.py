@@ -21,6 +21,9 @@ LoRA runs save ``trainable_only``: each module's file holds its trainable parame
 and a classification head when it trains), not the frozen base weights, which every run rebuilds
 from the model's source. The file's metadata says which kind it is, and loading one checks that it
 covers every trainable parameter of the module.
+
+One process writes every file here, so ``torch.distributed.checkpoint`` (per-rank shards) has nothing
+to do yet; it is the tool for FSDP-sharded server checkpoints, still open (``docs/fleet.md``).
 """
 
 from __future__ import annotations

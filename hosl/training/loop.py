@@ -56,7 +56,11 @@ def forward_passes_per_step(mode: str, q: int, difference: str, server_estimate:
 
 
 class _Log:
-    """metrics.jsonl, and the ``--report-to`` tracker that receives the same records."""
+    """metrics.jsonl, and the ``--report-to`` tracker that receives the same records.
+
+    The JSONL file stays hand-written beside the maintained writers (TensorBoard, W&B): it is the
+    run's own record, which ``--resume``, ``hosl plot`` and the benchmarks read without either installed.
+    """
 
     def __init__(self, path: Path, tracker=None):
         self.file = open(path, "a", buffering=1)
