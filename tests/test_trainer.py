@@ -138,3 +138,24 @@ def test_resuming_from_a_checkpoint_reaches_the_weights_of_an_uninterrupted_run(
     with pytest.raises(ValueError, match="has no hosl_state.pt"):
         fresh.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-4"))
     assert fresh.state.global_step == 0
+
+
+class _Payload:
+    """Unpickling this calls ``open(path, "w")``: the file appears if the unpickler runs code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_payload_in_hosl_state_is_refused_naming_the_file_and_never_runs(tmp_path):
+    model, _ = load_model("tiny-opt", "causal_lm")
+    trainer = HOSLTrainer(model, _args(tmp_path), cut=1)
+    checkpoint, marker = tmp_path / "checkpoint-2", tmp_path / "payload-ran"
+    checkpoint.mkdir()
+    torch.save({"split_model": _Payload(marker)}, checkpoint / "hosl_state.pt")
+    with pytest.raises(ValueError, match=r"hosl_state\.pt holds objects other than tensors"):
+        trainer._load_from_checkpoint(str(checkpoint))
+    assert not marker.exists()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -183,7 +184,13 @@ class HOSLTrainer(Trainer):
                 f"HOSLTrainer: {checkpoint} has no {HOSL_STATE} (the split model and the client's ZO "
                 "state); it was not written by HOSLTrainer, so it cannot be resumed"
             )
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # the restricted unpickler: tensors, numbers, strings and containers, never code
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"HOSLTrainer: {path} holds objects other than tensors, numbers and strings; refused "
+                "(a checkpoint HOSLTrainer wrote never does)"
+            ) from None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The split model's weights from the checkpoint's ``hosl_state.pt`` (its model folder holds
