@@ -280,7 +280,7 @@ class HOSLMode(_ZOClientMode, SplitMode):
 
 
 class FOSLMode(SplitMode):
-    """Split backprop: the server returns dL/dh, the client back-props it. ``hp.client_micro_batch``,
+    """Split backprop: the server returns dL/dh, the client back-props it. ``hp.zo.client_micro_batch``,
     ``hp.client_checkpointing`` and ``hp.client_fused_step`` make the client leaner
     (``hosl/training/lean_fo_client.py``)."""
 
@@ -294,7 +294,7 @@ class FOSLMode(SplitMode):
         self.lean = LeanFOClient(
             client,
             self.client_opt,
-            micro_batch=hp.client_micro_batch,
+            micro_batch=hp.zo.client_micro_batch,
             checkpointing=hp.client_checkpointing,
             fused_step=hp.client_fused_step,
         )
