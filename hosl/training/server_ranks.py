@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
@@ -73,22 +72,14 @@ def _start_rank(
     checkpoint_dir: str | None,
 ):
     """Load the server half, join the group as ``rank``; returns (group, handler)."""
-    from hosl.training.run import hyper, load_split_model, loss_fn, train_dropout
-    from hosl.training.server_handler import ServerHandler
+    from hosl.training.run import load_server_model, server_handler
 
-    torch.manual_seed(cfg.seed)
-    model_kind, _tokenizer, client, server = load_split_model(cfg)
-    del client
+    model_kind, server = load_server_model(cfg)
     group = ServerGroup.join(rank, procs, parallel, "127.0.0.1", port, timeout_s, backend)
-    half = ServerHandler(
-        server,
-        cfg.mode,
-        hyper(cfg),
-        loss_fn(model_kind),
+    half = server_handler(
+        cfg,
         model_kind,
-        train_dropout=train_dropout(cfg),
-        trainable_only_checkpoints=cfg.lora,
-        wire=cfg.wire,
+        server,
         group=group,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
         resume_allowed=cfg.resume,
