@@ -142,3 +142,18 @@ def test_fused_wiring_with_a_materialising_backend():
     with scratch.perturbed(5, 0.1):
         want = client(ids)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_and_batched_describe_the_layers_they_fuse():
+    """Both fused paths' describe() count the client's linear and embedding layers (describe_fused)."""
+    from hosl.forward.batched import BatchedPerturber
+
+    client, _ = _client("tiny-opt")
+    linear = sum(isinstance(m, nn.Linear) for m in client.modules())
+    embedding = sum(isinstance(m, nn.Embedding) for m in client.modules())
+    assert linear > 0 and embedding > 0
+    counts = f"(default backend): {linear} linear, {embedding} embedding layers"
+    fused = FusedPerturber(client, ParameterLayout(client), fused_backend=None).describe()
+    assert fused.startswith(f"fused {counts}; scratch: "), fused
+    batched = BatchedPerturber(client, ParameterLayout(client), fused_backend=None).describe()
+    assert batched.startswith(f"batched {counts} with D directions per call; "), batched

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hosl import ops
-from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, fused_kind, intercepting_forward
+from hosl.forward.fused import EMBEDDING, EMBEDDING_INTERCEPT, LINEAR, describe_fused, fused_kind, intercepting_forward
 from hosl.forward.layout import LowRankSeeds, ParameterLayout, SphereScales
 from hosl.forward.scratch import _ScratchStack, scratch_sizes
 
@@ -104,10 +104,8 @@ class BatchedPerturber:
         return sum(n * key[0].itemsize for key, n in self._scratch_sizes().items())
 
     def describe(self) -> str:
-        kinds = [k for _, k, _ in self.fused]
         return (
-            f"batched ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
-            f"{len(kinds) - kinds.count(LINEAR)} embedding layers with D directions per call; "
+            f"{describe_fused('batched', self.fused_backend, self.fused)} with D directions per call; "
             f"{len(self.looped)} other modules once per direction"
         )
 

@@ -38,6 +38,13 @@ from hosl.forward.scratch import ModuleScratchPerturber
 LINEAR, EMBEDDING, EMBEDDING_INTERCEPT = "linear", "embedding", "embedding-intercept"
 
 
+def describe_fused(path: str, backend: str | None, fused: list) -> str:
+    """``"PATH (BACKEND): N linear, M embedding layers"`` of a perturber's ``(module, kind, slots)`` list."""
+    kinds = [kind for _, kind, _ in fused]
+    linear = kinds.count(LINEAR)
+    return f"{path} ({backend or 'default backend'}): {linear} linear, {len(kinds) - linear} embedding layers"
+
+
 def fused_kind(mod: nn.Module, slots: dict) -> str | None:
     """How ``mod`` runs fused (``slots``: its trainable parameters by local name), or None for scratch."""
     own = dict(mod.named_parameters(recurse=False))
@@ -120,31 +127,26 @@ class FusedPerturber(ModuleScratchPerturber):
         self.owners = scratch_owners  # the scratch hooks and scratch size see only these
 
     def describe(self) -> str:
-        kinds = [k for _, k, _ in self.fused]
         return (
-            f"fused ({self.fused_backend or 'default backend'}): {kinds.count(LINEAR)} linear, "
-            f"{len(kinds) - kinds.count(LINEAR)} embedding layers; scratch: {len(self.owners)} other modules "
+            f"{describe_fused('fused', self.fused_backend, self.fused)}; scratch: {len(self.owners)} other modules "
             f"({self.scratch_nbytes()} bytes of scratch)"
         )
 
     # -- the swapped forwards -----------------------------------------------------------------
+    def _lowrank_options(self) -> dict:
+        """The ``hosl.ops`` keywords of a low-rank direction (``x W^T + s (x V) U^T``: no kernel to pick)."""
+        assert self.lowrank is not None
+        return {"family": "lowrank", "backend": self.backend, **self.lowrank.op_options([self._seed])}
+
     def _linear(self, mod: nn.Linear, slots: dict):
         bias_slot = slots.get("bias")
 
         def forward(x):
-            if self.lowrank is not None:  # x W^T + s (x V) U^T: no kernel to pick
-                return ops.perturbed_linear(
-                    x,
-                    mod.weight,
-                    mod.bias,
-                    seeds=[self._seed],
-                    scales=[self._scale],
-                    weight_offset=slots["weight"].offset,
-                    bias_offset=bias_slot.offset if bias_slot else None,
-                    family="lowrank",
-                    backend=self.backend,
-                    **self.lowrank.op_options([self._seed]),
-                )[0]
+            if self.lowrank is not None:
+                options = self._lowrank_options()
+            else:  # on CUDA the fused Triton linear only for few rows, else materialise + cuBLAS
+                rows = x.numel() // max(x.shape[-1], 1)
+                options = {"backend": ops.perturbed_linear_backend(rows, x.device, self.fused_backend)}
             return ops.perturbed_linear(
                 x,
                 mod.weight,
@@ -153,32 +155,16 @@ class FusedPerturber(ModuleScratchPerturber):
                 scales=[self._scale],
                 weight_offset=slots["weight"].offset,
                 bias_offset=bias_slot.offset if bias_slot else None,
-                # on CUDA the fused Triton linear only for few rows, else materialise + cuBLAS
-                backend=ops.perturbed_linear_backend(x.numel() // max(x.shape[-1], 1), x.device, self.fused_backend),
+                **options,
             )[0]
 
         return forward
 
     def _lookup(self, mod: nn.Embedding, slots: dict):
         def lookup(ids):
-            if self.lowrank is not None:
-                return ops.perturbed_embedding(
-                    ids,
-                    mod.weight,
-                    seeds=[self._seed],
-                    scales=[self._scale],
-                    offset=slots["weight"].offset,
-                    family="lowrank",
-                    backend=self.backend,
-                    **self.lowrank.op_options([self._seed]),
-                )[0]
+            options = self._lowrank_options() if self.lowrank is not None else {"backend": self.fused_backend}
             return ops.perturbed_embedding(
-                ids,
-                mod.weight,
-                seeds=[self._seed],
-                scales=[self._scale],
-                offset=slots["weight"].offset,
-                backend=self.fused_backend,
+                ids, mod.weight, seeds=[self._seed], scales=[self._scale], offset=slots["weight"].offset, **options
             )[0]
 
         return lookup

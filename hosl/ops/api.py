@@ -271,8 +271,20 @@ def _directions(seeds, scales) -> tuple[list[int], list[int], list[float]]:
     return [k[0] for k in keys], [k[1] for k in keys], scales
 
 
-def _lowrank_seeds(keys_lo, keys_hi, u_seeds) -> tuple[list[int], list[int] | None]:
-    """The seeds of the directions (from their keys) and their checked ``u_seeds`` (None: the seeds)."""
+def _fused_family(family, rank, u_seeds) -> tuple[str, int | None]:
+    """A perturbed forward's checked ``family`` and ``rank``; ``u_seeds`` goes only with ``"lowrank"``."""
+    family = validation.check_family(family)
+    rank = lowrank.check_rank(family, rank)
+    if rank is None and u_seeds is not None:
+        raise ValueError("u_seeds is only for family='lowrank'")
+    return family, rank
+
+
+def _lowrank_seeds(keys_lo, keys_hi, u_seeds, factors) -> tuple[list[int], list[int] | None]:
+    """The seeds of a low-rank perturbed forward's directions (from their keys) and their checked
+    ``u_seeds`` (None: the seeds); ``factors`` (the sphere family's) must be None."""
+    if factors is not None:
+        raise ValueError("factors is only for family='sphere', not family='lowrank'")
     seeds = [lo | (hi << 32) for lo, hi in zip(keys_lo, keys_hi)]
     if u_seeds is None:
         return seeds, None
@@ -349,10 +361,7 @@ def perturbed_linear(
     ``x W^T + s_d c_R (x V_d) U_d^T`` without forming ``W + s z`` (:mod:`hosl.ops.lowrank`; equal to the
     materialised forward up to matmul rounding); the bias gets its Gaussian z.
     """
-    family = validation.check_family(family)
-    rank = lowrank.check_rank(family, rank)
-    if rank is None and u_seeds is not None:
-        raise ValueError("u_seeds is only for family='lowrank'")
+    family, rank = _fused_family(family, rank, u_seeds)
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     weight_offset = validation.check_index(weight_offset, "weight_offset")
     validation.check_coordinates(weight_offset, weight.numel(), "weight_offset")
@@ -362,9 +371,7 @@ def perturbed_linear(
         bias_offset = validation.check_index(bias_offset, "bias_offset")
         validation.check_coordinates(bias_offset, bias.numel(), "bias_offset")
     if rank is not None:
-        if factors is not None:
-            raise ValueError("factors is only for family='sphere', not family='lowrank'")
-        seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds)
+        seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds, factors)
         if weight.ndim != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
         lowrank.check_shapes([weight.shape], rank, ["weight"])
@@ -430,10 +437,7 @@ def perturbed_embedding(
     ``"lowrank"`` (``rank=R``, ``u_seeds`` as for :func:`perturbed_linear`): ``E[ids] + s_d c_R
     U_d[ids] V_d^T``, equal to the rows of ``W + s z`` up to the rounding of the rank-R product.
     """
-    family = validation.check_family(family)
-    rank = lowrank.check_rank(family, rank)
-    if rank is None and u_seeds is not None:
-        raise ValueError("u_seeds is only for family='lowrank'")
+    family, rank = _fused_family(family, rank, u_seeds)
     keys_lo, keys_hi, scales = _directions(seeds, scales)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
@@ -444,9 +448,7 @@ def perturbed_embedding(
     ids2, middle = _split_directions(ids.long().unsqueeze(-1), len(scales), per_direction_input, "ids")
     ids2 = ids2.squeeze(-1).contiguous()
     if rank is not None:
-        if factors is not None:
-            raise ValueError("factors is only for family='sphere', not family='lowrank'")
-        seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds)
+        seed_list, u_list = _lowrank_seeds(keys_lo, keys_hi, u_seeds, factors)
         lowrank.check_shapes([weight.shape], rank, ["weight"])
         with use_backend(backend):
             y = lowrank.embedding(ids2, weight, offset, seed_list, scales, not per_direction_input, rank, u_list)

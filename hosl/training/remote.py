@@ -24,14 +24,12 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from hosl.training import checkpoint as ckpt
 from hosl.training.config import TrainConfig
 from hosl.training.loop import run_loop
 from hosl.training.modes import SPLIT_MODES
 from hosl.training.protocol import PHASE_NAMES, SPLIT_PROTOCOL_VERSION
-from hosl.training.run import RunExistsError, build_run, hyper, load_split_model, loss_fn, say, train_dropout
+from hosl.training.run import RunExistsError, build_run, load_server_model, say, server_handler
 from hosl.training.run_folder import RunFolderError, compare
 from hosl.training.server_handler import ServerHandler
 from hosl.transport import SECRET_ENV, ShutdownCode
@@ -252,22 +250,8 @@ def start_server_process(
         )
     if not load_half:
         return conn, run_dir, None
-    torch.manual_seed(cfg.seed)
-    model_kind, _tokenizer, client, server = load_split_model(cfg)
-    del client  # that half lives in the client process(es)
-    half = ServerHandler(
-        server,
-        cfg.mode,
-        hyper(cfg),
-        loss_fn(model_kind),
-        model_kind,
-        train_dropout=train_dropout(cfg),
-        checkpoint_dir=run_dir,
-        resume_allowed=cfg.resume,
-        trainable_only_checkpoints=cfg.lora,
-        wire=cfg.wire,
-    )
-    return conn, run_dir, half
+    model_kind, server = load_server_model(cfg)
+    return conn, run_dir, server_handler(cfg, model_kind, server, checkpoint_dir=run_dir, resume_allowed=cfg.resume)
 
 
 def run_server(cfg: TrainConfig, conn: Connection, server_procs: int = 1, server_parallel: str = "ddp") -> int:

@@ -183,6 +183,30 @@ def _set_training(client, server, half, dropout_on: bool, flag: bool) -> None:
         server.train(flag and dropout_on)
 
 
+def load_server_model(cfg: TrainConfig) -> tuple[str, nn.Module]:
+    """(model_kind, server half) of a two-process run as ``cfg`` says, seeded as every process
+    seeds it; the client half is dropped (it lives in the client process(es))."""
+    torch.manual_seed(cfg.seed)
+    model_kind, _tokenizer, _client, server = load_split_model(cfg)
+    return model_kind, server
+
+
+def server_handler(cfg: TrainConfig, model_kind: str, server: nn.Module, **handler_options) -> ServerHandler:
+    """The :class:`ServerHandler` of a server process as ``cfg`` says; ``handler_options``: where
+    it checkpoints, whether it may resume, its group."""
+    return ServerHandler(
+        server,
+        cfg.mode,
+        hyper(cfg),
+        loss_fn(model_kind),
+        model_kind,
+        train_dropout=train_dropout(cfg),
+        trainable_only_checkpoints=cfg.lora,
+        wire=cfg.wire,
+        **handler_options,
+    )
+
+
 def build_run(
     cfg: TrainConfig,
     *,

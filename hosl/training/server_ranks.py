@@ -22,9 +22,9 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
@@ -62,33 +62,31 @@ def check_server_procs(cfg: TrainConfig, procs: int, parallel: str) -> None:
         )
 
 
-def _start_rank(
-    rank: int,
-    cfg: TrainConfig,
-    procs: int,
-    parallel: str,
-    port: int,
-    timeout_s: float,
-    backend: str | None,
-    checkpoint_dir: str | None,
-):
-    """Load the server half, join the group as ``rank``; returns (group, handler)."""
-    from hosl.training.run import hyper, load_split_model, loss_fn, train_dropout
-    from hosl.training.server_handler import ServerHandler
+@dataclass(frozen=True)
+class _Rendezvous:
+    """Where the ``procs`` server ranks of one run meet (a local ``port``), how they split the server
+    half (``parallel``) and the bound on the rendezvous and collectives (``timeout_s``)."""
 
-    torch.manual_seed(cfg.seed)
-    model_kind, _tokenizer, client, server = load_split_model(cfg)
-    del client
-    group = ServerGroup.join(rank, procs, parallel, "127.0.0.1", port, timeout_s, backend)
-    half = ServerHandler(
-        server,
-        cfg.mode,
-        hyper(cfg),
-        loss_fn(model_kind),
+    procs: int
+    parallel: str
+    port: int
+    timeout_s: float
+    backend: str | None
+
+    def join(self, rank: int) -> ServerGroup:
+        return ServerGroup.join(rank, self.procs, self.parallel, "127.0.0.1", self.port, self.timeout_s, self.backend)
+
+
+def _start_rank(rank: int, cfg: TrainConfig, meet: _Rendezvous, checkpoint_dir: str | None):
+    """Load the server half, join the group as ``rank``; returns (group, handler)."""
+    from hosl.training.run import load_server_model, server_handler
+
+    model_kind, server = load_server_model(cfg)
+    group = meet.join(rank)
+    half = server_handler(
+        cfg,
         model_kind,
-        train_dropout=train_dropout(cfg),
-        trainable_only_checkpoints=cfg.lora,
-        wire=cfg.wire,
+        server,
         group=group,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
         resume_allowed=cfg.resume,
@@ -96,32 +94,20 @@ def _start_rank(
     return group, half
 
 
-def _rank_main(
-    index: int, cfg: TrainConfig, procs: int, parallel: str, port: int, timeout_s: float, backend: str | None
-) -> None:
+def _rank_main(index: int, cfg: TrainConfig, meet: _Rendezvous) -> None:
     """Server rank ``index + 1`` of ``hosl train --server-procs`` (a spawned process)."""
-    group, half = _start_rank(index + 1, cfg, procs, parallel, port, timeout_s, backend, None)
+    group, half = _start_rank(index + 1, cfg, meet, None)
     try:
         follow(group, half.answer)
     finally:
         group.leave()
 
 
-def _relayed_rank_main(
-    rank: int,
-    cfg: TrainConfig,
-    procs: int,
-    parallel: str,
-    port: int,
-    timeout_s: float,
-    backend: str | None,
-    checkpoint_dir: str,
-    pipe,
-) -> None:
+def _relayed_rank_main(rank: int, cfg: TrainConfig, meet: _Rendezvous, checkpoint_dir: str, pipe) -> None:
     """Server rank ``rank`` of ``hosl serve --server-procs`` (a spawned process); rank 0 answers the
     requests the serving process relays over ``pipe`` (None: no more), sending back
     ``("reply", message)`` or ``("error", text)``."""
-    group, half = _start_rank(rank, cfg, procs, parallel, port, timeout_s, backend, checkpoint_dir)
+    group, half = _start_rank(rank, cfg, meet, checkpoint_dir)
     try:
         if rank != 0:
             follow(group, half.answer)
@@ -182,17 +168,17 @@ def server_ranks(
     if procs == 1:
         yield ServerGroup()
         return
-    port = free_port()
+    meet = _Rendezvous(procs, parallel, free_port(), timeout_s, backend)
     spawned = mp.start_processes(
         _rank_main,
-        args=(cfg, procs, parallel, port, timeout_s, backend),
+        args=(cfg, meet),
         nprocs=procs - 1,
         join=False,
         start_method="spawn",
     )
     group = None
     try:
-        group = ServerGroup.join(0, procs, parallel, "127.0.0.1", port, timeout_s, backend)
+        group = meet.join(0)
         yield group
         group.share(None)  # no more requests
     except Exception as exc:
@@ -254,7 +240,7 @@ def relayed_server_ranks(
     ours, theirs = mp.get_context("spawn").Pipe()
     spawned = mp.start_processes(
         _relayed_rank_main,
-        args=(cfg, procs, parallel, free_port(), connect_timeout_s, backend, str(checkpoint_dir), theirs),
+        args=(cfg, _Rendezvous(procs, parallel, free_port(), connect_timeout_s, backend), str(checkpoint_dir), theirs),
         nprocs=procs,
         join=False,
         start_method="spawn",

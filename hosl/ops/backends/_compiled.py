@@ -9,6 +9,7 @@ forwards are materialised with the extension's own ``perturb`` (:mod:`.materiali
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +41,11 @@ class CompiledBackend:
 
     def __init__(self, ext: ModuleType | None):
         self.ext: Any = ext  # the extension module; None only where the backend reports itself unavailable
+
+    def functions(self) -> tuple[Callable[..., Any], ...]:
+        """The contract's six functions, in its order: ``randn, perturb, zo_update, sq_norms,
+        perturbed_linear, perturbed_embedding`` (what a backend module exports under those names)."""
+        return self.randn, self.perturb, self.zo_update, self.sq_norms, self.perturbed_linear, self.perturbed_embedding
 
     def randn(self, key_lo, key_hi, numel, offset, device, family="gaussian", scale=1.0) -> torch.Tensor:
         return self.ext.randn(key_lo, key_hi, numel, offset, _device(device), FAMILY_CODES[family], scale)

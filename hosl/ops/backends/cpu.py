@@ -58,10 +58,4 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-_backend = CompiledBackend(_C)
-randn = _backend.randn
-perturb = _backend.perturb
-zo_update = _backend.zo_update
-sq_norms = _backend.sq_norms
-perturbed_linear = _backend.perturbed_linear
-perturbed_embedding = _backend.perturbed_embedding
+randn, perturb, zo_update, sq_norms, perturbed_linear, perturbed_embedding = CompiledBackend(_C).functions()

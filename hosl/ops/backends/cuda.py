@@ -27,10 +27,4 @@ def unavailable_reason() -> str:
     return ""
 
 
-_backend = CompiledBackend(_C_cuda)
-randn = _backend.randn
-perturb = _backend.perturb
-zo_update = _backend.zo_update
-sq_norms = _backend.sq_norms
-perturbed_linear = _backend.perturbed_linear
-perturbed_embedding = _backend.perturbed_embedding
+randn, perturb, zo_update, sq_norms, perturbed_linear, perturbed_embedding = CompiledBackend(_C_cuda).functions()

@@ -46,9 +46,10 @@ def perturbed_embedding(
     keys_hi,
     scales,
     shared_ids,
-    rows_only=True,
     family="gaussian",
     factors=None,
+    *,
+    rows_only=True,
 ):
     hidden = weight.shape[1]
     outs = []

@@ -73,15 +73,5 @@ def perturbed_embedding(
     ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family="gaussian", factors=None
 ) -> torch.Tensor:
     return materialised.perturbed_embedding(
-        perturb,
-        ids,
-        weight,
-        w_offset,
-        keys_lo,
-        keys_hi,
-        scales,
-        shared_ids,
-        rows_only=False,
-        family=family,
-        factors=factors,
+        perturb, ids, weight, w_offset, keys_lo, keys_hi, scales, shared_ids, family, factors, rows_only=False
     )
