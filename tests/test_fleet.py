@@ -151,9 +151,9 @@ def _env(secret=SECRET):
     return dict(os.environ, HOSL_SECRET=secret, OMP_NUM_THREADS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
 
 
-def _conn(port, peer_timeout=20):
+def _conn(port, peer_timeout=20, connect_timeout=90):
     return ["--master-addr", "127.0.0.1", "--master-port", str(port), "--peer-timeout", str(peer_timeout),
-            "--connect-timeout", "90"]
+            "--connect-timeout", str(connect_timeout)]
 
 
 def _popen(cmd, secret=SECRET):
@@ -161,13 +161,13 @@ def _popen(cmd, secret=SECRET):
                             stderr=subprocess.STDOUT, text=True, env=_env(secret))
 
 
-def _server(out, n, port, *extra):
-    return _popen(["serve", *_args(out, n, STEPS, *extra), *_conn(port)])
+def _server(out, n, port, *extra, connect_timeout=90):
+    return _popen(["serve", *_args(out, n, STEPS, *extra), *_conn(port, connect_timeout=connect_timeout)])
 
 
-def _client(out, n, rank, port, *extra, secret=SECRET):
-    return _popen(["train", "--role", "client", "--rank", str(rank), *_args(out, n, STEPS, *extra), *_conn(port)],
-                  secret=secret)
+def _client(out, n, rank, port, *extra, secret=SECRET, connect_timeout=90):
+    return _popen(["train", "--role", "client", "--rank", str(rank), *_args(out, n, STEPS, *extra),
+                   *_conn(port, connect_timeout=connect_timeout)], secret=secret)
 
 
 def _finish(proc, timeout=240):
@@ -390,14 +390,16 @@ def test_torchrun_launches_a_fleet_rank_0_serving(tmp_path):
 @needs_data
 def test_a_second_client_with_a_taken_rank_is_refused_and_the_fleet_goes_on(tmp_path):
     out, port, n = tmp_path / "fleet", _free_port(), 3
-    server = _server(out, n, port)  # it waits for all three ranks before the first step
-    clients = [_client(out, n, r, port) for r in (1, 2)]
+    # it waits for all three ranks before the first step, up to --connect-timeout: long enough for the
+    # twin to load, be refused, and rank 3 to load after it on a loaded machine
+    server = _server(out, n, port, connect_timeout=300)
+    clients = [_client(out, n, r, port, connect_timeout=300) for r in (1, 2)]
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (out / "client2" / "metrics.jsonl").exists():
         time.sleep(0.05)
     twin = _client(tmp_path / "twin", n, 2, port)
     code_t, log_t = _finish(twin, 120)
-    clients.append(_client(out, n, 3, port))
+    clients.append(_client(out, n, 3, port, connect_timeout=300))
     for proc in (*clients, server):
         code, log = _finish(proc)
         assert code == 0, log[-3000:]
