@@ -443,6 +443,7 @@ def run_fleet_server(cfg, conn) -> int:
             completed=completed,
         )
         summary = fleet.serve()
+        host.finish_joins()
     if fleet.saved_step != fleet.completed and fleet.completed > 0:
         half.save(fleet.completed)
     (run_dir / "summary.json").write_text(json.dumps({"mode": cfg.mode, "model": cfg.model, **summary}, indent=2))

@@ -118,6 +118,7 @@ class FleetHost:
         self.seen_joins = int(self.store.add(JOINS, 0))  # numbers taken before this host started are stale
         self._slots: dict[int, float] = {}  # join number -> when first seen (waiting for its rank, or joining)
         self._running: set[int] = set()  # join numbers whose proof runs in a thread
+        self._threads: list[threading.Thread] = []  # the proof threads, waited for by finish_joins
         self._done: queue.Queue[tuple[int, Joined | BaseException]] = queue.Queue()
         self.endpoints: dict[int, Endpoint] = {}
         self._headers: dict[int, tuple[torch.Tensor, object]] = {}  # rank -> its posted header receive
@@ -197,7 +198,17 @@ class FleetHost:
                 result = exc
             self._done.put((i, result))
 
-        threading.Thread(target=run, name=f"hosl-fleet-join-{i}", daemon=True).start()
+        thread = threading.Thread(target=run, name=f"hosl-fleet-join-{i}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def finish_joins(self) -> None:
+        """Wait for the proof threads still running (each ends within ``peer_timeout``): a process that
+        exits while one is inside torch.distributed's C++ aborts ("terminate called without an active
+        exception") instead of exiting with its status."""
+        deadline = time.monotonic() + self.peer_timeout + 5
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _accept(self, i: int, fields) -> Joined:
         keys = _join_keys(i)
