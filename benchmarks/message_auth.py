@@ -52,20 +52,9 @@ def step_messages(hidden: int, batch: int, seq: int, queries: int):
 
 def parts_of(msg):
     """The (tag, tensor) parts ``Endpoint.send`` cuts a message into (hosl/transport/distributed.py)."""
-    import torch
+    from hosl.transport.distributed import message_parts
 
-    from hosl.transport.distributed import TAG_FIRST_TENSOR, TAG_FLOATS, TAG_HEADER, TAG_INTS, TAG_TENSOR_HEADERS
-    from hosl.transport.wire import as_bytes, tensor_header
-
-    parts = [(TAG_HEADER, msg.header())]
-    if msg.ints:
-        parts.append((TAG_INTS, torch.tensor(msg.ints, dtype=torch.int64)))
-    if msg.floats:
-        parts.append((TAG_FLOATS, torch.tensor(msg.floats, dtype=torch.float64)))
-    if msg.tensors:
-        parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
-        parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
-    return parts
+    return message_parts(msg)
 
 
 def time_mode(mode: str, messages, repeats: int) -> dict:

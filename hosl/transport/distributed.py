@@ -206,6 +206,19 @@ def disconnect() -> None:
         dist.destroy_process_group()
 
 
+def message_parts(msg: Message) -> list[tuple[int, torch.Tensor]]:
+    """``(tag, tensor)`` of each part ``msg`` travels as: header, ints, floats, tensor headers, tensors."""
+    parts = [(TAG_HEADER, msg.header())]
+    if msg.ints:
+        parts.append((TAG_INTS, torch.tensor(msg.ints, dtype=torch.int64)))
+    if msg.floats:
+        parts.append((TAG_FLOATS, torch.tensor(msg.floats, dtype=torch.float64)))
+    if msg.tensors:
+        parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
+        parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
+    return parts
+
+
 class Endpoint:
     """Messages to and from the single peer of this process (the other rank).
 
@@ -300,14 +313,7 @@ class Endpoint:
     # -- messages ---------------------------------------------------------------------------------
     def send(self, msg: Message, what: str, timeout_s: float | None = None) -> None:
         dev = self.device
-        parts = [(TAG_HEADER, msg.header())]
-        if msg.ints:
-            parts.append((TAG_INTS, torch.tensor(msg.ints, dtype=torch.int64)))
-        if msg.floats:
-            parts.append((TAG_FLOATS, torch.tensor(msg.floats, dtype=torch.float64)))
-        if msg.tensors:
-            parts.append((TAG_TENSOR_HEADERS, torch.stack([tensor_header(t) for t in msg.tensors])))
-            parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(msg.tensors) if t.numel()]
+        parts = message_parts(msg)
         if self.session is not None:
             parts = self.session.seal(parts)
         what = f"sending {what}"
