@@ -47,6 +47,21 @@ def add_data_args(p: argparse.ArgumentParser, d) -> None:
         g.add_argument(flag, type=DATA_TYPES.get(flag, str), default=getattr(d, dest), metavar=metavar, help=text)
 
 
+def add_command(sub, name: str, run) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, which ``run(args)`` carries out: the first paragraph of
+    ``run``'s docstring is the line in ``hosl --help``, the rest the command's description, and its
+    --help shows every option's default."""
+    summary, _, description = run.__doc__.partition("\n\n")
+    p = sub.add_parser(
+        name,
+        help=" ".join(summary.split()),
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.set_defaults(func=run)
+    return p
+
+
 def config_from(args: argparse.Namespace):
     """The TrainConfig of parsed ``hosl train`` / ``hosl serve`` arguments (other attributes, such as
     the connection flags, are not TrainConfig's and are left out)."""
