@@ -10,55 +10,56 @@ import argparse
 import re
 import sys
 
+# The data options as (flag, metavar, help); each one's default is TrainConfig's field of the flag's
+# name and its value a string, but for --eval-fraction's float (DATA_TYPES).
+DATA_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
+    ("--train-file", "F", "training rows: .csv, .tsv, .json or .jsonl (read with the datasets library)"),
+    ("--eval-file", "F", "evaluation rows (default: --eval-fraction of --train-file's rows, held out of training)"),
+    (
+        "--eval-fraction",
+        "F",
+        "without --eval-file: the share of --train-file's rows held out for evaluation, at least one and at "
+        "most --eval-size (default %(default)s)",
+    ),
+    ("--text-field", "COLUMN", "the text column (default %(default)s)"),
+    ("--text-pair-field", "COLUMN", "custom: a second text column (premise/hypothesis style; default none)"),
+    ("--label-field", "COLUMN", "custom: the label column; the classes are its distinct values (default %(default)s)"),
+    (
+        "--template",
+        None,
+        "custom: prompt as a format string over the columns, e.g. 'Review: {text}\\nSentiment:' (default "
+        "'{text}\\nAnswer:'; an encoder reads the bare text unless given)",
+    ),
+    (
+        "--verbalizer",
+        "L=W,...",
+        "custom: the answer word of each label, e.g. 'neg=terrible,pos=great' or a JSON object (default: "
+        "each label's own text)",
+    ),
+)
+DATA_TYPES = {"--eval-fraction": float}
+
 
 def add_data_args(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("your own data (--task custom: classification; --task lm: plain text, perplexity)")
-    g.add_argument(
-        "--train-file",
-        default=d.train_file,
-        metavar="F",
-        help="training rows: .csv, .tsv, .json or .jsonl (read with the datasets library)",
+    for flag, metavar, text in DATA_OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        g.add_argument(flag, type=DATA_TYPES.get(flag, str), default=getattr(d, dest), metavar=metavar, help=text)
+
+
+def add_command(sub, name: str, run) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, which ``run(args)`` carries out: the first paragraph of
+    ``run``'s docstring is the line in ``hosl --help``, the rest the command's description, and its
+    --help shows every option's default."""
+    summary, _, description = run.__doc__.partition("\n\n")
+    p = sub.add_parser(
+        name,
+        help=" ".join(summary.split()),
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g.add_argument(
-        "--eval-file",
-        default=d.eval_file,
-        metavar="F",
-        help="evaluation rows (default: --eval-fraction of --train-file's rows, held out of training)",
-    )
-    g.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=d.eval_fraction,
-        metavar="F",
-        help="without --eval-file: the share of --train-file's rows held out for evaluation, at least "
-        "one and at most --eval-size (default %(default)s)",
-    )
-    g.add_argument("--text-field", default=d.text_field, metavar="COLUMN", help="the text column (default %(default)s)")
-    g.add_argument(
-        "--text-pair-field",
-        default=d.text_pair_field,
-        metavar="COLUMN",
-        help="custom: a second text column (premise/hypothesis style; default none)",
-    )
-    g.add_argument(
-        "--label-field",
-        default=d.label_field,
-        metavar="COLUMN",
-        help="custom: the label column; the classes are its distinct values (default %(default)s)",
-    )
-    g.add_argument(
-        "--template",
-        default=d.template,
-        help="custom: prompt as a format string over the columns, e.g. 'Review: {text}\\nSentiment:' "
-        "(default '{text}\\nAnswer:'; an encoder reads the bare text unless given)",
-    )
-    g.add_argument(
-        "--verbalizer",
-        default=d.verbalizer,
-        metavar="L=W,...",
-        help="custom: the answer word of each label, e.g. 'neg=terrible,pos=great' or a JSON object "
-        "(default: each label's own text)",
-    )
+    p.set_defaults(func=run)
+    return p
 
 
 def config_from(args: argparse.Namespace):

@@ -153,6 +153,8 @@ def register(sub, add_train_args, defaults) -> None:
 
 
 def _connection(args, role: str):
+    from dataclasses import fields
+
     from hosl.training.remote import Connection
     from hosl.transport.auth import SECRET_ENV, load_secret
 
@@ -169,17 +171,9 @@ def _connection(args, role: str):
         )
     if found is not None:
         print(f"[hosl] {role}: using the shared secret from {found[1]}", file=sys.stderr, flush=True)
-    return Connection(
-        rank=args.rank,
-        world_size=args.world_size,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        peer_timeout=args.peer_timeout,
-        connect_timeout=args.connect_timeout,
-        backend=args.dist_backend,
-        secret=found[0] if found else None,
-        encrypt=args.encrypt,
-    )
+    # every other field of Connection is the flag of its name (--rank: rank, --peer-timeout: peer_timeout)
+    same_name = {f.name: getattr(args, f.name) for f in fields(Connection) if f.name not in ("backend", "secret")}
+    return Connection(backend=args.dist_backend, secret=found[0] if found else None, **same_name)
 
 
 def resolve_role(args) -> str:

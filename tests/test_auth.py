@@ -154,6 +154,22 @@ def test_a_client_without_a_secret_is_refused_before_loading_anything(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_the_connection_carries_every_connection_flag(tmp_path, monkeypatch):
+    from hosl.cli import build_parser
+    from hosl.cli_remote import _connection
+
+    monkeypatch.delenv("HOSL_SECRET", raising=False)
+    (tmp_path / "secret").write_text("ab" * 32)
+    args = build_parser().parse_args(
+        ["serve", "--rank", "1", "--world-size", "2", "--master-addr", "10.0.0.2", "--master-port", "4321",
+         "--peer-timeout", "7", "--connect-timeout", "8", "--dist-backend", "gloo", "--encrypt",
+         "--secret-file", str(tmp_path / "secret")]
+    )
+    conn = _connection(args, "server")
+    assert (conn.rank, conn.world_size, conn.master_addr, conn.master_port) == (1, 2, "10.0.0.2", 4321)
+    assert (conn.peer_timeout, conn.connect_timeout, conn.backend, conn.encrypt) == (7, 8, "gloo", True)
+    assert conn.secret == load_secret(str(tmp_path / "secret"))[0]
+
 # -- malformed messages (no processes) -------------------------------------------------------------
 def test_a_reply_without_the_fields_a_phase_needs_names_the_peer_and_the_phase():
     from hosl.training.protocol import PHASE_NAMES

@@ -195,6 +195,13 @@ def test_templates_render_the_gold_verbalizer_on_real_rows():
     assert "Choice 1:" in t.classifier_text(effect)
 
 
+def test_a_format_prompt_fills_the_fields_and_leaves_braces_in_the_values_alone():
+    ex = {"paragraph": "P {0}.", "question": "Q {x}?", "answer": "A", "label": 1}
+    assert get_template("multirc").encode(ex) == (
+        'P {0}.\nQuestion: Q {x}?\nI found this answer "A". Is that correct? Yes or No?\n'
+    )
+
+
 def test_copa_keeps_the_pronoun_I_capitalised():
     t = get_template("copa")
     ex = {"premise": "I was hungry.", "choice1": "I ate.", "choice2": "My friend left.", "question": "effect", "label": 0}

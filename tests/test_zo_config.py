@@ -234,6 +234,20 @@ def test_the_training_modes_build_their_optimizers_from_the_run_config():
     assert isinstance(Hyper().zo, ZOConfig)
 
 
+def test_hyper_copies_every_other_setting_from_the_run_config():
+    from dataclasses import fields
+
+    from hosl.training.run import hyper
+
+    cfg = TrainConfig(lr_server=0.5, momentum=0.1, server_optimizer="adamw", lr_schedule="cosine", warmup_steps=7,
+                      steps=11, client_checkpointing=True, client_fused_step=True)
+    hp = hyper(cfg)
+    assert hp.total_steps == 11 and hp.zo == cfg.zo_config()
+    for f in fields(Hyper):
+        if f.name not in ("zo", "total_steps"):  # each set above to other than its default, so a miss shows
+            assert getattr(hp, f.name) == getattr(cfg, f.name) != f.default, f.name
+
+
 # -- the two-process fingerprint and the resume rules ---------------------------------------------
 
 @pytest.mark.parametrize("name", [n for n in FIELDS if n not in LIBRARY_ONLY])

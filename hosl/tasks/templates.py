@@ -22,9 +22,14 @@ class PromptTemplate:
     verbalizer: tuple[str, ...] = ()
     # What goes between prompt and answer word; part of the option (see module docstring).
     option_prefix: str = ""
+    # The prompt as a str.format over the example's fields; a template whose prompt is no plain
+    # format of them (it strips, lower-cases, ...) overrides encode instead.
+    prompt: str = ""
 
     def encode(self, example: dict) -> str:
-        raise NotImplementedError
+        if not self.prompt:
+            raise NotImplementedError(f"{type(self).__name__} has neither a prompt nor an encode of its own")
+        return self.prompt.format(**example)
 
     def options(self, example: dict) -> list[str]:
         return [self.option_prefix + word for word in self.verbalizer]
@@ -57,17 +62,13 @@ class SST2Template(PromptTemplate):
 class RTETemplate(PromptTemplate):
     task = "rte"
     verbalizer = ("Yes", "No")  # label 0 = entailment
-
-    def encode(self, example):
-        return f'{example["premise"]}\nDoes this mean that "{example["hypothesis"]}" is true? Yes or No?\n'
+    prompt = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
 
 
 class CBTemplate(PromptTemplate):
     task = "cb"
     verbalizer = ("Yes", "No", "Maybe")  # entailment, contradiction, neutral
-
-    def encode(self, example):
-        return f'Suppose {example["premise"]} Can we infer that "{example["hypothesis"]}"? Yes, No, or Maybe?\n'
+    prompt = 'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n'
 
 
 class BoolQTemplate(PromptTemplate):
@@ -97,23 +98,13 @@ class WSCTemplate(PromptTemplate):
 class WiCTemplate(PromptTemplate):
     task = "wic"
     verbalizer = ("No", "Yes")
-
-    def encode(self, example):
-        return (
-            f'Does the word "{example["word"]}" have the same meaning in these two sentences? '
-            f"Yes, No?\n{example['sentence1']}\n{example['sentence2']}\n"
-        )
+    prompt = 'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n{sentence1}\n{sentence2}\n'
 
 
 class MultiRCTemplate(PromptTemplate):
     task = "multirc"
     verbalizer = ("No", "Yes")
-
-    def encode(self, example):
-        return (
-            f"{example['paragraph']}\nQuestion: {example['question']}\n"
-            f'I found this answer "{example["answer"]}". Is that correct? Yes or No?\n'
-        )
+    prompt = '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". Is that correct? Yes or No?\n'
 
 
 class COPATemplate(PromptTemplate):

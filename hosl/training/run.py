@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -87,17 +87,10 @@ def loss_fn(model_kind: str):
 
 
 def hyper(cfg: TrainConfig) -> Hyper:
-    return Hyper(
-        zo=cfg.zo_config(),
-        lr_server=cfg.lr_server,
-        momentum=cfg.momentum,
-        server_optimizer=cfg.server_optimizer,
-        lr_schedule=cfg.lr_schedule,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=cfg.steps,
-        client_checkpointing=cfg.client_checkpointing,
-        client_fused_step=cfg.client_fused_step,
-    )
+    """The run's optimizer settings: ``cfg``'s ZO options as one ZOConfig, ``--steps`` as the schedule's
+    length, and every other field of Hyper ``cfg``'s field of the same name."""
+    same_name = {f.name: getattr(cfg, f.name) for f in fields(Hyper) if f.name not in ("zo", "total_steps")}
+    return Hyper(zo=cfg.zo_config(), total_steps=cfg.steps, **same_name)
 
 
 def train_dropout(cfg: TrainConfig) -> bool:
