@@ -22,7 +22,8 @@ import torch
 from hosl.transport import ConfigMismatchError, Kind, Message, RemoteError
 from hosl.transport.auth import AuthError, confirm_channel
 from hosl.transport.distributed import DistributedLink, Endpoint, serve
-from hosl.transport.session import TAG_TRAILER, Session, TamperedMessageError, derive_key
+from hosl.transport.link import PeerProtocolError
+from hosl.transport.session import TAG_HEADER_TRAILER, TAG_TRAILER, Session, TamperedMessageError, derive_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = b"a test secret of enough bytes"
@@ -125,7 +126,7 @@ def test_hkdf_follows_rfc_5869():
 
     n0, n1 = b"\x01" * 32, b"\x02" * 32
     prk = hmac.new(n0 + n1, SECRET, hashlib.sha256).digest()
-    info = b"|".join([b"hosl-session-v1", RUN_ID.encode(), b"joiner-to-host", b"mac-hmac-sha256"])
+    info = b"|".join([b"hosl-session-v2", RUN_ID.encode(), b"joiner-to-host", b"mac-hmac-sha256"])
     okm = hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
     assert derive_key(SECRET, RUN_ID, n0, n1, b"joiner-to-host", False) == okm
 
@@ -170,12 +171,12 @@ def test_a_flipped_encrypt_flag_in_flight_fails_the_channel_proof():
     wire.relay = wire_relay
     eps = [Endpoint(n, 5.0, "cpu", group=LoopbackGroup(wire, r), rank=r) for r, n in ((0, "server"), (1, "client"))]
     errors = []
-    threads = [threading.Thread(target=lambda r=r: _catch(errors, confirm_channel, eps[r], SECRET, RUN_ID, 5.0))
-               for r in (0, 1)]
+    threads = [threading.Thread(target=lambda r=r: _catch(errors, confirm_channel, eps[r], SECRET, RUN_ID, 30.0))
+               for r in (0, 1)]  # a generous wait: a loaded machine must not turn the refusal into a timeout
     for t in threads:
         t.start()
     for t in threads:
-        t.join(15)
+        t.join(60)
     assert any(isinstance(e, AuthError) for e in errors), errors
     assert all(ep.session is None for ep in eps)
 
@@ -189,7 +190,7 @@ def _catch(errors, fn, *args):
 
 # -- tampering -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("encrypt", [False, True])
-@pytest.mark.parametrize("tag", [0, 1, 2, 3, 4, 5, TAG_TRAILER], ids=lambda t: f"tag{t}")
+@pytest.mark.parametrize("tag", [0, 1, 2, 3, 4, 5, TAG_HEADER_TRAILER, TAG_TRAILER], ids=lambda t: f"tag{t}")
 def test_one_flipped_byte_anywhere_is_refused_unread(encrypt, tag):
     def flip(rank, t, data):
         if rank == 0 and t == tag:
@@ -260,8 +261,66 @@ def test_an_injected_message_without_the_key_is_refused():
     stranger = Endpoint("server", 5.0, "cpu", group=LoopbackGroup(wire, 0), rank=0)
     stranger.session = fake
     stranger.send(_message(), "a forged request")
-    with pytest.raises(TamperedMessageError, match="failed its authentication check"):
+    with pytest.raises(TamperedMessageError, match="headers failed their authentication check"):
         server.recv("the request")
+
+
+def _claim_huge_tensor(data: bytes) -> bytes:
+    """A tensor-headers part (int64 rows: dtype code, ndim, shape...) whose first tensor now claims
+    2**46 elements in its first dimension: petabytes, which no allocation could satisfy."""
+    rows = torch.frombuffer(bytearray(data), dtype=torch.int64).clone()
+    rows[2] = 2**46
+    return rows.numpy().tobytes()
+
+
+@pytest.mark.parametrize("encrypt", [False, True])
+def test_a_huge_tensor_claimed_in_flight_is_refused_before_anything_is_allocated(encrypt):
+    """The receiver sizes its buffers by the tensors' headers: those are authenticated (the header
+    trailer) before a single tensor is allocated, so an altered size is refused, not attempted."""
+
+    def relay(rank, tag, data):
+        return _claim_huge_tensor(data) if rank == 0 and tag == 3 else data
+
+    client, server, _ = _pair((encrypt, encrypt), relay=relay)
+    client.send(_message(), "a request")
+    with pytest.raises(TamperedMessageError, match="its headers failed their authentication check"):
+        server.recv("the request")
+
+
+def test_the_channel_check_refuses_a_huge_claimed_tensor_before_allocating_it():
+    """Before the session exists nothing is authenticated: the channel check accepts only messages
+    whose tensors claim at most a proof's bytes."""
+    wire = Wire()
+    wire.relay = lambda rank, tag, data: _claim_huge_tensor(data) if rank == 0 and tag == 3 else data
+    eps = [Endpoint(n, 5.0, "cpu", group=LoopbackGroup(wire, r), rank=r) for r, n in ((0, "server"), (1, "client"))]
+    errors: list[Exception] = []
+    threads = [threading.Thread(target=lambda r=r: _catch(errors, confirm_channel, eps[r], SECRET, RUN_ID, 3.0))
+               for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    refused = [e for e in errors if isinstance(e, PeerProtocolError)]
+    assert refused and "nothing of it was allocated" in str(refused[0]), errors
+    assert all(ep.session is None for ep in eps)
+
+
+def test_a_replayed_header_trailer_with_fresh_headers_is_refused():
+    """The header trailer binds the counter: message 0's header trailer moved onto message 1."""
+    first: dict[int, bytes] = {}
+
+    def relay(rank, tag, data):
+        if rank == 0 and tag == TAG_HEADER_TRAILER:
+            first.setdefault(tag, data)
+            return first[tag]
+        return data
+
+    client, server, _ = _pair(relay=relay)
+    client.send(_message(0), "request 0")
+    _same(server.recv("request 0"), _message(0))
+    client.send(_message(1), "request 1")
+    with pytest.raises(TamperedMessageError, match="headers failed their authentication check"):
+        server.recv("request 1")
 
 
 # -- both sides of a step ----------------------------------------------------------------------------
@@ -300,7 +359,7 @@ def test_a_tampered_step_is_refused_on_both_sides_and_nothing_is_applied(directi
         with pytest.raises(RemoteError, match="the server .* failed in phase 'three' of step 2: .*authentication check"):
             link.call(3, 2, tensors=[torch.ones(4)])
     else:
-        with pytest.raises(TamperedMessageError, match="from the server .* failed its authentication check"):
+        with pytest.raises(TamperedMessageError, match="from the server .* failed (its|their) authentication check"):
             link.call(3, 2, tensors=[torch.ones(4)])
     thread.join(10)
     assert isinstance(result.get("error"), (TamperedMessageError, RemoteError)), result
@@ -329,7 +388,7 @@ WIRE_HOOK = textwrap.dedent('''
         return send(self, msg, what, timeout_s)
 
     def relay_isend(self, t, tag):
-        if self.session is not None and tag >= distributed.TAG_FIRST_TENSOR and t.numel():
+        if self.session is not None and distributed.TAG_FIRST_TENSOR <= tag < distributed.TAG_TRAILER and t.numel():
             count[0] += 1
             if count[0] == flip_at:
                 t = t.clone()

@@ -44,6 +44,7 @@ SECRET_ENV = "HOSL_SECRET"
 MIN_SECRET_BYTES = 16
 NONCE_BYTES = 32
 TAG_BYTES = 32  # sha256
+CHANNEL_CHECK_BYTES = 64  # the most tensor bytes a channel-check message may claim (a nonce or a proof: 32)
 DOMAIN = b"hosl-auth-v1"
 VERDICT_GRACE_S = 5.0  # how long a refusing host keeps its store up for the refused side to read why
 
@@ -276,9 +277,9 @@ def confirm_channel(endpoint, secret: bytes, run_id: str, timeout_s: float, *, e
         msg = Message(Kind.AUTH, ints=flags, tensors=[torch.frombuffer(bytearray(payload), dtype=torch.uint8)])
         if host:
             endpoint.send(msg, what, timeout_s)
-            theirs = endpoint.recv(f"waiting for {what}", timeout_s)
+            theirs = endpoint.recv(f"waiting for {what}", timeout_s, max_tensor_bytes=CHANNEL_CHECK_BYTES)
         else:
-            theirs = endpoint.recv(f"waiting for {what}", timeout_s)
+            theirs = endpoint.recv(f"waiting for {what}", timeout_s, max_tensor_bytes=CHANNEL_CHECK_BYTES)
             endpoint.send(msg, what, timeout_s)
         if theirs.kind != Kind.AUTH or len(theirs.tensors) != 1 or theirs.tensors[0].dtype != torch.uint8:
             raise AuthError(f"the {endpoint.peer_name} did not answer {what} (not a hosl peer of this version?)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import math
 import os
 import re
 import socket
@@ -38,7 +39,7 @@ from hosl.transport.link import (
     PeerShutdownError,
     RemoteError,
 )
-from hosl.transport.session import TAG_TRAILER, Session, TamperedMessageError
+from hosl.transport.session import TAG_HEADER_TRAILER, TAG_TRAILER, Session, TamperedMessageError
 from hosl.transport.waiting import call_bounded
 from hosl.transport.wire import (
     HEADER_LEN,
@@ -321,13 +322,20 @@ class Endpoint:
         self._wait(works, what, timeout_s or self.timeout_s)
 
     def recv(
-        self, what: str, timeout_s: float | None = None, stop_requested: Callable[[], bool] | None = None
+        self,
+        what: str,
+        timeout_s: float | None = None,
+        stop_requested: Callable[[], bool] | None = None,
+        *,
+        max_tensor_bytes: int | None = None,
     ) -> Message:
-        """The next message. ``stop_requested`` applies while waiting for it to begin."""
+        """The next message. ``stop_requested`` applies while waiting for it to begin;
+        ``max_tensor_bytes`` refuses a message whose tensors claim more bytes in all, before any is
+        allocated (for messages received before the session exists: the channel check's)."""
         timeout_s = timeout_s or self.timeout_s
         header, work = self.post_header(what)
         self._wait([work], what, timeout_s, stop_requested)
-        return self.recv_rest(header, what, timeout_s)
+        return self.recv_rest(header, what, timeout_s, max_tensor_bytes=max_tensor_bytes)
 
     def post_header(self, what: str) -> tuple[torch.Tensor, object]:
         """Start receiving the next message's header: ``(header, work)``. A host serving several
@@ -335,8 +343,11 @@ class Endpoint:
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         return header, self._post([lambda: self._irecv(header, TAG_HEADER)], what)[0]
 
-    def recv_rest(self, header: torch.Tensor, what: str, timeout_s: float | None = None) -> Message:
-        """The message whose header (:meth:`post_header`) has arrived."""
+    def recv_rest(
+        self, header: torch.Tensor, what: str, timeout_s: float | None = None, *, max_tensor_bytes: int | None = None
+    ) -> Message:
+        """The message whose header (:meth:`post_header`) has arrived. With a session, its small parts
+        are checked against the header trailer before any tensor is allocated by their sizes."""
         timeout_s = timeout_s or self.timeout_s
         dev = self.device
         values = header.tolist()
@@ -356,10 +367,22 @@ class Endpoint:
         small = [(TAG_INTS, ints), (TAG_FLOATS, floats), (TAG_TENSOR_HEADERS, theaders)]
         posts = [lambda t=t, tag=tag: self._irecv(t, tag) for tag, t in small if t.numel()]
         self._wait(self._post(posts, what), what, timeout_s)
+        if self.session is not None:
+            trailer = torch.empty(self.session.header_trailer_len, dtype=torch.uint8, device=dev)
+            self._wait(self._post([lambda: self._irecv(trailer, TAG_HEADER_TRAILER)], what), what, timeout_s)
+            self.session.check_headers(
+                [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]], trailer, what
+            )
         try:
             specs = [parse_tensor_header(h) for h in theaders.cpu()]
         except ValueError as exc:
             raise PeerProtocolError(f"the {self.peer_name} sent a {exc} while {what}") from None
+        claimed = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in specs)
+        if max_tensor_bytes is not None and claimed > max_tensor_bytes:
+            raise PeerProtocolError(
+                f"the {self.peer_name} sent a message whose tensors claim {claimed} bytes while {what}, where at most "
+                f"{max_tensor_bytes} are expected; nothing of it was allocated"
+            )
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
         posts = [
             lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()
