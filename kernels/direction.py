@@ -185,21 +185,43 @@ FAMILY_SPHERE = tl.constexpr(FAMILY_CODES["sphere"])
 
 
 @triton.jit
+def counter_word(m, k0, k1):
+    """Philox word ``m % 4`` of Rademacher counter ``m // 4`` (``m``: int64 word indices, any shape).
+
+    Word ``m`` holds the signs of coordinates ``32m .. 32m+31``. Each element computes the whole
+    Philox call and keeps one of its four words: one call per 32 coordinates."""
+    n = m >> 2
+    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (n >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    which = m & 3
+    return tl.where(which == 0, x0, tl.where(which == 1, x1, tl.where(which == 2, x2, x3)))
+
+
+@triton.jit
+def word_signs(words):
+    """+-1.0 float32 ``[W, 32]`` from uint32 words ``[W]``: ``[w, j]`` is bit ``j`` of word ``w``
+    (least significant first), a 1 bit giving -1.0: the sign bit of 1.0 set by an integer shift."""
+    bit31 = (words[:, None] << (31 - tl.arange(0, 32)).to(tl.uint32)[None, :]) & 0x80000000
+    return (bit31 | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def block_signs(b, offset, k0, k1, BN: tl.constexpr):
     """Rademacher z (+-1.0 float32) for program ``b`` of a tensor at ``offset``, element order.
 
     The program owns Rademacher counters ``offset // 128 + b*BN + [0, BN)`` (128 coordinates
     each); its elements are ``b*128*BN - offset % 128 + [0, 128*BN)`` (:func:`rademacher_elements`).
     Coordinate ``128n + 32w + j`` takes bit ``j`` of word ``x_w`` of counter ``n``; a 1 bit is -1.
+    The ``4*BN`` words are computed one per tensor element (:func:`counter_word`) and their bits
+    expanded with shifts; at the GPU launch (``BN`` = threads per program / 4,
+    ``kernels/multi_tensor.py`` ``family_layout``) each thread computes one Philox call, keeps
+    one word and the 32 coordinates' signs reach their threads through one layout conversion,
+    instead of every thread recomputing the counters of its own elements.
     """
-    n = offset // 128 + b * BN + tl.arange(0, BN).to(tl.int64)
-    c0 = (n & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (n >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
-    words = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BN, 4))  # x0 x1 x2 x3 per counter
-    bits = (words[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
-    return tl.where(tl.reshape(bits, (128 * BN, )) != 0, -1.0, 1.0)
+    m = (offset // 128 + b * BN) * 4 + tl.arange(0, 4 * BN).to(tl.int64)
+    return tl.reshape(word_signs(counter_word(m, k0, k1)), (128 * BN, ))
 
 
 @triton.jit
