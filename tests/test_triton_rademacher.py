@@ -115,3 +115,50 @@ def test_zo_update_matches_the_reference(dtype, q, block_counters):
                       block_counters=block_counters)
     assert all(_same_bits(got, w_want) for got, w_want in zip(ws, want))
     assert (_bits(ws[-1]) != _bits(before[-1])).float().mean() > 0.3
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused linear / embedding tiles (kernels/perturbed_linear.py span_signs / row_signs)
+# ------------------------------------------------------------------------------------------------
+def _reference_perturbed(t: torch.Tensor, seed: int, scale: float, offset: int) -> torch.Tensor:
+    out = t.clone().cpu()
+    ref.perturb([t.cpu()], [out], [offset], *_keys(seed), scale, family=FAMILY)
+    return out
+
+
+@pytest.mark.parametrize("w_offset,k", [(3, 100), (64, 96), (2**33 + 17, 40)], ids=["unaligned", "aligned", "far"])
+def test_fused_linear_tiles_at_the_gpu_block_sizes(w_offset, k):
+    """The GPU's tiles (BK = 32, BN = 64: several k-steps, a partial last one, two column tiles):
+    with x = identity rows the output is the perturbed weight, and with x = 0 the perturbed bias
+    (its offset not a multiple of 32), bit for bit against the reference perturb."""
+    from hosl.kernels import perturbed_linear as pl
+
+    n, seeds, scales = 70, [7, 2**64 - 1], [float(np.float32(s)) for s in (0.5, -0.25)]
+    w, b = _weights(n * k, torch.float32, 1).reshape(n, k), _weights(n, torch.float32, 2)
+    b_offset = w_offset + n * k + 5
+    keys_lo, keys_hi = zip(*(_keys(s) for s in seeds))
+    blocks = {"DB": 2, "BM": 16, "BN": 64, "BK": 32}
+    eye = torch.eye(k, dtype=torch.float32, device=DEVICE)
+    y = pl.perturbed_linear(eye, w, None, w_offset, None, keys_lo, keys_hi, scales, True, blocks=blocks, family=FAMILY)
+    zero = torch.zeros((1, k), dtype=torch.float32, device=DEVICE)
+    yb = pl.perturbed_linear(zero, w, b, w_offset, b_offset, keys_lo, keys_hi, scales, True, blocks=blocks,
+                             family=FAMILY)
+    assert pl.aligned(FAMILY, w_offset, k, blocks["BK"]) == (w_offset % 32 == 0 and k % 32 == 0)
+    for d, (seed, scale) in enumerate(zip(seeds, scales)):
+        assert _same_bits(y[d].T.contiguous().cpu(), _reference_perturbed(w, seed, scale, w_offset)), d
+        assert _same_bits(yb[d, 0].cpu(), _reference_perturbed(b, seed, scale, b_offset)), d
+
+
+@pytest.mark.parametrize("w_offset,hidden", [(5, 70), (2**35 + 64, 96)], ids=["unaligned", "aligned"])
+def test_fused_embedding_tiles_at_the_gpu_block_sizes(w_offset, hidden):
+    from hosl.kernels import perturbed_embedding as pe
+
+    vocab, seeds, scales = 11, [3, 0x0123456789ABCDEF], [float(np.float32(s)) for s in (0.5, -0.25)]
+    w = _weights(vocab * hidden, torch.bfloat16, 3).reshape(vocab, hidden)
+    ids = torch.tensor([4, 0, 10, 4, 7], dtype=torch.int64, device=DEVICE)
+    keys_lo, keys_hi = zip(*(_keys(s) for s in seeds))
+    y = pe.perturbed_embedding(ids, w, w_offset, keys_lo, keys_hi, scales, True,
+                               blocks={"DB": 2, "BT": 4, "BH": 64}, family=FAMILY)
+    for d, (seed, scale) in enumerate(zip(seeds, scales)):
+        table = _reference_perturbed(w, seed, scale, w_offset)
+        assert _same_bits(y[d].cpu(), table[ids.cpu()]), d
