@@ -30,7 +30,7 @@
 #   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q,
 #            2048 rows per direction, and the lowrank family's x W^T + s (x V) U^T at ranks 1 and 4 (one
 #            GEMM over the D x 2048 rows + a rank-R term per direction) against the same clean rows;
-#            and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
+#            and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json; these with the Rademacher family too)
 #   kernels  benchmarks/direction_kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
 #
 # Output under $OUT (default gpu-results/), three files (the device tool brings back only a handful):
@@ -135,7 +135,7 @@ fi
 if ((DRY)); then
   KERNEL_ARGS=(--device cpu --backends cpu,triton --numel 1024 --tensors 2 --repeats 1)
   LINEAR_ARGS=(--device cpu --backends triton,cpu --shapes 32x48 --tokens 8 --directions 1,4 --dtypes float32 --repeats 1
-               --ranks 1,4)
+               --ranks 1,4 --families rademacher)
   STEP_MODELS=(tiny-opt:tiny-opt)
   STEP_ARGS=(--device cpu --cut 2 --batch 2 --seq 8 --queries 2 --repeats 1)
   MEMORY_ARGS=(--device cpu --models tiny-opt --dtypes float32 --batch 4 --seq 16 --cut 2 --threads 1 --modes fo-sl,hosl)
@@ -293,11 +293,11 @@ stage_linear() {
   local rc=0 rows
   "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --json "$OUT/linear.json" || rc=1
   # few rows per direction, where the optimizer still picks the fused kernel on CUDA (up to 64 rows,
-  # hosl.ops.dispatch.FUSED_LINEAR_MAX_ROWS): measures that threshold
+  # hosl.ops.dispatch.FUSED_LINEAR_MAX_ROWS): measures that threshold, and the fused Rademacher tile
   if ((!DRY)); then
     for rows in 16 64 256; do
       "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --shapes 2048x2048 --tokens "$rows" \
-        --json "$OUT/linear-rows$rows.json" || rc=1
+        --families rademacher --json "$OUT/linear-rows$rows.json" || rc=1
     done
   fi
   return $rc

@@ -119,7 +119,8 @@ def test_linear_figures(dry_run):
     directions = {v["directions"] for v in rows.values()}
     assert directions == {1, 4}
     for d in directions:
-        for case in ("clean", "triton", "triton/shared", "cpu", "lowrank-r1", "lowrank-r4", "lowrank-r4/shared"):
+        for case in ("clean", "triton", "triton/shared", "cpu", "lowrank-r1", "lowrank-r4", "lowrank-r4/shared",
+                     "triton-rademacher", "triton-rademacher/shared", "cpu-rademacher"):
             row = rows[f"float32/32x48/D{d}/{case}"]
             assert _positive_finite(row["seconds"]) and _positive_finite(row["tflops"])
         assert rows[f"float32/32x48/D{d}/clean"]["over_clean"] == 1.0
