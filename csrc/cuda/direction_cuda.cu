@@ -18,7 +18,7 @@
 // hosl_direction.h; tests/test_cuda_rademacher_layout.py runs that arithmetic on the host). That is
 // one Philox call per 32 coordinates instead of one per 4 (the 2026-11-30 H200 run, with the
 // latter, reached 15% of the copy roof on the Rademacher update: docs/results.md, "GPU"; the new
-// pass is to be timed on the next GPU run, scripts/gpu_check.sh stage "kernels").
+// pass is to be timed on the next GPU run, scripts/gpu_check.sh stages "rademacher" and "kernels").
 // The per-tensor factor (sphere) is passed to direction4 whenever the host gave factors; sq_norms
 // reduces sphere_sq_term per warp and adds it atomically (integers: exact in any order).
 //
