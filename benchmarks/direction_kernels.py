@@ -29,6 +29,7 @@ avx512 / avx2 / scalar) the C++ kernels ran; ``--isa`` forces one (the CPU must 
     python benchmarks/direction_kernels.py --json results.json [--numel 1048576 --tensors 16 --repeats 5]
     python benchmarks/direction_kernels.py --isa scalar --json scalar.json   # force a SIMD variant of hosl._C
     python benchmarks/direction_kernels.py --device cuda --json gpu.json [--numel 16777216 --repeats 20]
+    python benchmarks/direction_kernels.py --device cuda --cases perturb_rademacher,update_q10_rademacher
     TRITON_INTERPRET=1 python benchmarks/direction_kernels.py --backends cpu,triton --numel 4096 --tensors 2 --repeats 1
 """
 
@@ -76,6 +77,11 @@ def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
     return best
 
 
+# The ops timed, in the table's order (--cases picks some).
+CASES = ("perturb", "perturb_out", "update_q1", "update_q10", "perturb_rademacher", "perturb_out_rademacher",
+         "update_q1_rademacher", "update_q10_rademacher", "perturb_sphere", "update_q10_sphere", "sphere_scales")
+
+
 def _default_backends(device: str) -> str:
     return "cpu" if device == "cpu" else "cuda,triton"
 
@@ -94,10 +100,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--isa", default=None, choices=("avx512", "avx2", "scalar"),
                         help="SIMD variant of the C++ CPU kernels (default: the best this CPU supports, "
                              "or HOSL_CPU_ISA)")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated ops to time (default: all), e.g. update_q10_rademacher; "
+                             "each backend gets its row of each")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     backends = (args.backends or _default_backends(args.device)).split(",")
+    wanted = CASES if args.cases is None else tuple(args.cases.split(","))
+    unknown = [c for c in wanted if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {', '.join(unknown)} (expected some of {', '.join(CASES)})")
 
     from hosl.ops import available_backends, perturb_, sphere_scales, zo_update_
     from hosl.ops.backends import cpu as cpu_backend
@@ -200,6 +213,8 @@ def main(argv=None) -> dict:
             "sphere_scales": (lambda backend=backend: sphere_scales(weights, seed, backend=backend),
                               mezo_perturb, roof_inplace),
         })
+        assert tuple(rows) == CASES, "CASES lists the rows above, in order"
+        rows = {name: fns for name, fns in rows.items() if name in wanted}
         cases.update({name + suffix: (backend, *fns) for name, fns in rows.items()})
 
     element_bytes = weights[0].element_size()

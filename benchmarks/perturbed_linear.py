@@ -11,6 +11,10 @@ over ``--tokens`` rows, 16 x 128 by default) and each number of directions ``D``
                 input shared by all directions (the first layer of a client: the embedding output is the
                 same for every direction).
 
+* ``<backend>-<family>`` (``--families``, e.g. ``rademacher``): the same two calls with ``family=``
+                (the fused Triton tile of that family, or the backend's materialised weights), and
+                ``<backend>-<family>/shared``.
+
 * ``lowrank-r<R>`` (``--ranks``, e.g. ``1,4``): the same call with ``family="lowrank", rank=R``:
                 one GEMM ``x W^T`` over all ``D x tokens`` rows plus a batched rank-R term per direction
                 (``hosl/ops/lowrank.py``, any device), and ``lowrank-r<R>/shared``.
@@ -85,11 +89,22 @@ def main(argv=None) -> dict:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--ranks", default="", help="also the lowrank family at these ranks, e.g. 1,4 (default: none)")
+    p.add_argument("--families", default="",
+                   help="also these direction families through each backend, e.g. rademacher (default: none; "
+                        "the Gaussian always runs)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")
 
     import hosl
+    from hosl.directions.families import FAMILIES
+
+    families = [f for f in a.families.split(",") if f]
+    kernel_families = [f.name for f in FAMILIES.entries() if f.code is not None and f.name != "gaussian"]
+    unknown = [f for f in families if f not in kernel_families]
+    if unknown:
+        p.error(f"--families: {', '.join(unknown)} is not one of {', '.join(kernel_families)} "
+                "(the Gaussian always runs; lowrank: --ranks)")
 
     backends = (a.backends or ("triton,cuda" if a.device == "cuda" else "cpu")).split(",")
     available = hosl.ops.available_backends()
@@ -122,6 +137,15 @@ def main(argv=None) -> dict:
                     rows[f"{backend}/shared"] = best_seconds(
                         lambda: hosl.ops.perturbed_linear(x[0], w, b, seeds=seeds, scales=scales, weight_offset=0,
                                                           bias_offset=n * k, backend=backend), a.repeats, a.device)
+                for family in families:
+                    fam = dict(seeds=seeds, scales=scales, weight_offset=0, bias_offset=n * k, family=family)
+                    for backend in backends:
+                        rows[f"{backend}-{family}"] = best_seconds(
+                            lambda: hosl.ops.perturbed_linear(x, w, b, per_direction_input=True, backend=backend,
+                                                              **fam), a.repeats, a.device)
+                        rows[f"{backend}-{family}/shared"] = best_seconds(
+                            lambda: hosl.ops.perturbed_linear(x[0], w, b, backend=backend, **fam), a.repeats,
+                            a.device)
                 for rank in (int(v) for v in a.ranks.split(",") if v):
                     low = dict(seeds=seeds, scales=scales, weight_offset=0, bias_offset=n * k, family="lowrank",
                                rank=rank)
@@ -139,7 +163,8 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/perturbed_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": a.device,
         "device_name": torch.cuda.get_device_name() if a.device == "cuda" else (platform.processor() or platform.machine()),
-        "backends": backends, "ranks": [int(v) for v in a.ranks.split(",") if v], "torch": torch.__version__,
+        "backends": backends, "ranks": [int(v) for v in a.ranks.split(",") if v], "families": families,
+        "torch": torch.__version__,
         "repeats": a.repeats,
         "timing": f"min of {a.repeats} after a warm-up" + (", torch.cuda.Event" if a.device == "cuda" else ""),
     }

@@ -293,6 +293,31 @@ HOSL_HOST_DEVICE float rademacher_at(uint32_t key_lo, uint32_t key_hi, uint64_t 
   return rademacher_from_word(word, static_cast<uint32_t>(i) & 31u);
 }
 
+// The CUDA kernels' Rademacher pass (csrc/cuda/direction_cuda.cu), one warp of 32 lanes over
+// kRademacherWarpCounters consecutive counters, with one Philox call per lane:
+//   * lane s computes counter first + s % 8 and keeps its word x_{s / 8} (rademacher_lane_word):
+//     the 8 counters' 32 words, one per lane, each holding the signs of 32 coordinates;
+//   * at step j (0 .. 7) the warp covers counter first + j, lane l its coordinates
+//     128 (first + j) + 4 l .. + 3: bits 4 (l % 8) .. + 3 of word x_{l / 8} of that counter, which
+//     lane rademacher_source_lane(l, j) = 8 (l / 8) + j holds (one shuffle per step).
+// A lane thus draws one Philox word for the 32 coordinates it covers over the 8 steps. Written for
+// host and device so that a host program can check the arithmetic against rademacher_at
+// (tests/test_cuda_rademacher_layout.py).
+constexpr uint32_t kRademacherWarpCounters = 8;
+HOSL_HOST_DEVICE uint32_t rademacher_lane_word(uint64_t first, uint32_t lane, uint32_t key_lo, uint32_t key_hi) {
+  const Philox4 x = philox4x32_10(first + (lane % kRademacherWarpCounters), key_lo, key_hi);
+  const uint32_t which = lane / kRademacherWarpCounters;
+  return which == 0 ? x.x0 : which == 1 ? x.x1 : which == 2 ? x.x2 : x.x3;
+}
+HOSL_HOST_DEVICE uint32_t rademacher_source_lane(uint32_t lane, uint32_t step) {
+  return (lane / kRademacherWarpCounters) * kRademacherWarpCounters + step;
+}
+// The first of lane `lane`'s 4 coordinates at step `step`, and the bit of the word it reads.
+HOSL_HOST_DEVICE uint64_t rademacher_lane_coord(uint64_t first, uint32_t lane, uint32_t step) {
+  return ((first + step) << kRademacherShift) + 4u * lane;
+}
+HOSL_HOST_DEVICE uint32_t rademacher_lane_bit(uint32_t lane) { return 4u * (lane % kRademacherWarpCounters); }
+
 // direction4<F>(group, k0, k1, factor, z): the family's definition for the compiled kernels.
 // z[0..3] = z(key, 4*group + j), j < 4, of family F under key (k0, k1): the four coordinates of
 // one group of 4 (for the Gaussian family, exactly one Philox counter). `factor` is the per-tensor

@@ -177,7 +177,7 @@ def block_normals(b, offset, k0, k1, BN: tl.constexpr):
 
 # Direction families: the FAMILY constexpr of the kernels takes hosl.directions.families.FAMILY_CODES.
 # A family's Triton definition is its constant here plus its branch of family_direction (and of
-# family_elements if its layout is not 4 coordinates per counter); tests/test_family_codes.py
+# family_span if its layout is not 4 coordinates per counter); tests/test_family_codes.py
 # checks that the constants below are exactly spec's families.
 FAMILY_GAUSSIAN = tl.constexpr(FAMILY_CODES["gaussian"])
 FAMILY_RADEMACHER = tl.constexpr(FAMILY_CODES["rademacher"])
@@ -185,27 +185,43 @@ FAMILY_SPHERE = tl.constexpr(FAMILY_CODES["sphere"])
 
 
 @triton.jit
-def block_signs(b, offset, k0, k1, BN: tl.constexpr):
-    """Rademacher z (+-1.0 float32) for program ``b`` of a tensor at ``offset``, element order.
+def counter_word(m, k0, k1):
+    """Philox word ``m % 4`` of Rademacher counter ``m // 4`` (``m``: int64 word indices, any shape).
 
-    The program owns Rademacher counters ``offset // 128 + b*BN + [0, BN)`` (128 coordinates
-    each); its elements are ``b*128*BN - offset % 128 + [0, 128*BN)`` (:func:`rademacher_elements`).
-    Coordinate ``128n + 32w + j`` takes bit ``j`` of word ``x_w`` of counter ``n``; a 1 bit is -1.
-    """
-    n = offset // 128 + b * BN + tl.arange(0, BN).to(tl.int64)
+    Word ``m`` holds the signs of coordinates ``32m .. 32m+31``. Each element computes the whole
+    Philox call and keeps one of its four words: one call per 32 coordinates."""
+    n = m >> 2
     c0 = (n & 0xFFFFFFFF).to(tl.uint32)
     c1 = (n >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
     x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
-    words = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BN, 4))  # x0 x1 x2 x3 per counter
-    bits = (words[:, :, None] >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1
-    return tl.where(tl.reshape(bits, (128 * BN, )) != 0, -1.0, 1.0)
+    which = m & 3
+    return tl.where(which == 0, x0, tl.where(which == 1, x1, tl.where(which == 2, x2, x3)))
 
 
 @triton.jit
-def rademacher_elements(b, offset, BN: tl.constexpr):
-    """Element indices (int64, mask them) of program ``b`` of a tensor in the Rademacher layout."""
-    return b * (128 * BN) - offset % 128 + tl.arange(0, 128 * BN).to(tl.int64)
+def word_signs(words):
+    """+-1.0 float32 ``[W, 32]`` from uint32 words ``[W]``: ``[w, j]`` is bit ``j`` of word ``w``
+    (least significant first), a 1 bit giving -1.0: the sign bit of 1.0 set by an integer shift."""
+    bit31 = (words[:, None] << (31 - tl.arange(0, 32)).to(tl.uint32)[None, :]) & 0x80000000
+    return (bit31 | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def block_signs(b, offset, k0, k1, BN: tl.constexpr):
+    """Rademacher z (+-1.0 float32) for program ``b`` of a tensor at ``offset``, element order.
+
+    The program owns Rademacher counters ``offset // 128 + b*BN + [0, BN)`` (128 coordinates
+    each); its elements are ``b*128*BN - offset % 128 + [0, 128*BN)`` (:func:`family_span`).
+    Coordinate ``128n + 32w + j`` takes bit ``j`` of word ``x_w`` of counter ``n``; a 1 bit is -1.
+    The ``4*BN`` words are computed one per tensor element (:func:`counter_word`) and their bits
+    expanded with shifts; at the GPU launch (``BN`` = threads per program / 4,
+    ``kernels/multi_tensor.py`` ``family_layout``) each thread computes one Philox call, keeps
+    one word and the 32 coordinates' signs reach their threads through one layout conversion,
+    instead of every thread recomputing the counters of its own elements.
+    """
+    m = (offset // 128 + b * BN) * 4 + tl.arange(0, 4 * BN).to(tl.int64)
+    return tl.reshape(word_signs(counter_word(m, k0, k1)), (128 * BN, ))
 
 
 # The family branch of the multi-tensor kernels (randn, perturb, zo_update): the two functions
@@ -215,18 +231,43 @@ def rademacher_elements(b, offset, BN: tl.constexpr):
 
 
 @triton.jit
-def family_elements(b, offset, FAMILY: tl.constexpr, BN: tl.constexpr):
-    """Element indices of program ``b``: BN counters of 128 (Rademacher) or of 4 coordinates (the
-    layout of every other family)."""
+def program_span(start, numel, WIDTH: tl.constexpr):
+    """``(start, local, mask)`` for elements ``start + local``, ``local`` int32 ``0 .. WIDTH-1``,
+    ``mask`` those in ``[0, numel)`` (``start``: int64 scalar, negative for a program that begins
+    before its tensor)."""
+    local = tl.arange(0, WIDTH)
+    lo = tl.minimum(tl.maximum(-start, 0), WIDTH).to(tl.int32)
+    hi = tl.maximum(tl.minimum(numel - start, WIDTH), 0).to(tl.int32)
+    return start, local, (local >= lo) & (local < hi)
+
+
+@triton.jit
+def family_span(b, offset, numel, FAMILY: tl.constexpr, BN: tl.constexpr):
+    """Program ``b``'s elements of a tensor of ``numel`` elements at ``offset``, as ``(start, local,
+    mask)`` (:func:`program_span`): BN counters of 128 (Rademacher) or of 4 coordinates (every other
+    family), so elements ``b*128*BN - offset % 128 + [0, 128*BN)`` or ``b*4*BN - offset % 4 + [0, 4*BN)``.
+
+    Kernels address ``base + start`` once (:func:`element_address`) and index it with the int32
+    ``local``: int64 indices per element cost registers (the Rademacher perturb for sm_90 took 168
+    per thread with them, 80 without)."""
     if FAMILY == FAMILY_RADEMACHER:
-        return rademacher_elements(b, offset, BN)
+        return program_span(b * (128 * BN) - offset % 128, numel, 128 * BN)
     else:
-        return block_elements(b, offset, BN)
+        return program_span(b * (4 * BN) - offset % 4, numel, 4 * BN)
+
+
+@triton.jit
+def element_address(addr, start, DTYPE: tl.constexpr):
+    """The integer address of element ``start`` of the tensor at integer address ``addr``."""
+    if DTYPE == DTYPE_F32:
+        return addr + start * 4
+    else:
+        return addr + start * 2
 
 
 @triton.jit
 def family_direction(b, offset, k0, k1, factor, FAMILY: tl.constexpr, BN: tl.constexpr):
-    """z of the family for the elements of :func:`family_elements`; ``factor``: the per-tensor
+    """z of the family for the elements of :func:`family_span`, in order; ``factor``: the per-tensor
     factor (sphere: ``factor * z_gaussian``; 1.0 for the families without one).
 
     A FAMILY code without a branch here fails to compile (it must not fall back to Gaussian)."""

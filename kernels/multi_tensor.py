@@ -95,10 +95,16 @@ def direction_table(keys_lo, keys_hi, scales, device) -> torch.Tensor:
 
 
 def family_layout(family: str, block_counters: int) -> tuple[int, int]:
-    """(counters per program, coordinates per counter) of a family's launch: every family's programs
-    cover 4 * block_counters coordinates, in counters of its ``coords_per_counter`` (Rademacher: 128)."""
+    """(counters per program, coordinates per counter) of a family's launch.
+
+    A family of 4 coordinates per counter takes ``block_counters`` counters (at the GPU's 256 and
+    4 warps: 1024 coordinates, 8 per thread). A family of 128 (Rademacher) covers 4 times as many
+    coordinates, ``block_counters // 8`` counters: at the GPU's 256, 32 counters whose 128 Philox
+    words are one per thread, each serving 32 coordinates (``kernels/direction.py`` ``block_signs``)."""
     per_counter = FAMILIES[family].coords_per_counter
-    return max(1, block_counters * 4 // per_counter), per_counter
+    if per_counter == 4:
+        return block_counters, per_counter
+    return max(1, block_counters * 16 // per_counter), per_counter
 
 
 def family_variants(block_counters: int = 256) -> list[tuple[int, int, tuple[int, ...]]]:

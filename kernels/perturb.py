@@ -5,8 +5,8 @@ import triton.language as tl
 
 from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, default_block_counters, on_device
-from hosl.kernels.direction import FAMILY_SPHERE, family_direction, family_elements, load_f32, scalar_f32, seed_key, \
-    store_rne
+from hosl.kernels.direction import FAMILY_SPHERE, element_address, family_direction, family_span, load_f32, scalar_f32, \
+    seed_key, store_rne
 
 
 @triton.jit(do_not_specialize=["num_rows", "key_lo", "key_hi", "scale_bits"])
@@ -19,11 +19,10 @@ def perturb_kernel(table, num_rows, key_lo, key_hi, scale_bits, DTYPE: tl.conste
     factor = 1.0
     if FAMILY == FAMILY_SPHERE:
         factor = scalar_f32(tl.load(table + num_rows * mt.ROW_C + row))
-    e = family_elements(b, offset, FAMILY, BN)
-    mask = (e >= 0) & (e < numel)
+    start, local, mask = family_span(b, offset, numel, FAMILY, BN)
     z = family_direction(b, offset, k0, k1, factor, FAMILY, BN)
-    w = load_f32(src, e, mask, DTYPE)
-    store_rne(dst, e, w + scale * z, mask, DTYPE)
+    w = load_f32(element_address(src, start, DTYPE), local, mask, DTYPE)
+    store_rne(element_address(dst, start, DTYPE), local, w + scale * z, mask, DTYPE)
 
 
 _SIG = {"table": "*i64", "num_rows": "i32", "key_lo": "i32", "key_hi": "i32", "scale_bits": "i32"}

@@ -20,7 +20,7 @@ from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, INTERPRET, on_device
 from hosl.kernels.direction import (FAMILY_RADEMACHER, FAMILY_SPHERE, element_normals, load_direction_group, load_f32,
                                     row_normals, store_rne)
-from hosl.kernels.perturbed_linear import _factor_table, aligned, element_signs, load_factors, row_signs
+from hosl.kernels.perturbed_linear import _factor_table, aligned, load_factors, row_signs, span_signs
 
 
 @triton.jit(do_not_specialize=["T", "H", "D", "w_offset"])
@@ -49,7 +49,7 @@ def perturbed_embedding_kernel(ids, w, y, dirs, facs, T, H, D, w_offset, DTYPE: 
         if ALIGNED:  # w_offset % 32 == 0, H % 32 == 0, BH % 32 == 0: one Philox word per 32
             z = row_signs(w_offset + tok * H64 + h0, k0[:, None, None], k1[:, None, None], BH // 32)
         else:
-            z = element_signs(w_offset + w_idx, k0[:, None, None], k1[:, None, None])
+            z = span_signs(w_offset + tok * H64 + h0, k0[:, None, None], k1[:, None, None], BH)
     elif ALIGNED:  # w_offset % 4 == 0 and H % 4 == 0: every gathered row starts on a Philox counter
         z = row_normals((w_offset + tok * H64 + h0) >> 2, k0[:, None, None], k1[:, None, None], BH // 4)
     else:
@@ -68,6 +68,7 @@ _AOT = [(perturbed_embedding_kernel, {**_SIG, "w": ptr, "y": ptr},
         {"DTYPE": dtype, "FAMILY": family, "SHARED_IDS": shared, "ALIGNED": aligned, "DB": 4, "BT": 16, "BH": 128})
        for dtype, ptr, shared, aligned, family in ((0, "*fp32", True, True, 0), (1, "*fp16", False, False, 0),
                                                    (2, "*bf16", True, False, 0), (2, "*bf16", True, True, 1),
+                                                   (2, "*bf16", True, False, 1),
                                                    (0, "*fp32", False, True, 2))]
 
 

@@ -7,8 +7,7 @@ import triton.language as tl
 
 from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, default_block_counters, on_device
-from hosl.kernels.direction import block_elements, block_normals, family_direction, family_elements, scalar_f32, \
-    seed_key
+from hosl.kernels.direction import block_elements, block_normals, family_direction, family_span, scalar_f32, seed_key
 from hosl.kernels.multi_tensor import i32
 
 SPHERE_FIXED_ONE = tl.constexpr(float.fromhex("0x1p+24"))  # spec.SPHERE_FRACTION_BITS
@@ -20,9 +19,9 @@ def randn_kernel(out, numel, offset, key_lo, key_hi, factor_bits, BN: tl.constex
     b = tl.program_id(0).to(tl.int64)
     offset = offset.to(tl.int64)
     k0, k1 = seed_key(key_lo, key_hi)
-    e = family_elements(b, offset, FAMILY, BN)
+    start, local, mask = family_span(b, offset, numel, FAMILY, BN)
     z = family_direction(b, offset, k0, k1, scalar_f32(factor_bits), FAMILY, BN)
-    tl.store(out + e, z, mask=(e >= 0) & (e < numel))
+    tl.store(out + start + local, z, mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_rows", "key_lo", "key_hi"])

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from hosl.kernels import multi_tensor as mt
 from hosl.kernels._config import COMPILE_OPTIONS, default_block_counters, on_device
-from hosl.kernels.direction import FAMILY_SPHERE, family_direction, family_elements, load_f32, scalar_f32, store_rne
+from hosl.kernels.direction import FAMILY_SPHERE, element_address, family_direction, family_span, load_f32, scalar_f32, \
+    store_rne
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_dirs", "decay_bits"])
@@ -25,9 +26,8 @@ def zo_update_kernel(table, num_rows, num_dirs, decay_bits, DTYPE: tl.constexpr,
     """FAMILY (direction.FAMILY_*): sphere reads the factor of row r, direction q (float32 bits)
     at ``dirs[3*num_dirs + r*num_dirs + q]``, after the per-direction triples."""
     row, src, dst, numel, offset, b = mt.locate_row(table, num_rows)
-    e = family_elements(b, offset, FAMILY, BN)
-    mask = (e >= 0) & (e < numel)
-    w = load_f32(src, e, mask, DTYPE)
+    start, local, mask = family_span(b, offset, numel, FAMILY, BN)
+    w = load_f32(element_address(src, start, DTYPE), local, mask, DTYPE)
     decay = scalar_f32(decay_bits)
     acc = w - decay * w
     dirs = table + num_rows * mt.ROW_C
@@ -40,7 +40,7 @@ def zo_update_kernel(table, num_rows, num_dirs, decay_bits, DTYPE: tl.constexpr,
             factor = scalar_f32(tl.load(dirs + 3 * num_dirs + row * num_dirs + q))
         z = family_direction(b, offset, k0, k1, factor, FAMILY, BN)
         acc = acc - coeff * z
-    store_rne(dst, e, acc, mask, DTYPE)
+    store_rne(element_address(dst, start, DTYPE), local, acc, mask, DTYPE)
 
 
 _SIG = {"table": "*i64", "num_rows": "i32", "num_dirs": "i32", "decay_bits": "i32"}

@@ -8,11 +8,15 @@
 #
 # Stages, in this order (each under `timeout`; a failing stage is recorded and the next one runs; the
 # exit status is non-zero when any stage failed). The order puts first what no GPU run has measured
-# yet (step, memory) and last what a short budget can most afford to lose (the tests' cold Triton
+# yet (rademacher, step, memory) and last what a short budget can most afford to lose (the tests' cold Triton
 # compiles take ~5 min; kernels and linear were measured on 2026-11-30, docs/results.md "GPU"):
 #   build    python setup.py build_ext --inplace: hosl._C and hosl._C_cuda for this GPU's arch
 #            (TORCH_CUDA_ARCH_LIST defaults to the device's compute capability; MAX_JOBS to nproc)
 #   info     torch / device / backends; fails unless the cuda and triton backends are available
+#   rademacher  benchmarks/direction_kernels.py --cases (the Rademacher perturb, perturb into out,
+#            update Q=1 and Q=10) for the cuda and triton backends against the copy roof, GB/s: the
+#            kernels that draw one Philox word per 32 coordinates (2026-12-07), never timed on a GPU;
+#            seconds, so it runs before the long stages
 #   step     benchmarks/step.py --device cuda, OPT-125M and OPT-1.3B (random weights), 16x128, cut 5,
 #            Q=10: one run per model (one model build) of every step variant: MeZO-style, sequential
 #            exact (hosl), server-batched, batched exact (D = 2Q and auto), linear (both placements),
@@ -26,7 +30,7 @@
 #   linear   benchmarks/perturbed_linear.py: fused perturbed linear vs F.linear on clean weights, D=1 and 2Q,
 #            2048 rows per direction, and the lowrank family's x W^T + s (x V) U^T at ranks 1 and 4 (one
 #            GEMM over the D x 2048 rows + a rank-R term per direction) against the same clean rows;
-#            and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json)
+#            and 2048x2048 at 16, 64 and 256 rows (linear-rows<N>.json; these with the Rademacher family too)
 #   kernels  benchmarks/direction_kernels.py --device cuda: hosl (cuda, triton) vs MeZO-style vs the copy roof, GB/s
 #
 # Output under $OUT (default gpu-results/), three files (the device tool brings back only a handful):
@@ -69,7 +73,7 @@ while (($#)); do
   shift
 done
 
-ALL_STAGES="build info step memory tests linear kernels"
+ALL_STAGES="build info rademacher step memory tests linear kernels"
 if [[ -n "$ONLY" ]]; then
   for s in ${ONLY//,/ }; do
     [[ " $ALL_STAGES " == *" $s "* ]] || { echo "gpu_check.sh: --only: unknown stage $s (stages: $ALL_STAGES)" >&2; exit 2; }
@@ -131,12 +135,12 @@ fi
 if ((DRY)); then
   KERNEL_ARGS=(--device cpu --backends cpu,triton --numel 1024 --tensors 2 --repeats 1)
   LINEAR_ARGS=(--device cpu --backends triton,cpu --shapes 32x48 --tokens 8 --directions 1,4 --dtypes float32 --repeats 1
-               --ranks 1,4)
+               --ranks 1,4 --families rademacher)
   STEP_MODELS=(tiny-opt:tiny-opt)
   STEP_ARGS=(--device cpu --cut 2 --batch 2 --seq 8 --queries 2 --repeats 1)
   MEMORY_ARGS=(--device cpu --models tiny-opt --dtypes float32 --batch 4 --seq 16 --cut 2 --threads 1 --modes fo-sl,hosl)
   TEST_FILTER=(-m gpu)    # collect everything, run the GPU-marked tests (they skip without a GPU)
-  T_BUILD=60 T_INFO=60 T_TESTS=120 T_KERNELS=120 T_LINEAR=60 T_STEP=180 T_MEMORY=120
+  T_BUILD=60 T_INFO=60 T_RADEMACHER=120 T_TESTS=120 T_KERNELS=120 T_LINEAR=60 T_STEP=180 T_MEMORY=120
 else
   KERNEL_ARGS=(--device cuda --numel $((1 << 24)) --tensors 16 --repeats 10)
   LINEAR_ARGS=(--device cuda --repeats 10 --ranks 1,4)
@@ -146,7 +150,7 @@ else
   TEST_FILTER=(-k "not test_ptx")  # the PTX checks need nvcc only and run in CI already
   # cold, the Triton JIT compiles dominate: spread them over processes where pytest-xdist exists
   if "$PY" -c 'import xdist' 2>/dev/null; then TEST_FILTER+=(-n 8); fi
-  T_BUILD=300 T_INFO=60 T_TESTS=420 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
+  T_BUILD=300 T_INFO=60 T_RADEMACHER=90 T_TESTS=420 T_KERNELS=120 T_LINEAR=120 T_STEP=300 T_MEMORY=240
 fi
 TEST_FILES=(tests/test_cuda_kernels.py tests/test_backend_identity.py tests/test_triton_backend.py
             tests/test_perturbed_linear.py tests/test_perturbed_embedding.py tests/test_fused_forward.py
@@ -276,6 +280,11 @@ EOF
   return $rc
 }
 
+RADEMACHER_CASES=perturb_rademacher,perturb_out_rademacher,update_q1_rademacher,update_q10_rademacher
+stage_rademacher() {
+  "$PY" benchmarks/direction_kernels.py "${KERNEL_ARGS[@]}" --cases "$RADEMACHER_CASES" --json "$OUT/rademacher.json"
+}
+
 stage_kernels() {
   "$PY" benchmarks/direction_kernels.py "${KERNEL_ARGS[@]}" --json "$OUT/kernels.json"
 }
@@ -284,11 +293,11 @@ stage_linear() {
   local rc=0 rows
   "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --json "$OUT/linear.json" || rc=1
   # few rows per direction, where the optimizer still picks the fused kernel on CUDA (up to 64 rows,
-  # hosl.ops.dispatch.FUSED_LINEAR_MAX_ROWS): measures that threshold
+  # hosl.ops.dispatch.FUSED_LINEAR_MAX_ROWS): measures that threshold, and the fused Rademacher tile
   if ((!DRY)); then
     for rows in 16 64 256; do
       "$PY" benchmarks/perturbed_linear.py "${LINEAR_ARGS[@]}" --shapes 2048x2048 --tokens "$rows" \
-        --json "$OUT/linear-rows$rows.json" || rc=1
+        --families rademacher --json "$OUT/linear-rows$rows.json" || rc=1
     done
   fi
   return $rc
@@ -322,6 +331,7 @@ else
   run_stage build "$T_BUILD"
 fi
 run_stage info "$T_INFO"
+run_stage rademacher "$T_RADEMACHER"
 run_stage step "$T_STEP"
 run_stage memory "$T_MEMORY"
 run_stage tests "$T_TESTS"

@@ -3,7 +3,7 @@
     python scripts/gpu_report.py gpu-results > gpu.md                  # the folder ($OUT)
     python scripts/gpu_report.py gpu-results/gpu-results.tgz > gpu.md  # or the archive in it
 
-Reads summary.json, info.json, tests.json, kernels.json, linear.json, step-*.json and memory.json
+Reads summary.json, info.json, tests.json, rademacher.json, kernels.json, linear.json, step-*.json and memory.json
 (whichever exist: a stage that failed is shown as such, with its log) from the folder, or from the
 gpu-results.tgz that gpu_check.sh packs them into. Prints to stdout.
 """
@@ -38,6 +38,25 @@ def _missing(stages: dict, name: str) -> list[str]:
     return [f"(stage {name}: {s['status']}, rc {s['rc']}; see `{s['log']}`)", ""]
 
 
+def _kernels_table(folder: Path, stages: dict, stage: str) -> list[str]:
+    """The table of a benchmarks/direction_kernels.py JSON (``<stage>.json``), or why it is missing."""
+    kernels = _load(folder, f"{stage}.json")
+    if not kernels:
+        return _missing(stages, stage)
+    meta = kernels["meta"]
+    out = [f"`benchmarks/direction_kernels.py`: {meta['elements']:,} float32 elements in {meta['tensors']} "
+           f"tensors; GB/s counts one read and one write per element; roof: {meta['roof']}; {meta['timing']}.", ""]
+    rows = []
+    for name, r in kernels.items():
+        if name == "meta":
+            continue
+        rows.append([name.split("[")[0], r.get("backend", meta["backends"][0]), f"{r['hosl_gbps']:.4g}",
+                     f"{r['mezo_gbps']:.4g}", f"{r['roof_gbps']:.4g}", f"{r['roof_fraction']:.0%}",
+                     f"{r['speedup_vs_mezo']:.1f}x"])
+    out += _table(["op", "backend", "hosl GB/s", "MeZO GB/s", "roof GB/s", "hosl / roof", "vs MeZO"], rows)
+    return out + [""]
+
+
 def render(folder: Path) -> str:
     summary = _load(folder, "summary.json")
     if summary is None:
@@ -62,24 +81,10 @@ def render(folder: Path) -> str:
                    + ".")
         out.append("")
 
+    out += ["### Rademacher kernels (one Philox word per 32 coordinates)", ""]
+    out += _kernels_table(folder, stages, "rademacher")
     out += ["### Direction kernels", ""]
-    kernels = _load(folder, "kernels.json")
-    if kernels:
-        meta = kernels["meta"]
-        out.append(f"`benchmarks/direction_kernels.py`: {meta['elements']:,} float32 elements in {meta['tensors']} "
-                   f"tensors; GB/s counts one read and one write per element; roof: {meta['roof']}; {meta['timing']}.")
-        out.append("")
-        rows = []
-        for name, r in kernels.items():
-            if name == "meta":
-                continue
-            rows.append([name.split("[")[0], r.get("backend", meta["backends"][0]), f"{r['hosl_gbps']:.4g}",
-                         f"{r['mezo_gbps']:.4g}", f"{r['roof_gbps']:.4g}", f"{r['roof_fraction']:.0%}",
-                         f"{r['speedup_vs_mezo']:.1f}x"])
-        out += _table(["op", "backend", "hosl GB/s", "MeZO GB/s", "roof GB/s", "hosl / roof", "vs MeZO"], rows)
-        out.append("")
-    else:
-        out += _missing(stages, "kernels")
+    out += _kernels_table(folder, stages, "kernels")
 
     out += ["### Perturbed linear vs F.linear", ""]
     linear = _load(folder, "linear.json")

@@ -92,6 +92,30 @@ def test_kernel_script_small(tmp_path, script):
         assert row["hosl_over_roof"] == pytest.approx(row["hosl_ns"] / row["roof_ns"], rel=1e-12)
 
 
+def test_kernel_script_times_only_the_cases_asked_for(tmp_path):
+    """--cases (what scripts/gpu_check.sh's rademacher stage passes): only those rows, per backend;
+    an unknown case is refused before anything is timed or written."""
+    out = tmp_path / "kernels.json"
+    run_script("direction_kernels.py", "--numel", "1000", "--tensors", "1", "--repeats", "1",
+               "--cases", "perturb_rademacher,update_q10_rademacher", "--json", str(out))
+    assert set(json.loads(out.read_text())) == {"perturb_rademacher", "update_q10_rademacher", "meta"}
+    bad = tmp_path / "bad.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "direction_kernels.py"), "--cases",
+                           "perturb,rademacher", "--json", str(bad)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--cases: unknown rademacher" in proc.stderr and not bad.exists()
+
+
+def test_linear_script_refuses_a_family_without_a_kernel(tmp_path):
+    """--families takes the families with kernels of their own other than the Gaussian (which always
+    runs); lowrank has --ranks. Refused before anything is timed or written."""
+    out = tmp_path / "linear.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perturbed_linear.py"), "--device", "cpu",
+                           "--families", "rademacher,lowrank", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--families: lowrank is not one of" in proc.stderr and not out.exists()
+
+
 def test_kernel_script_names_cpu_model_and_forced_isa(tmp_path):
     """--isa forces the SIMD variant of the C++ kernels; meta (and so docs/results.md rows) names it
     and the CPU model."""

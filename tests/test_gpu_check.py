@@ -20,7 +20,7 @@ import pytest
 from _scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["build", "info", "step", "memory", "tests", "linear", "kernels"]
+STAGES = ["build", "info", "rademacher", "step", "memory", "tests", "linear", "kernels"]
 
 pytest.importorskip("triton")
 
@@ -93,6 +93,15 @@ def test_tests_stage_collected_the_gpu_tests(dry_run):
 
 
 @pytest.mark.slow
+def test_rademacher_stage_times_only_the_rademacher_kernels(dry_run):
+    data = json.loads((dry_run[0] / "rademacher.json").read_text())
+    cases = ["perturb_rademacher", "perturb_out_rademacher", "update_q1_rademacher", "update_q10_rademacher"]
+    assert set(data) == {"meta", *cases, *(c + "[triton]" for c in cases)}
+    for case in cases:
+        assert _positive_finite(data[case + "[triton]"]["roof_fraction"]), case
+
+
+@pytest.mark.slow
 def test_kernel_figures(dry_run):
     data = json.loads((dry_run[0] / "kernels.json").read_text())
     assert data["meta"]["backends"] == ["cpu", "triton"]
@@ -110,7 +119,8 @@ def test_linear_figures(dry_run):
     directions = {v["directions"] for v in rows.values()}
     assert directions == {1, 4}
     for d in directions:
-        for case in ("clean", "triton", "triton/shared", "cpu", "lowrank-r1", "lowrank-r4", "lowrank-r4/shared"):
+        for case in ("clean", "triton", "triton/shared", "cpu", "lowrank-r1", "lowrank-r4", "lowrank-r4/shared",
+                     "triton-rademacher", "triton-rademacher/shared", "cpu-rademacher"):
             row = rows[f"float32/32x48/D{d}/{case}"]
             assert _positive_finite(row["seconds"]) and _positive_finite(row["tflops"])
         assert rows[f"float32/32x48/D{d}/clean"]["over_clean"] == 1.0
@@ -147,9 +157,11 @@ def test_report_renders_the_folder(dry_run):
     assert proc.returncode == 0, proc.stderr
     md = proc.stdout
     assert md.startswith("## GPU")
-    for heading in ("Stages", "Direction kernels", "Perturbed linear", "Step time", "Client memory"):
+    for heading in ("Stages", "Rademacher kernels (one Philox word per 32 coordinates)", "Direction kernels",
+                    "Perturbed linear", "Step time", "Client memory"):
         assert f"### {heading}" in md, heading
     assert "| update_q10 |" in md and "| tiny-opt |" in md
+    assert "| update_q10_rademacher | triton |" in md
     assert "| tiny-opt | 2x8 | hosl-qb | 2 | 4 |" in md
 
 

@@ -8,14 +8,19 @@
 // are read and written once.
 // Families: a thread's four coordinates are direction4<family> of its counter (hosl_direction.h,
 // the definition shared with the CPU); the kernel is instantiated for every family of
-// HOSL_FAMILIES (launch_family below), so this file names no family except the Gaussian sq_norms.
-// For Rademacher a thread's four coordinates are 4 bits of one Philox word; the 32 threads of a
-// warp cover 128 consecutive aligned coordinates, i.e. all use the same Philox counter, and every
-// lane computes that full Philox (10 rounds) for its 4 coordinates: 32 times the work of one call
-// per counter. That work, not memory, bounds these ops: on the 2026-11-30 H200 run the Rademacher
-// update reached 15% of the copy roof (docs/results.md, "GPU"). The per-tensor factor (sphere)
-// is passed to direction4 whenever the host gave factors; sq_norms reduces sphere_sq_term per warp
-// and adds it atomically (integers: exact in any order).
+// HOSL_FAMILIES (launch_family below), so this file names no family except the Gaussian sq_norms
+// and Rademacher, whose randn/perturb/zo_update take a warp pass of their own (rademacher_span).
+// Rademacher: one Philox call gives the signs of 128 coordinates, so direction4 (one call per 4
+// coordinates) would make the 32 lanes of a warp each recompute the same counter. Instead a warp
+// covers 8 counters (1024 coordinates, chunks of kRademacherChunkCoords per block): each lane
+// computes one Philox call and keeps one word (32 coordinates' signs), and the lanes that need a
+// word read it with one __shfl_sync per step (rademacher_lane_word and the helpers beside it in
+// hosl_direction.h; tests/test_cuda_rademacher_layout.py runs that arithmetic on the host). That is
+// one Philox call per 32 coordinates instead of one per 4 (the 2026-11-30 H200 run, with the
+// latter, reached 15% of the copy roof on the Rademacher update: docs/results.md, "GPU"; the new
+// pass is to be timed on the next GPU run, scripts/gpu_check.sh stages "rademacher" and "kernels").
+// The per-tensor factor (sphere) is passed to direction4 whenever the host gave factors; sq_norms
+// reduces sphere_sq_term per warp and adds it atomically (integers: exact in any order).
 //
 // Build with nvcc -fmad=false --prec-div=true --prec-sqrt=true; the math also uses explicit
 // __f*_rn intrinsics, which nvcc never contracts into FMAs (.ci/check_cuda.sh checks the PTX).
@@ -33,6 +38,11 @@ constexpr int kThreads = 256;
 constexpr uint64_t kCountersPerChunk = 4 * kThreads;       // 4096 coordinates per chunk
 constexpr uint64_t kChunkCoords = 4 * kCountersPerChunk;
 constexpr unsigned kMaxGrid = 1u << 20;                    // blocks beyond this loop (grid-stride)
+constexpr unsigned kWarpSize = 32;
+// Rademacher's randn/perturb/zo_update: each warp of a block covers kRademacherWarpCounters
+// counters of 128 coordinates: 8 warps x 1024 = 8192 coordinates per chunk.
+constexpr uint64_t kRademacherChunkCoords =
+    (kThreads / kWarpSize) * kRademacherWarpCounters * (uint64_t{1} << kRademacherShift);
 
 // The device table: one entry per tensor, then the directions' keys and coefficients.
 struct DeviceSlot {
@@ -57,6 +67,14 @@ struct Table {
 
 enum class Op { kRandn, kPerturb, kUpdate, kSqNorm };
 
+// Whether an op of a family runs the Rademacher warp pass, and its chunk size in coordinates.
+__host__ __device__ constexpr bool warp_rademacher(Family family, Op op) {
+  return family == Family::kRademacher && op != Op::kSqNorm;
+}
+__host__ __device__ constexpr uint64_t chunk_coords(Family family, Op op) {
+  return warp_rademacher(family, op) ? kRademacherChunkCoords : kChunkCoords;
+}
+
 size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 __device__ __forceinline__ int find_slot(const Table& t, uint64_t chunk) {
@@ -68,68 +86,141 @@ __device__ __forceinline__ int find_slot(const Table& t, uint64_t chunk) {
   return lo;
 }
 
+// Rademacher randn/perturb/zo_update over the chunk at coordinate `window` (kRademacherChunkCoords
+// long): warp w covers counters window / 128 + 8 w .. + 7, one Philox call per lane (per direction),
+// its word shared by shuffles (hosl_direction.h, rademacher_lane_word). Every lane of a warp reaches
+// each __shfl_sync: the only early return depends on the warp's span, not on the lane.
+template <class S, Op kOp>
+__device__ __forceinline__ void rademacher_span(const Table& t, const DeviceSlot& s, uint64_t window, float scale,
+                                                float decay) {
+  using T = typename S::T;
+  constexpr uint32_t kSteps = kRademacherWarpCounters;
+  const uint32_t lane = threadIdx.x % kWarpSize;
+  const uint64_t first = (window >> kRademacherShift) + (threadIdx.x / kWarpSize) * kSteps;
+  const uint64_t span_lo = first << kRademacherShift;
+  const uint64_t span_hi = span_lo + (uint64_t{kSteps} << kRademacherShift) - 1;
+  if (span_hi < s.first || span_lo > s.last) return;
+  const uint32_t bit0 = rademacher_lane_bit(lane);
+  if (kOp == Op::kUpdate) {
+    T* w = static_cast<T*>(s.out);
+    float acc[kSteps][4];
+#pragma unroll
+    for (uint32_t j = 0; j < kSteps; ++j) {
+      const uint64_t coord0 = rademacher_lane_coord(first, lane, j);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint64_t c = coord0 + i;
+        acc[j][i] = (c >= s.first && c <= s.last) ? update_start(S::load(w[c - s.first]), decay) : 0.0f;
+      }
+    }
+    for (int q = 0; q < t.num_dirs; ++q) {
+      const uint32_t word = rademacher_lane_word(first, lane, t.keys_lo[q], t.keys_hi[q]);
+      const float coeff = t.coeffs[q];
+#pragma unroll
+      for (uint32_t j = 0; j < kSteps; ++j) {
+        const uint32_t signs = __shfl_sync(0xFFFFFFFFu, word, rademacher_source_lane(lane, j));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = update_step(acc[j][i], coeff, rademacher_from_word(signs, bit0 + i));
+      }
+    }
+#pragma unroll
+    for (uint32_t j = 0; j < kSteps; ++j) {
+      const uint64_t coord0 = rademacher_lane_coord(first, lane, j);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint64_t c = coord0 + i;
+        if (c >= s.first && c <= s.last) w[c - s.first] = S::store(acc[j][i]);
+      }
+    }
+    return;
+  }
+  const uint32_t word = rademacher_lane_word(first, lane, t.keys_lo[0], t.keys_hi[0]);
+#pragma unroll
+  for (uint32_t j = 0; j < kSteps; ++j) {
+    const uint32_t signs = __shfl_sync(0xFFFFFFFFu, word, rademacher_source_lane(lane, j));
+    const uint64_t coord0 = rademacher_lane_coord(first, lane, j);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint64_t c = coord0 + i;
+      if (c < s.first || c > s.last) continue;
+      const uint64_t e = c - s.first;
+      const float z = rademacher_from_word(signs, bit0 + i);
+      if (kOp == Op::kRandn) {
+        static_cast<float*>(s.out)[e] = z;
+      } else {
+        static_cast<T*>(s.out)[e] = S::store(perturb_element(S::load(static_cast<const T*>(s.in)[e]), scale, z));
+      }
+    }
+  }
+}
+
 template <class S, Op kOp, Family kFam>
 __global__ void __launch_bounds__(kThreads) direction_kernel(Table t, float scale, float decay) {
   using T = typename S::T;
+  constexpr uint64_t kCoords = chunk_coords(kFam, kOp);
   for (uint64_t chunk = blockIdx.x; chunk < t.num_chunks; chunk += gridDim.x) {
     const int slot = find_slot(t, chunk);
     const DeviceSlot s = t.slots[slot];
-    const uint64_t window = (s.first / kChunkCoords + (chunk - s.first_chunk)) * kChunkCoords;
-    for (uint64_t k = threadIdx.x; k < kCountersPerChunk; k += kThreads) {
-      const uint64_t counter = window / 4 + k;
-      const uint64_t coord0 = counter * 4;
-      if (kOp == Op::kSqNorm) {  // every lane reaches the warp reduction
-        unsigned long long sum = 0;
-        if (coord0 + 3 >= s.first && coord0 <= s.last) {
-          float z[4];
-          direction4<Family::kGaussian>(counter, t.keys_lo[0], t.keys_hi[0], 1.0f, z);
+    const uint64_t window = (s.first / kCoords + (chunk - s.first_chunk)) * kCoords;
+    if constexpr (warp_rademacher(kFam, kOp)) {
+      rademacher_span<S, kOp>(t, s, window, scale, decay);
+    } else {
+      for (uint64_t k = threadIdx.x; k < kCountersPerChunk; k += kThreads) {
+        const uint64_t counter = window / 4 + k;
+        const uint64_t coord0 = counter * 4;
+        if (kOp == Op::kSqNorm) {  // every lane reaches the warp reduction
+          unsigned long long sum = 0;
+          if (coord0 + 3 >= s.first && coord0 <= s.last) {
+            float z[4];
+            direction4<Family::kGaussian>(counter, t.keys_lo[0], t.keys_hi[0], 1.0f, z);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const uint64_t i = coord0 + j;
+              if (i >= s.first && i <= s.last) sum += sphere_sq_term(z[j]);
+            }
+          }
+#pragma unroll
+          for (int lane_step = 16; lane_step > 0; lane_step >>= 1) sum += __shfl_down_sync(0xFFFFFFFFu, sum, lane_step);
+          if ((threadIdx.x & 31) == 0 && sum) atomicAdd(t.sums + slot, sum);
+          continue;
+        }
+        if (coord0 + 3 < s.first || coord0 > s.last) continue;
+        if (kOp == Op::kUpdate) {
+          float acc[4];
+          T* w = static_cast<T*>(s.out);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const uint64_t i = coord0 + j;
-            if (i >= s.first && i <= s.last) sum += sphere_sq_term(z[j]);
+            acc[j] = (i >= s.first && i <= s.last) ? update_start(S::load(w[i - s.first]), decay) : 0.0f;
           }
-        }
+          for (int q = 0; q < t.num_dirs; ++q) {
+            float z[4];
+            const float factor = t.dir_scales ? t.dir_scales[slot * t.num_dirs + q] : 1.0f;
+            direction4<kFam>(counter, t.keys_lo[q], t.keys_hi[q], factor, z);
+            const float c = t.coeffs[q];
 #pragma unroll
-        for (int lane_step = 16; lane_step > 0; lane_step >>= 1) sum += __shfl_down_sync(0xFFFFFFFFu, sum, lane_step);
-        if ((threadIdx.x & 31) == 0 && sum) atomicAdd(t.sums + slot, sum);
-        continue;
-      }
-      if (coord0 + 3 < s.first || coord0 > s.last) continue;
-      if (kOp == Op::kUpdate) {
-        float acc[4];
-        T* w = static_cast<T*>(s.out);
+            for (int j = 0; j < 4; ++j) acc[j] = update_step(acc[j], c, z[j]);
+          }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t i = coord0 + j;
-          acc[j] = (i >= s.first && i <= s.last) ? update_start(S::load(w[i - s.first]), decay) : 0.0f;
-        }
-        for (int q = 0; q < t.num_dirs; ++q) {
+          for (int j = 0; j < 4; ++j) {
+            const uint64_t i = coord0 + j;
+            if (i >= s.first && i <= s.last) w[i - s.first] = S::store(acc[j]);
+          }
+        } else {
           float z[4];
-          const float factor = t.dir_scales ? t.dir_scales[slot * t.num_dirs + q] : 1.0f;
-          direction4<kFam>(counter, t.keys_lo[q], t.keys_hi[q], factor, z);
-          const float c = t.coeffs[q];
+          const float factor = t.dir_scales ? t.dir_scales[slot] : 1.0f;
+          direction4<kFam>(counter, t.keys_lo[0], t.keys_hi[0], factor, z);
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[j] = update_step(acc[j], c, z[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t i = coord0 + j;
-          if (i >= s.first && i <= s.last) w[i - s.first] = S::store(acc[j]);
-        }
-      } else {
-        float z[4];
-        const float factor = t.dir_scales ? t.dir_scales[slot] : 1.0f;
-        direction4<kFam>(counter, t.keys_lo[0], t.keys_hi[0], factor, z);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t i = coord0 + j;
-          if (i < s.first || i > s.last) continue;
-          const uint64_t e = i - s.first;
-          if (kOp == Op::kRandn) {
-            static_cast<float*>(s.out)[e] = z[j];
-          } else {
-            const float v = perturb_element(S::load(static_cast<const T*>(s.in)[e]), scale, z[j]);
-            static_cast<T*>(s.out)[e] = S::store(v);
+          for (int j = 0; j < 4; ++j) {
+            const uint64_t i = coord0 + j;
+            if (i < s.first || i > s.last) continue;
+            const uint64_t e = i - s.first;
+            if (kOp == Op::kRandn) {
+              static_cast<float*>(s.out)[e] = z[j];
+            } else {
+              const float v = perturb_element(S::load(static_cast<const T*>(s.in)[e]), scale, z[j]);
+              static_cast<T*>(s.out)[e] = S::store(v);
+            }
           }
         }
       }
@@ -160,11 +251,12 @@ cudaError_t launch(const TensorSlot* slots, size_t num_slots, DType dtype, const
   std::vector<float> factors;  // per-tensor factors (sphere), if any: [kept slot * num_dirs + q]
   table.reserve(num_slots);
   uint64_t chunks = 0;
+  const uint64_t chunk = chunk_coords(family, kOp);  // the kernel's (direction_kernel's kCoords)
   for (size_t j = 0; j < num_slots; ++j) {
     if (slots[j].numel == 0) continue;
     const uint64_t first = slots[j].offset, last = slots[j].offset + (slots[j].numel - 1);
     table.push_back({slots[j].in, slots[j].out, first, last, chunks});
-    chunks += last / kChunkCoords - first / kChunkCoords + 1;
+    chunks += last / chunk - first / chunk + 1;
     if (dir_scales)
       for (size_t q = 0; q < num_dirs; ++q) factors.push_back(dir_scales[q * num_slots + j]);
   }
