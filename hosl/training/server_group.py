@@ -157,6 +157,58 @@ class ServerGroup:
         fully_shard(module, reshard_after_forward=True)
         return module
 
+    # -- checkpoints: one server process's states ------------------------------------------------
+    # FSDP2 keeps each rank's shards; a checkpoint holds the full tensors, gathered to rank 0 (the
+    # other ranks get empty states), so it is the checkpoint of one server process and any P (or
+    # hosl export) reads it. ddp replicas, and one process, hold the full states already.
+    @property
+    def sharded(self) -> bool:
+        return self.distributed and self.parallel == "fsdp"
+
+    def full_state(self, module: nn.Module) -> dict:
+        """``module.state_dict()`` as one process holds it (fsdp: a collective; rank 0 gets it)."""
+        if not self.sharded:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state(self, module: nn.Module, state: dict, strict: bool = True) -> None:
+        """Load one process's ``state`` into ``module`` (fsdp: every rank passes the full state and
+        keeps its shards)."""
+        if not self.sharded:
+            module.load_state_dict(state, strict=strict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def full_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` as one process's optimizer over ``module`` holds it (fsdp: a
+        collective; rank 0 gets the gathered state, its parameters numbered in the optimizer's order)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        by_name = get_optimizer_state_dict(module, optimizer, options=options)
+        if self.rank != 0:
+            return {}
+        index = {name: i for i, name in enumerate(_optimized_names(module, optimizer))}
+        return _renumbered(by_name, index)
+
+    def load_full_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load one process's optimizer ``state`` (fsdp: each rank keeps its shards of it)."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = dict(enumerate(_optimized_names(module, optimizer)))
+        set_optimizer_state_dict(
+            module, optimizer, _renumbered(state, names), options=StateDictOptions(full_state_dict=True)
+        )
+
     # -- rows ----------------------------------------------------------------------------------
     def part(self, rows: int) -> slice:
         """This rank's rows of a batch of ``rows`` (torch.tensor_split's deal: the first
@@ -284,6 +336,20 @@ def check_parallel(size: int, parallel: str) -> None:
         raise ValueError(f"--server-procs must be a whole number of processes >= 1, got {size}")
     if parallel not in PARALLEL:
         raise ValueError(f"--server-parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
+
+
+def _optimized_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in its order (the numbers of its state dict)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _renumbered(state: dict, key: dict) -> dict:
+    """An optimizer state dict with each parameter's key (a name, or a number) mapped by ``key``."""
+    return {
+        "state": {key[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def _gone(pid: int) -> bool:

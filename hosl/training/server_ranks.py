@@ -61,10 +61,11 @@ def check_server_procs(cfg: TrainConfig, procs: int, parallel: str, relayed: boo
             "would not load the checkpoint): resume with --server-procs 1, or run the server with "
             "hosl serve --server-procs (its checkpoints are one server process's)"
         )
-    if parallel == "fsdp":
+    if parallel == "fsdp" and not relayed:
         raise ValueError(
-            "--server-parallel fsdp does not write checkpoints yet (a sharded server half needs "
-            "torch.distributed.checkpoint); use ddp, or benchmarks/server_scaling.py to measure fsdp"
+            "hosl train --server-procs with --server-parallel fsdp is not supported (the run saves the "
+            "server half with the client, unsharded); use ddp, or hosl serve --server-parallel fsdp "
+            "beside a client process or a fleet"
         )
 
 
@@ -293,10 +294,11 @@ def relayed_server_ranks(
         join=False,
         start_method="spawn",
     )
-    # which process is which rank (to watch one, or to signal it)
-    pids = {str(rank): process.pid for rank, process in enumerate(spawned.processes)}
-    (Path(checkpoint_dir) / "server_ranks.json").write_text(json.dumps({"parallel": parallel, "pids": pids}))
     try:
+        # which process is which rank (to watch one, or to signal it)
+        pids = {str(rank): process.pid for rank, process in enumerate(spawned.processes)}
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_dir) / "server_ranks.json").write_text(json.dumps({"parallel": parallel, "pids": pids}))
         yield RankZeroRelay(
             ours, answer_timeout_s, connect_timeout_s, procs, lost=lambda: _lost_ranks(spawned, first_rank=0)
         )
