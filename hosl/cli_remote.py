@@ -129,8 +129,8 @@ def add_server_procs_args(p: argparse.ArgumentParser) -> None:
         default="ddp",
         choices=("ddp", "fsdp"),
         help="with --server-procs > 1: ddp, a replica of the server half per process "
-        "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; "
-        "benchmarks only for now: no checkpoints) (default %(default)s)",
+        "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; hosl serve "
+        "only; checkpoints gathered to rank 0) (default %(default)s)",
     )
 
 
