@@ -379,12 +379,14 @@ def test_local_clients_keep_their_own_halves_and_apply_only_their_own_updates(tm
 @pytest.mark.slow
 @needs_data
 def test_torchrun_launches_a_fleet_rank_0_serving(tmp_path):
+    """(Every process gets --server-procs 2: rank 0 serves over two server ranks, the clients leave it.)"""
     out = tmp_path / "fleet"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "3", "--master-port", str(_free_port()), "-m", "hosl", "train",
-           "--role", "auto", *_args(out, 2, 2)]
+           "--role", "auto", *_args(out, 2, 2), "--server-procs", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "over 2 server processes (ddp)" in proc.stdout + proc.stderr
     assert json.loads((out / "server" / "summary.json").read_text())["finished"] == [1, 2]
     _assert_same(_weights(out, 1, step=2), _weights(out, 2, step=2))
 
