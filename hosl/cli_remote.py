@@ -120,16 +120,17 @@ def add_server_procs_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="P",
-        help="run the server half as P processes on this machine (this one is rank 0 and spawns the "
-        "others); each computes on its share of every batch's rows (default %(default)s)",
+        help="run the server half as P processes on this machine (hosl train: this one is rank 0 and "
+        "spawns the others; hosl serve, for one client or a fleet: it spawns all P and relays to rank "
+        "0); each computes on its share of every batch's rows (default %(default)s)",
     )
     g.add_argument(
         "--server-parallel",
         default="ddp",
         choices=("ddp", "fsdp"),
         help="with --server-procs > 1: ddp, a replica of the server half per process "
-        "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; "
-        "benchmarks only for now: no checkpoints) (default %(default)s)",
+        "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; hosl serve "
+        "only; checkpoints gathered to rank 0) (default %(default)s)",
     )
 
 
@@ -196,15 +197,9 @@ def cmd_serve(args) -> int:
     if cfg.clients:
         from hosl.training.fleet_server import run_fleet_server
 
-        if args.server_procs != 1:
-            raise ValueError(
-                f"--server-procs {args.server_procs} with --clients (a fleet) is not supported yet; "
-                "a fleet's server runs as one process"
-            )
-
         if args.rank not in (None, 0):
             raise ValueError(f"the server of a fleet is rank 0, got --rank {args.rank}")
-        return run_fleet_server(cfg, _connection(args, "server"))
+        return run_fleet_server(cfg, _connection(args, "server"), args.server_procs, args.server_parallel)
     from hosl.training.remote import run_server
 
     return run_server(cfg, _connection(args, "server"), args.server_procs, args.server_parallel)
@@ -216,7 +211,9 @@ def cmd_train_remote(args) -> int:
 
     role = resolve_role(args)
     cfg = config_from(args)
-    if role == "client" and args.server_procs != 1:
+    # under torchrun (--role auto) every process gets the same arguments: the server's rank takes
+    # --server-procs, the clients' ranks leave it
+    if role == "client" and args.role != "auto" and args.server_procs != 1:
         raise ValueError(
             f"--server-procs {args.server_procs} belongs to the server (hosl serve --server-procs); "
             "a client process holds no server half"

@@ -52,7 +52,8 @@ def run_fleet(a, n: int, out: Path) -> dict:
     logs = []
     procs = []
     for role, rank in [("serve", None)] + [("client", r) for r in range(1, n + 1)]:
-        argv = ["serve"] if role == "serve" else ["train", "--role", "client", "--rank", str(rank)]
+        argv = (["serve", "--server-procs", str(a.server_procs)] if role == "serve"
+                else ["train", "--role", "client", "--rank", str(rank)])
         log = open(out.with_name(f"{out.name}.{role}{rank or ''}.log"), "w")
         logs.append(log)
         procs.append(subprocess.Popen([*cmd, *argv, *_train_args(a, out, a.batch_size), *fleet, *conn], cwd=ROOT,
@@ -155,6 +156,9 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", default=os.environ.get("HOSL_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--work", default="runs/measure-fleet", help="run folders (removed first)")
     p.add_argument("--no-single", action="store_true", help="skip the single-client comparison runs")
+    p.add_argument("--server-procs", type=int, default=1,
+                   help="the server half over P ranks (hosl serve --server-procs; its peak RSS is then the "
+                   "serving process's alone)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--sync-only", action="store_true", help="only the shared-sync cost (no fleet runs)")
     a = p.parse_args(argv)

@@ -189,11 +189,12 @@ def _assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def _simulate(n, steps=STEPS):
+def _simulate(n, steps=STEPS, losses=None):
     """(The settings of :func:`_args`.) The fleet in one process, written from docs/fleet.md's rules with the library's public pieces:
     per step, each client's batch; clean losses back-propagated into the server in rank order and
     averaged; each client's Q central differences with its step seeds; one server SGD step; one
-    client update over all clients' directions in rank order."""
+    client update over all clients' directions in rank order. ``losses``: filled with each client's
+    clean loss, {(rank, step): loss}."""
     from hosl.training.config import TrainConfig
 
     cfg = TrainConfig(model="tiny-opt", task="sst2", data_dir=str(DATA), mode="hosl", cut=1, steps=steps, batch_size=4,
@@ -203,12 +204,12 @@ def _simulate(n, steps=STEPS):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the fleet's processes run (OMP_NUM_THREADS=1): the same reduction order
     try:
-        return _simulate_steps(cfg, n, steps)
+        return _simulate_steps(cfg, n, steps, {} if losses is None else losses)
     finally:
         torch.set_num_threads(threads)
 
 
-def _simulate_steps(cfg, n, steps):
+def _simulate_steps(cfg, n, steps, clean_losses):
     from hosl.optim import HybridOrderOptimizer
     from hosl.optim import functional as F
     from hosl.tasks import ShuffledBatches, make_collate_fn
@@ -233,7 +234,9 @@ def _simulate_steps(cfg, n, steps):
         for r, b in batches.items():  # clean losses, rank order, accumulated
             with torch.no_grad():
                 h = client(b["input_ids"], b["attention_mask"])
-            loss_of(server(h.detach(), b["attention_mask"]), labels[r], 1).backward()
+            loss = loss_of(server(h.detach(), b["attention_mask"]), labels[r], 1)
+            loss.backward()
+            clean_losses[(r, t)] = float(loss.detach())
         seeds, grads = [], []
         for r, b in batches.items():
             g = torch.Generator().manual_seed(step_seed(cfg.seed, r, t))
@@ -376,12 +379,14 @@ def test_local_clients_keep_their_own_halves_and_apply_only_their_own_updates(tm
 @pytest.mark.slow
 @needs_data
 def test_torchrun_launches_a_fleet_rank_0_serving(tmp_path):
+    """(Every process gets --server-procs 2: rank 0 serves over two server ranks, the clients leave it.)"""
     out = tmp_path / "fleet"
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "3", "--master-port", str(_free_port()), "-m", "hosl", "train",
-           "--role", "auto", *_args(out, 2, 2)]
+           "--role", "auto", *_args(out, 2, 2), "--server-procs", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "over 2 server processes (ddp)" in proc.stdout + proc.stderr
     assert json.loads((out / "server" / "summary.json").read_text())["finished"] == [1, 2]
     _assert_same(_weights(out, 1, step=2), _weights(out, 2, step=2))
 
@@ -479,3 +484,103 @@ def test_fleet_command_lines_that_cannot_work_are_refused_before_anything_runs(t
     assert main([*argv, "--model", "tiny-opt", "--data-dir", str(DATA), "--out", str(out), "--no-progress"]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+# -- a fleet over several server ranks (--server-procs, issue 34) ---------------------------------------
+
+def _logged_losses(out, rank) -> dict:
+    """{step: clean loss} of client ``rank`` (a resumed step's last record)."""
+    records = [json.loads(x) for x in (out / f"client{rank}" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _assert_like_the_simulation(out, n, steps):
+    """Every client's clean losses, the client half and the server half of the single-process
+    simulation (the trajectory of a fleet with one server process, bit for bit: the first test
+    above), within the float reduction order of two server ranks: 1e-5 relative for the losses,
+    1e-5 absolute for the weights (measured after 6 steps, 2 clients: 1.7e-7 for the losses, 1.3e-6
+    for the client half, whose ZO update divides a loss difference by 2 eps, and 2.4e-7 for the
+    server half)."""
+    simulated = {}
+    client, server = _simulate(n, steps, simulated)
+    for r in range(1, n + 1):
+        logged = _logged_losses(out, r)
+        assert sorted(logged) == list(range(1, steps + 1))
+        assert [logged[t] for t in range(1, steps + 1)] == pytest.approx(
+            [simulated[(r, t)] for t in range(1, steps + 1)], rel=1e-5)
+    first = _weights(out, 1, steps)
+    for r in range(2, n + 1):
+        _assert_same(first, _weights(out, r, steps))  # one shared client model, whatever the server's ranks
+    for k in first:
+        torch.testing.assert_close(first[k], client[k], rtol=0, atol=1e-5)
+    server_weights = load_file(str(out / "server" / "checkpoints" / f"step-{steps}" / "server.safetensors"))
+    assert server_weights.keys() == {k for k in server}  # one server process's checkpoint
+    for k in server_weights:
+        torch.testing.assert_close(server_weights[k], server[k], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_fleet_of_four_over_two_server_ranks_trains_as_one_server_process(tmp_path):
+    """``hosl serve --clients 4 --server-procs 2`` (ddp over gloo; every client's rows split over the
+    two ranks): a stranger is refused as by any fleet, and the four clients train to the losses and
+    weights of one server process (:func:`_assert_like_the_simulation`)."""
+    out, port, n, steps = tmp_path / "fleet", _free_port(), 4, 4
+    server = _popen(["serve", *_args(out, n, steps, "--server-procs", "2"), *_conn(port)])
+    stranger = _popen(["train", "--role", "client", "--rank", "2", *_args(tmp_path / "stranger", n, steps),
+                       *_conn(port)], secret="not-the-secret-at-all-000")
+    clients = [_popen(["train", "--role", "client", "--rank", str(r), *_args(out, n, steps), *_conn(port)])
+               for r in range(1, n + 1)]
+    results = [_finish(c) for c in clients]
+    code_s, log_s = _finish(server)
+    code_x, log_x = _finish(stranger, 60)
+    assert code_s == 0, log_s[-3000:]
+    for code, log in results:
+        assert code == 0, log[-3000:]
+    assert code_x != 0 and "secret" in log_x.lower(), log_x[-2000:]
+    assert "over 2 server processes (ddp)" in log_s
+    summary = json.loads((out / "server" / "summary.json").read_text())
+    assert summary["finished"] == [1, 2, 3, 4] and summary["dropped"] == 0 and summary["refused_joins"] >= 1
+    assert len(json.loads((out / "server" / "server_ranks.json").read_text())["pids"]) == 2
+    _assert_like_the_simulation(out, n, steps)
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_killed_server_rank_stops_the_fleet_and_the_fleet_resumes_over_two_ranks(tmp_path):
+    """Server rank 1 of ``--server-procs 2`` killed (SIGKILL) after step 3: the server and every
+    client end with one line naming it within --peer-timeout, exit status 2; the fleet resumed from
+    the step-2 checkpoint with --server-procs 2 trains on to the losses and weights of one server
+    process."""
+    out, port, n, peer_timeout = tmp_path / "fleet", _free_port(), 2, 20
+    procs = ["--server-procs", "2"]
+    server = _popen(["serve", *_args(out, n, STEPS, *procs), *_conn(port, peer_timeout)])
+    clients = [_popen(["train", "--role", "client", "--rank", str(r), *_args(out, n), *_conn(port, peer_timeout)])
+               for r in range(1, n + 1)]
+    log_path, ranks = out / "server" / "fleet_log.jsonl", out / "server" / "server_ranks.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # once step 3 is logged (checkpoints every 2 steps)
+        if log_path.exists() and len(log_path.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(json.loads(ranks.read_text())["pids"]["1"], signal.SIGKILL)
+    killed = time.monotonic()
+    ended = []
+    for proc in (server, *clients):
+        code, log = _finish(proc, 120)
+        ended.append(time.monotonic() - killed)
+        named = [line for line in log.splitlines() if "lost server rank 1" in line]
+        assert code == 2 and named and named[-1].startswith("hosl: error:"), log[-3000:]
+        assert "killed by signal 9" in named[-1] and "--resume" in named[-1], named[-1]
+    assert max(ended) < peer_timeout, ended
+    summary = json.loads((out / "server" / "summary.json").read_text())
+    assert "lost server rank 1" in summary["server_rank_lost"]
+    port = _free_port()
+    server = _popen(["serve", *_args(out, n, STEPS, *procs, "--resume"), *_conn(port, peer_timeout)])
+    clients = [_popen(["train", "--role", "client", "--rank", str(r), *_args(out, n, STEPS, "--resume"),
+                       *_conn(port, peer_timeout)]) for r in range(1, n + 1)]
+    for proc in (*clients, server):
+        code, log = _finish(proc)
+        assert code == 0, log[-3000:]
+    assert "resumed the fleet from its checkpoint at step" in log
+    _assert_like_the_simulation(out, n, STEPS)

@@ -2,6 +2,7 @@
 the row deal, the refusals, and a two-rank gloo server that trains tiny OPT and tiny Llama halves to
 the losses of one server process."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -54,6 +55,32 @@ def test_what_several_server_ranks_do_not_do_is_refused(change, needle):
     cfg = TrainConfig(model="tiny-opt", **{"batch_size": 4, **change})
     with pytest.raises(ValueError, match=needle):
         check_server_procs(cfg, procs, parallel)
+
+
+def test_hosl_serve_takes_resume_and_fsdp_with_several_ranks():
+    """Its checkpoints are one server process's (every rank loads them; fsdp gathers to rank 0)."""
+    cfg = TrainConfig(model="tiny-opt", batch_size=4, resume=True)
+    check_server_procs(cfg, 2, "fsdp", relayed=True)  # no refusal
+    with pytest.raises(ValueError, match="hosl serve --server-procs"):
+        check_server_procs(cfg, 2, "ddp")
+
+
+def test_a_lost_rank_is_named_by_its_process_and_a_request_error_is_not_a_lost_rank():
+    import subprocess as sp
+
+    from hosl.training.server_group import ServerRankLost
+
+    dead = sp.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # exited and reaped: no such process any more
+    group = ServerGroup(rank=0, size=3, pids=[os.getpid(), os.getpid(), dead.pid])
+    assert group.dead_ranks() == [2]
+    lost = group.lost(RuntimeError("[../gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:1. This is..."))
+    assert isinstance(lost, ServerRankLost)
+    assert str(lost) == ("server rank 0: lost server rank 2 of --server-procs 3: Connection closed by peer "
+                         "[127.0.0.1]:1")
+    alive = ServerGroup(rank=0, size=2, pids=[os.getpid(), os.getpid()])
+    assert alive.lost(ValueError("a request's own error")) is None
+    assert "none has exited" in str(alive.lost(RuntimeError("Timed out waiting 60000ms for recv")))
 
 
 def _batch(rows: int, seq: int, vocab: int, seed: int) -> dict:
@@ -175,3 +202,70 @@ def test_a_killed_server_rank_is_named_at_the_next_request():
             os.kill(rank_1.pid, signal.SIGKILL)
             rank_1.join(30)
             group.share(Message(Kind.REQUEST, 1, 1))
+
+
+def _client_steps(cfg: TrainConfig, handle, steps, mode=None):
+    """The in-process client (``mode``, or a fresh one seeded as every run is) after ``steps`` (step
+    numbers) against the server answering ``handle``, and its losses."""
+    kind = "causal_lm"  # tiny-llama's (asserted below)
+    proxy = ServerProxy(InProcessLink(handle, PHASE_NAMES), kind)
+    if mode is None:
+        torch.manual_seed(cfg.seed)
+        kind, _tok, client, _server = load_split_model(cfg)
+        mode = make_mode(cfg.mode, client, None, hyper(cfg), loss_fn(kind), proxy=proxy)
+    mode.proxy = proxy
+    losses = []
+    for step in steps:
+        mode.step_number = step
+        losses.append(float(mode.step(_batch(5, 12, 200, seed=step))))
+    return mode, losses
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_one_server_process_s_and_resume_over_two_ranks(tmp_path):
+    """``hosl serve --server-parallel fsdp`` over 2 ranks (tiny Llama, SGD with momentum): its
+    step-2 checkpoint (the shards gathered to rank 0) holds one server process's weights and
+    momentum buffers under the same names, within 1e-5 (the float reduction order, as above); a
+    fresh pair of fsdp ranks resumes from it and steps 3 and 4 give one process's losses."""
+    from hosl.training import checkpoint as ckpt
+    from hosl.training.server_ranks import relayed_server_ranks
+    from hosl.transport.wire import Kind, Message
+    from hosl.training.protocol import Phase
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = TrainConfig(model="tiny-llama", task="sst2", mode="hosl", cut=1, num_queries=2, lr_client=1e-3,
+                      lr_server=1e-2, batch_size=5)
+    torch.manual_seed(cfg.seed)
+    kind, _tok, _client, server = load_split_model(cfg)
+    assert kind == "causal_lm"  # as _client_steps takes it
+    one = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(kind), kind, train_dropout=False,
+                        checkpoint_dir=tmp_path / "one")
+    _, expected = _client_steps(cfg, one.handle, range(1, 5))
+    sharded = tmp_path / "fsdp"
+    with relayed_server_ranks(cfg, 2, "fsdp", sharded, 120.0, 120.0) as relay:
+        mode, losses = _client_steps(cfg, relay.handle, range(1, 3))
+        relay.handle(Message(Kind.REQUEST, Phase.SAVE, 2))
+    assert (sharded / "server_ranks.json").exists()
+    reference = tmp_path / "reference"  # one process's checkpoint after the same two steps
+    torch.manual_seed(cfg.seed)
+    _kind, _tok, _client, server = load_split_model(cfg)
+    two_steps = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(kind), kind, train_dropout=False,
+                              checkpoint_dir=reference)
+    _client_steps(cfg, two_steps.handle, range(1, 3))
+    two_steps.save(2)
+    a = load_file(str(reference / "checkpoints/step-2/server.safetensors"))
+    b = load_file(str(sharded / "checkpoints/step-2/server.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    sa = ckpt.read_state(reference / "checkpoints/step-2")["server_half"]["optimizer"]
+    sb = ckpt.read_state(sharded / "checkpoints/step-2")["server_half"]["optimizer"]
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+    assert any(float(v["momentum_buffer"].abs().sum()) > 0 for v in sa["state"].values())
+    for i in sa["state"]:
+        torch.testing.assert_close(sb["state"][i]["momentum_buffer"], sa["state"][i]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-5)
+    with relayed_server_ranks(dataclasses.replace(cfg, resume=True), 2, "fsdp", sharded, 120.0, 120.0) as relay:
+        relay.handle(Message(Kind.REQUEST, Phase.RESUME, 2))
+        _, after = _client_steps(cfg, relay.handle, range(3, 5), mode)
+    assert losses + after == pytest.approx(expected, rel=1e-5)

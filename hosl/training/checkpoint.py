@@ -60,8 +60,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _tensors(module: torch.nn.Module, trainable_only: bool = False) -> dict:
-    if trainable_only:
+def _tensors(module: torch.nn.Module | dict, trainable_only: bool = False) -> dict:
+    """A module's tensors to save; a dict is a module's state already (as the caller chose it)."""
+    if isinstance(module, dict):
+        items = module
+    elif trainable_only:
         items = {k: p for k, p in module.named_parameters() if p.requires_grad}
     else:
         items = module.state_dict()
@@ -104,7 +107,7 @@ def _write_checksums(folder: Path) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    modules: Mapping[str, torch.nn.Module],
+    modules: Mapping[str, torch.nn.Module | dict],
     state: dict,
     keep: int = 1,
     *,
@@ -246,9 +249,10 @@ def _read_weights(file: Path) -> tuple[str, dict]:
     return contents, tensors
 
 
-def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> None:
+def load_weights(path: Path, modules: Mapping[str, torch.nn.Module], load_state=None) -> None:
     """Load each module's weights from checkpoint folder ``path``; every file is read and checked
-    before any module is changed."""
+    before any module is changed. ``load_state(module, tensors, strict)``: how (default: the
+    module's ``load_state_dict``; a sharded module loads through its group)."""
     path = Path(path)
     read = {name: (path / f"{name}.safetensors", *_read_weights(path / f"{name}.safetensors")) for name in modules}
     for name, module in modules.items():
@@ -273,18 +277,22 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> None:
     for name, module in modules.items():
         file, contents, tensors = read[name]
         try:
-            module.load_state_dict(tensors, strict=contents != "trainable")
+            if load_state is None:
+                module.load_state_dict(tensors, strict=contents != "trainable")
+            else:
+                load_state(module, tensors, contents != "trainable")
         except RuntimeError as exc:  # shapes that differ
             raise CheckpointError(f"{file} does not fit this {name}: {str(exc).splitlines()[-1].strip()}") from None
 
 
-def load_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict:
-    """Verify checkpoint folder ``path``, load weights into ``modules`` (by name) and return the
-    saved state dict. Raises ``CheckpointError`` (naming the file) before changing any module."""
+def load_checkpoint(path: Path, modules: Mapping[str, torch.nn.Module], load_state=None) -> dict:
+    """Verify checkpoint folder ``path``, load weights into ``modules`` (by name; ``load_state``: as
+    in ``load_weights``) and return the saved state dict. Raises ``CheckpointError`` (naming the
+    file) before changing any module."""
     path = Path(path)
     verify(path, list(modules))
     state = read_state(path)
-    load_weights(path, modules)
+    load_weights(path, modules, load_state)
     return state
 
 

@@ -25,28 +25,31 @@ A client may join (or rejoin) while a round is still collecting clean losses: it
 replaying the update log from one of its checkpoints (``join``), with no weight transfer.
 
 The server knows the clients only by rank; the transport (``hosl/transport/fleet.py``) proves
-each one holds the shared secret before anything else is said.
+each one holds the shared secret before anything else is said. The server half itself is driven
+through :class:`~hosl.training.fleet_half.FleetHalf`'s operations: in this process, or relayed to
+the ranks of ``--server-procs P`` (``hosl/training/server_ranks.py``). A server rank that dies
+(:class:`~hosl.training.server_group.ServerRankLost`) ends the fleet: every client waiting on an
+answer, and every client that asks within ``--peer-timeout``, is told why, and the server exits
+with the error (resume the run with ``--resume``, with any ``--server-procs``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from hosl.training import checkpoint as ckpt
+from hosl.training import fleet_half as op
 from hosl.training.fleet_log import UpdateLog, relayed
-from hosl.training.protocol import ActivationWire, CatchUp, ClientUpdate, Phase, Relay, ZOUpdate
+from hosl.training.protocol import CatchUp, ClientUpdate, Phase, Relay, ZOUpdate
 from hosl.training.remote import StopOnInterrupt, fingerprint, start_server_process, write_or_check_server_config
 from hosl.training.run import say
-from hosl.training.server_handler import ServerHandler
+from hosl.training.server_group import ServerRankLost
 from hosl.transport import Message, PeerLostError, ShutdownCode
 from hosl.transport.fleet import FleetHost
 from hosl.transport.wire import Kind, tensor_text, text_tensor
@@ -59,19 +62,19 @@ class ClientSlot:
     """What the server holds for one connected client during a round."""
 
     rank: int
-    held: Message | None = None  # a clean-loss or end-step waiting for the barrier
-    mask: torch.Tensor | None = None
-    batch: dict = field(default_factory=dict)
-    clean_loss: float = math.nan
-    activation_grad: torch.Tensor | None = None
-    wire: ActivationWire | None = None  # this client's --wire state (delta8: its step's clean activation)
+    held: Message | None = None  # a clean-loss or end-step waiting for the barrier (or, once a
+    # server rank is lost, the request it waits on an answer to)
 
 
 class FleetServer:
+    """``half``: anything that answers :mod:`hosl.training.fleet_half`'s operations (``handle(op)
+    -> reply``): a ``FleetHalf``, or the relay to server rank 0. ``skipped``: the server steps
+    skipped before (a resumed run's)."""
+
     def __init__(
         self,
         host: FleetHost,
-        half: ServerHandler,
+        half,
         log: UpdateLog,
         *,
         clients: int,
@@ -81,8 +84,10 @@ class FleetServer:
         start_timeout_s: float,
         say: Callable[[str], None],
         completed: int = 0,
+        skipped: int = 0,
     ):
         self.host, self.half, self.log = host, half, log
+        self.skipped = skipped  # the server steps skipped (non-finite losses or gradients)
         self.clients, self.client_sync, self.fields = clients, client_sync, fields
         self.run_dir, self.say = Path(run_dir), say
         self.start_timeout_s = start_timeout_s
@@ -102,6 +107,13 @@ class FleetServer:
 
     # -- the loop ---------------------------------------------------------------------------------
     def serve(self) -> dict:
+        try:
+            return self._serve()
+        except ServerRankLost as exc:
+            self._tell_everyone(exc)
+            raise
+
+    def _serve(self) -> dict:
         deadline = time.monotonic() + self.start_timeout_s
         next_join_check = 0.0
         while not self._over():
@@ -192,6 +204,9 @@ class FleetServer:
                 self._hold(slot, msg)
                 return
             reply = self._answer(slot, phase, msg)
+        except ServerRankLost:
+            slot.held = msg  # it waits on this answer
+            raise
         except Exception as exc:  # this client's request failed: tell it, drop it, keep serving the others
             self.counts["errors"] += 1
             text = f"{type(exc).__name__}: {exc}"
@@ -212,7 +227,7 @@ class FleetServer:
             if msg.step != self.completed:
                 raise ValueError(f"save at step {msg.step} asked while the fleet is at step {self.completed}")
             if self.saved_step != msg.step:
-                self.half.save(msg.step)
+                self.half.handle(op.half_request(Phase.SAVE, msg.step))
                 self.saved_step = msg.step
             return Message(Kind.REPLY, msg.phase, msg.step)
         if phase == Phase.BEGIN_STEP:
@@ -222,8 +237,7 @@ class FleetServer:
                     f"{self.completed + (0 if self.collecting else 1)} (a client out of step: restart "
                     f"it with --resume to catch up)"
                 )
-        with self._as(slot):
-            return self.half.handle(msg)
+        return self.half.handle(op.client_request(slot.rank, msg))
 
     def _hold(self, slot: ClientSlot, msg: Message) -> None:
         expected = Phase.CLEAN_LOSS if self.collecting else Phase.END_STEP
@@ -233,30 +247,6 @@ class FleetServer:
                 f"the fleet waits for {expected.name.lower()} of step {self.completed + 1}"
             )
         slot.held = msg
-
-    @contextlib.contextmanager
-    def _as(self, slot: ClientSlot):
-        """The handler's per-step state is this client's while it answers."""
-        h = self.half
-        if slot.wire is None:
-            slot.wire = ActivationWire(h.wire.codec)
-        h.mask, h.batch, h.clean_loss, h.activation_grad, h.wire = (
-            slot.mask,
-            slot.batch,
-            slot.clean_loss,
-            slot.activation_grad,
-            slot.wire,
-        )
-        try:
-            yield
-        finally:
-            slot.mask, slot.batch, slot.clean_loss, slot.activation_grad, slot.wire = (
-                h.mask,
-                h.batch,
-                h.clean_loss,
-                h.activation_grad,
-                h.wire,
-            )
 
     def _reply(self, rank: int, reply: Message) -> None:
         try:
@@ -286,8 +276,10 @@ class FleetServer:
             slot = self.live[rank]
             msg, slot.held = slot.held, None
             try:
-                with self._as(slot):
-                    reply = self.half.handle(msg)  # type: ignore[arg-type]  # held: the clean-loss request
+                reply = self.half.handle(op.client_request(rank, msg))  # type: ignore[arg-type]  # held: the clean-loss request
+            except ServerRankLost:
+                slot.held = msg  # it waits on this answer
+                raise
             except Exception as exc:
                 self.counts["errors"] += 1
                 with contextlib.suppress(PeerLostError):
@@ -309,16 +301,10 @@ class FleetServer:
             seeds, grads = ZOUpdate.from_fields(slot.held.ints, slot.held.floats)  # type: ignore[union-attr]  # held: each slot's end-step
             if seeds:
                 updates.append(ClientUpdate(slot.rank, seeds, grads))
-        params = [p for p in self.half.server.parameters() if p.grad is not None]
-        if self.clean_count > 1:
-            for p in params:
-                p.grad.div_(self.clean_count)  # type: ignore[union-attr]  # filtered above
-        losses = [s.clean_loss for s in slots]
-        self.half.clean_loss = sum(losses) if losses and all(math.isfinite(v) for v in losses) else math.nan
-        if self.clean_count == 0:
-            self.half.clean_loss = math.nan  # nothing to step on
-        skipped_before = self.half.skipped_server_steps
-        self.half.handle(Message(Kind.REQUEST, Phase.END_STEP, step))  # the optimizer steps (or skips, counted)
+        skipped_before = self.skipped
+        # the gradient averaged over the clean losses, the optimizer's step (or a skip, counted)
+        ended = self.half.handle(op.finish_round(step, self.clean_count, [s.rank for s in slots]))
+        self.skipped = ended.ints[0]
         self.log.append(step, updates)  # on disk before any client applies it
         self.completed, self.collecting = step, True
         self.counts["rounds"] += 1
@@ -328,17 +314,45 @@ class FleetServer:
             members=[s.rank for s in slots],
             clean=self.clean_count,
             updates=[u[0] for u in updates],
-            server_step_skipped=self.half.skipped_server_steps > skipped_before,
+            server_step_skipped=self.skipped > skipped_before,
             seconds=round(time.monotonic() - self.round_started, 4),
         )
         for slot in slots:
             msg, slot.held = slot.held, None
-            slot.clean_loss, slot.activation_grad = math.nan, None
-            if slot.wire is not None:
-                slot.wire.end_step()
-            relay = Relay(self.half.skipped_server_steps, relayed(updates, slot.rank, self.client_sync))
+            relay = Relay(self.skipped, relayed(updates, slot.rank, self.client_sync))
             ints, floats = relay.to_fields()
             self._reply(slot.rank, Message(Kind.REPLY, msg.phase, msg.step, ints, floats))  # type: ignore[union-attr]  # held: the end-step request
+
+    # -- a lost server rank ------------------------------------------------------------------------
+    def _tell_everyone(self, exc: ServerRankLost) -> None:
+        """The server half cannot answer any more: every client waiting on an answer is told why at
+        once, and every other client at its next request (within ``--peer-timeout``)."""
+        text = " ".join(str(exc).split())
+        self.say(f"server: {text}; stopping the fleet")
+        self._event("server-rank-lost", why=text)
+        for rank, slot in list(self.live.items()):
+            if slot.held is not None:
+                self._refuse(rank, slot.held, text)
+        deadline = time.monotonic() + self.host.peer_timeout
+        while self.live and time.monotonic() < deadline:
+            got = self.host.next_message(list(self.live), idle=lambda: time.monotonic() > deadline)
+            if got is None:
+                break
+            rank, msg = got
+            if isinstance(msg, PeerLostError) or msg.kind != Kind.REQUEST:
+                self.live.pop(rank, None)
+                self.host.drop(rank)
+            else:
+                self._refuse(rank, msg, text)
+        self.events.close()
+
+    def _refuse(self, rank: int, msg: Message, text: str) -> None:
+        with contextlib.suppress(PeerLostError):
+            self.host.send(
+                rank, Message(Kind.ERROR, msg.phase, msg.step, tensors=[text_tensor(text)]), "an error report"
+            )
+        self.live.pop(rank, None)
+        self.host.drop(rank)
 
     # -- joins' catch-up --------------------------------------------------------------------------
     def _catch_up(self, slot: ClientSlot, msg: Message) -> Message:
@@ -362,6 +376,7 @@ class FleetServer:
     def _leave(self, rank: int, *, done: bool, why: str, event: str = "left") -> None:
         self.live.pop(rank, None)
         self.host.drop(rank)
+        self.half.handle(op.forget(rank))
         if done:
             self.finished.add(rank)
         self._event(event, rank=rank, why=why, done=done)
@@ -388,23 +403,24 @@ class FleetServer:
             "steps": self.completed,
             "finished": sorted(self.finished),
             **self.counts,
-            "skipped_server_steps": self.half.skipped_server_steps,
+            "skipped_server_steps": self.skipped,
             "server_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
 
 
-def run_fleet_server(cfg, conn) -> int:
-    """``hosl serve --clients N``: load the server half, host the fleet at ``conn`` (a
-    ``hosl.training.remote.Connection``), serve until every client finished (or none is connected
-    for ``--connect-timeout`` seconds). Exit status 0 when every rank finished, else 1."""
-    conn, run_dir, half = start_server_process(cfg, conn, "every client")
-    assert half is not None  # loaded here: start_server_process loads it unless told not to
+def run_fleet_server(cfg, conn, server_procs: int = 1, server_parallel: str = "ddp") -> int:
+    """``hosl serve --clients N``: load the server half (here, or over ``server_procs`` spawned
+    ranks), host the fleet at ``conn`` (a ``hosl.training.remote.Connection``), serve until every
+    client finished (or none is connected for ``--connect-timeout`` seconds). Exit status 0 when
+    every rank finished, else 1; a lost server rank raises :class:`ServerRankLost`."""
+    from hosl.training.server_ranks import check_server_procs, relayed_server_ranks
+
+    check_server_procs(cfg, server_procs, server_parallel, relayed=True)
+    conn, run_dir, handler = start_server_process(cfg, conn, "every client", load_half=server_procs == 1)
     log_path = run_dir / "fleet_log.jsonl"
     completed = 0
     if cfg.resume and ckpt.list_checkpoints(run_dir):
         completed = ckpt.checkpoint_steps(run_dir)[-1]
-        half.resume(completed)
-        say(f"server: resumed the fleet from its checkpoint at step {completed}")
     elif log_path.exists():
         log_path.unlink()  # a run that never checkpointed: its log starts again with it
     log = UpdateLog(log_path)
@@ -415,9 +431,30 @@ def run_fleet_server(cfg, conn) -> int:
             f"{completed}: the log cannot rebuild the clients"
         )
     write_or_check_server_config(run_dir, cfg)
+    halves = (
+        contextlib.nullcontext(op.FleetHalf(handler))
+        if handler is not None
+        else relayed_server_ranks(
+            cfg,
+            server_procs,
+            server_parallel,
+            run_dir,
+            conn.peer_timeout,
+            conn.connect_timeout,
+            conn.backend,
+            fleet=True,
+        )
+    )
     stop = StopOnInterrupt("server")
-    with stop:
-        say(f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model)")
+    with stop, halves as half:
+        skipped = 0
+        if completed:
+            skipped = half.handle(op.half_request(Phase.RESUME, completed)).ints[0]
+            say(f"server: resumed the fleet from its checkpoint at step {completed}")
+        over = f" over {server_procs} server processes ({server_parallel})" if server_procs > 1 else ""
+        say(
+            f"server: hosting a fleet of {cfg.clients} clients on {conn.where()} ({cfg.client_sync} client model){over}"
+        )
         host = FleetHost(
             secret=conn.secret,
             addr=conn.addr(),
@@ -441,14 +478,24 @@ def run_fleet_server(cfg, conn) -> int:
             start_timeout_s=conn.connect_timeout,
             say=say,
             completed=completed,
+            skipped=skipped,
         )
-        summary = fleet.serve()
-        host.finish_joins()
-    if fleet.saved_step != fleet.completed and fleet.completed > 0:
-        half.save(fleet.completed)
-    (run_dir / "summary.json").write_text(json.dumps({"mode": cfg.mode, "model": cfg.model, **summary}, indent=2))
+        try:
+            summary = fleet.serve()
+        except ServerRankLost as exc:
+            _write_summary(run_dir, cfg, {**fleet.summary(), "server_rank_lost": " ".join(str(exc).split())})
+            raise
+        finally:
+            host.finish_joins()
+        if fleet.saved_step != fleet.completed and fleet.completed > 0:
+            half.handle(op.half_request(Phase.SAVE, fleet.completed))
+    _write_summary(run_dir, cfg, summary)
     say(
         f"server: fleet done at step {fleet.completed}: {summary['rounds']} rounds, {summary['dropped']} drops, "
         f"{summary['rejoins']} rejoins, {summary['refused_joins']} refused joins"
     )
     return 0 if summary["finished"] == list(range(1, cfg.clients + 1)) else 1
+
+
+def _write_summary(run_dir: Path, cfg, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps({"mode": cfg.mode, "model": cfg.model, **summary}, indent=2))

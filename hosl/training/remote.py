@@ -261,7 +261,7 @@ def run_server(cfg: TrainConfig, conn: Connection, server_procs: int = 1, server
     relays the client's requests to them."""
     from hosl.training.server_ranks import check_server_procs, relayed_server_ranks
 
-    check_server_procs(cfg, server_procs, server_parallel)
+    check_server_procs(cfg, server_procs, server_parallel, relayed=True)
     conn, run_dir, half = start_server_process(cfg, conn, "the client", load_half=server_procs == 1)
     write_or_check_server_config(run_dir, cfg)
     stop = StopOnInterrupt("server")

@@ -22,23 +22,40 @@ the float reductions (a sum over ranks instead of over rows). A rank with no row
 computes on the batch's first row with weight 0, so that every rank joins every collective.
 
 Waits are bounded: the group is formed with ``timeout_s``, which bounds every collective (gloo
-and NCCL raise once it passes).
+and NCCL raise once it passes). A rank that dies closes its connections, so the other ranks' next
+collective fails at once; :meth:`ServerGroup.lost` then names the dead rank (the ranks run on one
+machine and know each other's process ids) as a :class:`ServerRankLost`.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import os
+import re
+import time
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from hosl.transport.link import PeerLostError
 from hosl.transport.wire import TENSOR_HEADER_LEN, Kind, Message, as_bytes, parse_tensor_header, tensor_header
 
 PARALLEL = ("ddp", "fsdp")
 _STOP = -1  # the shared request header of "no more requests"
+_DEATH_GRACE_S = 2.0  # after a failed collective: how long a dead rank's process may take to be gone
+# what gloo and NCCL say when a collective fails because a peer is gone or silent (they raise a
+# plain RuntimeError; torch's own wrappers raise DistError)
+_COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "NCCL")
+
+
+class ServerRankLost(PeerLostError):
+    """A server rank died (or stopped answering): the server half cannot answer any more requests.
+    ``detail``: what the failed collective said."""
+
+    detail = ""
 
 
 @dataclass
@@ -50,6 +67,7 @@ class ServerGroup:
     size: int = 1
     parallel: str = "ddp"  # ddp: a replica per rank; fsdp: parameters sharded (FSDP2, fully_shard)
     device: torch.device = torch.device("cpu")
+    pids: list[int] = field(default_factory=list)  # every rank's process id (the ranks share one machine)
 
     @property
     def distributed(self) -> bool:
@@ -75,7 +93,38 @@ class ServerGroup:
         dist.init_process_group(
             backend, store=dist.PrefixStore("hosl/server-group/", store), rank=rank, world_size=size, timeout=timeout
         )
-        return cls(rank=rank, size=size, parallel=parallel, device=device)
+        pids = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
+        dist.all_gather(pids, torch.tensor([os.getpid()], dtype=torch.int64, device=device))
+        return cls(rank=rank, size=size, parallel=parallel, device=device, pids=[int(p) for p in pids])
+
+    def dead_ranks(self, wait_s: float = 0.0) -> list[int]:
+        """The other ranks whose process has exited, waiting up to ``wait_s`` for one to show (a
+        killed process's connections close a moment before it is gone)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [r for r, pid in enumerate(self.pids) if r != self.rank and _gone(pid)]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
+
+    def lost(self, exc: BaseException) -> ServerRankLost | None:
+        """``exc`` as a :class:`ServerRankLost` naming the dead rank(s) when it is the group failing
+        (a rank's process exited, or a collective failed); None when it is a request's own error."""
+        text = str(exc)
+        collective = isinstance(exc, dist.DistError) or any(s in text for s in _COLLECTIVE_FAILURES)
+        dead = self.dead_ranks(_DEATH_GRACE_S if collective else 0.0)
+        if not dead and not collective:
+            return None
+        who = (
+            ", ".join(f"server rank {r}" for r in dead)
+            if dead
+            else "a server rank (none has exited: one stopped answering, or the network failed)"
+        )
+        # the backend's first sentence, without its source location ("[.../pair.cc:553] ")
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". ")[0] if text.strip() else ""
+        lost = ServerRankLost(f"server rank {self.rank}: lost {who} of --server-procs {self.size}: {first}")
+        lost.detail = first or type(exc).__name__
+        return lost
 
     def leave(self) -> None:
         if self.distributed and dist.is_initialized():
@@ -107,6 +156,58 @@ class ServerGroup:
         # perturbed losses) would otherwise leave its own parameters (e.g. the head) gathered
         fully_shard(module, reshard_after_forward=True)
         return module
+
+    # -- checkpoints: one server process's states ------------------------------------------------
+    # FSDP2 keeps each rank's shards; a checkpoint holds the full tensors, gathered to rank 0 (the
+    # other ranks get empty states), so it is the checkpoint of one server process and any P (or
+    # hosl export) reads it. ddp replicas, and one process, hold the full states already.
+    @property
+    def sharded(self) -> bool:
+        return self.distributed and self.parallel == "fsdp"
+
+    def full_state(self, module: nn.Module) -> dict:
+        """``module.state_dict()`` as one process holds it (fsdp: a collective; rank 0 gets it)."""
+        if not self.sharded:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_state(self, module: nn.Module, state: dict, strict: bool = True) -> None:
+        """Load one process's ``state`` into ``module`` (fsdp: every rank passes the full state and
+        keeps its shards)."""
+        if not self.sharded:
+            module.load_state_dict(state, strict=strict)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+    def full_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """``optimizer.state_dict()`` as one process's optimizer over ``module`` holds it (fsdp: a
+        collective; rank 0 gets the gathered state, its parameters numbered in the optimizer's order)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        by_name = get_optimizer_state_dict(module, optimizer, options=options)
+        if self.rank != 0:
+            return {}
+        index = {name: i for i, name in enumerate(_optimized_names(module, optimizer))}
+        return _renumbered(by_name, index)
+
+    def load_full_optimizer_state(self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load one process's optimizer ``state`` (fsdp: each rank keeps its shards of it)."""
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = dict(enumerate(_optimized_names(module, optimizer)))
+        set_optimizer_state_dict(
+            module, optimizer, _renumbered(state, names), options=StateDictOptions(full_state_dict=True)
+        )
 
     # -- rows ----------------------------------------------------------------------------------
     def part(self, rows: int) -> slice:
@@ -237,11 +338,54 @@ def check_parallel(size: int, parallel: str) -> None:
         raise ValueError(f"--server-parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
 
 
+def _optimized_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in its order (the numbers of its state dict)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _renumbered(state: dict, key: dict) -> dict:
+    """An optimizer state dict with each parameter's key (a name, or a number) mapped by ``key``."""
+    return {
+        "state": {key[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (not Linux): ask the process table
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+
 def follow(group: ServerGroup, answer) -> None:
-    """Ranks 1..P-1: answer each request rank 0 shares, until it says there are no more. A failure
-    is rank 0's to report (it computes the same request); this rank goes on to the next one."""
-    while (request := group.share(None)) is not None:
+    """Ranks 1..P-1: answer each request rank 0 shares, until it says there are no more. A request's
+    own failure is rank 0's to report (it computes the same request); this rank goes on to the next
+    one. The group failing (a rank died) raises :class:`ServerRankLost` naming it."""
+    while True:
+        try:
+            request = group.share(None)
+        except Exception as exc:
+            lost = group.lost(exc)
+            if lost is None:
+                raise
+            raise lost from exc
+        if request is None:
+            return
         try:
             answer(request)
         except Exception as exc:  # noqa: BLE001 - rank 0 answers the client with the same failure
+            if (lost := group.lost(exc)) is not None:
+                raise lost from exc
             print(f"[hosl] server rank {group.rank}: {type(exc).__name__}: {exc}", flush=True)

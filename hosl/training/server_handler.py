@@ -310,8 +310,7 @@ class ServerHandler:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _save(self, request: Message, tensors: list[torch.Tensor]) -> Message:
-        if self.group.rank == 0:  # the replicas are equal (ddp; fsdp refuses checkpoints)
-            self.save(request.step)
+        self.save(request.step)  # every rank: fsdp gathers the shards to rank 0, which writes
         return self._reply(request)
 
     def _resume(self, request: Message, tensors: list[torch.Tensor]) -> Message:
@@ -321,14 +320,16 @@ class ServerHandler:
     def state_dict(self) -> dict:
         return {
             "skipped_optimizer_steps": self.skipped_optimizer_steps,
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "optimizer": (
+                self.group.full_optimizer_state(self.server, self.optimizer) if self.optimizer is not None else None
+            ),
             "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
             "rng_state": self.rng_state,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.group.load_full_optimizer_state(self.server, self.optimizer, state["optimizer"])
         if self.mode == "zo-sl" and state.get("zo") is not None:
             if self.zo is not None:
                 self.zo.load_state_dict(state["zo"])
@@ -338,17 +339,25 @@ class ServerHandler:
         self.skipped_optimizer_steps = state.get("skipped_optimizer_steps", 0)
 
     def save(self, step: int) -> None:
-        """Server-process checkpoints (in-process runs save the server with the client instead)."""
+        """Server-process checkpoints (in-process runs save the server with the client instead):
+        one server process's, whatever the server ranks. Every rank calls it (fsdp gathers the
+        shards to rank 0); rank 0 writes."""
         from hosl.training import checkpoint as ckpt
 
+        weights, state = self.group.full_state(self.server), self.state_dict()
+        if self.group.rank != 0:
+            return
         if self.checkpoint_dir is None:
             raise RuntimeError("this server half has no checkpoint folder")
+        if self.trainable_only_checkpoints:
+            trainable = {k for k, p in self.server.named_parameters() if p.requires_grad}
+            weights = {k: v for k, v in weights.items() if k in trainable}
         # keep two: the client saves after the server, so it may die holding only the previous one
         ckpt.save_checkpoint(
             self.checkpoint_dir,
             step,
-            {"server": self.server},
-            {"step": step, "server_half": self.state_dict()},
+            {"server": weights},
+            {"step": step, "server_half": state},
             keep=2,
             trainable_only=self.trainable_only_checkpoints,
         )
@@ -369,7 +378,7 @@ class ServerHandler:
                 f"the client resumes at step {step} but the server has no checkpoint for it "
                 f"in {self.checkpoint_dir} (has: {have})"
             )
-        state = ckpt.load_checkpoint(path, {"server": self.server})
+        state = ckpt.load_checkpoint(path, {"server": self.server}, load_state=self.group.load_full_state)
         # the learning rates come from this process's settings (checked against the run's on start,
         # so they differ only under --override), not from the checkpoint
         half = dict(state["server_half"])

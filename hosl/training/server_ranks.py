@@ -5,7 +5,8 @@
 * ``hosl train --server-procs P`` (:func:`server_ranks`): this process holds the client and is
   server rank 0; it spawns ranks 1..P-1.
 * ``hosl serve --server-procs P`` (:func:`relayed_server_ranks`): this process speaks to the client
-  and spawns all P ranks; it relays each request to rank 0 over a pipe (the link to the client and
+  (or hosts the fleet, ``--clients N``) and spawns all P ranks; it relays each request (a fleet's
+  operation, ``hosl/training/fleet_half.py``) to rank 0 over a pipe (the link to the client and
   the server ranks' group are each a process's default torch.distributed group, and one process
   holds only one).
 
@@ -13,13 +14,16 @@ The ranks rendezvous on a free port of 127.0.0.1 (one machine). Every wait is bo
 rendezvous and the group's collectives by ``--connect-timeout`` (a rank may still be loading its
 half, and between requests the client may be evaluating), the wait for the spawned ranks to exit
 by ``_EXIT_GRACE_S``. A rank that dies closes its connections: the next collective of the others
-fails at once, and rank 0 raises a ``PeerLostError`` naming the lost rank.
+fails at once: every rank left and the serving process raise a ``ServerRankLost`` naming the
+lost rank (the ranks print it as one line and exit with status 2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from hosl.training.config import TrainConfig
 from hosl.training.modes import SPLIT_MODES
-from hosl.training.server_group import ServerGroup, check_parallel, follow
+from hosl.training.server_group import ServerGroup, ServerRankLost, check_parallel, follow
 from hosl.transport.link import PeerLostError
 
 _EXIT_GRACE_S = 30.0  # how long rank 0 waits for the other ranks to exit once told to stop
@@ -43,22 +47,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_server_procs(cfg: TrainConfig, procs: int, parallel: str) -> None:
-    """Refuse what several server ranks do not do (yet), before anything starts."""
+def check_server_procs(cfg: TrainConfig, procs: int, parallel: str, relayed: bool = False) -> None:
+    """Refuse what several server ranks do not do (yet), before anything starts. ``relayed``: the
+    ranks serve a client process or a fleet (``hosl serve``), not this process's client."""
     check_parallel(procs, parallel)
     if procs == 1:
         return
     if cfg.mode not in SPLIT_MODES:
         raise ValueError(f"--server-procs {procs} needs a split mode ({', '.join(SPLIT_MODES)}), got --mode {cfg.mode}")
-    if cfg.resume:
+    if cfg.resume and not relayed:
         raise ValueError(
-            f"--resume with --server-procs {procs} is not supported yet: resume with --server-procs 1 "
-            "(a ddp run's checkpoints are those of one server process)"
+            f"hosl train --resume with --server-procs {procs} is not supported yet (the spawned ranks "
+            "would not load the checkpoint): resume with --server-procs 1, or run the server with "
+            "hosl serve --server-procs (its checkpoints are one server process's)"
         )
-    if parallel == "fsdp":
+    if parallel == "fsdp" and not relayed:
         raise ValueError(
-            "--server-parallel fsdp does not write checkpoints yet (a sharded server half needs "
-            "torch.distributed.checkpoint); use ddp, or benchmarks/server_scaling.py to measure fsdp"
+            "hosl train --server-procs with --server-parallel fsdp is not supported (the run saves the "
+            "server half with the client, unsharded); use ddp, or hosl serve --server-parallel fsdp "
+            "beside a client process or a fleet"
         )
 
 
@@ -94,31 +101,54 @@ def _start_rank(rank: int, cfg: TrainConfig, meet: _Rendezvous, checkpoint_dir: 
     return group, half
 
 
+@contextlib.contextmanager
+def _exit_when_lost():
+    """Around a spawned rank: a lost server rank is printed as one line and ends the process with
+    status 2 (as the CLI's errors do), without a traceback."""
+    try:
+        yield
+    except ServerRankLost as exc:
+        print(f"hosl: error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def _rank_main(index: int, cfg: TrainConfig, meet: _Rendezvous) -> None:
     """Server rank ``index + 1`` of ``hosl train --server-procs`` (a spawned process)."""
     group, half = _start_rank(index + 1, cfg, meet, None)
     try:
-        follow(group, half.answer)
+        with _exit_when_lost():
+            follow(group, half.answer)
     finally:
         group.leave()
 
 
-def _relayed_rank_main(rank: int, cfg: TrainConfig, meet: _Rendezvous, checkpoint_dir: str, pipe) -> None:
+def _relayed_rank_main(
+    rank: int, cfg: TrainConfig, meet: _Rendezvous, checkpoint_dir: str, pipe, fleet: bool = False
+) -> None:
     """Server rank ``rank`` of ``hosl serve --server-procs`` (a spawned process); rank 0 answers the
     requests the serving process relays over ``pipe`` (None: no more), sending back
-    ``("reply", message)`` or ``("error", text)``."""
+    ``("reply", message)``, ``("error", text)`` (the request failed) or ``("lost", text)`` (the
+    group failed: then it exits). ``fleet``: the requests are a fleet's operations."""
+    from hosl.training.fleet_half import FleetHalf
+
     group, half = _start_rank(rank, cfg, meet, checkpoint_dir)
+    handler = FleetHalf(half) if fleet else half
     try:
-        if rank != 0:
-            follow(group, half.answer)
-            return
-        pipe.send(("ready", None))
-        while (request := _recv_or_none(pipe)) is not None:
-            try:
-                pipe.send(("reply", half.handle(request)))
-            except Exception as exc:  # noqa: BLE001 - the serving process reports it to the client
-                pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        group.share(None)
+        with _exit_when_lost():
+            if rank != 0:
+                follow(group, handler.answer)
+                return
+            pipe.send(("ready", None))
+            while (request := _recv_or_none(pipe)) is not None:
+                try:
+                    pipe.send(("reply", handler.handle(request)))
+                except Exception as exc:  # noqa: BLE001 - the serving process reports it to the client
+                    lost = group.lost(exc)
+                    if lost is not None:
+                        pipe.send(("lost", lost.detail))
+                        raise lost from exc
+                    pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+            group.share(None)
     finally:
         group.leave()
 
@@ -133,26 +163,40 @@ def _recv_or_none(pipe):
 class RankZeroRelay:
     """The serving process's handler for ``hosl serve --server-procs``: each request goes to server
     rank 0 (a child process) and its answer comes back, within ``timeout_s`` (``first_timeout_s``
-    for the first: the ranks may still be loading)."""
+    for the first: the ranks may still be loading). A server rank that died (or rank 0 silent past
+    the timeout) raises :class:`ServerRankLost` naming the dead ranks (``lost()``: e.g. "server
+    rank 1 (killed by signal 9)")."""
 
-    def __init__(self, pipe, timeout_s: float, first_timeout_s: float):
+    def __init__(self, pipe, timeout_s: float, first_timeout_s: float, procs: int, lost=lambda: ""):
         self.pipe, self.timeout_s, self.first_timeout_s = pipe, timeout_s, first_timeout_s
+        self.procs, self.lost = procs, lost
         self._ready = False
+
+    def _fail(self, why: str) -> ServerRankLost:
+        return ServerRankLost(
+            f"lost {self.lost() or 'a server rank'} of --server-procs {self.procs} ({why}); "
+            "resume the run from its last checkpoint with --resume (any --server-procs)"
+        )
 
     def _wait(self, what: str, timeout_s: float):
         if not self.pipe.poll(timeout_s):
-            raise RuntimeError(f"server rank 0 did not {what} within {timeout_s:g} s (did a server rank die?)")
+            raise self._fail(f"server rank 0 did not {what} within {timeout_s:g} s")
         try:
             return self.pipe.recv()
         except EOFError:
-            raise RuntimeError(f"server rank 0 exited before it could {what}") from None
+            raise self._fail(f"server rank 0 exited before it could {what}") from None
 
     def handle(self, request):
         if not self._ready:
             self._wait("load the server half and join the other ranks", self.first_timeout_s)
             self._ready = True
-        self.pipe.send(request)
+        try:
+            self.pipe.send(request)
+        except OSError:  # rank 0 is gone
+            raise self._fail("server rank 0 is gone") from None
         status, value = self._wait("answer", self.timeout_s)
+        if status == "lost":
+            raise self._fail(f"server rank 0's collective failed: {value}")
         if status == "error":
             raise RuntimeError(value)
         return value
@@ -196,15 +240,17 @@ def server_ranks(
 
 
 def _lost_ranks(spawned, first_rank: int) -> str:
-    """The spawned ranks that have exited with a failure, e.g. "server rank 1 (killed by signal 9)"."""
-    lost = []
+    """The spawned ranks that have exited with a failure, e.g. "server rank 1 (killed by signal 9)";
+    ranks that exited with status 2 (they lost another rank) only when no other rank failed."""
+    failed = []
     for i, process in enumerate(spawned.processes):
         process.join(_DEATH_GRACE_S)  # its sockets close a moment before its exit can be read
         code = process.exitcode
         if code not in (None, 0):
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-            lost.append(f"server rank {first_rank + i} ({why})")
-    return ", ".join(lost)
+            failed.append((code, f"server rank {first_rank + i} ({why})"))
+    first = [name for code, name in failed if code != 2] or [name for _code, name in failed]
+    return ", ".join(first)
 
 
 def _wait_for(spawned, grace_s: float) -> None:
@@ -231,22 +277,31 @@ def relayed_server_ranks(
     answer_timeout_s: float,
     connect_timeout_s: float,
     backend: str | None = None,
+    fleet: bool = False,
 ) -> Iterator[RankZeroRelay]:
     """``hosl serve --server-procs P``: all P ranks spawned; yields the relay to rank 0, which waits
     ``answer_timeout_s`` for each answer (``connect_timeout_s`` for the first, while the ranks
     load). The ranks' group (rendezvous and collectives) is bounded by ``connect_timeout_s``. On
-    exit the ranks are told to stop and waited for."""
+    exit the ranks are told to stop and waited for. ``fleet``: the relay carries a fleet's
+    operations (``hosl/training/fleet_half.py``)."""
     check_parallel(procs, parallel)
     ours, theirs = mp.get_context("spawn").Pipe()
+    meet = _Rendezvous(procs, parallel, free_port(), connect_timeout_s, backend)
     spawned = mp.start_processes(
         _relayed_rank_main,
-        args=(cfg, _Rendezvous(procs, parallel, free_port(), connect_timeout_s, backend), str(checkpoint_dir), theirs),
+        args=(cfg, meet, str(checkpoint_dir), theirs, fleet),
         nprocs=procs,
         join=False,
         start_method="spawn",
     )
     try:
-        yield RankZeroRelay(ours, answer_timeout_s, connect_timeout_s)
+        # which process is which rank (to watch one, or to signal it)
+        pids = {str(rank): process.pid for rank, process in enumerate(spawned.processes)}
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        (Path(checkpoint_dir) / "server_ranks.json").write_text(json.dumps({"parallel": parallel, "pids": pids}))
+        yield RankZeroRelay(
+            ours, answer_timeout_s, connect_timeout_s, procs, lost=lambda: _lost_ranks(spawned, first_rank=0)
+        )
     finally:
         with contextlib.suppress(OSError):
             ours.send(None)
