@@ -12,8 +12,9 @@ def _cmd_export(args) -> int:
     """write a run's latest checkpoint as a Hugging Face model folder (LoRA: + PEFT adapter)
 
     Rebuild the run's model from its config.json, load its latest checkpoint (both halves; for a
-    two-process run pass the --out holding client/ and server/) and write a folder that transformers
-    loads with from_pretrained. Full runs: DIR is the model (+ tokenizer). LoRA runs: DIR/base (the
+    two-process run pass the --out holding client/ and server/, the server's checkpoints sharded
+    (--server-parallel fsdp) or not) and write a folder that transformers loads with
+    from_pretrained. Full runs: DIR is the model (+ tokenizer). LoRA runs: DIR/base (the
     weights under the adapters), DIR/adapter (PeftModel.from_pretrained(base, DIR/adapter)) and, with
     --merge-lora, DIR/merged. A tied embedding/head that trained apart is saved untied
     (tie_word_embeddings=false). A classifier gets the run's label names (id2label);

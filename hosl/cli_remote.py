@@ -130,7 +130,8 @@ def add_server_procs_args(p: argparse.ArgumentParser) -> None:
         choices=("ddp", "fsdp"),
         help="with --server-procs > 1: ddp, a replica of the server half per process "
         "(DistributedDataParallel), or fsdp, its parameters sharded (FSDP2 fully_shard; hosl serve "
-        "only; checkpoints gathered to rank 0) (default %(default)s)",
+        "only; a run begun with fsdp writes sharded checkpoints, each rank its shards with "
+        "torch.distributed.checkpoint, which resume at any P and hosl export reads) (default %(default)s)",
     )
 
 

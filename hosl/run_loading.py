@@ -2,9 +2,10 @@
 
 The run's model is loaded from its ``config.json`` exactly as training loaded it (model, task,
 cut, LoRA, dtype), split, and its newest checkpoint (the one ``--resume`` would pick: both halves
-of a one-process run, or ``client/`` and ``server/`` of a two-process ``--out``) is loaded into
-the halves. The halves come back in eval mode; ``merged=True`` also returns them as one Hugging
-Face model (``hosl.merge``), with the run's label names in its config.
+of a one-process run, or ``client/`` and ``server/`` of a two-process ``--out``, whose server
+checkpoints may be sharded: ``hosl/training/sharded_checkpoint.py``) is loaded into the halves.
+The halves come back in eval mode; ``merged=True`` also returns them as one Hugging Face model
+(``hosl.merge``), with the run's label names in its config.
 """
 
 from __future__ import annotations
@@ -138,13 +139,17 @@ def load_run(run, *, merged: bool = False, fold_lora: bool = True) -> LoadedRun:
     A folder that is not a run, or holds no checkpoint, is an ``ExportError`` saying which."""
     from hosl.tasks.custom import configured_label_names
     from hosl.training import checkpoint as ckpt
+    from hosl.training import sharded_checkpoint
     from hosl.training.run import load_split_model
 
     cfg, paths, step = find_checkpoints(Path(run))
     with quiet_transformers():
         model_kind, tokenizer, client, server = load_split_model(cfg)
     for half, module in (("client", client), ("server", server)):
-        ckpt.load_checkpoint(paths[half], {half: module})
+        if half == "server" and sharded_checkpoint.run_format(paths[half].parent.parent) == sharded_checkpoint.SHARDED:
+            sharded_checkpoint.load_sharded(paths[half], module, None)  # its shards, in this one process
+        else:
+            ckpt.load_checkpoint(paths[half], {half: module})
     client.eval()
     server.eval()
     labels = configured_label_names(cfg) if model_kind == "classifier" else None

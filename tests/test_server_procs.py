@@ -58,7 +58,7 @@ def test_what_several_server_ranks_do_not_do_is_refused(change, needle):
 
 
 def test_hosl_serve_takes_resume_and_fsdp_with_several_ranks():
-    """Its checkpoints are one server process's (every rank loads them; fsdp gathers to rank 0)."""
+    """Every rank of hosl serve loads the run's checkpoints (one process's, or sharded)."""
     cfg = TrainConfig(model="tiny-opt", batch_size=4, resume=True)
     check_server_procs(cfg, 2, "fsdp", relayed=True)  # no refusal
     with pytest.raises(ValueError, match="hosl serve --server-procs"):
@@ -221,51 +221,101 @@ def _client_steps(cfg: TrainConfig, handle, steps, mode=None):
     return mode, losses
 
 
-@pytest.mark.slow
-def test_fsdp_checkpoints_are_one_server_process_s_and_resume_over_two_ranks(tmp_path):
-    """``hosl serve --server-parallel fsdp`` over 2 ranks (tiny Llama, SGD with momentum): its
-    step-2 checkpoint (the shards gathered to rank 0) holds one server process's weights and
-    momentum buffers under the same names, within 1e-5 (the float reduction order, as above); a
-    fresh pair of fsdp ranks resumes from it and steps 3 and 4 give one process's losses."""
+def _elements_per_file(folder: Path) -> dict:
+    """How many tensor elements (weights and optimizer state) each file of a DCP checkpoint holds,
+    from its metadata (which chunk of which tensor is in which file)."""
+    from math import prod
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(folder)).read_metadata()
+    counts: dict = {}
+    for index, where in meta.storage_data.items():
+        chunks = getattr(meta.state_dict_metadata[index.fqn], "chunks", None)
+        if chunks is None:  # a non-tensor value (a learning rate, a step count)
+            continue
+        (chunk,) = [c for c in chunks if tuple(c.offsets) == tuple(index.offset)]
+        counts[where.relative_path] = counts.get(where.relative_path, 0) + prod(chunk.sizes)
+    return counts
+
+
+def _client_checkpointed_run(run: Path, cfg: TrainConfig, client: torch.nn.Module, step: int) -> None:
+    """``run`` as a two-process run's ``--out``: ``client/`` (its config and a checkpoint of
+    ``client`` at ``step``) beside the ``server/`` checkpoints already there."""
     from hosl.training import checkpoint as ckpt
+
+    (run / "client").mkdir(parents=True)
+    (run / "client" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    ckpt.save_checkpoint(run / "client", step, {"client": client}, {"step": step})
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_sharded_and_resume_over_two_ranks_and_one(tmp_path):
+    """``hosl serve --server-parallel fsdp`` over 2 ranks (tiny Llama, SGD with momentum) writes its
+    step-2 checkpoint with torch.distributed.checkpoint: one shard file per rank, each about half
+    the weights and momentum (no rank holds a gathered copy). A fresh pair of fsdp ranks, and one
+    server process without a process group, resume from it: steps 3 and 4 give the losses of an
+    uninterrupted one-process run within 1e-5 relative (the float reduction order, as above).
+    ``hosl export`` of the sharded run equals the export of a one-process run of the same steps
+    within 1e-5."""
+    from hosl.run_export import export_run
+    from hosl.training import sharded_checkpoint
+    from hosl.training.protocol import Phase
     from hosl.training.server_ranks import relayed_server_ranks
     from hosl.transport.wire import Kind, Message
-    from hosl.training.protocol import Phase
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cfg = TrainConfig(model="tiny-llama", task="sst2", mode="hosl", cut=1, num_queries=2, lr_client=1e-3,
                       lr_server=1e-2, batch_size=5)
-    torch.manual_seed(cfg.seed)
-    kind, _tok, _client, server = load_split_model(cfg)
-    assert kind == "causal_lm"  # as _client_steps takes it
-    one = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(kind), kind, train_dropout=False,
-                        checkpoint_dir=tmp_path / "one")
-    _, expected = _client_steps(cfg, one.handle, range(1, 5))
-    sharded = tmp_path / "fsdp"
-    with relayed_server_ranks(cfg, 2, "fsdp", sharded, 120.0, 120.0) as relay:
+
+    def one_process(checkpoint_dir, resume_allowed=False):
+        torch.manual_seed(cfg.seed)
+        kind, _tok, _client, server = load_split_model(cfg)
+        assert kind == "causal_lm"  # as _client_steps takes it
+        return ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(kind), kind, train_dropout=False,
+                             checkpoint_dir=checkpoint_dir, resume_allowed=resume_allowed)
+
+    _, expected = _client_steps(cfg, one_process(tmp_path / "uninterrupted").handle, range(1, 5))
+    sharded = tmp_path / "sharded"
+    with relayed_server_ranks(cfg, 2, "fsdp", sharded / "server", 120.0, 120.0) as relay:
         mode, losses = _client_steps(cfg, relay.handle, range(1, 3))
         relay.handle(Message(Kind.REQUEST, Phase.SAVE, 2))
-    assert (sharded / "server_ranks.json").exists()
-    reference = tmp_path / "reference"  # one process's checkpoint after the same two steps
-    torch.manual_seed(cfg.seed)
-    _kind, _tok, _client, server = load_split_model(cfg)
-    two_steps = ServerHandler(server, cfg.mode, hyper(cfg), loss_fn(kind), kind, train_dropout=False,
-                              checkpoint_dir=reference)
-    _client_steps(cfg, two_steps.handle, range(1, 3))
+    step_2 = sharded / "server/checkpoints/step-2"
+    assert sorted(p.name for p in step_2.iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "checksums.json", "state.pt"]
+    assert sharded_checkpoint.run_format(sharded / "server") == "dcp"
+    # each rank's file holds its own half of every tensor's elements (no rank wrote a gathered copy)
+    per_file = _elements_per_file(step_2)
+    assert sorted(per_file) == ["__0_0.distcp", "__1_0.distcp"]
+    total = sum(per_file.values())
+    assert all(0.4 * total < n < 0.6 * total for n in per_file.values()), per_file
+    # one process's checkpoint of the same two steps, and its client, for the export and P = 1 below
+    reference = tmp_path / "reference"
+    two_steps = one_process(reference / "server")
+    client_at_2, _ = _client_steps(cfg, two_steps.handle, range(1, 3))
     two_steps.save(2)
-    a = load_file(str(reference / "checkpoints/step-2/server.safetensors"))
-    b = load_file(str(sharded / "checkpoints/step-2/server.safetensors"))
+
+    _client_checkpointed_run(sharded, cfg, mode.client, 2)
+    _client_checkpointed_run(reference, cfg, client_at_2.client, 2)
+    export_run(reference, tmp_path / "export-one")
+    export_run(sharded, tmp_path / "export-sharded")
+    a = load_file(str(tmp_path / "export-one/model.safetensors"))
+    b = load_file(str(tmp_path / "export-sharded/model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
-    sa = ckpt.read_state(reference / "checkpoints/step-2")["server_half"]["optimizer"]
-    sb = ckpt.read_state(sharded / "checkpoints/step-2")["server_half"]["optimizer"]
-    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
-    assert any(float(v["momentum_buffer"].abs().sum()) > 0 for v in sa["state"].values())
-    for i in sa["state"]:
-        torch.testing.assert_close(sb["state"][i]["momentum_buffer"], sa["state"][i]["momentum_buffer"],
-                                   rtol=1e-5, atol=1e-5)
-    with relayed_server_ranks(dataclasses.replace(cfg, resume=True), 2, "fsdp", sharded, 120.0, 120.0) as relay:
+
+    with relayed_server_ranks(dataclasses.replace(cfg, resume=True), 2, "fsdp", sharded / "server",
+                              120.0, 120.0) as relay:
         relay.handle(Message(Kind.REQUEST, Phase.RESUME, 2))
-        _, after = _client_steps(cfg, relay.handle, range(3, 5), mode)
-    assert losses + after == pytest.approx(expected, rel=1e-5)
+        _, after_p2 = _client_steps(cfg, relay.handle, range(3, 5), mode)
+    assert losses + after_p2 == pytest.approx(expected, rel=1e-5)
+
+    resumed = one_process(sharded / "server", resume_allowed=True)  # P = 1: DCP's load without a group
+    resumed.handle(Message(Kind.REQUEST, Phase.RESUME, 2))
+    _, after_p1 = _client_steps(cfg, resumed.handle, range(3, 5), client_at_2)
+    assert after_p1 == pytest.approx(expected[2:], rel=1e-5)
+    resumed.save(4)  # the run keeps its format: one rank's shards now
+    assert sorted(p.name for p in (sharded / "server/checkpoints/step-4").iterdir()) == [
+        ".metadata", "__0_0.distcp", "checksums.json", "state.pt"]
+

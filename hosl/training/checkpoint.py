@@ -22,8 +22,10 @@ and a classification head when it trains), not the frozen base weights, which ev
 from the model's source. The file's metadata says which kind it is, and loading one checks that it
 covers every trainable parameter of the module.
 
-One process writes every file here, so ``torch.distributed.checkpoint`` (per-rank shards) has nothing
-to do yet; it is the tool for FSDP-sharded server checkpoints, still open (``docs/fleet.md``).
+A server half sharded over several processes (``--server-parallel fsdp``) writes its weights and
+optimizer state with ``torch.distributed.checkpoint`` instead, each rank its own shards, into the
+same staging folder (``begin_checkpoint``), which rank 0 then commits: see
+``hosl/training/sharded_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -101,30 +103,29 @@ def sha256_of(path: Path) -> str:
 def _write_checksums(folder: Path) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS)
     table = {p.name: {"sha256": sha256_of(p), "bytes": p.stat().st_size} for p in files}
-    _atomic_write_text(folder / CHECKSUMS, json.dumps({"format": 1, "files": table}, indent=2))
+    atomic_write_text(folder / CHECKSUMS, json.dumps({"format": 1, "files": table}, indent=2))
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    modules: Mapping[str, torch.nn.Module | dict],
-    state: dict,
-    keep: int = 1,
-    *,
-    trainable_only: bool = False,
-) -> Path:
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.partial"
+def staging_folder(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before ``commit`` renames it into place."""
+    return Path(run_dir) / "checkpoints" / f".step-{step}.partial"
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """An empty staging folder for the checkpoint of ``step`` (a half-written one from before is
+    removed): write the weights into it, then ``commit`` it."""
+    tmp = staging_folder(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, module in modules.items():
-        save_file(
-            _tensors(module, trainable_only),
-            str(tmp / f"{name}.safetensors"),
-            metadata={CONTENTS_KEY: "trainable" if trainable_only else "full"},
-        )
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, step: int, tmp: Path, state: dict, keep: int = 1) -> Path:
+    """Add ``state.pt`` and the checksums of every file to the staging folder ``tmp``, rename it
+    to ``step-N``, point ``latest`` at it and prune older checkpoints (keeping ``keep``)."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step}"
     torch.save(state, tmp / STATE)
     try:  # a state that read_state would refuse fails here, at the first save, not at the resume
         torch.load(tmp / STATE, weights_only=True, mmap=True)
@@ -137,7 +138,7 @@ def save_checkpoint(
     _write_checksums(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _atomic_write_text(root / LATEST, final.name)
+    atomic_write_text(root / LATEST, final.name)
     # prune: only checkpoints of earlier steps, and only now that the new one is complete on disk
     older = [p for p in list_checkpoints(run_dir) if _step_of(p) < step]  # type: ignore[operator]  # step folders only
     for p in older[: max(0, len(older) - (keep - 1))]:
@@ -145,12 +146,32 @@ def save_checkpoint(
     return final
 
 
-def verify(path: Path, names: list[str] | None = None) -> list[str]:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    modules: Mapping[str, torch.nn.Module | dict],
+    state: dict,
+    keep: int = 1,
+    *,
+    trainable_only: bool = False,
+) -> Path:
+    tmp = begin_checkpoint(run_dir, step)
+    for name, module in modules.items():
+        save_file(
+            _tensors(module, trainable_only),
+            str(tmp / f"{name}.safetensors"),
+            metadata={CONTENTS_KEY: "trainable" if trainable_only else "full"},
+        )
+    return commit_checkpoint(run_dir, step, tmp, state, keep)
+
+
+def verify(path: Path, names: list[str] | None = None, files: list[str] | None = None) -> list[str]:
     """Check the checkpoint folder ``path`` against its ``checksums.json``; raise ``CheckpointError``
-    naming the first bad file. ``names``: module files that must be there. Returns notes (e.g. a
-    checkpoint older than checksums)."""
+    naming the first bad file. ``names``: module files that must be there; ``files``: other files
+    that must be there (a sharded checkpoint's metadata). Returns notes (e.g. a checkpoint older
+    than checksums)."""
     path = Path(path)
-    needed = [*(f"{n}.safetensors" for n in (names or [])), STATE]
+    needed = [*(f"{n}.safetensors" for n in (names or [])), *(files or []), STATE]
     missing = [f for f in needed if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
@@ -188,17 +209,17 @@ def verify(path: Path, names: list[str] | None = None) -> list[str]:
     return []
 
 
-def _non_finite_tensors(value, where: str = "") -> Iterator[str]:
+def non_finite_tensors(value, where: str = "") -> Iterator[str]:
     """Names (paths into ``value``) of floating tensors holding NaN or Inf, in nested dicts/lists."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             yield where or "tensor"
     elif isinstance(value, Mapping):
         for k, v in value.items():
-            yield from _non_finite_tensors(v, f"{where}.{k}" if where else str(k))
+            yield from non_finite_tensors(v, f"{where}.{k}" if where else str(k))
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            yield from _non_finite_tensors(v, f"{where}[{i}]")
+            yield from non_finite_tensors(v, f"{where}[{i}]")
 
 
 def _refused(exc: pickle.UnpicklingError) -> str:
@@ -227,7 +248,7 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{file} cannot be read ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} does not hold a checkpoint state (found {type(state).__name__})")
-    bad = list(_non_finite_tensors({k: v for k, v in state.items() if k != "torch_rng"}))
+    bad = list(non_finite_tensors({k: v for k, v in state.items() if k != "torch_rng"}))
     if bad:
         raise CheckpointError(f"{file} holds NaN or Inf values (in {', '.join(bad[:3])}); refusing to resume from it")
     return state

@@ -126,6 +126,11 @@ class ServerGroup:
         lost.detail = first or type(exc).__name__
         return lost
 
+    def barrier(self) -> None:
+        """Wait for every rank to reach this point (one process: nothing to wait for)."""
+        if self.distributed:
+            dist.barrier()
+
     def leave(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -158,9 +163,10 @@ class ServerGroup:
         return module
 
     # -- checkpoints: one server process's states ------------------------------------------------
-    # FSDP2 keeps each rank's shards; a checkpoint holds the full tensors, gathered to rank 0 (the
-    # other ranks get empty states), so it is the checkpoint of one server process and any P (or
-    # hosl export) reads it. ddp replicas, and one process, hold the full states already.
+    # A run begun with fsdp writes sharded checkpoints (hosl/training/sharded_checkpoint.py, each
+    # rank its shards). The full states below serve the runs whose checkpoints are one server
+    # process's: FSDP2's shards gathered to rank 0 (the other ranks get empty states), which any P
+    # (or hosl export) reads; ddp replicas, and one process, hold the full states already.
     @property
     def sharded(self) -> bool:
         return self.distributed and self.parallel == "fsdp"

@@ -20,6 +20,7 @@ from torch import nn
 from hosl.optim import ZerothOrderOptimizer
 from hosl.optim.hygiene import ServerGrads
 from hosl.tasks.evaluation import eval_outputs
+from hosl.training import sharded_checkpoint
 from hosl.training.modes import SERVER_FO_MODES, SPLIT_MODES
 from hosl.training.protocol import (
     KEEP_ACTIVATION_GRAD,
@@ -74,6 +75,9 @@ class ServerHandler:
         self.forward_module = self.group.wrap(server)  # server itself, or its DDP / FSDP2 form
         self.train_dropout = train_dropout
         self.checkpoint_dir = checkpoint_dir
+        # the run's one format of server checkpoints (hosl/training/sharded_checkpoint.py): sharded
+        # (dcp) for a run begun with fsdp over several ranks, one process's (safetensors) otherwise
+        self.checkpoint_format = sharded_checkpoint.choose_format(checkpoint_dir, self.group.sharded)
         self.resume_allowed = resume_allowed
         self.trainable_only_checkpoints = trainable_only_checkpoints  # LoRA: the adapters only
         self.rng_state = torch.Generator().manual_seed(hp.seed + 1).get_state()
@@ -310,25 +314,29 @@ class ServerHandler:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _save(self, request: Message, tensors: list[torch.Tensor]) -> Message:
-        self.save(request.step)  # every rank: fsdp gathers the shards to rank 0, which writes
+        self.save(request.step)  # every rank: writes its shards (dcp), or gathers them to rank 0
         return self._reply(request)
 
     def _resume(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         self.resume(request.step)
         return self._reply(request)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, optimizer: bool = True) -> dict:
+        """The server half's state beside its weights; ``optimizer=False``: without the optimizer's
+        (a sharded checkpoint holds it with the weights)."""
         return {
             "skipped_optimizer_steps": self.skipped_optimizer_steps,
             "optimizer": (
-                self.group.full_optimizer_state(self.server, self.optimizer) if self.optimizer is not None else None
+                self.group.full_optimizer_state(self.server, self.optimizer)
+                if self.optimizer is not None and optimizer
+                else None
             ),
             "zo": self.zo.state_dict() if self.zo is not None else self._pending_zo_state,
             "rng_state": self.rng_state,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if self.optimizer is not None:
+        if self.optimizer is not None and state.get("optimizer") is not None:
             self.group.load_full_optimizer_state(self.server, self.optimizer, state["optimizer"])
         if self.mode == "zo-sl" and state.get("zo") is not None:
             if self.zo is not None:
@@ -340,10 +348,24 @@ class ServerHandler:
 
     def save(self, step: int) -> None:
         """Server-process checkpoints (in-process runs save the server with the client instead):
-        one server process's, whatever the server ranks. Every rank calls it (fsdp gathers the
-        shards to rank 0); rank 0 writes."""
+        in the run's format (``self.checkpoint_format``): each rank its shards (dcp), or one server
+        process's (fsdp gathers the shards to rank 0). Every rank calls it; rank 0 commits."""
         from hosl.training import checkpoint as ckpt
 
+        if self.checkpoint_format == sharded_checkpoint.SHARDED:
+            if self.checkpoint_dir is None:
+                raise RuntimeError("this server half has no checkpoint folder")
+            sharded_checkpoint.save_sharded(
+                self.checkpoint_dir,
+                step,
+                self.server,
+                self.optimizer,
+                {"step": step, "server_half": self.state_dict(optimizer=False)},
+                self.group,
+                keep=2,
+                trainable_only=self.trainable_only_checkpoints,
+            )
+            return
         weights, state = self.group.full_state(self.server), self.state_dict()
         if self.group.rank != 0:
             return
@@ -378,7 +400,10 @@ class ServerHandler:
                 f"the client resumes at step {step} but the server has no checkpoint for it "
                 f"in {self.checkpoint_dir} (has: {have})"
             )
-        state = ckpt.load_checkpoint(path, {"server": self.server}, load_state=self.group.load_full_state)
+        if self.checkpoint_format == sharded_checkpoint.SHARDED:  # the optimizer's state comes with the shards
+            state = sharded_checkpoint.load_sharded(path, self.server, self.optimizer, self.group)
+        else:
+            state = ckpt.load_checkpoint(path, {"server": self.server}, load_state=self.group.load_full_state)
         # the learning rates come from this process's settings (checked against the run's on start,
         # so they differ only under --override), not from the checkpoint
         half = dict(state["server_half"])

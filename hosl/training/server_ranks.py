@@ -59,7 +59,7 @@ def check_server_procs(cfg: TrainConfig, procs: int, parallel: str, relayed: boo
         raise ValueError(
             f"hosl train --resume with --server-procs {procs} is not supported yet (the spawned ranks "
             "would not load the checkpoint): resume with --server-procs 1, or run the server with "
-            "hosl serve --server-procs (its checkpoints are one server process's)"
+            "hosl serve --server-procs (its ranks load the checkpoints)"
         )
     if parallel == "fsdp" and not relayed:
         raise ValueError(
