@@ -43,6 +43,12 @@ class Wire:
         self.queues = collections.defaultdict(queue.Queue)
         self.relay = None
         self.log: list[tuple[int, int, bytes]] = []
+        self._lock = threading.Lock()
+
+    def queue(self, key) -> queue.Queue:
+        """The queue of ``key``, made once: the two sides' threads may ask for a new key together."""
+        with self._lock:
+            return self.queues[key]
 
 
 class LoopbackGroup:
@@ -55,11 +61,11 @@ class LoopbackGroup:
             data = self.wire.relay(self.rank, tag, data)
         if data is not None:
             self.wire.log.append((self.rank, tag, data))
-            self.wire.queues[(self.rank, peer, tag)].put(data)
+            self.wire.queue((self.rank, peer, tag)).put(data)
         return _Done()
 
     def recv(self, tensors, peer, tag):
-        t, q = tensors[0], self.wire.queues[(peer, self.rank, tag)]
+        t, q = tensors[0], self.wire.queue((peer, self.rank, tag))
 
         class Work:
             def wait(self, timeout=None):
@@ -222,7 +228,7 @@ def _message_relay(action):
             deliver = action(state["index"], parts, state["kept"])
             state["index"] += 1
             for t, d in deliver:
-                relay.wire.queues[(0, 1, t)].put(d)
+                relay.wire.queue((0, 1, t)).put(d)
         return None  # delivered above, whole messages at a time
 
     return relay

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import math
 import os
@@ -365,24 +366,26 @@ class Endpoint:
         floats = torch.empty(n_floats, dtype=torch.float64, device=dev)
         theaders = torch.empty((n_tensors, TENSOR_HEADER_LEN), dtype=torch.int64, device=dev)
         small = [(TAG_INTS, ints), (TAG_FLOATS, floats), (TAG_TENSOR_HEADERS, theaders)]
-        posts = [lambda t=t, tag=tag: self._irecv(t, tag) for tag, t in small if t.numel()]
-        self._wait(self._post(posts, what), what, timeout_s)
+        small_posts = [functools.partial(self._irecv, t, tag) for tag, t in small if t.numel()]
+        if self.session is not None:  # its size is fixed: received with the small parts, one wait
+            header_trailer = torch.empty(self.session.header_trailer_len, dtype=torch.uint8, device=dev)
+            small_posts.append(functools.partial(self._irecv, header_trailer, TAG_HEADER_TRAILER))
+        self._wait(self._post(small_posts, what), what, timeout_s)
         if self.session is not None:
-            trailer = torch.empty(self.session.header_trailer_len, dtype=torch.uint8, device=dev)
-            self._wait(self._post([lambda: self._irecv(trailer, TAG_HEADER_TRAILER)], what), what, timeout_s)
             self.session.check_headers(
-                [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]], trailer, what
+                [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]], header_trailer, what
             )
         try:
             specs = [parse_tensor_header(h) for h in theaders.cpu()]
         except ValueError as exc:
             raise PeerProtocolError(f"the {self.peer_name} sent a {exc} while {what}") from None
-        claimed = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for dtype, shape in specs)
-        if max_tensor_bytes is not None and claimed > max_tensor_bytes:
-            raise PeerProtocolError(
-                f"the {self.peer_name} sent a message whose tensors claim {claimed} bytes while {what}, where at most "
-                f"{max_tensor_bytes} are expected; nothing of it was allocated"
-            )
+        if max_tensor_bytes is not None:
+            claimed = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs)
+            if claimed > max_tensor_bytes:
+                raise PeerProtocolError(
+                    f"the {self.peer_name} sent a message whose tensors claim {claimed} bytes while {what}, where "
+                    f"at most {max_tensor_bytes} are expected; nothing of it was allocated"
+                )
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
         posts = [
             lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()

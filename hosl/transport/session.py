@@ -178,11 +178,8 @@ class Session:
         against its header trailer, before anything is sized by them. Raises
         :class:`TamperedMessageError` (and refuses everything after) unless they are the next
         message's, unaltered."""
-        if self.broken is not None:
-            raise TamperedMessageError(f"refused a message from the {self.peer_name} while {what}: {self.broken}")
         direction, _key = self._in
-        raw = bytes(_part_bytes(trailer))
-        counter, tag = int.from_bytes(raw[:COUNTER_BYTES], "little"), raw[COUNTER_BYTES:]
+        counter, tag = self._read_trailer(trailer, what)
         if not (
             len(tag) == MAC_BYTES and hmac.compare_digest(self._mac(self._in_headers, direction, counter, small), tag)
         ):
@@ -192,6 +189,13 @@ class Session:
                 f"check (altered on the way, or not sent by the {self.peer_name}); nothing of it was used"
             )
         self._check_counter(counter, what)
+
+    def _read_trailer(self, trailer: torch.Tensor, what: str) -> tuple[int, bytes]:
+        """``(counter, tag)`` of a received trailer; refuses at once when the session is broken."""
+        if self.broken is not None:
+            raise TamperedMessageError(f"refused a message from the {self.peer_name} while {what}: {self.broken}")
+        raw = bytes(_part_bytes(trailer))
+        return int.from_bytes(raw[:COUNTER_BYTES], "little"), raw[COUNTER_BYTES:]
 
     def _check_counter(self, counter: int, what: str) -> None:
         if counter == self.received:
@@ -211,11 +215,8 @@ class Session:
         """Check a received message (its parts in order, header first, and its trailer); with
         ``encrypt``, decrypt its parts in place. Raises :class:`TamperedMessageError` (and refuses
         everything after) unless it is the next message the peer sealed, unaltered."""
-        if self.broken is not None:
-            raise TamperedMessageError(f"refused a message from the {self.peer_name} while {what}: {self.broken}")
         direction, key = self._in
-        raw = bytes(_part_bytes(trailer))
-        counter, tag = int.from_bytes(raw[:COUNTER_BYTES], "little"), raw[COUNTER_BYTES:]
+        counter, tag = self._read_trailer(trailer, what)
         plain = None
         if not self.encrypt:
             ok = len(tag) == MAC_BYTES and hmac.compare_digest(self._mac(key, direction, counter, parts), tag)
