@@ -388,21 +388,19 @@ class Endpoint:
                 )
         tensors = [torch.empty(shape, dtype=dtype, device=dev) for dtype, shape in specs]
         posts = [
-            lambda t=t, i=i: self._irecv(as_bytes(t), TAG_FIRST_TENSOR + i) for i, t in enumerate(tensors) if t.numel()
+            functools.partial(self._irecv, as_bytes(t), TAG_FIRST_TENSOR + i)
+            for i, t in enumerate(tensors)
+            if t.numel()
         ]
+        if self.session is not None:  # the trailer too: one wait for the rest of the message
+            trailer = torch.empty(self.session.trailer_len, dtype=torch.uint8, device=dev)
+            posts.append(functools.partial(self._irecv, trailer, TAG_TRAILER))
         self._wait(self._post(posts, what), what, timeout_s)
-        if self.session is not None:
-            self._open(header, small, tensors, what, timeout_s)
+        if self.session is not None:  # checked (and with --encrypt decrypted in place) before any use
+            parts = [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]]
+            parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(tensors) if t.numel()]
+            self.session.open(parts, trailer, what)
         return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
-
-    def _open(self, header, small, tensors, what: str, timeout_s: float) -> None:
-        """Receive the message's trailer and check it (:meth:`Session.open`, which decrypts in place)."""
-        assert self.session is not None
-        trailer = torch.empty(self.session.trailer_len, dtype=torch.uint8, device=self.device)
-        self._wait(self._post([lambda: self._irecv(trailer, TAG_TRAILER)], what), what, timeout_s)
-        parts = [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]]
-        parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(tensors) if t.numel()]
-        self.session.open(parts, trailer, what)
 
 
 class DistributedLink(Link):
