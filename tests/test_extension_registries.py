@@ -84,8 +84,8 @@ def test_the_family_reaches_the_reference_and_the_finite_guard(registered):
     assert FAMILY_CODES["dummy_family"] == DUMMY_FAMILY.code
     layout = ParameterLayout(nn.Linear(3, 2))
     # the Gaussian bound (5.8) lets this step through; the dummy family's bound (1e38) does not
-    assert update_is_safe("sgd", layout, [1], [10.0], {}, direction="gaussian", **HYPER)
-    assert not update_is_safe("sgd", layout, [1], [10.0], {}, direction="dummy_family", **HYPER)
+    assert update_is_safe("sgd", layout, [10.0], {}, direction="gaussian", **HYPER)
+    assert not update_is_safe("sgd", layout, [10.0], {}, direction="dummy_family", **HYPER)
 
 
 def test_the_family_reaches_the_compile_check(registered):
@@ -101,7 +101,7 @@ def test_the_rule_reaches_the_step_the_guard_and_the_memory_planner(registered):
     steps_taken.clear()
     zo_step("dummy_rule", layout, [1], [1.0], {}, direction="gaussian", **HYPER)
     assert steps_taken == [layout]
-    assert update_is_safe("dummy_rule", layout, [1], [1.0], {}, **HYPER)
+    assert update_is_safe("dummy_rule", layout, [1.0], {}, **HYPER)
     assert rule_state_nbytes("dummy_rule", 10) == 4 * 3 * 10
 
 

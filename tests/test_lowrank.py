@@ -262,8 +262,8 @@ def test_the_finite_guard_refuses_an_update_that_would_write_inf():
     layout = ParameterLayout(layer)
     hyper = dict(lr=1.0, weight_decay=0.0, momentum=0.9, betas=(0.9, 0.999), adam_eps=1e-8)
     # |z| can reach sqrt(R) * 5.8**2 ~ 67 at rank 4: a step of 1000 * 67 is beyond fp16's 65504
-    assert not rules.update_is_safe("sgd", layout, [1], [1000.0], {}, direction="lowrank", rank=4, **hyper)
-    assert rules.update_is_safe("sgd", layout, [1], [1.0], {}, direction="lowrank", rank=4, **hyper)
+    assert not rules.update_is_safe("sgd", layout, [1000.0], {}, direction="lowrank", rank=4, **hyper)
+    assert rules.update_is_safe("sgd", layout, [1.0], {}, direction="lowrank", rank=4, **hyper)
     with pytest.raises(ValueError, match="would write inf"):
         ops.zo_update_([layer.weight.data], [1], [1000.0], lr=1.0, family="lowrank", rank=4)
 

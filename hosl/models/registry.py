@@ -34,6 +34,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -123,22 +124,24 @@ def _opt_config(layers: int, hidden: int, ffn: int, heads: int, vocab: int = 502
     )
 
 
+# The tiny models' sizes (3 blocks of width 32, 4 heads, 128 positions) under the common config names,
+# which GPT2Config maps to its own; and the byte tokenizer's vocabulary and ids, with tied embeddings.
+_TINY_SIZES: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128
+)
+_TINY_FFN = 64
+_BYTE_TOKENS: dict[str, Any] = dict(
+    vocab_size=bytetok.BYTE_VOCAB_SIZE,
+    pad_token_id=bytetok.PAD_ID,
+    bos_token_id=bytetok.BOS_ID,
+    eos_token_id=bytetok.EOS_ID,
+    tie_word_embeddings=True,
+)
+
+
 def _tiny_decoder_config(config_class, **extra):
-    """3 x 32 (4 heads, 2 KV heads), byte-tokenizer vocabulary and ids, tied embeddings."""
-    return config_class(
-        vocab_size=bytetok.BYTE_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=bytetok.PAD_ID,
-        bos_token_id=bytetok.BOS_ID,
-        eos_token_id=bytetok.EOS_ID,
-        tie_word_embeddings=True,
-        **extra,
-    )
+    """The tiny sizes with 2 KV heads, byte-tokenizer vocabulary and ids, tied embeddings."""
+    return config_class(intermediate_size=_TINY_FFN, num_key_value_heads=2, **_TINY_SIZES, **_BYTE_TOKENS, **extra)
 
 
 def tiny_llama_config() -> LlamaConfig:
@@ -147,34 +150,15 @@ def tiny_llama_config() -> LlamaConfig:
 
 def tiny_bert_config() -> BertConfig:
     # vocab and pad id match MiniLM's uncased WordPiece tokenizer, which tiny-bert reuses
-    return BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
+    return BertConfig(vocab_size=30522, pad_token_id=0, intermediate_size=_TINY_FFN, **_TINY_SIZES)
 
 
 def tiny_opt_config() -> OPTConfig:
-    return _opt_config(layers=3, hidden=32, ffn=64, heads=4, vocab=bytetok.BYTE_VOCAB_SIZE, max_positions=128)
+    return _opt_config(layers=3, hidden=32, ffn=_TINY_FFN, heads=4, vocab=bytetok.BYTE_VOCAB_SIZE, max_positions=128)
 
 
 def tiny_gpt2_config() -> GPT2Config:
-    return GPT2Config(
-        vocab_size=bytetok.BYTE_VOCAB_SIZE,
-        n_positions=128,
-        n_embd=32,
-        n_layer=3,
-        n_head=4,
-        n_inner=64,
-        pad_token_id=bytetok.PAD_ID,
-        bos_token_id=bytetok.BOS_ID,
-        eos_token_id=bytetok.EOS_ID,
-        tie_word_embeddings=True,
-    )
+    return GPT2Config(n_inner=_TINY_FFN, **_TINY_SIZES, **_BYTE_TOKENS)
 
 
 # the sliding windows are tiny on purpose: tests then see both kinds of mask on short texts

@@ -39,7 +39,7 @@ import contextvars
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -103,6 +103,11 @@ def option(
             on_resume=on_resume,
         ),
     )
+
+
+def hybrid_choice(default: str, choices: Sequence[str], help: str):
+    """An option of the hybrid optimizer alone (``hosl``'s client and server estimates), one of ``choices``."""
+    return option(default, help, optimizers=("hybrid",), cli=dict(choices=choices))
 
 
 @dataclass(frozen=True)
@@ -233,36 +238,32 @@ class ZOConfig:
         cli=dict(type="int"),
         on_resume="override",
     )
-    server_estimate: str = option(
+    server_estimate: str = hybrid_choice(
         "exact",
+        SERVER_ESTIMATES,
         "hosl: exact (the server runs every perturbed activation, default) or linear (dL/dh . (h+ - h-) "
         "/ 2eps from the server's clean backward: one server forward per step)",
-        optimizers=("hybrid",),
-        cli=dict(choices=SERVER_ESTIMATES),
     )
-    linear_on: str = option(
+    linear_on: str = hybrid_choice(
         "server",
+        LINEAR_PLACEMENTS,
         "linear estimate: the server computes the Q dot products (default; the client uploads Q "
         "activation differences) or the client does, after receiving dL/dh (which tells it about the labels; "
         "see docs/optimizer.md)",
-        optimizers=("hybrid",),
-        cli=dict(choices=LINEAR_PLACEMENTS),
     )
-    server_grad: str = option(
+    server_grad: str = hybrid_choice(
         "clean",
+        SERVER_GRADS,
         "hosl: where the server's gradient is taken: clean (one backward at the clean activation; default) "
         "or perturbed (at each direction's +eps activation, averaged over Q, as the authors' code does; "
         "docs/paper_settings.md)",
-        optimizers=("hybrid",),
-        cli=dict(choices=SERVER_GRADS),
     )
-    client_update: str = option(
+    client_update: str = hybrid_choice(
         "joint",
+        CLIENT_UPDATES,
         "hosl: joint (one client update over all Q directions; default) or per-direction (a plain "
         "ZO-SGD update after each direction's two passes, lr/Q times its estimate, as the authors' code steps "
         "per direction; docs/paper_settings.md)",
-        optimizers=("hybrid",),
-        cli=dict(choices=CLIENT_UPDATES),
     )
     client_micro_batch: int | None = option(
         None,

@@ -217,7 +217,6 @@ def zo_step(
 def update_is_safe(
     variant: str,
     layout: ParameterLayout,
-    seeds: Sequence[int],
     grads: Sequence[float],
     state: State,
     *,
@@ -225,8 +224,8 @@ def update_is_safe(
     rank: int | None = None,
     **hyper,
 ) -> bool:
-    """True when ``zo_step`` with these arguments is certain to leave every weight (and the rule's
-    float32 state) finite; False means skip the update.
+    """True when ``zo_step`` with these arguments (and any seeds) is certain to leave every weight
+    (and the rule's float32 state) finite; False means skip the update.
 
     Checked before anything is written, from bounds rather than from the result, so nothing needs
     undoing and no copy of the weights is held: with ``M = max|w|`` (one read of the weights),

@@ -210,7 +210,6 @@ class ZerothOrderBase(torch.optim.Optimizer):
             if not rules.update_is_safe(
                 self.variant,
                 layout,
-                seeds,
                 g,
                 self.state,
                 direction=self.direction,

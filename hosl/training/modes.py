@@ -41,8 +41,8 @@ class Hyper:
     """A run's optimizer settings: the ZO options (``zo``, one :class:`~hosl.optim.config.ZOConfig`
     for every ZO-trained half; its ``lr`` is also the FO client's rate in fo-sl) and the FO side's.
 
-    The ZO options the FO side and the server read too are declared below as properties under
-    their training names (``hp.lr_client`` is ``hp.zo.lr``); every other ZO option is ``hp.zo.<field>``."""
+    The two ZO options the FO side reads too are declared below as properties under their training
+    names (``hp.lr_client`` is ``hp.zo.lr``); every other ZO option is ``hp.zo.<field>``."""
 
     zo: ZOConfig = field(default_factory=ZOConfig)
     lr_server: float = 1e-3
@@ -67,21 +67,6 @@ class Hyper:
     def weight_decay(self) -> float:
         """``zo.weight_decay``: the FO optimizers use the run's weight decay too."""
         return self.zo.weight_decay
-
-    @property
-    def seed(self) -> int:
-        """``zo.seed``: the run's seed (the server's dropout stream is seeded from it)."""
-        return self.zo.seed
-
-    @property
-    def server_estimate(self) -> str:
-        """``zo.server_estimate``: how the hosl server half is estimated (the server reads it)."""
-        return self.zo.server_estimate
-
-    @property
-    def linear_on(self) -> str:
-        """``zo.linear_on``: where the linear estimate's dot products run (the server reads it)."""
-        return self.zo.linear_on
 
 
 def _inputs(batch):
@@ -258,7 +243,7 @@ class HOSLMode(_ZOClientMode, SplitMode):
             self.sync.before_step(self.opt, self.step_number)
         self.proxy.begin_step(self.step_number, batch)
         server_loss = self.proxy.hosl_loss_fn(
-            linear=self.hp.server_estimate == "linear", server_grad=self.hp.zo.server_grad
+            linear=self.hp.zo.server_estimate == "linear", server_grad=self.hp.zo.server_grad
         )
         perturbed = self.proxy.losses  # an explicit call per perturbed activation (the clean one backprops)
         if self.client_micro_batch is None:

@@ -80,7 +80,7 @@ class ServerHandler:
         self.checkpoint_format = sharded_checkpoint.choose_format(checkpoint_dir, self.group.sharded)
         self.resume_allowed = resume_allowed
         self.trainable_only_checkpoints = trainable_only_checkpoints  # LoRA: the adapters only
-        self.rng_state = torch.Generator().manual_seed(hp.seed + 1).get_state()
+        self.rng_state = torch.Generator().manual_seed(hp.zo.seed + 1).get_state()
         self.optimizer: torch.optim.Optimizer | None = None
         # zo-sl: built once the client's coordinate count is known (the first begin-step)
         self.zo: ZerothOrderOptimizer | None = None
@@ -281,7 +281,7 @@ class ServerHandler:
     def _linear_grad(self, request: Message, tensors: list[torch.Tensor]) -> Message:
         """dL/dh itself, only with linear_on='client'."""
         grad = self._kept_activation_grad()
-        if getattr(self.hp, "linear_on", "server") != "client":
+        if self.hp.zo.linear_on != "client":
             raise ValueError(
                 "the client asked for dL/dh but this server keeps it (linear_on='server'); "
                 "start both sides with --linear-on client to send it down"
