@@ -57,21 +57,25 @@ def _snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["hosl", "fo-sl", "zo-sl"])
-def test_only_the_matching_client_parameters_change(mode):
-    client, server = _halves(mode=mode, client_params=NORMS)
-    matching = {n for n, _ in client.named_parameters() if fnmatchcase(n, NORMS)}
+@pytest.mark.parametrize("mode,pattern,options", [
+    ("hosl", NORMS, {}), ("fo-sl", NORMS, {}), ("zo-sl", NORMS, {}),
+    ("hosl", "*.bias", {"query_batch": 2}),  # BitFit: linears whose weight is frozen, through the batched pass
+])
+def test_only_the_matching_client_parameters_change(mode, pattern, options):
+    client, server = _halves(mode=mode, client_params=pattern)
+    matching = {n for n, _ in client.named_parameters() if fnmatchcase(n, pattern)}
     assert {n for n, p in client.named_parameters() if p.requires_grad} == matching
-    assert len(matching) == 10  # embeddings + 2 per block x 2 blocks, weight and bias each
+    # embeddings + 2 norms per block x 2 blocks, weight and bias each; or embeddings' norm + 8 per block
+    assert len(matching) == (10 if pattern == NORMS else 17)
     start_client, start_server = _snapshot(client), _snapshot(server)
-    hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=2, seed=1), lr_server=1e-2)
+    hp = Hyper(zo=ZOConfig(lr=1e-2, eps=1e-2, num_queries=2, seed=1, **options), lr_server=1e-2)
     run, half = _mode(mode, client, server, hp)
     for step in (1, 2):
         run.step_number = step
         run.step(_batch())
     for name, p in client.named_parameters():
         if name in matching:
-            assert not torch.equal(p, start_client[name]), f"{name} matches {NORMS} but did not train"
+            assert not torch.equal(p, start_client[name]), f"{name} matches {pattern} but did not train"
         else:
             assert torch.equal(p, start_client[name]), f"{name} matches no pattern but changed"
     assert any(not torch.equal(p, start_server[n]) for n, p in server.named_parameters()), "the server did not train"
