@@ -169,6 +169,15 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         help="which half gets adapters; the other trains all its weights (default %(default)s)",
     )
     p.add_argument(
+        "--client-params",
+        default=d.client_params,
+        metavar="GLOBS",
+        help="train only the client parameters whose names match one of these comma-separated fnmatch "
+        "patterns (names as the client half's named_parameters() gives them, e.g. '*LayerNorm*' or "
+        "'*.bias'); the rest of the client is frozen, ZO perturbs only these, and with --lora it narrows "
+        "the adapters; not with --mode frozen-client (default: every client parameter)",
+    )
+    p.add_argument(
         "--client-memory-budget",
         default=d.client_memory_budget,
         metavar="SIZE",

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from hosl.models.lora import LORA_HALVES
+from hosl.models.trainable import parse_globs
 from hosl.optim.config import (
     FO_CLIENT_LR,
     LORA_ZO_EPS,
@@ -67,6 +68,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str | None = None  # comma-separated module names; None: per architecture
     lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
+    # comma-separated fnmatch patterns over the client half's parameter names: only those train
+    client_params: str | None = None
     client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
     client_checkpointing: bool = False  # fo-sl: each client block under torch.utils.checkpoint
     client_fused_step: bool = False  # fo-sl: the client's SGD step inside backward (post-accumulate-grad hooks)
@@ -136,6 +139,12 @@ class TrainConfig:
             return None
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
+    def client_param_patterns(self) -> list[str] | None:
+        """``--client-params`` as its list of patterns; None: every client parameter trains."""
+        if self.client_params is None:
+            return None
+        return parse_globs(self.client_params)
+
     def resolved_eval_every(self) -> int:
         return self.eval_every or max(1, self.steps // 4)
 
@@ -201,6 +210,7 @@ class TrainConfig:
             positive("lora_alpha")
             if self.lora_halves not in LORA_HALVES:
                 raise ValueError(f"--lora-halves must be one of {', '.join(LORA_HALVES)}, got {self.lora_halves!r}")
+        self._validate_client_params()
         self._validate_client_slicing()
         self._validate_lean_fo_client()
         self._validate_fleet()
@@ -226,6 +236,15 @@ class TrainConfig:
                 f"--clients runs a fleet of hosl clients (a client's update is its seeds and scalars); "
                 f"got --mode {self.mode}"
             )
+
+    def _validate_client_params(self) -> None:
+        """The patterns' syntax and the mode; which parameters they match is checked on the built
+        client half (``hosl/models/trainable.py``, from ``load_split_model``)."""
+        if self.client_params is None:
+            return
+        self.client_param_patterns()
+        if self.mode == "frozen-client":
+            raise ValueError("--client-params has no effect with --mode frozen-client (the client never trains)")
 
     def _validate_lean_fo_client(self) -> None:
         for name in ("client_checkpointing", "client_fused_step"):

@@ -39,7 +39,9 @@ from hosl.transport.distributed import DistributedLink, Endpoint, Version, conne
 # What both sides must agree on: these run settings, and the ZO options whose ZOConfig field says
 # ``agree`` (hosl/optim/config.py: lr_client, eps, weight_decay, seed, direction, zo_optimizer,
 # zo_momentum, zo_betas, ...). Fields that only the client uses (steps, data sizes, Q, ...) are not
-# compared: the server follows whatever the client sends.
+# compared: the server follows whatever the client sends. ``client_params`` shapes the client alone
+# but is compared, so that every client of a fleet (each checked against the server) applies the
+# relayed updates to the same trainable coordinates.
 FINGERPRINT_FIELDS = (
     "model",
     "task",
@@ -54,6 +56,7 @@ FINGERPRINT_FIELDS = (
     "lora_alpha",
     "lora_targets",
     "lora_halves",
+    "client_params",
     "server_optimizer",
     "lr_schedule",
     "warmup_steps",
@@ -110,6 +113,7 @@ def fingerprint(cfg: TrainConfig) -> dict:
     values.update({name: getattr(cfg, name) for name in FINGERPRINT_FIELDS})
     values["lora_alpha"] = float(cfg.lora_alpha)
     values["lora_targets"] = ",".join(cfg.lora_target_list() or ())  # "" : the architecture's default
+    values["client_params"] = ",".join(cfg.client_param_patterns() or ())  # "": every client parameter
     values.update(cfg.zo_config().fingerprint())  # lr_client and eps resolved; zo_betas as zo_betas[0], [1]
     return values
 

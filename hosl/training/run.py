@@ -28,6 +28,7 @@ from torch import nn
 from hosl.models import MODEL_NAMES, TASK_CAUSAL_LM, TASK_SEQUENCE_CLASSIFICATION, load_model, resolve_model, split
 from hosl.models.architectures import is_encoder
 from hosl.models.lora import apply_lora, lora_layers
+from hosl.models.trainable import keep_trainable
 from hosl.tasks import ShuffledBatches, TaskData, classification_loss, lm_answer_loss, make_collate_fn
 from hosl.tasks.custom import configured_num_labels, sample_configured_task
 from hosl.tasks.evaluation import check_encodable
@@ -131,6 +132,11 @@ def load_split_model(cfg: TrainConfig, data: TaskData | None = None):
     client, server = split(model, cut=cfg.cut)
     if cfg.lora and cfg.lora_halves != "both":  # the half without adapters trains all its weights
         (server if cfg.lora_halves == "client" else client).requires_grad_(True)
+    patterns = cfg.client_param_patterns()
+    if patterns is not None:  # --client-params: only the matching client parameters train (LoRA: narrows)
+        kept = keep_trainable(client, patterns)
+        numel = sum(p.numel() for n, p in client.named_parameters() if p.requires_grad)
+        say(f"--client-params: {len(kept)} client parameters train ({numel} coordinates)")
     return model_kind, tokenizer, client, server
 
 

@@ -177,6 +177,7 @@ def _effective(values: dict) -> dict:
         eval_every=cfg.resolved_eval_every(),
         checkpoint_every=cfg.resolved_checkpoint_every(),
         lora_targets=cfg.lora_target_list(),
+        client_params=",".join(cfg.client_param_patterns() or ()) or None,  # the patterns, spaces dropped
     )
     if not cfg.lora:  # LoRA settings of a run without LoRA are not used
         for name in ("lora_r", "lora_alpha", "lora_targets", "lora_halves"):
