@@ -70,6 +70,7 @@ class TrainConfig:
     lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
     # comma-separated fnmatch patterns over the client half's parameter names: only those train
     client_params: str | None = None
+    recipe: str | None = None  # a named recipe (hosl/training/recipes.py): fills in the settings left None
     client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
     client_checkpointing: bool = False  # fo-sl: each client block under torch.utils.checkpoint
     client_fused_step: bool = False  # fo-sl: the client's SGD step inside backward (post-accumulate-grad hooks)
@@ -163,6 +164,10 @@ class TrainConfig:
             raise ValueError(str(exc)) from None
 
     def validate(self) -> None:
+        from hosl.training.recipes import apply_recipe
+
+        apply_recipe(self)  # first: the values it fills in are checked like any other
+
         def positive(name, integer=False, allow_zero=False):
             v = getattr(self, name)
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))
