@@ -174,14 +174,24 @@ def test_a_recipe_fills_in_only_what_is_not_given():
     recipe = RECIPES["zo-norms"]
     cfg = _cfg(recipe="zo-norms")
     cfg.validate()
-    assert (cfg.client_params, cfg.lr_client) == (recipe.settings["client_params"], recipe.settings["lr_client"])
-    assert cfg.zo_config().lr == recipe.settings["lr_client"]
-    mine = _cfg(recipe="zo-norms", lr_client=3e-3, client_params="*.bias")
+    assert {name: getattr(cfg, name) for name in recipe.settings} == dict(recipe.settings)
+    zo = cfg.zo_config()
+    assert (zo.lr, zo.difference) == (recipe.settings["lr_client"], recipe.settings["difference"])
+    mine = _cfg(recipe="zo-norms", lr_client=3e-3, client_params="*.bias", difference="central")
     mine.validate()
-    assert (mine.client_params, mine.lr_client) == ("*.bias", 3e-3)  # given values win
+    assert (mine.client_params, mine.lr_client, mine.difference) == ("*.bias", 3e-3, "central")  # given values win
     again = TrainConfig(**cfg.to_dict())  # a run's config.json: the recipe's values are there
     again.validate()
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_difference_left_unset_is_central_for_the_run_its_resume_and_the_handshake():
+    from hosl.training.remote import fingerprint
+    from hosl.training.run_folder import compare
+
+    assert _cfg().difference is None and _cfg().zo_config().difference == "central"
+    assert compare(_cfg(difference="central").to_dict(), _cfg()) == {}  # a run saved before None meant central
+    assert fingerprint(_cfg()) == fingerprint(_cfg(difference="central"))
 
 
 def test_recipe_errors_name_the_flag_and_change_nothing():

@@ -41,8 +41,9 @@ def flag(name: str) -> str:
 @dataclass
 class TrainConfig:
     """A run's settings: the run's own, then the ZO options (ZOConfig's, by their training names).
-    ``lr_client`` and ``eps`` default to None: the paper's values for the mode and ``--lora``
-    (:meth:`resolved_lr_client`, :meth:`resolved_eps`)."""
+    ``lr_client``, ``eps`` and ``difference`` default to None: the paper's values for the mode and
+    ``--lora`` (:meth:`resolved_lr_client`, :meth:`resolved_eps`, :meth:`resolved_difference`), so
+    a ``--recipe`` can tell a setting not given from one given as the default."""
 
     model: str = "minilm-l6"
     task: str = "sst2"
@@ -102,7 +103,7 @@ class TrainConfig:
     eps: float | None = None  # None: ZO_EPS or LORA_ZO_EPS
     num_queries: int = 10
     weight_decay: float = 0.0
-    difference: str = "central"
+    difference: str | None = None  # None: central (a --recipe may set it)
     step_scale: str = "none"
     seed: int = 0
     backend: str | None = None
@@ -129,6 +130,9 @@ class TrainConfig:
         if self.mode not in ZO_CLIENT_MODES:
             return FO_CLIENT_LR
         return LORA_ZO_LR if self.lora else ZO_LR
+
+    def resolved_difference(self) -> str:
+        return self.difference if self.difference is not None else ZOConfig().difference
 
     def resolved_eps(self) -> float:
         if self.eps is not None:
@@ -157,6 +161,7 @@ class TrainConfig:
         a bad value is a ValueError naming its flag."""
         values = {train_name(f): getattr(self, train_name(f)) for f in train_fields()}
         values["lr_client"], values["eps"] = self.resolved_lr_client(), self.resolved_eps()
+        values["difference"] = self.resolved_difference()
         names = {f.name: flag(train_name(f)) for f in train_fields()}
         try:
             return ZOConfig.build(from_train_names(values), label=lambda name: names.get(name, name))

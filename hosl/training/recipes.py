@@ -38,8 +38,9 @@ RECIPES: Registry[Recipe] = Registry("recipe")
 RECIPES.register(
     Recipe(
         "zo-norms",
-        "ZO on the client's normalisation layers only (--client-params norms) at client lr 1e-2",
-        {"client_params": "norms", "lr_client": 1e-2},
+        "ZO on the client's normalisation layers only (--client-params norms) at client lr 1e-2, "
+        "one-sided differences (--difference forward: Q + 1 client forwards a step)",
+        {"client_params": "norms", "lr_client": 1e-2, "difference": "forward"},
         modes=ZO_CLIENT_SPLIT_MODES,
         evidence="docs/time_to_accuracy.md",
     )
