@@ -24,6 +24,7 @@ from hosl.models.lora import LORA_HALVES
 from hosl.optim.config import field_help, train_fields, train_name
 from hosl.training.config import MAX_SEED, TrainConfig, flag
 from hosl.training.modes import MODES
+from hosl.training.recipes import RECIPES
 from hosl.training.run_folder import OVERRIDABLE
 from hosl.training.tracking import REPORT_TO
 
@@ -174,8 +175,17 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
         metavar="GLOBS",
         help="train only the client parameters whose names match one of these comma-separated fnmatch "
         "patterns (names as the client half's named_parameters() gives them, e.g. '*LayerNorm*' or "
-        "'*.bias'); the rest of the client is frozen, ZO perturbs only these, and with --lora it narrows "
+        "'*.bias'; the word norms: every normalisation layer's parameters, whatever the architecture names "
+        "them); the rest of the client is frozen, ZO perturbs only these, and with --lora it narrows "
         "the adapters; not with --mode frozen-client (default: every client parameter)",
+    )
+    p.add_argument(
+        "--recipe",
+        default=d.recipe,
+        choices=RECIPES,
+        metavar="NAME",
+        help=f"a named, measured recipe: {RECIPES.help()}; it fills in only the settings not given "
+        "(docs/time_to_accuracy.md; default: none)",
     )
     p.add_argument(
         "--client-memory-budget",

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hosl.models.trainable import keep_trainable, parse_globs
+from hosl.models.trainable import keep_trainable, norm_parameter_names, parse_globs
 from hosl.optim.config import ZOConfig
 from hosl.training.config import TrainConfig
 from hosl.training.modes import Hyper, make_mode
 from hosl.training.protocol import PHASE_NAMES
+from hosl.training.recipes import RECIPES
 from hosl.training.run import load_split_model, loss_fn
 from hosl.training.server_handler import ServerHandler
 from hosl.training.server_proxy import ServerProxy
@@ -135,3 +136,92 @@ def test_resume_and_the_handshake_refuse_other_patterns():
         with pytest.raises(RunFolderError, match="--client-params was"):
             compare(run, _cfg(client_params=other))
     assert fingerprint(_cfg(client_params=NORMS))["client_params"] != fingerprint(_cfg())["client_params"]
+
+
+# -- the word "norms" and --recipe -------------------------------------------------------------------
+@pytest.mark.parametrize("model,norm_leaves", [
+    ("tiny-bert", {"LayerNorm"}),
+    ("tiny-opt", {"self_attn_layer_norm", "final_layer_norm"}),
+    ("tiny-llama", {"input_layernorm", "post_attention_layernorm"}),  # RMSNorm: weights only
+    ("tiny-gpt2", {"ln_1", "ln_2"}),
+    ("tiny-qwen3", {"input_layernorm", "post_attention_layernorm", "q_norm", "k_norm"}),
+])
+def test_norms_is_every_normalisation_layer_whatever_its_name(model, norm_leaves):
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=model, task="sst2", cut=2, client_params="norms")
+    cfg.validate()
+    _kind, _tok, client, _server = load_split_model(cfg)
+    trainable = {n for n, p in client.named_parameters() if p.requires_grad}
+    assert trainable == norm_parameter_names(client)
+    assert {n.split(".")[-2] for n in trainable} == norm_leaves
+    assert all(p.dim() == 1 for n, p in client.named_parameters() if n in trainable)  # no weight matrix
+    frozen = [n for n, p in client.named_parameters() if not p.requires_grad]
+    assert any(n.endswith("weight") and "embed" not in n for n in frozen)
+
+
+def test_norms_mixes_with_patterns_and_a_client_without_norms_is_refused():
+    client, _ = _halves()
+    kept = keep_trainable(client, ["norms", "*.query.bias"])
+    assert set(kept) == norm_parameter_names(client) | {n for n in kept if n.endswith("query.bias")}
+    assert any(n.endswith("query.bias") for n in kept)
+    bare = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="'norms' matches no trainable normalisation-layer client parameter"):
+        keep_trainable(bare, ["norms"])
+    assert all(p.requires_grad for p in bare.parameters())
+
+
+def test_a_recipe_fills_in_only_what_is_not_given():
+    recipe = RECIPES["zo-norms"]
+    cfg = _cfg(recipe="zo-norms")
+    cfg.validate()
+    assert {name: getattr(cfg, name) for name in recipe.settings} == dict(recipe.settings)
+    zo = cfg.zo_config()
+    assert (zo.lr, zo.difference) == (recipe.settings["lr_client"], recipe.settings["difference"])
+    mine = _cfg(recipe="zo-norms", lr_client=3e-3, client_params="*.bias", difference="central")
+    mine.validate()
+    assert (mine.client_params, mine.lr_client, mine.difference) == ("*.bias", 3e-3, "central")  # given values win
+    again = TrainConfig(**cfg.to_dict())  # a run's config.json: the recipe's values are there
+    again.validate()
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_difference_left_unset_is_central_for_the_run_its_resume_and_the_handshake():
+    from hosl.training.remote import fingerprint
+    from hosl.training.run_folder import compare
+
+    assert _cfg().difference is None and _cfg().zo_config().difference == "central"
+    assert compare(_cfg(difference="central").to_dict(), _cfg()) == {}  # a run saved before None meant central
+    assert fingerprint(_cfg()) == fingerprint(_cfg(difference="central"))
+
+
+def test_recipe_errors_name_the_flag_and_change_nothing():
+    cfg = _cfg(mode="fo-sl", recipe="zo-norms")
+    with pytest.raises(ValueError, match="--recipe zo-norms is for --mode hosl or zo-sl, got --mode fo-sl"):
+        cfg.validate()
+    assert cfg.client_params is None and cfg.lr_client is None
+    with pytest.raises(ValueError, match="--recipe must be one of .*zo-norms.*, got 'nope'"):
+        _cfg(recipe="nope").validate()
+
+
+def test_a_registered_recipe_reaches_the_cli():
+    from hosl.cli import build_parser
+    from hosl.training.recipes import Recipe
+
+    dummy = Recipe("dummy-recipe", "a test's recipe", {"eps": 5e-3}, modes=("hosl",), evidence="tests/")
+    with RECIPES.registered(dummy):
+        args = build_parser().parse_args(["train", "--recipe", "dummy-recipe"])
+        assert args.recipe == "dummy-recipe"
+        cfg = _cfg(recipe="dummy-recipe")
+        cfg.validate()
+        assert cfg.eps == 5e-3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--recipe", "dummy-recipe"])
+
+
+def test_every_recipe_names_only_fields_that_default_to_none_and_its_evidence_exists():
+    defaults = TrainConfig()
+    root = Path(__file__).resolve().parents[1]
+    for recipe in RECIPES.entries():
+        assert recipe.settings and all(getattr(defaults, name) is None for name in recipe.settings), recipe.name
+        assert (root / recipe.evidence).exists(), recipe.evidence
+        assert recipe.modes

@@ -98,9 +98,10 @@ def test_every_exposed_field_is_a_train_config_field_and_a_flag_with_the_same_de
         assert action.help == field_help(f), name
         if "choices" in f.metadata["cli"]:
             assert tuple(action.choices) == tuple(f.metadata["cli"]["choices"]), name
-    # the training defaults are ZOConfig's, but for lr and eps (None: the paper's value for the mode and --lora)
+    # the training defaults are ZOConfig's, but for lr and eps (None: the paper's value for the mode and
+    # --lora) and difference (None: central, so that a --recipe can tell it was not given)
     differ = {f.name for f in train_fields() if f.metadata["train_default"] != f.default}
-    assert differ == {"lr", "eps"}
+    assert differ == {"lr", "eps", "difference"}
     assert TrainConfig().zo_config() == ZOConfig()
 
 

@@ -143,7 +143,8 @@ class ZOConfig:
     )
     difference: str = option(
         "central",
-        "central: 2Q perturbed passes; forward: Q, reusing the clean loss (default %(default)s)",
+        "central: 2Q perturbed passes; forward: Q, reusing the clean loss (default central)",
+        train_default=None,  # hosl train: None is central, so a --recipe can tell "not given"
         cli=dict(choices=DIFFERENCES),
     )
     step_scale: str = option(

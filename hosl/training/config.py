@@ -41,8 +41,9 @@ def flag(name: str) -> str:
 @dataclass
 class TrainConfig:
     """A run's settings: the run's own, then the ZO options (ZOConfig's, by their training names).
-    ``lr_client`` and ``eps`` default to None: the paper's values for the mode and ``--lora``
-    (:meth:`resolved_lr_client`, :meth:`resolved_eps`)."""
+    ``lr_client``, ``eps`` and ``difference`` default to None: the paper's values for the mode and
+    ``--lora`` (:meth:`resolved_lr_client`, :meth:`resolved_eps`, :meth:`resolved_difference`), so
+    a ``--recipe`` can tell a setting not given from one given as the default."""
 
     model: str = "minilm-l6"
     task: str = "sst2"
@@ -70,6 +71,7 @@ class TrainConfig:
     lora_halves: str = "both"  # both | client | server: where the adapters go (the other half trains fully)
     # comma-separated fnmatch patterns over the client half's parameter names: only those train
     client_params: str | None = None
+    recipe: str | None = None  # a named recipe (hosl/training/recipes.py): fills in the settings left None
     client_memory_budget: str | None = None  # e.g. "1.0GiB": pick client_micro_batch from a measured per-row cost
     client_checkpointing: bool = False  # fo-sl: each client block under torch.utils.checkpoint
     client_fused_step: bool = False  # fo-sl: the client's SGD step inside backward (post-accumulate-grad hooks)
@@ -101,7 +103,7 @@ class TrainConfig:
     eps: float | None = None  # None: ZO_EPS or LORA_ZO_EPS
     num_queries: int = 10
     weight_decay: float = 0.0
-    difference: str = "central"
+    difference: str | None = None  # None: central (a --recipe may set it)
     step_scale: str = "none"
     seed: int = 0
     backend: str | None = None
@@ -128,6 +130,9 @@ class TrainConfig:
         if self.mode not in ZO_CLIENT_MODES:
             return FO_CLIENT_LR
         return LORA_ZO_LR if self.lora else ZO_LR
+
+    def resolved_difference(self) -> str:
+        return self.difference if self.difference is not None else ZOConfig().difference
 
     def resolved_eps(self) -> float:
         if self.eps is not None:
@@ -156,6 +161,7 @@ class TrainConfig:
         a bad value is a ValueError naming its flag."""
         values = {train_name(f): getattr(self, train_name(f)) for f in train_fields()}
         values["lr_client"], values["eps"] = self.resolved_lr_client(), self.resolved_eps()
+        values["difference"] = self.resolved_difference()
         names = {f.name: flag(train_name(f)) for f in train_fields()}
         try:
             return ZOConfig.build(from_train_names(values), label=lambda name: names.get(name, name))
@@ -163,6 +169,10 @@ class TrainConfig:
             raise ValueError(str(exc)) from None
 
     def validate(self) -> None:
+        from hosl.training.recipes import apply_recipe
+
+        apply_recipe(self)  # first: the values it fills in are checked like any other
+
         def positive(name, integer=False, allow_zero=False):
             v = getattr(self, name)
             ok = isinstance(v, int) if integer else isinstance(v, (int, float))

@@ -227,7 +227,7 @@ def _summary(run: Run, traffic: list) -> dict:
         "seconds": run.seconds,
         "train_examples": run.step * cfg.batch_size,
         "forward_passes_per_step": forward_passes_per_step(
-            cfg.mode, cfg.num_queries, cfg.difference, cfg.server_estimate
+            cfg.mode, cfg.num_queries, cfg.resolved_difference(), cfg.server_estimate
         ),
         "skipped_updates": mode.skipped_updates,
         "skipped_server_steps": mode.skipped_server_steps,

@@ -174,6 +174,7 @@ def _effective(values: dict) -> dict:
     out.update(
         lr_client=cfg.resolved_lr_client(),
         eps=cfg.resolved_eps(),
+        difference=cfg.resolved_difference(),
         eval_every=cfg.resolved_eval_every(),
         checkpoint_every=cfg.resolved_checkpoint_every(),
         lora_targets=cfg.lora_target_list(),
