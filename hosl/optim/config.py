@@ -63,6 +63,7 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"zo": {"num_queries": 1}, "hybr
 # ``eps`` (full fine-tuning, ZO), and ``hosl train``'s (TrainConfig.resolved_lr_client / resolved_eps:
 # LoRA's for --lora, the FO rate for fo-sl and fo). hosl/integrations/trainer.py reads ZOConfig's.
 ZO_LR, ZO_EPS = 1e-6, 1e-3
+ZO_DIFFERENCE = "central"  # hosl train's --difference when not given (TrainConfig keeps None)
 LORA_ZO_LR, LORA_ZO_EPS = 5e-5, 5e-3  # LoRA, r=8, alpha=16
 FO_CLIENT_LR = 1e-3
 
@@ -142,7 +143,7 @@ class ZOConfig:
         agree=True,
     )
     difference: str = option(
-        "central",
+        ZO_DIFFERENCE,
         "central: 2Q perturbed passes; forward: Q, reusing the clean loss (default central)",
         train_default=None,  # hosl train: None is central, so a --recipe can tell "not given"
         cli=dict(choices=DIFFERENCES),

@@ -20,6 +20,7 @@ from hosl.optim.config import (
     FO_CLIENT_LR,
     LORA_ZO_EPS,
     LORA_ZO_LR,
+    ZO_DIFFERENCE,
     ZO_EPS,
     ZO_LR,
     ZOConfig,
@@ -29,6 +30,7 @@ from hosl.optim.config import (
 )
 from hosl.training.memory import parse_bytes
 from hosl.training.modes import CLIENT_SLICING_MODES, MODES, QUERY_BATCH_MODES, ZO_CLIENT_MODES
+from hosl.training.recipes import apply_recipe
 
 MAX_SEED = 2**63 - 1  # seeds go through int64 (torch generators, the direction seed stream)
 
@@ -132,7 +134,7 @@ class TrainConfig:
         return LORA_ZO_LR if self.lora else ZO_LR
 
     def resolved_difference(self) -> str:
-        return self.difference if self.difference is not None else ZOConfig().difference
+        return self.difference if self.difference is not None else ZO_DIFFERENCE
 
     def resolved_eps(self) -> float:
         if self.eps is not None:
@@ -169,8 +171,6 @@ class TrainConfig:
             raise ValueError(str(exc)) from None
 
     def validate(self) -> None:
-        from hosl.training.recipes import apply_recipe
-
         apply_recipe(self)  # first: the values it fills in are checked like any other
 
         def positive(name, integer=False, allow_zero=False):

@@ -371,10 +371,9 @@ class Endpoint:
             header_trailer = torch.empty(self.session.header_trailer_len, dtype=torch.uint8, device=dev)
             small_posts.append(functools.partial(self._irecv, header_trailer, TAG_HEADER_TRAILER))
         self._wait(self._post(small_posts, what), what, timeout_s)
+        header_parts = [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]]
         if self.session is not None:
-            self.session.check_headers(
-                [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]], header_trailer, what
-            )
+            self.session.check_headers(header_parts, header_trailer, what)
         try:
             specs = [parse_tensor_header(h) for h in theaders.cpu()]
         except ValueError as exc:
@@ -397,8 +396,7 @@ class Endpoint:
             posts.append(functools.partial(self._irecv, trailer, TAG_TRAILER))
         self._wait(self._post(posts, what), what, timeout_s)
         if self.session is not None:  # checked (and with --encrypt decrypted in place) before any use
-            parts = [(TAG_HEADER, header), *[(tag, t) for tag, t in small if t.numel()]]
-            parts += [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(tensors) if t.numel()]
+            parts = header_parts + [(TAG_FIRST_TENSOR + i, as_bytes(t)) for i, t in enumerate(tensors) if t.numel()]
             self.session.open(parts, trailer, what)
         return Message(Kind(kind), phase, step, ints.tolist(), floats.tolist(), tensors, code)
 
